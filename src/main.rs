@@ -1,0 +1,2 @@
+//! The `flowcraft` binary (placeholder).
+fn main() {}

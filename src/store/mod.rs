@@ -1,0 +1,450 @@
+//! The three store traits the worker and reconciler are generic over, their shared types, and the backends:
+//! in-memory ([`memory`]), RabbitMQ ([`rabbitmq`]), PostgreSQL ([`postgres`]) and Redis ([`redis`]).
+
+pub mod memory;
+pub mod postgres;
+pub mod rabbitmq;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A store backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The job queue (RabbitMQ) failed.
+    #[error("job queue: {0}")]
+    Queue(String),
+    /// The run store (PostgreSQL) failed.
+    #[error("run store: {0}")]
+    Database(String),
+    /// The coordinator (Redis) failed.
+    #[error("coordinator: {0}")]
+    Coordination(String),
+    /// A configuration value is invalid (a table name, a prefix, a URL).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data for run {run_id}: {message}")]
+    Corrupt {
+        /// The run.
+        run_id: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Result of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+// ------------------------------------------------------------------------------------------------
+// Jobs and the queue
+// ------------------------------------------------------------------------------------------------
+
+/// A job: execute (or resolve) one node of one run. Serialized as JSON on the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    /// The run.
+    pub run_id: String,
+    /// The run's blueprint.
+    pub blueprint_id: String,
+    /// The node to execute.
+    pub node_id: String,
+    /// How many times this job was sent back through the delay queue (lease conflicts); 0 for a fresh job.
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+impl Job {
+    /// A fresh job.
+    pub fn new(run_id: impl Into<String>, blueprint_id: impl Into<String>, node_id: impl Into<String>) -> Self {
+        Self { run_id: run_id.into(), blueprint_id: blueprint_id.into(), node_id: node_id.into(), attempt: 0 }
+    }
+
+    /// A stable message id for the job (run, node, attempt).
+    pub fn message_id(&self) -> String {
+        format!("{}/{}/{}", self.run_id, self.node_id, self.attempt)
+    }
+}
+
+/// One message taken from the queue. It must end in exactly one of ack, requeue or dead-letter.
+pub struct Delivery {
+    /// The raw message body.
+    pub body: Vec<u8>,
+    /// The broker says this message may have been delivered before.
+    pub redelivered: bool,
+    /// Settles the message.
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}
+
+/// Settles one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The message is done with.
+    async fn ack(&self) -> StoreResult<()>;
+    /// Give the message back to the queue for another delivery (used on shutdown and infrastructure errors).
+    async fn requeue(&self) -> StoreResult<()>;
+}
+
+/// The job queue (RabbitMQ in production). At-least-once: a delivery that is never acked comes back.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    /// Publish jobs and wait until the broker has confirmed every one of them.
+    async fn publish(&self, jobs: &[Job]) -> StoreResult<()>;
+    /// Publish a job that is delivered again only after `delay` (via a delay queue). Confirmed.
+    async fn publish_delayed(&self, job: &Job, delay: Duration) -> StoreResult<()>;
+    /// Put a message on the dead-letter queue with a reason (confirmed). The caller acks the original after.
+    async fn dead_letter(&self, body: &[u8], reason: &str) -> StoreResult<()>;
+    /// The next delivery; `None` once consuming has stopped. Reconnects internally when the broker goes away.
+    async fn next_delivery(&self) -> Option<Delivery>;
+    /// Stop consuming: `next_delivery` returns `None` from now on; unsettled deliveries may still be settled.
+    async fn stop_consuming(&self);
+    /// Whether the queue is connected and consuming (readiness).
+    fn is_ready(&self) -> bool;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Run state
+// ------------------------------------------------------------------------------------------------
+
+/// Status of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Jobs may still run.
+    Running,
+    /// Every node is done or skipped.
+    Completed,
+    /// A node failed without fallback.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// The lowercase name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parse the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => RunStatus::Running,
+            "completed" => RunStatus::Completed,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether no further job will run.
+    pub fn is_terminal(self) -> bool {
+        self != RunStatus::Running
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a node was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Executed successfully (its output may be `null`).
+    Done,
+    /// Failed after all attempts (with `fallback` set when its fallback node takes over).
+    Failed,
+    /// Not reached: every incoming edge was skipped.
+    Skipped,
+}
+
+impl NodeStatus {
+    /// The lowercase name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Done => "done",
+            NodeStatus::Failed => "failed",
+            NodeStatus::Skipped => "skipped",
+        }
+    }
+
+    /// Parse the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "done" => NodeStatus::Done,
+            "failed" => NodeStatus::Failed,
+            "skipped" => NodeStatus::Skipped,
+            _ => return None,
+        })
+    }
+}
+
+/// The recorded result of one node of one run: written once (first write wins), never updated.
+///
+/// It keeps the action and the taken targets so that a redelivered job routes exactly as the first delivery did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    /// The node.
+    pub node_id: String,
+    /// How it was resolved.
+    pub status: NodeStatus,
+    /// The action it returned.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Its output (`null` for failed and skipped nodes).
+    #[serde(default)]
+    pub output: Value,
+    /// The targets of the effective edges it took (see `flow::graph`); every other effective target was skipped.
+    #[serde(default)]
+    pub taken: Vec<String>,
+    /// Attempts made (0 for skipped nodes).
+    #[serde(default)]
+    pub attempts: u32,
+    /// The last error of a failed node.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When it was recorded (set by the store).
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl NodeRecord {
+    /// A skipped node.
+    pub fn skipped(node_id: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            status: NodeStatus::Skipped,
+            action: None,
+            output: Value::Null,
+            taken: Vec::new(),
+            attempts: 0,
+            error: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// What starts a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// The run id (unique).
+    pub run_id: String,
+    /// The blueprint.
+    pub blueprint_id: String,
+    /// The blueprint's version, checked by workers.
+    pub blueprint_version: Option<String>,
+    /// The run input; it seeds the context (its top-level keys) and is the input of every start node.
+    pub input: Value,
+}
+
+/// The status row of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunInfo {
+    /// The run.
+    pub run_id: String,
+    /// The blueprint.
+    pub blueprint_id: String,
+    /// The blueprint version the run was started with.
+    pub blueprint_version: Option<String>,
+    /// The status.
+    pub status: RunStatus,
+    /// Extra data of the status (`{"error": ...}` for failed runs, `{"reason": ...}` for cancelled ones).
+    pub status_data: Value,
+    /// The run input.
+    pub input: Value,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last activity.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a job needs to know, read in one round trip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    /// The run's status row.
+    pub run: RunInfo,
+    /// The run context (flat map; node outputs under `_outputs.<id>`).
+    pub context: Map<String, Value>,
+    /// The records of the requested nodes that exist (the job's node and its predecessors).
+    pub records: Vec<NodeRecord>,
+}
+
+impl JobView {
+    /// The record of a node, if it was among the requested ones and exists.
+    pub fn record(&self, node_id: &str) -> Option<&NodeRecord> {
+        self.records.iter().find(|r| r.node_id == node_id)
+    }
+}
+
+/// The outcome of recording a node result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordOutcome {
+    /// This write was the first: the record and the context writes are committed.
+    Inserted,
+    /// Another delivery recorded the node first; this is its record (route by it, discard ours).
+    Existing(NodeRecord),
+}
+
+/// Filter for listing runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunFilter {
+    /// Only runs with this status.
+    pub status: Option<RunStatus>,
+    /// Only runs of this blueprint.
+    pub blueprint_id: Option<String>,
+    /// At most this many (newest first); 0 means a default of 100.
+    pub limit: usize,
+}
+
+/// Durable run state (PostgreSQL in production): the truth about every run.
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    /// Create the run's status row (`running`) and context (seeded with the input's keys). Idempotent:
+    /// returns `false` when the run already existed (nothing is changed then).
+    async fn create_run(&self, run: &NewRun) -> StoreResult<bool>;
+
+    /// The run's status row, its context, and the records of `nodes` that exist, in one round trip.
+    /// `None` when the run does not exist.
+    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>>;
+
+    /// Record a node's result if none is recorded yet; when this write wins, also merge `context_writes` into
+    /// the context. Touches the run's `updated_at` either way. One transaction.
+    async fn record(
+        &self,
+        run_id: &str,
+        record: &NodeRecord,
+        context_writes: &Map<String, Value>,
+    ) -> StoreResult<RecordOutcome>;
+
+    /// Record several skipped nodes (insert-if-absent each) and touch `updated_at`. One statement.
+    async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()>;
+
+    /// Move a `running` run to a terminal status with its data. Returns `false` when the run was no longer
+    /// `running` (the first terminal state wins).
+    async fn finish_run(&self, run_id: &str, status: RunStatus, status_data: &Value) -> StoreResult<bool>;
+
+    /// Set `updated_at` to now.
+    async fn touch(&self, run_id: &str) -> StoreResult<()>;
+
+    /// The status row of a run.
+    async fn run_info(&self, run_id: &str) -> StoreResult<Option<RunInfo>>;
+
+    /// Every record of a run.
+    async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>>;
+
+    /// Status rows, newest first.
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>>;
+
+    /// Claim up to `limit` runs that are `running` and whose `updated_at` is older than `older_than`: their
+    /// `updated_at` is set to now in the same statement (`FOR UPDATE SKIP LOCKED`), so concurrent callers never
+    /// claim the same run.
+    async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>>;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Coordination
+// ------------------------------------------------------------------------------------------------
+
+/// An arrival at a join: predecessor `source` reached `node`, through a taken edge or a skipped one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinArrival<'a> {
+    /// The run.
+    pub run_id: &'a str,
+    /// The join node.
+    pub node_id: &'a str,
+    /// The predecessor.
+    pub source: &'a str,
+    /// Whether the edge was taken (else the predecessor skipped it).
+    pub taken: bool,
+    /// How many distinct predecessors the node has.
+    pub expected: usize,
+    /// `any` join (fires at the first taken arrival) instead of `all`.
+    pub any: bool,
+}
+
+/// What an arrival decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinDecision {
+    /// Not yet (or already decided by another arrival).
+    Wait,
+    /// Run the node: publish its job.
+    Fire,
+    /// Every arrival was skipped: the node is skipped.
+    Skip,
+}
+
+/// Join arrival state of one node, as the reconciler rebuilds it from the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinState {
+    /// The join node.
+    pub node_id: String,
+    /// Predecessors that arrived (taken or skipped).
+    pub arrived: Vec<String>,
+    /// Those of them whose edge was taken.
+    pub taken: Vec<String>,
+}
+
+/// Lease token proving ownership of an execution lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseToken(pub String);
+
+/// Coordination (Redis in production): join arrivals, execution leases, resolved-node sets. A rebuildable cache:
+/// everything in it can be derived from the run store.
+#[async_trait]
+pub trait Coordinator: Send + Sync + 'static {
+    /// Register an arrival (idempotent per `(node, source)`) and decide, atomically:
+    /// - `all`: when every expected source has arrived → `Fire` if any was taken, else `Skip`;
+    /// - `any`: at the first taken arrival → `Fire`; when all arrived and none was taken → `Skip`.
+    ///
+    /// The decision is made once (fire-once flag remembering the deciding source); a repeated arrival of the
+    /// deciding source returns the same decision again (so a crash between deciding and publishing heals on
+    /// redelivery); any other arrival after the decision returns `Wait`.
+    async fn arrive(&self, arrival: &JoinArrival<'_>) -> StoreResult<JoinDecision>;
+
+    /// Take the execution lease of `(run, node)` for `ttl`; `None` when another holder has it.
+    async fn acquire_lease(&self, run_id: &str, node_id: &str, ttl: Duration) -> StoreResult<Option<LeaseToken>>;
+    /// Extend a lease we hold; `false` when it was lost.
+    async fn extend_lease(&self, run_id: &str, node_id: &str, token: &LeaseToken, ttl: Duration) -> StoreResult<bool>;
+    /// Release a lease we hold (no-op when it is no longer ours).
+    async fn release_lease(&self, run_id: &str, node_id: &str, token: &LeaseToken) -> StoreResult<()>;
+    /// Whether anyone holds the lease of `(run, node)`.
+    async fn lease_held(&self, run_id: &str, node_id: &str) -> StoreResult<bool>;
+
+    /// Add nodes to the run's resolved set; returns `true` when the set then holds `total` nodes.
+    async fn resolve(&self, run_id: &str, node_ids: &[&str], total: usize) -> StoreResult<bool>;
+
+    /// Rebuild a run's state from the records: the arrival sets of the given joins (a decision flag is set for
+    /// nodes in `decided`, with an unknown deciding source) and the resolved set. Existing entries are kept.
+    async fn repair(&self, run_id: &str, joins: &[JoinState], decided: &[String], resolved: &[String]) -> StoreResult<()>;
+
+    /// Drop every key of a finished run.
+    async fn forget(&self, run_id: &str) -> StoreResult<()>;
+
+    /// Whether the coordinator is reachable (readiness).
+    async fn ping(&self) -> StoreResult<()>;
+}
