@@ -1,9 +1,255 @@
-//! Start, await, cancel and list runs (placeholder; being written).
+//! Start, await, inspect, cancel and list runs — generic over the store traits, so the CLI, the operator and the
+//! embedded mode share it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::flow::Graph;
+use crate::store::{Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError};
 
 /// A client operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Placeholder.
-    #[error("client: {0}")]
-    Other(String),
+    /// A store failed.
+    #[error("run {run_id}: {source}")]
+    Store {
+        /// The run.
+        run_id: String,
+        /// The store error.
+        #[source]
+        source: StoreError,
+    },
+    /// The run does not exist.
+    #[error("run {0} does not exist")]
+    NotFound(String),
+    /// The run did not finish in time.
+    #[error("run {run_id} did not finish within {waited:?}")]
+    Timeout {
+        /// The run.
+        run_id: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The run input is not acceptable.
+    #[error("invalid input for run {run_id}: {message}")]
+    Input {
+        /// The run.
+        run_id: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn store_err(run_id: &str) -> impl FnOnce(StoreError) -> ClientError + '_ {
+    move |source| ClientError::Store { run_id: run_id.to_string(), source }
+}
+
+/// One node in a run result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    /// done, skipped or failed.
+    pub status: NodeStatus,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The error of a failed node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The state of a run, as `flowcraft run --output json` and `flowcraft status --output json` print it:
+/// `{"runId", "status", "outputs", "nodes", "error"?}` (the other fields are not serialized).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunResult {
+    /// The run.
+    pub run_id: String,
+    /// running, completed, failed or cancelled.
+    pub status: RunStatus,
+    /// Outputs of the nodes that are done, by node id.
+    pub outputs: BTreeMap<String, Value>,
+    /// Every resolved node.
+    pub nodes: BTreeMap<String, NodeSummary>,
+    /// Why the run failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The blueprint.
+    #[serde(skip)]
+    pub blueprint_id: String,
+    /// Nodes in the blueprint, when known.
+    #[serde(skip)]
+    pub total_nodes: Option<usize>,
+    /// Creation time.
+    #[serde(skip)]
+    pub created_at: Option<DateTime<Utc>>,
+    /// When the run reached its terminal status.
+    #[serde(skip)]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl RunResult {
+    /// Resolved nodes / total nodes (total = resolved when the blueprint is unknown).
+    pub fn progress(&self) -> (usize, usize) {
+        let done = self.nodes.len();
+        (done, self.total_nodes.unwrap_or(done).max(done))
+    }
+
+    /// A human-readable summary.
+    pub fn human(&self) -> String {
+        let (done, total) = self.progress();
+        let mut s = format!("run {} {} ({done}/{total} nodes resolved)\n", self.run_id, self.status);
+        for (id, n) in &self.nodes {
+            let mut line = format!("  {id:<24} {:<8} attempts={}", n.status.as_str(), n.attempts);
+            if let Some(out) = self.outputs.get(id) {
+                let mut o = out.to_string();
+                if o.len() > 80 {
+                    o.truncate(77);
+                    o.push_str("...");
+                }
+                line.push_str(&format!("  output={o}"));
+            }
+            if let Some(e) = &n.error {
+                line.push_str(&format!("  error={e}"));
+            }
+            s.push_str(&line);
+            s.push('\n');
+        }
+        if let Some(e) = &self.error {
+            s.push_str(&format!("error: {e}\n"));
+        }
+        s
+    }
+}
+
+/// Start a run of a blueprint: create its state (idempotent on `run_id`) and publish its start jobs.
+///
+/// Returns whether this call created the run. Calling it again for an existing run that has not recorded
+/// anything yet publishes the start jobs again (a crash between creating and publishing heals; duplicate jobs
+/// are harmless), so callers that derive the run id from something stable (a FlowRun's uid) start a run once.
+pub async fn start_run<Q, S>(queue: &Q, store: &S, graph: &Graph, run_id: &str, input: Value) -> Result<bool, ClientError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    if !(input.is_object() || input.is_null()) {
+        return Err(ClientError::Input { run_id: run_id.to_string(), message: "the run input must be a JSON object".into() });
+    }
+    let input = if input.is_null() { json!({}) } else { input };
+    let created = store
+        .create_run(&NewRun {
+            run_id: run_id.to_string(),
+            blueprint_id: graph.id().to_string(),
+            blueprint_version: graph.version().map(str::to_string),
+            input,
+        })
+        .await
+        .map_err(store_err(run_id))?;
+    let publish = if created {
+        true
+    } else {
+        let info = store.run_info(run_id).await.map_err(store_err(run_id))?;
+        let running = info.is_some_and(|i| i.status == RunStatus::Running);
+        running && store.records(run_id).await.map_err(store_err(run_id))?.is_empty()
+    };
+    if publish {
+        let jobs: Vec<Job> = graph.start_nodes().into_iter().map(|n| Job::new(run_id, graph.id(), n)).collect();
+        queue.publish(&jobs).await.map_err(store_err(run_id))?;
+    }
+    Ok(created)
+}
+
+/// The state of a run (at any point of it); `graph` adds the total node count.
+pub async fn run_result<S: RunStore + ?Sized>(store: &S, run_id: &str, graph: Option<&Graph>) -> Result<Option<RunResult>, ClientError> {
+    let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? else {
+        return Ok(None);
+    };
+    let records = store.records(run_id).await.map_err(store_err(run_id))?;
+    Ok(Some(build_result(info, records, graph)))
+}
+
+fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Option<&Graph>) -> RunResult {
+    let mut outputs = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for r in records {
+        if r.status == NodeStatus::Done {
+            outputs.insert(r.node_id.clone(), r.output.clone());
+        }
+        nodes.insert(r.node_id.clone(), NodeSummary { status: r.status, attempts: r.attempts, error: r.error.clone() });
+    }
+    let error = ["error", "reason"]
+        .iter()
+        .find_map(|k| info.status_data.get(*k).and_then(Value::as_str))
+        .map(str::to_string);
+    RunResult {
+        run_id: info.run_id,
+        status: info.status,
+        outputs,
+        nodes,
+        error,
+        blueprint_id: info.blueprint_id,
+        total_nodes: graph.map(Graph::node_count),
+        created_at: Some(info.created_at),
+        finished_at: info.status.is_terminal().then_some(info.updated_at),
+    }
+}
+
+/// Cancel a running run: no further job starts (jobs in flight finish). Returns `false` when the run had
+/// already ended.
+pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &str) -> Result<bool, ClientError> {
+    if store.run_info(run_id).await.map_err(store_err(run_id))?.is_none() {
+        return Err(ClientError::NotFound(run_id.to_string()));
+    }
+    store
+        .finish_run(run_id, RunStatus::Cancelled, &json!({ "reason": reason }))
+        .await
+        .map_err(store_err(run_id))
+}
+
+/// Wait until a run ends (polling with a short, growing interval), calling `progress` with (resolved, total)
+/// whenever it changes. `timeout` bounds the wait.
+pub async fn wait_for_run<S: RunStore + ?Sized>(
+    store: &S,
+    run_id: &str,
+    graph: Option<&Graph>,
+    timeout: Option<Duration>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<RunResult, ClientError> {
+    let start = Instant::now();
+    let mut interval = Duration::from_millis(2);
+    let mut last = None;
+    loop {
+        let info = store.run_info(run_id).await.map_err(store_err(run_id))?.ok_or_else(|| ClientError::NotFound(run_id.to_string()))?;
+        if info.status.is_terminal() {
+            let records = store.records(run_id).await.map_err(store_err(run_id))?;
+            let r = build_result(info, records, graph);
+            let p = r.progress();
+            progress(p.0, p.1);
+            return Ok(r);
+        }
+        if last != Some(info.updated_at) {
+            last = Some(info.updated_at);
+            let n = store.records(run_id).await.map_err(store_err(run_id))?.len();
+            progress(n, graph.map(Graph::node_count).unwrap_or(n));
+        }
+        if let Some(t) = timeout
+            && start.elapsed() > t
+        {
+            return Err(ClientError::Timeout { run_id: run_id.to_string(), waited: t });
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// List runs, newest first.
+pub async fn list_runs<S: RunStore + ?Sized>(store: &S, filter: &RunFilter) -> Result<Vec<RunInfo>, ClientError> {
+    store.list_runs(filter).await.map_err(store_err("*"))
+}
+
+/// A new random run id.
+pub fn new_run_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }

@@ -1,1 +1,86 @@
-//! Placeholder; being written.
+//! The embedded mode: the same engine on in-memory stores, with several worker tasks in this process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, ClientError, RunResult};
+use crate::flow::{Graph, Registry};
+use crate::metrics::WorkerMetrics;
+use crate::store::memory::{MemoryCoordinator, MemoryQueue, MemoryStore};
+use crate::worker::{BlueprintSet, Worker, WorkerConfig};
+
+/// An embedded engine: in-memory queue, run store and coordinator plus a worker with `workers` concurrent tasks.
+pub struct Embedded {
+    /// The in-memory queue.
+    pub queue: Arc<MemoryQueue>,
+    /// The in-memory run store.
+    pub store: Arc<MemoryStore>,
+    /// The in-memory coordinator.
+    pub coord: Arc<MemoryCoordinator>,
+    worker: Arc<Worker<MemoryQueue, MemoryStore, MemoryCoordinator>>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Embedded {
+    /// Start an engine serving `blueprints` with `workers` concurrent job tasks.
+    pub fn start(registry: Registry, blueprints: BlueprintSet, workers: usize) -> Self {
+        let queue = Arc::new(MemoryQueue::new());
+        let store = Arc::new(MemoryStore::new());
+        let coord = Arc::new(MemoryCoordinator::new());
+        let config = WorkerConfig {
+            concurrency: workers.max(1),
+            lease_retry_delay: Duration::from_millis(50),
+            ..WorkerConfig::default()
+        };
+        let worker = Arc::new(Worker::new(
+            queue.clone(),
+            store.clone(),
+            coord.clone(),
+            Arc::new(registry),
+            Arc::new(blueprints),
+            config,
+            Arc::new(WorkerMetrics::default()),
+        ));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker.clone().run(shutdown.clone()));
+        Self { queue, store, coord, worker, shutdown, task }
+    }
+
+    /// The worker's metrics (node executions, retries, outcomes).
+    pub fn metrics(&self) -> &Arc<WorkerMetrics> {
+        self.worker.metrics()
+    }
+
+    /// Start a run and return its id.
+    pub async fn start_run(&self, graph: &Graph, input: Value) -> Result<String, ClientError> {
+        let run_id = client::new_run_id();
+        client::start_run(&*self.queue, &*self.store, graph, &run_id, input).await?;
+        Ok(run_id)
+    }
+
+    /// Wait for a run to end.
+    pub async fn wait(&self, run_id: &str, graph: &Graph, timeout: Option<Duration>) -> Result<RunResult, ClientError> {
+        client::wait_for_run(&*self.store, run_id, Some(graph), timeout, |_, _| {}).await
+    }
+
+    /// Stop the workers (jobs in flight finish).
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Run one blueprint embedded and wait for its result.
+pub async fn run_once(graph: Graph, registry: Registry, input: Value, workers: usize) -> Result<RunResult, ClientError> {
+    let mut set = BlueprintSet::new();
+    let graph = set.insert(graph);
+    let engine = Embedded::start(registry, set, workers);
+    let run_id = engine.start_run(&graph, input).await?;
+    let result = engine.wait(&run_id, &graph, None).await;
+    engine.shutdown().await;
+    result
+}

@@ -1,1 +1,541 @@
-//! Placeholder; being written.
+//! In-memory backends of the three store traits: the embedded mode (`flowcraft run` without service URLs) and
+//! the reference semantics the RabbitMQ, PostgreSQL and Redis backends must match.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+
+use super::{
+    Acker, Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, JoinState, LeaseToken,
+    NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
+    StoreResult,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; recover the data if it ever happens.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Queue
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<(Vec<u8>, bool)>,
+    dead: Vec<(Vec<u8>, String)>,
+}
+
+/// An in-process job queue with at-least-once semantics (requeued deliveries come back marked redelivered).
+#[derive(Clone, Default)]
+pub struct MemoryQueue {
+    state: Arc<Mutex<QueueState>>,
+    notify: Arc<Notify>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for MemoryQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = lock(&self.state);
+        f.debug_struct("MemoryQueue").field("ready", &s.ready.len()).field("dead", &s.dead.len()).finish()
+    }
+}
+
+impl MemoryQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn push(&self, body: Vec<u8>, redelivered: bool) {
+        lock(&self.state).ready.push_back((body, redelivered));
+        self.notify.notify_one();
+    }
+
+    /// Push a raw message (tests: poison messages).
+    pub fn push_raw(&self, body: Vec<u8>) {
+        self.push(body, false);
+    }
+
+    /// Messages waiting.
+    pub fn depth(&self) -> usize {
+        lock(&self.state).ready.len()
+    }
+
+    /// Dead-lettered messages with their reasons.
+    pub fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
+        lock(&self.state).dead.clone()
+    }
+
+    /// Drop every waiting message (tests: a broker that lost its jobs).
+    pub fn purge(&self) -> usize {
+        let mut s = lock(&self.state);
+        let n = s.ready.len();
+        s.ready.clear();
+        n
+    }
+}
+
+struct MemoryAcker {
+    queue: MemoryQueue,
+    body: Vec<u8>,
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn requeue(&self) -> StoreResult<()> {
+        self.queue.push(self.body.clone(), true);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobQueue for MemoryQueue {
+    async fn publish(&self, jobs: &[Job]) -> StoreResult<()> {
+        for job in jobs {
+            let body = serde_json::to_vec(job).map_err(|e| StoreError::Queue(format!("cannot encode job: {e}")))?;
+            self.push(body, false);
+        }
+        Ok(())
+    }
+
+    async fn publish_delayed(&self, job: &Job, delay: Duration) -> StoreResult<()> {
+        let body = serde_json::to_vec(job).map_err(|e| StoreError::Queue(format!("cannot encode job: {e}")))?;
+        let queue = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            queue.push(body, false);
+        });
+        Ok(())
+    }
+
+    async fn dead_letter(&self, body: &[u8], reason: &str) -> StoreResult<()> {
+        lock(&self.state).dead.push((body.to_vec(), reason.to_string()));
+        Ok(())
+    }
+
+    async fn next_delivery(&self) -> Option<Delivery> {
+        loop {
+            let notified = self.notify.notified();
+            if self.stopped.load(Ordering::SeqCst) {
+                return None;
+            }
+            let next = lock(&self.state).ready.pop_front();
+            if let Some((body, redelivered)) = next {
+                return Some(Delivery {
+                    body: body.clone(),
+                    redelivered,
+                    acker: Box::new(MemoryAcker { queue: self.clone(), body }),
+                });
+            }
+            notified.await;
+        }
+    }
+
+    async fn stop_consuming(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.stopped.load(Ordering::SeqCst)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Run store
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct RunEntry {
+    info: RunInfo,
+    context: Map<String, Value>,
+    records: BTreeMap<String, NodeRecord>,
+}
+
+/// An in-process run store.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    runs: Arc<Mutex<HashMap<String, RunEntry>>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Move a run's `updated_at` into the past (tests of the reconciler).
+    pub fn age_run(&self, run_id: &str, by: Duration) {
+        if let Some(e) = lock(&self.runs).get_mut(run_id) {
+            e.info.updated_at -= chrono::Duration::from_std(by).unwrap_or_default();
+        }
+    }
+
+    fn with_run<T>(&self, run_id: &str, f: impl FnOnce(&mut RunEntry) -> T) -> StoreResult<T> {
+        let mut runs = lock(&self.runs);
+        let e = runs.get_mut(run_id).ok_or_else(|| StoreError::Database(format!("run {run_id} does not exist")))?;
+        Ok(f(e))
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryStore {
+    async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
+        let mut runs = lock(&self.runs);
+        if runs.contains_key(&run.run_id) {
+            return Ok(false);
+        }
+        let now = Utc::now();
+        let context = match &run.input {
+            Value::Object(m) => m.clone(),
+            _ => Map::new(),
+        };
+        runs.insert(
+            run.run_id.clone(),
+            RunEntry {
+                info: RunInfo {
+                    run_id: run.run_id.clone(),
+                    blueprint_id: run.blueprint_id.clone(),
+                    blueprint_version: run.blueprint_version.clone(),
+                    status: RunStatus::Running,
+                    status_data: Value::Object(Map::new()),
+                    input: run.input.clone(),
+                    created_at: now,
+                    updated_at: now,
+                },
+                context,
+                records: BTreeMap::new(),
+            },
+        );
+        Ok(true)
+    }
+
+    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
+        let runs = lock(&self.runs);
+        Ok(runs.get(run_id).map(|e| JobView {
+            run: e.info.clone(),
+            context: e.context.clone(),
+            records: nodes.iter().filter_map(|n| e.records.get(*n).cloned()).collect(),
+        }))
+    }
+
+    async fn record(
+        &self,
+        run_id: &str,
+        record: &NodeRecord,
+        context_writes: &Map<String, Value>,
+    ) -> StoreResult<RecordOutcome> {
+        self.with_run(run_id, |e| {
+            e.info.updated_at = Utc::now();
+            if let Some(existing) = e.records.get(&record.node_id) {
+                return RecordOutcome::Existing(existing.clone());
+            }
+            let mut r = record.clone();
+            r.finished_at = Some(Utc::now());
+            if r.status == NodeStatus::Done {
+                e.context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
+            }
+            for (k, v) in context_writes {
+                e.context.insert(k.clone(), v.clone());
+            }
+            e.records.insert(r.node_id.clone(), r);
+            RecordOutcome::Inserted
+        })
+    }
+
+    async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
+        self.with_run(run_id, |e| {
+            e.info.updated_at = Utc::now();
+            for n in node_ids {
+                e.records.entry(n.clone()).or_insert_with(|| {
+                    let mut r = NodeRecord::skipped(n.clone());
+                    r.finished_at = Some(Utc::now());
+                    r
+                });
+            }
+        })
+    }
+
+    async fn finish_run(&self, run_id: &str, status: RunStatus, status_data: &Value) -> StoreResult<bool> {
+        self.with_run(run_id, |e| {
+            if e.info.status != RunStatus::Running {
+                return false;
+            }
+            e.info.status = status;
+            e.info.status_data = status_data.clone();
+            e.info.updated_at = Utc::now();
+            true
+        })
+    }
+
+    async fn touch(&self, run_id: &str) -> StoreResult<()> {
+        self.with_run(run_id, |e| e.info.updated_at = Utc::now())
+    }
+
+    async fn run_info(&self, run_id: &str) -> StoreResult<Option<RunInfo>> {
+        Ok(lock(&self.runs).get(run_id).map(|e| e.info.clone()))
+    }
+
+    async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
+        Ok(lock(&self.runs).get(run_id).map(|e| e.records.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {
+        let runs = lock(&self.runs);
+        let mut v: Vec<RunInfo> = runs
+            .values()
+            .map(|e| e.info.clone())
+            .filter(|i| filter.status.is_none_or(|s| s == i.status))
+            .filter(|i| filter.blueprint_id.as_ref().is_none_or(|b| b == &i.blueprint_id))
+            .collect();
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id)));
+        v.truncate(if filter.limit == 0 { 100 } else { filter.limit });
+        Ok(v)
+    }
+
+    async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
+        let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+        let mut runs = lock(&self.runs);
+        let mut stalled: Vec<&mut RunEntry> = runs
+            .values_mut()
+            .filter(|e| e.info.status == RunStatus::Running && e.info.updated_at < cutoff)
+            .collect();
+        stalled.sort_by_key(|e| e.info.updated_at);
+        let now = Utc::now();
+        Ok(stalled
+            .into_iter()
+            .take(limit)
+            .map(|e| {
+                e.info.updated_at = now;
+                e.info.clone()
+            })
+            .collect())
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Coordinator
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct JoinEntry {
+    arrived: HashSet<String>,
+    taken: HashSet<String>,
+    /// (fired?, deciding source; `None` when set by a repair).
+    decision: Option<(bool, Option<String>)>,
+}
+
+#[derive(Debug, Default)]
+struct CoordState {
+    joins: HashMap<(String, String), JoinEntry>,
+    leases: HashMap<(String, String), (String, Instant)>,
+    resolved: HashMap<String, HashSet<String>>,
+}
+
+/// In-process coordination: join arrivals, leases and resolved sets, with the same semantics as Redis.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryCoordinator {
+    state: Arc<Mutex<CoordState>>,
+}
+
+impl MemoryCoordinator {
+    /// Empty coordination state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forget everything (tests: Redis restarted empty).
+    pub fn flush(&self) {
+        *lock(&self.state) = CoordState::default();
+    }
+}
+
+/// Decide a join arrival on its entry (shared by the in-memory coordinator and tests of the Redis script).
+fn decide(entry: &mut JoinEntry, a: &JoinArrival<'_>) -> JoinDecision {
+    entry.arrived.insert(a.source.to_string());
+    if a.taken {
+        entry.taken.insert(a.source.to_string());
+    }
+    if let Some((fired, source)) = &entry.decision {
+        return if source.as_deref() == Some(a.source) {
+            if *fired { JoinDecision::Fire } else { JoinDecision::Skip }
+        } else {
+            JoinDecision::Wait
+        };
+    }
+    let decision = if a.any && a.taken {
+        JoinDecision::Fire
+    } else if entry.arrived.len() >= a.expected {
+        if entry.taken.is_empty() { JoinDecision::Skip } else { JoinDecision::Fire }
+    } else {
+        JoinDecision::Wait
+    };
+    if decision != JoinDecision::Wait {
+        entry.decision = Some((decision == JoinDecision::Fire, Some(a.source.to_string())));
+    }
+    decision
+}
+
+#[async_trait]
+impl Coordinator for MemoryCoordinator {
+    async fn arrive(&self, a: &JoinArrival<'_>) -> StoreResult<JoinDecision> {
+        let mut s = lock(&self.state);
+        let entry = s.joins.entry((a.run_id.to_string(), a.node_id.to_string())).or_default();
+        Ok(decide(entry, a))
+    }
+
+    async fn acquire_lease(&self, run_id: &str, node_id: &str, ttl: Duration) -> StoreResult<Option<LeaseToken>> {
+        let mut s = lock(&self.state);
+        let key = (run_id.to_string(), node_id.to_string());
+        let now = Instant::now();
+        if let Some((_, exp)) = s.leases.get(&key)
+            && *exp > now
+        {
+            return Ok(None);
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        s.leases.insert(key, (token.clone(), now + ttl));
+        Ok(Some(LeaseToken(token)))
+    }
+
+    async fn extend_lease(&self, run_id: &str, node_id: &str, token: &LeaseToken, ttl: Duration) -> StoreResult<bool> {
+        let mut s = lock(&self.state);
+        let now = Instant::now();
+        match s.leases.get_mut(&(run_id.to_string(), node_id.to_string())) {
+            Some((t, exp)) if *t == token.0 && *exp > now => {
+                *exp = now + ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_lease(&self, run_id: &str, node_id: &str, token: &LeaseToken) -> StoreResult<()> {
+        let mut s = lock(&self.state);
+        let key = (run_id.to_string(), node_id.to_string());
+        if s.leases.get(&key).is_some_and(|(t, _)| *t == token.0) {
+            s.leases.remove(&key);
+        }
+        Ok(())
+    }
+
+    async fn lease_held(&self, run_id: &str, node_id: &str) -> StoreResult<bool> {
+        let s = lock(&self.state);
+        Ok(s.leases.get(&(run_id.to_string(), node_id.to_string())).is_some_and(|(_, exp)| *exp > Instant::now()))
+    }
+
+    async fn resolve(&self, run_id: &str, node_ids: &[&str], total: usize) -> StoreResult<bool> {
+        let mut s = lock(&self.state);
+        let set = s.resolved.entry(run_id.to_string()).or_default();
+        for n in node_ids {
+            set.insert((*n).to_string());
+        }
+        Ok(set.len() >= total)
+    }
+
+    async fn repair(&self, run_id: &str, joins: &[JoinState], decided: &[String], resolved: &[String]) -> StoreResult<()> {
+        let mut s = lock(&self.state);
+        for j in joins {
+            let e = s.joins.entry((run_id.to_string(), j.node_id.clone())).or_default();
+            e.arrived.extend(j.arrived.iter().cloned());
+            e.taken.extend(j.taken.iter().cloned());
+        }
+        for n in decided {
+            let e = s.joins.entry((run_id.to_string(), n.clone())).or_default();
+            if e.decision.is_none() {
+                e.decision = Some((true, None));
+            }
+        }
+        s.resolved.entry(run_id.to_string()).or_default().extend(resolved.iter().cloned());
+        Ok(())
+    }
+
+    async fn forget(&self, run_id: &str) -> StoreResult<()> {
+        let mut s = lock(&self.state);
+        s.joins.retain(|(r, _), _| r != run_id);
+        s.leases.retain(|(r, _), _| r != run_id);
+        s.resolved.remove(run_id);
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrival<'a>(source: &'a str, taken: bool, expected: usize, any: bool) -> JoinArrival<'a> {
+        JoinArrival { run_id: "r", node_id: "j", source, taken, expected, any }
+    }
+
+    #[tokio::test]
+    async fn all_join_counts_each_source_once() {
+        let c = MemoryCoordinator::new();
+        assert_eq!(c.arrive(&arrival("a", true, 3, false)).await.unwrap(), JoinDecision::Wait);
+        assert_eq!(c.arrive(&arrival("a", true, 3, false)).await.unwrap(), JoinDecision::Wait);
+        assert_eq!(c.arrive(&arrival("b", false, 3, false)).await.unwrap(), JoinDecision::Wait);
+        assert_eq!(c.arrive(&arrival("c", true, 3, false)).await.unwrap(), JoinDecision::Fire);
+        // The deciding source again: same decision; another source: wait.
+        assert_eq!(c.arrive(&arrival("c", true, 3, false)).await.unwrap(), JoinDecision::Fire);
+        assert_eq!(c.arrive(&arrival("a", true, 3, false)).await.unwrap(), JoinDecision::Wait);
+    }
+
+    #[tokio::test]
+    async fn any_join_fires_once_and_skips_when_nothing_taken() {
+        let c = MemoryCoordinator::new();
+        assert_eq!(c.arrive(&arrival("a", true, 3, true)).await.unwrap(), JoinDecision::Fire);
+        assert_eq!(c.arrive(&arrival("b", true, 3, true)).await.unwrap(), JoinDecision::Wait);
+        assert_eq!(c.arrive(&arrival("c", true, 3, true)).await.unwrap(), JoinDecision::Wait);
+        let c = MemoryCoordinator::new();
+        assert_eq!(c.arrive(&arrival("a", false, 2, true)).await.unwrap(), JoinDecision::Wait);
+        assert_eq!(c.arrive(&arrival("b", false, 2, true)).await.unwrap(), JoinDecision::Skip);
+    }
+
+    #[tokio::test]
+    async fn leases_are_exclusive_until_released() {
+        let c = MemoryCoordinator::new();
+        let t = c.acquire_lease("r", "n", Duration::from_secs(10)).await.unwrap().unwrap();
+        assert!(c.acquire_lease("r", "n", Duration::from_secs(10)).await.unwrap().is_none());
+        assert!(!c.extend_lease("r", "n", &LeaseToken("x".into()), Duration::from_secs(1)).await.unwrap());
+        c.release_lease("r", "n", &t).await.unwrap();
+        assert!(!c.lease_held("r", "n").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn record_is_insert_if_absent() {
+        let s = MemoryStore::new();
+        let run = NewRun { run_id: "r".into(), blueprint_id: "b".into(), blueprint_version: None, input: serde_json::json!({"k": 1}) };
+        assert!(s.create_run(&run).await.unwrap());
+        assert!(!s.create_run(&run).await.unwrap());
+        let mut rec = NodeRecord::skipped("n");
+        rec.status = NodeStatus::Done;
+        rec.action = Some("x".into());
+        let mut w = Map::new();
+        w.insert("w".into(), Value::from(1));
+        assert_eq!(s.record("r", &rec, &w).await.unwrap(), RecordOutcome::Inserted);
+        let mut other = rec.clone();
+        other.action = Some("y".into());
+        match s.record("r", &other, &Map::new()).await.unwrap() {
+            RecordOutcome::Existing(r) => assert_eq!(r.action.as_deref(), Some("x")),
+            o => panic!("{o:?}"),
+        }
+        let v = s.job_view("r", &["n"]).await.unwrap().unwrap();
+        assert_eq!(v.context.get("w"), Some(&Value::from(1)));
+        assert!(v.context.contains_key("_outputs.n"));
+        assert_eq!(v.context.get("k"), Some(&Value::from(1)));
+    }
+}

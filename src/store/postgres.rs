@@ -1,1 +1,1248 @@
-//! Placeholder; being written.
+//! PostgreSQL [`RunStore`]: run status rows, contexts and node results (the truth about every run), plus the
+//! reconciler's per-schedule statistics. Table names are configurable: they are validated, always double-quoted,
+//! and every value is bound as a parameter.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{NoTls, Row};
+
+use crate::store::{
+    JobView, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus,
+    RunStore, StoreError, StoreResult,
+};
+
+/// Default number of runs returned by [`RunStore::list_runs`] when the filter's limit is 0.
+const DEFAULT_LIST_LIMIT: usize = 100;
+/// How many reconciler passes are kept per schedule (older rows are pruned when a new one is recorded).
+const RECONCILE_HISTORY_KEEP: i64 = 1000;
+/// Longest identifier PostgreSQL keeps without truncating (NAMEDATALEN - 1).
+const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// Connection settings and table names of the PostgreSQL run store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgConfig {
+    /// Connection URL (`postgres://user@host:port/db`).
+    pub url: String,
+    /// The contexts table.
+    pub contexts_table: String,
+    /// The run status table.
+    pub statuses_table: String,
+    /// The node results table.
+    pub results_table: String,
+    /// Maximum number of pooled connections.
+    pub pool_size: usize,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://root@127.0.0.1:5432/postgres".to_string(),
+            contexts_table: "flowcraft_contexts".to_string(),
+            statuses_table: "flowcraft_statuses".to_string(),
+            results_table: "flowcraft_node_results".to_string(),
+            pool_size: 16,
+        }
+    }
+}
+
+impl PgConfig {
+    /// A configuration whose tables are `{prefix}_contexts`, `{prefix}_statuses` and `{prefix}_node_results`.
+    pub fn with_prefix(url: impl Into<String>, prefix: &str) -> Self {
+        Self {
+            url: url.into(),
+            contexts_table: format!("{prefix}_contexts"),
+            statuses_table: format!("{prefix}_statuses"),
+            results_table: format!("{prefix}_node_results"),
+            ..Self::default()
+        }
+    }
+}
+
+/// The (unquoted) names of every table the store uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableNames {
+    /// Run contexts.
+    pub contexts: String,
+    /// Run status rows.
+    pub statuses: String,
+    /// Node results.
+    pub results: String,
+    /// Reconciler statistics: the statuses table name with its `statuses` suffix replaced by `reconcile_runs`
+    /// (`flowcraft_reconcile_runs` by default), else `{statuses}_reconcile_runs`.
+    pub reconcile_runs: String,
+    /// Applied migrations: `{statuses}_migrations`.
+    pub migrations: String,
+}
+
+/// The latest recorded reconciler pass of a schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcileStatsRow {
+    /// The schedule (`<namespace>/<name>`).
+    pub schedule: String,
+    /// When the pass started.
+    pub started_at: DateTime<Utc>,
+    /// When it was recorded.
+    pub finished_at: DateTime<Utc>,
+    /// Stalled runs found.
+    pub stalled_runs: u64,
+    /// Runs re-driven.
+    pub reconciled_runs: u64,
+    /// Runs that could not be reconciled.
+    pub failed_runs: u64,
+}
+
+// ------------------------------------------------------------------------------------------------
+// Identifiers
+// ------------------------------------------------------------------------------------------------
+
+/// Check `name` against `^[A-Za-z_][A-Za-z0-9_]{0,62}$`.
+fn validate_identifier(what: &str, name: &str) -> StoreResult<()> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if first_ok && rest_ok && name.len() <= MAX_IDENTIFIER_LEN {
+        Ok(())
+    } else {
+        Err(StoreError::Config(format!(
+            "invalid {what} table name {name:?}: it must match ^[A-Za-z_][A-Za-z0-9_]{{0,62}}$"
+        )))
+    }
+}
+
+/// Double-quote a validated identifier (validation guarantees it holds no quote).
+fn quote(name: &str) -> String {
+    format!("\"{name}\"")
+}
+
+/// A derived table name: `candidate` when it fits in an identifier, else a stable hashed name.
+fn fit_identifier(candidate: String, tag: &str) -> String {
+    if candidate.len() <= MAX_IDENTIFIER_LEN {
+        candidate
+    } else {
+        let digest = Sha256::digest(candidate.as_bytes());
+        format!("flowcraft_{tag}_{}", hex::encode(&digest[..12]))
+    }
+}
+
+impl TableNames {
+    fn from_config(cfg: &PgConfig) -> StoreResult<Self> {
+        validate_identifier("contexts", &cfg.contexts_table)?;
+        validate_identifier("statuses", &cfg.statuses_table)?;
+        validate_identifier("results", &cfg.results_table)?;
+        let statuses = cfg.statuses_table.as_str();
+        let reconcile_runs = match statuses.strip_suffix("statuses") {
+            Some(stem) if !stem.is_empty() => {
+                fit_identifier(format!("{stem}reconcile_runs"), "reconcile_runs")
+            }
+            _ => fit_identifier(format!("{statuses}_reconcile_runs"), "reconcile_runs"),
+        };
+        let names = Self {
+            contexts: cfg.contexts_table.clone(),
+            statuses: cfg.statuses_table.clone(),
+            results: cfg.results_table.clone(),
+            reconcile_runs,
+            migrations: fit_identifier(format!("{statuses}_migrations"), "migrations"),
+        };
+        let all = [
+            &names.contexts,
+            &names.statuses,
+            &names.results,
+            &names.reconcile_runs,
+            &names.migrations,
+        ];
+        for (i, a) in all.iter().enumerate() {
+            if all[i + 1..].iter().any(|b| a.eq_ignore_ascii_case(b)) {
+                return Err(StoreError::Config(format!(
+                    "table name {a:?} is used for two different tables (contexts {:?}, statuses {:?}, results {:?})",
+                    names.contexts, names.statuses, names.results
+                )));
+            }
+        }
+        Ok(names)
+    }
+
+    /// Replace the `{contexts}`, `{statuses}`, `{results}`, `{reconcile_runs}` and `{migrations}` placeholders by
+    /// the quoted names. Only these exact placeholders are touched (JSON literals such as `'{}'` are left alone).
+    fn render(&self, template: &str) -> String {
+        template
+            .replace("{contexts}", &quote(&self.contexts))
+            .replace("{statuses}", &quote(&self.statuses))
+            .replace("{results}", &quote(&self.results))
+            .replace("{reconcile_runs}", &quote(&self.reconcile_runs))
+            .replace("{migrations}", &quote(&self.migrations))
+    }
+
+    /// The advisory lock key serialising migrations of this set of tables (two workers starting at once).
+    fn migration_lock_key(&self) -> i64 {
+        let mut hasher = Sha256::new();
+        for part in [
+            "flowcraft-migrate",
+            &self.contexts,
+            &self.statuses,
+            &self.results,
+        ] {
+            hasher.update(part.as_bytes());
+            hasher.update([0u8]);
+        }
+        let digest = hasher.finalize();
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&digest[..8]);
+        i64::from_be_bytes(key)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Migrations
+// ------------------------------------------------------------------------------------------------
+
+/// One embedded schema migration.
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+// Why a small runner instead of refinery (or sqlx migrate): the table names are configurable per deployment
+// (`--contexts-table` …), so the migration SQL must be templated with the validated, quoted names before it runs,
+// and the history table must live next to the configured tables (several flowcraft installations can share one
+// database under different names). Migration tools expect fixed SQL files; this runner is ~40 lines: each
+// migration runs in its own transaction under `pg_advisory_xact_lock` (so concurrent starters serialise), and a
+// version recorded in `{statuses}_migrations` is never applied again.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../migrations/V1__init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "reconcile_stats",
+        sql: include_str!("../../migrations/V2__reconcile_stats.sql"),
+    },
+];
+
+const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS {migrations} (
+    version    INT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)";
+
+// ------------------------------------------------------------------------------------------------
+// SQL
+// ------------------------------------------------------------------------------------------------
+
+/// The columns of a status row, in the order [`run_from_row`] reads them by name.
+const RUN_COLUMNS: &str =
+    "run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at";
+
+const CREATE_RUN: &str = "WITH s AS (
+    INSERT INTO {statuses} (run_id, blueprint_id, blueprint_version, status, status_data, input)
+    VALUES ($1::text, $2::text, $3::text, 'running', '{}'::jsonb, $4::jsonb)
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING run_id
+), c AS (
+    INSERT INTO {contexts} (run_id, context_data)
+    SELECT run_id, CASE WHEN jsonb_typeof($4::jsonb) = 'object' THEN $4::jsonb ELSE '{}'::jsonb END FROM s
+    ON CONFLICT (run_id) DO UPDATE SET context_data = EXCLUDED.context_data
+)
+SELECT count(*) AS created FROM s";
+
+const JOB_VIEW: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
+       s.created_at, s.updated_at, c.context_data,
+       (SELECT COALESCE(jsonb_agg(jsonb_build_object(
+                    'node_id', r.node_id, 'status', r.status, 'action', r.action, 'output', r.output,
+                    'taken', r.taken, 'attempts', r.attempts, 'error', r.error,
+                    'finished_us', (extract(epoch FROM r.finished_at) * 1000000)::bigint)
+                ORDER BY r.finished_at, r.node_id), '[]'::jsonb)
+          FROM {results} r
+         WHERE r.run_id = s.run_id AND r.node_id = ANY($2::text[])) AS records
+  FROM {statuses} s
+  LEFT JOIN {contexts} c ON c.run_id = s.run_id
+ WHERE s.run_id = $1::text";
+
+// All sub-statements share one snapshot, so `existing` sees a record committed before this statement; a record
+// committed concurrently (the ON CONFLICT waited for it) is invisible here and read by a follow-up query.
+const RECORD: &str = "WITH ins AS (
+    INSERT INTO {results} (run_id, node_id, status, action, output, taken, attempts, error)
+    SELECT $1::text, $2::text, $3::text, $4::text, $5::jsonb, $6::jsonb, $7::int, $8::text
+     WHERE EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text)
+    ON CONFLICT (run_id, node_id) DO NOTHING
+    RETURNING node_id
+), ctx AS (
+    UPDATE {contexts} SET context_data = context_data || $9::jsonb
+     WHERE run_id = $1::text AND $9::jsonb <> '{}'::jsonb AND EXISTS (SELECT 1 FROM ins)
+), touched AS (
+    UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text
+)
+SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
+       existing.node_id, existing.status, existing.action, existing.output, existing.taken, existing.attempts,
+       existing.error, existing.finished_at
+  FROM (VALUES (1)) AS one (x)
+  LEFT JOIN {results} existing ON existing.run_id = $1::text AND existing.node_id = $2::text";
+
+const EXISTING_RECORD: &str =
+    "SELECT node_id, status, action, output, taken, attempts, error, finished_at
+  FROM {results} WHERE run_id = $1::text AND node_id = $2::text";
+
+const RECORD_SKIPPED: &str = "WITH ins AS (
+    INSERT INTO {results} (run_id, node_id, status, action, output, taken, attempts, error)
+    SELECT $1::text, n, 'skipped', NULL, NULL, '[]'::jsonb, 0, NULL
+      FROM (SELECT DISTINCT n FROM unnest($2::text[]) AS u (n)) AS nodes
+    ON CONFLICT (run_id, node_id) DO NOTHING
+    RETURNING node_id
+), touched AS (
+    UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text
+)
+SELECT count(*) AS inserted FROM ins";
+
+const FINISH_RUN: &str =
+    "UPDATE {statuses} SET status = $2::text, status_data = $3::jsonb, updated_at = now()
+ WHERE run_id = $1::text AND status = 'running'";
+
+const TOUCH: &str = "UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text";
+
+const RECORDS: &str = "SELECT node_id, status, action, output, taken, attempts, error, finished_at
+  FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id";
+
+const CLAIM_STALLED: &str = "UPDATE {statuses} SET updated_at = now()
+ WHERE run_id IN (
+    SELECT run_id FROM {statuses}
+     WHERE status = 'running' AND updated_at < now() - ($1::bigint * interval '1 millisecond')
+     ORDER BY updated_at
+     LIMIT $2::bigint
+     FOR UPDATE SKIP LOCKED)
+RETURNING run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at";
+
+const COUNT_RESULTS: &str = "SELECT count(*) AS n FROM {results} WHERE run_id = $1::text";
+
+const RECORD_RECONCILE: &str = "WITH ins AS (
+    INSERT INTO {reconcile_runs} (schedule, started_at, stalled_runs, reconciled_runs, failed_runs)
+    VALUES ($1::text, $2::timestamptz, $3::bigint, $4::bigint, $5::bigint)
+    RETURNING id
+)
+DELETE FROM {reconcile_runs}
+ WHERE schedule = $1::text
+   AND id NOT IN (SELECT id FROM ins)
+   AND id NOT IN (SELECT id FROM {reconcile_runs} WHERE schedule = $1::text
+                   ORDER BY finished_at DESC, id DESC LIMIT $6::bigint)";
+
+const LAST_RECONCILE: &str =
+    "SELECT schedule, started_at, finished_at, stalled_runs, reconciled_runs, failed_runs
+  FROM {reconcile_runs} WHERE schedule = $1::text ORDER BY finished_at DESC, id DESC LIMIT 1";
+
+/// Every statement, rendered once with the quoted table names (so `prepare_cached` keys are stable strings).
+struct Sql {
+    create_run: String,
+    job_view: String,
+    record: String,
+    existing_record: String,
+    record_skipped: String,
+    finish_run: String,
+    touch: String,
+    run_info: String,
+    records: String,
+    /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
+    list_runs: [String; 4],
+    claim_stalled: String,
+    count_results: String,
+    record_reconcile: String,
+    last_reconcile: String,
+    create_history: String,
+    drop_tables: String,
+}
+
+impl Sql {
+    fn new(names: &TableNames) -> Self {
+        let list_runs = |status: bool, blueprint: bool| {
+            let mut sql = format!("SELECT {RUN_COLUMNS} FROM {{statuses}}");
+            let mut conditions = Vec::new();
+            let mut n = 0;
+            if status {
+                n += 1;
+                conditions.push(format!("status = ${n}::text"));
+            }
+            if blueprint {
+                n += 1;
+                conditions.push(format!("blueprint_id = ${n}::text"));
+            }
+            if !conditions.is_empty() {
+                let _ = write!(sql, " WHERE {}", conditions.join(" AND "));
+            }
+            let _ = write!(
+                sql,
+                " ORDER BY created_at DESC, run_id DESC LIMIT ${}::bigint",
+                n + 1
+            );
+            names.render(&sql)
+        };
+        Self {
+            create_run: names.render(CREATE_RUN),
+            job_view: names.render(JOB_VIEW),
+            record: names.render(RECORD),
+            existing_record: names.render(EXISTING_RECORD),
+            record_skipped: names.render(RECORD_SKIPPED),
+            finish_run: names.render(FINISH_RUN),
+            touch: names.render(TOUCH),
+            run_info: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}} WHERE run_id = $1::text")),
+            records: names.render(RECORDS),
+            list_runs: [list_runs(false, false), list_runs(true, false), list_runs(false, true), list_runs(true, true)],
+            claim_stalled: names.render(CLAIM_STALLED),
+            count_results: names.render(COUNT_RESULTS),
+            record_reconcile: names.render(RECORD_RECONCILE),
+            last_reconcile: names.render(LAST_RECONCILE),
+            create_history: names.render(CREATE_HISTORY),
+            drop_tables: names.render(
+                "DROP TABLE IF EXISTS {results}, {contexts}, {statuses}, {reconcile_runs}, {migrations}",
+            ),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Errors
+// ------------------------------------------------------------------------------------------------
+
+/// An error and its sources, with the server's SQLSTATE, detail and hint when PostgreSQL reported it.
+fn describe_pg(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut msg = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            let _ = write!(msg, " (detail: {detail})");
+        }
+        if let Some(hint) = db.hint() {
+            let _ = write!(msg, " (hint: {hint})");
+        }
+        return msg;
+    }
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let _ = write!(msg, ": {s}");
+        source = s.source();
+    }
+    msg
+}
+
+fn describe_pool(e: &PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => describe_pg(e),
+        other => other.to_string(),
+    }
+}
+
+/// What an operation is about, for error messages: `"record node n1 of run r1"`.
+fn db_error(op: &str, table: &str, e: &tokio_postgres::Error) -> StoreError {
+    StoreError::Database(format!("{op} (table {table:?}): {}", describe_pg(e)))
+}
+
+fn corrupt(run_id: &str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        run_id: run_id.to_string(),
+        message: message.into(),
+    }
+}
+
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row decoding
+// ------------------------------------------------------------------------------------------------
+
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    name: &str,
+    run_id: &str,
+) -> StoreResult<T> {
+    row.try_get(name)
+        .map_err(|e| corrupt(run_id, format!("column {name}: {}", describe_pg(&e))))
+}
+
+fn run_from_row(row: &Row) -> StoreResult<RunInfo> {
+    let run_id: String = row
+        .try_get("run_id")
+        .map_err(|e| corrupt("?", format!("column run_id: {e}")))?;
+    let status: String = column(row, "status", &run_id)?;
+    let status = RunStatus::parse(&status)
+        .ok_or_else(|| corrupt(&run_id, format!("unknown run status {status:?}")))?;
+    Ok(RunInfo {
+        blueprint_id: column(row, "blueprint_id", &run_id)?,
+        blueprint_version: column(row, "blueprint_version", &run_id)?,
+        status,
+        status_data: column(row, "status_data", &run_id)?,
+        input: column(row, "input", &run_id)?,
+        created_at: column(row, "created_at", &run_id)?,
+        updated_at: column(row, "updated_at", &run_id)?,
+        run_id,
+    })
+}
+
+fn parse_node_status(run_id: &str, node_id: &str, status: &str) -> StoreResult<NodeStatus> {
+    NodeStatus::parse(status).ok_or_else(|| {
+        corrupt(
+            run_id,
+            format!("node {node_id}: unknown node status {status:?}"),
+        )
+    })
+}
+
+fn parse_taken(run_id: &str, node_id: &str, taken: Value) -> StoreResult<Vec<String>> {
+    serde_json::from_value(taken).map_err(|e| {
+        corrupt(
+            run_id,
+            format!("node {node_id}: taken is not an array of strings: {e}"),
+        )
+    })
+}
+
+fn parse_attempts(run_id: &str, node_id: &str, attempts: i64) -> StoreResult<u32> {
+    u32::try_from(attempts).map_err(|_| {
+        corrupt(
+            run_id,
+            format!("node {node_id}: invalid attempts {attempts}"),
+        )
+    })
+}
+
+/// A record from a row with the record columns (`node_id`, `status`, … `finished_at`); `None` when the row's `node_id` is NULL (no record).
+fn record_from_row(run_id: &str, row: &Row) -> StoreResult<Option<NodeRecord>> {
+    let Some(node_id) = column::<Option<String>>(row, "node_id", run_id)? else {
+        return Ok(None);
+    };
+    let status: String = column(row, "status", run_id)?;
+    let output: Option<Value> = column(row, "output", run_id)?;
+    let taken: Value = column(row, "taken", run_id)?;
+    let attempts: i32 = column(row, "attempts", run_id)?;
+    Ok(Some(NodeRecord {
+        status: parse_node_status(run_id, &node_id, &status)?,
+        action: column(row, "action", run_id)?,
+        output: output.unwrap_or(Value::Null),
+        taken: parse_taken(run_id, &node_id, taken)?,
+        attempts: parse_attempts(run_id, &node_id, i64::from(attempts))?,
+        error: column(row, "error", run_id)?,
+        finished_at: Some(column(row, "finished_at", run_id)?),
+        node_id,
+    }))
+}
+
+/// A record as built by `jsonb_build_object` in [`JOB_VIEW`].
+#[derive(serde::Deserialize)]
+struct RecordJson {
+    node_id: String,
+    status: String,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    output: Value,
+    #[serde(default)]
+    taken: Value,
+    attempts: i64,
+    #[serde(default)]
+    error: Option<String>,
+    finished_us: i64,
+}
+
+fn records_from_json(run_id: &str, value: Value) -> StoreResult<Vec<NodeRecord>> {
+    let rows: Vec<RecordJson> =
+        serde_json::from_value(value).map_err(|e| corrupt(run_id, format!("node records: {e}")))?;
+    rows.into_iter()
+        .map(|r| {
+            let finished_at =
+                DateTime::<Utc>::from_timestamp_micros(r.finished_us).ok_or_else(|| {
+                    corrupt(run_id, format!("node {}: invalid finished_at", r.node_id))
+                })?;
+            Ok(NodeRecord {
+                status: parse_node_status(run_id, &r.node_id, &r.status)?,
+                action: r.action,
+                output: r.output,
+                taken: parse_taken(run_id, &r.node_id, r.taken)?,
+                attempts: parse_attempts(run_id, &r.node_id, r.attempts)?,
+                error: r.error,
+                finished_at: Some(finished_at),
+                node_id: r.node_id,
+            })
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// The store
+// ------------------------------------------------------------------------------------------------
+
+/// The PostgreSQL run store. Cheap to clone (a connection pool and the rendered statements behind `Arc`s).
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    names: Arc<TableNames>,
+    sql: Arc<Sql>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("tables", &self.names)
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PostgresStore {
+    /// Validate the table names, build the connection pool and check that one connection can be made.
+    pub async fn connect(cfg: PgConfig) -> StoreResult<Self> {
+        let names = TableNames::from_config(&cfg)?;
+        if cfg.pool_size == 0 {
+            return Err(StoreError::Config(
+                "PostgreSQL pool size must be at least 1".to_string(),
+            ));
+        }
+        let mut pg = tokio_postgres::Config::from_str(&cfg.url).map_err(|e| {
+            StoreError::Config(format!("invalid PostgreSQL URL: {}", describe_pg(&e)))
+        })?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(10));
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("flowcraft");
+        }
+        // Never log the URL itself: it may carry a password.
+        let target = format!(
+            "hosts {:?}, database {:?}",
+            pg.get_hosts(),
+            pg.get_dbname().unwrap_or("(default)")
+        );
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(15)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StoreError::Config(format!("PostgreSQL pool: {e}")))?;
+        let store = Self {
+            sql: Arc::new(Sql::new(&names)),
+            names: Arc::new(names),
+            pool,
+        };
+        let client = store.pool.get().await.map_err(|e| {
+            StoreError::Database(format!(
+                "cannot connect to PostgreSQL ({target}): {}",
+                describe_pool(&e)
+            ))
+        })?;
+        drop(client);
+        tracing::info!(
+            %target,
+            statuses = %store.names.statuses,
+            contexts = %store.names.contexts,
+            results = %store.names.results,
+            pool_size = cfg.pool_size,
+            "connected to PostgreSQL"
+        );
+        Ok(store)
+    }
+
+    /// The connection pool (for tests and ad-hoc SQL).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The tables this store uses.
+    pub fn table_names(&self) -> &TableNames {
+        &self.names
+    }
+
+    async fn client(&self, op: &str) -> StoreResult<deadpool_postgres::Client> {
+        self.pool.get().await.map_err(|e| {
+            StoreError::Database(format!(
+                "{op}: no PostgreSQL connection: {}",
+                describe_pool(&e)
+            ))
+        })
+    }
+
+    /// Apply the embedded migrations that are not applied yet, each in its own transaction under an advisory
+    /// lock. Re-running is a no-op; concurrent callers serialise.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        let history = self.names.migrations.as_str();
+        let mut client = self.client("migrate").await?;
+        let key = self.names.migration_lock_key();
+        for m in MIGRATIONS {
+            let op = format!("migration V{}__{}", m.version, m.name);
+            let err = |e: tokio_postgres::Error| db_error(&op, history, &e);
+            let tx = client.transaction().await.map_err(err)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1::bigint)", &[&key])
+                .await
+                .map_err(err)?;
+            tx.batch_execute(&self.sql.create_history)
+                .await
+                .map_err(err)?;
+            let applied = tx
+                .query_opt(
+                    &format!("SELECT 1 FROM {} WHERE version = $1::int", quote(history)),
+                    &[&m.version],
+                )
+                .await
+                .map_err(err)?
+                .is_some();
+            if applied {
+                tx.commit().await.map_err(err)?;
+                tracing::debug!(
+                    version = m.version,
+                    name = m.name,
+                    history,
+                    "migration already applied"
+                );
+                continue;
+            }
+            tx.batch_execute(&self.names.render(m.sql))
+                .await
+                .map_err(err)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (version, name) VALUES ($1::int, $2::text)",
+                    quote(history)
+                ),
+                &[&m.version, &m.name],
+            )
+            .await
+            .map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            tracing::info!(version = m.version, name = m.name, statuses = %self.names.statuses, "applied migration");
+        }
+        let latest = MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
+        let newer = client
+            .query_opt(
+                &format!("SELECT max(version) AS v FROM {}", quote(history)),
+                &[],
+            )
+            .await
+            .map_err(|e| db_error("read migration history", history, &e))?
+            .and_then(|row| row.get::<_, Option<i32>>("v"))
+            .filter(|v| *v > latest);
+        if let Some(v) = newer {
+            tracing::warn!(
+                applied = v,
+                known = latest,
+                history,
+                "database schema is newer than this binary"
+            );
+        }
+        Ok(())
+    }
+
+    /// Drop every table of this store (the four data tables and the migration history). For tests.
+    pub async fn drop_tables(&self) -> StoreResult<()> {
+        let client = self.client("drop tables").await?;
+        client
+            .batch_execute(&self.sql.drop_tables)
+            .await
+            .map_err(|e| db_error("drop tables", &self.names.statuses, &e))?;
+        tracing::info!(statuses = %self.names.statuses, "dropped flowcraft tables");
+        Ok(())
+    }
+
+    /// How many node results are recorded for a run.
+    pub async fn count_results(&self, run_id: &str) -> StoreResult<i64> {
+        let op = format!("count results of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.count_results)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let row = client
+            .query_one(&stmt, &[&run_id])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        column(&row, "n", run_id)
+    }
+
+    /// Record one reconciler pass of `schedule` (finished now). Keeps the latest passes of each schedule only.
+    pub async fn record_reconcile_stats(
+        &self,
+        schedule: &str,
+        started_at: DateTime<Utc>,
+        stalled: u64,
+        reconciled: u64,
+        failed: u64,
+    ) -> StoreResult<()> {
+        let op = format!("record reconcile stats of schedule {schedule}");
+        let table = self.names.reconcile_runs.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.record_reconcile)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let (stalled, reconciled, failed) =
+            (clamp_i64(stalled), clamp_i64(reconciled), clamp_i64(failed));
+        client
+            .execute(
+                &stmt,
+                &[
+                    &schedule,
+                    &started_at,
+                    &stalled,
+                    &reconciled,
+                    &failed,
+                    &RECONCILE_HISTORY_KEEP,
+                ],
+            )
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        tracing::debug!(
+            schedule,
+            stalled,
+            reconciled,
+            failed,
+            "recorded reconcile stats"
+        );
+        Ok(())
+    }
+
+    /// The latest recorded reconciler pass of `schedule`.
+    pub async fn last_reconcile_stats(
+        &self,
+        schedule: &str,
+    ) -> StoreResult<Option<ReconcileStatsRow>> {
+        let op = format!("read reconcile stats of schedule {schedule}");
+        let table = self.names.reconcile_runs.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.last_reconcile)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&schedule])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?
+        else {
+            return Ok(None);
+        };
+        let get = |name: &str| -> StoreResult<u64> {
+            let n: i64 = row.try_get(name).map_err(|e| {
+                StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}"))
+            })?;
+            u64::try_from(n).map_err(|_| {
+                StoreError::Database(format!("{op} (table {table:?}): negative {name} {n}"))
+            })
+        };
+        let ts = |name: &str| -> StoreResult<DateTime<Utc>> {
+            row.try_get(name).map_err(|e| {
+                StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}"))
+            })
+        };
+        Ok(Some(ReconcileStatsRow {
+            schedule: schedule.to_string(),
+            started_at: ts("started_at")?,
+            finished_at: ts("finished_at")?,
+            stalled_runs: get("stalled_runs")?,
+            reconciled_runs: get("reconciled_runs")?,
+            failed_runs: get("failed_runs")?,
+        }))
+    }
+
+    /// A record of a node, read in a fresh statement (after a concurrent insert won the race).
+    async fn existing_record(
+        &self,
+        client: &deadpool_postgres::Client,
+        run_id: &str,
+        node_id: &str,
+    ) -> StoreResult<Option<NodeRecord>> {
+        let op = format!("read record of node {node_id} of run {run_id}");
+        let table = self.names.results.as_str();
+        let stmt = client
+            .prepare_cached(&self.sql.existing_record)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        match client
+            .query_opt(&stmt, &[&run_id, &node_id])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?
+        {
+            Some(row) => record_from_row(run_id, &row),
+            None => Ok(None),
+        }
+    }
+}
+
+#[async_trait]
+impl RunStore for PostgresStore {
+    async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
+        let op = format!("create run {}", run.run_id);
+        let table = self.names.statuses.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.create_run)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &run.run_id,
+                    &run.blueprint_id,
+                    &run.blueprint_version,
+                    &run.input,
+                ],
+            )
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let created: i64 = column(&row, "created", &run.run_id)?;
+        tracing::debug!(run_id = %run.run_id, blueprint_id = %run.blueprint_id, created = created > 0, "create run");
+        Ok(created > 0)
+    }
+
+    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
+        let op = format!("read job view of run {run_id}");
+        let table = self.names.statuses.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.job_view)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&run_id, &nodes])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?
+        else {
+            return Ok(None);
+        };
+        let run = run_from_row(&row)?;
+        let context = match column::<Option<Value>>(&row, "context_data", run_id)? {
+            Some(Value::Object(map)) => map,
+            Some(other) => {
+                return Err(corrupt(
+                    run_id,
+                    format!(
+                        "context in table {:?} is not an object: {other}",
+                        self.names.contexts
+                    ),
+                ));
+            }
+            None => {
+                return Err(corrupt(
+                    run_id,
+                    format!("context row missing from table {:?}", self.names.contexts),
+                ));
+            }
+        };
+        let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
+        Ok(Some(JobView {
+            run,
+            context,
+            records,
+        }))
+    }
+
+    async fn record(
+        &self,
+        run_id: &str,
+        record: &NodeRecord,
+        context_writes: &Map<String, Value>,
+    ) -> StoreResult<RecordOutcome> {
+        let node_id = record.node_id.as_str();
+        let op = format!("record node {node_id} of run {run_id}");
+        let table = self.names.results.as_str();
+        let mut merge = context_writes.clone();
+        if record.status == NodeStatus::Done {
+            // The engine-owned output key wins over a context write of the same name.
+            merge.insert(format!("_outputs.{node_id}"), record.output.clone());
+        }
+        let merge = Value::Object(merge);
+        let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.record)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &run_id,
+            &node_id,
+            &record.status.as_str(),
+            &record.action,
+            &record.output,
+            &Json(&record.taken),
+            &attempts,
+            &record.error,
+            &merge,
+        ];
+        let row = client
+            .query_one(&stmt, &params)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let inserted: bool = column(&row, "inserted", run_id)?;
+        if inserted {
+            tracing::debug!(
+                run_id,
+                node_id,
+                status = record.status.as_str(),
+                "recorded node result"
+            );
+            return Ok(RecordOutcome::Inserted);
+        }
+        let existing = match record_from_row(run_id, &row)? {
+            Some(existing) => existing,
+            // Committed concurrently, after this statement's snapshot: read it with a fresh one.
+            None if { eprintln!("FOLLOWUP {node_id}"); false } => unreachable!(),
+            None => self
+                .existing_record(&client, run_id, node_id)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Database(format!(
+                        "{op}: run {run_id} does not exist in table {:?}",
+                        self.names.statuses
+                    ))
+                })?,
+        };
+        tracing::debug!(
+            run_id,
+            node_id,
+            status = existing.status.as_str(),
+            "node result already recorded"
+        );
+        Ok(RecordOutcome::Existing(existing))
+    }
+
+    async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
+        if node_ids.is_empty() {
+            return self.touch(run_id).await;
+        }
+        let op = format!("record skipped nodes of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.record_skipped)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let row = client
+            .query_one(&stmt, &[&run_id, &node_ids])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let inserted: i64 = column(&row, "inserted", run_id)?;
+        tracing::debug!(
+            run_id,
+            requested = node_ids.len(),
+            inserted,
+            "recorded skipped nodes"
+        );
+        Ok(())
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        status_data: &Value,
+    ) -> StoreResult<bool> {
+        let op = format!("finish run {run_id} as {status}");
+        let table = self.names.statuses.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.finish_run)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let changed = client
+            .execute(&stmt, &[&run_id, &status.as_str(), status_data])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        tracing::debug!(
+            run_id,
+            status = status.as_str(),
+            changed = changed > 0,
+            "finish run"
+        );
+        Ok(changed > 0)
+    }
+
+    async fn touch(&self, run_id: &str) -> StoreResult<()> {
+        let op = format!("touch run {run_id}");
+        let table = self.names.statuses.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.touch)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        client
+            .execute(&stmt, &[&run_id])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        Ok(())
+    }
+
+    async fn run_info(&self, run_id: &str) -> StoreResult<Option<RunInfo>> {
+        let op = format!("read run {run_id}");
+        let table = self.names.statuses.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.run_info)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        match client
+            .query_opt(&stmt, &[&run_id])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?
+        {
+            Some(row) => run_from_row(&row).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
+        let op = format!("read records of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.records)
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let rows = client
+            .query(&stmt, &[&run_id])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(record) = record_from_row(run_id, row)? {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {
+        let op = "list runs";
+        let table = self.names.statuses.as_str();
+        let limit = clamp_i64(if filter.limit == 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            filter.limit
+        } as u64);
+        let status = filter.status.map(RunStatus::as_str);
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(3);
+        let mut variant = 0;
+        if let Some(status) = &status {
+            params.push(status);
+            variant |= 1;
+        }
+        if let Some(blueprint_id) = &filter.blueprint_id {
+            params.push(blueprint_id);
+            variant |= 2;
+        }
+        params.push(&limit);
+        let client = self.client(op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.list_runs[variant])
+            .await
+            .map_err(|e| db_error(op, table, &e))?;
+        let rows = client
+            .query(&stmt, &params)
+            .await
+            .map_err(|e| db_error(op, table, &e))?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let op = "claim stalled runs";
+        let table = self.names.statuses.as_str();
+        let threshold_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let limit = clamp_i64(limit as u64);
+        let client = self.client(op).await?;
+        let stmt = client
+            .prepare_cached(&self.sql.claim_stalled)
+            .await
+            .map_err(|e| db_error(op, table, &e))?;
+        let rows = client
+            .query(&stmt, &[&threshold_ms, &limit])
+            .await
+            .map_err(|e| db_error(op, table, &e))?;
+        let runs = rows
+            .iter()
+            .map(run_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        if !runs.is_empty() {
+            tracing::info!(claimed = runs.len(), threshold_ms, "claimed stalled runs");
+        }
+        Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_validated() {
+        assert!(validate_identifier("x", "flowcraft_statuses").is_ok());
+        assert!(validate_identifier("x", "_a1").is_ok());
+        assert!(validate_identifier("x", &"a".repeat(63)).is_ok());
+        for bad in ["", "1abc", "a-b", "a\"b", "a b", "ä", &"a".repeat(64)] {
+            let err = validate_identifier("statuses", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("statuses"), "{err}");
+        }
+    }
+
+    #[test]
+    fn derived_names_fit() {
+        let names = TableNames::from_config(&PgConfig::default()).unwrap();
+        assert_eq!(names.reconcile_runs, "flowcraft_reconcile_runs");
+        assert_eq!(names.migrations, "flowcraft_statuses_migrations");
+        let long = PgConfig {
+            statuses_table: "s".repeat(63),
+            ..PgConfig::default()
+        };
+        let names = TableNames::from_config(&long).unwrap();
+        assert!(
+            names.migrations.len() <= MAX_IDENTIFIER_LEN
+                && names.reconcile_runs.len() <= MAX_IDENTIFIER_LEN
+        );
+        assert!(validate_identifier("m", &names.migrations).is_ok());
+        let dup = PgConfig {
+            results_table: "flowcraft_contexts".into(),
+            ..PgConfig::default()
+        };
+        assert!(TableNames::from_config(&dup).is_err());
+    }
+
+    #[test]
+    fn migrations_only_use_known_placeholders() {
+        let names = TableNames::from_config(&PgConfig::default()).unwrap();
+        for m in MIGRATIONS {
+            let sql = names.render(m.sql);
+            assert!(
+                !sql.contains("{contexts}") && !sql.contains("{statuses}"),
+                "V{}",
+                m.version
+            );
+            assert!(
+                !sql.contains("{results}") && !sql.contains("{reconcile_runs}"),
+                "V{}",
+                m.version
+            );
+        }
+        let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]));
+    }
+}

@@ -12,7 +12,8 @@ pub fn database_url() -> String {
 
 /// Redis URL for tests.
 pub fn redis_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_string())
+    std::env::var("FLOWCRAFT_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_string())
 }
 
 /// RabbitMQ URL for tests.

@@ -1,0 +1,156 @@
+//! `FlowcraftReconcileSchedule` → CronJob running `flowcraft reconcile`: cron validation, the pure desired-state
+//! builder and the schedule controller's reconcile.
+
+use croner::parser::{CronParser, Seconds, Year};
+use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+use super::crd::{FlowcraftReconcileSchedule, FlowcraftWorkerPool};
+use super::pod::{self, LABEL_SCHEDULE};
+use super::{OperatorError, TableNames, object_name};
+
+/// What the CronJob builder needs besides the schedule and its pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CronJobContext {
+    /// Image used when the pool names none (the operator's own image).
+    pub default_image: String,
+    /// Table names for pools without `tables`.
+    pub tables: TableNames,
+}
+
+/// Name of a schedule's CronJob (the schedule's own name).
+pub fn cronjob_name(schedule: &FlowcraftReconcileSchedule) -> String {
+    schedule.name_any()
+}
+
+/// `<namespace>/<name>` of a schedule: the `FLOWCRAFT_SCHEDULE` key its job records stats under.
+pub fn schedule_key(schedule: &FlowcraftReconcileSchedule) -> String {
+    format!("{}/{}", schedule.namespace().unwrap_or_default(), schedule.name_any())
+}
+
+/// Check a five-field cron expression the way a CronJob reads it (minute hour day-of-month month
+/// day-of-week, or a macro such as `@hourly`); the error names the expression.
+pub fn validate_cron(expr: &str) -> Result<(), String> {
+    let trimmed = expr.trim();
+    if trimmed.is_empty() {
+        return Err("the schedule is empty".to_string());
+    }
+    if trimmed.to_ascii_uppercase().starts_with("TZ=") || trimmed.to_ascii_uppercase().starts_with("CRON_TZ=") {
+        return Err(format!("invalid cron expression {expr:?}: set spec.timeZone instead of TZ= in the schedule"));
+    }
+    let pattern = if trimmed.eq_ignore_ascii_case("@midnight") { "@daily" } else { trimmed };
+    let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
+    parser.parse(pattern).map(|_| ()).map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
+}
+
+/// The reconcile CronJob of a schedule (pure): owned by the schedule, `concurrencyPolicy: Forbid`, running
+/// `flowcraft reconcile --stalled-threshold <n>s` with the pool's image, Secret, tables and blueprints, and
+/// `FLOWCRAFT_SCHEDULE=<namespace>/<name>` so the job records its stats in PostgreSQL.
+pub fn desired_cronjob(
+    schedule: &FlowcraftReconcileSchedule,
+    pool: &FlowcraftWorkerPool,
+    ctx: &CronJobContext,
+) -> Result<CronJob, OperatorError> {
+    let namespace = schedule.namespace().ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(schedule),
+        message: "has no namespace".to_string(),
+    })?;
+    let owner = schedule.controller_owner_ref(&()).ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(schedule),
+        message: "has no uid (not read from the API server)".to_string(),
+    })?;
+    let spec = &schedule.spec;
+    let pool_spec = &pool.spec;
+    let image = pool_spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| ctx.default_image.clone());
+    if image.is_empty() {
+        return Err(OperatorError::InvalidSpec {
+            object: object_name(schedule),
+            reason: "NoImage",
+            message: format!(
+                "pool {} has no spec.image and the operator has no default image (FLOWCRAFT_OPERATOR_IMAGE)",
+                pool.name_any()
+            ),
+        });
+    }
+
+    let mut labels = pod::pool_labels(&pool.name_any(), "reconciler");
+    labels.insert(LABEL_SCHEDULE.to_string(), schedule.name_any());
+
+    let mut args = vec![
+        "reconcile".to_string(),
+        "--stalled-threshold".to_string(),
+        format!("{}s", spec.stalled_threshold_seconds),
+    ];
+    if let Some(batch) = spec.batch_size {
+        args.push("--batch-size".to_string());
+        args.push(batch.to_string());
+    }
+
+    let tables = pod::effective_tables(pool, &ctx.tables);
+    let mut env = pod::pool_env(pool, &tables);
+    // The job's identity: it records its stats in PostgreSQL under this key; the operator mirrors them.
+    env.insert(
+        0,
+        EnvVar { name: "FLOWCRAFT_SCHEDULE".to_string(), value: Some(schedule_key(schedule)), value_from: None },
+    );
+
+    let container = Container {
+        name: "reconcile".to_string(),
+        image: Some(image),
+        image_pull_policy: pool_spec.image_pull_policy.clone(),
+        args: Some(args),
+        env: Some(env),
+        resources: pool_spec.resources.clone(),
+        security_context: Some(pod::container_security_context()),
+        volume_mounts: Some(vec![pod::blueprints_mount()]),
+        ..Container::default()
+    };
+
+    Ok(CronJob {
+        metadata: ObjectMeta {
+            name: Some(cronjob_name(schedule)),
+            namespace: Some(namespace),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(CronJobSpec {
+            schedule: spec.schedule.clone(),
+            time_zone: spec.time_zone.clone(),
+            suspend: Some(spec.suspend),
+            concurrency_policy: Some("Forbid".to_string()),
+            successful_jobs_history_limit: Some(3),
+            failed_jobs_history_limit: Some(1),
+            job_template: JobTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..ObjectMeta::default() }),
+                spec: Some(JobSpec {
+                    backoff_limit: Some(1),
+                    template: PodTemplateSpec {
+                        metadata: Some(ObjectMeta {
+                            labels: Some(labels),
+                            annotations: pod::non_empty_map(&pool_spec.pod_annotations),
+                            ..ObjectMeta::default()
+                        }),
+                        spec: Some(PodSpec {
+                            containers: vec![container],
+                            restart_policy: Some("Never".to_string()),
+                            automount_service_account_token: Some(false),
+                            service_account_name: pool_spec.service_account_name.clone(),
+                            security_context: Some(pod::pod_security_context()),
+                            node_selector: pod::non_empty_map(&pool_spec.node_selector),
+                            tolerations: pod::non_empty_vec(&pool_spec.tolerations),
+                            affinity: pool_spec.affinity.clone(),
+                            volumes: Some(vec![pod::blueprints_volume(&pool_spec.blueprints.config_map)]),
+                            ..PodSpec::default()
+                        }),
+                    },
+                    ..JobSpec::default()
+                }),
+            },
+            ..CronJobSpec::default()
+        }),
+        status: None,
+    })
+}

@@ -1,0 +1,683 @@
+//! Integration tests of the PostgreSQL run store against a real server (`FLOWCRAFT_TEST_DATABASE_URL`). Each test
+//! uses its own table prefix, so tests run in parallel, and drops its tables at the end.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use flowcraft::store::postgres::{PgConfig, PostgresStore};
+use flowcraft::store::{
+    NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunStatus, RunStore, StoreError,
+};
+use serde_json::{Map, Value, json};
+
+async fn store(tag: &str) -> PostgresStore {
+    let cfg = PgConfig::with_prefix(common::database_url(), &common::unique(tag));
+    let store = PostgresStore::connect(cfg)
+        .await
+        .expect("connect to PostgreSQL");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+fn new_run(run_id: &str, blueprint_id: &str, input: Value) -> NewRun {
+    NewRun {
+        run_id: run_id.to_string(),
+        blueprint_id: blueprint_id.to_string(),
+        blueprint_version: Some("v1".to_string()),
+        input,
+    }
+}
+
+fn done(node_id: &str, action: Option<&str>, output: Value, taken: &[&str]) -> NodeRecord {
+    NodeRecord {
+        node_id: node_id.to_string(),
+        status: NodeStatus::Done,
+        action: action.map(str::to_string),
+        output,
+        taken: taken.iter().map(|t| t.to_string()).collect(),
+        attempts: 1,
+        error: None,
+        finished_at: None,
+    }
+}
+
+fn writes(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+/// Make runs look idle for `seconds` (raw SQL through the pool).
+async fn age_runs(store: &PostgresStore, run_ids: &[String], seconds: i64) {
+    let client = store.pool().get().await.unwrap();
+    let sql = format!(
+        "UPDATE \"{}\" SET updated_at = now() - ($2::bigint * interval '1 second') WHERE run_id = ANY($1::text[])",
+        store.table_names().statuses
+    );
+    let n = client.execute(&sql, &[&run_ids, &seconds]).await.unwrap();
+    assert_eq!(n as usize, run_ids.len());
+}
+
+async fn history_versions(store: &PostgresStore) -> Vec<i32> {
+    let client = store.pool().get().await.unwrap();
+    let sql = format!(
+        "SELECT version FROM \"{}\" ORDER BY version",
+        store.table_names().migrations
+    );
+    client
+        .query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrate_twice_is_a_noop_and_concurrent_migrations_succeed() {
+    let s = store("pg_mig").await;
+    let versions = history_versions(&s).await;
+    assert_eq!(versions, vec![1, 2]);
+    s.migrate().await.expect("second migrate");
+    assert_eq!(history_versions(&s).await, versions);
+    // The tables work after re-running.
+    assert!(s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap());
+    s.drop_tables().await.unwrap();
+
+    // Two independent stores (two pools) migrating the same fresh tables at once.
+    let cfg = PgConfig::with_prefix(common::database_url(), &common::unique("pg_migc"));
+    let a = PostgresStore::connect(cfg.clone()).await.unwrap();
+    let b = PostgresStore::connect(cfg).await.unwrap();
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    ra.expect("migrate a");
+    rb.expect("migrate b");
+    assert_eq!(history_versions(&a).await, vec![1, 2]);
+    assert!(b.create_run(&new_run("r1", "bp", json!({}))).await.unwrap());
+    a.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_table_names_are_rejected() {
+    for bad in [
+        "bad-name",
+        "1starts_with_digit",
+        "x\"; DROP TABLE y; --",
+        "",
+    ] {
+        let cfg = PgConfig {
+            statuses_table: bad.to_string(),
+            url: common::database_url(),
+            ..PgConfig::default()
+        };
+        match PostgresStore::connect(cfg).await {
+            Err(StoreError::Config(msg)) => {
+                assert!(
+                    msg.contains("statuses") && msg.contains(&format!("{bad:?}")),
+                    "{msg}"
+                )
+            }
+            other => panic!("expected a Config error for {bad:?}, got {other:?}"),
+        }
+    }
+    let long = "a".repeat(64);
+    let cfg = PgConfig {
+        results_table: long.clone(),
+        url: common::database_url(),
+        ..PgConfig::default()
+    };
+    let err = PostgresStore::connect(cfg).await.unwrap_err().to_string();
+    assert!(err.contains("results") && err.contains(&long), "{err}");
+}
+
+#[tokio::test]
+async fn connection_failure_is_an_error() {
+    let cfg = PgConfig::with_prefix(
+        "postgres://root@127.0.0.1:1/postgres?connect_timeout=2",
+        "t_pg_unreachable",
+    );
+    match PostgresStore::connect(cfg).await {
+        Err(StoreError::Database(msg)) => assert!(msg.contains("cannot connect"), "{msg}"),
+        other => panic!("expected a Database error, got {other:?}"),
+    }
+    let cfg = PgConfig::with_prefix("not a url", "t_pg_badurl");
+    assert!(matches!(
+        PostgresStore::connect(cfg).await,
+        Err(StoreError::Config(_))
+    ));
+}
+
+#[tokio::test]
+async fn create_run_is_idempotent_and_seeds_the_context() {
+    let s = store("pg_create").await;
+    let input = json!({"user": "ada", "n": 3});
+    assert!(
+        s.create_run(&new_run("r1", "bp", input.clone()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.create_run(&new_run("r1", "other", json!({"user": "bob"})))
+            .await
+            .unwrap()
+    );
+
+    let info = s.run_info("r1").await.unwrap().expect("run exists");
+    assert_eq!(info.blueprint_id, "bp");
+    assert_eq!(info.blueprint_version.as_deref(), Some("v1"));
+    assert_eq!(info.status, RunStatus::Running);
+    assert_eq!(info.input, input);
+    assert_eq!(info.status_data, json!({}));
+    let view = s.job_view("r1", &[]).await.unwrap().expect("view");
+    assert_eq!(Value::Object(view.context), input);
+
+    // A non-object input is stored as is and seeds an empty context.
+    assert!(
+        s.create_run(&new_run("r2", "bp", json!([1, 2])))
+            .await
+            .unwrap()
+    );
+    let view = s.job_view("r2", &[]).await.unwrap().unwrap();
+    assert!(view.context.is_empty());
+    assert_eq!(view.run.input, json!([1, 2]));
+    assert_eq!(view.run.blueprint_version.as_deref(), Some("v1"));
+
+    assert!(s.run_info("nope").await.unwrap().is_none());
+    assert!(s.job_view("nope", &["a"]).await.unwrap().is_none());
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn job_view_returns_context_and_only_requested_records() {
+    let s = store("pg_view").await;
+    s.create_run(&new_run("r1", "bp", json!({"k": "v"})))
+        .await
+        .unwrap();
+    for (id, out) in [
+        ("a", json!(1)),
+        ("b", json!({"x": true})),
+        ("c", json!("three")),
+    ] {
+        let outcome = s
+            .record("r1", &done(id, Some("next"), out, &["z"]), &Map::new())
+            .await
+            .unwrap();
+        assert_eq!(outcome, RecordOutcome::Inserted);
+    }
+    let view = s
+        .job_view("r1", &["a", "c", "missing"])
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ids: Vec<&str> = view.records.iter().map(|r| r.node_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["a", "c"]);
+    assert!(view.record("b").is_none());
+    assert_eq!(view.context.get("k"), Some(&json!("v")));
+    assert_eq!(view.context.get("_outputs.b"), Some(&json!({"x": true})));
+
+    // The records read through the view equal those read row by row (timestamps included).
+    let all = s.records("r1").await.unwrap();
+    assert_eq!(all.len(), 3);
+    for r in &view.records {
+        let same = all.iter().find(|x| x.node_id == r.node_id).unwrap();
+        assert_eq!(r, same);
+        assert!(r.finished_at.is_some());
+    }
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn record_is_insert_if_absent() {
+    let s = store("pg_record").await;
+    s.create_run(&new_run("r1", "bp", json!({"seed": 1})))
+        .await
+        .unwrap();
+
+    let first = done("n1", Some("left"), json!({"v": 1}), &["a", "b"]);
+    let outcome = s
+        .record("r1", &first, &writes(json!({"w": "first"})))
+        .await
+        .unwrap();
+    assert_eq!(outcome, RecordOutcome::Inserted);
+
+    let second = done("n1", Some("right"), json!({"v": 2}), &["c"]);
+    let outcome = s
+        .record(
+            "r1",
+            &second,
+            &writes(json!({"w": "second", "loser": true})),
+        )
+        .await
+        .unwrap();
+    let RecordOutcome::Existing(existing) = outcome else {
+        panic!("expected Existing, got {outcome:?}")
+    };
+    assert_eq!(existing.action.as_deref(), Some("left"));
+    assert_eq!(existing.taken, ["a", "b"]);
+    assert_eq!(existing.output, json!({"v": 1}));
+    assert_eq!(existing.status, NodeStatus::Done);
+    assert!(existing.finished_at.is_some());
+
+    let view = s.job_view("r1", &["n1"]).await.unwrap().unwrap();
+    assert_eq!(view.context.get("w"), Some(&json!("first")));
+    assert!(!view.context.contains_key("loser"));
+    assert_eq!(view.context.get("_outputs.n1"), Some(&json!({"v": 1})));
+    assert_eq!(view.context.get("seed"), Some(&json!(1)));
+    assert_eq!(view.record("n1"), Some(&existing));
+
+    // A JSON null output round-trips as Value::Null (context and record).
+    let null = done("n2", None, Value::Null, &[]);
+    assert_eq!(
+        s.record("r1", &null, &Map::new()).await.unwrap(),
+        RecordOutcome::Inserted
+    );
+    let view = s.job_view("r1", &["n2"]).await.unwrap().unwrap();
+    assert_eq!(view.context.get("_outputs.n2"), Some(&Value::Null));
+    let rec = view.record("n2").unwrap();
+    assert_eq!(rec.output, Value::Null);
+    assert_eq!(rec.action, None);
+    assert!(rec.taken.is_empty());
+
+    // A failed node keeps its error and writes no `_outputs` key.
+    let failed = NodeRecord {
+        status: NodeStatus::Failed,
+        attempts: 3,
+        error: Some("boom".into()),
+        ..done("n3", None, Value::Null, &[])
+    };
+    assert_eq!(
+        s.record("r1", &failed, &Map::new()).await.unwrap(),
+        RecordOutcome::Inserted
+    );
+    let records = s.records("r1").await.unwrap();
+    let rec = records.iter().find(|r| r.node_id == "n3").unwrap();
+    assert_eq!(
+        (rec.status, rec.attempts, rec.error.as_deref()),
+        (NodeStatus::Failed, 3, Some("boom"))
+    );
+    let view = s.job_view("r1", &[]).await.unwrap().unwrap();
+    assert!(!view.context.contains_key("_outputs.n3"));
+    assert_eq!(s.count_results("r1").await.unwrap(), 3);
+
+    // Recording for a run that does not exist is an error naming the run.
+    let err = s
+        .record("ghost", &first, &Map::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ghost"), "{err}");
+    assert_eq!(s.count_results("ghost").await.unwrap(), 0);
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_records_of_one_node_have_one_winner() {
+    let s = store("pg_race").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let rec = done("n", Some(&format!("a{i}")), json!(i), &[&format!("t{i}")]);
+                s.record("r1", &rec, &writes(json!({ format!("w{i}"): i })))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    let mut existing = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            RecordOutcome::Inserted => winners += 1,
+            RecordOutcome::Existing(r) => existing.push(r),
+        }
+    }
+    assert_eq!(winners, 1);
+    let stored = s.records("r1").await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(existing.iter().all(|r| r == &stored[0]));
+    let view = s.job_view("r1", &[]).await.unwrap().unwrap();
+    let written: Vec<&String> = view.context.keys().filter(|k| k.starts_with('w')).collect();
+    assert_eq!(
+        written.len(),
+        1,
+        "only the winner's context writes are applied: {written:?}"
+    );
+    s.drop_tables().await.unwrap();
+}
+
+/// The loser of a race whose winner commits after the loser's statement began (so its snapshot cannot see the
+/// winner) still gets the winner's record.
+#[tokio::test]
+async fn record_returns_a_record_committed_during_its_statement() {
+    let s = store("pg_race2").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let results = s.table_names().results.clone();
+
+    let mut winner = s.pool().get().await.unwrap();
+    let tx = winner.transaction().await.unwrap();
+    let insert = format!(
+        "INSERT INTO \"{results}\" (run_id, node_id, status, action, output, taken, attempts) \
+         VALUES ('r1', 'n', 'done', 'winner', '{{\"w\": 1}}', '[\"t1\"]', 2)"
+    );
+    tx.execute(&insert, &[]).await.unwrap();
+
+    let loser = s.clone();
+    let task = tokio::spawn(async move {
+        let rec = done("n", Some("loser"), json!(0), &["t2"]);
+        loser
+            .record("r1", &rec, &writes(json!({"loser": true})))
+            .await
+    });
+    // Wait until the loser's statement is blocked on the winner's uncommitted row.
+    let watcher = s.pool().get().await.unwrap();
+    let pattern = format!("%INSERT INTO \"{results}\"%ON CONFLICT%");
+    common::eventually("record blocked on the uncommitted winner", Duration::from_secs(10), || async {
+        let row = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                &[&pattern],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0) > 0).then_some(())
+    })
+    .await;
+    tx.commit().await.unwrap();
+
+    let outcome = task.await.unwrap().unwrap();
+    let RecordOutcome::Existing(existing) = outcome else {
+        panic!("expected Existing, got {outcome:?}")
+    };
+    assert_eq!(existing.action.as_deref(), Some("winner"));
+    assert_eq!(existing.taken, ["t1"]);
+    assert_eq!(existing.output, json!({"w": 1}));
+    assert_eq!(existing.attempts, 2);
+    let view = s.job_view("r1", &[]).await.unwrap().unwrap();
+    assert!(!view.context.contains_key("loser"));
+    drop((winner, watcher));
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn record_skipped_is_idempotent() {
+    let s = store("pg_skip").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    s.record("r1", &done("a", None, json!(1), &[]), &Map::new())
+        .await
+        .unwrap();
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    s.record_skipped("r1", &ids(&["b", "c", "b"]))
+        .await
+        .unwrap();
+    s.record_skipped("r1", &ids(&["a", "c", "d"]))
+        .await
+        .unwrap();
+    s.record_skipped("r1", &[]).await.unwrap();
+    assert_eq!(s.count_results("r1").await.unwrap(), 4);
+    let records = s.records("r1").await.unwrap();
+    let a = records.iter().find(|r| r.node_id == "a").unwrap();
+    assert_eq!(
+        a.status,
+        NodeStatus::Done,
+        "a skip never overwrites a result"
+    );
+    for id in ["b", "c", "d"] {
+        let r = records.iter().find(|r| r.node_id == id).unwrap();
+        let expected = NodeRecord {
+            finished_at: r.finished_at,
+            ..NodeRecord::skipped(id)
+        };
+        assert_eq!(r, &expected);
+    }
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn finish_run_first_terminal_state_wins() {
+    let s = store("pg_finish").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let before = s.run_info("r1").await.unwrap().unwrap();
+    assert!(
+        s.finish_run("r1", RunStatus::Failed, &json!({"error": "node x failed"}))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.finish_run("r1", RunStatus::Completed, &json!({}))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.finish_run("r1", RunStatus::Cancelled, &json!({"reason": "late"}))
+            .await
+            .unwrap()
+    );
+    let info = s.run_info("r1").await.unwrap().unwrap();
+    assert_eq!(info.status, RunStatus::Failed);
+    assert_eq!(info.status_data, json!({"error": "node x failed"}));
+    assert!(info.updated_at >= before.updated_at);
+    assert!(
+        !s.finish_run("ghost", RunStatus::Completed, &json!({}))
+            .await
+            .unwrap()
+    );
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn touch_moves_updated_at() {
+    let s = store("pg_touch").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    age_runs(&s, &["r1".to_string()], 3600).await;
+    let old = s.run_info("r1").await.unwrap().unwrap().updated_at;
+    s.touch("r1").await.unwrap();
+    let new = s.run_info("r1").await.unwrap().unwrap().updated_at;
+    assert!(new - old >= chrono::Duration::seconds(3500));
+    // record and record_skipped touch too.
+    age_runs(&s, &["r1".to_string()], 3600).await;
+    s.record_skipped("r1", &["x".to_string()]).await.unwrap();
+    assert!(
+        s.run_info("r1").await.unwrap().unwrap().updated_at > old + chrono::Duration::seconds(3500)
+    );
+    age_runs(&s, &["r1".to_string()], 3600).await;
+    s.record("r1", &done("x", None, json!(1), &[]), &Map::new())
+        .await
+        .unwrap(); // Existing: still touches
+    assert!(
+        s.run_info("r1").await.unwrap().unwrap().updated_at > old + chrono::Duration::seconds(3500)
+    );
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn claim_stalled_claims_only_old_running_runs_bounded_by_limit() {
+    let s = store("pg_claim").await;
+    let old: Vec<String> = (0..3).map(|i| format!("old{i}")).collect();
+    for id in old
+        .iter()
+        .chain(["fresh".to_string(), "finished".to_string()].iter())
+    {
+        s.create_run(&new_run(id, "bp", json!({}))).await.unwrap();
+    }
+    s.finish_run("finished", RunStatus::Completed, &json!({}))
+        .await
+        .unwrap();
+    age_runs(&s, &old, 600).await;
+    age_runs(&s, &["finished".to_string()], 600).await;
+
+    let first = s.claim_stalled(Duration::from_secs(300), 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let second = s.claim_stalled(Duration::from_secs(300), 2).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert!(
+        s.claim_stalled(Duration::from_secs(300), 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let claimed: HashSet<String> = first
+        .iter()
+        .chain(&second)
+        .map(|r| r.run_id.clone())
+        .collect();
+    assert_eq!(claimed, old.iter().cloned().collect::<HashSet<_>>());
+    for run in first.iter().chain(&second) {
+        assert_eq!(run.status, RunStatus::Running);
+        assert!(
+            Utc::now() - run.updated_at < chrono::Duration::seconds(60),
+            "claim touches updated_at"
+        );
+    }
+    assert!(
+        s.claim_stalled(Duration::from_secs(300), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_return_the_same_run() {
+    let s = store("pg_claimc").await;
+    let ids: Vec<String> = (0..40).map(|i| format!("r{i:02}")).collect();
+    for id in &ids {
+        s.create_run(&new_run(id, "bp", json!({}))).await.unwrap();
+    }
+    age_runs(&s, &ids, 600).await;
+    let other = s.clone();
+    let threshold = Duration::from_secs(300);
+    let (a, b) = tokio::join!(
+        s.claim_stalled(threshold, 25),
+        other.claim_stalled(threshold, 25)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let a_ids: HashSet<&str> = a.iter().map(|r| r.run_id.as_str()).collect();
+    let b_ids: HashSet<&str> = b.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(a_ids.len(), a.len());
+    assert_eq!(b_ids.len(), b.len());
+    assert!(
+        a_ids.is_disjoint(&b_ids),
+        "both claimed {:?}",
+        a_ids.intersection(&b_ids).collect::<Vec<_>>()
+    );
+    assert!(a.len() <= 25 && b.len() <= 25);
+    // Whatever neither claimed is still claimable: every run is claimed exactly once overall.
+    let rest = s.claim_stalled(threshold, 100).await.unwrap();
+    let total = a.len() + b.len() + rest.len();
+    let all: HashSet<&str> = a_ids
+        .iter()
+        .chain(&b_ids)
+        .copied()
+        .chain(rest.iter().map(|r| r.run_id.as_str()))
+        .collect();
+    assert_eq!((total, all.len()), (40, 40));
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_runs_filters_newest_first() {
+    let s = store("pg_list").await;
+    for (id, bp) in [
+        ("r1", "alpha"),
+        ("r2", "beta"),
+        ("r3", "alpha"),
+        ("r4", "alpha"),
+    ] {
+        s.create_run(&new_run(id, bp, json!({}))).await.unwrap();
+    }
+    // Distinct creation times, oldest first (no sleeps: set them directly).
+    let client = s.pool().get().await.unwrap();
+    let sql = format!(
+        "UPDATE \"{}\" SET created_at = now() - interval '1 hour' + substr(run_id, 2)::int * interval '1 minute'",
+        s.table_names().statuses
+    );
+    client.execute(&sql, &[]).await.unwrap();
+    s.finish_run("r3", RunStatus::Completed, &json!({}))
+        .await
+        .unwrap();
+
+    let ids = |runs: Vec<flowcraft::store::RunInfo>| {
+        runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(s.list_runs(&RunFilter::default()).await.unwrap()),
+        ["r4", "r3", "r2", "r1"]
+    );
+    let alpha = RunFilter {
+        blueprint_id: Some("alpha".into()),
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(s.list_runs(&alpha).await.unwrap()), ["r4", "r3", "r1"]);
+    let running_alpha = RunFilter {
+        status: Some(RunStatus::Running),
+        ..alpha.clone()
+    };
+    assert_eq!(
+        ids(s.list_runs(&running_alpha).await.unwrap()),
+        ["r4", "r1"]
+    );
+    let completed = RunFilter {
+        status: Some(RunStatus::Completed),
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(s.list_runs(&completed).await.unwrap()), ["r3"]);
+    let limited = RunFilter {
+        limit: 2,
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(s.list_runs(&limited).await.unwrap()), ["r4", "r3"]);
+    drop(client);
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn reconcile_stats_round_trip() {
+    let s = store("pg_stats").await;
+    assert!(
+        s.last_reconcile_stats("ns/nightly")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let started = Utc::now() - chrono::Duration::seconds(5);
+    s.record_reconcile_stats("ns/nightly", started, 3, 2, 1)
+        .await
+        .unwrap();
+    s.record_reconcile_stats(
+        "ns/nightly",
+        started + chrono::Duration::seconds(1),
+        7,
+        6,
+        0,
+    )
+    .await
+    .unwrap();
+    s.record_reconcile_stats("ns/other", started, 9, 9, 9)
+        .await
+        .unwrap();
+    let last = s
+        .last_reconcile_stats("ns/nightly")
+        .await
+        .unwrap()
+        .expect("stats");
+    assert_eq!(last.schedule, "ns/nightly");
+    assert_eq!(
+        (last.stalled_runs, last.reconciled_runs, last.failed_runs),
+        (7, 6, 0)
+    );
+    assert_eq!(
+        last.started_at.timestamp_micros(),
+        (started + chrono::Duration::seconds(1)).timestamp_micros()
+    );
+    assert!(last.finished_at >= last.started_at);
+    let other = s.last_reconcile_stats("ns/other").await.unwrap().unwrap();
+    assert_eq!(other.failed_runs, 9);
+    s.drop_tables().await.unwrap();
+}
