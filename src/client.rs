@@ -55,8 +55,8 @@ pub struct NodeSummary {
     pub status: NodeStatus,
     /// Attempts made.
     pub attempts: u32,
-    /// The error of a failed node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The error of a failed node (shown by the human summary; the JSON form is `{status, attempts}`).
+    #[serde(skip)]
     pub error: Option<String>,
 }
 

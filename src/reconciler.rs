@@ -1,1 +1,369 @@
-//! Placeholder; being written.
+//! Stalled-run detection and re-drive (DESIGN.md, "Reconciler"), generic over the store traits.
+//!
+//! A run is stalled when it is `running` and its `updated_at` is older than the threshold (every job touches
+//! it, so a progressing run never is). Runs are claimed in bounded batches (`FOR UPDATE SKIP LOCKED` plus an
+//! `updated_at` touch in the same statement), so several reconcilers never claim the same run. For each run the
+//! frontier is rebuilt from the recorded node results exactly as the workers would have built it — taken
+//! edges, skips and fallbacks included, so a branch not taken and an unused fallback are never started — the
+//! coordinator's join state is repaired, and the ready nodes that are neither recorded nor under a live lease
+//! are published.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::flow::{Graph, JoinStrategy};
+use crate::store::{Coordinator, Job, JobQueue, JoinState, NodeRecord, NodeStatus, RunInfo, RunStatus, RunStore, StoreError};
+use crate::worker::BlueprintSet;
+
+/// A run could not be reconciled.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The run's blueprint is not served here.
+    #[error("run {run_id}: unknown blueprint '{blueprint_id}'")]
+    UnknownBlueprint {
+        /// The run.
+        run_id: String,
+        /// The blueprint.
+        blueprint_id: String,
+    },
+    /// The run was started with another version of its blueprint.
+    #[error("run {run_id}: started with version {want} of blueprint '{blueprint_id}', this reconciler has {have}")]
+    Version {
+        /// The run.
+        run_id: String,
+        /// The blueprint.
+        blueprint_id: String,
+        /// The run's version.
+        want: String,
+        /// Ours.
+        have: String,
+    },
+    /// A store failed.
+    #[error("run {run_id}: {source}")]
+    Store {
+        /// The run.
+        run_id: String,
+        /// The error.
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// What one pass did: `{stalledRuns, reconciledRuns, failedRuns}`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcileStats {
+    /// Runs found stalled (and claimed).
+    pub stalled_runs: u64,
+    /// Stalled runs the pass re-drove (published jobs, recorded skips) or finished.
+    pub reconciled_runs: u64,
+    /// Stalled runs that could not be reconciled (unknown blueprint, unreadable state); logged.
+    pub failed_runs: u64,
+}
+
+/// Settings of a pass.
+#[derive(Debug, Clone)]
+pub struct ReconcileConfig {
+    /// Runs whose `updated_at` is older than this are stalled.
+    pub stalled_threshold: Duration,
+    /// Runs claimed per batch.
+    pub batch_size: usize,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self { stalled_threshold: Duration::from_secs(300), batch_size: 100 }
+    }
+}
+
+/// What reconciling one run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunRepair {
+    /// Jobs published.
+    pub published: Vec<String>,
+    /// Nodes newly recorded as skipped.
+    pub skipped: Vec<String>,
+    /// Ready nodes left alone because a live lease says they are running.
+    pub leased: Vec<String>,
+    /// The terminal status written, if the run turned out finished.
+    pub finished: Option<RunStatus>,
+}
+
+impl RunRepair {
+    fn acted(&self) -> bool {
+        !self.published.is_empty() || !self.skipped.is_empty() || self.finished.is_some()
+    }
+}
+
+/// The reconciler.
+pub struct Reconciler<Q, S, C> {
+    queue: Arc<Q>,
+    store: Arc<S>,
+    coord: Arc<C>,
+    blueprints: Arc<BlueprintSet>,
+}
+
+impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
+    /// A reconciler over the three stores and the blueprints.
+    pub fn new(queue: Arc<Q>, store: Arc<S>, coord: Arc<C>, blueprints: Arc<BlueprintSet>) -> Self {
+        Self { queue, store, coord, blueprints }
+    }
+
+    /// One pass: claim stalled runs batch by batch and reconcile each. A run that fails is counted and
+    /// logged; the pass carries on. Only a failure to claim runs at all is an error.
+    pub async fn run(&self, config: &ReconcileConfig) -> Result<ReconcileStats, StoreError> {
+        let mut stats = ReconcileStats::default();
+        let batch = config.batch_size.max(1);
+        loop {
+            let runs = self.store.claim_stalled(config.stalled_threshold, batch).await?;
+            let n = runs.len();
+            for run in runs {
+                stats.stalled_runs += 1;
+                match self.reconcile_run(&run).await {
+                    Ok(repair) => {
+                        if repair.acted() {
+                            stats.reconciled_runs += 1;
+                        }
+                        info!(
+                            run_id = %run.run_id,
+                            published = ?repair.published,
+                            skipped = ?repair.skipped,
+                            leased = ?repair.leased,
+                            finished = ?repair.finished,
+                            "Reconciled stalled run."
+                        );
+                    }
+                    Err(error) => {
+                        stats.failed_runs += 1;
+                        warn!(run_id = %run.run_id, blueprint = %run.blueprint_id, error = %error, "Cannot reconcile run.");
+                    }
+                }
+            }
+            if n < batch {
+                break;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Rebuild one run's frontier from its records and re-drive it.
+    pub async fn reconcile_run(&self, run: &RunInfo) -> Result<RunRepair, ReconcileError> {
+        let run_id = run.run_id.as_str();
+        let store_err = |source| ReconcileError::Store { run_id: run_id.to_string(), source };
+        let graph = self.blueprints.get(&run.blueprint_id).ok_or_else(|| ReconcileError::UnknownBlueprint {
+            run_id: run_id.to_string(),
+            blueprint_id: run.blueprint_id.clone(),
+        })?;
+        if run.blueprint_version.as_deref() != graph.version() {
+            return Err(ReconcileError::Version {
+                run_id: run_id.to_string(),
+                blueprint_id: run.blueprint_id.clone(),
+                want: run.blueprint_version.clone().unwrap_or_else(|| "(none)".into()),
+                have: graph.version().unwrap_or("(none)").to_string(),
+            });
+        }
+        let records = self.store.records(run_id).await.map_err(store_err)?;
+        let mut repair = RunRepair::default();
+
+        // A failed node without fallback whose run status was never written (crash in between).
+        if let Some(failed) = records.iter().find(|r| r.status == NodeStatus::Failed && graph.fallback(&r.node_id).is_none()) {
+            let reason = format!(
+                "node '{}' failed after {} attempt(s): {}",
+                failed.node_id,
+                failed.attempts,
+                failed.error.as_deref().unwrap_or("unknown error")
+            );
+            let data = json!({ "error": reason, "node": failed.node_id });
+            if self.store.finish_run(run_id, RunStatus::Failed, &data).await.map_err(store_err)? {
+                repair.finished = Some(RunStatus::Failed);
+            }
+            return Ok(repair);
+        }
+
+        let plan = plan(&graph, &records);
+        if !plan.skipped.is_empty() {
+            self.store.record_skipped(run_id, &plan.skipped).await.map_err(store_err)?;
+            repair.skipped = plan.skipped.clone();
+        }
+        self.coord.repair(run_id, &plan.joins, &plan.decided, &plan.resolved).await.map_err(store_err)?;
+
+        if plan.resolved.len() >= graph.node_count() {
+            if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await.map_err(store_err)? {
+                repair.finished = Some(RunStatus::Completed);
+            }
+            let _ = self.coord.forget(run_id).await;
+            return Ok(repair);
+        }
+
+        let mut jobs = Vec::new();
+        for node in &plan.ready {
+            if self.coord.lease_held(run_id, node).await.map_err(store_err)? {
+                repair.leased.push(node.clone());
+            } else {
+                jobs.push(Job::new(run_id, &run.blueprint_id, node));
+                repair.published.push(node.clone());
+            }
+        }
+        if !jobs.is_empty() {
+            self.queue.publish(&jobs).await.map_err(store_err)?;
+        }
+        self.store.touch(run_id).await.map_err(store_err)?;
+        Ok(repair)
+    }
+}
+
+/// The frontier of a run rebuilt from its records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Nodes that should run now: not recorded, and their join rule fires.
+    pub ready: Vec<String>,
+    /// Nodes that the replay resolves as skipped (every arrival skipped) and that are not recorded yet.
+    pub skipped: Vec<String>,
+    /// Arrival state of every join (node with several predecessors) that has arrivals.
+    pub joins: Vec<JoinState>,
+    /// Joins whose decision (fire or skip) is made.
+    pub decided: Vec<String>,
+    /// Nodes resolved for the run's completion (done, skipped, failed with fallback; new skips included).
+    pub resolved: Vec<String>,
+}
+
+/// Replay the join rules over the recorded results (pure): arrivals from every resolved node, skip cascades,
+/// and the nodes that are ready.
+pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
+    let mut resolved: BTreeMap<String, NodeRecord> = records.iter().map(|r| (r.node_id.clone(), r.clone())).collect();
+    let mut arrived: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut taken: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut pending: Vec<NodeRecord> = resolved.values().cloned().collect();
+    let mut skipped = Vec::new();
+    loop {
+        for rec in pending.drain(..) {
+            for a in graph.arrivals(&rec) {
+                arrived.entry(a.target.clone()).or_default().insert(rec.node_id.clone());
+                if a.taken {
+                    taken.entry(a.target.clone()).or_default().insert(rec.node_id.clone());
+                }
+            }
+        }
+        // Cascade skips: an unrecorded node whose every arrival was skipped is skipped.
+        for node in graph.node_ids() {
+            if resolved.contains_key(node) {
+                continue;
+            }
+            let expected = graph.sources(node).len();
+            let got = arrived.get(node).map_or(0, BTreeSet::len);
+            let any_taken = taken.get(node).is_some_and(|t| !t.is_empty());
+            if expected > 0 && got >= expected && !any_taken {
+                let rec = NodeRecord::skipped(node);
+                resolved.insert(node.to_string(), rec.clone());
+                skipped.push(node.to_string());
+                pending.push(rec);
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+    }
+    let mut ready = Vec::new();
+    let mut decided = Vec::new();
+    let mut joins = Vec::new();
+    for node in graph.node_ids() {
+        let sources = graph.sources(node);
+        let a = arrived.get(node).cloned().unwrap_or_default();
+        let t = taken.get(node).cloned().unwrap_or_default();
+        let fires = if sources.is_empty() {
+            true
+        } else if graph.join(node) == JoinStrategy::Any {
+            !t.is_empty()
+        } else {
+            a.len() >= sources.len() && !t.is_empty()
+        };
+        let skip = !sources.is_empty() && a.len() >= sources.len() && t.is_empty();
+        if sources.len() > 1 {
+            if !a.is_empty() {
+                joins.push(JoinState { node_id: node.to_string(), arrived: a.into_iter().collect(), taken: t.into_iter().collect() });
+            }
+            if fires || skip {
+                decided.push(node.to_string());
+            }
+        }
+        if fires && !resolved.contains_key(node) {
+            ready.push(node.to_string());
+        }
+    }
+    let resolved_ok: Vec<String> = resolved.values().filter(|r| graph.is_resolved_ok(r)).map(|r| r.node_id.clone()).collect();
+    Plan { ready, skipped, joins, decided, resolved: resolved_ok }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{Blueprint, Registry};
+    use serde_json::{Value, json};
+
+    fn graph(v: Value) -> Graph {
+        let bp: Blueprint = serde_json::from_value(v).unwrap();
+        Graph::build(bp, Some(&Registry::with_builtins())).unwrap()
+    }
+
+    fn done(id: &str, taken: &[&str], action: Option<&str>) -> NodeRecord {
+        NodeRecord {
+            node_id: id.into(),
+            status: NodeStatus::Done,
+            action: action.map(str::to_string),
+            output: Value::Null,
+            taken: taken.iter().map(|s| s.to_string()).collect(),
+            attempts: 1,
+            error: None,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn untaken_branch_and_unused_fallback_are_never_ready() {
+        let g = graph(json!({
+            "id": "r",
+            "nodes": [
+                {"id": "s", "uses": "noop", "config": {"fallback": "fb"}},
+                {"id": "fb", "uses": "noop"},
+                {"id": "x", "uses": "noop"}, {"id": "y", "uses": "noop"}, {"id": "y2", "uses": "noop"}
+            ],
+            "edges": [
+                {"source": "s", "target": "x", "action": "x"},
+                {"source": "s", "target": "y", "action": "y"},
+                {"source": "y", "target": "y2"}
+            ]
+        }));
+        // Fresh run: only the start node.
+        assert_eq!(plan(&g, &[]).ready, vec!["s"]);
+        // s took x: x is ready; y, y2 and the fallback are skipped, never started.
+        let p = plan(&g, &[done("s", &["x"], Some("x"))]);
+        assert_eq!(p.ready, vec!["x"]);
+        let mut skipped = p.skipped.clone();
+        skipped.sort();
+        assert_eq!(skipped, vec!["fb", "y", "y2"]);
+    }
+
+    #[test]
+    fn join_ready_only_when_all_arrived_and_complete_when_all_resolved() {
+        let g = graph(json!({
+            "id": "j",
+            "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}, {"id": "j", "uses": "noop"}],
+            "edges": [{"source": "a", "target": "j"}, {"source": "b", "target": "j"}]
+        }));
+        let p = plan(&g, &[done("a", &["j"], None)]);
+        assert_eq!(p.ready, vec!["b"]);
+        assert!(p.decided.is_empty());
+        assert_eq!(p.joins, vec![JoinState { node_id: "j".into(), arrived: vec!["a".into()], taken: vec!["a".into()] }]);
+        let p = plan(&g, &[done("a", &["j"], None), done("b", &[], None)]);
+        assert_eq!(p.ready, vec!["j"]);
+        assert_eq!(p.decided, vec!["j"]);
+        let p = plan(&g, &[done("a", &["j"], None), done("b", &[], None), done("j", &[], None)]);
+        assert!(p.ready.is_empty());
+        assert_eq!(p.resolved.len(), 3);
+    }
+}

@@ -301,7 +301,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 }
             }
         };
-        #[cfg(feature = "failpoints")]
+        #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-record");
         // 6–7. Route, fire joins, publish, finish the run.
         self.propagate(&graph, &job, &record).await.map_err(store_err)?;
@@ -419,7 +419,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if !jobs.is_empty() {
             self.queue.publish(&jobs).await?;
         }
-        #[cfg(feature = "failpoints")]
+        #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-publish");
         let mut resolved: Vec<&str> = vec![record.node_id.as_str()];
         resolved.extend(skipped.iter().map(String::as_str));
@@ -550,11 +550,13 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Test-only crash points: with the `failpoints` feature, `FLOWCRAFT_FAILPOINT=<name>` aborts the process there.
-#[cfg(feature = "failpoints")]
+/// Test-only crash points (debug builds, or release with the `failpoints` feature): `FLOWCRAFT_FAILPOINT=<name>`
+/// kills the process at that point with SIGKILL, as a crashed worker would die.
+#[cfg(any(debug_assertions, feature = "failpoints"))]
 fn failpoint(name: &str) {
     if std::env::var("FLOWCRAFT_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("failpoint {name} hit: aborting");
+        eprintln!("failpoint {name} hit: killing this process with SIGKILL");
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         std::process::abort();
     }
 }

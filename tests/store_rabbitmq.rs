@@ -22,6 +22,11 @@ fn config(tag: &str, queue_type: QueueType, prefetch: u16) -> AmqpConfig {
 }
 
 async fn connect(cfg: AmqpConfig) -> RabbitQueue {
+    // Logs show up for failing tests (the test writer is captured otherwise).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("flowcraft=debug"))
+        .with_test_writer()
+        .try_init();
     RabbitQueue::connect(cfg)
         .await
         .expect("connect to RabbitMQ")

@@ -40,6 +40,19 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
         return problems;
     }
     let param = |name: &str| params.get(name).filter(|v| !v.is_null());
+    if uses == "transform" {
+        match param("action") {
+            None => {}
+            Some(Value::String(source)) => {
+                if let Err(e) = Expr::compile(source) {
+                    problems.push(format!("invalid CEL in params.action: {e}"));
+                }
+            }
+            Some(other) => problems.push(format!(
+                "transform: params.action must be a CEL string, not {other}"
+            )),
+        }
+    }
     match uses {
         "transform" => match param("expr") {
             None => problems.push("transform needs params.expr".into()),
@@ -103,12 +116,12 @@ fn check_http_params(params: &Value, problems: &mut Vec<String>) {
         Some(other) => problems.push(format!("http: params.url must be a string, not {other}")),
     }
     match param("method") {
-        None => {}
-        Some(Value::String(m)) => {
-            if Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() {
-                problems.push(format!("http: params.method \"{m}\" is not an HTTP method"));
-            }
+        Some(Value::String(m))
+            if Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() =>
+        {
+            problems.push(format!("http: params.method \"{m}\" is not an HTTP method"));
         }
+        None | Some(Value::String(_)) => {}
         Some(other) => problems.push(format!("http: params.method must be a string, not {other}")),
     }
     match param("headers") {
@@ -266,7 +279,31 @@ impl Node for Transform {
         let output = expr
             .eval(&vars(&ctx, context.as_ref()))
             .map_err(|e| NodeError::fatal(e.to_string()))?;
-        Ok(NodeOutput::new(output))
+        // `params.action`: an optional CEL expression giving the action that routes the result.
+        let action = match ctx.params.get("action").and_then(Value::as_str) {
+            None => None,
+            Some(source) => {
+                let expr = self
+                    .compiled(source)
+                    .map_err(|e| NodeError::fatal(e.to_string()))?;
+                let context = expr
+                    .uses_variable("context")
+                    .then(|| ctx.context.to_value());
+                match expr
+                    .eval(&vars(&ctx, context.as_ref()))
+                    .map_err(|e| NodeError::fatal(e.to_string()))?
+                {
+                    Value::Null => None,
+                    Value::String(a) => Some(a),
+                    other => {
+                        return Err(NodeError::fatal(format!(
+                            "transform: params.action must evaluate to a string, not {other}"
+                        )));
+                    }
+                }
+            }
+        };
+        Ok(NodeOutput { output, action })
     }
 }
 
@@ -490,4 +527,447 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::http::{HeaderMap as AxumHeaders, StatusCode, header};
+    use axum::routing::{get, post};
+    use serde_json::json;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::flow::node::ContextHandle;
+
+    fn ctx(params: Value, input: Value) -> NodeCtx {
+        NodeCtx {
+            run_id: "run-1".into(),
+            blueprint_id: "bp".into(),
+            node_id: "node".into(),
+            input,
+            params,
+            attempt: 1,
+            context: ContextHandle::default(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    async fn run(uses: &str, c: NodeCtx) -> Result<NodeOutput, NodeError> {
+        let registry = Registry::with_builtins();
+        registry.get(uses).unwrap().run(c).await
+    }
+
+    #[test]
+    fn every_builtin_is_registered() {
+        let mut r = Registry::empty();
+        register_all(&mut r);
+        for key in ["noop", "transform", "log", "sleep", "fail", "http"] {
+            assert!(r.contains(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let ok = |v: Value, ms: u64| {
+            assert_eq!(
+                parse_duration(&v).unwrap(),
+                Duration::from_millis(ms),
+                "{v}"
+            )
+        };
+        ok(json!(250), 250);
+        ok(json!(0), 0);
+        ok(json!("250ms"), 250);
+        ok(json!("2s"), 2_000);
+        ok(json!("1.5s"), 1_500);
+        ok(json!("1m"), 60_000);
+        ok(json!("1h"), 3_600_000);
+        ok(json!(" 300 "), 300);
+        ok(json!("2 s"), 2_000);
+        for bad in [
+            json!("2x"),
+            json!("s"),
+            json!(""),
+            json!("-1s"),
+            json!(-5),
+            json!(true),
+            json!(".5s"),
+            json!(null),
+        ] {
+            assert!(parse_duration(&bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_duration(&json!("2x")).unwrap_err(),
+            "\"2x\" is not a duration"
+        );
+    }
+
+    #[test]
+    fn params_checks() {
+        assert!(check_params("noop", &Value::Null).is_empty());
+        assert!(check_params("custom", &json!({"anything": 1})).is_empty());
+        assert_eq!(
+            check_params("transform", &json!({})),
+            ["transform needs params.expr"]
+        );
+        let p = check_params("transform", &json!({"expr": "input.x +* 1"}));
+        assert!(
+            p.len() == 1
+                && p[0].starts_with("invalid CEL in params.expr: ")
+                && p[0].contains("input.x +* 1"),
+            "{p:?}"
+        );
+        assert!(check_params("transform", &json!({"expr": "input.items.size() * 10"})).is_empty());
+        assert_eq!(
+            check_params("sleep", &json!({"duration": "2x"})),
+            ["sleep: params.duration \"2x\" is not a duration"]
+        );
+        assert_eq!(
+            check_params("sleep", &json!({})),
+            ["sleep needs params.duration"]
+        );
+        assert!(check_params("sleep", &json!({"duration": "1.5s"})).is_empty());
+        assert_eq!(check_params("http", &json!({})), ["http needs params.url"]);
+        assert!(
+            check_params(
+                "http",
+                &json!({"url": "http://shop/api/orders/{{input.id}}"})
+            )
+            .is_empty()
+        );
+        let p = check_params(
+            "http",
+            &json!({"url": "http://x/{{ input. }}", "method": "GE T", "headers": {"x-a": "{{ +* }}"}, "body": {"a": ["{{ (( }}"]}}),
+        );
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[3].contains("params.body.a[0]"), "{p:?}");
+        assert_eq!(
+            check_params("fail", &json!({"times": -1})),
+            ["fail: params.times must be a non-negative integer"]
+        );
+        assert_eq!(
+            check_params("fail", &json!({"times": "2"})),
+            ["fail: params.times must be a non-negative integer"]
+        );
+        assert!(check_params("fail", &json!({"times": 2, "message": "boom"})).is_empty());
+        assert_eq!(check_params("log", &json!({"message": "{{ oops"})).len(), 1);
+        assert!(check_params("log", &json!({"message": "got {{ input.n }}"})).is_empty());
+        assert_eq!(check_params("noop", &json!([1])).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn noop_passes_its_input() {
+        let out = run("noop", ctx(Value::Null, json!({"a": 1})))
+            .await
+            .unwrap();
+        assert_eq!(out, NodeOutput::new(json!({"a": 1})));
+    }
+
+    #[tokio::test]
+    async fn transform_evaluates_with_input_and_context() {
+        let c = ctx(
+            json!({"expr": "input.items.size() * 10"}),
+            json!({"items": [1, 2, 3]}),
+        );
+        assert_eq!(run("transform", c).await.unwrap().output, json!(30));
+
+        let c = ctx(
+            json!({"expr": "context['_outputs.fetch'].n + input.price * 2"}),
+            json!({"price": 1.5}),
+        );
+        c.context.set("_outputs.fetch", json!({"n": 1}));
+        assert_eq!(run("transform", c).await.unwrap().output, json!(4.0));
+
+        let c = ctx(json!({"expr": "{'items': []}"}), Value::Null);
+        assert_eq!(
+            run("transform", c).await.unwrap().output,
+            json!({"items": []})
+        );
+    }
+
+    #[tokio::test]
+    async fn transform_errors_are_fatal_and_compiled_once() {
+        let node = Transform::default();
+        let err = node
+            .run(ctx(json!({"expr": "input.x +* 1"}), Value::Null))
+            .await
+            .unwrap_err();
+        assert!(
+            !err.retryable && err.message.contains("input.x +* 1"),
+            "{err:?}"
+        );
+        let err = node
+            .run(ctx(json!({"expr": "input.missing"}), json!({})))
+            .await
+            .unwrap_err();
+        assert!(!err.retryable, "{err:?}");
+        let err = node.run(ctx(json!({}), json!({}))).await.unwrap_err();
+        assert!(
+            !err.retryable && err.message.contains("params.expr"),
+            "{err:?}"
+        );
+        node.run(ctx(json!({"expr": "input.x + 1"}), json!({"x": 1})))
+            .await
+            .unwrap();
+        node.run(ctx(json!({"expr": "input.x + 1"}), json!({"x": 2})))
+            .await
+            .unwrap();
+        assert_eq!(
+            node.cache.lock().unwrap().len(),
+            2,
+            "input.missing and input.x + 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn log_passes_its_input() {
+        let c = ctx(
+            json!({"message": "order {{ input.id }} from {{ context.user }}"}),
+            json!({"id": 7}),
+        );
+        c.context.set("user", json!("ann"));
+        assert_eq!(run("log", c).await.unwrap().output, json!({"id": 7}));
+        assert_eq!(
+            run("log", ctx(Value::Null, json!(1))).await.unwrap().output,
+            json!(1)
+        );
+        let err = run(
+            "log",
+            ctx(json!({"message": "{{ input.nope }}"}), json!({})),
+        )
+        .await
+        .unwrap_err();
+        assert!(!err.retryable);
+    }
+
+    #[tokio::test]
+    async fn sleep_waits_and_honours_cancel() {
+        let started = std::time::Instant::now();
+        let out = run("sleep", ctx(json!({"duration": "20ms"}), json!("x")))
+            .await
+            .unwrap();
+        assert_eq!(out.output, json!("x"));
+        assert!(started.elapsed() >= Duration::from_millis(20));
+
+        let c = ctx(json!({"duration": "1h"}), json!("x"));
+        let cancel = c.cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            cancel.cancel();
+        });
+        let err = tokio::time::timeout(Duration::from_secs(5), run("sleep", c))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err, NodeError::retryable("cancelled"));
+
+        let err = run("sleep", ctx(json!({"duration": "2x"}), json!("x")))
+            .await
+            .unwrap_err();
+        assert!(
+            !err.retryable && err.message.contains("\"2x\" is not a duration"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fail_fails_retryably() {
+        let err = run("fail", ctx(Value::Null, json!(1))).await.unwrap_err();
+        assert_eq!(err, NodeError::retryable("failed by the fail node"));
+        let err = run("fail", ctx(json!({"message": "boom"}), json!(1)))
+            .await
+            .unwrap_err();
+        assert_eq!(err, NodeError::retryable("boom"));
+
+        for (attempt, fails) in [(1, true), (2, true), (3, false)] {
+            let mut c = ctx(json!({"times": 2}), json!("in"));
+            c.attempt = attempt;
+            let r = run("fail", c).await;
+            assert_eq!(r.is_err(), fails, "attempt {attempt}");
+            if let Ok(out) = r {
+                assert_eq!(out.output, json!("in"));
+            }
+        }
+        let out = run("fail", ctx(json!({"times": 0}), json!("in")))
+            .await
+            .unwrap();
+        assert_eq!(out.output, json!("in"));
+    }
+
+    /// A local server: `/order/{id}` (200 JSON), `/text` (200 text), `/missing` (404), `/down` (503),
+    /// `/echo` (POST: the method, a header and the body, as JSON), `/slow` (answers after 10 s).
+    async fn server() -> String {
+        let app = Router::new()
+            .route(
+                "/order/{id}",
+                get(
+                    |axum::extract::Path(id): axum::extract::Path<String>| async move {
+                        (
+                            [(header::CONTENT_TYPE, "application/json")],
+                            format!(r#"{{"id": {id}, "items": [1, 2]}}"#),
+                        )
+                    },
+                ),
+            )
+            .route("/text", get(|| async { "hello" }))
+            .route(
+                "/missing",
+                get(|| async { (StatusCode::NOT_FOUND, "no such thing") }),
+            )
+            .route(
+                "/down",
+                get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "try later") }),
+            )
+            .route(
+                "/echo",
+                post(|headers: AxumHeaders, body: String| async move {
+                    let token = headers
+                        .get("x-token")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let ct = headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    let echo = json!({"token": token, "contentType": ct, "body": body});
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        echo.to_string(),
+                    )
+                }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    "late"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn http_get_json_and_text() {
+        let base = server().await;
+        let c = ctx(
+            json!({"url": format!("{base}/order/{{{{input.id}}}}")}),
+            json!({"id": 42}),
+        );
+        assert_eq!(
+            run("http", c).await.unwrap().output,
+            json!({"id": 42, "items": [1, 2]})
+        );
+        let c = ctx(json!({"url": format!("{base}/text")}), Value::Null);
+        assert_eq!(run("http", c).await.unwrap().output, json!("hello"));
+    }
+
+    #[tokio::test]
+    async fn http_post_renders_headers_and_body() {
+        let base = server().await;
+        let params = json!({
+            "method": "post",
+            "url": format!("{base}/echo"),
+            "headers": {"x-token": "t-{{ context.token }}"},
+            "body": {"id": "{{ input.id }}", "label": "order {{ input.id }}", "fixed": [1, true]},
+        });
+        let c = ctx(params, json!({"id": 7}));
+        c.context.set("token", json!("abc"));
+        let out = run("http", c).await.unwrap().output;
+        assert_eq!(
+            out,
+            json!({"token": "t-abc", "contentType": "application/json", "body": {"id": 7, "label": "order 7", "fixed": [1, true]}})
+        );
+    }
+
+    #[tokio::test]
+    async fn http_status_errors() {
+        let base = server().await;
+        let err = run(
+            "http",
+            ctx(json!({"url": format!("{base}/missing")}), Value::Null),
+        )
+        .await
+        .unwrap_err();
+        assert!(!err.retryable, "{err:?}");
+        assert!(
+            err.message.contains("GET")
+                && err.message.contains("/missing")
+                && err.message.contains("404"),
+            "{err:?}"
+        );
+        let err = run(
+            "http",
+            ctx(json!({"url": format!("{base}/down")}), Value::Null),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.retryable, "{err:?}");
+        assert!(
+            err.message.contains("GET")
+                && err.message.contains("/down")
+                && err.message.contains("503"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_network_errors_are_retryable() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = run(
+            "http",
+            ctx(json!({"url": format!("http://{addr}/x")}), Value::Null),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.retryable && err.message.contains(&addr.to_string()),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_honours_cancel() {
+        let base = server().await;
+        let c = ctx(json!({"url": format!("{base}/slow")}), Value::Null);
+        let cancel = c.cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            cancel.cancel();
+        });
+        let err = tokio::time::timeout(Duration::from_secs(5), run("http", c))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            err.retryable && err.message.contains("cancelled"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_bad_params_are_fatal() {
+        let err = run("http", ctx(json!({}), Value::Null)).await.unwrap_err();
+        assert!(
+            !err.retryable && err.message.contains("params.url"),
+            "{err:?}"
+        );
+        let err = run(
+            "http",
+            ctx(json!({"url": "http://x/{{ input.nope }}"}), json!({})),
+        )
+        .await
+        .unwrap_err();
+        assert!(!err.retryable, "{err:?}");
+    }
 }

@@ -539,6 +539,7 @@ pub fn render_template(template: &str, vars: &Vars<'_>) -> Result<String, ExprEr
 /// value with its type (`"{{ input.n }}"` → `3`, not `"3"`).
 pub fn render_value(value: &Value, vars: &Vars<'_>) -> Result<Value, ExprError> {
     Ok(match value {
+        Value::String(s) if !s.contains("{{") => Value::String(s.clone()),
         Value::String(s) => match pieces(s)?.as_slice() {
             [Piece::Expr(source)] => cached_expr(source)?.eval(vars)?,
             _ => Value::String(render_template(s, vars)?),
@@ -841,7 +842,9 @@ mod tests {
         assert!(e.uses_input && !e.uses_result && !e.uses_context);
         let e = Expr::compile("context['k'] == result.output").unwrap();
         assert!(!e.uses_input && e.uses_result && e.uses_context);
-        assert!(e.uses_variable("context") && e.uses_variable("result") && !e.uses_variable("input"));
+        assert!(
+            e.uses_variable("context") && e.uses_variable("result") && !e.uses_variable("input")
+        );
         // an unreferenced variable is never looked at: a huge context costs nothing
         let ctx = json!({"k": 1});
         let vars = Vars {

@@ -2,17 +2,29 @@
 //! pool controller's reconcile.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::crd::{AutoscalingSpec, FlowcraftWorkerPool};
-use super::pod::{self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH};
+use super::context::{
+    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, object_key, report_failure,
+};
+use super::crd::{AutoscalingSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolStatus};
+use super::metrics::PoolLabels;
+use super::pod::{self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH, FIELD_MANAGER, SECRET_KEY_AMQP, SECRET_KEYS};
 use super::{OperatorError, TableNames, object_name};
+use crate::flow::{Blueprint, Graph};
 
 /// What the Deployment builder needs besides the pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,4 +167,307 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
         }),
         status: None,
     })
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reading what a pool refers to
+// ------------------------------------------------------------------------------------------------
+
+/// Every blueprint of a pool's ConfigMap, validated (each key parsed as JSON or YAML, the graph built without a
+/// registry since custom nodes live in the workers' image), by blueprint id. Every problem is reported at once.
+pub fn pool_graphs(cm: &ConfigMap) -> Result<BTreeMap<String, Graph>, String> {
+    let cm_name = format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any());
+    let mut graphs: BTreeMap<String, Graph> = BTreeMap::new();
+    let mut origins: BTreeMap<String, String> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (key, text) in cm.data.iter().flatten() {
+        let origin = format!("ConfigMap {cm_name} key {key}");
+        let graph = Blueprint::parse(text, &origin).and_then(|bp| Graph::build(bp, None));
+        match graph {
+            Ok(g) => {
+                let id = g.id().to_string();
+                if let Some(first) = origins.get(&id) {
+                    problems.push(format!("blueprint id '{id}' is defined twice: keys {first} and {key}"));
+                } else {
+                    origins.insert(id.clone(), key.clone());
+                    graphs.insert(id, g);
+                }
+            }
+            Err(e) => problems.push(format!("key {key}: {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(format!("ConfigMap {cm_name} has invalid blueprints: {}", problems.join("; ")));
+    }
+    if graphs.is_empty() {
+        return Err(format!("ConfigMap {cm_name} has no blueprints (every key must be a JSON or YAML blueprint)"));
+    }
+    Ok(graphs)
+}
+
+/// Read the pool's connection Secret and check it has every key; returns it.
+pub async fn read_secret(ctx: &Context, pool: &FlowcraftWorkerPool) -> Result<Secret, OperatorError> {
+    let namespace = pool.namespace().unwrap_or_default();
+    let name = &pool.spec.connection_secret;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret = api.get_opt(name).await.map_err(|source| OperatorError::Kube {
+        object: object_name(pool),
+        action: format!("get Secret {namespace}/{name}"),
+        source,
+    })?;
+    let Some(secret) = secret else {
+        return Err(OperatorError::InvalidSpec {
+            object: object_name(pool),
+            reason: "SecretNotFound",
+            message: format!("connection Secret {namespace}/{name} not found"),
+        });
+    };
+    let missing: Vec<&str> = SECRET_KEYS
+        .iter()
+        .map(|(key, _)| *key)
+        .filter(|key| !secret.data.as_ref().is_some_and(|d| d.contains_key(*key)))
+        .collect();
+    if !missing.is_empty() {
+        return Err(OperatorError::InvalidSpec {
+            object: object_name(pool),
+            reason: "MissingSecretKey",
+            message: format!("connection Secret {namespace}/{name} has no key {}", missing.join(", ")),
+        });
+    }
+    Ok(secret)
+}
+
+/// A value of the pool's connection Secret as text.
+pub fn secret_value(pool: &FlowcraftWorkerPool, secret: &Secret, key: &str) -> Result<String, OperatorError> {
+    let namespace = pool.namespace().unwrap_or_default();
+    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| OperatorError::InvalidSpec {
+        object: object_name(pool),
+        reason: "MissingSecretKey",
+        message: format!("connection Secret {namespace}/{} has no key {key}", pool.spec.connection_secret),
+    })?;
+    String::from_utf8(bytes.0.clone()).map_err(|_| OperatorError::InvalidSpec {
+        object: object_name(pool),
+        reason: "InvalidSecretValue",
+        message: format!("key {key} of Secret {namespace}/{} is not UTF-8", pool.spec.connection_secret),
+    })
+}
+
+/// Read the pool's blueprints ConfigMap.
+pub async fn read_configmap<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    owner: &K,
+    namespace: &str,
+    name: &str,
+) -> Result<ConfigMap, OperatorError> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name)
+        .await
+        .map_err(|source| OperatorError::Kube {
+            object: object_name(owner),
+            action: format!("get ConfigMap {namespace}/{name}"),
+            source,
+        })?
+        .ok_or_else(|| OperatorError::InvalidSpec {
+            object: object_name(owner),
+            reason: "ConfigMapNotFound",
+            message: format!("blueprints ConfigMap {namespace}/{name} not found"),
+        })
+}
+
+/// Read a pool by name (for schedules and FlowRuns).
+pub async fn read_pool<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    owner: &K,
+    namespace: &str,
+    name: &str,
+) -> Result<FlowcraftWorkerPool, OperatorError> {
+    let api: Api<FlowcraftWorkerPool> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name)
+        .await
+        .map_err(|source| OperatorError::Kube {
+            object: object_name(owner),
+            action: format!("get FlowcraftWorkerPool {namespace}/{name}"),
+            source,
+        })?
+        .ok_or_else(|| OperatorError::InvalidSpec {
+            object: object_name(owner),
+            reason: "WorkerPoolNotFound",
+            message: format!("FlowcraftWorkerPool {namespace}/{name} not found"),
+        })
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reconcile
+// ------------------------------------------------------------------------------------------------
+
+/// Name of this controller (metrics, logs).
+pub const CONTROLLER: &str = "workerpool";
+/// Requeue interval of a pool without autoscaling (drift check).
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconcile a pool: check its Secret and blueprints, compute replicas (autoscaling on queue depth),
+/// server-side apply the worker Deployment, mirror its state into the pool's status.
+#[tracing::instrument(skip_all, fields(pool = %object_name(pool.as_ref())))]
+pub async fn reconcile(pool: Arc<FlowcraftWorkerPool>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let key = object_key(pool.as_ref());
+    if pool.meta().deletion_timestamp.is_some() {
+        // The Deployment is garbage-collected through its owner reference.
+        ctx.forget(&key);
+        return Ok(Action::await_change());
+    }
+    match apply(&pool, &ctx, &key).await {
+        Ok(action) => {
+            ctx.backoff.reset(&key);
+            Ok(action)
+        }
+        Err(error) => {
+            report_failure(&ctx, pool.as_ref(), &error).await;
+            Err(error)
+        }
+    }
+}
+
+async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<Action, OperatorError> {
+    let name = pool.name_any();
+    let namespace = pool.namespace().ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(pool),
+        message: "has no namespace".to_string(),
+    })?;
+    let generation = pool.meta().generation;
+    let prev = pool.status.clone().unwrap_or_default();
+
+    let secret = read_secret(ctx, pool).await?;
+    let cm = read_configmap(ctx, pool, &namespace, &pool.spec.blueprints.config_map).await?;
+    pool_graphs(&cm).map_err(|message| OperatorError::InvalidSpec {
+        object: object_name(pool),
+        reason: "InvalidBlueprint",
+        message,
+    })?;
+    let hash = configmap_hash(&cm);
+
+    let mut depth_error = None;
+    let (replicas, depth) = match &pool.spec.autoscaling {
+        None => (pool.spec.replicas, None),
+        Some(a) => {
+            let url = secret_value(pool, &secret, SECRET_KEY_AMQP)?;
+            match ctx.queue_depth(key, &url, &pool.spec.queue.name).await {
+                Ok(depth) => {
+                    ctx.metrics
+                        .queue_depth
+                        .get_or_create(&PoolLabels { namespace: namespace.clone(), pool: name.clone() })
+                        .set(i64::try_from(depth).unwrap_or(i64::MAX));
+                    (autoscale_replicas(depth, a), Some(i64::try_from(depth).unwrap_or(i64::MAX)))
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %pool.spec.queue.name, %error, "Cannot read the queue depth; keeping the replicas.");
+                    let keep = prev.desired_replicas.unwrap_or(a.min_replicas);
+                    depth_error = Some(error);
+                    (keep.clamp(a.min_replicas.max(0), a.max_replicas.max(a.min_replicas.max(0))), prev.queue_depth)
+                }
+            }
+        }
+    };
+
+    let desired = desired_deployment(
+        pool,
+        &BuildContext {
+            default_image: ctx.default_image.clone(),
+            configmap_hash: hash.clone(),
+            replicas,
+            tables: ctx.tables.clone(),
+        },
+    )?;
+    let dep_name = deployment_name(pool);
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let applied = api
+        .patch(&dep_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
+        .await
+        .map_err(|source| OperatorError::Kube {
+            object: object_name(pool),
+            action: format!("apply Deployment {namespace}/{dep_name}"),
+            source,
+        })?;
+
+    let st = applied.status.clone().unwrap_or_default();
+    let ready = st.ready_replicas.unwrap_or(0);
+    let current = st.replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let observed = st.observed_generation.unwrap_or(0) >= applied.metadata.generation.unwrap_or(0);
+    let rolled_out = observed && updated >= replicas && current == replicas && ready >= replicas;
+
+    let ready_cond = if replicas == 0 {
+        Cond::new(READY, true, "ScaledToZero", "the pool is scaled to zero workers")
+    } else if ready >= replicas {
+        Cond::new(READY, true, "WorkersReady", format!("{ready}/{replicas} workers ready"))
+    } else {
+        Cond::new(READY, false, "WorkersNotReady", format!("{ready}/{replicas} workers ready"))
+    };
+    let progressing_cond = if rolled_out {
+        Cond::new(PROGRESSING, false, "RolloutComplete", format!("Deployment {namespace}/{dep_name} is up to date"))
+    } else {
+        Cond::new(
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!("Deployment {namespace}/{dep_name}: {updated}/{replicas} updated, {ready} ready, {current} running"),
+        )
+    };
+    let stuck = st.conditions.iter().flatten().find(|c| {
+        (c.type_ == "Progressing" && c.status == "False") || (c.type_ == "ReplicaFailure" && c.status == "True")
+    });
+    let degraded_cond = if let Some(error) = &depth_error {
+        Cond::new(DEGRADED, true, "QueueDepthUnavailable", format!("cannot read the depth of queue {}: {error}", pool.spec.queue.name))
+    } else if let Some(c) = stuck {
+        Cond::new(
+            DEGRADED,
+            true,
+            "DeploymentFailing",
+            format!("Deployment {namespace}/{dep_name}: {}", c.message.clone().unwrap_or_else(|| c.type_.clone())),
+        )
+    } else {
+        Cond::new(DEGRADED, false, "AsExpected", "the worker Deployment is applied")
+    };
+
+    let status = FlowcraftWorkerPoolStatus {
+        observed_generation: generation,
+        replicas: current,
+        ready_replicas: ready,
+        desired_replicas: Some(replicas),
+        queue_depth: depth,
+        selector: Some(pod::worker_selector_string(&name)),
+        blueprints_hash: Some(hash.clone()),
+        conditions: merge_conditions(&prev.conditions, &[ready_cond, progressing_cond, degraded_cond.clone()], generation),
+    };
+
+    // Events for what changed (never one per reconcile).
+    if prev.observed_generation != generation {
+        let note = format!("applied Deployment {namespace}/{dep_name} with {replicas} replicas");
+        ctx.publish(pool, EventType::Normal, "Applied", "ApplyDeployment", note).await;
+    }
+    if prev.blueprints_hash.as_ref().is_some_and(|h| h != &hash) {
+        let note = format!(
+            "blueprints ConfigMap {namespace}/{} changed: rolling the workers",
+            pool.spec.blueprints.config_map
+        );
+        ctx.publish(pool, EventType::Normal, "BlueprintsChanged", "RollDeployment", note).await;
+    }
+    if let (Some(a), Some(before)) = (&pool.spec.autoscaling, prev.desired_replicas)
+        && before != replicas
+        && prev.observed_generation == generation
+    {
+        let note = format!(
+            "scaled from {before} to {replicas} workers (queue depth {}, target {} per worker)",
+            depth.unwrap_or(0),
+            a.target_queue_length
+        );
+        ctx.publish(pool, EventType::Normal, "Scaled", "Autoscale", note).await;
+    }
+    if is_true(&prev.conditions, DEGRADED) && !degraded_cond.status {
+        ctx.publish(pool, EventType::Normal, "Recovered", "Reconcile", "the pool is no longer degraded".to_string())
+            .await;
+    }
+
+    apply_status(ctx, pool, &status).await?;
+    Ok(Action::requeue(if pool.spec.autoscaling.is_some() { ctx.queue_poll_interval } else { RESYNC }))
 }

@@ -24,6 +24,8 @@ use crate::store::{
 const DEFAULT_LIST_LIMIT: usize = 100;
 /// How many reconciler passes are kept per schedule (older rows are pruned when a new one is recorded).
 const RECONCILE_HISTORY_KEEP: i64 = 1000;
+/// Longest stalled-run threshold bound into SQL (1000 years, well inside PostgreSQL's interval range).
+const MAX_THRESHOLD_MS: i64 = 1000 * 365 * 24 * 3600 * 1000;
 /// Longest identifier PostgreSQL keeps without truncating (NAMEDATALEN - 1).
 const MAX_IDENTIFIER_LEN: usize = 63;
 
@@ -295,10 +297,12 @@ const EXISTING_RECORD: &str =
     "SELECT node_id, status, action, output, taken, attempts, error, finished_at
   FROM {results} WHERE run_id = $1::text AND node_id = $2::text";
 
+// Nodes are inserted in sorted order so two overlapping batches take their index locks in the same order (no
+// deadlock between concurrent skips of the same run).
 const RECORD_SKIPPED: &str = "WITH ins AS (
     INSERT INTO {results} (run_id, node_id, status, action, output, taken, attempts, error)
     SELECT $1::text, n, 'skipped', NULL, NULL, '[]'::jsonb, 0, NULL
-      FROM (SELECT DISTINCT n FROM unnest($2::text[]) AS u (n)) AS nodes
+      FROM (SELECT DISTINCT n FROM unnest($2::text[]) AS u (n) ORDER BY n) AS nodes
     ON CONFLICT (run_id, node_id) DO NOTHING
     RETURNING node_id
 ), touched AS (
@@ -1002,7 +1006,6 @@ impl RunStore for PostgresStore {
         let existing = match record_from_row(run_id, &row)? {
             Some(existing) => existing,
             // Committed concurrently, after this statement's snapshot: read it with a fresh one.
-            None if { eprintln!("FOLLOWUP {node_id}"); false } => unreachable!(),
             None => self
                 .existing_record(&client, run_id, node_id)
                 .await?
@@ -1165,7 +1168,10 @@ impl RunStore for PostgresStore {
         }
         let op = "claim stalled runs";
         let table = self.names.statuses.as_str();
-        let threshold_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        // Clamped so that `$1 * interval '1 millisecond'` stays within PostgreSQL's interval range.
+        let threshold_ms = i64::try_from(older_than.as_millis())
+            .unwrap_or(i64::MAX)
+            .min(MAX_THRESHOLD_MS);
         let limit = clamp_i64(limit as u64);
         let client = self.client(op).await?;
         let stmt = client

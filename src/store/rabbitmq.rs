@@ -812,9 +812,18 @@ impl Inner {
                 }
                 Ok(Err(PublishFailure::Channel(error))) => error,
                 Err(_) => {
-                    session.lost.cancel();
+                    let blocked = session.connection.status().blocked();
+                    if !blocked {
+                        // Pending confirms would stay registered on this channel: start afresh.
+                        session.lost.cancel();
+                    }
+                    let why = if blocked {
+                        " (the broker blocks publishers: resource alarm)"
+                    } else {
+                        ""
+                    };
                     return Err(StoreError::Queue(format!(
-                        "publishing {what} to queue {}: not confirmed within {PUBLISH_DEADLINE:?}",
+                        "publishing {what} to queue {}: not confirmed within {PUBLISH_DEADLINE:?}{why}",
                         self.queue()
                     )));
                 }

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: service URLs and unique names so tests run in parallel in isolation.
 #![allow(dead_code)]
 
+pub mod conformance;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 

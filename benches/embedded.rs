@@ -1,0 +1,102 @@
+//! Embedded throughput benchmark (a program, not a test): node executions per second of the in-memory engine
+//! for 1 000 runs of a 5-node chain and for one run of 1 → 1 000 → 1, with the number of worker tasks, and the
+//! ratio to a baseline measured in the same process (the same node bodies called directly, no engine).
+//!
+//! Run: `cargo bench --bench embedded` (options after `--`: `--workers 1,4,16 --runs 1000 --width 1000`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowcraft::embedded::Embedded;
+use flowcraft::flow::{Blueprint, ContextHandle, Graph, NodeCtx, Registry};
+use flowcraft::worker::BlueprintSet;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn chain(n: usize) -> Blueprint {
+    let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
+    let edges: Vec<Value> = (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
+    serde_json::from_value(json!({"id": "chain", "nodes": nodes, "edges": edges})).expect("chain blueprint")
+}
+
+fn fan(width: usize) -> Blueprint {
+    let mut nodes = vec![json!({"id": "split", "uses": "noop"}), json!({"id": "join", "uses": "noop"})];
+    let mut edges = Vec::new();
+    for i in 0..width {
+        nodes.push(json!({"id": format!("w{i}"), "uses": "noop"}));
+        edges.push(json!({"source": "split", "target": format!("w{i}")}));
+        edges.push(json!({"source": format!("w{i}"), "target": "join"}));
+    }
+    serde_json::from_value(json!({"id": "fan", "nodes": nodes, "edges": edges})).expect("fan blueprint")
+}
+
+/// The baseline: the noop node body called directly `n` times (input clone + context handle), no engine.
+async fn baseline(registry: &Registry, n: usize) -> f64 {
+    let node = registry.get("noop").expect("noop is built in");
+    let input = json!({"k": 1});
+    let start = Instant::now();
+    for _ in 0..n {
+        let ctx = NodeCtx {
+            run_id: "r".into(),
+            blueprint_id: "b".into(),
+            node_id: "n".into(),
+            input: input.clone(),
+            params: Value::Null,
+            attempt: 1,
+            context: ContextHandle::default(),
+            cancel: CancellationToken::new(),
+        };
+        let _ = node.run(ctx).await;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn measure(graph: Graph, runs: usize, workers: usize) -> (f64, Duration) {
+    let registry = Registry::with_builtins();
+    let mut set = BlueprintSet::new();
+    let graph = set.insert(graph);
+    let engine = Embedded::start(registry, set, workers);
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        ids.push(engine.start_run(&graph, json!({"k": 1})).await.expect("start"));
+    }
+    for id in &ids {
+        let r = engine.wait(id, &graph, Some(Duration::from_secs(600))).await.expect("wait");
+        assert_eq!(r.status.as_str(), "completed", "run {id} did not complete: {:?}", r.error);
+    }
+    let elapsed = start.elapsed();
+    let executions = engine.metrics().executions.get() as f64;
+    engine.shutdown().await;
+    (executions / elapsed.as_secs_f64(), elapsed)
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+#[tokio::main]
+async fn main() {
+    let workers: Vec<usize> = arg("--workers")
+        .unwrap_or_else(|| "1,4,16".into())
+        .split(',')
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(1000);
+    let width: usize = arg("--width").and_then(|r| r.parse().ok()).unwrap_or(1000);
+    let registry = Registry::with_builtins();
+    let base = baseline(&registry, 200_000).await;
+    println!("embedded benchmark ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("baseline: noop node called directly: {base:>12.0} calls/s");
+    println!("{:<28} {:>8} {:>14} {:>10} {:>12}", "workload", "workers", "node exec/s", "elapsed", "of baseline");
+    for &w in &workers {
+        let g = Graph::build(chain(5), Some(&registry)).expect("valid");
+        let (rate, el) = measure(g, runs, w).await;
+        println!("{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%", format!("{runs} runs x 5-node chain"), el.as_secs_f64(), 100.0 * rate / base);
+        let g = Graph::build(fan(width), Some(&registry)).expect("valid");
+        let (rate, el) = measure(g, 1, w).await;
+        println!("{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%", format!("1 run of 1 -> {width} -> 1"), el.as_secs_f64(), 100.0 * rate / base);
+    }
+    let _ = Arc::new(());
+}
