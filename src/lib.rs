@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod distributed;
 pub mod embedded;
 pub mod flow;
 pub mod metrics;

@@ -13,8 +13,12 @@ use serde_json::Value;
 
 use flowcraft::client::{self, RunResult};
 use flowcraft::config::ConnectionArgs;
+use flowcraft::distributed::{self, WorkerOptions};
 use flowcraft::flow::{Blueprint, BlueprintError, Graph, Registry};
-use flowcraft::store::RunStatus;
+use flowcraft::reconciler::{ReconcileConfig, Reconciler};
+use flowcraft::store::postgres::PostgresStore;
+use flowcraft::store::{RunFilter, RunStatus, RunStore};
+use flowcraft::worker::BlueprintSet;
 
 /// Flowcraft: run workflow blueprints embedded or distributed on RabbitMQ, PostgreSQL and Redis.
 #[derive(Debug, Parser)]
@@ -80,6 +84,79 @@ enum Command {
         /// The blueprint file.
         file: PathBuf,
     },
+    /// Show a run's state (at any point of it) from PostgreSQL.
+    Status {
+        /// The run id.
+        run_id: String,
+        /// Output format.
+        #[arg(long, default_value = "text")]
+        output: Output,
+        /// Directory of blueprint files (adds the total node count).
+        #[arg(long, env = "FLOWCRAFT_BLUEPRINTS")]
+        blueprints: Option<PathBuf>,
+    },
+    /// Cancel a running run: no further job starts; jobs in flight finish.
+    Cancel {
+        /// The run id.
+        run_id: String,
+        /// Why (stored with the run).
+        #[arg(long, default_value = "cancelled by user")]
+        reason: String,
+    },
+    /// List runs, newest first.
+    Runs {
+        /// Only runs with this status (running, completed, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only runs of this blueprint.
+        #[arg(long)]
+        blueprint: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, default_value = "text")]
+        output: Output,
+    },
+    /// Consume and execute jobs (RabbitMQ, PostgreSQL, Redis).
+    Worker {
+        /// Directory of blueprint files (every .json/.yaml/.yml).
+        #[arg(long, env = "FLOWCRAFT_BLUEPRINTS")]
+        blueprints: PathBuf,
+        /// Admin server address (/healthz, /readyz, /metrics).
+        #[arg(long, env = "FLOWCRAFT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+        admin_addr: std::net::SocketAddr,
+        /// Execution lease TTL (extended while a node runs).
+        #[arg(long, env = "FLOWCRAFT_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
+        lease_ttl: Duration,
+    },
+    /// Find stalled runs and re-drive them; prints {stalledRuns, reconciledRuns, failedRuns}.
+    Reconcile {
+        /// Runs whose last activity is older than this are stalled (e.g. 300s, 5m).
+        #[arg(long, env = "FLOWCRAFT_STALLED_THRESHOLD", default_value = "300s", value_parser = parse_duration)]
+        stalled_threshold: Duration,
+        /// Runs claimed per batch.
+        #[arg(long, env = "FLOWCRAFT_BATCH_SIZE", default_value_t = 100)]
+        batch_size: usize,
+        /// Directory of blueprint files.
+        #[arg(long, env = "FLOWCRAFT_BLUEPRINTS")]
+        blueprints: PathBuf,
+        /// Record the stats in PostgreSQL under this schedule name ("namespace/name" of a FlowcraftReconcileSchedule).
+        #[arg(long, env = "FLOWCRAFT_SCHEDULE")]
+        schedule: Option<String>,
+        /// Output format.
+        #[arg(long, default_value = "text")]
+        output: Output,
+    },
+    /// Apply the PostgreSQL migrations.
+    Migrate,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration (e.g. 300s, 5m): {e}"))
 }
 
 fn main() -> ExitCode {
@@ -116,7 +193,7 @@ struct UsageError(String);
 
 fn init_tracing(format: LogFormat, cli_command: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if cli_command { "warn" } else { "info" };
+    let default = if cli_command { "warn" } else { "info,tokio_postgres=warn,lapin=warn" };
     let filter = EnvFilter::try_from_env("FLOWCRAFT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
@@ -144,7 +221,106 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", graph.mermaid());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status { run_id, output, blueprints } => {
+            let store = connect_store(&cli.conn).await?;
+            let info = store.run_info(&run_id).await?;
+            let graph = match (&info, &blueprints) {
+                (Some(i), Some(dir)) => BlueprintSet::load_dir(dir, None)?.get(&i.blueprint_id),
+                _ => None,
+            };
+            match client::run_result(&store, &run_id, graph.as_deref()).await? {
+                Some(r) => {
+                    print_result(&r, output)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => bail!("run {run_id} does not exist"),
+            }
+        }
+        Command::Cancel { run_id, reason } => {
+            let store = connect_store(&cli.conn).await?;
+            if client::cancel_run(&store, &run_id, &reason).await? {
+                println!("run {run_id} cancelled");
+            } else {
+                let status = store.run_info(&run_id).await?.map(|i| i.status.to_string()).unwrap_or_default();
+                println!("run {run_id} had already ended ({status})");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { status, blueprint, limit, output } => {
+            let status = status
+                .map(|s| RunStatus::parse(&s).ok_or_else(|| UsageError(format!("--status must be running, completed, failed or cancelled, not '{s}'"))))
+                .transpose()?;
+            let store = connect_store(&cli.conn).await?;
+            let runs = client::list_runs(&store, &RunFilter { status, blueprint_id: blueprint, limit }).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&runs)?),
+                Output::Text => {
+                    println!("{:<38} {:<20} {:<10} {:<25} UPDATED", "RUN", "BLUEPRINT", "STATUS", "CREATED");
+                    for r in runs {
+                        println!(
+                            "{:<38} {:<20} {:<10} {:<25} {}",
+                            r.run_id,
+                            r.blueprint_id,
+                            r.status,
+                            r.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                            r.updated_at.format("%Y-%m-%d %H:%M:%S UTC")
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker { blueprints, admin_addr, lease_ttl } => {
+            let options = WorkerOptions { blueprints, admin_addr: Some(admin_addr), lease_ttl, ..WorkerOptions::default() };
+            distributed::run_worker(&cli.conn, options, Registry::with_builtins(), distributed::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reconcile { stalled_threshold, batch_size, blueprints, schedule, output } => {
+            reconcile(&cli.conn, stalled_threshold, batch_size, &blueprints, schedule.as_deref(), output).await
+        }
+        Command::Migrate => {
+            let store = connect_store(&cli.conn).await?;
+            println!("migrations applied to {:?}", store.table_names());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+async fn connect_store(conn: &ConnectionArgs) -> Result<PostgresStore> {
+    let shutdown = distributed::shutdown_signal();
+    Ok(distributed::connect_store(conn, &shutdown).await?)
+}
+
+async fn reconcile(
+    conn: &ConnectionArgs,
+    stalled_threshold: Duration,
+    batch_size: usize,
+    blueprints: &Path,
+    schedule: Option<&str>,
+    output: Output,
+) -> Result<ExitCode> {
+    let started = chrono::Utc::now();
+    let shutdown = distributed::shutdown_signal();
+    let set = BlueprintSet::load_dir(blueprints, None)?;
+    let store = Arc::new(distributed::connect_store(conn, &shutdown).await?);
+    let coord = Arc::new(distributed::connect_coordinator(conn, &shutdown).await?);
+    let queue = Arc::new(distributed::connect_queue(conn, "flowcraft-reconciler", &shutdown).await?);
+    let reconciler = Reconciler::new(queue.clone(), store.clone(), coord, Arc::new(set));
+    let stats = reconciler.run(&ReconcileConfig { stalled_threshold, batch_size }).await?;
+    queue.close().await;
+    if let Some(name) = schedule {
+        store
+            .record_reconcile_stats(name, started, stats.stalled_runs, stats.reconciled_runs, stats.failed_runs)
+            .await?;
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::to_string(&stats)?),
+        Output::Text => println!(
+            "stalled runs: {}, reconciled: {}, failed: {}",
+            stats.stalled_runs, stats.reconciled_runs, stats.failed_runs
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exit_for(result: &RunResult) -> ExitCode {
@@ -171,15 +347,49 @@ async fn run_embedded(target: &str, input: Value, workers: usize, output: Output
 }
 
 async fn run_distributed(
-    _conn: &ConnectionArgs,
-    _target: &str,
-    _input: Value,
-    _output: Output,
-    _wait: bool,
-    _run_id: Option<String>,
-    _blueprints: Option<&Path>,
+    conn: &ConnectionArgs,
+    target: &str,
+    input: Value,
+    output: Output,
+    wait: bool,
+    run_id: Option<String>,
+    blueprints: Option<&Path>,
 ) -> Result<ExitCode> {
-    bail!("running on the services needs --amqp-url and --database-url (distributed client not wired yet)")
+    let path = Path::new(target);
+    let graph = if path.is_file() {
+        Arc::new(Graph::build(Blueprint::load(path)?, None)?)
+    } else {
+        let dir = blueprints.ok_or_else(|| UsageError(format!("'{target}' is not a file; give --blueprints DIR to run a blueprint by id")))?;
+        let set = BlueprintSet::load_dir(dir, None)?;
+        set.get(target)
+            .ok_or_else(|| UsageError(format!("no blueprint '{target}' in {} (found: {})", dir.display(), set.ids().join(", "))))?
+    };
+    let shutdown = distributed::shutdown_signal();
+    let store = distributed::connect_store(conn, &shutdown).await?;
+    let queue = distributed::connect_queue(conn, "flowcraft-cli", &shutdown).await?;
+    let run_id = run_id.unwrap_or_else(client::new_run_id);
+    client::start_run(&queue, &store, &graph, &run_id, input).await?;
+    queue.close().await;
+    if !wait {
+        match output {
+            Output::Json => println!("{}", serde_json::json!({ "runId": run_id })),
+            Output::Text => println!("started run {run_id}"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = progress_bar(graph.node_count());
+    let result = client::wait_for_run(&store, &run_id, Some(&graph), None, |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    })
+    .await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    print_result(&result, output)?;
+    Ok(exit_for(&result))
 }
 
 /// Validate blueprint files and Kubernetes manifests that hold blueprints (ConfigMaps).
@@ -235,24 +445,15 @@ fn is_json(path: &Path, text: &str) -> bool {
     path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{')
 }
 
-#[allow(dead_code)]
 fn progress_bar(total: usize) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} nodes {msg}")
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} nodes")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     Some(bar)
 }
-
-#[allow(dead_code)]
-fn arc<T>(t: T) -> Arc<T> {
-    Arc::new(t)
-}
-
-#[allow(dead_code)]
-async fn unused(_c: &client::ClientError) {}

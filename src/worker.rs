@@ -339,6 +339,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let stop = CancellationToken::new();
         let keeper = {
             let coord = self.coord.clone();
+            let store = self.store.clone();
             let (run, node, token) = (job.run_id.clone(), job.node_id.clone(), token.clone());
             let ttl = self.config.lease_ttl;
             let stop = stop.clone();
@@ -352,6 +353,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                                 Ok(true) => {}
                                 Ok(false) => warn!(run_id = %run, node = %node, "Execution lease lost while the node runs."),
                                 Err(error) => warn!(run_id = %run, node = %node, error = %error, "Cannot extend the execution lease."),
+                            }
+                            // A long node is progress: keep the run from looking stalled.
+                            if let Err(error) = store.touch(&run).await {
+                                debug!(run_id = %run, error = %error, "Cannot touch the run while the node runs.");
                             }
                         }
                     }

@@ -469,3 +469,116 @@ async fn bad_configuration_fails_clearly() {
         other => panic!("expected a queue error, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_job_is_lost_when_the_connection_drops_during_publishing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let cfg = config("mq", QueueType::Quorum, 16);
+    let connection_name = cfg.connection_name.clone();
+    let queue = Arc::new(connect(cfg).await);
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two publishers keep publishing small batches until told to stop; every batch must be confirmed.
+    let publishers: Vec<_> = (0..2)
+        .map(|p| {
+            let (queue, confirmed, stop) = (queue.clone(), confirmed.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut sent = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    let jobs: Vec<Job> = (0..5)
+                        .map(|i| Job::new("run-9", "bp", format!("p{p}-{}", sent + i)))
+                        .collect();
+                    queue
+                        .publish(&jobs)
+                        .await
+                        .expect("publish through the outage");
+                    sent += jobs.len();
+                    confirmed.fetch_add(jobs.len(), Ordering::SeqCst);
+                }
+                sent
+            })
+        })
+        .collect();
+    common::eventually("some jobs are confirmed", DEADLINE, || async {
+        (confirmed.load(Ordering::SeqCst) >= 50).then_some(())
+    })
+    .await;
+    let connections = connections_named(&connection_name).await;
+    assert_eq!(connections.len(), 1, "{connections:?}");
+    rabbitmqctl(vec![
+        "close_connection".into(),
+        connections[0].0.clone(),
+        "flowcraft publish test".into(),
+    ])
+    .await;
+    let at_close = confirmed.load(Ordering::SeqCst);
+    common::eventually(
+        "publishing goes on after the reconnection",
+        DEADLINE,
+        || async { (confirmed.load(Ordering::SeqCst) >= at_close + 100).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut expected = HashSet::new();
+    for (p, publisher) in publishers.into_iter().enumerate() {
+        let sent = tokio::time::timeout(DEADLINE, publisher)
+            .await
+            .expect("publisher stops")
+            .expect("publisher");
+        expected.extend((0..sent).map(|i| format!("p{p}-{i}")));
+    }
+
+    // Every confirmed job is in the queue (duplicates from republished batches are allowed).
+    queue.start_consuming().await.expect("consume");
+    let mut seen = HashSet::new();
+    while seen.len() < expected.len() {
+        let delivery = next(&queue).await;
+        let node = decode(&delivery).node_id;
+        assert!(expected.contains(&node), "unexpected job {node}");
+        seen.insert(node);
+        delivery.acker.ack().await.expect("ack");
+    }
+    let queue = Arc::into_inner(queue).expect("the only handle");
+    cleanup(queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_by_the_quorum_delivery_limit() {
+    let queue = connect(config("mq", QueueType::Quorum, 1)).await;
+    let job = Job::new("run-10", "bp", "poison");
+    queue
+        .publish(std::slice::from_ref(&job))
+        .await
+        .expect("publish");
+    queue.start_consuming().await.expect("consume");
+    let mut deliveries = 0;
+    // Requeue until the broker stops delivering it (then it sits in the dead-letter queue).
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_secs(2), queue.next_delivery()).await
+    {
+        deliveries += 1;
+        assert!(
+            deliveries <= 60,
+            "the delivery limit did not stop the poison message"
+        );
+        delivery.acker.requeue().await.expect("requeue");
+    }
+    assert!(
+        deliveries >= 50,
+        "delivered {deliveries} times, expected the limit of 50"
+    );
+    common::eventually("the poison message is dead-lettered", DEADLINE, || async {
+        (queue.dead_letter_depth().await.ok() == Some(1)).then_some(())
+    })
+    .await;
+    let (body, reason) = queue
+        .get_dead_letter()
+        .await
+        .expect("get")
+        .expect("dead letter");
+    assert_eq!(serde_json::from_slice::<Job>(&body).expect("job"), job);
+    assert_eq!(reason, None, "the broker dead-lettered it, not flowcraft");
+    cleanup(queue).await;
+}

@@ -18,9 +18,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::crd::{
-    FlowRun, FlowRunStatus, FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus, FlowcraftWorkerPool,
-    FlowcraftWorkerPoolStatus,
+    FlowRun, FlowRunStatus, FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus,
+    FlowcraftWorkerPool, FlowcraftWorkerPoolStatus,
 };
+use super::flowrun::StartedRun;
 use super::metrics::Metrics;
 use super::pod::FIELD_MANAGER;
 use super::{OperatorError, TableNames, object_name};
@@ -69,8 +70,13 @@ pub struct ReconcileStats {
 /// Reads the stats reconcile jobs recorded (table `reconcile_runs`).
 #[async_trait]
 pub trait StatsSource: Send + Sync {
-    /// The latest stats recorded under `schedule` (`<namespace>/<name>`).
-    async fn last_stats(&self, schedule: &str) -> Result<Option<ReconcileStats>, String>;
+    /// The latest stats recorded under `schedule` (`<namespace>/<name>`) in the stats table that goes with
+    /// `tables` (the pool's tables).
+    async fn last_stats(
+        &self,
+        tables: &TableNames,
+        schedule: &str,
+    ) -> Result<Option<ReconcileStats>, String>;
 }
 
 /// Where a FlowRun's run lives: the pool's queue and tables.
@@ -136,12 +142,17 @@ pub struct Context {
     pub runs: Option<Arc<dyn RunBackends>>,
     /// How often a running FlowRun is mirrored.
     pub flowrun_poll_interval: Duration,
+    /// Runs started or seen by this operator: object key → queue, tables and node count.
+    pub(crate) started_runs: Mutex<HashMap<String, StartedRun>>,
 }
 
 impl Context {
     /// A context with no backends (queue depth unavailable, no stats, no FlowRuns).
     pub fn new(client: Client, default_image: impl Into<String>, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter { controller: REPORTER.to_string(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: REPORTER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -155,6 +166,7 @@ impl Context {
             stats: None,
             runs: None,
             flowrun_poll_interval: Duration::from_secs(3),
+            started_runs: Mutex::new(HashMap::new()),
         }
     }
 
@@ -191,14 +203,25 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let ev = Event { type_, reason: reason.to_string(), note: Some(note), action: action.to_string(), secondary: None };
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
         if let Err(error) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(object = %object_name(obj), reason, %error, "Cannot publish event.");
         }
     }
 
     /// A queue depth no older than the poll interval, read through the probe when needed.
-    pub(crate) async fn queue_depth(&self, key: &str, amqp_url: &str, queue: &str) -> Result<u64, String> {
+    pub(crate) async fn queue_depth(
+        &self,
+        key: &str,
+        amqp_url: &str,
+        queue: &str,
+    ) -> Result<u64, String> {
         if let Ok(depths) = self.depths.lock()
             && let Some((at, depth)) = depths.get(key)
             && at.elapsed() < self.queue_poll_interval
@@ -210,6 +233,28 @@ impl Context {
             depths.insert(key.to_string(), (Instant::now(), depth));
         }
         Ok(depth)
+    }
+
+    /// What is known about the run of a FlowRun.
+    pub(crate) fn started_run(&self, key: &str) -> Option<StartedRun> {
+        self.started_runs
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).cloned())
+    }
+
+    /// Remember the run of a FlowRun.
+    pub(crate) fn remember_run(&self, key: &str, started: StartedRun) {
+        if let Ok(mut m) = self.started_runs.lock() {
+            m.insert(key.to_string(), started);
+        }
+    }
+
+    /// Forget the run of a FlowRun (finished or deleted).
+    pub(crate) fn forget_run(&self, key: &str) {
+        if let Ok(mut m) = self.started_runs.lock() {
+            m.remove(key);
+        }
     }
 
     /// Forget cached state of a deleted object.
@@ -227,7 +272,9 @@ struct NoQueueProbe;
 #[async_trait]
 impl QueueProbe for NoQueueProbe {
     async fn queue_depth(&self, _amqp_url: &str, queue: &str) -> Result<u64, String> {
-        Err(format!("no queue probe configured to read the depth of queue {queue}"))
+        Err(format!(
+            "no queue probe configured to read the depth of queue {queue}"
+        ))
     }
 }
 
@@ -264,7 +311,11 @@ impl ErrorBackoff {
 
     /// Consecutive failures of `key`.
     pub fn failures(&self, key: &str) -> u32 {
-        self.failures.lock().ok().and_then(|m| m.get(key).copied()).unwrap_or(0)
+        self.failures
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).copied())
+            .unwrap_or(0)
     }
 }
 
@@ -276,7 +327,12 @@ pub fn backoff_delay(n: u32) -> Duration {
 
 /// Key of an object in per-object maps: `Kind/namespace/name`.
 pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -309,16 +365,33 @@ pub struct Cond {
 
 impl Cond {
     /// A condition.
-    pub fn new(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Self {
-        Self { type_, status, reason: reason.to_string(), message: message.into() }
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
     }
 }
 
 /// `prev` with `set` applied: a condition keeps its `lastTransitionTime` while its status does not change;
 /// conditions not in `set` are kept as they are. Sorted by type.
-pub fn merge_conditions(prev: &[Condition], set: &[Cond], generation: Option<i64>) -> Vec<Condition> {
-    let mut out: Vec<Condition> =
-        prev.iter().filter(|c| !set.iter().any(|s| s.type_ == c.type_)).cloned().collect();
+pub fn merge_conditions(
+    prev: &[Condition],
+    set: &[Cond],
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    let mut out: Vec<Condition> = prev
+        .iter()
+        .filter(|c| !set.iter().any(|s| s.type_ == c.type_))
+        .cloned()
+        .collect();
     for s in set {
         let status = if s.status { "True" } else { "False" };
         let last_transition_time = prev
@@ -427,7 +500,11 @@ impl Reconciled for FlowRun {
 
 /// Write `status` with server-side apply on the status subresource (field manager `flowcraft-operator`,
 /// forced), unless it equals the object's current status. Returns whether a patch was sent.
-pub async fn apply_status<K: Reconciled>(ctx: &Context, obj: &K, status: &K::Status) -> Result<bool, OperatorError> {
+pub async fn apply_status<K: Reconciled>(
+    ctx: &Context,
+    obj: &K,
+    status: &K::Status,
+) -> Result<bool, OperatorError> {
     if obj.status() == Some(status) {
         return Ok(false);
     }
@@ -438,13 +515,17 @@ pub async fn apply_status<K: Reconciled>(ctx: &Context, obj: &K, status: &K::Sta
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(|source| OperatorError::Kube {
-            object: object_name(obj),
-            action: "patch status".to_string(),
-            source,
-        })?;
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| OperatorError::Kube {
+        object: object_name(obj),
+        action: "patch status".to_string(),
+        source,
+    })?;
     Ok(true)
 }
 
@@ -464,7 +545,8 @@ pub async fn report_failure<K: Reconciled>(ctx: &Context, obj: &K, error: &Opera
     status.set_observed_generation(obj.meta().generation);
     let is_new = previous.is_none_or(|c| c.status != "True" || c.message != message);
     if is_new {
-        ctx.publish(obj, EventType::Warning, reason, "Reconcile", message).await;
+        ctx.publish(obj, EventType::Warning, reason, "Reconcile", message)
+            .await;
     }
     if let Err(error) = apply_status(ctx, obj, &status).await {
         tracing::debug!(object = %object_name(obj), %error, "Cannot record the failure in the status.");
@@ -472,7 +554,11 @@ pub async fn report_failure<K: Reconciled>(ctx: &Context, obj: &K, error: &Opera
 }
 
 /// The controllers' error policy: count the failure and requeue with the object's backoff.
-pub fn error_policy<K: Reconciled>(obj: Arc<K>, error: &OperatorError, ctx: Arc<Context>) -> Action {
+pub fn error_policy<K: Reconciled>(
+    obj: Arc<K>,
+    error: &OperatorError,
+    ctx: Arc<Context>,
+) -> Action {
     let delay = ctx.backoff.failed(&object_key(obj.as_ref()));
     ctx.metrics.failure(K::CONTROLLER, &error.metric_label());
     if error.is_user_error() {
@@ -523,7 +609,10 @@ mod tests {
         let flipped = merge_conditions(&prev, &[Cond::new(READY, false, "C", "c")], Some(2));
         assert_ne!(flipped[0].last_transition_time, old);
         let added = merge_conditions(&prev, &[Cond::new(DEGRADED, false, "D", "d")], Some(2));
-        assert_eq!(added.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(), [DEGRADED, READY]);
+        assert_eq!(
+            added.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(),
+            [DEGRADED, READY]
+        );
     }
 
     #[test]

@@ -51,7 +51,11 @@ pub const DEFAULT_STALLED_THRESHOLD_SECONDS: i64 = 300;
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlowcraftWorkerPoolSpec {
@@ -127,7 +131,11 @@ pub struct QueueSpec {
 
 impl Default for QueueSpec {
     fn default() -> Self {
-        Self { name: default_queue_name(), prefetch: default_prefetch(), queue_type: None }
+        Self {
+            name: default_queue_name(),
+            prefetch: default_prefetch(),
+            queue_type: None,
+        }
     }
 }
 
@@ -254,8 +262,16 @@ pub struct FlowcraftWorkerPoolStatus {
     printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
     printcolumn(name = "Last Run", type_ = "date", json_path = ".status.lastRun"),
     printcolumn(name = "Stalled", type_ = "integer", json_path = ".status.stalledRuns"),
-    printcolumn(name = "Reconciled", type_ = "integer", json_path = ".status.reconciledRuns"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Reconciled",
+        type_ = "integer",
+        json_path = ".status.reconciledRuns"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlowcraftReconcileScheduleSpec {
@@ -332,7 +348,11 @@ pub struct FlowcraftReconcileScheduleStatus {
     printcolumn(name = "Blueprint", type_ = "string", json_path = ".spec.blueprint"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlowRunSpec {
@@ -381,7 +401,10 @@ pub enum FlowRunPhase {
 impl FlowRunPhase {
     /// Whether the run is over.
     pub fn is_finished(self) -> bool {
-        matches!(self, FlowRunPhase::Succeeded | FlowRunPhase::Failed | FlowRunPhase::Cancelled)
+        matches!(
+            self,
+            FlowRunPhase::Succeeded | FlowRunPhase::Failed | FlowRunPhase::Cancelled
+        )
     }
 
     /// The phase name.
@@ -459,7 +482,10 @@ pub struct FlowRunStatus {
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("flowcraftworkerpools.yaml", FlowcraftWorkerPool::crd()),
-        ("flowcraftreconcileschedules.yaml", FlowcraftReconcileSchedule::crd()),
+        (
+            "flowcraftreconcileschedules.yaml",
+            FlowcraftReconcileSchedule::crd(),
+        ),
         ("flowruns.yaml", FlowRun::crd()),
     ]
 }
@@ -467,7 +493,8 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
 /// One CRD as a YAML document (starting with `---`).
 fn crd_document(crd: &CustomResourceDefinition) -> String {
     // A CRD is plain data (strings, maps, lists); serde-saphyr cannot fail on it.
-    let body = serde_saphyr::to_string(crd).unwrap_or_else(|e| format!("# cannot serialize CRD: {e}\n"));
+    let body =
+        serde_saphyr::to_string(crd).unwrap_or_else(|e| format!("# cannot serialize CRD: {e}\n"));
     format!("---\n{body}")
 }
 
@@ -479,13 +506,17 @@ pub fn crds_yaml() -> String {
 
 /// Write one file per CRD into `dir` (created if missing); returns the paths written.
 pub fn write_crds(dir: &Path) -> Result<Vec<PathBuf>, OperatorError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| OperatorError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+    std::fs::create_dir_all(dir).map_err(|e| OperatorError::Io {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
     let mut written = Vec::new();
     for (file, crd) in crds() {
         let path = dir.join(file);
-        std::fs::write(&path, crd_document(&crd))
-            .map_err(|e| OperatorError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        std::fs::write(&path, crd_document(&crd)).map_err(|e| OperatorError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         written.push(path);
     }
     Ok(written)
@@ -505,22 +536,51 @@ mod tests {
         for (file, crd) in crds() {
             assert_eq!(crd.spec.group, GROUP);
             assert_eq!(crd.spec.scope, "Namespaced");
-            assert_eq!(crd.spec.names.categories.as_deref(), Some(&["flowcraft".to_string()][..]));
+            assert_eq!(
+                crd.spec.names.categories.as_deref(),
+                Some(&["flowcraft".to_string()][..])
+            );
             assert_eq!(format!("{}.yaml", crd.spec.names.plural), file);
             assert_eq!(crd.spec.versions[0].name, VERSION);
-            assert!(crd.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
+            assert!(
+                crd.spec.versions[0]
+                    .subresources
+                    .as_ref()
+                    .unwrap()
+                    .status
+                    .is_some()
+            );
         }
         let fwp = FlowcraftWorkerPool::crd();
-        assert_eq!(fwp.spec.names.short_names.as_deref(), Some(&["fwp".to_string()][..]));
-        let scale = fwp.spec.versions[0].subresources.as_ref().unwrap().scale.clone().unwrap();
+        assert_eq!(
+            fwp.spec.names.short_names.as_deref(),
+            Some(&["fwp".to_string()][..])
+        );
+        let scale = fwp.spec.versions[0]
+            .subresources
+            .as_ref()
+            .unwrap()
+            .scale
+            .clone()
+            .unwrap();
         assert_eq!(scale.spec_replicas_path, ".spec.replicas");
         assert_eq!(scale.status_replicas_path, ".status.replicas");
-        assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
         assert_eq!(
-            FlowcraftReconcileSchedule::crd().spec.names.short_names.as_deref(),
+            scale.label_selector_path.as_deref(),
+            Some(".status.selector")
+        );
+        assert_eq!(
+            FlowcraftReconcileSchedule::crd()
+                .spec
+                .names
+                .short_names
+                .as_deref(),
             Some(&["frs".to_string()][..])
         );
-        assert_eq!(FlowRun::crd().spec.names.short_names.as_deref(), Some(&["fr".to_string()][..]));
+        assert_eq!(
+            FlowRun::crd().spec.names.short_names.as_deref(),
+            Some(&["fr".to_string()][..])
+        );
     }
 
     #[test]
@@ -534,26 +594,43 @@ mod tests {
                 .map(|c| c.name)
                 .collect()
         };
-        assert_eq!(cols(FlowcraftWorkerPool::crd()), ["Ready", "Replicas", "Queue", "Age"]);
+        assert_eq!(
+            cols(FlowcraftWorkerPool::crd()),
+            ["Ready", "Replicas", "Queue", "Age"]
+        );
         assert_eq!(
             cols(FlowcraftReconcileSchedule::crd()),
-            ["Schedule", "Suspend", "Last Run", "Stalled", "Reconciled", "Age"]
+            [
+                "Schedule",
+                "Suspend",
+                "Last Run",
+                "Stalled",
+                "Reconciled",
+                "Age"
+            ]
         );
-        assert_eq!(cols(FlowRun::crd()), ["Blueprint", "Phase", "Progress", "Age"]);
+        assert_eq!(
+            cols(FlowRun::crd()),
+            ["Blueprint", "Phase", "Progress", "Age"]
+        );
     }
 
     #[test]
     fn cel_rules_are_in_the_schema() {
         let s = schema(&FlowcraftWorkerPool::crd());
         let spec = &s["properties"]["spec"]["properties"];
-        assert_eq!(spec["replicas"]["x-kubernetes-validations"][0]["rule"], "self >= 0");
+        assert_eq!(
+            spec["replicas"]["x-kubernetes-validations"][0]["rule"],
+            "self >= 0"
+        );
         assert_eq!(
             spec["autoscaling"]["x-kubernetes-validations"][0]["rule"],
             "self.maxReplicas >= self.minReplicas"
         );
         let s = schema(&FlowcraftReconcileSchedule::crd());
         assert_eq!(
-            s["properties"]["spec"]["properties"]["stalledThresholdSeconds"]["x-kubernetes-validations"][0]["rule"],
+            s["properties"]["spec"]["properties"]["stalledThresholdSeconds"]["x-kubernetes-validations"]
+                [0]["rule"],
             "self > 0"
         );
         let s = schema(&FlowRun::crd());

@@ -2,6 +2,7 @@
 
 pub mod context;
 pub mod crd;
+pub mod flowrun;
 pub mod metrics;
 pub mod pod;
 pub mod schedule;
@@ -34,7 +35,12 @@ impl Default for TableNames {
 
 /// `Kind namespace/name` of an object, for messages.
 pub fn object_name<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    format!("{} {}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
+    format!(
+        "{} {}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
 }
 
 /// The operator failed.
@@ -119,13 +125,14 @@ impl OperatorError {
         match self {
             OperatorError::Io { .. } => "io".to_string(),
             OperatorError::InvalidObject { .. } => "invalid_object".to_string(),
-            OperatorError::InvalidSpec { reason, .. } => format!("invalid_spec_{}", reason.to_lowercase()),
+            OperatorError::InvalidSpec { reason, .. } => {
+                format!("invalid_spec_{}", reason.to_lowercase())
+            }
             OperatorError::Kube { .. } => "kube_api".to_string(),
             OperatorError::Backend { .. } => "backend".to_string(),
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.metric_label()
-                }
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer".to_string(),
             },
             OperatorError::Lease { .. } => "lease".to_string(),
@@ -143,9 +150,8 @@ impl OperatorError {
             OperatorError::Kube { .. } => "KubernetesApiError",
             OperatorError::Backend { .. } => "BackendUnavailable",
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.reason()
-                }
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
                 _ => "FinalizerError",
             },
             _ => "Error",
@@ -157,9 +163,8 @@ impl OperatorError {
         match self {
             OperatorError::InvalidSpec { .. } => true,
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.is_user_error()
-                }
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_user_error(),
                 _ => false,
             },
             _ => false,
@@ -170,9 +175,8 @@ impl OperatorError {
     pub fn inner(&self) -> &OperatorError {
         match self {
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.inner()
-                }
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.inner(),
                 _ => self,
             },
             _ => self,

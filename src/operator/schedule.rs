@@ -1,14 +1,27 @@
 //! `FlowcraftReconcileSchedule` → CronJob running `flowcraft reconcile`: cron validation, the pure desired-state
 //! builder and the schedule controller's reconcile.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use croner::parser::{CronParser, Seconds, Year};
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
-use super::crd::{FlowcraftReconcileSchedule, FlowcraftWorkerPool};
-use super::pod::{self, LABEL_SCHEDULE};
+use super::context::{
+    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions,
+    object_key, report_failure, to_time,
+};
+use super::crd::{
+    FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus, FlowcraftWorkerPool,
+};
+use super::pod::{self, FIELD_MANAGER, LABEL_SCHEDULE};
+use super::workerpool::{RESYNC, read_pool};
 use super::{OperatorError, TableNames, object_name};
 
 /// What the CronJob builder needs besides the schedule and its pool.
@@ -27,7 +40,11 @@ pub fn cronjob_name(schedule: &FlowcraftReconcileSchedule) -> String {
 
 /// `<namespace>/<name>` of a schedule: the `FLOWCRAFT_SCHEDULE` key its job records stats under.
 pub fn schedule_key(schedule: &FlowcraftReconcileSchedule) -> String {
-    format!("{}/{}", schedule.namespace().unwrap_or_default(), schedule.name_any())
+    format!(
+        "{}/{}",
+        schedule.namespace().unwrap_or_default(),
+        schedule.name_any()
+    )
 }
 
 /// Check a five-field cron expression the way a CronJob reads it (minute hour day-of-month month
@@ -37,12 +54,26 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
     if trimmed.is_empty() {
         return Err("the schedule is empty".to_string());
     }
-    if trimmed.to_ascii_uppercase().starts_with("TZ=") || trimmed.to_ascii_uppercase().starts_with("CRON_TZ=") {
-        return Err(format!("invalid cron expression {expr:?}: set spec.timeZone instead of TZ= in the schedule"));
+    if trimmed.to_ascii_uppercase().starts_with("TZ=")
+        || trimmed.to_ascii_uppercase().starts_with("CRON_TZ=")
+    {
+        return Err(format!(
+            "invalid cron expression {expr:?}: set spec.timeZone instead of TZ= in the schedule"
+        ));
     }
-    let pattern = if trimmed.eq_ignore_ascii_case("@midnight") { "@daily" } else { trimmed };
-    let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
-    parser.parse(pattern).map(|_| ()).map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
+    let pattern = if trimmed.eq_ignore_ascii_case("@midnight") {
+        "@daily"
+    } else {
+        trimmed
+    };
+    let parser = CronParser::builder()
+        .seconds(Seconds::Disallowed)
+        .year(Year::Disallowed)
+        .build();
+    parser
+        .parse(pattern)
+        .map(|_| ())
+        .map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
 }
 
 /// The reconcile CronJob of a schedule (pure): owned by the schedule, `concurrencyPolicy: Forbid`, running
@@ -53,17 +84,25 @@ pub fn desired_cronjob(
     pool: &FlowcraftWorkerPool,
     ctx: &CronJobContext,
 ) -> Result<CronJob, OperatorError> {
-    let namespace = schedule.namespace().ok_or_else(|| OperatorError::InvalidObject {
-        object: object_name(schedule),
-        message: "has no namespace".to_string(),
-    })?;
-    let owner = schedule.controller_owner_ref(&()).ok_or_else(|| OperatorError::InvalidObject {
-        object: object_name(schedule),
-        message: "has no uid (not read from the API server)".to_string(),
-    })?;
+    let namespace = schedule
+        .namespace()
+        .ok_or_else(|| OperatorError::InvalidObject {
+            object: object_name(schedule),
+            message: "has no namespace".to_string(),
+        })?;
+    let owner = schedule
+        .controller_owner_ref(&())
+        .ok_or_else(|| OperatorError::InvalidObject {
+            object: object_name(schedule),
+            message: "has no uid (not read from the API server)".to_string(),
+        })?;
     let spec = &schedule.spec;
     let pool_spec = &pool.spec;
-    let image = pool_spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| ctx.default_image.clone());
+    let image = pool_spec
+        .image
+        .clone()
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| ctx.default_image.clone());
     if image.is_empty() {
         return Err(OperatorError::InvalidSpec {
             object: object_name(schedule),
@@ -93,7 +132,11 @@ pub fn desired_cronjob(
     // The job's identity: it records its stats in PostgreSQL under this key; the operator mirrors them.
     env.insert(
         0,
-        EnvVar { name: "FLOWCRAFT_SCHEDULE".to_string(), value: Some(schedule_key(schedule)), value_from: None },
+        EnvVar {
+            name: "FLOWCRAFT_SCHEDULE".to_string(),
+            value: Some(schedule_key(schedule)),
+            value_from: None,
+        },
     );
 
     let container = Container {
@@ -124,7 +167,10 @@ pub fn desired_cronjob(
             successful_jobs_history_limit: Some(3),
             failed_jobs_history_limit: Some(1),
             job_template: JobTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(JobSpec {
                     backoff_limit: Some(1),
                     template: PodTemplateSpec {
@@ -142,7 +188,9 @@ pub fn desired_cronjob(
                             node_selector: pod::non_empty_map(&pool_spec.node_selector),
                             tolerations: pod::non_empty_vec(&pool_spec.tolerations),
                             affinity: pool_spec.affinity.clone(),
-                            volumes: Some(vec![pod::blueprints_volume(&pool_spec.blueprints.config_map)]),
+                            volumes: Some(vec![pod::blueprints_volume(
+                                &pool_spec.blueprints.config_map,
+                            )]),
                             ..PodSpec::default()
                         }),
                     },
@@ -153,4 +201,193 @@ pub fn desired_cronjob(
         }),
         status: None,
     })
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reconcile
+// ------------------------------------------------------------------------------------------------
+
+/// Name of this controller (metrics, logs).
+pub const CONTROLLER: &str = "schedule";
+/// How often a schedule's stats are mirrored from PostgreSQL.
+pub const STATS_POLL: Duration = Duration::from_secs(60);
+
+/// Reconcile a schedule: validate the cron expression, read its pool, server-side apply the CronJob and mirror
+/// the latest recorded stats into the status.
+#[tracing::instrument(skip_all, fields(schedule = %object_name(schedule.as_ref())))]
+pub async fn reconcile(
+    schedule: Arc<FlowcraftReconcileSchedule>,
+    ctx: Arc<Context>,
+) -> Result<Action, OperatorError> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let key = object_key(schedule.as_ref());
+    if schedule.meta().deletion_timestamp.is_some() {
+        // The CronJob is garbage-collected through its owner reference.
+        ctx.forget(&key);
+        return Ok(Action::await_change());
+    }
+    match apply(&schedule, &ctx).await {
+        Ok(action) => {
+            ctx.backoff.reset(&key);
+            Ok(action)
+        }
+        Err(error) => {
+            report_failure(&ctx, schedule.as_ref(), &error).await;
+            Err(error)
+        }
+    }
+}
+
+async fn apply(
+    schedule: &FlowcraftReconcileSchedule,
+    ctx: &Context,
+) -> Result<Action, OperatorError> {
+    let namespace = schedule
+        .namespace()
+        .ok_or_else(|| OperatorError::InvalidObject {
+            object: object_name(schedule),
+            message: "has no namespace".to_string(),
+        })?;
+    let generation = schedule.meta().generation;
+    let prev = schedule.status.clone().unwrap_or_default();
+
+    validate_cron(&schedule.spec.schedule).map_err(|message| OperatorError::InvalidSpec {
+        object: object_name(schedule),
+        reason: "InvalidSchedule",
+        message,
+    })?;
+    let pool = read_pool(ctx, schedule, &namespace, &schedule.spec.worker_pool).await?;
+    let desired = desired_cronjob(
+        schedule,
+        &pool,
+        &CronJobContext {
+            default_image: ctx.default_image.clone(),
+            tables: ctx.tables.clone(),
+        },
+    )?;
+    let name = cronjob_name(schedule);
+    let api: Api<CronJob> = Api::namespaced(ctx.client.clone(), &namespace);
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+        .map_err(|source| OperatorError::Kube {
+            object: object_name(schedule),
+            action: format!("apply CronJob {namespace}/{name}"),
+            source,
+        })?;
+
+    let mut status = FlowcraftReconcileScheduleStatus {
+        observed_generation: generation,
+        last_schedule_time: applied
+            .status
+            .as_ref()
+            .and_then(|s| s.last_schedule_time.clone()),
+        last_run: prev.last_run.clone(),
+        stalled_runs: prev.stalled_runs,
+        reconciled_runs: prev.reconciled_runs,
+        failed_runs: prev.failed_runs,
+        conditions: Vec::new(),
+    };
+    let mut degraded = Cond::new(
+        DEGRADED,
+        false,
+        "AsExpected",
+        format!("CronJob {namespace}/{name} is applied"),
+    );
+    let mut new_stats = None;
+    if let Some(source) = &ctx.stats {
+        let tables = pod::effective_tables(&pool, &ctx.tables);
+        match source.last_stats(&tables, &schedule_key(schedule)).await {
+            Ok(Some(stats)) => {
+                let last_run = to_time(stats.finished_at);
+                if prev.last_run.as_ref() != Some(&last_run) {
+                    new_stats = Some(stats.clone());
+                }
+                status.last_run = Some(last_run);
+                status.stalled_runs = Some(stats.stalled_runs);
+                status.reconciled_runs = Some(stats.reconciled_runs);
+                status.failed_runs = Some(stats.failed_runs);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                degraded = Cond::new(
+                    DEGRADED,
+                    true,
+                    "StatsUnavailable",
+                    format!(
+                        "cannot read the reconcile stats of {}: {error}",
+                        schedule_key(schedule)
+                    ),
+                );
+            }
+        }
+    }
+    let ready = if schedule.spec.suspend {
+        Cond::new(
+            READY,
+            false,
+            "Suspended",
+            format!("CronJob {namespace}/{name} is suspended"),
+        )
+    } else {
+        Cond::new(
+            READY,
+            true,
+            "Scheduled",
+            format!(
+                "CronJob {namespace}/{name} runs on {:?}",
+                schedule.spec.schedule
+            ),
+        )
+    };
+    let progressing = Cond::new(
+        PROGRESSING,
+        false,
+        "Applied",
+        format!("CronJob {namespace}/{name} is up to date"),
+    );
+    status.conditions = merge_conditions(
+        &prev.conditions,
+        &[ready, progressing, degraded.clone()],
+        generation,
+    );
+
+    if prev.observed_generation != generation {
+        let note = format!(
+            "applied CronJob {namespace}/{name} ({:?})",
+            schedule.spec.schedule
+        );
+        ctx.publish(schedule, EventType::Normal, "Applied", "ApplyCronJob", note)
+            .await;
+    }
+    if let Some(stats) = new_stats.filter(|s| s.failed_runs > 0) {
+        let note = format!(
+            "the last reconcile found {} stalled runs, re-drove {}, failed on {}",
+            stats.stalled_runs, stats.reconciled_runs, stats.failed_runs
+        );
+        ctx.publish(
+            schedule,
+            EventType::Warning,
+            "ReconcileFailures",
+            "Reconcile",
+            note,
+        )
+        .await;
+    }
+    if is_true(&prev.conditions, DEGRADED) && !degraded.status {
+        let note = "the schedule is no longer degraded".to_string();
+        ctx.publish(schedule, EventType::Normal, "Recovered", "Reconcile", note)
+            .await;
+    }
+
+    apply_status(ctx, schedule, &status).await?;
+    Ok(Action::requeue(if ctx.stats.is_some() {
+        STATS_POLL
+    } else {
+        RESYNC
+    }))
 }

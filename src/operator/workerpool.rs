@@ -18,11 +18,15 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::context::{
-    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, object_key, report_failure,
+    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions,
+    object_key, report_failure,
 };
 use super::crd::{AutoscalingSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolStatus};
 use super::metrics::PoolLabels;
-use super::pod::{self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH, FIELD_MANAGER, SECRET_KEY_AMQP, SECRET_KEYS};
+use super::pod::{
+    self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH, FIELD_MANAGER, SECRET_KEY_AMQP,
+    SECRET_KEYS,
+};
 use super::{OperatorError, TableNames, object_name};
 use crate::flow::{Blueprint, Graph};
 
@@ -75,18 +79,29 @@ pub fn autoscale_replicas(depth: u64, a: &AutoscalingSpec) -> i32 {
 
 /// The worker Deployment of a pool (pure): owned by the pool, labelled, running `flowcraft worker` with the
 /// Secret's URLs, the blueprints mounted, probes on the admin port and a locked-down security context.
-pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Result<Deployment, OperatorError> {
+pub fn desired_deployment(
+    pool: &FlowcraftWorkerPool,
+    ctx: &BuildContext,
+) -> Result<Deployment, OperatorError> {
     let name = pool.name_any();
-    let namespace = pool.namespace().ok_or_else(|| OperatorError::InvalidObject {
-        object: object_name(pool),
-        message: "has no namespace".to_string(),
-    })?;
-    let owner = pool.controller_owner_ref(&()).ok_or_else(|| OperatorError::InvalidObject {
-        object: object_name(pool),
-        message: "has no uid (not read from the API server)".to_string(),
-    })?;
+    let namespace = pool
+        .namespace()
+        .ok_or_else(|| OperatorError::InvalidObject {
+            object: object_name(pool),
+            message: "has no namespace".to_string(),
+        })?;
+    let owner = pool
+        .controller_owner_ref(&())
+        .ok_or_else(|| OperatorError::InvalidObject {
+            object: object_name(pool),
+            message: "has no uid (not read from the API server)".to_string(),
+        })?;
     let spec = &pool.spec;
-    let image = spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| ctx.default_image.clone());
+    let image = spec
+        .image
+        .clone()
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| ctx.default_image.clone());
     if image.is_empty() {
         return Err(OperatorError::InvalidSpec {
             object: object_name(pool),
@@ -99,7 +114,10 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
     let tables = pod::effective_tables(pool, &ctx.tables);
 
     let mut annotations: BTreeMap<String, String> = spec.pod_annotations.clone();
-    annotations.insert(ANNOTATION_BLUEPRINTS_HASH.to_string(), ctx.configmap_hash.clone());
+    annotations.insert(
+        ANNOTATION_BLUEPRINTS_HASH.to_string(),
+        ctx.configmap_hash.clone(),
+    );
 
     let probe = |path: &str, period: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -187,7 +205,9 @@ pub fn pool_graphs(cm: &ConfigMap) -> Result<BTreeMap<String, Graph>, String> {
             Ok(g) => {
                 let id = g.id().to_string();
                 if let Some(first) = origins.get(&id) {
-                    problems.push(format!("blueprint id '{id}' is defined twice: keys {first} and {key}"));
+                    problems.push(format!(
+                        "blueprint id '{id}' is defined twice: keys {first} and {key}"
+                    ));
                 } else {
                     origins.insert(id.clone(), key.clone());
                     graphs.insert(id, g);
@@ -197,24 +217,35 @@ pub fn pool_graphs(cm: &ConfigMap) -> Result<BTreeMap<String, Graph>, String> {
         }
     }
     if !problems.is_empty() {
-        return Err(format!("ConfigMap {cm_name} has invalid blueprints: {}", problems.join("; ")));
+        return Err(format!(
+            "ConfigMap {cm_name} has invalid blueprints: {}",
+            problems.join("; ")
+        ));
     }
     if graphs.is_empty() {
-        return Err(format!("ConfigMap {cm_name} has no blueprints (every key must be a JSON or YAML blueprint)"));
+        return Err(format!(
+            "ConfigMap {cm_name} has no blueprints (every key must be a JSON or YAML blueprint)"
+        ));
     }
     Ok(graphs)
 }
 
 /// Read the pool's connection Secret and check it has every key; returns it.
-pub async fn read_secret(ctx: &Context, pool: &FlowcraftWorkerPool) -> Result<Secret, OperatorError> {
+pub async fn read_secret(
+    ctx: &Context,
+    pool: &FlowcraftWorkerPool,
+) -> Result<Secret, OperatorError> {
     let namespace = pool.namespace().unwrap_or_default();
     let name = &pool.spec.connection_secret;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = api.get_opt(name).await.map_err(|source| OperatorError::Kube {
-        object: object_name(pool),
-        action: format!("get Secret {namespace}/{name}"),
-        source,
-    })?;
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(|source| OperatorError::Kube {
+            object: object_name(pool),
+            action: format!("get Secret {namespace}/{name}"),
+            source,
+        })?;
     let Some(secret) = secret else {
         return Err(OperatorError::InvalidSpec {
             object: object_name(pool),
@@ -231,24 +262,41 @@ pub async fn read_secret(ctx: &Context, pool: &FlowcraftWorkerPool) -> Result<Se
         return Err(OperatorError::InvalidSpec {
             object: object_name(pool),
             reason: "MissingSecretKey",
-            message: format!("connection Secret {namespace}/{name} has no key {}", missing.join(", ")),
+            message: format!(
+                "connection Secret {namespace}/{name} has no key {}",
+                missing.join(", ")
+            ),
         });
     }
     Ok(secret)
 }
 
 /// A value of the pool's connection Secret as text.
-pub fn secret_value(pool: &FlowcraftWorkerPool, secret: &Secret, key: &str) -> Result<String, OperatorError> {
+pub fn secret_value(
+    pool: &FlowcraftWorkerPool,
+    secret: &Secret,
+    key: &str,
+) -> Result<String, OperatorError> {
     let namespace = pool.namespace().unwrap_or_default();
-    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| OperatorError::InvalidSpec {
-        object: object_name(pool),
-        reason: "MissingSecretKey",
-        message: format!("connection Secret {namespace}/{} has no key {key}", pool.spec.connection_secret),
-    })?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| OperatorError::InvalidSpec {
+            object: object_name(pool),
+            reason: "MissingSecretKey",
+            message: format!(
+                "connection Secret {namespace}/{} has no key {key}",
+                pool.spec.connection_secret
+            ),
+        })?;
     String::from_utf8(bytes.0.clone()).map_err(|_| OperatorError::InvalidSpec {
         object: object_name(pool),
         reason: "InvalidSecretValue",
-        message: format!("key {key} of Secret {namespace}/{} is not UTF-8", pool.spec.connection_secret),
+        message: format!(
+            "key {key} of Secret {namespace}/{} is not UTF-8",
+            pool.spec.connection_secret
+        ),
     })
 }
 
@@ -308,7 +356,10 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// Reconcile a pool: check its Secret and blueprints, compute replicas (autoscaling on queue depth),
 /// server-side apply the worker Deployment, mirror its state into the pool's status.
 #[tracing::instrument(skip_all, fields(pool = %object_name(pool.as_ref())))]
-pub async fn reconcile(pool: Arc<FlowcraftWorkerPool>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
+pub async fn reconcile(
+    pool: Arc<FlowcraftWorkerPool>,
+    ctx: Arc<Context>,
+) -> Result<Action, OperatorError> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     let key = object_key(pool.as_ref());
     if pool.meta().deletion_timestamp.is_some() {
@@ -328,12 +379,18 @@ pub async fn reconcile(pool: Arc<FlowcraftWorkerPool>, ctx: Arc<Context>) -> Res
     }
 }
 
-async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<Action, OperatorError> {
+async fn apply(
+    pool: &FlowcraftWorkerPool,
+    ctx: &Context,
+    key: &str,
+) -> Result<Action, OperatorError> {
     let name = pool.name_any();
-    let namespace = pool.namespace().ok_or_else(|| OperatorError::InvalidObject {
-        object: object_name(pool),
-        message: "has no namespace".to_string(),
-    })?;
+    let namespace = pool
+        .namespace()
+        .ok_or_else(|| OperatorError::InvalidObject {
+            object: object_name(pool),
+            message: "has no namespace".to_string(),
+        })?;
     let generation = pool.meta().generation;
     let prev = pool.status.clone().unwrap_or_default();
 
@@ -355,15 +412,27 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
                 Ok(depth) => {
                     ctx.metrics
                         .queue_depth
-                        .get_or_create(&PoolLabels { namespace: namespace.clone(), pool: name.clone() })
+                        .get_or_create(&PoolLabels {
+                            namespace: namespace.clone(),
+                            pool: name.clone(),
+                        })
                         .set(i64::try_from(depth).unwrap_or(i64::MAX));
-                    (autoscale_replicas(depth, a), Some(i64::try_from(depth).unwrap_or(i64::MAX)))
+                    (
+                        autoscale_replicas(depth, a),
+                        Some(i64::try_from(depth).unwrap_or(i64::MAX)),
+                    )
                 }
                 Err(error) => {
                     tracing::warn!(queue = %pool.spec.queue.name, %error, "Cannot read the queue depth; keeping the replicas.");
                     let keep = prev.desired_replicas.unwrap_or(a.min_replicas);
                     depth_error = Some(error);
-                    (keep.clamp(a.min_replicas.max(0), a.max_replicas.max(a.min_replicas.max(0))), prev.queue_depth)
+                    (
+                        keep.clamp(
+                            a.min_replicas.max(0),
+                            a.max_replicas.max(a.min_replicas.max(0)),
+                        ),
+                        prev.queue_depth,
+                    )
                 }
             }
         }
@@ -381,7 +450,11 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
     let dep_name = deployment_name(pool);
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let applied = api
-        .patch(&dep_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
+        .patch(
+            &dep_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
         .await
         .map_err(|source| OperatorError::Kube {
             object: object_name(pool),
@@ -397,36 +470,75 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
     let rolled_out = observed && updated >= replicas && current == replicas && ready >= replicas;
 
     let ready_cond = if replicas == 0 {
-        Cond::new(READY, true, "ScaledToZero", "the pool is scaled to zero workers")
+        Cond::new(
+            READY,
+            true,
+            "ScaledToZero",
+            "the pool is scaled to zero workers",
+        )
     } else if ready >= replicas {
-        Cond::new(READY, true, "WorkersReady", format!("{ready}/{replicas} workers ready"))
+        Cond::new(
+            READY,
+            true,
+            "WorkersReady",
+            format!("{ready}/{replicas} workers ready"),
+        )
     } else {
-        Cond::new(READY, false, "WorkersNotReady", format!("{ready}/{replicas} workers ready"))
+        Cond::new(
+            READY,
+            false,
+            "WorkersNotReady",
+            format!("{ready}/{replicas} workers ready"),
+        )
     };
     let progressing_cond = if rolled_out {
-        Cond::new(PROGRESSING, false, "RolloutComplete", format!("Deployment {namespace}/{dep_name} is up to date"))
+        Cond::new(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            format!("Deployment {namespace}/{dep_name} is up to date"),
+        )
     } else {
         Cond::new(
             PROGRESSING,
             true,
             "RollingOut",
-            format!("Deployment {namespace}/{dep_name}: {updated}/{replicas} updated, {ready} ready, {current} running"),
+            format!(
+                "Deployment {namespace}/{dep_name}: {updated}/{replicas} updated, {ready} ready, {current} running"
+            ),
         )
     };
     let stuck = st.conditions.iter().flatten().find(|c| {
-        (c.type_ == "Progressing" && c.status == "False") || (c.type_ == "ReplicaFailure" && c.status == "True")
+        (c.type_ == "Progressing" && c.status == "False")
+            || (c.type_ == "ReplicaFailure" && c.status == "True")
     });
     let degraded_cond = if let Some(error) = &depth_error {
-        Cond::new(DEGRADED, true, "QueueDepthUnavailable", format!("cannot read the depth of queue {}: {error}", pool.spec.queue.name))
+        Cond::new(
+            DEGRADED,
+            true,
+            "QueueDepthUnavailable",
+            format!(
+                "cannot read the depth of queue {}: {error}",
+                pool.spec.queue.name
+            ),
+        )
     } else if let Some(c) = stuck {
         Cond::new(
             DEGRADED,
             true,
             "DeploymentFailing",
-            format!("Deployment {namespace}/{dep_name}: {}", c.message.clone().unwrap_or_else(|| c.type_.clone())),
+            format!(
+                "Deployment {namespace}/{dep_name}: {}",
+                c.message.clone().unwrap_or_else(|| c.type_.clone())
+            ),
         )
     } else {
-        Cond::new(DEGRADED, false, "AsExpected", "the worker Deployment is applied")
+        Cond::new(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "the worker Deployment is applied",
+        )
     };
 
     let status = FlowcraftWorkerPoolStatus {
@@ -437,20 +549,32 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
         queue_depth: depth,
         selector: Some(pod::worker_selector_string(&name)),
         blueprints_hash: Some(hash.clone()),
-        conditions: merge_conditions(&prev.conditions, &[ready_cond, progressing_cond, degraded_cond.clone()], generation),
+        conditions: merge_conditions(
+            &prev.conditions,
+            &[ready_cond, progressing_cond, degraded_cond.clone()],
+            generation,
+        ),
     };
 
     // Events for what changed (never one per reconcile).
     if prev.observed_generation != generation {
         let note = format!("applied Deployment {namespace}/{dep_name} with {replicas} replicas");
-        ctx.publish(pool, EventType::Normal, "Applied", "ApplyDeployment", note).await;
+        ctx.publish(pool, EventType::Normal, "Applied", "ApplyDeployment", note)
+            .await;
     }
     if prev.blueprints_hash.as_ref().is_some_and(|h| h != &hash) {
         let note = format!(
             "blueprints ConfigMap {namespace}/{} changed: rolling the workers",
             pool.spec.blueprints.config_map
         );
-        ctx.publish(pool, EventType::Normal, "BlueprintsChanged", "RollDeployment", note).await;
+        ctx.publish(
+            pool,
+            EventType::Normal,
+            "BlueprintsChanged",
+            "RollDeployment",
+            note,
+        )
+        .await;
     }
     if let (Some(a), Some(before)) = (&pool.spec.autoscaling, prev.desired_replicas)
         && before != replicas
@@ -461,13 +585,24 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
             depth.unwrap_or(0),
             a.target_queue_length
         );
-        ctx.publish(pool, EventType::Normal, "Scaled", "Autoscale", note).await;
+        ctx.publish(pool, EventType::Normal, "Scaled", "Autoscale", note)
+            .await;
     }
     if is_true(&prev.conditions, DEGRADED) && !degraded_cond.status {
-        ctx.publish(pool, EventType::Normal, "Recovered", "Reconcile", "the pool is no longer degraded".to_string())
-            .await;
+        ctx.publish(
+            pool,
+            EventType::Normal,
+            "Recovered",
+            "Reconcile",
+            "the pool is no longer degraded".to_string(),
+        )
+        .await;
     }
 
     apply_status(ctx, pool, &status).await?;
-    Ok(Action::requeue(if pool.spec.autoscaling.is_some() { ctx.queue_poll_interval } else { RESYNC }))
+    Ok(Action::requeue(if pool.spec.autoscaling.is_some() {
+        ctx.queue_poll_interval
+    } else {
+        RESYNC
+    }))
 }

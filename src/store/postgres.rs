@@ -445,7 +445,7 @@ fn describe_pool(e: &PoolError) -> String {
     }
 }
 
-/// What an operation is about, for error messages: `"record node n1 of run r1"`.
+/// A database error of `op` (which names the run, e.g. `"record node n1 of run r1"`) on `table`.
 fn db_error(op: &str, table: &str, e: &tokio_postgres::Error) -> StoreError {
     StoreError::Database(format!("{op} (table {table:?}): {}", describe_pg(e)))
 }

@@ -1,0 +1,245 @@
+//! Connecting the production backends (RabbitMQ, PostgreSQL, Redis) with retry and backoff, and running a
+//! worker on them: what `flowcraft worker` does, as a library call for people who register their own nodes.
+//!
+//! ```no_run
+//! use flowcraft::{Registry, config::ConnectionArgs, distributed::{WorkerOptions, run_worker, shutdown_signal}};
+//! use flowcraft::flow::{NodeError, NodeOutput};
+//!
+//! # async fn demo(conn: ConnectionArgs) -> Result<(), flowcraft::Error> {
+//! let mut registry = Registry::with_builtins();
+//! registry.register_fn("double", |ctx| async move {
+//!     let n = ctx.input["n"].as_i64().ok_or_else(|| NodeError::fatal("input.n must be an integer"))?;
+//!     Ok(NodeOutput::new(serde_json::json!({ "n": n * 2 })))
+//! });
+//! let options = WorkerOptions { blueprints: "blueprints/".into(), ..WorkerOptions::default() };
+//! run_worker(&conn, options, registry, shutdown_signal()).await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{self, Readiness};
+use crate::config::ConnectionArgs;
+use crate::flow::Registry;
+use crate::metrics::WorkerMetrics;
+use crate::store::postgres::{PgConfig, PostgresStore};
+use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
+use crate::store::redis::{RedisConfig, RedisCoordinator};
+use crate::store::{Coordinator, JobQueue, RunStore, StoreError};
+use crate::worker::{BlueprintSet, Worker, WorkerConfig, WorkerError};
+use crate::{Error, Result};
+
+impl ConnectionArgs {
+    fn require<'a>(value: &'a Option<String>, flag: &str, env: &str) -> Result<&'a str, StoreError> {
+        value.as_deref().ok_or_else(|| StoreError::Config(format!("{flag} (or {env}) is required")))
+    }
+
+    /// The PostgreSQL settings.
+    pub fn pg_config(&self) -> Result<PgConfig, StoreError> {
+        Ok(PgConfig {
+            url: Self::require(&self.database_url, "--database-url", "FLOWCRAFT_DATABASE_URL")?.to_string(),
+            contexts_table: self.contexts_table.clone(),
+            statuses_table: self.statuses_table.clone(),
+            results_table: self.results_table.clone(),
+            ..PgConfig::default()
+        })
+    }
+
+    /// The RabbitMQ settings; `name` is the connection name shown by the broker.
+    pub fn amqp_config(&self, name: &str) -> Result<AmqpConfig, StoreError> {
+        let queue_type: QueueType = self
+            .queue_type
+            .parse()
+            .map_err(|_| StoreError::Config(format!("--queue-type must be quorum or classic, not '{}'", self.queue_type)))?;
+        Ok(AmqpConfig {
+            url: Self::require(&self.amqp_url, "--amqp-url", "FLOWCRAFT_AMQP_URL")?.to_string(),
+            queue: self.queue.clone(),
+            queue_type,
+            prefetch: self.prefetch.max(1),
+            connection_name: name.to_string(),
+        })
+    }
+
+    /// The Redis settings.
+    pub fn redis_config(&self) -> Result<RedisConfig, StoreError> {
+        Ok(RedisConfig {
+            url: Self::require(&self.redis_url, "--redis-url", "FLOWCRAFT_REDIS_URL")?.to_string(),
+            prefix: self.redis_prefix.clone(),
+            ..RedisConfig::default()
+        })
+    }
+}
+
+/// Retry `connect` with exponential backoff and jitter (capped at 10 s) until it succeeds or `shutdown` fires.
+/// Configuration errors are not retried.
+pub async fn with_backoff<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut connect: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match connect().await {
+            Ok(v) => return Ok(v),
+            Err(e @ StoreError::Config(_)) => return Err(e),
+            Err(error) => {
+                warn!(service = what, error = %error, retry_in = ?delay, "Cannot connect; retrying.");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))) => {}
+                    _ = shutdown.cancelled() => return Err(error),
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Connect the run store (and apply migrations).
+pub async fn connect_store(conn: &ConnectionArgs, shutdown: &CancellationToken) -> Result<PostgresStore, StoreError> {
+    let cfg = conn.pg_config()?;
+    let store = with_backoff("postgresql", shutdown, || PostgresStore::connect(cfg.clone())).await?;
+    with_backoff("postgresql migrations", shutdown, || store.migrate()).await?;
+    Ok(store)
+}
+
+/// Connect the job queue (declares the topology; does not consume).
+pub async fn connect_queue(conn: &ConnectionArgs, name: &str, shutdown: &CancellationToken) -> Result<RabbitQueue, StoreError> {
+    let cfg = conn.amqp_config(name)?;
+    with_backoff("rabbitmq", shutdown, || RabbitQueue::connect(cfg.clone())).await
+}
+
+/// Connect the coordinator.
+pub async fn connect_coordinator(conn: &ConnectionArgs, shutdown: &CancellationToken) -> Result<RedisCoordinator, StoreError> {
+    let cfg = conn.redis_config()?;
+    with_backoff("redis", shutdown, || RedisCoordinator::connect(cfg.clone())).await
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+pub fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(error) => {
+                    warn!(error = %error, "Cannot listen for SIGTERM; only Ctrl-C stops this process.");
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        info!("Shutdown requested.");
+        t.cancel();
+    });
+    token
+}
+
+/// Options of a distributed worker.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Directory of blueprint files (every `.json`, `.yaml`, `.yml`).
+    pub blueprints: PathBuf,
+    /// Admin server address (`/healthz`, `/readyz`, `/metrics`); `None` disables it.
+    pub admin_addr: Option<SocketAddr>,
+    /// Execution lease TTL.
+    pub lease_ttl: Duration,
+    /// Delay before a job that met a held lease comes back.
+    pub lease_retry_delay: Duration,
+    /// The broker's connection name.
+    pub connection_name: String,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        let w = WorkerConfig::default();
+        Self {
+            blueprints: PathBuf::from("/etc/flowcraft/blueprints"),
+            admin_addr: None,
+            lease_ttl: w.lease_ttl,
+            lease_retry_delay: w.lease_retry_delay,
+            connection_name: format!("flowcraft-worker-{}", std::process::id()),
+        }
+    }
+}
+
+/// Run a worker on RabbitMQ, PostgreSQL and Redis until `shutdown` fires: load and validate the blueprints,
+/// connect (retrying with backoff), migrate, serve the admin endpoints, consume. On shutdown it stops consuming,
+/// finishes the jobs in flight and closes the connections.
+pub async fn run_worker(conn: &ConnectionArgs, options: WorkerOptions, registry: Registry, shutdown: CancellationToken) -> Result<()> {
+    let blueprints = BlueprintSet::load_dir(&options.blueprints, Some(&registry)).map_err(WorkerError::from)?;
+    if blueprints.is_empty() {
+        warn!(dir = %options.blueprints.display(), "No blueprint files found; every job will be dead-lettered.");
+    }
+    info!(blueprints = ?blueprints.ids(), dir = %options.blueprints.display(), "Blueprints loaded.");
+    let mut prom = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(WorkerMetrics::register(&mut prom));
+    let ready = Readiness::new();
+    let admin_task = options.admin_addr.map(|addr| {
+        let (ready, prom, shutdown) = (ready.clone(), Arc::new(prom), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = admin::serve(addr, ready, prom, shutdown).await {
+                warn!(addr = %addr, error = %error, "Admin server failed.");
+            }
+        })
+    });
+
+    let store = Arc::new(connect_store(conn, &shutdown).await?);
+    let coord = Arc::new(connect_coordinator(conn, &shutdown).await?);
+    let queue = Arc::new(connect_queue(conn, &options.connection_name, &shutdown).await?);
+    queue.start_consuming().await?;
+
+    let health = {
+        let (store, coord, queue, ready, shutdown) = (store.clone(), coord.clone(), queue.clone(), ready.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let ok = queue.is_ready() && coord.ping().await.is_ok() && store.run_info("__flowcraft_readiness__").await.is_ok();
+                ready.set(ok && !shutdown.is_cancelled());
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.cancelled() => { ready.set(false); break; }
+                }
+            }
+        })
+    };
+
+    let config = WorkerConfig {
+        concurrency: usize::from(conn.prefetch.max(1)),
+        lease_ttl: options.lease_ttl,
+        lease_retry_delay: options.lease_retry_delay,
+        ..WorkerConfig::default()
+    };
+    let worker = Arc::new(Worker::new(
+        queue.clone(),
+        store,
+        coord,
+        Arc::new(registry),
+        Arc::new(blueprints),
+        config,
+        metrics,
+    ));
+    info!(queue = %conn.queue, prefetch = conn.prefetch, "Worker consuming.");
+    worker.run(shutdown.clone()).await;
+    queue.close().await;
+    shutdown.cancel();
+    let _ = health.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    Ok::<(), Error>(())
+}

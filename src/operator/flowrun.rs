@@ -1,0 +1,448 @@
+//! `FlowRun` → one run in PostgreSQL: validate the blueprint against the pool's ConfigMap, start the run once
+//! (run id `fr-<uid>`), mirror its state into the status, cancel it when the FlowRun is deleted (finalizer),
+//! and delete finished FlowRuns after `ttlSecondsAfterFinished`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::context::{
+    Cond, Context, DEGRADED, PROGRESSING, READY, RunStores, RunTarget, apply_status,
+    merge_conditions, object_key, report_failure, to_time,
+};
+use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus, FlowcraftWorkerPool};
+use super::workerpool::{pool_graphs, read_configmap, read_pool};
+use super::{OperatorError, object_name, pod};
+use crate::client::{ClientError, RunResult, cancel_run, run_result, start_run};
+use crate::store::{NodeStatus, RunStatus};
+
+/// Name of this controller (metrics, logs).
+pub const CONTROLLER: &str = "flowrun";
+/// Finalizer that cancels a FlowRun's run when the FlowRun is deleted.
+pub const FINALIZER: &str = "flowcraft.io/cancel-run";
+
+/// The run id of a FlowRun: `fr-<uid>` (stable across operator restarts, so a run is started once).
+pub fn run_id(run: &FlowRun) -> Result<String, OperatorError> {
+    run.uid()
+        .map(|uid| format!("fr-{uid}"))
+        .ok_or_else(|| OperatorError::InvalidObject {
+            object: object_name(run),
+            message: "has no uid (not read from the API server)".to_string(),
+        })
+}
+
+/// What the operator remembers about a started run (so a poll needs no pool or ConfigMap read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StartedRun {
+    /// Queue and tables of the run's pool.
+    pub target: RunTarget,
+    /// Nodes in the blueprint.
+    pub total: usize,
+}
+
+/// The queue and tables of a pool.
+pub fn run_target(pool: &FlowcraftWorkerPool, ctx: &Context) -> RunTarget {
+    RunTarget {
+        queue: pool.spec.queue.name.clone(),
+        queue_type: pool.spec.queue.queue_type.map(|t| t.as_str().to_string()),
+        tables: pod::effective_tables(pool, &ctx.tables),
+    }
+}
+
+/// Reconcile a FlowRun (with the `flowcraft.io/cancel-run` finalizer).
+#[tracing::instrument(skip_all, fields(flowrun = %object_name(run.as_ref())))]
+pub async fn reconcile(run: Arc<FlowRun>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let key = object_key(run.as_ref());
+    let namespace = run.namespace().unwrap_or_default();
+    let api: Api<FlowRun> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, run.clone(), |event| async {
+        match event {
+            Finalizer::Apply(run) => apply(&run, &ctx).await,
+            Finalizer::Cleanup(run) => cleanup(&run, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| OperatorError::Finalizer(Box::new(e)));
+    match result {
+        Ok(action) => {
+            ctx.backoff.reset(&key);
+            Ok(action)
+        }
+        Err(error) => {
+            if run.meta().deletion_timestamp.is_none() {
+                report_failure(&ctx, run.as_ref(), error.inner()).await;
+            }
+            Err(error)
+        }
+    }
+}
+
+fn backend_error(run: &FlowRun, what: &str, error: impl std::fmt::Display) -> OperatorError {
+    OperatorError::Backend {
+        object: object_name(run),
+        message: format!("{what}: {error}"),
+    }
+}
+
+async fn stores(
+    ctx: &Context,
+    run: &FlowRun,
+    target: &RunTarget,
+) -> Result<RunStores, OperatorError> {
+    let Some(runs) = &ctx.runs else {
+        return Err(OperatorError::Backend {
+            object: object_name(run),
+            message: "the operator has no database and AMQP URL (FLOWCRAFT_DATABASE_URL, FLOWCRAFT_AMQP_URL): \
+                      FlowRuns cannot start"
+                .to_string(),
+        });
+    };
+    runs.stores(target).await.map_err(|e| {
+        backend_error(
+            run,
+            &format!("cannot open queue {} and its run store", target.queue),
+            e,
+        )
+    })
+}
+
+/// Validate and start the run (idempotent), returning what a poll needs.
+async fn start(run: &FlowRun, ctx: &Context, run_id: &str) -> Result<StartedRun, OperatorError> {
+    let namespace = run.namespace().unwrap_or_default();
+    let pool = read_pool(ctx, run, &namespace, &run.spec.worker_pool).await?;
+    let cm = read_configmap(ctx, run, &namespace, &pool.spec.blueprints.config_map).await?;
+    let graphs = pool_graphs(&cm).map_err(|message| OperatorError::InvalidSpec {
+        object: object_name(run),
+        reason: "InvalidBlueprint",
+        message,
+    })?;
+    let Some(graph) = graphs.get(&run.spec.blueprint) else {
+        return Err(OperatorError::InvalidSpec {
+            object: object_name(run),
+            reason: "BlueprintNotFound",
+            message: format!(
+                "blueprint '{}' is not in ConfigMap {namespace}/{} of pool {} (it has: {})",
+                run.spec.blueprint,
+                cm.name_any(),
+                pool.name_any(),
+                graphs.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    };
+    let target = run_target(&pool, ctx);
+    let stores = stores(ctx, run, &target).await?;
+    let input = run.spec.input.clone().unwrap_or_else(|| json!({}));
+    let created = start_run(
+        stores.queue.as_ref(),
+        stores.store.as_ref(),
+        graph,
+        run_id,
+        input,
+    )
+    .await
+    .map_err(|e| match e {
+        ClientError::Input { message, .. } => OperatorError::InvalidSpec {
+            object: object_name(run),
+            reason: "InvalidInput",
+            message,
+        },
+        other => backend_error(run, &format!("cannot start run {run_id}"), other),
+    })?;
+    if created {
+        ctx.metrics.flowruns_started.inc();
+        let note = format!(
+            "started run {run_id} of blueprint {} in pool {} (queue {})",
+            run.spec.blueprint,
+            pool.name_any(),
+            target.queue
+        );
+        ctx.publish(run, EventType::Normal, "Started", "StartRun", note)
+            .await;
+    }
+    let started = StartedRun {
+        target,
+        total: graph.node_count(),
+    };
+    ctx.remember_run(&object_key(run), started.clone());
+    Ok(started)
+}
+
+async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
+    let prev = run.status.clone().unwrap_or_default();
+    let phase = prev.phase.unwrap_or_default();
+    if phase.is_finished() {
+        return expire(run, ctx, &prev).await;
+    }
+    let run_id = run_id(run)?;
+    let key = object_key(run);
+    let started = match ctx.started_run(&key) {
+        Some(started) => started,
+        None if prev.run_id.as_deref() == Some(run_id.as_str()) => {
+            // Started before an operator restart: only the pool's queue and tables are needed to mirror it.
+            let namespace = run.namespace().unwrap_or_default();
+            let pool = read_pool(ctx, run, &namespace, &run.spec.worker_pool).await?;
+            let total = prev
+                .nodes
+                .as_ref()
+                .map(|n| usize::try_from(n.total).unwrap_or(0))
+                .unwrap_or(0);
+            let started = StartedRun {
+                target: run_target(&pool, ctx),
+                total,
+            };
+            ctx.remember_run(&key, started.clone());
+            started
+        }
+        None => start(run, ctx, &run_id).await?,
+    };
+    let stores = stores(ctx, run, &started.target).await?;
+    let result = run_result(stores.store.as_ref(), &run_id, None)
+        .await
+        .map_err(|e| backend_error(run, &format!("cannot read run {run_id}"), e))?
+        .ok_or_else(|| OperatorError::Backend {
+            object: object_name(run),
+            message: format!(
+                "run {run_id} does not exist in table {}",
+                started.target.tables.statuses
+            ),
+        })?;
+    let status = mirror(run, &prev, &run_id, &result, started.total);
+    let new_phase = status.phase.unwrap_or_default();
+    if new_phase != phase {
+        match new_phase {
+            FlowRunPhase::Succeeded => {
+                let note = format!(
+                    "run {run_id} succeeded ({})",
+                    status.progress.clone().unwrap_or_default()
+                );
+                ctx.publish(run, EventType::Normal, "Succeeded", "MirrorRun", note)
+                    .await;
+            }
+            FlowRunPhase::Failed => {
+                let note = format!(
+                    "run {run_id} failed: {}",
+                    status.message.clone().unwrap_or_default()
+                );
+                ctx.publish(run, EventType::Warning, "Failed", "MirrorRun", note)
+                    .await;
+            }
+            FlowRunPhase::Cancelled => {
+                let note = format!(
+                    "run {run_id} was cancelled: {}",
+                    status.message.clone().unwrap_or_default()
+                );
+                ctx.publish(run, EventType::Normal, "Cancelled", "MirrorRun", note)
+                    .await;
+            }
+            FlowRunPhase::Pending | FlowRunPhase::Running => {}
+        }
+    }
+    apply_status(ctx, run, &status).await?;
+    if new_phase.is_finished() {
+        ctx.forget_run(&key);
+        return Ok(match run.spec.ttl_seconds_after_finished {
+            Some(ttl) => {
+                Action::requeue(Duration::from_secs(u64::try_from(ttl).unwrap_or(0).max(1)))
+            }
+            None => Action::await_change(),
+        });
+    }
+    Ok(Action::requeue(ctx.flowrun_poll_interval))
+}
+
+/// The status of a FlowRun from its run's state (pure).
+pub fn mirror(
+    run: &FlowRun,
+    prev: &FlowRunStatus,
+    run_id: &str,
+    result: &RunResult,
+    total: usize,
+) -> FlowRunStatus {
+    let generation = run.meta().generation;
+    let phase = match result.status {
+        RunStatus::Running => FlowRunPhase::Running,
+        RunStatus::Completed => FlowRunPhase::Succeeded,
+        RunStatus::Failed => FlowRunPhase::Failed,
+        RunStatus::Cancelled => FlowRunPhase::Cancelled,
+    };
+    let count = |s: NodeStatus| result.nodes.values().filter(|n| n.status == s).count();
+    let resolved = result.nodes.len();
+    let total = total.max(resolved);
+    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let nodes = FlowRunNodeCounts {
+        total: as_i64(total),
+        done: as_i64(count(NodeStatus::Done)),
+        failed: as_i64(count(NodeStatus::Failed)),
+        skipped: as_i64(count(NodeStatus::Skipped)),
+        pending: as_i64(total - resolved),
+    };
+    let progress = format!("{resolved}/{total}");
+    let message = match phase {
+        FlowRunPhase::Failed | FlowRunPhase::Cancelled => result.error.clone(),
+        _ => None,
+    };
+    let conds = match phase {
+        FlowRunPhase::Running | FlowRunPhase::Pending => [
+            Cond::new(READY, false, "Running", format!("run {run_id} is running")),
+            Cond::new(
+                PROGRESSING,
+                true,
+                "Running",
+                format!("{progress} nodes resolved"),
+            ),
+        ],
+        FlowRunPhase::Succeeded => [
+            Cond::new(READY, true, "Succeeded", format!("run {run_id} succeeded")),
+            Cond::new(
+                PROGRESSING,
+                false,
+                "Finished",
+                format!("{progress} nodes resolved"),
+            ),
+        ],
+        FlowRunPhase::Failed => [
+            Cond::new(
+                READY,
+                false,
+                "Failed",
+                message
+                    .clone()
+                    .unwrap_or_else(|| format!("run {run_id} failed")),
+            ),
+            Cond::new(
+                PROGRESSING,
+                false,
+                "Finished",
+                format!("{progress} nodes resolved"),
+            ),
+        ],
+        FlowRunPhase::Cancelled => [
+            Cond::new(
+                READY,
+                false,
+                "Cancelled",
+                message
+                    .clone()
+                    .unwrap_or_else(|| format!("run {run_id} was cancelled")),
+            ),
+            Cond::new(
+                PROGRESSING,
+                false,
+                "Finished",
+                format!("{progress} nodes resolved"),
+            ),
+        ],
+    };
+    let degraded = Cond::new(
+        DEGRADED,
+        false,
+        "AsExpected",
+        format!("run {run_id} is mirrored from PostgreSQL"),
+    );
+    FlowRunStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        progress: Some(progress),
+        run_id: Some(run_id.to_string()),
+        started_at: result.created_at.map(to_time),
+        finished_at: if phase.is_finished() {
+            result.finished_at.map(to_time)
+        } else {
+            None
+        },
+        message,
+        nodes: Some(nodes),
+        conditions: merge_conditions(
+            &prev.conditions,
+            &[conds[0].clone(), conds[1].clone(), degraded],
+            generation,
+        ),
+    }
+}
+
+/// A finished FlowRun: delete it once `ttlSecondsAfterFinished` has passed since it finished.
+async fn expire(
+    run: &FlowRun,
+    ctx: &Context,
+    status: &FlowRunStatus,
+) -> Result<Action, OperatorError> {
+    let Some(ttl) = run.spec.ttl_seconds_after_finished else {
+        return Ok(Action::await_change());
+    };
+    let finished = status
+        .finished_at
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or_else(Timestamp::now);
+    let elapsed = Timestamp::now().as_second() - finished.as_second();
+    if elapsed < ttl {
+        let wait = u64::try_from(ttl - elapsed).unwrap_or(1).max(1);
+        return Ok(Action::requeue(Duration::from_secs(wait)));
+    }
+    let namespace = run.namespace().unwrap_or_default();
+    let api: Api<FlowRun> = Api::namespaced(ctx.client.clone(), &namespace);
+    api.delete(&run.name_any(), &DeleteParams::background())
+        .await
+        .map_err(|source| OperatorError::Kube {
+            object: object_name(run),
+            action: "delete after ttlSecondsAfterFinished".to_string(),
+            source,
+        })?;
+    tracing::info!(ttl, "Deleted a finished FlowRun after its TTL.");
+    Ok(Action::await_change())
+}
+
+/// The FlowRun is being deleted: cancel its run unless it has finished.
+async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
+    let key = object_key(run);
+    let prev = run.status.clone().unwrap_or_default();
+    if prev.phase.unwrap_or_default().is_finished() {
+        ctx.forget(&key);
+        ctx.forget_run(&key);
+        return Ok(Action::await_change());
+    }
+    let run_id = run_id(run)?;
+    let namespace = run.namespace().unwrap_or_default();
+    // The pool may be gone already (a namespace being deleted): fall back to the default queue and tables.
+    let target = match ctx.started_run(&key) {
+        Some(s) => s.target,
+        None => match read_pool(ctx, run, &namespace, &run.spec.worker_pool).await {
+            Ok(pool) => run_target(&pool, ctx),
+            Err(OperatorError::InvalidSpec { .. }) => RunTarget {
+                queue: super::crd::DEFAULT_QUEUE.to_string(),
+                queue_type: None,
+                tables: ctx.tables.clone(),
+            },
+            Err(other) => return Err(other),
+        },
+    };
+    let stores = stores(ctx, run, &target).await?;
+    let reason = format!("FlowRun {namespace}/{} was deleted", run.name_any());
+    match cancel_run(stores.store.as_ref(), &run_id, &reason).await {
+        Ok(true) => {
+            let note = format!("cancelled run {run_id}: the FlowRun was deleted");
+            ctx.publish(run, EventType::Normal, "Cancelled", "CancelRun", note)
+                .await;
+        }
+        Ok(false) => tracing::debug!(%run_id, "The run had already ended."),
+        Err(ClientError::NotFound(_)) => tracing::debug!(%run_id, "The run was never started."),
+        Err(other) => {
+            return Err(backend_error(
+                run,
+                &format!("cannot cancel run {run_id}"),
+                other,
+            ));
+        }
+    }
+    ctx.forget(&key);
+    ctx.forget_run(&key);
+    Ok(Action::await_change())
+}
