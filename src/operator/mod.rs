@@ -1,8 +1,12 @@
 //! The Kubernetes operator: custom resources, their controllers, leader election, health and metrics.
 
+pub mod admin;
+pub mod backends;
 pub mod context;
+pub mod controllers;
 pub mod crd;
 pub mod flowrun;
+pub mod leader;
 pub mod metrics;
 pub mod pod;
 pub mod schedule;

@@ -1,0 +1,196 @@
+//! Wiring of the three controllers: watches (owned Deployments and CronJobs, blueprint ConfigMaps, pools),
+//! graceful shutdown, and readiness once every cache has synced.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use super::admin::Health;
+use super::context::{Context, error_policy};
+use super::crd::{FlowRun, FlowRunPhase, FlowcraftReconcileSchedule, FlowcraftWorkerPool};
+use super::pod::MANAGED_BY;
+use super::{OperatorError, flowrun, schedule, workerpool};
+
+/// An Api over all namespaces, or one namespace.
+pub fn scoped_api<K>(client: Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
+/// Check that the three CRDs are installed (a list with limit 1 of each kind).
+pub async fn check_crds(client: &Client, namespace: Option<&str>) -> Result<(), OperatorError> {
+    async fn probe<K>(client: &Client, namespace: Option<&str>) -> Result<(), OperatorError>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = scoped_api(client.clone(), namespace);
+        api.list(&kube::api::ListParams::default().limit(1)).await.map(|_| ()).map_err(|e| {
+            OperatorError::Config(format!(
+                "cannot list {} ({e}); are the CRDs installed? `flowcraft crd | kubectl apply --server-side -f -`",
+                K::plural(&())
+            ))
+        })
+    }
+    probe::<FlowcraftWorkerPool>(client, namespace).await?;
+    probe::<FlowcraftReconcileSchedule>(client, namespace).await?;
+    probe::<FlowRun>(client, namespace).await?;
+    Ok(())
+}
+
+/// Run the three controllers until `stop` is cancelled (in-flight reconciles finish first). Marks `health`
+/// synced once every controller's cache is populated.
+pub async fn run_controllers(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    stop: CancellationToken,
+    health: Arc<Health>,
+) {
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
+    let wc = watcher::Config::default().any_semantic();
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let shutdown = |token: &CancellationToken| {
+        let token = token.clone();
+        async move { token.cancelled().await }
+    };
+
+    // Pools: own their Deployments; a blueprint ConfigMap change reconciles the pools that use it.
+    let pools = Controller::new(
+        scoped_api::<FlowcraftWorkerPool>(client.clone(), ns),
+        wc.clone(),
+    )
+    .owns(scoped_api::<Deployment>(client.clone(), ns), owned.clone())
+    .graceful_shutdown_on(shutdown(&stop));
+    let pool_store = pools.store();
+    let pools_by_cm = pool_store.clone();
+    let pools = pools.watches(
+        scoped_api::<ConfigMap>(client.clone(), ns),
+        wc.clone(),
+        move |cm: ConfigMap| {
+            let (cm_ns, cm_name) = (cm.namespace(), cm.name_any());
+            pools_by_cm
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace() == cm_ns && p.spec.blueprints.config_map == cm_name)
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    );
+
+    // Schedules: own their CronJobs; a pool change (image, Secret, tables) reconciles its schedules.
+    let schedules = Controller::new(
+        scoped_api::<FlowcraftReconcileSchedule>(client.clone(), ns),
+        wc.clone(),
+    )
+    .owns(scoped_api::<CronJob>(client.clone(), ns), owned)
+    .graceful_shutdown_on(shutdown(&stop));
+    let schedule_store = schedules.store();
+    let schedules_by_pool = schedule_store.clone();
+    let schedules = schedules.watches(
+        scoped_api::<FlowcraftWorkerPool>(client.clone(), ns),
+        wc.clone(),
+        move |pool: FlowcraftWorkerPool| {
+            let (pool_ns, pool_name) = (pool.namespace(), pool.name_any());
+            schedules_by_pool
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == pool_ns && s.spec.worker_pool == pool_name)
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    );
+
+    // FlowRuns: a pool that appears or changes retries the FlowRuns still waiting for it.
+    let runs = Controller::new(scoped_api::<FlowRun>(client.clone(), ns), wc.clone())
+        .graceful_shutdown_on(shutdown(&stop));
+    let run_store = runs.store();
+    let runs_by_pool = run_store.clone();
+    let runs = runs.watches(
+        scoped_api::<FlowcraftWorkerPool>(client.clone(), ns),
+        wc,
+        move |pool: FlowcraftWorkerPool| {
+            let (pool_ns, pool_name) = (pool.namespace(), pool.name_any());
+            runs_by_pool
+                .state()
+                .into_iter()
+                .filter(|r| r.namespace() == pool_ns && r.spec.worker_pool == pool_name)
+                .filter(|r| {
+                    r.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+                        == FlowRunPhase::Pending
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    );
+
+    let synced = {
+        let health = health.clone();
+        let stop = stop.clone();
+        async move {
+            let all = async {
+                pool_store.wait_until_ready().await.is_ok()
+                    && schedule_store.wait_until_ready().await.is_ok()
+                    && run_store.wait_until_ready().await.is_ok()
+            };
+            tokio::select! {
+                ok = all => if ok && !stop.is_cancelled() {
+                    tracing::info!("Controller caches synced; ready.");
+                    health.set_synced();
+                },
+                _ = stop.cancelled() => {}
+            }
+        }
+    };
+
+    let pools = pools
+        .run(
+            workerpool::reconcile,
+            error_policy::<FlowcraftWorkerPool>,
+            ctx.clone(),
+        )
+        .for_each(log_result);
+    let schedules = schedules
+        .run(
+            schedule::reconcile,
+            error_policy::<FlowcraftReconcileSchedule>,
+            ctx.clone(),
+        )
+        .for_each(log_result);
+    let runs = runs
+        .run(flowrun::reconcile, error_policy::<FlowRun>, ctx.clone())
+        .for_each(log_result);
+    tracing::info!(namespace = ns.unwrap_or("(all)"), "Controllers started.");
+    tokio::join!(pools, schedules, runs, synced);
+    tracing::info!("Controllers stopped.");
+}
+
+async fn log_result<K, E>(result: Result<(ObjectRef<K>, kube::runtime::controller::Action), E>)
+where
+    K: Resource,
+    E: std::fmt::Display,
+{
+    match result {
+        Ok((obj, _)) => tracing::debug!(object = %obj, "Reconciled."),
+        // Reconcile errors are logged by the error policy; these are watch and queue errors.
+        Err(error) => tracing::debug!(%error, "Controller event."),
+    }
+}

@@ -1,0 +1,329 @@
+//! The distributed worker on the real RabbitMQ, PostgreSQL and Redis: the conformance suite with two worker
+//! processes, a worker SIGKILLed with 300 runs in flight, poison input, cancellation, graceful shutdown.
+//! Each test has its own queue, tables and Redis prefix.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use flowcraft::client::{self, RunResult};
+use flowcraft::flow::{Blueprint, Graph, NodeOutput, Registry};
+use flowcraft::metrics::WorkerMetrics;
+use flowcraft::store::postgres::PostgresStore;
+use flowcraft::store::{JobQueue, RunStatus, RunStore};
+use flowcraft::worker::{BlueprintSet, Worker, WorkerConfig};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+async fn wait_all(store: &PostgresStore, ids: &[String], deadline: Duration) -> Vec<RunResult> {
+    let mut out = Vec::new();
+    for id in ids {
+        let r = common::eventually(&format!("run {id} to end"), deadline, || async {
+            let info = store.run_info(id).await.ok().flatten()?;
+            if !info.status.is_terminal() {
+                return None;
+            }
+            client::run_result(store, id, None).await.ok().flatten()
+        })
+        .await;
+        out.push(r);
+    }
+    out
+}
+
+fn load(dir: &Path, id: &str) -> Graph {
+    let set = BlueprintSet::load_dir(dir, None).expect("blueprints");
+    let g = set.get(id).unwrap_or_else(|| panic!("blueprint {id}"));
+    (*g).clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_on_the_services_with_two_worker_processes() {
+    let cluster = Cluster::new("conf");
+    let dir = common::conformance::blueprint_dir();
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let _w1 = cluster.spawn_worker("w1", &dir, &[]);
+    let _w2 = cluster.spawn_worker("w2", &dir, &[]);
+    let cases = common::conformance::cases();
+    let mut ids = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let graph = load(&dir, &case.blueprint);
+        let id = format!("{}-case-{i}", cluster.name);
+        client::start_run(&*queue, &*store, &graph, &id, case.input.clone()).await.expect("start");
+        ids.push(id);
+    }
+    let results = wait_all(&store, &ids, Duration::from_secs(90)).await;
+    let mut failures = Vec::new();
+    for (case, r) in cases.iter().zip(&results) {
+        if let Err(e) = common::conformance::check(case, r) {
+            failures.push(e);
+        }
+    }
+    if !failures.is_empty() {
+        panic!("{}\n--- w1 log ---\n{}", failures.join("\n"), _w1.log_text());
+    }
+    cluster.cleanup().await;
+}
+
+/// A tiny HTTP server counting POSTs per path (`/hit/<tag>`): the join node's side effect.
+async fn hit_counter() -> (u16, Arc<std::sync::Mutex<HashMap<String, u64>>>) {
+    use axum::{Router, extract::Path as P, routing::post};
+    let hits: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/hit/{tag}",
+        post(move |P(tag): P<String>| {
+            let h = h.clone();
+            async move {
+                *h.lock().unwrap().entry(tag).or_default() += 1;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_300_runs_in_flight_loses_nothing() {
+    let cluster = Cluster::new("kill");
+    let (port, hits) = hit_counter().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 1 -> 3 -> join(all, http side effect) -> end, with short sleeps so runs overlap the kill.
+    let bp = json!({
+        "id": "diamond",
+        "nodes": [
+            {"id": "start", "uses": "sleep", "params": {"duration": "5ms"}},
+            {"id": "a", "uses": "transform", "params": {"expr": "1"}},
+            {"id": "b", "uses": "sleep", "params": {"duration": "10ms"}},
+            {"id": "c", "uses": "transform", "params": {"expr": "3"}},
+            {"id": "join", "uses": "http", "params": {"method": "POST", "url": format!("http://127.0.0.1:{port}/hit/{{{{context.tag}}}}")}},
+            {"id": "end", "uses": "noop"}
+        ],
+        "edges": [
+            {"source": "start", "target": "a"}, {"source": "start", "target": "b"}, {"source": "start", "target": "c"},
+            {"source": "a", "target": "join"}, {"source": "b", "target": "join"}, {"source": "c", "target": "join"},
+            {"source": "join", "target": "end"}
+        ]
+    });
+    std::fs::write(dir.path().join("diamond.json"), bp.to_string()).unwrap();
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let mut victim = cluster.spawn_worker("victim", dir.path(), &[]);
+    let survivor = cluster.spawn_worker("survivor", dir.path(), &[]);
+    let graph = load(dir.path(), "diamond");
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let id = format!("{}-{i}", cluster.name);
+        client::start_run(&*queue, &*store, &graph, &id, json!({"tag": format!("t{i}")})).await.unwrap();
+        ids.push(id);
+    }
+    // Halfway: SIGKILL one worker.
+    common::eventually("half of the runs to complete", Duration::from_secs(120), || async {
+        let done = store
+            .list_runs(&flowcraft::store::RunFilter { status: Some(RunStatus::Completed), limit: 1000, ..Default::default() })
+            .await
+            .ok()?
+            .len();
+        (done >= 150).then_some(())
+    })
+    .await;
+    victim.kill();
+    let results = wait_all(&store, &ids, Duration::from_secs(180)).await;
+    for r in &results {
+        assert_eq!(r.status, RunStatus::Completed, "run {} ended {:?}: {:?}\n{}", r.run_id, r.status, r.error, survivor.log_text());
+    }
+    // Exactly once: every node of every run has one record (the primary key forbids more; count the rows).
+    let client = store.pool().get().await.unwrap();
+    let table = format!("\"{}_node_results\"", cluster.name);
+    let row = client
+        .query_one(&format!("SELECT count(*), count(DISTINCT (run_id, node_id)) FROM {table} WHERE run_id LIKE $1"), &[&format!("{}-%", cluster.name)])
+        .await
+        .unwrap();
+    let (rows, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(rows, 300 * 6, "one record per node per run");
+    assert_eq!(distinct, rows);
+    let joins = client
+        .query_one(&format!("SELECT count(*) FROM {table} WHERE node_id = 'join' AND status = 'done' AND attempts = 1"), &[])
+        .await
+        .unwrap();
+    assert_eq!(joins.get::<_, i64>(0), 300, "every join ran and was recorded once");
+    // The join's side effect: at least once per run; a second call only for joins executing on the killed
+    // worker at the moment of the kill (at most its prefetch).
+    let hits = hits.lock().unwrap().clone();
+    assert_eq!(hits.len(), 300, "every run's join called out");
+    let extra: u64 = hits.values().map(|n| n - 1).sum();
+    assert!(extra <= 16, "{extra} duplicate join executions (more than the killed worker's prefetch)");
+    drop(survivor);
+    cluster.cleanup().await;
+}
+
+/// A worker in this process with a custom registry (a node that panics), on the real services.
+async fn in_process_worker(
+    cluster: &Cluster,
+    blueprints: BlueprintSet,
+    registry: Registry,
+) -> (Arc<WorkerMetrics>, CancellationToken, tokio::task::JoinHandle<()>) {
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    queue.start_consuming().await.unwrap();
+    let coord = cluster.coord().await;
+    let metrics = Arc::new(WorkerMetrics::default());
+    let config = WorkerConfig { concurrency: 4, lease_ttl: Duration::from_secs(2), ..WorkerConfig::default() };
+    let worker = Arc::new(Worker::new(queue, store, coord, Arc::new(registry), Arc::new(blueprints), config, metrics.clone()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    (metrics, stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_input_is_dead_lettered_or_fails_its_run_and_the_worker_carries_on() {
+    let cluster = Cluster::new("poison");
+    let mut registry = Registry::with_builtins();
+    registry.register_fn("explode", |_ctx| async move {
+        if std::hint::black_box(true) {
+            panic!("kaboom in a custom node");
+        }
+        Ok(NodeOutput::default())
+    });
+    let mut set = BlueprintSet::new();
+    let chain: Blueprint = serde_json::from_value(json!({"id": "ok", "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}], "edges": [{"source": "a", "target": "b"}]})).unwrap();
+    let boom: Blueprint = serde_json::from_value(json!({"id": "boom", "nodes": [{"id": "x", "uses": "explode"}]})).unwrap();
+    let ok = set.insert(Graph::build(chain, Some(&registry)).unwrap());
+    let boom = set.insert(Graph::build(boom, Some(&registry)).unwrap());
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let (metrics, stop, task) = in_process_worker(&cluster, set, registry).await;
+
+    // 1. A non-JSON message.
+    publish_raw(&cluster.conn.queue, b"this is not json").await;
+    // 2. A job for an unknown blueprint (its run exists, so the run fails with a reason naming it).
+    let ghost: Blueprint = serde_json::from_value(json!({"id": "ghost", "nodes": [{"id": "g", "uses": "noop"}]})).unwrap();
+    let ghost = Graph::build(ghost, None).unwrap();
+    client::start_run(&*queue, &*store, &ghost, "ghost-run", json!({})).await.unwrap();
+    // 3. A job for an unknown node of a known blueprint.
+    store.create_run(&flowcraft::store::NewRun { run_id: "nonode-run".into(), blueprint_id: "ok".into(), blueprint_version: None, input: json!({}) }).await.unwrap();
+    queue.publish(&[flowcraft::store::Job::new("nonode-run", "ok", "zz")]).await.unwrap();
+    // 4. A node that panics.
+    client::start_run(&*queue, &*store, &boom, "boom-run", json!({})).await.unwrap();
+    // And a healthy run after all of them.
+    client::start_run(&*queue, &*store, &ok, "ok-run", json!({})).await.unwrap();
+
+    let results = wait_all(&store, &["ghost-run".into(), "nonode-run".into(), "boom-run".into(), "ok-run".into()], Duration::from_secs(30)).await;
+    assert_eq!(results[0].status, RunStatus::Failed);
+    assert!(results[0].error.as_deref().unwrap().contains("unknown blueprint 'ghost'"), "{:?}", results[0].error);
+    assert_eq!(results[1].status, RunStatus::Failed);
+    assert!(results[1].error.as_deref().unwrap().contains("node 'zz'"), "{:?}", results[1].error);
+    assert_eq!(results[2].status, RunStatus::Failed);
+    assert!(results[2].error.as_deref().unwrap().contains("panicked") && results[2].error.as_deref().unwrap().contains("kaboom"), "{:?}", results[2].error);
+    assert_eq!(results[3].status, RunStatus::Completed);
+
+    let collected = Arc::new(std::sync::Mutex::new(Vec::new()));
+    common::eventually("three dead letters", Duration::from_secs(20), || {
+        let (q, got) = (queue.clone(), collected.clone());
+        async move {
+            while let Some((_, reason)) = q.get_dead_letter().await.ok().flatten() {
+                got.lock().unwrap().push(reason.unwrap_or_default());
+            }
+            (got.lock().unwrap().len() >= 3).then_some(())
+        }
+    })
+    .await;
+    let reasons = collected.lock().unwrap().clone();
+    assert!(reasons.iter().any(|r| r.contains("undecodable job")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("unknown blueprint 'ghost'")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("node 'zz'")), "{reasons:?}");
+    assert_eq!(metrics.dead_letters.get(), 3);
+    stop.cancel();
+    task.await.unwrap();
+    cluster.cleanup().await;
+}
+
+async fn publish_raw(queue: &str, body: &[u8]) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let conn = lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, lapin::BasicProperties::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = conn.close(0, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_starts_no_further_jobs() {
+    let cluster = Cluster::new("cancel");
+    let registry = Registry::with_builtins();
+    let started = Arc::new(AtomicU64::new(0));
+    let mut registry2 = registry.clone();
+    let s = started.clone();
+    registry2.register_fn("slow", move |_ctx| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(NodeOutput::new(Value::from(1)))
+        }
+    });
+    let bp: Blueprint = serde_json::from_value(json!({
+        "id": "c", "nodes": [{"id": "a", "uses": "slow"}, {"id": "b", "uses": "noop"}, {"id": "c", "uses": "noop"}],
+        "edges": [{"source": "a", "target": "b"}, {"source": "b", "target": "c"}]
+    }))
+    .unwrap();
+    let mut set = BlueprintSet::new();
+    let g = set.insert(Graph::build(bp, Some(&registry2)).unwrap());
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let (metrics, stop, task) = in_process_worker(&cluster, set, registry2).await;
+    client::start_run(&*queue, &*store, &g, "c-run", json!({})).await.unwrap();
+    common::eventually("node a to start", Duration::from_secs(20), || async { (started.load(Ordering::SeqCst) > 0).then_some(()) }).await;
+    assert!(client::cancel_run(&*store, "c-run", "test").await.unwrap());
+    // a finishes (in flight); b's job is consumed and skipped without running.
+    common::eventually("b's job to be skipped", Duration::from_secs(20), || async { (metrics.outcome_count("skipped") >= 1).then_some(()) }).await;
+    let r = client::run_result(&*store, "c-run", None).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Cancelled);
+    assert_eq!(r.error.as_deref(), Some("test"));
+    assert!(!r.nodes.contains_key("b") && !r.nodes.contains_key("c"), "{:?}", r.nodes);
+    assert!(!client::cancel_run(&*store, "c-run", "again").await.unwrap(), "a second cancel reports the run already ended");
+    stop.cancel();
+    task.await.unwrap();
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_jobs_and_exits_cleanly() {
+    let cluster = Cluster::new("term");
+    let dir = tempfile::tempdir().unwrap();
+    let bp = json!({"id": "nap", "nodes": [{"id": "n", "uses": "sleep", "params": {"duration": "800ms"}}, {"id": "m", "uses": "noop"}], "edges": [{"source": "n", "target": "m"}]});
+    std::fs::write(dir.path().join("nap.json"), bp.to_string()).unwrap();
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let mut w = cluster.spawn_worker("w", dir.path(), &[]);
+    let g = load(dir.path(), "nap");
+    client::start_run(&*queue, &*store, &g, "t-run", json!({})).await.unwrap();
+    common::eventually("the worker to take the job", Duration::from_secs(20), || async {
+        let c = cluster.coord().await;
+        use flowcraft::store::Coordinator;
+        c.lease_held("t-run", "n").await.ok().filter(|h| *h)
+    })
+    .await;
+    assert_eq!(w.terminate(), Some(0), "{}", w.log_text());
+    // The in-flight node finished and was recorded before the worker exited.
+    let r = client::run_result(&*store, "t-run", None).await.unwrap().unwrap();
+    assert_eq!(r.nodes.get("n").map(|n| n.status.as_str()), Some("done"), "{:?}\n{}", r.nodes, w.log_text());
+    // A new worker finishes the run.
+    let _w2 = cluster.spawn_worker("w2", dir.path(), &[]);
+    let r = wait_all(&store, &["t-run".into()], Duration::from_secs(30)).await;
+    assert_eq!(r[0].status, RunStatus::Completed);
+    cluster.cleanup().await;
+}
