@@ -14,6 +14,9 @@ use super::context::{QueueProbe, ReconcileStats, RunBackends, RunStores, RunTarg
 use crate::store::postgres::{PgConfig, PostgresStore};
 use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
 
+/// A queue name with its type.
+type QueueKey = (String, Option<String>);
+
 /// Reads queue depths with one short AMQP connection per reading.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RabbitQueueProbe;
@@ -35,7 +38,7 @@ pub struct ServiceBackends {
     amqp_url: Option<String>,
     pg_pool_size: usize,
     stores: Mutex<HashMap<TableNames, PostgresStore>>,
-    queues: Mutex<HashMap<(String, Option<String>), Arc<RabbitQueue>>>,
+    queues: Mutex<HashMap<QueueKey, Arc<RabbitQueue>>>,
 }
 
 impl std::fmt::Debug for ServiceBackends {

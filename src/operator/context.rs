@@ -128,6 +128,8 @@ pub struct Context {
     pub default_image: String,
     /// Table names of pools without `tables`.
     pub tables: TableNames,
+    /// Queue used to cancel the run of a FlowRun whose pool is gone.
+    pub queue: String,
     /// Per-object failure counts.
     pub backoff: ErrorBackoff,
     /// Queue depths (autoscaling).
@@ -151,7 +153,7 @@ impl Context {
     pub fn new(client: Client, default_image: impl Into<String>, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter {
             controller: REPORTER.to_string(),
-            instance: std::env::var("POD_NAME").ok(),
+            instance: None,
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -159,6 +161,7 @@ impl Context {
             metrics,
             default_image: default_image.into(),
             tables: TableNames::default(),
+            queue: super::crd::DEFAULT_QUEUE.to_string(),
             backoff: ErrorBackoff::default(),
             queue_probe: Arc::new(NoQueueProbe),
             queue_poll_interval: Duration::from_secs(15),
@@ -168,6 +171,16 @@ impl Context {
             flowrun_poll_interval: Duration::from_secs(3),
             started_runs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Name this replica in its events (`reportingInstance`, the pod name).
+    pub fn with_instance(mut self, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: REPORTER.to_string(),
+            instance,
+        };
+        self.recorder = Recorder::new(self.client.clone(), reporter);
+        self
     }
 
     /// Use `tables` for pools without `tables`.

@@ -8,6 +8,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -183,14 +184,19 @@ pub async fn run_controllers(
     tracing::info!("Controllers stopped.");
 }
 
-async fn log_result<K, E>(result: Result<(ObjectRef<K>, kube::runtime::controller::Action), E>)
-where
-    K: Resource,
-    E: std::fmt::Display,
-{
+async fn log_result<K: Resource>(
+    result: Result<(ObjectRef<K>, Action), controller::Error<OperatorError, watcher::Error>>,
+) {
     match result {
         Ok((obj, _)) => tracing::debug!(object = %obj, "Reconciled."),
-        // Reconcile errors are logged by the error policy; these are watch and queue errors.
-        Err(error) => tracing::debug!(%error, "Controller event."),
+        // Logged with its object by the error policy.
+        Err(controller::Error::ReconcilerFailed(..)) => {}
+        Err(controller::Error::ObjectNotFound(obj)) => {
+            tracing::debug!(object = %obj, "Object is gone.")
+        }
+        Err(error @ controller::Error::QueueError(_)) => {
+            tracing::warn!(%error, "Watch failed; retrying.")
+        }
+        Err(error) => tracing::warn!(%error, "Controller error."),
     }
 }

@@ -48,14 +48,10 @@ pub const DEFAULT_STALLED_THRESHOLD_SECONDS: i64 = 300;
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
-    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"}"#,
+    printcolumn = r#"{"name": "Queue", "type": "integer", "jsonPath": ".status.queueDepth"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlowcraftWorkerPoolSpec {
@@ -258,20 +254,12 @@ pub struct FlowcraftWorkerPoolStatus {
     status = "FlowcraftReconcileScheduleStatus",
     derive = "PartialEq",
     doc = "A schedule that re-drives the stalled runs of a worker pool, reconciled into a CronJob.",
-    printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule"),
-    printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
-    printcolumn(name = "Last Run", type_ = "date", json_path = ".status.lastRun"),
-    printcolumn(name = "Stalled", type_ = "integer", json_path = ".status.stalledRuns"),
-    printcolumn(
-        name = "Reconciled",
-        type_ = "integer",
-        json_path = ".status.reconciledRuns"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule"}"#,
+    printcolumn = r#"{"name": "Suspend", "type": "boolean", "jsonPath": ".spec.suspend"}"#,
+    printcolumn = r#"{"name": "Last Run", "type": "date", "jsonPath": ".status.lastRun"}"#,
+    printcolumn = r#"{"name": "Stalled", "type": "integer", "jsonPath": ".status.stalledRuns"}"#,
+    printcolumn = r#"{"name": "Reconciled", "type": "integer", "jsonPath": ".status.reconciledRuns"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlowcraftReconcileScheduleSpec {
@@ -345,14 +333,10 @@ pub struct FlowcraftReconcileScheduleStatus {
     status = "FlowRunStatus",
     derive = "PartialEq",
     doc = "One run of a blueprint in a worker pool; the status mirrors the run's state in PostgreSQL.",
-    printcolumn(name = "Blueprint", type_ = "string", json_path = ".spec.blueprint"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Blueprint", "type": "string", "jsonPath": ".spec.blueprint"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Progress", "type": "string", "jsonPath": ".status.progress"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlowRunSpec {

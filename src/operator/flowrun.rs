@@ -417,7 +417,7 @@ async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> 
         None => match read_pool(ctx, run, &namespace, &run.spec.worker_pool).await {
             Ok(pool) => run_target(&pool, ctx),
             Err(OperatorError::InvalidSpec { .. }) => RunTarget {
-                queue: super::crd::DEFAULT_QUEUE.to_string(),
+                queue: ctx.queue.clone(),
                 queue_type: None,
                 tables: ctx.tables.clone(),
             },

@@ -14,7 +14,260 @@ pub mod workerpool;
 
 pub use crd::{crds_yaml, write_crds};
 
-use kube::{Resource, ResourceExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use admin::Health;
+use backends::{RabbitQueueProbe, ServiceBackends};
+use context::Context;
+use leader::{LeaderElector, RENEW_DEADLINE, RENEW_EVERY};
+use metrics::Metrics;
+
+/// Configuration of `flowcraft operator` (every field has a CLI flag and an env var; see `docs/CONTRACT.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorConfig {
+    /// Default worker image for pools without `spec.image` (`FLOWCRAFT_OPERATOR_IMAGE`); normally the
+    /// operator's own image.
+    pub image: String,
+    /// Elect a leader through a Lease so only one replica acts (`FLOWCRAFT_LEADER_ELECTION`, default true).
+    pub leader_election: bool,
+    /// Watch only this namespace (`FLOWCRAFT_WATCH_NAMESPACE`); all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// This pod's name (`POD_NAME`): the lease holder identity and the events' reporting instance.
+    pub pod_name: Option<String>,
+    /// This pod's namespace (`POD_NAMESPACE`): where the Lease lives.
+    pub pod_namespace: Option<String>,
+    /// Admin server address (`FLOWCRAFT_ADMIN_ADDR`, default `0.0.0.0:8080`).
+    pub admin_addr: SocketAddr,
+    /// PostgreSQL URL (`FLOWCRAFT_DATABASE_URL`): FlowRuns and schedule stats. It must reach the database the
+    /// pools use (FlowRuns and stats use the operator's own connection, with each pool's table names).
+    pub database_url: Option<String>,
+    /// AMQP URL (`FLOWCRAFT_AMQP_URL`): FlowRuns publish their start jobs to their pool's queue on it.
+    pub amqp_url: Option<String>,
+    /// Table names of pools without `spec.tables` (`FLOWCRAFT_CONTEXTS_TABLE`, `FLOWCRAFT_STATUSES_TABLE`,
+    /// `FLOWCRAFT_RESULTS_TABLE`); also set on their workers, so keep them equal to what those workers use.
+    pub tables: TableNames,
+    /// Queue used to cancel a deleted FlowRun whose pool is already gone (`FLOWCRAFT_QUEUE`).
+    pub queue: String,
+    /// Name of the leader-election Lease (in `pod_namespace`).
+    pub lease_name: String,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            image: String::new(),
+            leader_election: true,
+            namespace: None,
+            pod_name: None,
+            pod_namespace: None,
+            admin_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            database_url: None,
+            amqp_url: None,
+            tables: TableNames::default(),
+            queue: crd::DEFAULT_QUEUE.to_string(),
+            lease_name: "flowcraft-operator".to_string(),
+        }
+    }
+}
+
+/// Run the operator until SIGTERM/SIGINT: admin server, leader election, and (while leading) the three
+/// controllers. Losing the lease stops the controllers; the replica then campaigns again.
+pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
+    crate::install_crypto_provider();
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::default().register(&mut registry));
+    let health = Arc::new(Health::default());
+    let listener = admin::bind(cfg.admin_addr).await?;
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(admin::serve(
+        listener,
+        health.clone(),
+        Arc::new(registry),
+        admin_stop.clone(),
+    ));
+
+    let result = run_with(cfg, shutdown, health, metrics).await;
+    admin_stop.cancel();
+    match admin.await {
+        Ok(Err(error)) => tracing::warn!(%error, "Admin server failed."),
+        Err(error) => tracing::warn!(%error, "Admin server task failed."),
+        Ok(Ok(())) => {}
+    }
+    result
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot listen for SIGTERM.");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("Shutdown requested; finishing in-flight reconciles.");
+        shutdown.cancel();
+    });
+}
+
+/// The body of [`run`] with a given shutdown token, health and metrics (the admin server runs elsewhere).
+pub async fn run_with(
+    cfg: OperatorConfig,
+    shutdown: CancellationToken,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> Result<(), OperatorError> {
+    if cfg.image.is_empty() {
+        tracing::warn!("No default image (FLOWCRAFT_OPERATOR_IMAGE): pools must set spec.image.");
+    }
+    let client = Client::try_default().await.map_err(OperatorError::Client)?;
+    controllers::check_crds(&client, cfg.namespace.as_deref()).await?;
+
+    let mut ctx = Context::new(client.clone(), cfg.image.clone(), metrics.clone())
+        .with_instance(cfg.pod_name.clone())
+        .with_tables(cfg.tables.clone())
+        .with_queue_probe(Arc::new(RabbitQueueProbe));
+    ctx.queue = cfg.queue.clone();
+    let backends = Arc::new(ServiceBackends::new(
+        cfg.database_url.clone(),
+        cfg.amqp_url.clone(),
+    ));
+    if cfg.database_url.is_some() {
+        ctx = ctx.with_stats(backends.clone()).with_runs(backends.clone());
+    } else {
+        tracing::warn!(
+            "No database URL (FLOWCRAFT_DATABASE_URL): FlowRuns cannot start and schedule stats are not mirrored."
+        );
+    }
+    let ctx = Arc::new(ctx);
+
+    let mut elector = if cfg.leader_election {
+        let namespace = cfg.pod_namespace.clone().ok_or_else(|| {
+            OperatorError::Config(
+                "leader election needs POD_NAMESPACE (or FLOWCRAFT_LEADER_ELECTION=false)".into(),
+            )
+        })?;
+        let identity = cfg.pod_name.clone().ok_or_else(|| {
+            OperatorError::Config(
+                "leader election needs POD_NAME (or FLOWCRAFT_LEADER_ELECTION=false)".into(),
+            )
+        })?;
+        Some(LeaderElector::new(
+            client.clone(),
+            &namespace,
+            &cfg.lease_name,
+            &identity,
+        ))
+    } else {
+        None
+    };
+
+    loop {
+        if let Some(elector) = elector.as_mut() {
+            health.set_standby();
+            metrics.leader.set(0);
+            tracing::info!(lease = %elector.lease(), "Waiting for the leader lease.");
+            if !campaign(elector, &shutdown).await {
+                backends.close().await;
+                return Ok(());
+            }
+            tracing::info!(lease = %elector.lease(), "Acquired the leader lease.");
+        }
+        health.set_leading();
+        metrics.leader.set(1);
+
+        let stop = shutdown.child_token();
+        let controllers = controllers::run_controllers(
+            ctx.clone(),
+            cfg.namespace.clone(),
+            stop.clone(),
+            health.clone(),
+        );
+        let lost = async {
+            match elector.as_mut() {
+                Some(elector) => hold(elector, &shutdown).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = controllers => {}
+            _ = lost => {
+                // Dropping the controllers aborts in-flight reconciles: another replica may take over soon.
+                stop.cancel();
+                metrics.leader.set(0);
+                tracing::warn!("Lost the leader lease; controllers stopped.");
+            }
+        }
+        if shutdown.is_cancelled() || elector.is_none() {
+            if let Some(elector) = elector.as_mut() {
+                elector.release().await;
+            }
+            backends.close().await;
+            metrics.leader.set(0);
+            tracing::info!("Operator stopped.");
+            return Ok(());
+        }
+    }
+}
+
+/// Try to acquire the lease every [`RENEW_EVERY`] until we hold it (`true`) or shutdown (`false`).
+async fn campaign(elector: &mut LeaderElector, shutdown: &CancellationToken) -> bool {
+    loop {
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "Leader election failed; retrying."),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(RENEW_EVERY) => {}
+        }
+    }
+}
+
+/// Renew the lease every [`RENEW_EVERY`]; returns when it is lost (another holder, or no successful renewal
+/// for [`RENEW_DEADLINE`]). Keeps renewing during a graceful shutdown.
+async fn hold(elector: &mut LeaderElector, shutdown: &CancellationToken) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        match elector.try_acquire_or_renew().await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                if !shutdown.is_cancelled() {
+                    tracing::warn!(lease = %elector.lease(), "Another replica holds the lease.");
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot renew the leader lease.");
+                if renewed.elapsed() >= RENEW_DEADLINE {
+                    return;
+                }
+            }
+        }
+    }
+}
 
 /// PostgreSQL table names of a pool (the defaults are the worker's).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
