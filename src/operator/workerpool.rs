@@ -606,3 +606,337 @@ async fn apply(
         RESYNC
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::crd::{
+        BlueprintsSpec, FlowcraftWorkerPoolSpec, QueueSpec, QueueType, TablesSpec,
+    };
+    use k8s_openapi::api::core::v1::EnvVar;
+
+    const BP: &str = "id: order\nnodes:\n  - { id: a, uses: noop }\n  - { id: b, uses: custom-node }\nedges:\n  - { source: a, target: b }\n";
+
+    fn pool() -> FlowcraftWorkerPool {
+        let mut p = FlowcraftWorkerPool::new(
+            "orders",
+            FlowcraftWorkerPoolSpec {
+                replicas: 2,
+                image: None,
+                image_pull_policy: None,
+                queue: QueueSpec {
+                    name: "orders-jobs".into(),
+                    prefetch: 8,
+                    queue_type: Some(QueueType::Classic),
+                },
+                connection_secret: "flowcraft-conn".into(),
+                blueprints: BlueprintsSpec {
+                    config_map: "order-blueprints".into(),
+                },
+                autoscaling: None,
+                tables: Some(TablesSpec {
+                    contexts: Some("o_contexts".into()),
+                    statuses: None,
+                    results: None,
+                }),
+                redis_prefix: Some("orders".into()),
+                resources: None,
+                env: vec![EnvVar {
+                    name: "EXTRA".into(),
+                    value: Some("1".into()),
+                    value_from: None,
+                }],
+                node_selector: BTreeMap::from([("pool".to_string(), "workers".to_string())]),
+                tolerations: vec![],
+                affinity: None,
+                service_account_name: Some("flowcraft-worker".into()),
+                pod_annotations: BTreeMap::from([("team".to_string(), "shop".to_string())]),
+            },
+        );
+        p.metadata.namespace = Some("shop".into());
+        p.metadata.uid = Some("uid-1".into());
+        p.metadata.generation = Some(1);
+        p
+    }
+
+    fn ctx() -> BuildContext {
+        BuildContext {
+            default_image: "ghcr.io/flowcraft/flowcraft:1.0".into(),
+            configmap_hash: "abc123".into(),
+            replicas: 3,
+            tables: TableNames::default(),
+        }
+    }
+
+    fn container(d: &Deployment) -> &Container {
+        &d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+    }
+
+    #[test]
+    fn deployment_metadata_labels_and_owner() {
+        let d = desired_deployment(&pool(), &ctx()).unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("orders-worker"));
+        assert_eq!(d.metadata.namespace.as_deref(), Some("shop"));
+        let labels = d.metadata.labels.clone().unwrap();
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "flowcraft-operator");
+        assert_eq!(labels["app.kubernetes.io/name"], "flowcraft");
+        assert_eq!(labels["app.kubernetes.io/component"], "worker");
+        assert_eq!(labels["flowcraft.io/pool"], "orders");
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.api_version, "flowcraft.io/v1alpha1");
+        assert_eq!(owner.kind, "FlowcraftWorkerPool");
+        assert_eq!(owner.name, "orders");
+        assert_eq!(owner.uid, "uid-1");
+        assert_eq!(owner.controller, Some(true));
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        let selector = spec.selector.match_labels.clone().unwrap();
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        for (k, v) in &selector {
+            assert_eq!(
+                pod_labels.get(k),
+                Some(v),
+                "selector label {k} is on the pods"
+            );
+        }
+        assert_eq!(
+            pod::worker_selector_string("orders"),
+            "app.kubernetes.io/component=worker,app.kubernetes.io/name=flowcraft,flowcraft.io/pool=orders"
+        );
+    }
+
+    #[test]
+    fn deployment_pod_template() {
+        let d = desired_deployment(&pool(), &ctx()).unwrap();
+        let template = &d.spec.as_ref().unwrap().template;
+        let annotations = template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .clone()
+            .unwrap();
+        assert_eq!(annotations[ANNOTATION_BLUEPRINTS_HASH], "abc123");
+        assert_eq!(annotations["team"], "shop");
+        let pod = template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("flowcraft-worker")
+        );
+        assert_eq!(pod.node_selector.clone().unwrap()["pool"], "workers");
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(65532));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let vol = &pod.volumes.as_ref().unwrap()[0];
+        assert_eq!(vol.config_map.as_ref().unwrap().name, "order-blueprints");
+
+        let c = container(&d);
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/flowcraft/flowcraft:1.0"));
+        assert_eq!(c.args.clone().unwrap(), ["worker"]);
+        let mount = &c.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(mount.name, vol.name);
+        assert_eq!(mount.mount_path, "/etc/flowcraft/blueprints");
+        assert_eq!(mount.read_only, Some(true));
+        let port = &c.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("admin"), 8080)
+        );
+        let live = c
+            .liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(live.path.as_deref(), Some("/healthz"));
+        assert_eq!(live.port, IntOrString::String("admin".into()));
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(65532));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.clone().unwrap(),
+            ["ALL"]
+        );
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn deployment_env_from_secret_and_settings() {
+        let d = desired_deployment(&pool(), &ctx()).unwrap();
+        let env = container(&d).env.clone().unwrap();
+        for (key, var) in SECRET_KEYS {
+            let e = env.iter().find(|e| e.name == var).unwrap();
+            let r = e
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
+            assert_eq!((r.name.as_str(), r.key.as_str()), ("flowcraft-conn", key));
+        }
+        assert_eq!(
+            pod::env_value(&env, "FLOWCRAFT_BLUEPRINTS"),
+            Some("/etc/flowcraft/blueprints")
+        );
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_QUEUE"), Some("orders-jobs"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_PREFETCH"), Some("8"));
+        assert_eq!(
+            pod::env_value(&env, "FLOWCRAFT_QUEUE_TYPE"),
+            Some("classic")
+        );
+        assert_eq!(
+            pod::env_value(&env, "FLOWCRAFT_CONTEXTS_TABLE"),
+            Some("o_contexts")
+        );
+        assert_eq!(
+            pod::env_value(&env, "FLOWCRAFT_STATUSES_TABLE"),
+            Some("flowcraft_statuses")
+        );
+        assert_eq!(
+            pod::env_value(&env, "FLOWCRAFT_RESULTS_TABLE"),
+            Some("flowcraft_node_results")
+        );
+        assert_eq!(
+            pod::env_value(&env, "FLOWCRAFT_REDIS_PREFIX"),
+            Some("orders")
+        );
+        assert_eq!(
+            pod::env_value(&env, "FLOWCRAFT_ADMIN_ADDR"),
+            Some("0.0.0.0:8080")
+        );
+        // The pool's own env comes last, so it can override.
+        assert_eq!(env.last().unwrap().name, "EXTRA");
+    }
+
+    #[test]
+    fn deployment_image_and_errors() {
+        let mut p = pool();
+        p.spec.image = Some("my/custom:2".into());
+        assert_eq!(
+            container(&desired_deployment(&p, &ctx()).unwrap())
+                .image
+                .as_deref(),
+            Some("my/custom:2")
+        );
+        let no_default = BuildContext {
+            default_image: String::new(),
+            ..ctx()
+        };
+        assert!(matches!(
+            desired_deployment(&pool(), &no_default),
+            Err(OperatorError::InvalidSpec {
+                reason: "NoImage",
+                ..
+            })
+        ));
+        let mut no_uid = pool();
+        no_uid.metadata.uid = None;
+        let err = desired_deployment(&no_uid, &ctx()).unwrap_err();
+        assert!(
+            err.to_string().contains("FlowcraftWorkerPool shop/orders"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn autoscaling_is_ceil_clamped() {
+        let a = AutoscalingSpec {
+            min_replicas: 1,
+            max_replicas: 10,
+            target_queue_length: 100,
+        };
+        assert_eq!(autoscale_replicas(0, &a), 1);
+        assert_eq!(autoscale_replicas(1, &a), 1);
+        assert_eq!(autoscale_replicas(100, &a), 1);
+        assert_eq!(autoscale_replicas(101, &a), 2);
+        assert_eq!(autoscale_replicas(950, &a), 10);
+        assert_eq!(autoscale_replicas(1_000_000, &a), 10);
+        let zero = AutoscalingSpec {
+            min_replicas: 0,
+            max_replicas: 3,
+            target_queue_length: 5,
+        };
+        assert_eq!(autoscale_replicas(0, &zero), 0);
+        assert_eq!(autoscale_replicas(6, &zero), 2);
+    }
+
+    fn cm(data: &[(&str, &str)]) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("order-blueprints".into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn configmap_hash_changes_with_any_blueprint() {
+        let a = configmap_hash(&cm(&[("order.yaml", BP)]));
+        assert_eq!(a, configmap_hash(&cm(&[("order.yaml", BP)])));
+        assert_eq!(a.len(), 64);
+        assert_ne!(
+            a,
+            configmap_hash(&cm(&[("order.yaml", &BP.replace("noop", "log"))]))
+        );
+        assert_ne!(a, configmap_hash(&cm(&[("other.yaml", BP)])));
+    }
+
+    #[test]
+    fn pool_graphs_validates_every_key() {
+        let graphs = pool_graphs(&cm(&[("order.yaml", BP)])).unwrap();
+        assert_eq!(graphs["order"].node_count(), 2);
+        let err = pool_graphs(&cm(&[
+            ("order.yaml", BP),
+            (
+                "bad.yaml",
+                "id: bad\nnodes: [{id: a, uses: noop}]\nedges: [{source: a, target: nope}]\n",
+            ),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.contains("ConfigMap shop/order-blueprints") && err.contains("bad.yaml"),
+            "{err}"
+        );
+        let err = pool_graphs(&cm(&[("a.yaml", BP), ("b.yaml", BP)])).unwrap_err();
+        assert!(err.contains("defined twice"), "{err}");
+        assert!(pool_graphs(&cm(&[])).unwrap_err().contains("no blueprints"));
+    }
+}

@@ -1,0 +1,63 @@
+//! RabbitMQ restarted while runs are in flight: the workers reconnect and every run completes.
+//!
+//! This is its own test binary (cargo runs test binaries one after another), because restarting the broker
+//! disturbs every other test that uses it.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use flowcraft::client;
+use flowcraft::store::{RunStatus, RunStore};
+use flowcraft::worker::BlueprintSet;
+use serde_json::json;
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl is installed with the broker");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_reconnect_after_a_broker_restart_and_every_run_completes() {
+    let cluster = Cluster::new("restart");
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<_> = (0..6).map(|i| json!({"id": format!("n{i}"), "uses": "sleep", "params": {"duration": "30ms"}})).collect();
+    let edges: Vec<_> = (1..6).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
+    let bp = json!({"id": "slow_chain", "nodes": nodes, "edges": edges});
+    std::fs::write(dir.path().join("slow_chain.json"), bp.to_string()).unwrap();
+    let graph = BlueprintSet::load_dir(dir.path(), None).unwrap().get("slow_chain").unwrap();
+
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let w1 = cluster.spawn_worker("w1", dir.path(), &[]);
+    let w2 = cluster.spawn_worker("w2", dir.path(), &[]);
+    let ids: Vec<String> = (0..60).map(|i| format!("{}-{i}", cluster.name)).collect();
+    for id in &ids {
+        client::start_run(&*queue, &*store, &graph, id, json!({})).await.unwrap();
+    }
+    // Wait until the runs are under way, then restart the broker application.
+    common::eventually("some progress", Duration::from_secs(60), || async {
+        let n = store.records(&ids[0]).await.ok()?.len();
+        (n >= 1).then_some(())
+    })
+    .await;
+    rabbitmqctl(&["stop_app"]);
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    for id in &ids {
+        let status = common::eventually(&format!("run {id} to end"), Duration::from_secs(180), || async {
+            store.run_info(id).await.ok().flatten().map(|i| i.status).filter(|s| s.is_terminal())
+        })
+        .await;
+        assert_eq!(status, RunStatus::Completed, "run {id}\nw1:\n{}\nw2:\n{}", w1.log_text(), w2.log_text());
+    }
+    for id in &ids {
+        assert_eq!(store.records(id).await.unwrap().len(), 6, "run {id}: every node recorded once");
+    }
+    let log = format!("{}{}", w1.log_text(), w2.log_text());
+    assert!(log.to_lowercase().contains("reconnect"), "the workers noticed the outage:\n{log}");
+    drop((w1, w2));
+    cluster.cleanup().await;
+}
