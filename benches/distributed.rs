@@ -25,8 +25,8 @@ use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{NodeRecord, NodeStatus, RunStore};
 use futures::{StreamExt, TryStreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
@@ -38,7 +38,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // ------------------------------------------------------------------------------------------------
 
 fn database_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+    std::env::var("FLOWCRAFT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
 }
 
 fn redis_url() -> String {
@@ -46,12 +47,15 @@ fn redis_url() -> String {
 }
 
 fn amqp_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("FLOWCRAFT_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn flag(name: &str) -> bool {
@@ -63,7 +67,10 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A name usable as a table prefix, a queue name and a Redis prefix, unique to this process and call.
 fn unique(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("bench_{tag}_{}_{n}_{nanos:x}", std::process::id())
 }
 
@@ -72,13 +79,20 @@ fn unique(tag: &str) -> String {
 // ------------------------------------------------------------------------------------------------
 
 fn chain(id: &str, n: usize) -> Value {
-    let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
-    let edges: Vec<Value> = (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
+    let nodes: Vec<Value> = (0..n)
+        .map(|i| json!({"id": format!("n{i}"), "uses": "noop"}))
+        .collect();
+    let edges: Vec<Value> = (1..n)
+        .map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")}))
+        .collect();
     json!({"id": id, "nodes": nodes, "edges": edges})
 }
 
 fn fan(id: &str, width: usize) -> Value {
-    let mut nodes = vec![json!({"id": "split", "uses": "noop"}), json!({"id": "join", "uses": "noop", "joinStrategy": "all"})];
+    let mut nodes = vec![
+        json!({"id": "split", "uses": "noop"}),
+        json!({"id": "join", "uses": "noop", "joinStrategy": "all"}),
+    ];
     let mut edges = Vec::new();
     for i in 0..width {
         nodes.push(json!({"id": format!("w{i}"), "uses": "noop"}));
@@ -101,7 +115,8 @@ struct Workload {
 /// Write the blueprint to `dir` (for the workers) and build its graph (for `start_run`).
 fn blueprint(dir: &Path, value: Value) -> Graph {
     let id = value["id"].as_str().expect("blueprint id").to_string();
-    std::fs::write(dir.join(format!("{id}.json")), value.to_string()).expect("write the blueprint file");
+    std::fs::write(dir.join(format!("{id}.json")), value.to_string())
+        .expect("write the blueprint file");
     let bp: Blueprint = serde_json::from_value(value).expect("blueprint JSON");
     Graph::build(bp, Some(&Registry::with_builtins())).expect("valid blueprint")
 }
@@ -118,7 +133,10 @@ struct Slice {
 
 impl Slice {
     fn new(tag: &str, prefetch: u16) -> Self {
-        Self { name: unique(tag), prefetch }
+        Self {
+            name: unique(tag),
+            prefetch,
+        }
     }
 
     fn queue_name(&self) -> String {
@@ -129,7 +147,9 @@ impl Slice {
         let s = PostgresStore::connect(PgConfig::with_prefix(database_url(), &self.name))
             .await
             .map_err(|e| format!("connect PostgreSQL: {e}"))?;
-        s.migrate().await.map_err(|e| format!("migrate {}: {e}", self.name))?;
+        s.migrate()
+            .await
+            .map_err(|e| format!("migrate {}: {e}", self.name))?;
         Ok(Arc::new(s))
     }
 
@@ -141,12 +161,22 @@ impl Slice {
             prefetch: self.prefetch,
             connection_name: format!("{}-bench", self.name),
         };
-        Ok(Arc::new(RabbitQueue::connect(cfg).await.map_err(|e| format!("connect RabbitMQ: {e}"))?))
+        Ok(Arc::new(
+            RabbitQueue::connect(cfg)
+                .await
+                .map_err(|e| format!("connect RabbitMQ: {e}"))?,
+        ))
     }
 
     async fn coord(&self) -> Result<RedisCoordinator, String> {
-        let cfg = RedisConfig { url: redis_url(), prefix: self.name.clone(), ..RedisConfig::default() };
-        RedisCoordinator::connect(cfg).await.map_err(|e| format!("connect Redis: {e}"))
+        let cfg = RedisConfig {
+            url: redis_url(),
+            prefix: self.name.clone(),
+            ..RedisConfig::default()
+        };
+        RedisCoordinator::connect(cfg)
+            .await
+            .map_err(|e| format!("connect Redis: {e}"))
     }
 
     /// The environment of a worker process on this slice (as `tests/common` `Cluster::env`).
@@ -158,11 +188,23 @@ impl Slice {
             ("FLOWCRAFT_QUEUE".to_string(), self.queue_name()),
             ("FLOWCRAFT_QUEUE_TYPE".to_string(), "quorum".to_string()),
             ("FLOWCRAFT_PREFETCH".to_string(), self.prefetch.to_string()),
-            ("FLOWCRAFT_CONTEXTS_TABLE".to_string(), format!("{}_contexts", self.name)),
-            ("FLOWCRAFT_STATUSES_TABLE".to_string(), format!("{}_statuses", self.name)),
-            ("FLOWCRAFT_RESULTS_TABLE".to_string(), format!("{}_node_results", self.name)),
+            (
+                "FLOWCRAFT_CONTEXTS_TABLE".to_string(),
+                format!("{}_contexts", self.name),
+            ),
+            (
+                "FLOWCRAFT_STATUSES_TABLE".to_string(),
+                format!("{}_statuses", self.name),
+            ),
+            (
+                "FLOWCRAFT_RESULTS_TABLE".to_string(),
+                format!("{}_node_results", self.name),
+            ),
             ("FLOWCRAFT_REDIS_PREFIX".to_string(), self.name.clone()),
-            ("FLOWCRAFT_ADMIN_ADDR".to_string(), format!("127.0.0.1:{admin_port}")),
+            (
+                "FLOWCRAFT_ADMIN_ADDR".to_string(),
+                format!("127.0.0.1:{admin_port}"),
+            ),
         ];
         if let Some(log) = log {
             env.push(("FLOWCRAFT_LOG".to_string(), log.to_string()));
@@ -170,18 +212,31 @@ impl Slice {
         env
     }
 
-    fn spawn_worker(&self, label: &str, blueprints: &Path, logs: &Path, log: Option<&str>) -> Result<WorkerProcess, String> {
+    fn spawn_worker(
+        &self,
+        label: &str,
+        blueprints: &Path,
+        logs: &Path,
+        log: Option<&str>,
+    ) -> Result<WorkerProcess, String> {
         let admin_port = free_port()?;
         let log_path = logs.join(format!("{}-{label}.log", self.name));
-        let log_file = std::fs::File::create(&log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
+        let log_file = std::fs::File::create(&log_path)
+            .map_err(|e| format!("create {}: {e}", log_path.display()))?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowcraft"));
         cmd.arg("worker").arg("--blueprints").arg(blueprints);
         for (k, v) in self.env(admin_port, log) {
             cmd.env(k, v);
         }
         cmd.stdout(Stdio::null()).stderr(log_file);
-        let child = cmd.spawn().map_err(|e| format!("spawn {}: {e}", env!("CARGO_BIN_EXE_flowcraft")))?;
-        Ok(WorkerProcess { child: Some(child), log: log_path, admin_port })
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", env!("CARGO_BIN_EXE_flowcraft")))?;
+        Ok(WorkerProcess {
+            child: Some(child),
+            log: log_path,
+            admin_port,
+        })
     }
 
     /// Drop the tables, delete the queues, flush the Redis prefix. Best effort: reports what failed.
@@ -213,15 +268,22 @@ impl Slice {
             Err(e) => problems.push(e),
         }
         if !problems.is_empty() {
-            eprintln!("warning: cleanup of {} incomplete: {}", self.name, problems.join("; "));
+            eprintln!(
+                "warning: cleanup of {} incomplete: {}",
+                self.name,
+                problems.join("; ")
+            );
         }
     }
 }
 
 /// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
 fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| format!("local address: {e}"))
+    let l =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("local address: {e}"))
 }
 
 /// A `flowcraft worker` process, SIGKILLed when dropped.
@@ -239,19 +301,28 @@ impl WorkerProcess {
     /// `GET /readyz` answers 200.
     async fn ready(&self) -> bool {
         let probe = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await.ok()?;
-            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.ok()?;
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+                .await
+                .ok()?;
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
             let mut buf = Vec::new();
             s.read_to_end(&mut buf).await.ok()?;
             let text = String::from_utf8_lossy(&buf);
             Some(text.lines().next().is_some_and(|l| l.contains(" 200 ")))
         };
-        matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Some(true)))
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), probe).await,
+            Ok(Some(true))
+        )
     }
 
     /// The process exited (it should not have).
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// `VmRSS` and `VmHWM` in MiB from `/proc/<pid>/status`.
@@ -266,8 +337,12 @@ impl WorkerProcess {
 
     /// SIGTERM and wait (at most 20 s, then SIGKILL). Returns whether it exited by itself.
     async fn terminate(&mut self) -> bool {
-        let Some(child) = self.child.as_mut() else { return true };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -332,7 +407,12 @@ async fn measure(ctx: &Ctx, wl: &Workload, workers: usize) -> Result<Measured, S
     let result = measure_on(&slice, ctx, wl, workers, &mut procs).await;
     if result.is_err() {
         for p in &procs {
-            eprintln!("--- last lines of {} (pid {}) ---\n{}", p.log.display(), p.pid(), p.log_tail(20));
+            eprintln!(
+                "--- last lines of {} (pid {}) ---\n{}",
+                p.log.display(),
+                p.pid(),
+                p.log_tail(20)
+            );
         }
     }
     drop(procs); // SIGKILL whatever is still running before the queues are deleted
@@ -340,18 +420,32 @@ async fn measure(ctx: &Ctx, wl: &Workload, workers: usize) -> Result<Measured, S
     result
 }
 
-async fn measure_on(slice: &Slice, ctx: &Ctx, wl: &Workload, workers: usize, procs: &mut Vec<WorkerProcess>) -> Result<Measured, String> {
+async fn measure_on(
+    slice: &Slice,
+    ctx: &Ctx,
+    wl: &Workload,
+    workers: usize,
+    procs: &mut Vec<WorkerProcess>,
+) -> Result<Measured, String> {
     let store = slice.store().await?;
     let queue = slice.queue().await?;
     for i in 0..workers {
-        procs.push(slice.spawn_worker(&format!("w{i}"), &ctx.blueprints, &ctx.logs, ctx.log.as_deref())?);
+        procs.push(slice.spawn_worker(
+            &format!("w{i}"),
+            &ctx.blueprints,
+            &ctx.logs,
+            ctx.log.as_deref(),
+        )?);
     }
     // Ready: every worker answers /readyz (connected, consuming).
     let deadline = Instant::now() + Duration::from_secs(60);
     for p in procs.iter_mut() {
         while !p.ready().await {
             if let Some(status) = p.exited() {
-                return Err(format!("worker pid {} exited during start-up ({status})", p.pid()));
+                return Err(format!(
+                    "worker pid {} exited during start-up ({status})",
+                    p.pid()
+                ));
             }
             if Instant::now() > deadline {
                 return Err(format!("worker pid {} not ready after 60 s", p.pid()));
@@ -360,7 +454,9 @@ async fn measure_on(slice: &Slice, ctx: &Ctx, wl: &Workload, workers: usize, pro
         }
     }
     // Warm-up (not measured): enough short runs to open each worker's pooled connections and prepare statements.
-    let warm: Vec<String> = (0..2 * workers * usize::from(ctx.prefetch)).map(|i| format!("warm-{i:05}")).collect();
+    let warm: Vec<String> = (0..2 * workers * usize::from(ctx.prefetch))
+        .map(|i| format!("warm-{i:05}"))
+        .collect();
     start_all(&queue, &store, &ctx.warmup_graph, &warm, ctx.prefetch).await?;
     wait_all(&store, &warm, Duration::from_secs(120)).await?;
 
@@ -372,7 +468,11 @@ async fn measure_on(slice: &Slice, ctx: &Ctx, wl: &Workload, workers: usize, pro
     let memory = procs.iter().map(WorkerProcess::memory).collect();
 
     let names = store.table_names().clone();
-    let client = store.pool().get().await.map_err(|e| format!("PostgreSQL connection: {e}"))?;
+    let client = store
+        .pool()
+        .get()
+        .await
+        .map_err(|e| format!("PostgreSQL connection: {e}"))?;
     let row = client
         .query_one(
             &format!(
@@ -385,9 +485,16 @@ async fn measure_on(slice: &Slice, ctx: &Ctx, wl: &Workload, workers: usize, pro
         )
         .await
         .map_err(|e| format!("read run span: {e}"))?;
-    let (total, completed, span): (i64, i64, f64) = (row.get("total"), row.get("completed"), row.get("span"));
+    let (total, completed, span): (i64, i64, f64) =
+        (row.get("total"), row.get("completed"), row.get("span"));
     let nodes: i64 = client
-        .query_one(&format!("SELECT count(*) AS n FROM \"{}\" WHERE run_id LIKE 'm-%' AND status = 'done'", names.results), &[])
+        .query_one(
+            &format!(
+                "SELECT count(*) AS n FROM \"{}\" WHERE run_id LIKE 'm-%' AND status = 'done'",
+                names.results
+            ),
+            &[],
+        )
         .await
         .map_err(|e| format!("count node results: {e}"))?
         .get("n");
@@ -412,10 +519,18 @@ async fn measure_on(slice: &Slice, ctx: &Ctx, wl: &Workload, workers: usize, pro
 }
 
 /// Start every run through `client::start_run`, `concurrency` at a time.
-async fn start_all(queue: &Arc<RabbitQueue>, store: &Arc<PostgresStore>, graph: &Graph, ids: &[String], concurrency: u16) -> Result<(), String> {
+async fn start_all(
+    queue: &Arc<RabbitQueue>,
+    store: &Arc<PostgresStore>,
+    graph: &Graph,
+    ids: &[String],
+    concurrency: u16,
+) -> Result<(), String> {
     futures::stream::iter(ids)
         .map(|id| async move {
-            client::start_run(&**queue, &**store, graph, id, json!({"k": 1})).await.map_err(|e| format!("start run {id}: {e}"))
+            client::start_run(&**queue, &**store, graph, id, json!({"k": 1}))
+                .await
+                .map_err(|e| format!("start run {id}: {e}"))
         })
         .buffer_unordered(usize::from(concurrency.max(1)))
         .try_collect::<Vec<bool>>()
@@ -428,7 +543,10 @@ async fn wait_all(store: &PostgresStore, ids: &[String], deadline: Duration) -> 
     let start = Instant::now();
     for id in ids {
         loop {
-            let info = store.run_info(id).await.map_err(|e| format!("read run {id}: {e}"))?;
+            let info = store
+                .run_info(id)
+                .await
+                .map_err(|e| format!("read run {id}: {e}"))?;
             match info {
                 Some(i) if i.status.is_terminal() => break,
                 Some(_) => {}
@@ -450,34 +568,69 @@ async fn wait_all(store: &PostgresStore, ids: &[String], deadline: Duration) -> 
 /// (a) RabbitMQ alone, with lapin: a relay of `n` messages on a scratch quorum queue — `inflight` messages
 /// circulate; each delivery publishes the next message (persistent, waits for its confirm) and then acks,
 /// which is the queue traffic of one engine job. Returns messages per second.
-async fn raw_rabbitmq(n: usize, inflight: u16) -> Result<f64, String> {
+async fn raw_rabbitmq(n: usize, inflight: u16, queue_type: &str) -> Result<f64, String> {
     let queue = format!("{}_raw", unique("mq"));
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .map_err(|e| format!("connect RabbitMQ: {e}"))?;
-    let result = relay(&conn, &queue, n, inflight).await;
-    if let Ok(ch) = conn.create_channel().await {
-        if let Err(e) = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await {
-            eprintln!("warning: delete scratch queue {queue}: {e}");
-        }
+    let result = relay(&conn, &queue, n, inflight, queue_type).await;
+    if let Ok(ch) = conn.create_channel().await
+        && let Err(e) = ch
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+    {
+        eprintln!("warning: delete scratch queue {queue}: {e}");
     }
     let _ = conn.close(200, "done".into()).await;
     result
 }
 
-async fn relay(conn: &Connection, queue: &str, n: usize, inflight: u16) -> Result<f64, String> {
-    let publisher = conn.create_channel().await.map_err(|e| format!("channel: {e}"))?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| format!("confirm.select: {e}"))?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+async fn relay(
+    conn: &Connection,
+    queue: &str,
+    n: usize,
+    inflight: u16,
+    queue_type: &str,
+) -> Result<f64, String> {
+    let publisher = conn
+        .create_channel()
+        .await
+        .map_err(|e| format!("channel: {e}"))?;
     publisher
-        .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }, args)
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| format!("confirm.select: {e}"))?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(queue_type)),
+    );
+    publisher
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
         .await
         .map_err(|e| format!("declare {queue}: {e}"))?;
-    let consumer_ch = conn.create_channel().await.map_err(|e| format!("channel: {e}"))?;
-    consumer_ch.basic_qos(inflight, BasicQosOptions::default()).await.map_err(|e| format!("basic.qos: {e}"))?;
+    let consumer_ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| format!("channel: {e}"))?;
+    consumer_ch
+        .basic_qos(inflight, BasicQosOptions::default())
+        .await
+        .map_err(|e| format!("basic.qos: {e}"))?;
     let mut consumer = consumer_ch
-        .basic_consume(queue.into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(|e| format!("consume {queue}: {e}"))?;
     let body = br#"{"runId":"r-000001","blueprintId":"chain5","nodeId":"n1","attempt":0}"#;
@@ -492,9 +645,14 @@ async fn relay(conn: &Connection, queue: &str, n: usize, inflight: u16) -> Resul
                     .basic_publish(
                         "".into(),
                         queue.as_str().into(),
-                        BasicPublishOptions { mandatory: true, immediate: false },
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
                         body,
-                        BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
+                        BasicProperties::default()
+                            .with_content_type("application/json".into())
+                            .with_delivery_mode(2),
                     )
                     .await
                     .map_err(|e| format!("publish: {e}"))?;
@@ -615,7 +773,10 @@ fn mib(m: &[Option<(f64, f64)>]) -> String {
 #[tokio::main]
 async fn main() {
     let quick = flag("--quick");
-    let prefetch: u16 = arg("--prefetch").and_then(|p| p.parse().ok()).filter(|p| *p > 0).unwrap_or(16);
+    let prefetch: u16 = arg("--prefetch")
+        .and_then(|p| p.parse().ok())
+        .filter(|p| *p > 0)
+        .unwrap_or(16);
     let worker_counts: Vec<usize> = arg("--workers")
         .unwrap_or_else(|| "1,2".into())
         .split(',')
@@ -623,38 +784,88 @@ async fn main() {
         .filter(|w| *w > 0)
         .collect();
     let log = arg("--log");
-    let (w1_runs, w2_runs, raw_n) = if quick { (40, 5, 2_000) } else { (200, 20, 20_000) };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (w1_runs, w2_runs, raw_n) = if quick {
+        (40, 5, 2_000)
+    } else {
+        (200, 20, 20_000)
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
 
     let dir = tempfile::tempdir().expect("temp dir for blueprints");
     let logs = tempfile::tempdir().expect("temp dir for worker logs");
     let w1 = blueprint(dir.path(), chain("chain5", 5));
     let workloads = vec![
-        Workload { tag: "w1", label: format!("W1 {w1_runs} x 5-node chain"), graph: w1.clone(), runs: w1_runs, hops: None },
-        Workload { tag: "w2", label: format!("W2 {w2_runs} x 1->50->1"), graph: blueprint(dir.path(), fan("fan50", 50)), runs: w2_runs, hops: None },
-        Workload { tag: "w3", label: "W3 1 x 50-node chain".into(), graph: blueprint(dir.path(), chain("chain50", 50)), runs: 1, hops: Some(49) },
+        Workload {
+            tag: "w1",
+            label: format!("W1 {w1_runs} x 5-node chain"),
+            graph: w1.clone(),
+            runs: w1_runs,
+            hops: None,
+        },
+        Workload {
+            tag: "w2",
+            label: format!("W2 {w2_runs} x 1->50->1"),
+            graph: blueprint(dir.path(), fan("fan50", 50)),
+            runs: w2_runs,
+            hops: None,
+        },
+        Workload {
+            tag: "w3",
+            label: "W3 1 x 50-node chain".into(),
+            graph: blueprint(dir.path(), chain("chain50", 50)),
+            runs: 1,
+            hops: Some(49),
+        },
     ];
-    let ctx = Ctx { blueprints: dir.path().to_path_buf(), logs: logs.path().to_path_buf(), prefetch, log, warmup_graph: w1 };
+    let ctx = Ctx {
+        blueprints: dir.path().to_path_buf(),
+        logs: logs.path().to_path_buf(),
+        prefetch,
+        log,
+        warmup_graph: w1,
+    };
 
     println!(
         "distributed benchmark: {cores} cores, prefetch {prefetch}, quorum queue, services on this machine{}",
         if quick { " (--quick)" } else { "" }
     );
+    println!(
+        "load average before the run: {} (other processes compete for the same cores)",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("measuring raw limits at {prefetch} in flight ({raw_n} messages / writes) ...");
-    let raw_mq = raw_rabbitmq(raw_n, prefetch).await;
+    let raw_mq = raw_rabbitmq(raw_n, prefetch, "quorum").await;
+    let raw_mq_classic = raw_rabbitmq(raw_n, prefetch, "classic").await;
     let raw_pg = raw_postgres(raw_n, usize::from(prefetch)).await;
     match &raw_mq {
-        Ok(r) => println!("  (a) RabbitMQ relay, consume -> publish+confirm -> ack   {r:>10.0} msgs/s"),
+        Ok(r) => {
+            println!("  (a) RabbitMQ relay, consume -> publish+confirm -> ack   {r:>10.0} msgs/s")
+        }
         Err(e) => println!("  (a) RabbitMQ relay failed: {e}"),
     }
+    match &raw_mq_classic {
+        Ok(r) => {
+            println!("      same relay on a classic queue (for comparison)     {r:>10.0} msgs/s")
+        }
+        Err(e) => println!("      relay on a classic queue failed: {e}"),
+    }
     match &raw_pg {
-        Ok(r) => println!("  (b) PostgreSQL record(), one statement per job         {r:>10.0} writes/s"),
+        Ok(r) => {
+            println!("  (b) PostgreSQL record(), one statement per job         {r:>10.0} writes/s")
+        }
         Err(e) => println!("  (b) PostgreSQL record() failed: {e}"),
     }
     println!();
     println!(
-        "{:<26} {:>7} {:>5} {:>6} {:>9} {:>9} {:>11} {:>9}  {}",
-        "workload", "workers", "runs", "nodes", "wall(db)", "wall(obs)", "node exec/s", "hop ms", "worker MiB VmRSS/VmHWM"
+        "{:<26} {:>7} {:>5} {:>6} {:>9} {:>9} {:>11} {:>9}  worker MiB VmRSS/VmHWM",
+        "workload", "workers", "runs", "nodes", "wall(db)", "wall(obs)", "node exec/s", "hop ms",
     );
     let mut w1_two = None;
     for wl in &workloads {
@@ -662,7 +873,10 @@ async fn main() {
             match measure(&ctx, wl, workers).await {
                 Ok(m) => {
                     let rate = m.nodes as f64 / m.wall_db.as_secs_f64().max(1e-9);
-                    let hop = wl.hops.map(|h| format!("{:.2}", m.wall_db.as_secs_f64() * 1000.0 / h as f64)).unwrap_or_else(|| "-".into());
+                    let hop = wl
+                        .hops
+                        .map(|h| format!("{:.2}", m.wall_db.as_secs_f64() * 1000.0 / h as f64))
+                        .unwrap_or_else(|| "-".into());
                     println!(
                         "{:<26} {:>7} {:>5} {:>6} {:>8.3}s {:>8.3}s {:>11.0} {:>9}  {}",
                         wl.label,
@@ -676,10 +890,16 @@ async fn main() {
                         mib(&m.memory)
                     );
                     if m.not_completed > 0 {
-                        println!("  warning: {} of {} runs did not complete", m.not_completed, m.runs);
+                        println!(
+                            "  warning: {} of {} runs did not complete",
+                            m.not_completed, m.runs
+                        );
                     }
                     if m.clean_exits < m.workers {
-                        println!("  warning: {} worker(s) did not exit within 20 s of SIGTERM", m.workers - m.clean_exits);
+                        println!(
+                            "  warning: {} worker(s) did not exit within 20 s of SIGTERM",
+                            m.workers - m.clean_exits
+                        );
                     }
                     if wl.tag == "w1" && workers == 2 {
                         w1_two = Some(rate);
@@ -696,20 +916,47 @@ async fn main() {
             println!(
                 "W1 on 2 workers: {w1:.0} node exec/s = {:.1}% of min(a, b) = {limit:.0}/s ({})",
                 100.0 * w1 / limit,
-                if mq < pg { "RabbitMQ relay is the lower" } else { "PostgreSQL record() is the lower" }
+                if mq < pg {
+                    "RabbitMQ relay is the lower"
+                } else {
+                    "PostgreSQL record() is the lower"
+                }
             );
         }
-        _ => println!("W1 on 2 workers vs min(a, b): not available (a measurement failed or --workers lacks 2)"),
+        _ => println!(
+            "W1 on 2 workers vs min(a, b): not available (a measurement failed or --workers lacks 2)"
+        ),
     }
     println!();
     println!("figures:");
-    println!("  (a)          messages/s of a lapin relay on a scratch quorum queue: {prefetch} persistent messages circulate; each delivery publishes the next (waits for its confirm), then acks.");
-    println!("  (b)          PostgresStore::record() calls/s ({prefetch} tasks, 5 nodes per pre-created run): insert-if-absent result + context merge + updated_at touch, one statement.");
-    println!("  wall(db)     first run created -> last run finished, from the status rows' created_at/updated_at (database clock); the basis of node exec/s and hop ms.");
-    println!("  wall(obs)    first start_run call -> this process saw the last run end by polling run_info (2 ms interval).");
-    println!("  node exec/s  node results recorded as done / wall(db); each is one job: consume, job_view, lease, record, release, route, publish successors (confirmed), resolve, ack.");
-    println!("  hop ms       W3 only: wall(db) / 49 hops of the 50-node chain (one job latency end to end, the next job's queue trip included).");
-    println!("  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status.");
-    println!("  Each measurement has its own queue, tables and Redis prefix, and starts with an unmeasured warm-up of 2 x workers x prefetch runs of the 5-node chain.");
-    println!("  Everything (RabbitMQ, PostgreSQL, Redis, the workers and this process) shares the {cores} cores.");
+    println!(
+        "  (a)          messages/s of a lapin relay on a scratch quorum queue (the engine's default): {prefetch} persistent messages circulate; each delivery publishes the next (waits for its confirm), then acks."
+    );
+    println!(
+        "               The classic line is the same relay on a classic durable queue, for comparison only."
+    );
+    println!(
+        "  (b)          PostgresStore::record() calls/s ({prefetch} tasks, 5 nodes per pre-created run): insert-if-absent result + context merge + updated_at touch, one statement."
+    );
+    println!(
+        "  wall(db)     first run created -> last run finished, from the status rows' created_at/updated_at (database clock); the basis of node exec/s and hop ms."
+    );
+    println!(
+        "  wall(obs)    first start_run call -> this process saw the last run end by polling run_info (2 ms interval)."
+    );
+    println!(
+        "  node exec/s  node results recorded as done / wall(db); each is one job: consume, job_view, lease, record, release, route, publish successors (confirmed), resolve, ack."
+    );
+    println!(
+        "  hop ms       W3 only: wall(db) / 49 hops of the 50-node chain (one job latency end to end, the next job's queue trip included)."
+    );
+    println!(
+        "  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status."
+    );
+    println!(
+        "  Each measurement has its own queue, tables and Redis prefix, and starts with an unmeasured warm-up of 2 x workers x prefetch runs of the 5-node chain."
+    );
+    println!(
+        "  Everything (RabbitMQ, PostgreSQL, Redis, the workers and this process) shares the {cores} cores."
+    );
 }

@@ -482,10 +482,18 @@ fn crd_document(crd: &CustomResourceDefinition) -> String {
     format!("---\n{body}")
 }
 
+/// Each CRD file of `crds/` with its YAML text (a `---`-led document), in order.
+pub fn crd_files() -> Vec<(&'static str, String)> {
+    crds()
+        .iter()
+        .map(|(file, crd)| (*file, crd_document(crd)))
+        .collect()
+}
+
 /// All three CRDs as one multi-document YAML: exactly the concatenation of the files in `crds/`
 /// (`flowcraftworkerpools.yaml`, `flowcraftreconcileschedules.yaml`, `flowruns.yaml`).
 pub fn crds_yaml() -> String {
-    crds().iter().map(|(_, crd)| crd_document(crd)).collect()
+    crd_files().into_iter().map(|(_, text)| text).collect()
 }
 
 /// Write one file per CRD into `dir` (created if missing); returns the paths written.
@@ -495,9 +503,9 @@ pub fn write_crds(dir: &Path) -> Result<Vec<PathBuf>, OperatorError> {
         message: e.to_string(),
     })?;
     let mut written = Vec::new();
-    for (file, crd) in crds() {
+    for (file, text) in crd_files() {
         let path = dir.join(file);
-        std::fs::write(&path, crd_document(&crd)).map_err(|e| OperatorError::Io {
+        std::fs::write(&path, text).map_err(|e| OperatorError::Io {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;

@@ -446,3 +446,145 @@ async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> 
     ctx.forget_run(&key);
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::client::NodeSummary;
+    use crate::operator::crd::FlowRunSpec;
+
+    fn flowrun() -> FlowRun {
+        let mut r = FlowRun::new(
+            "order-42",
+            FlowRunSpec {
+                worker_pool: "orders".into(),
+                blueprint: "order".into(),
+                input: Some(json!({"id": 42})),
+                ttl_seconds_after_finished: None,
+            },
+        );
+        r.metadata.namespace = Some("shop".into());
+        r.metadata.uid = Some("1234".into());
+        r.metadata.generation = Some(1);
+        r
+    }
+
+    fn result(status: RunStatus, nodes: &[(&str, NodeStatus)], error: Option<&str>) -> RunResult {
+        let t = |s: i64| DateTime::<Utc>::from_timestamp(s, 500_000).unwrap();
+        RunResult {
+            run_id: "fr-1234".into(),
+            status,
+            outputs: BTreeMap::new(),
+            nodes: nodes
+                .iter()
+                .map(|(id, s)| {
+                    (
+                        id.to_string(),
+                        NodeSummary {
+                            status: *s,
+                            attempts: 1,
+                            error: None,
+                        },
+                    )
+                })
+                .collect(),
+            error: error.map(str::to_string),
+            blueprint_id: "order".into(),
+            total_nodes: None,
+            created_at: Some(t(1_700_000_000)),
+            finished_at: status.is_terminal().then(|| t(1_700_000_060)),
+        }
+    }
+
+    #[test]
+    fn run_id_comes_from_the_uid() {
+        assert_eq!(run_id(&flowrun()).unwrap(), "fr-1234");
+        let mut r = flowrun();
+        r.metadata.uid = None;
+        assert!(
+            run_id(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("FlowRun shop/order-42")
+        );
+    }
+
+    #[test]
+    fn mirrors_a_running_run() {
+        let r = result(
+            RunStatus::Running,
+            &[("a", NodeStatus::Done), ("b", NodeStatus::Skipped)],
+            None,
+        );
+        let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &r, 4);
+        assert_eq!(s.phase, Some(FlowRunPhase::Running));
+        assert_eq!(s.progress.as_deref(), Some("2/4"));
+        assert_eq!(s.run_id.as_deref(), Some("fr-1234"));
+        assert_eq!(s.started_at.as_ref().unwrap().0.as_second(), 1_700_000_000);
+        assert_eq!(s.started_at.as_ref().unwrap().0.subsec_nanosecond(), 0);
+        assert_eq!(s.finished_at, None);
+        let n = s.nodes.clone().unwrap();
+        assert_eq!(
+            (n.total, n.done, n.skipped, n.failed, n.pending),
+            (4, 1, 1, 0, 2)
+        );
+        assert_eq!(s.observed_generation, Some(1));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False");
+        let progressing = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Progressing")
+            .unwrap();
+        assert_eq!(progressing.status, "True");
+        // Mirroring the same state again gives the same status (no status patch, no hot loop).
+        assert_eq!(mirror(&flowrun(), &s, "fr-1234", &r, 4), s);
+    }
+
+    #[test]
+    fn mirrors_finished_runs() {
+        let ok = result(
+            RunStatus::Completed,
+            &[("a", NodeStatus::Done), ("b", NodeStatus::Done)],
+            None,
+        );
+        let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &ok, 2);
+        assert_eq!(s.phase, Some(FlowRunPhase::Succeeded));
+        assert_eq!(s.progress.as_deref(), Some("2/2"));
+        assert_eq!(s.finished_at.as_ref().unwrap().0.as_second(), 1_700_000_060);
+        assert!(
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        );
+
+        let failed = result(
+            RunStatus::Failed,
+            &[("a", NodeStatus::Failed)],
+            Some("node a failed: boom"),
+        );
+        let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &failed, 2);
+        assert_eq!(s.phase, Some(FlowRunPhase::Failed));
+        assert_eq!(s.message.as_deref(), Some("node a failed: boom"));
+        assert_eq!(s.nodes.unwrap().failed, 1);
+
+        let cancelled = result(
+            RunStatus::Cancelled,
+            &[],
+            Some("FlowRun shop/order-42 was deleted"),
+        );
+        let s = mirror(
+            &flowrun(),
+            &FlowRunStatus::default(),
+            "fr-1234",
+            &cancelled,
+            2,
+        );
+        assert_eq!(s.phase, Some(FlowRunPhase::Cancelled));
+        assert_eq!(s.progress.as_deref(), Some("0/2"));
+    }
+}

@@ -391,3 +391,214 @@ async fn apply(
         RESYNC
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::operator::crd::{
+        BlueprintsSpec, FlowcraftReconcileScheduleSpec, FlowcraftWorkerPoolSpec, QueueSpec,
+    };
+    use crate::operator::pod::env_value;
+
+    fn pool() -> FlowcraftWorkerPool {
+        let mut p = FlowcraftWorkerPool::new(
+            "orders",
+            FlowcraftWorkerPoolSpec {
+                replicas: 1,
+                image: Some("my/worker:3".into()),
+                image_pull_policy: Some("IfNotPresent".into()),
+                queue: QueueSpec::default(),
+                connection_secret: "conn".into(),
+                blueprints: BlueprintsSpec {
+                    config_map: "bps".into(),
+                },
+                autoscaling: None,
+                tables: None,
+                redis_prefix: None,
+                resources: None,
+                env: vec![],
+                node_selector: BTreeMap::new(),
+                tolerations: vec![],
+                affinity: None,
+                service_account_name: None,
+                pod_annotations: BTreeMap::new(),
+            },
+        );
+        p.metadata.namespace = Some("shop".into());
+        p.metadata.uid = Some("pool-uid".into());
+        p
+    }
+
+    fn schedule() -> FlowcraftReconcileSchedule {
+        let mut s = FlowcraftReconcileSchedule::new(
+            "orders-reconcile",
+            FlowcraftReconcileScheduleSpec {
+                schedule: "*/5 * * * *".into(),
+                time_zone: Some("Europe/Berlin".into()),
+                worker_pool: "orders".into(),
+                stalled_threshold_seconds: 300,
+                batch_size: Some(50),
+                suspend: false,
+            },
+        );
+        s.metadata.namespace = Some("shop".into());
+        s.metadata.uid = Some("sched-uid".into());
+        s
+    }
+
+    fn ctx() -> CronJobContext {
+        CronJobContext {
+            default_image: "ghcr.io/flowcraft/flowcraft:1.0".into(),
+            tables: TableNames::default(),
+        }
+    }
+
+    #[test]
+    fn cronjob_fields() {
+        let cj = desired_cronjob(&schedule(), &pool(), &ctx()).unwrap();
+        assert_eq!(cj.metadata.name.as_deref(), Some("orders-reconcile"));
+        assert_eq!(cj.metadata.namespace.as_deref(), Some("shop"));
+        let owner = &cj.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            (
+                "FlowcraftReconcileSchedule",
+                "orders-reconcile",
+                "sched-uid"
+            )
+        );
+        assert_eq!(owner.controller, Some(true));
+        let labels = cj.metadata.labels.clone().unwrap();
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "flowcraft-operator");
+        assert_eq!(labels["app.kubernetes.io/component"], "reconciler");
+        assert_eq!(labels["flowcraft.io/pool"], "orders");
+        assert_eq!(labels["flowcraft.io/schedule"], "orders-reconcile");
+
+        let spec = cj.spec.as_ref().unwrap();
+        assert_eq!(spec.schedule, "*/5 * * * *");
+        assert_eq!(spec.time_zone.as_deref(), Some("Europe/Berlin"));
+        assert_eq!(spec.suspend, Some(false));
+        assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
+        let pod = spec
+            .job_template
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_user,
+            Some(65532)
+        );
+        assert_eq!(
+            pod.volumes.as_ref().unwrap()[0]
+                .config_map
+                .as_ref()
+                .unwrap()
+                .name,
+            "bps"
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("my/worker:3"));
+        assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        assert_eq!(
+            c.args.clone().unwrap(),
+            [
+                "reconcile",
+                "--stalled-threshold",
+                "300s",
+                "--batch-size",
+                "50"
+            ]
+        );
+        assert_eq!(
+            c.volume_mounts.as_ref().unwrap()[0].mount_path,
+            "/etc/flowcraft/blueprints"
+        );
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(
+            (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+            (Some(true), Some(false))
+        );
+        let env = c.env.clone().unwrap();
+        assert_eq!(
+            env_value(&env, "FLOWCRAFT_SCHEDULE"),
+            Some("shop/orders-reconcile")
+        );
+        assert_eq!(env_value(&env, "FLOWCRAFT_QUEUE"), Some("flowcraft-jobs"));
+        assert_eq!(
+            env_value(&env, "FLOWCRAFT_STATUSES_TABLE"),
+            Some("flowcraft_statuses")
+        );
+        let db = env
+            .iter()
+            .find(|e| e.name == "FLOWCRAFT_DATABASE_URL")
+            .unwrap();
+        let r = db
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("conn", "databaseUrl"));
+    }
+
+    #[test]
+    fn cronjob_defaults_and_suspend() {
+        let mut s = schedule();
+        s.spec.batch_size = None;
+        s.spec.suspend = true;
+        s.spec.stalled_threshold_seconds = 90;
+        let mut p = pool();
+        p.spec.image = None;
+        let cj = desired_cronjob(&s, &p, &ctx()).unwrap();
+        let spec = cj.spec.as_ref().unwrap();
+        assert_eq!(spec.suspend, Some(true));
+        let c = &spec
+            .job_template
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        assert_eq!(
+            c.args.clone().unwrap(),
+            ["reconcile", "--stalled-threshold", "90s"]
+        );
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/flowcraft/flowcraft:1.0"));
+    }
+
+    #[test]
+    fn cron_validation_names_the_expression() {
+        for ok in [
+            "*/5 * * * *",
+            "0 3 * * 1-5",
+            "@hourly",
+            "@midnight",
+            "15 2 1 JAN *",
+        ] {
+            assert!(validate_cron(ok).is_ok(), "{ok}: {:?}", validate_cron(ok));
+        }
+        for bad in [
+            "",
+            "* * * *",
+            "*/5 * * * * *",
+            "61 * * * *",
+            "not a cron",
+            "TZ=UTC 0 * * * *",
+        ] {
+            let err = validate_cron(bad).unwrap_err();
+            assert!(bad.is_empty() || err.contains(bad), "{bad}: {err}");
+        }
+    }
+}

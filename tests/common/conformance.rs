@@ -71,14 +71,10 @@ pub fn check(case: &Case, r: &RunResult) -> Result<(), String> {
             other => errors.push(format!("output of {node}: {other:?}, expected {want}")),
         }
     }
-    if let Some(fragment) = &case.error_contains {
-        if !r
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains(fragment.as_str()))
-        {
-            errors.push(format!("error {:?} does not contain {fragment:?}", r.error));
-        }
+    if let Some(fragment) = &case.error_contains
+        && !r.error.as_deref().is_some_and(|e| e.contains(fragment.as_str()))
+    {
+        errors.push(format!("error {:?} does not contain {fragment:?}", r.error));
     }
     if errors.is_empty() {
         Ok(())
