@@ -5,11 +5,12 @@
 //! W3 = one run of a 50-node chain; each with 1 and then 2 worker processes, on a fresh queue, fresh tables and a
 //! fresh Redis prefix per measurement (dropped afterwards). Printed: node executions per second, per-hop latency
 //! of W3, the worker processes' memory, and the raw limits of this machine at the same concurrency (RabbitMQ
-//! relay with confirms, the per-job PostgreSQL write alone), with W1 on 2 workers as a fraction of them.
+//! relay with confirms, the per-job PostgreSQL write alone), with W1's throughput as a fraction of them.
 //!
 //! Run: `cargo bench --bench distributed` (options after `--`: `--quick`, `--prefetch 16`, `--workers 1,2`,
-//! `--log info`). Service URLs: `FLOWCRAFT_TEST_DATABASE_URL`, `FLOWCRAFT_TEST_REDIS_URL`,
-//! `FLOWCRAFT_TEST_AMQP_URL` (defaults: the local services).
+//! `--repeat 1` (measurements per workload and worker count), `--log info` (the workers' `FLOWCRAFT_LOG`)).
+//! Service URLs: `FLOWCRAFT_TEST_DATABASE_URL`, `FLOWCRAFT_TEST_REDIS_URL`, `FLOWCRAFT_TEST_AMQP_URL` (defaults:
+//! the local services).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -702,7 +703,11 @@ async fn relay(
 async fn raw_postgres(n: usize, concurrency: usize) -> Result<f64, String> {
     let slice = Slice::new("pg", 16);
     let result = async {
-        let store = slice.store().await?;
+        // One pooled connection per task, as each worker has a pool of `prefetch` connections.
+        let cfg = PgConfig { pool_size: concurrency.max(1), ..PgConfig::with_prefix(database_url(), &slice.name) };
+        let store = PostgresStore::connect(cfg).await.map_err(|e| format!("connect PostgreSQL: {e}"))?;
+        store.migrate().await.map_err(|e| format!("migrate {}: {e}", slice.name))?;
+        let store = Arc::new(store);
         let names = store.table_names().clone();
         let runs = n.div_ceil(5) as i64;
         let client = store.pool().get().await.map_err(|e| format!("PostgreSQL connection: {e}"))?;
@@ -756,6 +761,9 @@ async fn raw_postgres(n: usize, concurrency: usize) -> Result<f64, String> {
     result
 }
 
+/// The raw limits at one level of concurrency: (in flight, (a) relay msgs/s, (b) record writes/s).
+type RawLimit = (u16, Result<f64, String>, Result<f64, String>);
+
 // ------------------------------------------------------------------------------------------------
 // Main
 // ------------------------------------------------------------------------------------------------
@@ -784,6 +792,10 @@ async fn main() {
         .filter(|w| *w > 0)
         .collect();
     let log = arg("--log");
+    let repeat: usize = arg("--repeat")
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(1);
     let (w1_runs, w2_runs, raw_n) = if quick {
         (40, 5, 2_000)
     } else {
@@ -840,36 +852,53 @@ async fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("measuring raw limits at {prefetch} in flight ({raw_n} messages / writes) ...");
-    let raw_mq = raw_rabbitmq(raw_n, prefetch, "quorum").await;
-    let raw_mq_classic = raw_rabbitmq(raw_n, prefetch, "classic").await;
-    let raw_pg = raw_postgres(raw_n, usize::from(prefetch)).await;
-    match &raw_mq {
-        Ok(r) => {
-            println!("  (a) RabbitMQ relay, consume -> publish+confirm -> ack   {r:>10.0} msgs/s")
+    // The raw limits at the engine's concurrency: prefetch x workers jobs in flight.
+    let mut levels: Vec<u16> = worker_counts
+        .iter()
+        .map(|w| u16::try_from(usize::from(prefetch) * w).unwrap_or(u16::MAX))
+        .collect();
+    levels.sort_unstable();
+    levels.dedup();
+    println!("raw limits ({raw_n} messages / writes per figure):");
+    println!(
+        "  {:>9} {:>18} {:>20} {:>18}",
+        "in flight", "(a) relay msgs/s", "(b) record writes/s", "classic relay msgs/s"
+    );
+    // (in flight, relay msgs/s, record writes/s)
+    let mut raw: Vec<RawLimit> = Vec::new();
+    let show = |r: &Result<f64, String>| match r {
+        Ok(v) => format!("{v:.0}"),
+        Err(_) => "failed".to_string(),
+    };
+    for &level in &levels {
+        let mq = raw_rabbitmq(raw_n, level, "quorum").await;
+        let classic = raw_rabbitmq(raw_n, level, "classic").await;
+        let pg = raw_postgres(raw_n, usize::from(level)).await;
+        println!(
+            "  {level:>9} {:>18} {:>20} {:>18}",
+            show(&mq),
+            show(&pg),
+            show(&classic)
+        );
+        for e in [&mq, &pg, &classic]
+            .into_iter()
+            .filter_map(|r| r.as_ref().err())
+        {
+            println!("  error: {e}");
         }
-        Err(e) => println!("  (a) RabbitMQ relay failed: {e}"),
-    }
-    match &raw_mq_classic {
-        Ok(r) => {
-            println!("      same relay on a classic queue (for comparison)     {r:>10.0} msgs/s")
-        }
-        Err(e) => println!("      relay on a classic queue failed: {e}"),
-    }
-    match &raw_pg {
-        Ok(r) => {
-            println!("  (b) PostgreSQL record(), one statement per job         {r:>10.0} writes/s")
-        }
-        Err(e) => println!("  (b) PostgreSQL record() failed: {e}"),
+        raw.push((level, mq, pg));
     }
     println!();
     println!(
         "{:<26} {:>7} {:>5} {:>6} {:>9} {:>9} {:>11} {:>9}  worker MiB VmRSS/VmHWM",
         "workload", "workers", "runs", "nodes", "wall(db)", "wall(obs)", "node exec/s", "hop ms",
     );
-    let mut w1_two = None;
+    let mut w1_rates: Vec<(usize, f64)> = Vec::new();
     for wl in &workloads {
-        for &workers in &worker_counts {
+        for &workers in worker_counts
+            .iter()
+            .flat_map(|w| std::iter::repeat_n(w, repeat))
+        {
             match measure(&ctx, wl, workers).await {
                 Ok(m) => {
                     let rate = m.nodes as f64 / m.wall_db.as_secs_f64().max(1e-9);
@@ -901,8 +930,8 @@ async fn main() {
                             m.workers - m.clean_exits
                         );
                     }
-                    if wl.tag == "w1" && workers == 2 {
-                        w1_two = Some(rate);
+                    if wl.tag == "w1" {
+                        w1_rates.push((workers, rate));
                     }
                 }
                 Err(e) => println!("{:<26} {workers:>7}  failed: {e}", wl.label),
@@ -910,33 +939,40 @@ async fn main() {
         }
     }
     println!();
-    match (w1_two, &raw_mq, &raw_pg) {
-        (Some(w1), Ok(mq), Ok(pg)) => {
-            let limit = mq.min(*pg);
-            println!(
-                "W1 on 2 workers: {w1:.0} node exec/s = {:.1}% of min(a, b) = {limit:.0}/s ({})",
-                100.0 * w1 / limit,
-                if mq < pg {
-                    "RabbitMQ relay is the lower"
-                } else {
-                    "PostgreSQL record() is the lower"
-                }
-            );
+    for &(workers, rate) in &w1_rates {
+        let matching = u16::try_from(usize::from(prefetch) * workers).unwrap_or(u16::MAX);
+        let mut parts = Vec::new();
+        for (level, mq, pg) in &raw {
+            if *level != prefetch && *level != matching {
+                continue;
+            }
+            if let (Ok(mq), Ok(pg)) = (mq, pg) {
+                let limit = mq.min(*pg);
+                let lower = if mq < pg { "relay" } else { "record" };
+                parts.push(format!(
+                    "{:.0}% of min(a, b) at {level} in flight ({limit:.0}/s, {lower} lower)",
+                    100.0 * rate / limit
+                ));
+            }
         }
-        _ => println!(
-            "W1 on 2 workers vs min(a, b): not available (a measurement failed or --workers lacks 2)"
-        ),
+        if parts.is_empty() {
+            parts.push("no raw limit available".into());
+        }
+        println!(
+            "W1 on {workers} worker(s): {rate:.0} node exec/s = {}",
+            parts.join("; ")
+        );
     }
     println!();
     println!("figures:");
     println!(
-        "  (a)          messages/s of a lapin relay on a scratch quorum queue (the engine's default): {prefetch} persistent messages circulate; each delivery publishes the next (waits for its confirm), then acks."
+        "  (a)          messages/s of a lapin relay on a scratch quorum queue (the engine's default): `in flight` persistent messages circulate (one publisher channel, one consumer channel); each delivery publishes the next (waits for its confirm), then acks."
     );
     println!(
         "               The classic line is the same relay on a classic durable queue, for comparison only."
     );
     println!(
-        "  (b)          PostgresStore::record() calls/s ({prefetch} tasks, 5 nodes per pre-created run): insert-if-absent result + context merge + updated_at touch, one statement."
+        "  (b)          PostgresStore::record() calls/s (`in flight` tasks and pool connections, 5 nodes per pre-created run): insert-if-absent result + context merge + updated_at touch, one statement."
     );
     println!(
         "  wall(db)     first run created -> last run finished, from the status rows' created_at/updated_at (database clock); the basis of node exec/s and hop ms."

@@ -240,7 +240,7 @@ pub async fn wait_for_run<S: RunStore + ?Sized>(
             return Err(ClientError::Timeout { run_id: run_id.to_string(), waited: t });
         }
         tokio::time::sleep(interval).await;
-        interval = (interval * 2).min(Duration::from_millis(250));
+        interval = (interval * 2).min(Duration::from_millis(100));
     }
 }
 

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{self, ClientError, RunResult};
 use crate::flow::{Graph, Registry};
 use crate::metrics::WorkerMetrics;
+use crate::store::RunStore;
 use crate::store::memory::{MemoryCoordinator, MemoryQueue, MemoryStore};
 use crate::worker::{BlueprintSet, Worker, WorkerConfig};
 
@@ -62,9 +63,30 @@ impl Embedded {
         Ok(run_id)
     }
 
-    /// Wait for a run to end.
+    /// Wait for a run to end (woken when any run finishes, so no polling delay).
     pub async fn wait(&self, run_id: &str, graph: &Graph, timeout: Option<Duration>) -> Result<RunResult, ClientError> {
-        client::wait_for_run(&*self.store, run_id, Some(graph), timeout, |_, _| {}).await
+        let start = std::time::Instant::now();
+        let signal = self.store.finish_signal();
+        loop {
+            // Created before the check, so a finish between the check and the await is not missed.
+            let woken = signal.notified();
+            let info = self.store.run_info(run_id).await.map_err(|source| ClientError::Store { run_id: run_id.to_string(), source })?;
+            match info {
+                None => return Err(ClientError::NotFound(run_id.to_string())),
+                Some(i) if i.status.is_terminal() => {
+                    return client::run_result(&*self.store, run_id, Some(graph))
+                        .await?
+                        .ok_or_else(|| ClientError::NotFound(run_id.to_string()));
+                }
+                Some(_) => {}
+            }
+            if let Some(t) = timeout
+                && start.elapsed() > t
+            {
+                return Err(ClientError::Timeout { run_id: run_id.to_string(), waited: t });
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), woken).await;
+        }
     }
 
     /// Stop the workers (jobs in flight finish).

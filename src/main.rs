@@ -15,6 +15,7 @@ use flowcraft::client::{self, RunResult};
 use flowcraft::config::ConnectionArgs;
 use flowcraft::distributed::{self, WorkerOptions};
 use flowcraft::flow::{Blueprint, BlueprintError, Graph, Registry};
+use flowcraft::operator::{OperatorConfig, TableNames};
 use flowcraft::reconciler::{ReconcileConfig, Reconciler};
 use flowcraft::store::postgres::PostgresStore;
 use flowcraft::store::{RunFilter, RunStatus, RunStore};
@@ -150,6 +151,29 @@ enum Command {
     },
     /// Apply the PostgreSQL migrations.
     Migrate,
+    /// Run the Kubernetes operator (FlowcraftWorkerPool, FlowcraftReconcileSchedule, FlowRun).
+    Operator {
+        /// Default worker image of pools without spec.image (normally the operator's own image).
+        #[arg(long, env = "FLOWCRAFT_OPERATOR_IMAGE", default_value = "")]
+        image: String,
+        /// Elect a leader through a Lease so only one replica acts.
+        #[arg(long, env = "FLOWCRAFT_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// Watch only this namespace (default: all).
+        #[arg(long, env = "FLOWCRAFT_WATCH_NAMESPACE")]
+        watch_namespace: Option<String>,
+        /// This pod's name (lease holder identity).
+        #[arg(long, env = "POD_NAME")]
+        pod_name: Option<String>,
+        /// This pod's namespace (where the Lease lives).
+        #[arg(long, env = "POD_NAMESPACE")]
+        pod_namespace: Option<String>,
+        /// Admin server address (/healthz, /readyz, /metrics).
+        #[arg(long, env = "FLOWCRAFT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+        admin_addr: std::net::SocketAddr,
+    },
+    /// Print the CustomResourceDefinitions (the files in crds/).
+    Crd,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -180,7 +204,17 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let bad_input = e.chain().any(|c| c.downcast_ref::<BlueprintError>().is_some() || c.downcast_ref::<UsageError>().is_some());
-            eprintln!("error: {e:#}");
+            let mut message = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&text);
+                }
+            }
+            eprintln!("error: {message}");
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }
@@ -277,6 +311,28 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Reconcile { stalled_threshold, batch_size, blueprints, schedule, output } => {
             reconcile(&cli.conn, stalled_threshold, batch_size, &blueprints, schedule.as_deref(), output).await
+        }
+        Command::Operator { image, leader_election, watch_namespace, pod_name, pod_namespace, admin_addr } => {
+            let c = cli.conn;
+            flowcraft::operator::run(OperatorConfig {
+                image,
+                leader_election,
+                namespace: watch_namespace,
+                pod_name,
+                pod_namespace,
+                admin_addr,
+                database_url: c.database_url,
+                amqp_url: c.amqp_url,
+                tables: TableNames { contexts: c.contexts_table, statuses: c.statuses_table, results: c.results_table },
+                queue: c.queue,
+                ..OperatorConfig::default()
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crd => {
+            print!("{}", flowcraft::operator::crds_yaml());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
             let store = connect_store(&cli.conn).await?;
@@ -401,6 +457,7 @@ fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
         let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
         let origin = file.display().to_string();
         let mut report = |name: String, r: Result<usize, String>| match r {
+            Ok(0) => println!("ok    {name}"),
             Ok(n) => println!("ok    {name} ({n} nodes)"),
             Err(e) => {
                 failures += 1;
@@ -413,7 +470,8 @@ fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
             serde_saphyr::from_multiple(&text).map_err(|e| anyhow!(BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }))?
         };
         for doc in docs.into_iter().filter(|d| !d.is_null()) {
-            match doc.get("kind").and_then(Value::as_str) {
+            let kind = doc.get("kind").and_then(Value::as_str).map(str::to_string);
+            match kind.as_deref() {
                 Some("ConfigMap") => {
                     let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
                     let data = doc.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
@@ -423,7 +481,11 @@ fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
                         report(label.clone(), check_blueprint(text, &label, registry));
                     }
                 }
-                Some(kind) => println!("skip  {origin}: {kind} (not a blueprint)"),
+                Some(kind @ ("FlowcraftWorkerPool" | "FlowcraftReconcileSchedule" | "FlowRun")) => {
+                    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
+                    report(format!("{origin}: {kind} {name}"), check_resource(kind, doc));
+                }
+                Some(kind) => println!("skip  {origin}: {kind} (not a blueprint or Flowcraft resource)"),
                 None => {
                     let r = serde_json::from_value::<Blueprint>(doc)
                         .map_err(|e| BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }.to_string())
@@ -434,6 +496,30 @@ fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
         }
     }
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+/// Check a Flowcraft custom resource against the operator's types (the CRD schema) and its rules.
+fn check_resource(kind: &str, doc: Value) -> Result<usize, String> {
+    use flowcraft::operator::crd::{FlowRun, FlowcraftReconcileSchedule, FlowcraftWorkerPool};
+    let problem = |e: serde_json::Error| format!("  - does not match the {kind} schema: {e}");
+    match kind {
+        "FlowcraftWorkerPool" => {
+            let pool: FlowcraftWorkerPool = serde_json::from_value(doc).map_err(problem)?;
+            if let Some(a) = &pool.spec.autoscaling
+                && a.max_replicas < a.min_replicas
+            {
+                return Err("  - spec.autoscaling.maxReplicas must be >= minReplicas".into());
+            }
+        }
+        "FlowcraftReconcileSchedule" => {
+            let s: FlowcraftReconcileSchedule = serde_json::from_value(doc).map_err(problem)?;
+            flowcraft::operator::schedule::validate_cron(&s.spec.schedule).map_err(|e| format!("  - spec.schedule: {e}"))?;
+        }
+        _ => {
+            let _: FlowRun = serde_json::from_value(doc).map_err(problem)?;
+        }
+    }
+    Ok(0)
 }
 
 fn check_blueprint(text: &str, origin: &str, registry: Option<&Registry>) -> Result<usize, String> {

@@ -278,8 +278,9 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             return self.version_mismatch(&job, &view, &graph).await.map_err(store_err);
         }
         // 3. Already recorded: route as the first delivery did. 4–5. Else lease, execute, record.
-        let (record, outcome) = match view.record(&job.node_id) {
-            Some(r) => (r.clone(), "duplicate"),
+        let existing = view.record(&job.node_id).cloned();
+        let (record, outcome) = match existing {
+            Some(r) => (r, "duplicate"),
             None => {
                 let lease = self.coord.acquire_lease(&job.run_id, &job.node_id, self.config.lease_ttl).await.map_err(store_err)?;
                 let Some(token) = lease else {
@@ -288,6 +289,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                     return Ok(Settle::Ack("lease_conflict"));
                 };
                 let executed = self.execute_with_lease(&graph, &job, &view, &token).await;
+                // Release the context snapshot first: the in-memory store then updates it without a copy.
+                drop(view);
                 let recorded = self.store.record(&job.run_id, &executed.record, &executed.writes).await;
                 if let Err(error) = self.coord.release_lease(&job.run_id, &job.node_id, &token).await {
                     debug!(run_id = %job.run_id, node = %job.node_id, error = %error, "Lease release failed; it will expire.");
@@ -391,8 +394,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let mut queue: VecDeque<NodeRecord> = VecDeque::from([record.clone()]);
         while let Some(rec) = queue.pop_front() {
             for arrival in graph.arrivals(&rec) {
-                let sources = graph.sources(&arrival.target);
-                let decision = if sources.len() <= 1 {
+                let expected = graph.source_count(&arrival.target);
+                let decision = if expected <= 1 {
                     if arrival.taken { JoinDecision::Fire } else { JoinDecision::Skip }
                 } else {
                     self.coord
@@ -401,7 +404,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                             node_id: &arrival.target,
                             source: &rec.node_id,
                             taken: arrival.taken,
-                            expected: sources.len(),
+                            expected,
                             any: graph.join(&arrival.target) == crate::flow::JoinStrategy::Any,
                         })
                         .await?
@@ -473,7 +476,7 @@ async fn execute(graph: &Arc<Graph>, registry: &Registry, metrics: &WorkerMetric
         Err(e) => return failed(0, e.to_string()),
     };
     let policy = graph.policy(node_id).cloned().unwrap_or_default();
-    let context = ContextHandle::new(view.context.clone());
+    let context = ContextHandle::shared(view.context.clone());
     let mut last_error = String::new();
     let mut attempt = 0;
     while attempt < policy.attempts {

@@ -172,7 +172,7 @@ async fn create_run_is_idempotent_and_seeds_the_context() {
     assert_eq!(info.input, input);
     assert_eq!(info.status_data, json!({}));
     let view = s.job_view("r1", &[]).await.unwrap().expect("view");
-    assert_eq!(Value::Object(view.context), input);
+    assert_eq!(Value::Object((*view.context).clone()), input);
 
     // A non-object input is stored as is and seeds an empty context.
     assert!(

@@ -343,6 +343,11 @@ impl Graph {
         self.idx(node).map(|i| self.nodes[i].sources.iter().map(|&s| self.nodes[s].def.id.as_str()).collect()).unwrap_or_default()
     }
 
+    /// How many distinct effective predecessors a node has (the arrivals its join waits for).
+    pub fn source_count(&self, node: &str) -> usize {
+        self.idx(node).map_or(0, |i| self.nodes[i].sources.len())
+    }
+
     /// The distinct effective targets of a node.
     pub fn targets(&self, node: &str) -> Vec<&str> {
         self.idx(node).map(|i| self.nodes[i].targets.iter().map(|&t| self.nodes[t].def.id.as_str()).collect()).unwrap_or_default()

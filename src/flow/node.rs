@@ -83,13 +83,18 @@ pub struct ContextHandle {
 
 #[derive(Debug, Default)]
 struct ContextState {
-    snapshot: Map<String, Value>,
+    snapshot: Arc<Map<String, Value>>,
     writes: Map<String, Value>,
 }
 
 impl ContextHandle {
     /// A handle over a snapshot of the run context.
     pub fn new(snapshot: Map<String, Value>) -> Self {
+        Self::shared(Arc::new(snapshot))
+    }
+
+    /// A handle over a shared snapshot (not copied).
+    pub fn shared(snapshot: Arc<Map<String, Value>>) -> Self {
         Self { inner: Arc::new(Mutex::new(ContextState { snapshot, writes: Map::new() })) }
     }
 
@@ -112,7 +117,7 @@ impl ContextHandle {
     /// The whole context as the node sees it.
     pub fn to_value(&self) -> Value {
         let s = self.lock();
-        let mut all = s.snapshot.clone();
+        let mut all = (*s.snapshot).clone();
         for (k, v) in &s.writes {
             all.insert(k.clone(), v.clone());
         }

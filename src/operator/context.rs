@@ -447,11 +447,14 @@ pub trait ObservedStatus: Clone + Default + PartialEq + Serialize + Send + Sync 
     fn conditions_mut(&mut self) -> &mut Vec<Condition>;
     /// Set the observed generation.
     fn set_observed_generation(&mut self, generation: Option<i64>);
+    /// Record a failed reconcile in kind-specific fields (besides the Degraded condition).
+    fn note_failure(&mut self, _message: &str) {}
 }
 
 macro_rules! observed_status {
-    ($t:ty) => {
+    ($t:ty $(, $note:item)?) => {
         impl ObservedStatus for $t {
+            $($note)?
             fn conditions(&self) -> &[Condition] {
                 &self.conditions
             }
@@ -466,7 +469,16 @@ macro_rules! observed_status {
 }
 observed_status!(FlowcraftWorkerPoolStatus);
 observed_status!(FlowcraftReconcileScheduleStatus);
-observed_status!(FlowRunStatus);
+observed_status!(
+    FlowRunStatus,
+    /// A FlowRun that could not start is Pending, with the reason as its message.
+    fn note_failure(&mut self, message: &str) {
+        if self.run_id.is_none() {
+            self.phase = Some(super::crd::FlowRunPhase::Pending);
+            self.message = Some(message.to_string());
+        }
+    }
+);
 
 /// A Flowcraft resource the operator reconciles.
 pub trait Reconciled:
@@ -556,6 +568,7 @@ pub async fn report_failure<K: Reconciled>(ctx: &Context, obj: &K, error: &Opera
     let merged = merge_conditions(status.conditions(), &set, obj.meta().generation);
     *status.conditions_mut() = merged;
     status.set_observed_generation(obj.meta().generation);
+    status.note_failure(&message);
     let is_new = previous.is_none_or(|c| c.status != "True" || c.message != message);
     if is_new {
         ctx.publish(obj, EventType::Warning, reason, "Reconcile", message)

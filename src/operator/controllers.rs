@@ -1,7 +1,10 @@
 //! Wiring of the three controllers: watches (owned Deployments and CronJobs, blueprint ConfigMaps, pools),
 //! graceful shutdown, and readiness once every cache has synced.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
@@ -16,10 +19,33 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::Health;
-use super::context::{Context, error_policy};
+use super::context::{Context, error_policy, object_key};
 use super::crd::{FlowRun, FlowRunPhase, FlowcraftReconcileSchedule, FlowcraftWorkerPool};
 use super::pod::MANAGED_BY;
 use super::{OperatorError, flowrun, schedule, workerpool};
+
+/// How long in-flight reconciles may run after a shutdown request.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Remembers the last generation seen per object, to react to spec changes only.
+#[derive(Debug, Default)]
+struct GenerationFilter(Mutex<HashMap<String, Option<i64>>>);
+
+impl GenerationFilter {
+    /// Whether `obj` has a generation not seen before (true on first sight).
+    fn changed<K: Resource<DynamicType = ()>>(&self, obj: &K) -> bool {
+        let Ok(mut seen) = self.0.lock() else {
+            return true;
+        };
+        let key = object_key(obj);
+        let generation = obj.meta().generation;
+        if obj.meta().deletion_timestamp.is_some() {
+            seen.remove(&key);
+            return true;
+        }
+        seen.insert(key, generation) != Some(generation)
+    }
+}
 
 /// An Api over all namespaces, or one namespace.
 pub fn scoped_api<K>(client: Client, namespace: Option<&str>) -> Api<K>
@@ -106,10 +132,15 @@ pub async fn run_controllers(
     .graceful_shutdown_on(shutdown(&stop));
     let schedule_store = schedules.store();
     let schedules_by_pool = schedule_store.clone();
+    let spec_changed = GenerationFilter::default();
     let schedules = schedules.watches(
         scoped_api::<FlowcraftWorkerPool>(client.clone(), ns),
         wc.clone(),
         move |pool: FlowcraftWorkerPool| {
+            // Only spec changes matter to a CronJob (a pool's status changes with every queue-depth reading).
+            if !spec_changed.changed(&pool) {
+                return Vec::new();
+            }
             let (pool_ns, pool_name) = (pool.namespace(), pool.name_any());
             schedules_by_pool
                 .state()
@@ -143,9 +174,12 @@ pub async fn run_controllers(
         },
     );
 
+    // Set once every cache has synced; until then no reconcile can be in flight.
+    let caches_synced = Arc::new(AtomicBool::new(false));
     let synced = {
         let health = health.clone();
         let stop = stop.clone();
+        let caches_synced = caches_synced.clone();
         async move {
             let all = async {
                 pool_store.wait_until_ready().await.is_ok()
@@ -155,9 +189,22 @@ pub async fn run_controllers(
             tokio::select! {
                 ok = all => if ok && !stop.is_cancelled() {
                     tracing::info!("Controller caches synced; ready.");
+                    caches_synced.store(true, Ordering::SeqCst);
                     health.set_synced();
                 },
                 _ = stop.cancelled() => {}
+            }
+        }
+    };
+    // kube's applier waits for its store before it can end, so a shutdown before the caches synced (or
+    // in-flight reconciles that outlast the grace period) would hang: stop them at the deadline instead.
+    let deadline = {
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            if caches_synced.load(Ordering::SeqCst) {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "Reconciles did not finish in time; stopping them.");
             }
         }
     };
@@ -180,7 +227,10 @@ pub async fn run_controllers(
         .run(flowrun::reconcile, error_policy::<FlowRun>, ctx.clone())
         .for_each(log_result);
     tracing::info!(namespace = ns.unwrap_or("(all)"), "Controllers started.");
-    tokio::join!(pools, schedules, runs, synced);
+    tokio::select! {
+        _ = async { tokio::join!(pools, schedules, runs, synced) } => {}
+        _ = deadline => {}
+    }
     tracing::info!("Controllers stopped.");
 }
 
@@ -198,5 +248,36 @@ async fn log_result<K: Resource>(
             tracing::warn!(%error, "Watch failed; retrying.")
         }
         Err(error) => tracing::warn!(%error, "Controller error."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::crd::{BlueprintsSpec, FlowcraftWorkerPoolSpec};
+
+    #[test]
+    fn generation_filter_reacts_to_spec_changes_only() {
+        let mut pool: FlowcraftWorkerPool = FlowcraftWorkerPool::new(
+            "orders",
+            serde_json::from_value::<FlowcraftWorkerPoolSpec>(serde_json::json!({
+                "connectionSecret": "conn", "blueprints": {"configMap": "bps"}
+            }))
+            .unwrap(),
+        );
+        assert_eq!(
+            pool.spec.blueprints,
+            BlueprintsSpec {
+                config_map: "bps".into()
+            }
+        );
+        pool.metadata.namespace = Some("shop".into());
+        pool.metadata.generation = Some(1);
+        let f = GenerationFilter::default();
+        assert!(f.changed(&pool), "first sight");
+        assert!(!f.changed(&pool), "status-only change");
+        pool.metadata.generation = Some(2);
+        assert!(f.changed(&pool), "spec change");
+        assert!(!f.changed(&pool));
     }
 }

@@ -411,6 +411,12 @@ async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> 
     }
     let run_id = run_id(run)?;
     let namespace = run.namespace().unwrap_or_default();
+    if ctx.runs.is_none() {
+        // Without a run store this operator never started it; nothing to cancel, never block the deletion.
+        tracing::warn!(%run_id, "No run store configured; deleting the FlowRun without cancelling its run.");
+        ctx.forget(&key);
+        return Ok(Action::await_change());
+    }
     // The pool may be gone already (a namespace being deleted): fall back to the default queue and tables.
     let target = match ctx.started_run(&key) {
         Some(s) => s.target,

@@ -137,10 +137,41 @@ pub async fn run_with(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
 ) -> Result<(), OperatorError> {
-    if cfg.image.is_empty() {
-        tracing::warn!("No default image (FLOWCRAFT_OPERATOR_IMAGE): pools must set spec.image.");
-    }
+    cfg.validate()?;
     let client = Client::try_default().await.map_err(OperatorError::Client)?;
+    run_with_client(cfg, client, shutdown, health, metrics).await
+}
+
+impl OperatorConfig {
+    /// Check the configuration before contacting anything.
+    pub fn validate(&self) -> Result<(), OperatorError> {
+        if self.leader_election {
+            let missing = |v: &Option<String>| v.as_deref().is_none_or(str::is_empty);
+            if missing(&self.pod_namespace) || missing(&self.pod_name) {
+                return Err(OperatorError::Config(
+                    "leader election needs POD_NAME and POD_NAMESPACE (or FLOWCRAFT_LEADER_ELECTION=false)"
+                        .into(),
+                ));
+            }
+        }
+        if self.image.is_empty() {
+            tracing::warn!(
+                "No default image (FLOWCRAFT_OPERATOR_IMAGE): pools must set spec.image."
+            );
+        }
+        Ok(())
+    }
+}
+
+/// [`run_with`] on a given Kubernetes client.
+pub async fn run_with_client(
+    cfg: OperatorConfig,
+    client: Client,
+    shutdown: CancellationToken,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> Result<(), OperatorError> {
+    cfg.validate()?;
     controllers::check_crds(&client, cfg.namespace.as_deref()).await?;
 
     let mut ctx = Context::new(client.clone(), cfg.image.clone(), metrics.clone())
@@ -161,25 +192,14 @@ pub async fn run_with(
     }
     let ctx = Arc::new(ctx);
 
-    let mut elector = if cfg.leader_election {
-        let namespace = cfg.pod_namespace.clone().ok_or_else(|| {
-            OperatorError::Config(
-                "leader election needs POD_NAMESPACE (or FLOWCRAFT_LEADER_ELECTION=false)".into(),
-            )
-        })?;
-        let identity = cfg.pod_name.clone().ok_or_else(|| {
-            OperatorError::Config(
-                "leader election needs POD_NAME (or FLOWCRAFT_LEADER_ELECTION=false)".into(),
-            )
-        })?;
-        Some(LeaderElector::new(
+    let mut elector = match (cfg.leader_election, &cfg.pod_namespace, &cfg.pod_name) {
+        (true, Some(namespace), Some(identity)) => Some(LeaderElector::new(
             client.clone(),
-            &namespace,
+            namespace,
             &cfg.lease_name,
-            &identity,
-        ))
-    } else {
-        None
+            identity,
+        )),
+        _ => None,
     };
 
     loop {

@@ -159,7 +159,7 @@ impl JobQueue for MemoryQueue {
 #[derive(Debug, Clone)]
 struct RunEntry {
     info: RunInfo,
-    context: Map<String, Value>,
+    context: Arc<Map<String, Value>>,
     records: BTreeMap<String, NodeRecord>,
 }
 
@@ -167,12 +167,18 @@ struct RunEntry {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     runs: Arc<Mutex<HashMap<String, RunEntry>>>,
+    finished: Arc<Notify>,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Notified (`notify_waiters`) whenever a run reaches a terminal status; waiters re-check their run.
+    pub fn finish_signal(&self) -> Arc<Notify> {
+        self.finished.clone()
     }
 
     /// Move a run's `updated_at` into the past (tests of the reconciler).
@@ -214,7 +220,7 @@ impl RunStore for MemoryStore {
                     created_at: now,
                     updated_at: now,
                 },
-                context,
+                context: Arc::new(context),
                 records: BTreeMap::new(),
             },
         );
@@ -243,11 +249,12 @@ impl RunStore for MemoryStore {
             }
             let mut r = record.clone();
             r.finished_at = Some(Utc::now());
+            let context = Arc::make_mut(&mut e.context);
             if r.status == NodeStatus::Done {
-                e.context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
+                context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
             }
             for (k, v) in context_writes {
-                e.context.insert(k.clone(), v.clone());
+                context.insert(k.clone(), v.clone());
             }
             e.records.insert(r.node_id.clone(), r);
             RecordOutcome::Inserted
@@ -276,6 +283,11 @@ impl RunStore for MemoryStore {
             e.info.status_data = status_data.clone();
             e.info.updated_at = Utc::now();
             true
+        })
+        .inspect(|changed| {
+            if *changed {
+                self.finished.notify_waiters();
+            }
         })
     }
 

@@ -6,6 +6,7 @@ pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -288,8 +289,8 @@ pub struct RunInfo {
 pub struct JobView {
     /// The run's status row.
     pub run: RunInfo,
-    /// The run context (flat map; node outputs under `_outputs.<id>`).
-    pub context: Map<String, Value>,
+    /// The run context (flat map; node outputs under `_outputs.<id>`), shared copy-on-write.
+    pub context: Arc<Map<String, Value>>,
     /// The records of the requested nodes that exist (the job's node and its predecessors).
     pub records: Vec<NodeRecord>,
 }

@@ -952,7 +952,7 @@ impl RunStore for PostgresStore {
         let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
         Ok(Some(JobView {
             run,
-            context,
+            context: std::sync::Arc::new(context),
             records,
         }))
     }

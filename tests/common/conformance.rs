@@ -72,7 +72,10 @@ pub fn check(case: &Case, r: &RunResult) -> Result<(), String> {
         }
     }
     if let Some(fragment) = &case.error_contains
-        && !r.error.as_deref().is_some_and(|e| e.contains(fragment.as_str()))
+        && !r
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains(fragment.as_str()))
     {
         errors.push(format!("error {:?} does not contain {fragment:?}", r.error));
     }

@@ -1,0 +1,1628 @@
+//! Operator reconcile flows against a mocked API server (tower-test): every expected request is asserted
+//! (method, path, query, body) and answered like kube-apiserver would; a request nobody expected fails the
+//! test. FlowRun flows also use the real PostgreSQL and RabbitMQ (`tests/common`).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use flowcraft::operator::admin::Health;
+use flowcraft::operator::context::{
+    Context, QueueProbe, ReconcileStats, StatsSource, backoff_delay, error_policy,
+};
+use flowcraft::operator::crd::{
+    AutoscalingSpec, BlueprintsSpec, FlowRun, FlowRunPhase, FlowRunSpec, FlowRunStatus,
+    FlowcraftReconcileSchedule, FlowcraftReconcileScheduleSpec, FlowcraftWorkerPool,
+    FlowcraftWorkerPoolSpec, QueueSpec, TablesSpec,
+};
+use flowcraft::operator::leader::LeaderElector;
+use flowcraft::operator::metrics::Metrics;
+use flowcraft::operator::workerpool::configmap_hash;
+use flowcraft::operator::{OperatorConfig, run_with_client};
+use flowcraft::operator::{OperatorError, TableNames, backends::ServiceBackends};
+use flowcraft::operator::{flowrun, schedule, workerpool};
+use flowcraft::store::postgres::{PgConfig, PostgresStore};
+use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
+use flowcraft::store::{NodeRecord, NodeStatus, RunStatus, RunStore};
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower_test::mock::{self, Handle, SendResponse};
+
+const NS: &str = "shop";
+const FIELD_MANAGER: &str = "flowcraft-operator";
+const BLUEPRINT: &str = "id: order\nmetadata: { version: \"1\" }\nnodes:\n  - { id: fetch, uses: noop }\n  - { id: notify, uses: my-custom-node }\nedges:\n  - { source: fetch, target: notify }\n";
+
+// ------------------------------------------------------------------------------------------------
+// The mocked API server
+// ------------------------------------------------------------------------------------------------
+
+/// One request the operator made.
+struct Call {
+    method: Method,
+    path: String,
+    query: HashMap<String, String>,
+    body: Value,
+    send: SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn reply(self, code: u16, body: &Value) {
+        let response = Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap();
+        self.send.send_response(response);
+    }
+
+    fn not_found(self, kind: &str, name: &str) {
+        let status = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{kind} \"{name}\" not found"), "reason": "NotFound", "code": 404
+        });
+        self.reply(404, &status);
+    }
+
+    /// Assert a server-side apply by the operator's field manager (forced).
+    fn assert_ssa(&self) {
+        assert_eq!(self.method, Method::PATCH, "{}", self.path);
+        assert_eq!(
+            self.query.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER),
+            "{}",
+            self.path
+        );
+        assert_eq!(
+            self.query.get("force").map(String::as_str),
+            Some("true"),
+            "{}",
+            self.path
+        );
+    }
+}
+
+/// Answers the operator's requests in a spawned task, like kube-rs/controller-rs's `ApiServerVerifier`.
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+impl ApiServer {
+    /// The next request, which must be `method path`.
+    async fn expect(&mut self, method: Method, path: &str) -> Call {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(10), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
+            .unwrap_or_else(|| panic!("the operator made no request; expected {method} {path}"));
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let uri = parts.uri.to_string();
+        let (p, q) = uri.split_once('?').unwrap_or((uri.as_str(), ""));
+        let query = q
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        assert_eq!(
+            (&parts.method, p),
+            (&method, path),
+            "unexpected request {} {uri} with body {body}",
+            parts.method
+        );
+        Call {
+            method: parts.method,
+            path: p.to_string(),
+            query,
+            body,
+            send,
+        }
+    }
+
+    /// Expect an event about `name`, check its type and reason, answer 201, return its note.
+    async fn expect_event(&mut self, type_: &str, reason: &str, name: &str) -> String {
+        let call = self
+            .expect(
+                Method::POST,
+                &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+            )
+            .await;
+        assert_eq!(call.body["type"], type_, "{}", call.body);
+        assert_eq!(call.body["reason"], reason, "{}", call.body);
+        assert_eq!(call.body["regarding"]["name"], name, "{}", call.body);
+        assert_eq!(call.body["reportingController"], "flowcraft-operator");
+        let note = call.body["note"].as_str().unwrap_or_default().to_string();
+        let body = call.body.clone();
+        call.reply(201, &body);
+        note
+    }
+
+    /// Once the operator's client is dropped: there must be no further request.
+    async fn done(mut self) {
+        let next = tokio::time::timeout(Duration::from_secs(10), self.0.next_request())
+            .await
+            .expect("the test must drop the context so the mocked API server ends");
+        if let Some((request, _)) = next {
+            panic!(
+                "unexpected extra request {} {}",
+                request.method(),
+                request.uri()
+            );
+        }
+    }
+}
+
+fn test_context() -> (Arc<Context>, ApiServer) {
+    let (ctx, server) = context_with(|c| c);
+    (ctx, server)
+}
+
+fn context_with(f: impl FnOnce(Context) -> Context) -> (Arc<Context>, ApiServer) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Context::new(
+        client,
+        "ghcr.io/flowcraft/flowcraft:1.0",
+        Arc::new(Metrics::default()),
+    );
+    (Arc::new(f(ctx)), ApiServer(handle))
+}
+
+/// Run `reconcile` against a scenario; returns the reconcile result after the scenario ends.
+async fn run_scenario<T, F>(
+    ctx: Arc<Context>,
+    server: ApiServer,
+    scenario: impl FnOnce(ApiServer) -> F,
+    reconcile: impl AsyncFnOnce(Arc<Context>) -> T,
+) -> T
+where
+    F: Future<Output = ApiServer> + Send + 'static,
+{
+    let task: JoinHandle<ApiServer> = tokio::spawn(scenario(server));
+    let result = tokio::time::timeout(Duration::from_secs(30), reconcile(ctx))
+        .await
+        .expect("reconcile finished");
+    let server = task.await.expect("scenario passed");
+    server.done().await;
+    result
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fixtures
+// ------------------------------------------------------------------------------------------------
+
+fn pool() -> FlowcraftWorkerPool {
+    let mut p = FlowcraftWorkerPool::new(
+        "orders",
+        FlowcraftWorkerPoolSpec {
+            replicas: 2,
+            image: None,
+            image_pull_policy: None,
+            queue: QueueSpec {
+                name: "orders-jobs".into(),
+                prefetch: 16,
+                queue_type: None,
+            },
+            connection_secret: "flowcraft-conn".into(),
+            blueprints: BlueprintsSpec {
+                config_map: "order-blueprints".into(),
+            },
+            autoscaling: None,
+            tables: None,
+            redis_prefix: None,
+            resources: None,
+            env: vec![],
+            node_selector: BTreeMap::new(),
+            tolerations: vec![],
+            affinity: None,
+            service_account_name: None,
+            pod_annotations: BTreeMap::new(),
+        },
+    );
+    p.metadata.namespace = Some(NS.into());
+    p.metadata.uid = Some("pool-uid-1".into());
+    p.metadata.generation = Some(1);
+    p.metadata.resource_version = Some("100".into());
+    p
+}
+
+fn secret(keys: &[&str]) -> Value {
+    let data: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|k| {
+            (
+                k.to_string(),
+                json!("YW1xcDovL2d1ZXN0Omd1ZXN0QGxvY2FsaG9zdDo1NjcyLyUyZg=="),
+            )
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": "flowcraft-conn", "namespace": NS}, "data": data})
+}
+
+fn configmap(text: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("order-blueprints".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "order.yaml".to_string(),
+            text.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// What the API server answers to the Deployment apply: the applied object with a status.
+fn deployment_response(applied: &Value, replicas: i64, ready: i64) -> Value {
+    let mut d = applied.clone();
+    d["metadata"]["generation"] = json!(1);
+    d["metadata"]["uid"] = json!("dep-uid");
+    d["status"] = json!({"observedGeneration": 1, "replicas": replicas, "readyReplicas": ready,
+                         "updatedReplicas": replicas});
+    d
+}
+
+fn with_status<K: serde::Serialize>(obj: &K, status: &Value) -> Value {
+    let mut v = serde_json::to_value(obj).unwrap();
+    v["status"] = status.clone();
+    v
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+struct FixedDepth(u64);
+
+#[async_trait]
+impl QueueProbe for FixedDepth {
+    async fn queue_depth(&self, _url: &str, queue: &str) -> Result<u64, String> {
+        assert_eq!(queue, "orders-jobs");
+        Ok(self.0)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// FlowcraftWorkerPool
+// ------------------------------------------------------------------------------------------------
+
+const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/flowcraft-conn";
+const CM_PATH: &str = "/api/v1/namespaces/shop/configmaps/order-blueprints";
+const DEPLOY_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/orders-worker";
+const POOL_PATH: &str = "/apis/flowcraft.io/v1alpha1/namespaces/shop/flowcraftworkerpools/orders";
+
+/// Serves a successful pool reconcile: Secret, ConfigMap, Deployment apply, events, status patch.
+/// Returns the applied Deployment and status bodies.
+async fn serve_pool_reconcile(
+    server: &mut ApiServer,
+    pool: &FlowcraftWorkerPool,
+    cm: &ConfigMap,
+    events: &[&str],
+    expect_status: bool,
+) -> (Value, Option<Value>) {
+    server
+        .expect(Method::GET, SECRET_PATH)
+        .await
+        .reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+    server
+        .expect(Method::GET, CM_PATH)
+        .await
+        .reply(200, &serde_json::to_value(cm).unwrap());
+    let call = server.expect(Method::PATCH, DEPLOY_PATH).await;
+    call.assert_ssa();
+    let applied = call.body.clone();
+    let desired = applied["spec"]["replicas"].as_i64().unwrap();
+    call.reply(200, &deployment_response(&applied, desired, desired));
+    for reason in events {
+        server.expect_event("Normal", reason, "orders").await;
+    }
+    if !expect_status {
+        return (applied, None);
+    }
+    let call = server
+        .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
+        .await;
+    call.assert_ssa();
+    assert_eq!(call.body["apiVersion"], "flowcraft.io/v1alpha1");
+    assert_eq!(call.body["kind"], "FlowcraftWorkerPool");
+    let status = call.body["status"].clone();
+    call.reply(200, &with_status(pool, &status));
+    (applied, Some(status))
+}
+
+#[tokio::test]
+async fn pool_create_applies_the_deployment_and_patches_the_status() {
+    let (ctx, server) = test_context();
+    let p = pool();
+    let cm = configmap(BLUEPRINT);
+    let hash = configmap_hash(&cm);
+    let (p2, cm2, hash2) = (p.clone(), cm.clone(), hash.clone());
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let (applied, status) = serve_pool_reconcile(&mut server, &p2, &cm2, &["Applied"], true).await;
+            // The Deployment: identity, ownership, labels, replicas, pod template.
+            assert_eq!(applied["apiVersion"], "apps/v1");
+            assert_eq!(applied["kind"], "Deployment");
+            assert_eq!(applied["metadata"]["name"], "orders-worker");
+            let owner = &applied["metadata"]["ownerReferences"][0];
+            assert_eq!(owner["kind"], "FlowcraftWorkerPool");
+            assert_eq!(owner["uid"], "pool-uid-1");
+            assert_eq!(owner["controller"], true);
+            assert_eq!(applied["metadata"]["labels"]["app.kubernetes.io/managed-by"], "flowcraft-operator");
+            assert_eq!(applied["spec"]["replicas"], 2);
+            let template = &applied["spec"]["template"];
+            assert_eq!(template["metadata"]["annotations"]["flowcraft.io/blueprints-hash"], hash2.as_str());
+            let container = &template["spec"]["containers"][0];
+            assert_eq!(container["image"], "ghcr.io/flowcraft/flowcraft:1.0");
+            assert_eq!(container["args"], json!(["worker"]));
+            let env = container["env"].as_array().unwrap();
+            let amqp = env.iter().find(|e| e["name"] == "FLOWCRAFT_AMQP_URL").unwrap();
+            assert_eq!(amqp["valueFrom"]["secretKeyRef"], json!({"name": "flowcraft-conn", "key": "amqpUrl", "optional": false}));
+            assert_eq!(template["spec"]["automountServiceAccountToken"], false);
+            // The status.
+            let status = status.unwrap();
+            assert_eq!(status["observedGeneration"], 1);
+            assert_eq!(status["replicas"], 2);
+            assert_eq!(status["readyReplicas"], 2);
+            assert_eq!(status["desiredReplicas"], 2);
+            assert_eq!(status["blueprintsHash"], hash2.as_str());
+            assert_eq!(
+                status["selector"],
+                "app.kubernetes.io/component=worker,app.kubernetes.io/name=flowcraft,flowcraft.io/pool=orders"
+            );
+            assert_eq!(condition(&status, "Ready")["status"], "True");
+            assert_eq!(condition(&status, "Progressing")["status"], "False");
+            assert_eq!(condition(&status, "Degraded")["status"], "False");
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+}
+
+/// The status the operator wrote for `pool` on its first reconcile (for follow-up scenarios).
+async fn first_status(pool: &FlowcraftWorkerPool, cm: &ConfigMap) -> Value {
+    let (ctx, server) = test_context();
+    let (p, c) = (pool.clone(), cm.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let (_, status) = serve_pool_reconcile(&mut server, &p, &c, &["Applied"], true).await;
+            tx.send(status.unwrap()).unwrap();
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(pool.clone()), ctx).await,
+    )
+    .await
+    .unwrap();
+    rx.await.unwrap()
+}
+
+fn pool_with_status(status: &Value) -> FlowcraftWorkerPool {
+    let mut p = pool();
+    p.status = Some(serde_json::from_value(status.clone()).unwrap());
+    p
+}
+
+#[tokio::test]
+async fn pool_unchanged_makes_no_status_patch_and_no_event() {
+    let cm = configmap(BLUEPRINT);
+    let status = first_status(&pool(), &cm).await;
+    let p = pool_with_status(&status);
+    let (ctx, server) = test_context();
+    let (p2, cm2) = (p.clone(), cm.clone());
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            serve_pool_reconcile(&mut server, &p2, &cm2, &[], false).await;
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert!(result.is_ok());
+}
+
+#[tokio::test]
+async fn pool_update_scales_the_deployment() {
+    let cm = configmap(BLUEPRINT);
+    let status = first_status(&pool(), &cm).await;
+    let mut p = pool_with_status(&status);
+    p.spec.replicas = 5;
+    p.metadata.generation = Some(2);
+    let (ctx, server) = test_context();
+    let (p2, cm2) = (p.clone(), cm.clone());
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let (applied, status) =
+                serve_pool_reconcile(&mut server, &p2, &cm2, &["Applied"], true).await;
+            assert_eq!(applied["spec"]["replicas"], 5);
+            let status = status.unwrap();
+            assert_eq!(status["desiredReplicas"], 5);
+            assert_eq!(status["observedGeneration"], 2);
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn pool_blueprint_change_rolls_the_workers() {
+    let cm = configmap(BLUEPRINT);
+    let old_hash = configmap_hash(&cm);
+    let status = first_status(&pool(), &cm).await;
+    let p = pool_with_status(&status);
+    let changed = configmap(&BLUEPRINT.replace("fetch, uses: noop", "fetch, uses: log"));
+    let new_hash = configmap_hash(&changed);
+    assert_ne!(old_hash, new_hash);
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let (applied, status) =
+                serve_pool_reconcile(&mut server, &p2, &changed, &["BlueprintsChanged"], true).await;
+            assert_eq!(
+                applied["spec"]["template"]["metadata"]["annotations"]["flowcraft.io/blueprints-hash"],
+                new_hash.as_str()
+            );
+            assert_eq!(status.unwrap()["blueprintsHash"], new_hash.as_str());
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn pool_autoscales_on_queue_depth() {
+    let mut p = pool();
+    p.spec.autoscaling = Some(AutoscalingSpec {
+        min_replicas: 1,
+        max_replicas: 10,
+        target_queue_length: 100,
+    });
+    let (ctx, server) = context_with(|c| c.with_queue_probe(Arc::new(FixedDepth(250))));
+    let (p2, cm) = (p.clone(), configmap(BLUEPRINT));
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let (applied, status) =
+                serve_pool_reconcile(&mut server, &p2, &cm, &["Applied"], true).await;
+            assert_eq!(applied["spec"]["replicas"], 3, "ceil(250 / 100)");
+            let status = status.unwrap();
+            assert_eq!(status["queueDepth"], 250);
+            assert_eq!(status["desiredReplicas"], 3);
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(15)));
+}
+
+#[tokio::test]
+async fn pool_missing_secret_key_is_degraded_with_an_event_and_backs_off() {
+    let p = pool();
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, SECRET_PATH)
+                .await
+                .reply(200, &secret(&["amqpUrl", "databaseUrl"]));
+            let note = server
+                .expect_event("Warning", "MissingSecretKey", "orders")
+                .await;
+            assert!(
+                note.contains("shop/flowcraft-conn") && note.contains("redisUrl"),
+                "{note}"
+            );
+            let call = server
+                .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
+                .await;
+            call.assert_ssa();
+            let status = call.body["status"].clone();
+            let degraded = condition(&status, "Degraded");
+            assert_eq!(degraded["status"], "True");
+            assert_eq!(degraded["reason"], "MissingSecretKey");
+            assert!(
+                degraded["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("FlowcraftWorkerPool shop/orders")
+            );
+            assert_eq!(condition(&status, "Ready")["status"], "False");
+            call.reply(200, &with_status(&p2, &status));
+            tx.send(status).unwrap();
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p.clone()), ctx).await,
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            OperatorError::InvalidSpec {
+                reason: "MissingSecretKey",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    // Per-object exponential backoff, and the failure metric (the policy makes no request).
+    let (ctx, _server) = test_context();
+    let obj = Arc::new(pool());
+    assert_eq!(
+        error_policy(obj.clone(), &error, ctx.clone()),
+        Action::requeue(backoff_delay(1))
+    );
+    assert_eq!(
+        error_policy(obj.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert_eq!(
+        error_policy(obj.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(20))
+    );
+    assert_eq!(
+        ctx.metrics
+            .failure_count("workerpool", "invalid_spec_missingsecretkey"),
+        3
+    );
+    ctx.backoff.reset("FlowcraftWorkerPool/shop/orders");
+    assert_eq!(
+        error_policy(obj, &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+
+    // Still broken, already Degraded with that message: no new event, no status patch (no hot loop).
+    let degraded = pool_with_status(&rx.await.unwrap());
+    let (ctx, server) = test_context();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, SECRET_PATH)
+                .await
+                .reply(200, &secret(&["amqpUrl", "databaseUrl"]));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(degraded), ctx).await,
+    )
+    .await;
+    assert!(result.is_err());
+}
+
+#[tokio::test]
+async fn pool_missing_configmap_is_degraded() {
+    let p = pool();
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, SECRET_PATH)
+                .await
+                .reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server
+                .expect(Method::GET, CM_PATH)
+                .await
+                .not_found("configmaps", "order-blueprints");
+            let note = server
+                .expect_event("Warning", "ConfigMapNotFound", "orders")
+                .await;
+            assert!(note.contains("shop/order-blueprints"), "{note}");
+            let call = server
+                .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
+                .await;
+            assert_eq!(
+                condition(&call.body["status"], "Degraded")["reason"],
+                "ConfigMapNotFound"
+            );
+            let status = call.body["status"].clone();
+            call.reply(200, &with_status(&p2, &status));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert!(matches!(
+        result,
+        Err(OperatorError::InvalidSpec {
+            reason: "ConfigMapNotFound",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn pool_invalid_blueprint_is_degraded_and_does_not_roll() {
+    let p = pool();
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    let broken = configmap(
+        "id: order\nnodes: [{id: a, uses: noop}]\nedges: [{source: a, target: missing}]\n",
+    );
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, SECRET_PATH)
+                .await
+                .reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server
+                .expect(Method::GET, CM_PATH)
+                .await
+                .reply(200, &serde_json::to_value(&broken).unwrap());
+            // No Deployment apply: a broken ConfigMap never reaches the workers.
+            let note = server
+                .expect_event("Warning", "InvalidBlueprint", "orders")
+                .await;
+            assert!(note.contains("order.yaml"), "{note}");
+            let call = server
+                .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
+                .await;
+            let status = call.body["status"].clone();
+            call.reply(200, &with_status(&p2, &status));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert!(matches!(
+        result,
+        Err(OperatorError::InvalidSpec {
+            reason: "InvalidBlueprint",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn pool_being_deleted_makes_no_request() {
+    let mut p = pool();
+    p.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let (ctx, server) = test_context();
+    let result = run_scenario(
+        ctx,
+        server,
+        |server| async move { server },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+// ------------------------------------------------------------------------------------------------
+// FlowcraftReconcileSchedule
+// ------------------------------------------------------------------------------------------------
+
+const SCHEDULE_PATH: &str =
+    "/apis/flowcraft.io/v1alpha1/namespaces/shop/flowcraftreconcileschedules/orders-reconcile";
+
+fn reconcile_schedule(cron: &str) -> FlowcraftReconcileSchedule {
+    let mut s = FlowcraftReconcileSchedule::new(
+        "orders-reconcile",
+        FlowcraftReconcileScheduleSpec {
+            schedule: cron.into(),
+            time_zone: None,
+            worker_pool: "orders".into(),
+            stalled_threshold_seconds: 300,
+            batch_size: None,
+            suspend: false,
+        },
+    );
+    s.metadata.namespace = Some(NS.into());
+    s.metadata.uid = Some("sched-uid".into());
+    s.metadata.generation = Some(1);
+    s
+}
+
+struct FixedStats;
+
+#[async_trait]
+impl StatsSource for FixedStats {
+    async fn last_stats(
+        &self,
+        tables: &TableNames,
+        schedule: &str,
+    ) -> Result<Option<ReconcileStats>, String> {
+        assert_eq!(schedule, "shop/orders-reconcile");
+        assert_eq!(tables.statuses, "flowcraft_statuses");
+        let at = chrono::DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+        Ok(Some(ReconcileStats {
+            started_at: at,
+            finished_at: at,
+            stalled_runs: 4,
+            reconciled_runs: 3,
+            failed_runs: 1,
+        }))
+    }
+}
+
+#[tokio::test]
+async fn schedule_applies_a_forbid_cronjob_and_mirrors_stats() {
+    let s = reconcile_schedule("*/5 * * * *");
+    let (ctx, server) = context_with(|c| c.with_stats(Arc::new(FixedStats)));
+    let s2 = s.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, POOL_PATH)
+                .await
+                .reply(200, &serde_json::to_value(pool()).unwrap());
+            let call = server
+                .expect(
+                    Method::PATCH,
+                    "/apis/batch/v1/namespaces/shop/cronjobs/orders-reconcile",
+                )
+                .await;
+            call.assert_ssa();
+            let cj = call.body.clone();
+            assert_eq!(cj["kind"], "CronJob");
+            assert_eq!(
+                cj["metadata"]["ownerReferences"][0]["kind"],
+                "FlowcraftReconcileSchedule"
+            );
+            assert_eq!(cj["spec"]["schedule"], "*/5 * * * *");
+            assert_eq!(cj["spec"]["concurrencyPolicy"], "Forbid");
+            let c = &cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(
+                c["args"],
+                json!(["reconcile", "--stalled-threshold", "300s"])
+            );
+            let env = c["env"].as_array().unwrap();
+            assert!(env.iter().any(
+                |e| e["name"] == "FLOWCRAFT_SCHEDULE" && e["value"] == "shop/orders-reconcile"
+            ));
+            let mut reply = cj.clone();
+            reply["status"] = json!({"lastScheduleTime": "2023-11-14T22:10:00Z"});
+            call.reply(200, &reply);
+            server
+                .expect_event("Normal", "Applied", "orders-reconcile")
+                .await;
+            server
+                .expect_event("Warning", "ReconcileFailures", "orders-reconcile")
+                .await;
+            let call = server
+                .expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status"))
+                .await;
+            call.assert_ssa();
+            let status = call.body["status"].clone();
+            assert_eq!(status["lastRun"], "2023-11-14T22:13:20Z");
+            assert_eq!(status["lastScheduleTime"], "2023-11-14T22:10:00Z");
+            assert_eq!(
+                (
+                    status["stalledRuns"].clone(),
+                    status["reconciledRuns"].clone(),
+                    status["failedRuns"].clone()
+                ),
+                (json!(4), json!(3), json!(1))
+            );
+            assert_eq!(condition(&status, "Ready")["status"], "True");
+            assert_eq!(condition(&status, "Degraded")["status"], "False");
+            call.reply(200, &with_status(&s2, &status));
+            server
+        },
+        async |ctx| schedule::reconcile(Arc::new(s), ctx).await,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn schedule_bad_cron_is_degraded_naming_the_expression() {
+    let s = reconcile_schedule("*/5 * * *");
+    let (ctx, server) = test_context();
+    let s2 = s.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let note = server
+                .expect_event("Warning", "InvalidSchedule", "orders-reconcile")
+                .await;
+            assert!(note.contains("*/5 * * *"), "{note}");
+            let call = server
+                .expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status"))
+                .await;
+            let status = call.body["status"].clone();
+            let degraded = condition(&status, "Degraded");
+            assert_eq!(degraded["status"], "True");
+            assert!(
+                degraded["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("\"*/5 * * *\"")
+            );
+            call.reply(200, &with_status(&s2, &status));
+            server
+        },
+        async |ctx| schedule::reconcile(Arc::new(s), ctx).await,
+    )
+    .await;
+    assert!(matches!(
+        result,
+        Err(OperatorError::InvalidSpec {
+            reason: "InvalidSchedule",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn schedule_unknown_pool_is_degraded() {
+    let s = reconcile_schedule("@hourly");
+    let (ctx, server) = test_context();
+    let s2 = s.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, POOL_PATH)
+                .await
+                .not_found("flowcraftworkerpools.flowcraft.io", "orders");
+            let note = server
+                .expect_event("Warning", "WorkerPoolNotFound", "orders-reconcile")
+                .await;
+            assert!(note.contains("FlowcraftWorkerPool shop/orders"), "{note}");
+            let call = server
+                .expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status"))
+                .await;
+            let status = call.body["status"].clone();
+            call.reply(200, &with_status(&s2, &status));
+            server
+        },
+        async |ctx| schedule::reconcile(Arc::new(s), ctx).await,
+    )
+    .await;
+    assert!(matches!(
+        result,
+        Err(OperatorError::InvalidSpec {
+            reason: "WorkerPoolNotFound",
+            ..
+        })
+    ));
+}
+
+// ------------------------------------------------------------------------------------------------
+// FlowRun (real PostgreSQL and RabbitMQ)
+// ------------------------------------------------------------------------------------------------
+
+fn flowrun_path(name: &str) -> String {
+    format!("/apis/flowcraft.io/v1alpha1/namespaces/shop/flowruns/{name}")
+}
+
+fn flowrun(name: &str, uid: &str) -> FlowRun {
+    let mut r = FlowRun::new(
+        name,
+        FlowRunSpec {
+            worker_pool: "orders".into(),
+            blueprint: "order".into(),
+            input: Some(json!({"id": 42})),
+            ttl_seconds_after_finished: None,
+        },
+    );
+    r.metadata.namespace = Some(NS.into());
+    r.metadata.uid = Some(uid.into());
+    r.metadata.generation = Some(1);
+    r.metadata.finalizers = Some(vec![flowrun::FINALIZER.to_string()]);
+    r
+}
+
+/// Unique tables and queue for one test, the pool that uses them, and clean-up.
+struct Env {
+    prefix: String,
+    queue: String,
+    backends: Arc<ServiceBackends>,
+}
+
+impl Env {
+    fn new() -> Self {
+        let prefix = common::unique("op");
+        Self {
+            queue: format!("{prefix}-jobs"),
+            backends: Arc::new(ServiceBackends::new(
+                Some(common::database_url()),
+                Some(common::amqp_url()),
+            )),
+            prefix,
+        }
+    }
+
+    fn pool(&self) -> FlowcraftWorkerPool {
+        let mut p = pool();
+        p.spec.queue.name = self.queue.clone();
+        p.spec.tables = Some(TablesSpec {
+            contexts: Some(format!("{}_contexts", self.prefix)),
+            statuses: Some(format!("{}_statuses", self.prefix)),
+            results: Some(format!("{}_node_results", self.prefix)),
+        });
+        p
+    }
+
+    fn context(&self) -> (Arc<Context>, ApiServer) {
+        let backends = self.backends.clone();
+        context_with(move |c| c.with_runs(backends))
+    }
+
+    async fn store(&self) -> PostgresStore {
+        let store =
+            PostgresStore::connect(PgConfig::with_prefix(common::database_url(), &self.prefix))
+                .await
+                .unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    async fn depth(&self) -> u32 {
+        queue_depth(&common::amqp_url(), &self.queue).await.unwrap()
+    }
+
+    async fn cleanup(self) {
+        self.backends.close().await;
+        self.store().await.drop_tables().await.unwrap();
+        let q = RabbitQueue::connect(AmqpConfig {
+            url: common::amqp_url(),
+            queue: self.queue.clone(),
+            queue_type: QueueType::Quorum,
+            prefetch: 1,
+            connection_name: "operator-test-cleanup".into(),
+        })
+        .await
+        .unwrap();
+        q.delete_queues().await.unwrap();
+        q.close().await;
+    }
+}
+
+/// Serve a FlowRun start: pool, ConfigMap, (optional Started event), status patch; returns the status.
+async fn serve_start(
+    server: &mut ApiServer,
+    pool: &FlowcraftWorkerPool,
+    run: &FlowRun,
+    started_event: bool,
+) -> Value {
+    server
+        .expect(Method::GET, POOL_PATH)
+        .await
+        .reply(200, &serde_json::to_value(pool).unwrap());
+    server
+        .expect(Method::GET, CM_PATH)
+        .await
+        .reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+    let name = run.metadata.name.clone().unwrap();
+    if started_event {
+        let note = server.expect_event("Normal", "Started", &name).await;
+        assert!(
+            note.contains(&format!("fr-{}", run.metadata.uid.clone().unwrap())),
+            "{note}"
+        );
+    }
+    let call = server
+        .expect(Method::PATCH, &format!("{}/status", flowrun_path(&name)))
+        .await;
+    call.assert_ssa();
+    let status = call.body["status"].clone();
+    call.reply(200, &with_status(run, &status));
+    status
+}
+
+fn run_with_status(run: &FlowRun, status: &Value) -> FlowRun {
+    let mut r = run.clone();
+    r.status = Some(serde_json::from_value::<FlowRunStatus>(status.clone()).unwrap());
+    r
+}
+
+#[tokio::test]
+async fn flowrun_starts_once_and_mirrors_the_run() {
+    let env = Env::new();
+    let uid = uuid::Uuid::new_v4().to_string();
+    let run = flowrun("order-42", &uid);
+    let run_id = format!("fr-{uid}");
+    let pool = env.pool();
+
+    // First reconcile: validates the blueprint, creates the run, publishes its start job, writes Running.
+    let (ctx, server) = env.context();
+    let (p, r) = (pool.clone(), run.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let action = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            tx.send(serve_start(&mut server, &p, &r, true).await)
+                .unwrap();
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+    let status = rx.await.unwrap();
+    assert_eq!(status["phase"], "Running");
+    assert_eq!(status["runId"], run_id.as_str());
+    assert_eq!(status["progress"], "0/2");
+    assert_eq!(status["nodes"]["total"], 2);
+    assert!(status["startedAt"].is_string());
+    let store = env.store().await;
+    let info = store
+        .run_info(&run_id)
+        .await
+        .unwrap()
+        .expect("the run exists");
+    assert_eq!(info.status, RunStatus::Running);
+    assert_eq!(info.input, json!({"id": 42}));
+    assert_eq!(env.depth().await, 1, "one start job");
+
+    // An operator restart with the status written: the run is only mirrored (no start, no new job).
+    let running = run_with_status(&run, &status);
+    let (ctx, server) = env.context();
+    let p = pool.clone();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, POOL_PATH)
+                .await
+                .reply(200, &serde_json::to_value(&p).unwrap());
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(running.clone()), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(env.depth().await, 1);
+
+    // An operator restart before the status was written: start_run finds the run (no second run, no Started
+    // event); it may publish the start job again since nothing was recorded yet (duplicates are harmless).
+    let (ctx, server) = env.context();
+    let (p, r) = (pool.clone(), run.clone());
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            serve_start(&mut server, &p, &r, false).await;
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        store.list_runs(&Default::default()).await.unwrap().len(),
+        1,
+        "the run was created once"
+    );
+
+    // The workers finish it: the status mirrors Succeeded with an event.
+    for node in ["fetch", "notify"] {
+        let record = NodeRecord {
+            node_id: node.into(),
+            status: NodeStatus::Done,
+            action: None,
+            output: json!({"ok": true}),
+            taken: vec![],
+            attempts: 1,
+            error: None,
+            finished_at: None,
+        };
+        store
+            .record(&run_id, &record, &Default::default())
+            .await
+            .unwrap();
+    }
+    assert!(
+        store
+            .finish_run(&run_id, RunStatus::Completed, &json!({}))
+            .await
+            .unwrap()
+    );
+    let running = run_with_status(&run, &status);
+    let (ctx, server) = env.context();
+    let (p, r) = (pool.clone(), running.clone());
+    let action = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, POOL_PATH)
+                .await
+                .reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect_event("Normal", "Succeeded", "order-42").await;
+            let call = server
+                .expect(
+                    Method::PATCH,
+                    &format!("{}/status", flowrun_path("order-42")),
+                )
+                .await;
+            let status = call.body["status"].clone();
+            assert_eq!(status["phase"], "Succeeded");
+            assert_eq!(status["progress"], "2/2");
+            assert_eq!(status["nodes"]["done"], 2);
+            assert!(status["finishedAt"].is_string());
+            assert_eq!(condition(&status, "Ready")["status"], "True");
+            call.reply(200, &with_status(&r, &status));
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(running), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn flowrun_delete_cancels_the_running_run() {
+    let env = Env::new();
+    let uid = uuid::Uuid::new_v4().to_string();
+    let run = flowrun("order-43", &uid);
+    let run_id = format!("fr-{uid}");
+    let pool = env.pool();
+    let (ctx, server) = env.context();
+    let (p, r) = (pool.clone(), run.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            tx.send(serve_start(&mut server, &p, &r, true).await)
+                .unwrap();
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
+    )
+    .await
+    .unwrap();
+    let mut deleting = run_with_status(&run, &rx.await.unwrap());
+    deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+
+    let (ctx, server) = env.context();
+    let (p, d) = (pool.clone(), deleting.clone());
+    let action = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, POOL_PATH)
+                .await
+                .reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect_event("Normal", "Cancelled", "order-43").await;
+            // kube_runtime::finalizer removes the finalizer with a JSON patch guarded by a test op.
+            let call = server
+                .expect(Method::PATCH, &flowrun_path("order-43"))
+                .await;
+            assert_eq!(
+                call.body,
+                json!([
+                    {"op": "test", "path": "/metadata/finalizers/0", "value": flowrun::FINALIZER},
+                    {"op": "remove", "path": "/metadata/finalizers/0"}
+                ])
+            );
+            let mut gone = d.clone();
+            gone.metadata.finalizers = None;
+            call.reply(200, &serde_json::to_value(&gone).unwrap());
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(deleting), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+    let info = env.store().await.run_info(&run_id).await.unwrap().unwrap();
+    assert_eq!(info.status, RunStatus::Cancelled);
+    assert!(
+        info.status_data["reason"]
+            .as_str()
+            .unwrap()
+            .contains("FlowRun shop/order-43 was deleted")
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn flowrun_without_finalizer_gets_it_first() {
+    let mut run = flowrun("order-44", "uid-44");
+    run.metadata.finalizers = None;
+    let (ctx, server) = test_context();
+    let r = run.clone();
+    let action = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let call = server
+                .expect(Method::PATCH, &flowrun_path("order-44"))
+                .await;
+            assert_eq!(
+                call.body,
+                json!([
+                    {"op": "test", "path": "/metadata/finalizers", "value": null},
+                    {"op": "add", "path": "/metadata/finalizers", "value": [flowrun::FINALIZER]}
+                ])
+            );
+            let mut with = r.clone();
+            with.metadata.finalizers = Some(vec![flowrun::FINALIZER.into()]);
+            call.reply(200, &serde_json::to_value(&with).unwrap());
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(run), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn flowrun_unknown_blueprint_is_degraded() {
+    let mut run = flowrun("order-45", "uid-45");
+    run.spec.blueprint = "refund".into();
+    let (ctx, server) = test_context();
+    let r = run.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server
+                .expect(Method::GET, POOL_PATH)
+                .await
+                .reply(200, &serde_json::to_value(pool()).unwrap());
+            server
+                .expect(Method::GET, CM_PATH)
+                .await
+                .reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+            let note = server
+                .expect_event("Warning", "BlueprintNotFound", "order-45")
+                .await;
+            assert!(
+                note.contains("'refund'") && note.contains("shop/order-blueprints"),
+                "{note}"
+            );
+            let call = server
+                .expect(
+                    Method::PATCH,
+                    &format!("{}/status", flowrun_path("order-45")),
+                )
+                .await;
+            let status = call.body["status"].clone();
+            assert_eq!(
+                condition(&status, "Degraded")["reason"],
+                "BlueprintNotFound"
+            );
+            assert_eq!(status["phase"], "Pending");
+            assert!(
+                status["message"].as_str().unwrap().contains("'refund'"),
+                "{status}"
+            );
+            call.reply(200, &with_status(&r, &status));
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(run), ctx).await,
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert!(error.is_user_error(), "{error}");
+    assert_eq!(error.metric_label(), "invalid_spec_blueprintnotfound");
+}
+
+#[tokio::test]
+async fn finished_flowrun_is_deleted_after_its_ttl() {
+    let mut run = flowrun("order-46", "uid-46");
+    run.spec.ttl_seconds_after_finished = Some(0);
+    run.status = Some(FlowRunStatus {
+        phase: Some(FlowRunPhase::Succeeded),
+        finished_at: Some(Time(Timestamp::from_second(1_700_000_000).unwrap())),
+        ..Default::default()
+    });
+    let (ctx, server) = test_context();
+    let r = run.clone();
+    let action = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let call = server
+                .expect(Method::DELETE, &flowrun_path("order-46"))
+                .await;
+            assert_eq!(call.body["propagationPolicy"], "Background");
+            call.reply(200, &serde_json::to_value(&r).unwrap());
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(run), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Leader election
+// ------------------------------------------------------------------------------------------------
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/flowcraft-system/leases";
+
+fn lease(holder: &str, rv: &str, duration: i64, transitions: i64) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "flowcraft-operator", "namespace": "flowcraft-system", "resourceVersion": rv},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "leaseTransitions": transitions,
+                 "acquireTime": "2026-01-01T00:00:00.000000Z", "renewTime": "2026-01-01T00:00:05.000000Z"}
+    })
+}
+
+fn elector(client: Client) -> LeaderElector {
+    LeaderElector::new(
+        client,
+        "flowcraft-system",
+        "flowcraft-operator",
+        "operator-a",
+    )
+}
+
+#[tokio::test]
+async fn leader_election_creates_renews_and_respects_other_holders() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let server = tokio::spawn(async move {
+        let mut server = ApiServer(handle);
+        let path = format!("{LEASES}/flowcraft-operator");
+        // 1. No lease yet: create it, holding it.
+        server
+            .expect(Method::GET, &path)
+            .await
+            .not_found("leases.coordination.k8s.io", "flowcraft-operator");
+        let call = server.expect(Method::POST, LEASES).await;
+        assert_eq!(call.body["spec"]["holderIdentity"], "operator-a");
+        assert_eq!(call.body["spec"]["leaseDurationSeconds"], 15);
+        assert_eq!(call.body["spec"]["leaseTransitions"], 0);
+        let mut created = call.body.clone();
+        created["metadata"]["resourceVersion"] = json!("1");
+        call.reply(201, &created);
+        // 2. Ours: renew with the resourceVersion we read (optimistic concurrency).
+        server
+            .expect(Method::GET, &path)
+            .await
+            .reply(200, &lease("operator-a", "1", 15, 0));
+        let call = server.expect(Method::PUT, &path).await;
+        assert_eq!(call.body["metadata"]["resourceVersion"], "1");
+        assert_eq!(call.body["spec"]["holderIdentity"], "operator-a");
+        assert_eq!(
+            call.body["spec"]["acquireTime"],
+            "2026-01-01T00:00:00.000000Z"
+        );
+        assert_ne!(
+            call.body["spec"]["renewTime"],
+            "2026-01-01T00:00:05.000000Z"
+        );
+        let body = call.body.clone();
+        call.reply(200, &body);
+        // 3. A concurrent writer won: 409 means we do not hold it.
+        server
+            .expect(Method::GET, &path)
+            .await
+            .reply(200, &lease("operator-a", "2", 15, 0));
+        let call = server.expect(Method::PUT, &path).await;
+        call.reply(
+            409,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                    "message": "the object has been modified"}),
+        );
+        // 4. Another replica holds a live lease: no write.
+        server
+            .expect(Method::GET, &path)
+            .await
+            .reply(200, &lease("operator-b", "3", 15, 0));
+        server
+            .expect(Method::GET, &path)
+            .await
+            .reply(200, &lease("operator-b", "3", 15, 0));
+        server
+    });
+    let mut e = elector(client);
+    assert!(e.try_acquire_or_renew().await.unwrap(), "created");
+    assert!(e.try_acquire_or_renew().await.unwrap(), "renewed");
+    assert!(!e.try_acquire_or_renew().await.unwrap(), "conflict");
+    assert!(
+        !e.try_acquire_or_renew().await.unwrap(),
+        "held by operator-b"
+    );
+    assert!(
+        !e.try_acquire_or_renew().await.unwrap(),
+        "still held by operator-b"
+    );
+    drop(e);
+    server.await.unwrap().done().await;
+}
+
+#[tokio::test]
+async fn leader_election_takes_over_an_expired_lease() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let server = tokio::spawn(async move {
+        let mut server = ApiServer(handle);
+        let path = format!("{LEASES}/flowcraft-operator");
+        // operator-b stopped renewing (a 1 s lease that does not change between our two looks).
+        server
+            .expect(Method::GET, &path)
+            .await
+            .reply(200, &lease("operator-b", "7", 1, 3));
+        server
+            .expect(Method::GET, &path)
+            .await
+            .reply(200, &lease("operator-b", "7", 1, 3));
+        let call = server.expect(Method::PUT, &path).await;
+        assert_eq!(call.body["metadata"]["resourceVersion"], "7");
+        assert_eq!(call.body["spec"]["holderIdentity"], "operator-a");
+        assert_eq!(call.body["spec"]["leaseTransitions"], 4);
+        let body = call.body.clone();
+        call.reply(200, &body);
+        server
+    });
+    let mut e = elector(client);
+    assert!(
+        !e.try_acquire_or_renew().await.unwrap(),
+        "first look: only observed"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        e.try_acquire_or_renew().await.unwrap(),
+        "unchanged for a lease duration: taken over"
+    );
+    drop(e);
+    server.await.unwrap().done().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Operator start and shutdown
+// ------------------------------------------------------------------------------------------------
+
+fn empty_list(kind: &str) -> Value {
+    json!({"apiVersion": "flowcraft.io/v1alpha1", "kind": format!("{kind}List"),
+           "metadata": {"resourceVersion": "1"}, "items": []})
+}
+
+fn operator_config() -> OperatorConfig {
+    OperatorConfig {
+        leader_election: false,
+        image: "ghcr.io/flowcraft/flowcraft:1.0".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn operator_without_crds_fails_with_an_install_hint() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let server = tokio::spawn(async move {
+        let mut server = ApiServer(handle);
+        let call = server
+            .expect(
+                Method::GET,
+                "/apis/flowcraft.io/v1alpha1/flowcraftworkerpools",
+            )
+            .await;
+        assert_eq!(call.query.get("limit").map(String::as_str), Some("1"));
+        call.not_found("flowcraftworkerpools", "");
+        server
+    });
+    let error = run_with_client(
+        operator_config(),
+        client,
+        CancellationToken::new(),
+        Arc::new(Health::default()),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("flowcraft crd | kubectl apply --server-side"),
+        "{error}"
+    );
+    server.await.unwrap().done().await;
+}
+
+#[tokio::test]
+async fn operator_stops_on_shutdown_without_touching_anything() {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let server = tokio::spawn(async move {
+        let mut server = ApiServer(handle);
+        for (plural, kind) in [
+            ("flowcraftworkerpools", "FlowcraftWorkerPool"),
+            ("flowcraftreconcileschedules", "FlowcraftReconcileSchedule"),
+            ("flowruns", "FlowRun"),
+        ] {
+            let path = format!("/apis/flowcraft.io/v1alpha1/namespaces/{NS}/{plural}");
+            server
+                .expect(Method::GET, &path)
+                .await
+                .reply(200, &empty_list(kind));
+        }
+        server
+    });
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::default());
+    let cfg = OperatorConfig {
+        namespace: Some(NS.into()),
+        ..operator_config()
+    };
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        run_with_client(cfg, client, shutdown, health.clone(), metrics.clone()),
+    )
+    .await
+    .expect("the operator stops")
+    .unwrap();
+    assert_eq!(metrics.leader.get(), 0);
+    server.await.unwrap().done().await;
+}
+
+#[test]
+fn leader_election_needs_the_pod_identity() {
+    let cfg = OperatorConfig {
+        leader_election: true,
+        ..operator_config()
+    };
+    let error = cfg.validate().unwrap_err();
+    assert!(
+        error.to_string().contains("POD_NAME and POD_NAMESPACE"),
+        "{error}"
+    );
+    let cfg = OperatorConfig {
+        pod_name: Some("op-0".into()),
+        pod_namespace: Some("flowcraft-system".into()),
+        ..cfg
+    };
+    assert!(cfg.validate().is_ok());
+}
