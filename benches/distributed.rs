@@ -26,8 +26,8 @@ use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{NodeRecord, NodeStatus, RunStore};
 use futures::{StreamExt, TryStreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
@@ -39,8 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // ------------------------------------------------------------------------------------------------
 
 fn database_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+    std::env::var("FLOWCRAFT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
 }
 
 fn redis_url() -> String {
@@ -48,15 +47,12 @@ fn redis_url() -> String {
 }
 
 fn amqp_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("FLOWCRAFT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
 fn flag(name: &str) -> bool {
@@ -68,10 +64,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A name usable as a table prefix, a queue name and a Redis prefix, unique to this process and call.
 fn unique(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("bench_{tag}_{}_{n}_{nanos:x}", std::process::id())
 }
 
@@ -80,20 +74,15 @@ fn unique(tag: &str) -> String {
 // ------------------------------------------------------------------------------------------------
 
 fn chain(id: &str, n: usize) -> Value {
-    let nodes: Vec<Value> = (0..n)
-        .map(|i| json!({"id": format!("n{i}"), "uses": "noop"}))
-        .collect();
-    let edges: Vec<Value> = (1..n)
-        .map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")}))
-        .collect();
+    let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
+    let edges: Vec<Value> =
+        (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
     json!({"id": id, "nodes": nodes, "edges": edges})
 }
 
 fn fan(id: &str, width: usize) -> Value {
-    let mut nodes = vec![
-        json!({"id": "split", "uses": "noop"}),
-        json!({"id": "join", "uses": "noop", "joinStrategy": "all"}),
-    ];
+    let mut nodes =
+        vec![json!({"id": "split", "uses": "noop"}), json!({"id": "join", "uses": "noop", "joinStrategy": "all"})];
     let mut edges = Vec::new();
     for i in 0..width {
         nodes.push(json!({"id": format!("w{i}"), "uses": "noop"}));
@@ -116,8 +105,7 @@ struct Workload {
 /// Write the blueprint to `dir` (for the workers) and build its graph (for `start_run`).
 fn blueprint(dir: &Path, value: Value) -> Graph {
     let id = value["id"].as_str().expect("blueprint id").to_string();
-    std::fs::write(dir.join(format!("{id}.json")), value.to_string())
-        .expect("write the blueprint file");
+    std::fs::write(dir.join(format!("{id}.json")), value.to_string()).expect("write the blueprint file");
     let bp: Blueprint = serde_json::from_value(value).expect("blueprint JSON");
     Graph::build(bp, Some(&Registry::with_builtins())).expect("valid blueprint")
 }
@@ -134,10 +122,7 @@ struct Slice {
 
 impl Slice {
     fn new(tag: &str, prefetch: u16) -> Self {
-        Self {
-            name: unique(tag),
-            prefetch,
-        }
+        Self { name: unique(tag), prefetch }
     }
 
     fn queue_name(&self) -> String {
@@ -148,9 +133,7 @@ impl Slice {
         let s = PostgresStore::connect(PgConfig::with_prefix(database_url(), &self.name))
             .await
             .map_err(|e| format!("connect PostgreSQL: {e}"))?;
-        s.migrate()
-            .await
-            .map_err(|e| format!("migrate {}: {e}", self.name))?;
+        s.migrate().await.map_err(|e| format!("migrate {}: {e}", self.name))?;
         Ok(Arc::new(s))
     }
 
@@ -162,22 +145,12 @@ impl Slice {
             prefetch: self.prefetch,
             connection_name: format!("{}-bench", self.name),
         };
-        Ok(Arc::new(
-            RabbitQueue::connect(cfg)
-                .await
-                .map_err(|e| format!("connect RabbitMQ: {e}"))?,
-        ))
+        Ok(Arc::new(RabbitQueue::connect(cfg).await.map_err(|e| format!("connect RabbitMQ: {e}"))?))
     }
 
     async fn coord(&self) -> Result<RedisCoordinator, String> {
-        let cfg = RedisConfig {
-            url: redis_url(),
-            prefix: self.name.clone(),
-            ..RedisConfig::default()
-        };
-        RedisCoordinator::connect(cfg)
-            .await
-            .map_err(|e| format!("connect Redis: {e}"))
+        let cfg = RedisConfig { url: redis_url(), prefix: self.name.clone(), ..RedisConfig::default() };
+        RedisCoordinator::connect(cfg).await.map_err(|e| format!("connect Redis: {e}"))
     }
 
     /// The environment of a worker process on this slice (as `tests/common` `Cluster::env`).
@@ -189,23 +162,11 @@ impl Slice {
             ("FLOWCRAFT_QUEUE".to_string(), self.queue_name()),
             ("FLOWCRAFT_QUEUE_TYPE".to_string(), "quorum".to_string()),
             ("FLOWCRAFT_PREFETCH".to_string(), self.prefetch.to_string()),
-            (
-                "FLOWCRAFT_CONTEXTS_TABLE".to_string(),
-                format!("{}_contexts", self.name),
-            ),
-            (
-                "FLOWCRAFT_STATUSES_TABLE".to_string(),
-                format!("{}_statuses", self.name),
-            ),
-            (
-                "FLOWCRAFT_RESULTS_TABLE".to_string(),
-                format!("{}_node_results", self.name),
-            ),
+            ("FLOWCRAFT_CONTEXTS_TABLE".to_string(), format!("{}_contexts", self.name)),
+            ("FLOWCRAFT_STATUSES_TABLE".to_string(), format!("{}_statuses", self.name)),
+            ("FLOWCRAFT_RESULTS_TABLE".to_string(), format!("{}_node_results", self.name)),
             ("FLOWCRAFT_REDIS_PREFIX".to_string(), self.name.clone()),
-            (
-                "FLOWCRAFT_ADMIN_ADDR".to_string(),
-                format!("127.0.0.1:{admin_port}"),
-            ),
+            ("FLOWCRAFT_ADMIN_ADDR".to_string(), format!("127.0.0.1:{admin_port}")),
         ];
         if let Some(log) = log {
             env.push(("FLOWCRAFT_LOG".to_string(), log.to_string()));
@@ -222,22 +183,15 @@ impl Slice {
     ) -> Result<WorkerProcess, String> {
         let admin_port = free_port()?;
         let log_path = logs.join(format!("{}-{label}.log", self.name));
-        let log_file = std::fs::File::create(&log_path)
-            .map_err(|e| format!("create {}: {e}", log_path.display()))?;
+        let log_file = std::fs::File::create(&log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowcraft"));
         cmd.arg("worker").arg("--blueprints").arg(blueprints);
         for (k, v) in self.env(admin_port, log) {
             cmd.env(k, v);
         }
         cmd.stdout(Stdio::null()).stderr(log_file);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", env!("CARGO_BIN_EXE_flowcraft")))?;
-        Ok(WorkerProcess {
-            child: Some(child),
-            log: log_path,
-            admin_port,
-        })
+        let child = cmd.spawn().map_err(|e| format!("spawn {}: {e}", env!("CARGO_BIN_EXE_flowcraft")))?;
+        Ok(WorkerProcess { child: Some(child), log: log_path, admin_port })
     }
 
     /// Drop the tables, delete the queues, flush the Redis prefix. Best effort: reports what failed.
@@ -269,22 +223,15 @@ impl Slice {
             Err(e) => problems.push(e),
         }
         if !problems.is_empty() {
-            eprintln!(
-                "warning: cleanup of {} incomplete: {}",
-                self.name,
-                problems.join("; ")
-            );
+            eprintln!("warning: cleanup of {} incomplete: {}", self.name, problems.join("; "));
         }
     }
 }
 
 /// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
 fn free_port() -> Result<u16, String> {
-    let l =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("local address: {e}"))
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| format!("local address: {e}"))
 }
 
 /// A `flowcraft worker` process, SIGKILLed when dropped.
@@ -302,28 +249,19 @@ impl WorkerProcess {
     /// `GET /readyz` answers 200.
     async fn ready(&self) -> bool {
         let probe = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
-                .await
-                .ok()?;
-            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await.ok()?;
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.ok()?;
             let mut buf = Vec::new();
             s.read_to_end(&mut buf).await.ok()?;
             let text = String::from_utf8_lossy(&buf);
             Some(text.lines().next().is_some_and(|l| l.contains(" 200 ")))
         };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), probe).await,
-            Ok(Some(true))
-        )
+        matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Some(true)))
     }
 
     /// The process exited (it should not have).
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// `VmRSS` and `VmHWM` in MiB from `/proc/<pid>/status`.
@@ -341,9 +279,7 @@ impl WorkerProcess {
         let Some(child) = self.child.as_mut() else {
             return true;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -408,12 +344,7 @@ async fn measure(ctx: &Ctx, wl: &Workload, workers: usize) -> Result<Measured, S
     let result = measure_on(&slice, ctx, wl, workers, &mut procs).await;
     if result.is_err() {
         for p in &procs {
-            eprintln!(
-                "--- last lines of {} (pid {}) ---\n{}",
-                p.log.display(),
-                p.pid(),
-                p.log_tail(20)
-            );
+            eprintln!("--- last lines of {} (pid {}) ---\n{}", p.log.display(), p.pid(), p.log_tail(20));
         }
     }
     drop(procs); // SIGKILL whatever is still running before the queues are deleted
@@ -431,22 +362,14 @@ async fn measure_on(
     let store = slice.store().await?;
     let queue = slice.queue().await?;
     for i in 0..workers {
-        procs.push(slice.spawn_worker(
-            &format!("w{i}"),
-            &ctx.blueprints,
-            &ctx.logs,
-            ctx.log.as_deref(),
-        )?);
+        procs.push(slice.spawn_worker(&format!("w{i}"), &ctx.blueprints, &ctx.logs, ctx.log.as_deref())?);
     }
     // Ready: every worker answers /readyz (connected, consuming).
     let deadline = Instant::now() + Duration::from_secs(60);
     for p in procs.iter_mut() {
         while !p.ready().await {
             if let Some(status) = p.exited() {
-                return Err(format!(
-                    "worker pid {} exited during start-up ({status})",
-                    p.pid()
-                ));
+                return Err(format!("worker pid {} exited during start-up ({status})", p.pid()));
             }
             if Instant::now() > deadline {
                 return Err(format!("worker pid {} not ready after 60 s", p.pid()));
@@ -455,9 +378,7 @@ async fn measure_on(
         }
     }
     // Warm-up (not measured): enough short runs to open each worker's pooled connections and prepare statements.
-    let warm: Vec<String> = (0..2 * workers * usize::from(ctx.prefetch))
-        .map(|i| format!("warm-{i:05}"))
-        .collect();
+    let warm: Vec<String> = (0..2 * workers * usize::from(ctx.prefetch)).map(|i| format!("warm-{i:05}")).collect();
     start_all(&queue, &store, &ctx.warmup_graph, &warm, ctx.prefetch).await?;
     wait_all(&store, &warm, Duration::from_secs(120)).await?;
 
@@ -469,11 +390,7 @@ async fn measure_on(
     let memory = procs.iter().map(WorkerProcess::memory).collect();
 
     let names = store.table_names().clone();
-    let client = store
-        .pool()
-        .get()
-        .await
-        .map_err(|e| format!("PostgreSQL connection: {e}"))?;
+    let client = store.pool().get().await.map_err(|e| format!("PostgreSQL connection: {e}"))?;
     let row = client
         .query_one(
             &format!(
@@ -486,14 +403,10 @@ async fn measure_on(
         )
         .await
         .map_err(|e| format!("read run span: {e}"))?;
-    let (total, completed, span): (i64, i64, f64) =
-        (row.get("total"), row.get("completed"), row.get("span"));
+    let (total, completed, span): (i64, i64, f64) = (row.get("total"), row.get("completed"), row.get("span"));
     let nodes: i64 = client
         .query_one(
-            &format!(
-                "SELECT count(*) AS n FROM \"{}\" WHERE run_id LIKE 'm-%' AND status = 'done'",
-                names.results
-            ),
+            &format!("SELECT count(*) AS n FROM \"{}\" WHERE run_id LIKE 'm-%' AND status = 'done'", names.results),
             &[],
         )
         .await
@@ -544,10 +457,7 @@ async fn wait_all(store: &PostgresStore, ids: &[String], deadline: Duration) -> 
     let start = Instant::now();
     for id in ids {
         loop {
-            let info = store
-                .run_info(id)
-                .await
-                .map_err(|e| format!("read run {id}: {e}"))?;
+            let info = store.run_info(id).await.map_err(|e| format!("read run {id}: {e}"))?;
             match info {
                 Some(i) if i.status.is_terminal() => break,
                 Some(_) => {}
@@ -576,9 +486,7 @@ async fn raw_rabbitmq(n: usize, inflight: u16, queue_type: &str) -> Result<f64, 
         .map_err(|e| format!("connect RabbitMQ: {e}"))?;
     let result = relay(&conn, &queue, n, inflight, queue_type).await;
     if let Ok(ch) = conn.create_channel().await
-        && let Err(e) = ch
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await
+        && let Err(e) = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await
     {
         eprintln!("warning: delete scratch queue {queue}: {e}");
     }
@@ -586,52 +494,19 @@ async fn raw_rabbitmq(n: usize, inflight: u16, queue_type: &str) -> Result<f64, 
     result
 }
 
-async fn relay(
-    conn: &Connection,
-    queue: &str,
-    n: usize,
-    inflight: u16,
-    queue_type: &str,
-) -> Result<f64, String> {
-    let publisher = conn
-        .create_channel()
-        .await
-        .map_err(|e| format!("channel: {e}"))?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| format!("confirm.select: {e}"))?;
+async fn relay(conn: &Connection, queue: &str, n: usize, inflight: u16, queue_type: &str) -> Result<f64, String> {
+    let publisher = conn.create_channel().await.map_err(|e| format!("channel: {e}"))?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| format!("confirm.select: {e}"))?;
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from(queue_type)),
-    );
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from(queue_type)));
     publisher
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
+        .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }, args)
         .await
         .map_err(|e| format!("declare {queue}: {e}"))?;
-    let consumer_ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| format!("channel: {e}"))?;
-    consumer_ch
-        .basic_qos(inflight, BasicQosOptions::default())
-        .await
-        .map_err(|e| format!("basic.qos: {e}"))?;
+    let consumer_ch = conn.create_channel().await.map_err(|e| format!("channel: {e}"))?;
+    consumer_ch.basic_qos(inflight, BasicQosOptions::default()).await.map_err(|e| format!("basic.qos: {e}"))?;
     let mut consumer = consumer_ch
-        .basic_consume(
-            queue.into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+        .basic_consume(queue.into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .map_err(|e| format!("consume {queue}: {e}"))?;
     let body = br#"{"runId":"r-000001","blueprintId":"chain5","nodeId":"n1","attempt":0}"#;
@@ -646,14 +521,9 @@ async fn relay(
                     .basic_publish(
                         "".into(),
                         queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
+                        BasicPublishOptions { mandatory: true, immediate: false },
                         body,
-                        BasicProperties::default()
-                            .with_content_type("application/json".into())
-                            .with_delivery_mode(2),
+                        BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2),
                     )
                     .await
                     .map_err(|e| format!("publish: {e}"))?;
@@ -781,10 +651,7 @@ fn mib(m: &[Option<(f64, f64)>]) -> String {
 #[tokio::main]
 async fn main() {
     let quick = flag("--quick");
-    let prefetch: u16 = arg("--prefetch")
-        .and_then(|p| p.parse().ok())
-        .filter(|p| *p > 0)
-        .unwrap_or(16);
+    let prefetch: u16 = arg("--prefetch").and_then(|p| p.parse().ok()).filter(|p| *p > 0).unwrap_or(16);
     let worker_counts: Vec<usize> = arg("--workers")
         .unwrap_or_else(|| "1,2".into())
         .split(',')
@@ -792,18 +659,9 @@ async fn main() {
         .filter(|w| *w > 0)
         .collect();
     let log = arg("--log");
-    let repeat: usize = arg("--repeat")
-        .and_then(|r| r.parse().ok())
-        .filter(|r| *r > 0)
-        .unwrap_or(1);
-    let (w1_runs, w2_runs, raw_n) = if quick {
-        (40, 5, 2_000)
-    } else {
-        (200, 20, 20_000)
-    };
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let repeat: usize = arg("--repeat").and_then(|r| r.parse().ok()).filter(|r| *r > 0).unwrap_or(1);
+    let (w1_runs, w2_runs, raw_n) = if quick { (40, 5, 2_000) } else { (200, 20, 20_000) };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
 
     let dir = tempfile::tempdir().expect("temp dir for blueprints");
     let logs = tempfile::tempdir().expect("temp dir for worker logs");
@@ -831,13 +689,8 @@ async fn main() {
             hops: Some(49),
         },
     ];
-    let ctx = Ctx {
-        blueprints: dir.path().to_path_buf(),
-        logs: logs.path().to_path_buf(),
-        prefetch,
-        log,
-        warmup_graph: w1,
-    };
+    let ctx =
+        Ctx { blueprints: dir.path().to_path_buf(), logs: logs.path().to_path_buf(), prefetch, log, warmup_graph: w1 };
 
     println!(
         "distributed benchmark: {cores} cores, prefetch {prefetch}, quorum queue, services on this machine{}",
@@ -853,10 +706,8 @@ async fn main() {
             .join(" ")
     );
     // The raw limits at the engine's concurrency: prefetch x workers jobs in flight.
-    let mut levels: Vec<u16> = worker_counts
-        .iter()
-        .map(|w| u16::try_from(usize::from(prefetch) * w).unwrap_or(u16::MAX))
-        .collect();
+    let mut levels: Vec<u16> =
+        worker_counts.iter().map(|w| u16::try_from(usize::from(prefetch) * w).unwrap_or(u16::MAX)).collect();
     levels.sort_unstable();
     levels.dedup();
     println!("raw limits ({raw_n} messages / writes per figure):");
@@ -874,16 +725,8 @@ async fn main() {
         let mq = raw_rabbitmq(raw_n, level, "quorum").await;
         let classic = raw_rabbitmq(raw_n, level, "classic").await;
         let pg = raw_postgres(raw_n, usize::from(level)).await;
-        println!(
-            "  {level:>9} {:>18} {:>20} {:>18}",
-            show(&mq),
-            show(&pg),
-            show(&classic)
-        );
-        for e in [&mq, &pg, &classic]
-            .into_iter()
-            .filter_map(|r| r.as_ref().err())
-        {
+        println!("  {level:>9} {:>18} {:>20} {:>18}", show(&mq), show(&pg), show(&classic));
+        for e in [&mq, &pg, &classic].into_iter().filter_map(|r| r.as_ref().err()) {
             println!("  error: {e}");
         }
         raw.push((level, mq, pg));
@@ -895,10 +738,7 @@ async fn main() {
     );
     let mut w1_rates: Vec<(usize, f64)> = Vec::new();
     for wl in &workloads {
-        for &workers in worker_counts
-            .iter()
-            .flat_map(|w| std::iter::repeat_n(w, repeat))
-        {
+        for &workers in worker_counts.iter().flat_map(|w| std::iter::repeat_n(w, repeat)) {
             match measure(&ctx, wl, workers).await {
                 Ok(m) => {
                     let rate = m.nodes as f64 / m.wall_db.as_secs_f64().max(1e-9);
@@ -919,10 +759,7 @@ async fn main() {
                         mib(&m.memory)
                     );
                     if m.not_completed > 0 {
-                        println!(
-                            "  warning: {} of {} runs did not complete",
-                            m.not_completed, m.runs
-                        );
+                        println!("  warning: {} of {} runs did not complete", m.not_completed, m.runs);
                     }
                     if m.clean_exits < m.workers {
                         println!(
@@ -958,19 +795,14 @@ async fn main() {
         if parts.is_empty() {
             parts.push("no raw limit available".into());
         }
-        println!(
-            "W1 on {workers} worker(s): {rate:.0} node exec/s = {}",
-            parts.join("; ")
-        );
+        println!("W1 on {workers} worker(s): {rate:.0} node exec/s = {}", parts.join("; "));
     }
     println!();
     println!("figures:");
     println!(
         "  (a)          messages/s of a lapin relay on a scratch quorum queue (the engine's default): `in flight` persistent messages circulate (one publisher channel, one consumer channel); each delivery publishes the next (waits for its confirm), then acks."
     );
-    println!(
-        "               The classic line is the same relay on a classic durable queue, for comparison only."
-    );
+    println!("               The classic line is the same relay on a classic durable queue, for comparison only.");
     println!(
         "  (b)          PostgresStore::record() calls/s (`in flight` tasks and pool connections, 5 nodes per pre-created run): insert-if-absent result + context merge + updated_at touch, one statement."
     );
@@ -986,13 +818,9 @@ async fn main() {
     println!(
         "  hop ms       W3 only: wall(db) / 49 hops of the 50-node chain (one job latency end to end, the next job's queue trip included)."
     );
-    println!(
-        "  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status."
-    );
+    println!("  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status.");
     println!(
         "  Each measurement has its own queue, tables and Redis prefix, and starts with an unmeasured warm-up of 2 x workers x prefetch runs of the 5-node chain."
     );
-    println!(
-        "  Everything (RabbitMQ, PostgreSQL, Redis, the workers and this process) shares the {cores} cores."
-    );
+    println!("  Everything (RabbitMQ, PostgreSQL, Redis, the workers and this process) shares the {cores} cores.");
 }

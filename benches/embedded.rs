@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 fn chain(n: usize) -> Blueprint {
     let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
-    let edges: Vec<Value> = (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
+    let edges: Vec<Value> =
+        (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
     serde_json::from_value(json!({"id": "chain", "nodes": nodes, "edges": edges})).expect("chain blueprint")
 }
 
@@ -78,11 +79,8 @@ fn arg(name: &str) -> Option<String> {
 
 #[tokio::main]
 async fn main() {
-    let workers: Vec<usize> = arg("--workers")
-        .unwrap_or_else(|| "1,4,16".into())
-        .split(',')
-        .filter_map(|w| w.parse().ok())
-        .collect();
+    let workers: Vec<usize> =
+        arg("--workers").unwrap_or_else(|| "1,4,16".into()).split(',').filter_map(|w| w.parse().ok()).collect();
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(1000);
     let width: usize = arg("--width").and_then(|r| r.parse().ok()).unwrap_or(1000);
     let registry = Registry::with_builtins();
@@ -93,10 +91,20 @@ async fn main() {
     for &w in &workers {
         let g = Graph::build(chain(5), Some(&registry)).expect("valid");
         let (rate, el) = measure(g, runs, w).await;
-        println!("{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%", format!("{runs} runs x 5-node chain"), el.as_secs_f64(), 100.0 * rate / base);
+        println!(
+            "{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%",
+            format!("{runs} runs x 5-node chain"),
+            el.as_secs_f64(),
+            100.0 * rate / base
+        );
         let g = Graph::build(fan(width), Some(&registry)).expect("valid");
         let (rate, el) = measure(g, 1, w).await;
-        println!("{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%", format!("1 run of 1 -> {width} -> 1"), el.as_secs_f64(), 100.0 * rate / base);
+        println!(
+            "{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%",
+            format!("1 run of 1 -> {width} -> 1"),
+            el.as_secs_f64(),
+            100.0 * rate / base
+        );
     }
     let _ = Arc::new(());
 }

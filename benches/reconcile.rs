@@ -22,8 +22,7 @@ use serde_json::{Value, json};
 const THRESHOLD: Duration = Duration::from_secs(300);
 
 fn database_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+    std::env::var("FLOWCRAFT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
 }
 
 fn redis_url() -> String {
@@ -31,24 +30,18 @@ fn redis_url() -> String {
 }
 
 fn amqp_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("FLOWCRAFT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
 fn chain(id: &str, n: usize) -> Value {
-    let nodes: Vec<Value> = (0..n)
-        .map(|i| json!({"id": format!("n{i}"), "uses": "noop"}))
-        .collect();
-    let edges: Vec<Value> = (1..n)
-        .map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")}))
-        .collect();
+    let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
+    let edges: Vec<Value> =
+        (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
     json!({"id": id, "nodes": nodes, "edges": edges})
 }
 
@@ -64,32 +57,17 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let total: i64 = arg("--runs")
-        .and_then(|r| r.parse().ok())
-        .filter(|r| *r > 0)
-        .unwrap_or(100_000);
-    let stalled: i64 = arg("--stalled")
-        .and_then(|r| r.parse().ok())
-        .filter(|s| *s > 0)
-        .unwrap_or(1_000)
-        .min(total);
-    let batch: usize = arg("--batch")
-        .and_then(|r| r.parse().ok())
-        .filter(|b| *b > 0)
-        .unwrap_or(100);
+    let total: i64 = arg("--runs").and_then(|r| r.parse().ok()).filter(|r| *r > 0).unwrap_or(100_000);
+    let stalled: i64 = arg("--stalled").and_then(|r| r.parse().ok()).filter(|s| *s > 0).unwrap_or(1_000).min(total);
+    let batch: usize = arg("--batch").and_then(|r| r.parse().ok()).filter(|b| *b > 0).unwrap_or(100);
     let name = format!(
         "bench_rc_{}_{:x}",
         std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
     );
     println!(
         "reconcile benchmark: {} cores, {total} runs, {stalled} stalled, batch {batch}, threshold {}s (tables/queue/prefix {name})",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         THRESHOLD.as_secs()
     );
 
@@ -102,9 +80,7 @@ async fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let store = PostgresStore::connect(PgConfig::with_prefix(database_url(), &name))
-        .await
-        .expect("connect PostgreSQL");
+    let store = PostgresStore::connect(PgConfig::with_prefix(database_url(), &name)).await.expect("connect PostgreSQL");
     let queue = RabbitQueue::connect(AmqpConfig {
         url: amqp_url(),
         queue: format!("{name}_q"),
@@ -114,18 +90,11 @@ async fn main() {
     })
     .await
     .expect("connect RabbitMQ");
-    let coord = RedisCoordinator::connect(RedisConfig {
-        url: redis_url(),
-        prefix: name.clone(),
-        ..RedisConfig::default()
-    })
-    .await
-    .expect("connect Redis");
-    let services = Services {
-        store: Arc::new(store),
-        queue: Arc::new(queue),
-        coord: Arc::new(coord),
-    };
+    let coord =
+        RedisCoordinator::connect(RedisConfig { url: redis_url(), prefix: name.clone(), ..RedisConfig::default() })
+            .await
+            .expect("connect Redis");
+    let services = Services { store: Arc::new(store), queue: Arc::new(queue), coord: Arc::new(coord) };
 
     let result = bench(&services, total, stalled, batch).await;
     if let Err(e) = &result {
@@ -145,10 +114,7 @@ async fn main() {
         problems.push(format!("flush Redis prefix: {e}"));
     }
     if !problems.is_empty() {
-        eprintln!(
-            "warning: cleanup of {name} incomplete: {}",
-            problems.join("; ")
-        );
+        eprintln!("warning: cleanup of {name} incomplete: {}", problems.join("; "));
     }
     if result.is_err() {
         std::process::exit(1);
@@ -156,21 +122,13 @@ async fn main() {
 }
 
 async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(), String> {
-    s.store
-        .migrate()
-        .await
-        .map_err(|e| format!("migrate: {e}"))?;
+    s.store.migrate().await.map_err(|e| format!("migrate: {e}"))?;
     let names = s.store.table_names().clone();
-    let (st, ctx, res) = (
-        format!("\"{}\"", names.statuses),
-        format!("\"{}\"", names.contexts),
-        format!("\"{}\"", names.results),
-    );
+    let (st, ctx, res) =
+        (format!("\"{}\"", names.statuses), format!("\"{}\"", names.contexts), format!("\"{}\"", names.results));
 
-    let bp: Blueprint =
-        serde_json::from_value(chain("rchain", 3)).map_err(|e| format!("blueprint: {e}"))?;
-    let graph = Graph::build(bp, Some(&Registry::with_builtins()))
-        .map_err(|e| format!("blueprint: {e}"))?;
+    let bp: Blueprint = serde_json::from_value(chain("rchain", 3)).map_err(|e| format!("blueprint: {e}"))?;
+    let graph = Graph::build(bp, Some(&Registry::with_builtins())).map_err(|e| format!("blueprint: {e}"))?;
     let mut set = BlueprintSet::new();
     let graph = set.insert(graph);
     let blueprints = Arc::new(set);
@@ -179,12 +137,7 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     // the rest completed long ago (with their 3 node results). Rows are interleaved as a real table would be.
     let every = (total / stalled).max(1);
     let t = Instant::now();
-    let client = s
-        .store
-        .pool()
-        .get()
-        .await
-        .map_err(|e| format!("PostgreSQL connection: {e}"))?;
+    let client = s.store.pool().get().await.map_err(|e| format!("PostgreSQL connection: {e}"))?;
     let inserted = client
         .execute(
             &format!(
@@ -235,11 +188,8 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
         )
         .await
         .map_err(|e| format!("count rows: {e}"))?;
-    let (n_stalled, n_running, n_total): (i64, i64, i64) = (
-        counts.get("stalled"),
-        counts.get("running"),
-        counts.get("total"),
-    );
+    let (n_stalled, n_running, n_total): (i64, i64, i64) =
+        (counts.get("stalled"), counts.get("running"), counts.get("total"));
     println!(
         "setup: {inserted} status + context rows in one statement in {:.0} ms ({n_running} running, {n_stalled} of them stalled); \
          node results of the completed runs + ANALYZE in {:.0} ms",
@@ -247,34 +197,17 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
         ms(results_time)
     );
     if n_total != total || n_stalled != stalled {
-        println!(
-            "warning: expected {total} rows with {stalled} stalled, have {n_total} with {n_stalled}"
-        );
+        println!("warning: expected {total} rows with {stalled} stalled, have {n_total} with {n_stalled}");
     }
 
-    let reconciler = Reconciler::new(
-        s.queue.clone(),
-        s.store.clone(),
-        s.coord.clone(),
-        blueprints.clone(),
-    );
-    let config = ReconcileConfig {
-        stalled_threshold: THRESHOLD,
-        batch_size: batch,
-    };
+    let reconciler = Reconciler::new(s.queue.clone(), s.store.clone(), s.coord.clone(), blueprints.clone());
+    let config = ReconcileConfig { stalled_threshold: THRESHOLD, batch_size: batch };
 
     // Pass 1.
     let t = Instant::now();
-    let stats = reconciler
-        .run(&config)
-        .await
-        .map_err(|e| format!("reconcile pass 1: {e}"))?;
+    let stats = reconciler.run(&config).await.map_err(|e| format!("reconcile pass 1: {e}"))?;
     let elapsed = t.elapsed();
-    let depth = s
-        .queue
-        .queue_depth()
-        .await
-        .map_err(|e| format!("queue depth: {e}"))?;
+    let depth = s.queue.queue_depth().await.map_err(|e| format!("queue depth: {e}"))?;
     println!();
     println!(
         "pass 1: {}  in {:.0} ms  = {:.0} stalled runs/s ({:.2} ms per run)",
@@ -285,11 +218,8 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     );
     println!("        queue depth afterwards: {depth} (expected {stalled} start jobs)");
     let expected = u64::try_from(stalled).unwrap_or(0);
-    if stats.stalled_runs != expected || stats.reconciled_runs != expected || stats.failed_runs != 0
-    {
-        println!(
-            "warning: expected stalledRuns {expected}, reconciledRuns {expected}, failedRuns 0"
-        );
+    if stats.stalled_runs != expected || stats.reconciled_runs != expected || stats.failed_runs != 0 {
+        println!("warning: expected stalledRuns {expected}, reconciledRuns {expected}, failedRuns 0");
     }
     if i64::from(depth) != stalled {
         println!("warning: queue depth {depth} is not {stalled}");
@@ -297,21 +227,11 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
 
     // Pass 2, right after: nothing is stalled any more (pass 1 touched every claimed run).
     let t = Instant::now();
-    let stats2 = reconciler
-        .run(&config)
-        .await
-        .map_err(|e| format!("reconcile pass 2: {e}"))?;
+    let stats2 = reconciler.run(&config).await.map_err(|e| format!("reconcile pass 2: {e}"))?;
     let elapsed2 = t.elapsed();
-    println!(
-        "pass 2: {}  in {:.2} ms",
-        serde_json::to_string(&stats2).unwrap_or_default(),
-        ms(elapsed2)
-    );
+    println!("pass 2: {}  in {:.2} ms", serde_json::to_string(&stats2).unwrap_or_default(), ms(elapsed2));
     if stats2.stalled_runs != 0 {
-        println!(
-            "warning: pass 2 found {} stalled runs (expected 0)",
-            stats2.stalled_runs
-        );
+        println!("warning: pass 2 found {} stalled runs (expected 0)", stats2.stalled_runs);
     }
 
     // Sampled breakdown of the per-run steps of `reconcile_run` (same calls, sequential, on already reconciled runs).
@@ -327,43 +247,25 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     let mut t_touch = Duration::ZERO;
     for run in &sample {
         let t = Instant::now();
-        let records = s
-            .store
-            .records(run)
-            .await
-            .map_err(|e| format!("records: {e}"))?;
+        let records = s.store.records(run).await.map_err(|e| format!("records: {e}"))?;
         t_records += t.elapsed();
         let p = plan(&graph, &records);
         let t = Instant::now();
-        s.coord
-            .repair(run, &p.joins, &p.decided, &p.resolved)
-            .await
-            .map_err(|e| format!("repair: {e}"))?;
+        s.coord.repair(run, &p.joins, &p.decided, &p.resolved).await.map_err(|e| format!("repair: {e}"))?;
         t_repair += t.elapsed();
         let mut jobs = Vec::new();
         let t = Instant::now();
         for node in &p.ready {
-            if !s
-                .coord
-                .lease_held(run, node)
-                .await
-                .map_err(|e| format!("lease_held: {e}"))?
-            {
+            if !s.coord.lease_held(run, node).await.map_err(|e| format!("lease_held: {e}"))? {
                 jobs.push(Job::new(run, graph.id(), node));
             }
         }
         t_lease += t.elapsed();
         let t = Instant::now();
-        s.queue
-            .publish(&jobs)
-            .await
-            .map_err(|e| format!("publish: {e}"))?;
+        s.queue.publish(&jobs).await.map_err(|e| format!("publish: {e}"))?;
         t_publish += t.elapsed();
         let t = Instant::now();
-        s.store
-            .touch(run)
-            .await
-            .map_err(|e| format!("touch: {e}"))?;
+        s.store.touch(run).await.map_err(|e| format!("touch: {e}"))?;
         t_touch += t.elapsed();
     }
     s.queue.purge().await.map_err(|e| format!("purge: {e}"))?;
@@ -371,10 +273,7 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     let per = |d: Duration| ms(d) / n;
     let sum = per(t_records) + per(t_repair) + per(t_lease) + per(t_publish) + per(t_touch);
     println!();
-    println!(
-        "per-run steps, mean of {} sequential samples (ms):",
-        sample.len()
-    );
+    println!("per-run steps, mean of {} sequential samples (ms):", sample.len());
     println!("  records() (PostgreSQL)          {:>7.3}", per(t_records));
     println!("  repair() (Redis)                {:>7.3}", per(t_repair));
     println!("  lease_held() (Redis)            {:>7.3}", per(t_lease));
@@ -389,14 +288,9 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     let ids_sql = format!(
         "UPDATE {st} SET updated_at = now() - interval '1 hour' WHERE status = 'running' AND run_id = ANY($1::text[])"
     );
-    let stalled_ids: Vec<String> = (1..=total)
-        .filter(|i| i % every == 0 && i / every <= stalled)
-        .map(|i| format!("run-{i:07}"))
-        .collect();
-    client
-        .execute(&ids_sql, &[&stalled_ids])
-        .await
-        .map_err(|e| format!("reset updated_at: {e}"))?;
+    let stalled_ids: Vec<String> =
+        (1..=total).filter(|i| i % every == 0 && i / every <= stalled).map(|i| format!("run-{i:07}")).collect();
+    client.execute(&ids_sql, &[&stalled_ids]).await.map_err(|e| format!("reset updated_at: {e}"))?;
     let claim = format!(
         "UPDATE {st} SET updated_at = now()
           WHERE run_id IN (
@@ -410,23 +304,15 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     let threshold_ms = i64::try_from(THRESHOLD.as_millis()).unwrap_or(i64::MAX);
     let limit = i64::try_from(batch).unwrap_or(i64::MAX);
     let mut client = client;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| format!("begin: {e}"))?;
+    let tx = client.transaction().await.map_err(|e| format!("begin: {e}"))?;
     let plan_rows = tx
-        .query(
-            &format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {claim}"),
-            &[&threshold_ms, &limit],
-        )
+        .query(&format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {claim}"), &[&threshold_ms, &limit])
         .await
         .map_err(|e| format!("EXPLAIN ANALYZE the claim: {e}"))?;
     tx.rollback().await.map_err(|e| format!("rollback: {e}"))?;
     drop(client);
     println!();
-    println!(
-        "claim_stalled query plan (EXPLAIN ANALYZE, rolled back; the query of PostgresStore::claim_stalled):"
-    );
+    println!("claim_stalled query plan (EXPLAIN ANALYZE, rolled back; the query of PostgresStore::claim_stalled):");
     for row in &plan_rows {
         let line: String = row.get(0);
         println!("  {line}");
@@ -434,11 +320,7 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     let mut claims = Vec::new();
     loop {
         let t = Instant::now();
-        let got = s
-            .store
-            .claim_stalled(THRESHOLD, batch)
-            .await
-            .map_err(|e| format!("claim_stalled: {e}"))?;
+        let got = s.store.claim_stalled(THRESHOLD, batch).await.map_err(|e| format!("claim_stalled: {e}"))?;
         claims.push((t.elapsed(), got.len()));
         if got.len() < batch {
             break;
@@ -446,11 +328,7 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
     }
     let first = claims.first().map(|c| ms(c.0)).unwrap_or(0.0);
     let claimed: usize = claims.iter().map(|c| c.1).sum();
-    let full: Vec<f64> = claims
-        .iter()
-        .filter(|c| c.1 == batch)
-        .map(|c| ms(c.0))
-        .collect();
+    let full: Vec<f64> = claims.iter().filter(|c| c.1 == batch).map(|c| ms(c.0)).collect();
     println!(
         "claim_stalled alone: first batch of {batch} in {first:.2} ms; {} full batches, mean {:.2} ms; {claimed} runs claimed; \
          final (short) batch {:.2} ms",

@@ -43,7 +43,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             redis_prefix: "flowcraft".into(),
         };
         let blueprints = args.get(2).cloned().unwrap_or_else(|| "blueprints".into()).into();
-        let options = WorkerOptions { blueprints, admin_addr: Some(([0, 0, 0, 0], 8080).into()), ..WorkerOptions::default() };
+        let options =
+            WorkerOptions { blueprints, admin_addr: Some(([0, 0, 0, 0], 8080).into()), ..WorkerOptions::default() };
         run_worker(&conn, options, registry(), shutdown_signal()).await?;
         return Ok(());
     }

@@ -62,7 +62,12 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Serve the admin endpoints on `addr` until `shutdown` fires.
-pub async fn serve(addr: SocketAddr, ready: Readiness, registry: Arc<Registry>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    ready: Readiness,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(addr = %listener.local_addr()?, "Admin server listening.");
     axum::serve(listener, router(ready, registry))

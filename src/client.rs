@@ -129,13 +129,22 @@ impl RunResult {
 /// Returns whether this call created the run. Calling it again for an existing run that has not recorded
 /// anything yet publishes the start jobs again (a crash between creating and publishing heals; duplicate jobs
 /// are harmless), so callers that derive the run id from something stable (a FlowRun's uid) start a run once.
-pub async fn start_run<Q, S>(queue: &Q, store: &S, graph: &Graph, run_id: &str, input: Value) -> Result<bool, ClientError>
+pub async fn start_run<Q, S>(
+    queue: &Q,
+    store: &S,
+    graph: &Graph,
+    run_id: &str,
+    input: Value,
+) -> Result<bool, ClientError>
 where
     Q: JobQueue + ?Sized,
     S: RunStore + ?Sized,
 {
     if !(input.is_object() || input.is_null()) {
-        return Err(ClientError::Input { run_id: run_id.to_string(), message: "the run input must be a JSON object".into() });
+        return Err(ClientError::Input {
+            run_id: run_id.to_string(),
+            message: "the run input must be a JSON object".into(),
+        });
     }
     let input = if input.is_null() { json!({}) } else { input };
     let created = store
@@ -162,7 +171,11 @@ where
 }
 
 /// The state of a run (at any point of it); `graph` adds the total node count.
-pub async fn run_result<S: RunStore + ?Sized>(store: &S, run_id: &str, graph: Option<&Graph>) -> Result<Option<RunResult>, ClientError> {
+pub async fn run_result<S: RunStore + ?Sized>(
+    store: &S,
+    run_id: &str,
+    graph: Option<&Graph>,
+) -> Result<Option<RunResult>, ClientError> {
     let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? else {
         return Ok(None);
     };
@@ -179,10 +192,8 @@ fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Op
         }
         nodes.insert(r.node_id.clone(), NodeSummary { status: r.status, attempts: r.attempts, error: r.error.clone() });
     }
-    let error = ["error", "reason"]
-        .iter()
-        .find_map(|k| info.status_data.get(*k).and_then(Value::as_str))
-        .map(str::to_string);
+    let error =
+        ["error", "reason"].iter().find_map(|k| info.status_data.get(*k).and_then(Value::as_str)).map(str::to_string);
     RunResult {
         run_id: info.run_id,
         status: info.status,
@@ -202,10 +213,7 @@ pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &
     if store.run_info(run_id).await.map_err(store_err(run_id))?.is_none() {
         return Err(ClientError::NotFound(run_id.to_string()));
     }
-    store
-        .finish_run(run_id, RunStatus::Cancelled, &json!({ "reason": reason }))
-        .await
-        .map_err(store_err(run_id))
+    store.finish_run(run_id, RunStatus::Cancelled, &json!({ "reason": reason })).await.map_err(store_err(run_id))
 }
 
 /// Wait until a run ends (polling with a short, growing interval), calling `progress` with (resolved, total)
@@ -221,7 +229,11 @@ pub async fn wait_for_run<S: RunStore + ?Sized>(
     let mut interval = Duration::from_millis(2);
     let mut last = None;
     loop {
-        let info = store.run_info(run_id).await.map_err(store_err(run_id))?.ok_or_else(|| ClientError::NotFound(run_id.to_string()))?;
+        let info = store
+            .run_info(run_id)
+            .await
+            .map_err(store_err(run_id))?
+            .ok_or_else(|| ClientError::NotFound(run_id.to_string()))?;
         if info.status.is_terminal() {
             let records = store.records(run_id).await.map_err(store_err(run_id))?;
             let r = build_result(info, records, graph);

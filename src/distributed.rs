@@ -54,10 +54,9 @@ impl ConnectionArgs {
 
     /// The RabbitMQ settings; `name` is the connection name shown by the broker.
     pub fn amqp_config(&self, name: &str) -> Result<AmqpConfig, StoreError> {
-        let queue_type: QueueType = self
-            .queue_type
-            .parse()
-            .map_err(|_| StoreError::Config(format!("--queue-type must be quorum or classic, not '{}'", self.queue_type)))?;
+        let queue_type: QueueType = self.queue_type.parse().map_err(|_| {
+            StoreError::Config(format!("--queue-type must be quorum or classic, not '{}'", self.queue_type))
+        })?;
         Ok(AmqpConfig {
             url: Self::require(&self.amqp_url, "--amqp-url", "FLOWCRAFT_AMQP_URL")?.to_string(),
             queue: self.queue.clone(),
@@ -110,13 +109,20 @@ pub async fn connect_store(conn: &ConnectionArgs, shutdown: &CancellationToken) 
 }
 
 /// Connect the job queue (declares the topology; does not consume).
-pub async fn connect_queue(conn: &ConnectionArgs, name: &str, shutdown: &CancellationToken) -> Result<RabbitQueue, StoreError> {
+pub async fn connect_queue(
+    conn: &ConnectionArgs,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<RabbitQueue, StoreError> {
     let cfg = conn.amqp_config(name)?;
     with_backoff("rabbitmq", shutdown, || RabbitQueue::connect(cfg.clone())).await
 }
 
 /// Connect the coordinator.
-pub async fn connect_coordinator(conn: &ConnectionArgs, shutdown: &CancellationToken) -> Result<RedisCoordinator, StoreError> {
+pub async fn connect_coordinator(
+    conn: &ConnectionArgs,
+    shutdown: &CancellationToken,
+) -> Result<RedisCoordinator, StoreError> {
     let cfg = conn.redis_config()?;
     with_backoff("redis", shutdown, || RedisCoordinator::connect(cfg.clone())).await
 }
@@ -181,7 +187,12 @@ impl Default for WorkerOptions {
 /// Run a worker on RabbitMQ, PostgreSQL and Redis until `shutdown` fires: load and validate the blueprints,
 /// connect (retrying with backoff), migrate, serve the admin endpoints, consume. On shutdown it stops consuming,
 /// finishes the jobs in flight and closes the connections.
-pub async fn run_worker(conn: &ConnectionArgs, options: WorkerOptions, registry: Registry, shutdown: CancellationToken) -> Result<()> {
+pub async fn run_worker(
+    conn: &ConnectionArgs,
+    options: WorkerOptions,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let blueprints = BlueprintSet::load_dir(&options.blueprints, Some(&registry)).map_err(WorkerError::from)?;
     if blueprints.is_empty() {
         warn!(dir = %options.blueprints.display(), "No blueprint files found; every job will be dead-lettered.");
@@ -205,10 +216,13 @@ pub async fn run_worker(conn: &ConnectionArgs, options: WorkerOptions, registry:
     queue.start_consuming().await?;
 
     let health = {
-        let (store, coord, queue, ready, shutdown) = (store.clone(), coord.clone(), queue.clone(), ready.clone(), shutdown.clone());
+        let (store, coord, queue, ready, shutdown) =
+            (store.clone(), coord.clone(), queue.clone(), ready.clone(), shutdown.clone());
         tokio::spawn(async move {
             loop {
-                let ok = queue.is_ready() && coord.ping().await.is_ok() && store.run_info("__flowcraft_readiness__").await.is_ok();
+                let ok = queue.is_ready()
+                    && coord.ping().await.is_ok()
+                    && store.run_info("__flowcraft_readiness__").await.is_ok();
                 ready.set(ok && !shutdown.is_cancelled());
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -224,15 +238,8 @@ pub async fn run_worker(conn: &ConnectionArgs, options: WorkerOptions, registry:
         lease_retry_delay: options.lease_retry_delay,
         ..WorkerConfig::default()
     };
-    let worker = Arc::new(Worker::new(
-        queue.clone(),
-        store,
-        coord,
-        Arc::new(registry),
-        Arc::new(blueprints),
-        config,
-        metrics,
-    ));
+    let worker =
+        Arc::new(Worker::new(queue.clone(), store, coord, Arc::new(registry), Arc::new(blueprints), config, metrics));
     info!(queue = %conn.queue, prefetch = conn.prefetch, "Worker consuming.");
     worker.run(shutdown.clone()).await;
     queue.close().await;

@@ -70,7 +70,11 @@ impl Embedded {
         loop {
             // Created before the check, so a finish between the check and the await is not missed.
             let woken = signal.notified();
-            let info = self.store.run_info(run_id).await.map_err(|source| ClientError::Store { run_id: run_id.to_string(), source })?;
+            let info = self
+                .store
+                .run_info(run_id)
+                .await
+                .map_err(|source| ClientError::Store { run_id: run_id.to_string(), source })?;
             match info {
                 None => return Err(ClientError::NotFound(run_id.to_string())),
                 Some(i) if i.status.is_terminal() => {
@@ -97,7 +101,12 @@ impl Embedded {
 }
 
 /// Run one blueprint embedded and wait for its result.
-pub async fn run_once(graph: Graph, registry: Registry, input: Value, workers: usize) -> Result<RunResult, ClientError> {
+pub async fn run_once(
+    graph: Graph,
+    registry: Registry,
+    input: Value,
+    workers: usize,
+) -> Result<RunResult, ClientError> {
     let mut set = BlueprintSet::new();
     let graph = set.insert(graph);
     let engine = Embedded::start(registry, set, workers);

@@ -191,7 +191,10 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_tracing(cli.log_format, matches!(cli.command, Command::Run { .. } | Command::Validate { .. } | Command::Graph { .. }));
+    init_tracing(
+        cli.log_format,
+        matches!(cli.command, Command::Run { .. } | Command::Validate { .. } | Command::Graph { .. }),
+    );
     flowcraft::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -203,7 +206,9 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let bad_input = e.chain().any(|c| c.downcast_ref::<BlueprintError>().is_some() || c.downcast_ref::<UsageError>().is_some());
+            let bad_input = e
+                .chain()
+                .any(|c| c.downcast_ref::<BlueprintError>().is_some() || c.downcast_ref::<UsageError>().is_some());
             let mut message = String::new();
             for cause in e.chain() {
                 let text = cause.to_string();
@@ -239,7 +244,8 @@ fn init_tracing(format: LogFormat, cli_command: bool) {
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run { target, input, workers, output, wait, run_id, blueprints } => {
-            let input: Value = serde_json::from_str(&input).map_err(|e| UsageError(format!("--input is not valid JSON: {e}")))?;
+            let input: Value =
+                serde_json::from_str(&input).map_err(|e| UsageError(format!("--input is not valid JSON: {e}")))?;
             if !input.is_object() {
                 return Err(UsageError("--input must be a JSON object".into()).into());
             }
@@ -282,7 +288,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Runs { status, blueprint, limit, output } => {
             let status = status
-                .map(|s| RunStatus::parse(&s).ok_or_else(|| UsageError(format!("--status must be running, completed, failed or cancelled, not '{s}'"))))
+                .map(|s| {
+                    RunStatus::parse(&s).ok_or_else(|| {
+                        UsageError(format!("--status must be running, completed, failed or cancelled, not '{s}'"))
+                    })
+                })
                 .transpose()?;
             let store = connect_store(&cli.conn).await?;
             let runs = client::list_runs(&store, &RunFilter { status, blueprint_id: blueprint, limit }).await?;
@@ -305,8 +315,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker { blueprints, admin_addr, lease_ttl } => {
-            let options = WorkerOptions { blueprints, admin_addr: Some(admin_addr), lease_ttl, ..WorkerOptions::default() };
-            distributed::run_worker(&cli.conn, options, Registry::with_builtins(), distributed::shutdown_signal()).await?;
+            let options =
+                WorkerOptions { blueprints, admin_addr: Some(admin_addr), lease_ttl, ..WorkerOptions::default() };
+            distributed::run_worker(&cli.conn, options, Registry::with_builtins(), distributed::shutdown_signal())
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Reconcile { stalled_threshold, batch_size, blueprints, schedule, output } => {
@@ -415,10 +427,13 @@ async fn run_distributed(
     let graph = if path.is_file() {
         Arc::new(Graph::build(Blueprint::load(path)?, None)?)
     } else {
-        let dir = blueprints.ok_or_else(|| UsageError(format!("'{target}' is not a file; give --blueprints DIR to run a blueprint by id")))?;
+        let dir = blueprints.ok_or_else(|| {
+            UsageError(format!("'{target}' is not a file; give --blueprints DIR to run a blueprint by id"))
+        })?;
         let set = BlueprintSet::load_dir(dir, None)?;
-        set.get(target)
-            .ok_or_else(|| UsageError(format!("no blueprint '{target}' in {} (found: {})", dir.display(), set.ids().join(", "))))?
+        set.get(target).ok_or_else(|| {
+            UsageError(format!("no blueprint '{target}' in {} (found: {})", dir.display(), set.ids().join(", ")))
+        })?
     };
     let shutdown = distributed::shutdown_signal();
     let store = distributed::connect_store(conn, &shutdown).await?;
@@ -465,9 +480,13 @@ fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
             }
         };
         let docs: Vec<Value> = if is_json(file, &text) {
-            vec![serde_json::from_str(&text).map_err(|e| anyhow!(BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }))?]
+            vec![
+                serde_json::from_str(&text)
+                    .map_err(|e| anyhow!(BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }))?,
+            ]
         } else {
-            serde_saphyr::from_multiple(&text).map_err(|e| anyhow!(BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }))?
+            serde_saphyr::from_multiple(&text)
+                .map_err(|e| anyhow!(BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }))?
         };
         for doc in docs.into_iter().filter(|d| !d.is_null()) {
             let kind = doc.get("kind").and_then(Value::as_str).map(str::to_string);
@@ -488,7 +507,9 @@ fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
                 Some(kind) => println!("skip  {origin}: {kind} (not a blueprint or Flowcraft resource)"),
                 None => {
                     let r = serde_json::from_value::<Blueprint>(doc)
-                        .map_err(|e| BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }.to_string())
+                        .map_err(|e| {
+                            BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }.to_string()
+                        })
                         .and_then(|bp| Graph::build(bp, registry).map(|g| g.node_count()).map_err(|e| e.to_string()));
                     report(origin.clone(), r);
                 }
@@ -513,7 +534,8 @@ fn check_resource(kind: &str, doc: Value) -> Result<usize, String> {
         }
         "FlowcraftReconcileSchedule" => {
             let s: FlowcraftReconcileSchedule = serde_json::from_value(doc).map_err(problem)?;
-            flowcraft::operator::schedule::validate_cron(&s.spec.schedule).map_err(|e| format!("  - spec.schedule: {e}"))?;
+            flowcraft::operator::schedule::validate_cron(&s.spec.schedule)
+                .map_err(|e| format!("  - spec.schedule: {e}"))?;
         }
         _ => {
             let _: FlowRun = serde_json::from_value(doc).map_err(problem)?;

@@ -17,7 +17,9 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::flow::{Graph, JoinStrategy};
-use crate::store::{Coordinator, Job, JobQueue, JoinState, NodeRecord, NodeStatus, RunInfo, RunStatus, RunStore, StoreError};
+use crate::store::{
+    Coordinator, Job, JobQueue, JoinState, NodeRecord, NodeStatus, RunInfo, RunStatus, RunStore, StoreError,
+};
 use crate::worker::BlueprintSet;
 
 /// A run could not be reconciled.
@@ -171,7 +173,9 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         let mut repair = RunRepair::default();
 
         // A failed node without fallback whose run status was never written (crash in between).
-        if let Some(failed) = records.iter().find(|r| r.status == NodeStatus::Failed && graph.fallback(&r.node_id).is_none()) {
+        if let Some(failed) =
+            records.iter().find(|r| r.status == NodeStatus::Failed && graph.fallback(&r.node_id).is_none())
+        {
             let reason = format!(
                 "node '{}' failed after {} attempt(s): {}",
                 failed.node_id,
@@ -285,7 +289,11 @@ pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
         let skip = !sources.is_empty() && a.len() >= sources.len() && t.is_empty();
         if sources.len() > 1 {
             if !a.is_empty() {
-                joins.push(JoinState { node_id: node.to_string(), arrived: a.into_iter().collect(), taken: t.into_iter().collect() });
+                joins.push(JoinState {
+                    node_id: node.to_string(),
+                    arrived: a.into_iter().collect(),
+                    taken: t.into_iter().collect(),
+                });
             }
             if fires || skip {
                 decided.push(node.to_string());
@@ -295,7 +303,8 @@ pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
             ready.push(node.to_string());
         }
     }
-    let resolved_ok: Vec<String> = resolved.values().filter(|r| graph.is_resolved_ok(r)).map(|r| r.node_id.clone()).collect();
+    let resolved_ok: Vec<String> =
+        resolved.values().filter(|r| graph.is_resolved_ok(r)).map(|r| r.node_id.clone()).collect();
     Plan { ready, skipped, joins, decided, resolved: resolved_ok }
 }
 
@@ -358,7 +367,10 @@ mod tests {
         let p = plan(&g, &[done("a", &["j"], None)]);
         assert_eq!(p.ready, vec!["b"]);
         assert!(p.decided.is_empty());
-        assert_eq!(p.joins, vec![JoinState { node_id: "j".into(), arrived: vec!["a".into()], taken: vec!["a".into()] }]);
+        assert_eq!(
+            p.joins,
+            vec![JoinState { node_id: "j".into(), arrived: vec!["a".into()], taken: vec!["a".into()] }]
+        );
         let p = plan(&g, &[done("a", &["j"], None), done("b", &[], None)]);
         assert_eq!(p.ready, vec!["j"]);
         assert_eq!(p.decided, vec!["j"]);

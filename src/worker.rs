@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 use crate::flow::{BlueprintError, ContextHandle, Graph, NodeCtx, NodeError, Registry};
 use crate::metrics::WorkerMetrics;
 use crate::store::{
-    Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, NodeRecord, NodeStatus,
-    RecordOutcome, RunStatus, RunStore, StoreError,
+    Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, NodeRecord, NodeStatus, RecordOutcome,
+    RunStatus, RunStore, StoreError,
 };
 
 /// The worker could not run.
@@ -251,12 +251,18 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         }
         let store_err = |source| WorkerError::Store { job: format!("{}/{}", job.run_id, job.node_id), source };
         let Some(graph) = self.blueprints.get(&job.blueprint_id) else {
-            let reason = format!("run {}: unknown blueprint '{}' (this worker serves: {})", job.run_id, job.blueprint_id, self.blueprints.ids().join(", "));
+            let reason = format!(
+                "run {}: unknown blueprint '{}' (this worker serves: {})",
+                job.run_id,
+                job.blueprint_id,
+                self.blueprints.ids().join(", ")
+            );
             self.fail_run(&job.run_id, &reason, None).await.map_err(store_err)?;
             return Ok(Settle::DeadLetter(reason));
         };
         if !graph.contains(&job.node_id) {
-            let reason = format!("run {}: node '{}' is not in blueprint '{}'", job.run_id, job.node_id, job.blueprint_id);
+            let reason =
+                format!("run {}: node '{}' is not in blueprint '{}'", job.run_id, job.node_id, job.blueprint_id);
             self.fail_run(&job.run_id, &reason, None).await.map_err(store_err)?;
             return Ok(Settle::DeadLetter(reason));
         }
@@ -282,7 +288,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let (record, outcome) = match existing {
             Some(r) => (r, "duplicate"),
             None => {
-                let lease = self.coord.acquire_lease(&job.run_id, &job.node_id, self.config.lease_ttl).await.map_err(store_err)?;
+                let lease = self
+                    .coord
+                    .acquire_lease(&job.run_id, &job.node_id, self.config.lease_ttl)
+                    .await
+                    .map_err(store_err)?;
                 let Some(token) = lease else {
                     let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
                     self.queue.publish_delayed(&again, self.config.lease_retry_delay).await.map_err(store_err)?;
@@ -338,7 +348,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         Ok(())
     }
 
-    async fn execute_with_lease(&self, graph: &Arc<Graph>, job: &Job, view: &JobView, token: &crate::store::LeaseToken) -> Executed {
+    async fn execute_with_lease(
+        &self,
+        graph: &Arc<Graph>,
+        job: &Job,
+        view: &JobView,
+        token: &crate::store::LeaseToken,
+    ) -> Executed {
         let stop = CancellationToken::new();
         let keeper = {
             let coord = self.coord.clone();
@@ -383,7 +399,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 record.attempts,
                 record.error.as_deref().unwrap_or("unknown error")
             );
-            if self.store.finish_run(run_id, RunStatus::Failed, &json!({ "error": reason, "node": record.node_id })).await? {
+            if self
+                .store
+                .finish_run(run_id, RunStatus::Failed, &json!({ "error": reason, "node": record.node_id }))
+                .await?
+            {
                 warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
                 let _ = self.coord.forget(run_id).await;
             }
@@ -449,7 +469,13 @@ struct Executed {
 }
 
 /// Step 5: compute the input, run the attempts (timeout, retries with backoff, panics caught), route.
-async fn execute(graph: &Arc<Graph>, registry: &Registry, metrics: &WorkerMetrics, job: &Job, view: &JobView) -> Executed {
+async fn execute(
+    graph: &Arc<Graph>,
+    registry: &Registry,
+    metrics: &WorkerMetrics,
+    job: &Job,
+    view: &JobView,
+) -> Executed {
     let node_id = job.node_id.as_str();
     let failed = |attempts: u32, error: String| Executed {
         record: NodeRecord {
@@ -510,7 +536,9 @@ async fn execute(graph: &Arc<Graph>, registry: &Registry, metrics: &WorkerMetric
         };
         let result = match joined {
             Ok(r) => r,
-            Err(e) if e.is_panic() => Err(NodeError::fatal(format!("node panicked: {}", panic_message(e.into_panic())))),
+            Err(e) if e.is_panic() => {
+                Err(NodeError::fatal(format!("node panicked: {}", panic_message(e.into_panic()))))
+            }
             Err(e) => Err(NodeError::fatal(format!("node task ended: {e}"))),
         };
         match result {

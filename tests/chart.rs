@@ -30,16 +30,7 @@ const INSTALL_HEADER: &str = "\
 #   FLOWCRAFT_UPDATE_MANIFESTS=1 cargo test --test chart install_manifests
 # (tests/chart.rs fails when this file no longer matches the chart). See README.md beside this file.
 ";
-const BUILTIN_NODES: &[&str] = &[
-    "http",
-    "transform",
-    "log",
-    "noop",
-    "sleep",
-    "fail",
-    "subflow",
-    "wait",
-];
+const BUILTIN_NODES: &[&str] = &["http", "transform", "log", "noop", "sleep", "fail", "subflow", "wait"];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -49,11 +40,7 @@ fn repo() -> &'static Path {
 fn helm() -> Option<&'static Path> {
     static HELM: OnceLock<Option<PathBuf>> = OnceLock::new();
     HELM.get_or_init(|| {
-        let problem = match Command::new("bash")
-            .arg("scripts/helm.sh")
-            .current_dir(repo())
-            .output()
-        {
+        let problem = match Command::new("bash").arg("scripts/helm.sh").current_dir(repo()).output() {
             Ok(out) if out.status.success() => {
                 let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
                 if !path.is_empty() && Path::new(&path).is_file() {
@@ -61,11 +48,7 @@ fn helm() -> Option<&'static Path> {
                 }
                 format!("scripts/helm.sh printed no usable path: {path:?}")
             }
-            Ok(out) => format!(
-                "scripts/helm.sh failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            Ok(out) => format!("scripts/helm.sh failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)),
             Err(error) => format!("cannot run `bash scripts/helm.sh`: {error}"),
         };
         if std::env::var_os("CI").is_some() {
@@ -108,15 +91,7 @@ fn helm_ok(helm: &Path, args: &[&str]) -> String {
 }
 
 fn template_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "template",
-        RELEASE,
-        CHART,
-        "--namespace",
-        NAMESPACE,
-        "--kube-version",
-        KUBE_VERSION,
-    ];
+    let mut args = vec!["template", RELEASE, CHART, "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION];
     args.extend_from_slice(extra);
     args
 }
@@ -153,12 +128,7 @@ fn name(doc: &Value) -> &str {
 }
 
 fn id(doc: &Value) -> String {
-    format!(
-        "{} {}/{}",
-        kind(doc),
-        doc["metadata"]["namespace"].as_str().unwrap_or("-"),
-        name(doc)
-    )
+    format!("{} {}/{}", kind(doc), doc["metadata"]["namespace"].as_str().unwrap_or("-"), name(doc))
 }
 
 fn kind_counts(docs: &[Value]) -> BTreeMap<String, usize> {
@@ -181,13 +151,8 @@ fn one<'a>(docs: &'a [Value], k: &str) -> &'a Value {
 
 fn operator_container(docs: &[Value]) -> &Value {
     let deployment = one(docs, "Deployment");
-    let containers = deployment["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .expect("containers");
-    containers
-        .iter()
-        .find(|c| c["name"] == "operator")
-        .expect("a container named operator")
+    let containers = deployment["spec"]["template"]["spec"]["containers"].as_array().expect("containers");
+    containers.iter().find(|c| c["name"] == "operator").expect("a container named operator")
 }
 
 fn env_var<'a>(container: &'a Value, var: &str) -> &'a Value {
@@ -200,36 +165,20 @@ fn env_var<'a>(container: &'a Value, var: &str) -> &'a Value {
 fn strs(value: &Value) -> Vec<String> {
     value
         .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|v| v.as_str().unwrap_or("<not a string>").to_string())
-                .collect()
-        })
+        .map(|a| a.iter().map(|v| v.as_str().unwrap_or("<not a string>").to_string()).collect())
         .unwrap_or_default()
 }
 
 /// Every rule of the Roles and ClusterRoles, as (apiGroup, resource) -> verbs.
 fn rbac_rules(docs: &[Value]) -> BTreeMap<(String, String), BTreeSet<String>> {
     let mut rules = BTreeMap::new();
-    for doc in docs
-        .iter()
-        .filter(|d| matches!(kind(d), "Role" | "ClusterRole"))
-    {
+    for doc in docs.iter().filter(|d| matches!(kind(d), "Role" | "ClusterRole")) {
         for rule in doc["rules"].as_array().expect("rules") {
-            assert!(
-                rule.get("nonResourceURLs").is_none(),
-                "{}: nonResourceURLs",
-                id(doc)
-            );
-            assert!(
-                rule.get("resourceNames").is_none(),
-                "{}: unexpected resourceNames",
-                id(doc)
-            );
+            assert!(rule.get("nonResourceURLs").is_none(), "{}: nonResourceURLs", id(doc));
+            assert!(rule.get("resourceNames").is_none(), "{}: unexpected resourceNames", id(doc));
             for group in strs(&rule["apiGroups"]) {
                 for resource in strs(&rule["resources"]) {
-                    let verbs: &mut BTreeSet<String> =
-                        rules.entry((group.clone(), resource)).or_default();
+                    let verbs: &mut BTreeSet<String> = rules.entry((group.clone(), resource)).or_default();
                     verbs.extend(strs(&rule["verbs"]));
                 }
             }
@@ -254,11 +203,7 @@ fn expected_rules(leader_election: bool) -> BTreeMap<(String, String), BTreeSet<
     add("flowcraft.io", &["flowruns"], &["list", "watch", "patch", "delete"]);
     add(
         "flowcraft.io",
-        &[
-            "flowcraftworkerpools/status",
-            "flowcraftreconcileschedules/status",
-            "flowruns/status",
-        ],
+        &["flowcraftworkerpools/status", "flowcraftreconcileschedules/status", "flowruns/status"],
         &["patch"],
     );
     add("apps", &["deployments"], &["list", "watch", "create", "patch"]);
@@ -267,18 +212,13 @@ fn expected_rules(leader_election: bool) -> BTreeMap<(String, String), BTreeSet<
     add("", &["secrets"], &["get"]);
     add("events.k8s.io", &["events"], &["create", "patch"]);
     if leader_election {
-        add(
-            "coordination.k8s.io",
-            &["leases"],
-            &["get", "create", "update"],
-        );
+        add("coordination.k8s.io", &["leases"], &["get", "create", "update"]);
     }
     expected
 }
 
 fn chart_meta() -> Value {
-    serde_saphyr::from_str::<Value>(&read("charts/flowcraft/Chart.yaml"))
-        .expect("Chart.yaml parses")
+    serde_saphyr::from_str::<Value>(&read("charts/flowcraft/Chart.yaml")).expect("Chart.yaml parses")
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -313,38 +253,17 @@ fn schema_and_guards_reject_bad_values() {
         (&["--set", "image.colour=blue"], "colour"),
         (&["--set", "service.port=70000"], "port"),
         // Template guards, not schema: two operators without a leader; a Secret without its URLs.
-        (
-            &[
-                "--set",
-                "replicaCount=2",
-                "--set",
-                "leaderElection.enabled=false",
-            ],
-            "leaderElection",
-        ),
+        (&["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"], "leaderElection"),
         (&["--set", "connection.create=true"], "connection.amqpUrl"),
     ];
     for (extra, mention) in cases {
         let out = run_helm(helm, &template_args(extra));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "helm template {extra:?} should fail");
-        assert!(
-            stderr.contains(mention),
-            "helm template {extra:?}: error should mention {mention}: {stderr}"
-        );
+        assert!(stderr.contains(mention), "helm template {extra:?}: error should mention {mention}: {stderr}");
     }
     // The accepted spellings of the same keys render.
-    render(
-        helm,
-        &[
-            "--set",
-            "replicaCount=3",
-            "--set",
-            "image.pullPolicy=Always",
-            "--set",
-            "logFormat=json",
-        ],
-    );
+    render(helm, &["--set", "replicaCount=3", "--set", "image.pullPolicy=Always", "--set", "logFormat=json"]);
 }
 
 #[test]
@@ -372,14 +291,8 @@ fn default_values_render_the_operator_only() {
     assert_eq!(strs(&c["args"]), ["operator"]);
     assert_eq!(env_var(c, "FLOWCRAFT_OPERATOR_IMAGE")["value"], c["image"]);
     assert_eq!(env_var(c, "FLOWCRAFT_LEADER_ELECTION")["value"], "true");
-    assert_eq!(
-        env_var(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.name"
-    );
-    assert_eq!(
-        env_var(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.namespace"
-    );
+    assert_eq!(env_var(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(env_var(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
     assert_eq!(env_var(c, "FLOWCRAFT_LOG")["value"], "info");
     assert_eq!(env_var(c, "FLOWCRAFT_LOG_FORMAT")["value"], "text");
     for (var, key) in [
@@ -392,20 +305,13 @@ fn default_values_render_the_operator_only() {
         assert_eq!(sel["key"], key, "{var}");
     }
     assert!(
-        c["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["name"] != "FLOWCRAFT_WATCH_NAMESPACE"),
+        c["env"].as_array().unwrap().iter().all(|e| e["name"] != "FLOWCRAFT_WATCH_NAMESPACE"),
         "no watch namespace by default"
     );
 
     let service = one(&docs, "Service");
     let port = &service["spec"]["ports"][0];
-    assert_eq!(
-        (port["port"].clone(), port["targetPort"].clone()),
-        (json!(8080), json!("admin"))
-    );
+    assert_eq!((port["port"].clone(), port["targetPort"].clone()), (json!(8080), json!("admin")));
     assert_eq!(
         service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"],
         "the Service selects the operator pods"
@@ -413,10 +319,7 @@ fn default_values_render_the_operator_only() {
 
     // Leader election off: no Lease rules at all.
     let docs = render(helm, &["--set", "leaderElection.enabled=false"]);
-    assert_eq!(
-        env_var(operator_container(&docs), "FLOWCRAFT_LEADER_ELECTION")["value"],
-        "false"
-    );
+    assert_eq!(env_var(operator_container(&docs), "FLOWCRAFT_LEADER_ELECTION")["value"], "false");
     assert_eq!(rbac_rules(&docs), expected_rules(false));
     assert!(of_kind(&docs, "Role").is_empty());
 }
@@ -426,21 +329,10 @@ fn full_values_render_every_option() {
     let helm = require_helm!();
     let docs = render(helm, &["-f", FULL_VALUES]);
     let counts = kind_counts(&docs);
-    for k in [
-        "ServiceMonitor",
-        "NetworkPolicy",
-        "Secret",
-        "Deployment",
-        "Service",
-        "Role",
-        "RoleBinding",
-    ] {
+    for k in ["ServiceMonitor", "NetworkPolicy", "Secret", "Deployment", "Service", "Role", "RoleBinding"] {
         assert!(counts.contains_key(k), "{k} missing: {counts:?}");
     }
-    assert!(
-        !counts.contains_key("ClusterRole") && !counts.contains_key("ClusterRoleBinding"),
-        "{counts:?}"
-    );
+    assert!(!counts.contains_key("ClusterRole") && !counts.contains_key("ClusterRoleBinding"), "{counts:?}");
 
     // watchNamespace: the operator's Role lives in the watched namespace, the Lease Role in its own.
     let roles: BTreeSet<String> = of_kind(&docs, "Role").iter().map(|d| id(d)).collect();
@@ -452,12 +344,7 @@ fn full_values_render_every_option() {
         ])
     );
     for binding in of_kind(&docs, "RoleBinding") {
-        assert_eq!(
-            binding["roleRef"]["name"],
-            binding["metadata"]["name"],
-            "{}",
-            id(binding)
-        );
+        assert_eq!(binding["roleRef"]["name"], binding["metadata"]["name"], "{}", id(binding));
         assert_eq!(
             binding["subjects"],
             json!([{"kind": "ServiceAccount", "name": "flowcraft", "namespace": NAMESPACE}])
@@ -470,21 +357,12 @@ fn full_values_render_every_option() {
     assert_eq!(pod["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
     assert_eq!(pod["tolerations"][0]["key"], "dedicated");
     assert!(pod["affinity"]["podAntiAffinity"].is_object());
-    assert_eq!(
-        pod["imagePullSecrets"],
-        json!([{"name": "registry-credentials"}])
-    );
+    assert_eq!(pod["imagePullSecrets"], json!([{"name": "registry-credentials"}]));
     assert_eq!(pod["priorityClassName"], "flowcraft-critical");
-    assert_eq!(
-        deployment["spec"]["template"]["metadata"]["labels"]["team"],
-        "platform"
-    );
+    assert_eq!(deployment["spec"]["template"]["metadata"]["labels"]["team"], "platform");
     let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["example.com/scrape"], "true");
-    assert!(
-        annotations["checksum/connection"].is_string(),
-        "a Secret change rolls the operator"
-    );
+    assert!(annotations["checksum/connection"].is_string(), "a Secret change rolls the operator");
 
     let c = operator_container(&docs);
     let image = "registry.example.com/acme/flowcraft-custom:0.1.0-custom.1";
@@ -498,17 +376,9 @@ fn full_values_render_every_option() {
 
     let secret = one(&docs, "Secret");
     assert_eq!(name(secret), "flowcraft-connection");
-    let keys: BTreeSet<&str> = secret["stringData"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let keys: BTreeSet<&str> = secret["stringData"].as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(keys, BTreeSet::from(["amqpUrl", "databaseUrl", "redisUrl"]));
-    assert_eq!(
-        env_var(c, "FLOWCRAFT_DATABASE_URL")["valueFrom"]["secretKeyRef"]["name"],
-        "flowcraft-connection"
-    );
+    assert_eq!(env_var(c, "FLOWCRAFT_DATABASE_URL")["valueFrom"]["secretKeyRef"]["name"], "flowcraft-connection");
 
     let workers: BTreeSet<String> = of_kind(&docs, "ServiceAccount")
         .iter()
@@ -526,20 +396,11 @@ fn full_values_render_every_option() {
     let monitor = one(&docs, "ServiceMonitor");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
-    assert_eq!(
-        monitor["metadata"]["labels"]["release"],
-        "kube-prometheus-stack"
-    );
-    assert_eq!(
-        monitor["spec"]["selector"]["matchLabels"],
-        one(&docs, "Service")["spec"]["selector"]
-    );
+    assert_eq!(monitor["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    assert_eq!(monitor["spec"]["selector"]["matchLabels"], one(&docs, "Service")["spec"]["selector"]);
 
     let policy = one(&docs, "NetworkPolicy");
-    assert_eq!(
-        policy["spec"]["podSelector"]["matchLabels"],
-        deployment["spec"]["selector"]["matchLabels"]
-    );
+    assert_eq!(policy["spec"]["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
     assert_eq!(strs(&policy["spec"]["policyTypes"]), ["Ingress", "Egress"]);
     let ports = |rules: &Value| -> BTreeSet<(u64, String)> {
         rules
@@ -547,41 +408,23 @@ fn full_values_render_every_option() {
             .unwrap()
             .iter()
             .flat_map(|r| r["ports"].as_array().unwrap().iter())
-            .map(|p| {
-                (
-                    p["port"].as_u64().unwrap(),
-                    p["protocol"].as_str().unwrap().to_string(),
-                )
-            })
+            .map(|p| (p["port"].as_u64().unwrap(), p["protocol"].as_str().unwrap().to_string()))
             .collect()
     };
     let tcp = |p: u64| (p, "TCP".to_string());
-    assert_eq!(
-        ports(&policy["spec"]["ingress"]),
-        BTreeSet::from([tcp(8080)])
-    );
+    assert_eq!(ports(&policy["spec"]["ingress"]), BTreeSet::from([tcp(8080)]));
     assert_eq!(
         ports(&policy["spec"]["egress"]),
-        BTreeSet::from([
-            (53, "UDP".to_string()),
-            tcp(53),
-            tcp(443),
-            tcp(6443),
-            tcp(5432),
-            tcp(5672),
-            tcp(6379)
-        ])
+        BTreeSet::from([(53, "UDP".to_string()), tcp(53), tcp(443), tcp(6443), tcp(5432), tcp(5672), tcp(6379)])
     );
 }
 
 #[test]
 fn rbac_is_exactly_the_least_privilege_set() {
     let helm = require_helm!();
-    for (values, leader) in [
-        (&[][..], true),
-        (&["-f", FULL_VALUES][..], true),
-        (&["--set", "leaderElection.enabled=false"][..], false),
-    ] {
+    for (values, leader) in
+        [(&[][..], true), (&["-f", FULL_VALUES][..], true), (&["--set", "leaderElection.enabled=false"][..], false)]
+    {
         let docs = render(helm, values);
         let rules = rbac_rules(&docs);
         assert_eq!(rules, expected_rules(leader), "values {values:?}");
@@ -592,10 +435,7 @@ fn rbac_is_exactly_the_least_privilege_set() {
                 may_delete || (!verbs.contains("delete") && !verbs.contains("deletecollection")),
                 "{group}/{resource}: {verbs:?}"
             );
-            assert!(
-                !verbs.contains("*") && group != "*" && resource != "*",
-                "{group}/{resource}: wildcard"
-            );
+            assert!(!verbs.contains("*") && group != "*" && resource != "*", "{group}/{resource}: wildcard");
         }
         assert_eq!(
             rules[&("events.k8s.io".to_string(), "events".to_string())],
@@ -603,31 +443,18 @@ fn rbac_is_exactly_the_least_privilege_set() {
         );
 
         // Only the operator is bound; the worker ServiceAccount has no RBAC and no token.
-        for binding in docs
-            .iter()
-            .filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding"))
-        {
+        for binding in docs.iter().filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding")) {
             for subject in binding["subjects"].as_array().unwrap() {
                 assert_eq!(subject["name"], "flowcraft", "{}: {subject}", id(binding));
                 assert_eq!(subject["namespace"], NAMESPACE, "{}", id(binding));
             }
         }
         let accounts = of_kind(&docs, "ServiceAccount");
-        let workers: Vec<_> = accounts
-            .iter()
-            .filter(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker")
-            .collect();
-        assert!(
-            !workers.is_empty(),
-            "values {values:?}: no worker ServiceAccount"
-        );
+        let workers: Vec<_> =
+            accounts.iter().filter(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker").collect();
+        assert!(!workers.is_empty(), "values {values:?}: no worker ServiceAccount");
         for worker in workers {
-            assert_eq!(
-                worker["automountServiceAccountToken"],
-                false,
-                "{}",
-                id(worker)
-            );
+            assert_eq!(worker["automountServiceAccountToken"], false, "{}", id(worker));
             assert_ne!(name(worker), "flowcraft");
         }
     }
@@ -642,10 +469,7 @@ fn operator_pod_is_hardened_and_probed() {
         assert_eq!(pod["serviceAccountName"], "flowcraft");
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         assert_eq!(pod["securityContext"]["runAsUser"], 65532);
-        assert_eq!(
-            pod["securityContext"]["seccompProfile"]["type"],
-            "RuntimeDefault"
-        );
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
 
         let c = operator_container(&docs);
         let sc = &c["securityContext"];
@@ -656,22 +480,14 @@ fn operator_pod_is_hardened_and_probed() {
         assert!(sc["capabilities"].get("add").is_none());
         assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
 
-        assert_eq!(
-            c["ports"],
-            json!([{"name": "admin", "containerPort": 8080, "protocol": "TCP"}])
-        );
-        for (probe, path) in [
-            ("livenessProbe", "/healthz"),
-            ("readinessProbe", "/readyz"),
-            ("startupProbe", "/healthz"),
-        ] {
+        assert_eq!(c["ports"], json!([{"name": "admin", "containerPort": 8080, "protocol": "TCP"}]));
+        for (probe, path) in
+            [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")]
+        {
             assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
             assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
         }
-        assert!(
-            c["resources"]["requests"]["memory"].is_string(),
-            "resources come from values"
-        );
+        assert!(c["resources"]["requests"]["memory"].is_string(), "resources come from values");
     }
 }
 
@@ -679,11 +495,7 @@ fn operator_pod_is_hardened_and_probed() {
 fn every_object_has_the_standard_labels() {
     let helm = require_helm!();
     let chart = chart_meta();
-    let chart_label = format!(
-        "{}-{}",
-        chart["name"].as_str().unwrap(),
-        chart["version"].as_str().unwrap()
-    );
+    let chart_label = format!("{}-{}", chart["name"].as_str().unwrap(), chart["version"].as_str().unwrap());
     for values in [&[][..], &["-f", FULL_VALUES][..]] {
         let docs = render(helm, values);
         assert!(!docs.is_empty());
@@ -693,22 +505,13 @@ fn every_object_has_the_standard_labels() {
             assert_eq!(labels["helm.sh/chart"], chart_label.as_str(), "{what}");
             assert_eq!(labels["app.kubernetes.io/name"], "flowcraft", "{what}");
             assert_eq!(labels["app.kubernetes.io/instance"], RELEASE, "{what}");
-            assert_eq!(
-                labels["app.kubernetes.io/version"], chart["appVersion"],
-                "{what}"
-            );
+            assert_eq!(labels["app.kubernetes.io/version"], chart["appVersion"], "{what}");
             assert_eq!(labels["app.kubernetes.io/part-of"], "flowcraft", "{what}");
             assert_eq!(labels["app.kubernetes.io/managed-by"], "Helm", "{what}");
             let component = labels["app.kubernetes.io/component"].as_str().unwrap_or("");
-            assert!(
-                matches!(component, "operator" | "worker"),
-                "{what}: component {component:?}"
-            );
+            assert!(matches!(component, "operator" | "worker"), "{what}: component {component:?}");
             if kind(doc) != "ClusterRole" && kind(doc) != "ClusterRoleBinding" {
-                assert!(
-                    doc["metadata"]["namespace"].is_string(),
-                    "{what}: namespace must be explicit"
-                );
+                assert!(doc["metadata"]["namespace"].is_string(), "{what}: namespace must be explicit");
             }
         }
         let template = &one(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"];
@@ -722,9 +525,7 @@ fn every_object_has_the_standard_labels() {
 fn check_api_type(doc: &Value) -> Result<(), String> {
     use k8s_openapi::api::{apps, core, networking, rbac};
     fn de<T: serde::de::DeserializeOwned>(doc: &Value) -> Result<(), String> {
-        serde_json::from_value::<T>(doc.clone())
-            .map(|_| ())
-            .map_err(|e| format!("{}: {e}", id(doc)))
+        serde_json::from_value::<T>(doc.clone()).map(|_| ()).map_err(|e| format!("{}: {e}", id(doc)))
     }
     match kind(doc) {
         "Deployment" => de::<apps::v1::Deployment>(doc),
@@ -738,9 +539,7 @@ fn check_api_type(doc: &Value) -> Result<(), String> {
         "Role" => de::<rbac::v1::Role>(doc),
         "RoleBinding" => de::<rbac::v1::RoleBinding>(doc),
         "NetworkPolicy" => de::<networking::v1::NetworkPolicy>(doc),
-        "ServiceMonitor" | "FlowcraftWorkerPool" | "FlowcraftReconcileSchedule" | "FlowRun" => {
-            Ok(())
-        }
+        "ServiceMonitor" | "FlowcraftWorkerPool" | "FlowcraftReconcileSchedule" | "FlowRun" => Ok(()),
         other => Err(format!("{}: unexpected kind {other}", id(doc))),
     }
 }
@@ -758,17 +557,7 @@ fn rendered_objects_fit_the_kubernetes_api_types() {
 #[test]
 fn notes_tell_what_to_apply_next() {
     let helm = require_helm!();
-    let notes = helm_ok(
-        helm,
-        &[
-            "install",
-            RELEASE,
-            CHART,
-            "--namespace",
-            NAMESPACE,
-            "--dry-run=client",
-        ],
-    );
+    let notes = helm_ok(helm, &["install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client"]);
     for needle in [
         "create secret generic flowcraft-connection",
         "blueprints-configmap.yaml",
@@ -778,10 +567,7 @@ fn notes_tell_what_to_apply_next() {
         "kubectl -n flowcraft-system get flowruns",
         "kubectl apply --server-side -f charts/flowcraft/crds/",
     ] {
-        assert!(
-            notes.contains(needle),
-            "NOTES should mention {needle:?}:\n{notes}"
-        );
+        assert!(notes.contains(needle), "NOTES should mention {needle:?}:\n{notes}");
     }
 }
 
@@ -800,15 +586,9 @@ fn install_manifests_are_up_to_date() {
         parse_yaml_docs(&rendered, "helm template"),
         "{INSTALL_MANIFEST} is stale; regenerate with FLOWCRAFT_UPDATE_MANIFESTS=1 cargo test --test chart install_manifests"
     );
-    let namespace = parse_yaml_docs(
-        &read("deploy/kubernetes/install/namespace.yaml"),
-        "namespace.yaml",
-    );
+    let namespace = parse_yaml_docs(&read("deploy/kubernetes/install/namespace.yaml"), "namespace.yaml");
     assert_eq!(namespace.len(), 1);
-    assert_eq!(
-        (kind(&namespace[0]), name(&namespace[0])),
-        ("Namespace", NAMESPACE)
-    );
+    assert_eq!((kind(&namespace[0]), name(&namespace[0])), ("Namespace", NAMESPACE));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -829,11 +609,7 @@ fn yaml_files(dir: &Path) -> BTreeMap<String, PathBuf> {
 fn chart_crds_are_byte_identical_to_crds_dir() {
     let generated = yaml_files(&repo().join("crds"));
     let chart = yaml_files(&repo().join("charts/flowcraft/crds"));
-    let expected = [
-        "flowcraftreconcileschedules.yaml",
-        "flowcraftworkerpools.yaml",
-        "flowruns.yaml",
-    ];
+    let expected = ["flowcraftreconcileschedules.yaml", "flowcraftworkerpools.yaml", "flowruns.yaml"];
     assert_eq!(
         chart.keys().map(String::as_str).collect::<Vec<_>>(),
         expected,
@@ -847,38 +623,23 @@ fn chart_crds_are_byte_identical_to_crds_dir() {
     for (file, path) in &generated {
         let a = std::fs::read(path).unwrap();
         let b = std::fs::read(&chart[file]).unwrap();
-        assert!(
-            a == b,
-            "charts/flowcraft/crds/{file} differs from crds/{file}: cp crds/*.yaml charts/flowcraft/crds/"
-        );
+        assert!(a == b, "charts/flowcraft/crds/{file} differs from crds/{file}: cp crds/*.yaml charts/flowcraft/crds/");
     }
 }
 
 /// The CRDs the operator generates (`flowcraft crd`), by kind, straight from the library.
 fn crds_by_kind() -> BTreeMap<String, Value> {
-    parse_yaml_docs(
-        &flowcraft::operator::crds_yaml(),
-        "flowcraft::operator::crds_yaml()",
-    )
-    .into_iter()
-    .filter(|doc| kind(doc) == "CustomResourceDefinition")
-    .map(|doc| {
-        (
-            doc["spec"]["names"]["kind"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            doc,
-        )
-    })
-    .collect()
+    parse_yaml_docs(&flowcraft::operator::crds_yaml(), "flowcraft::operator::crds_yaml()")
+        .into_iter()
+        .filter(|doc| kind(doc) == "CustomResourceDefinition")
+        .map(|doc| (doc["spec"]["names"]["kind"].as_str().unwrap_or_default().to_string(), doc))
+        .collect()
 }
 
 /// A small structural check of `value` against an OpenAPI v3 (structural) schema: types, required fields,
 /// unknown fields, enums. Enough to catch an example that drifted from the CRD.
 fn check_schema(value: &Value, schema: &Value, path: &str, errors: &mut Vec<String>) {
-    if schema["x-kubernetes-preserve-unknown-fields"] == true && schema.get("properties").is_none()
-    {
+    if schema["x-kubernetes-preserve-unknown-fields"] == true && schema.get("properties").is_none() {
         return;
     }
     if schema["x-kubernetes-int-or-string"] == true {
@@ -922,12 +683,9 @@ fn check_schema(value: &Value, schema: &Value, path: &str, errors: &mut Vec<Stri
             match properties.and_then(|p| p.get(key)) {
                 Some(child_schema) => check_schema(child, child_schema, &child_path, errors),
                 None => match &schema["additionalProperties"] {
-                    Value::Object(additional) => check_schema(
-                        child,
-                        &Value::Object(additional.clone()),
-                        &child_path,
-                        errors,
-                    ),
+                    Value::Object(additional) => {
+                        check_schema(child, &Value::Object(additional.clone()), &child_path, errors)
+                    }
                     Value::Bool(true) => {}
                     _ if schema["x-kubernetes-preserve-unknown-fields"] == true => {}
                     _ if properties.is_none() => {}
@@ -959,10 +717,7 @@ fn example_blueprint_files() -> Vec<PathBuf> {
 }
 
 fn blueprints_configmap() -> Value {
-    let docs = parse_yaml_docs(
-        &read("deploy/kubernetes/blueprints-configmap.yaml"),
-        "blueprints-configmap.yaml",
-    );
+    let docs = parse_yaml_docs(&read("deploy/kubernetes/blueprints-configmap.yaml"), "blueprints-configmap.yaml");
     assert_eq!(docs.len(), 1);
     assert_eq!(kind(&docs[0]), "ConfigMap");
     docs.into_iter().next().unwrap()
@@ -971,25 +726,15 @@ fn blueprints_configmap() -> Value {
 #[test]
 fn example_blueprints_parse_and_are_consistent() {
     let files = example_blueprint_files();
-    let names: BTreeSet<String> = files
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let names: BTreeSet<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     for required in ["hello.yaml", "order.yaml", "fanout.json"] {
-        assert!(
-            names.contains(required),
-            "deploy/examples/{required} missing"
-        );
+        assert!(names.contains(required), "deploy/examples/{required} missing");
     }
     let mut ids = BTreeSet::new();
     for file in &files {
         let bp = Blueprint::load(file).unwrap_or_else(|e| panic!("{e}"));
         let what = file.display();
-        assert!(
-            ids.insert(bp.id.clone()),
-            "{what}: blueprint id {} used twice",
-            bp.id
-        );
+        assert!(ids.insert(bp.id.clone()), "{what}: blueprint id {} used twice", bp.id);
         assert_eq!(
             file.file_stem().unwrap().to_string_lossy(),
             bp.id,
@@ -998,52 +743,26 @@ fn example_blueprints_parse_and_are_consistent() {
         let nodes: BTreeSet<&str> = bp.nodes.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(nodes.len(), bp.nodes.len(), "{what}: duplicate node ids");
         for node in &bp.nodes {
-            assert!(
-                BUILTIN_NODES.contains(&node.uses.as_str()),
-                "{what}: node {} uses {}",
-                node.id,
-                node.uses
-            );
-            assert_ne!(
-                node.uses, "http",
-                "{what}: examples run without network access"
-            );
+            assert!(BUILTIN_NODES.contains(&node.uses.as_str()), "{what}: node {} uses {}", node.id, node.uses);
+            assert_ne!(node.uses, "http", "{what}: examples run without network access");
             if let Some(fallback) = &node.config.fallback {
-                assert!(
-                    nodes.contains(fallback.as_str()),
-                    "{what}: unknown fallback {fallback}"
-                );
+                assert!(nodes.contains(fallback.as_str()), "{what}: unknown fallback {fallback}");
             }
         }
         for edge in &bp.edges {
-            assert!(
-                nodes.contains(edge.source.as_str()) && nodes.contains(edge.target.as_str()),
-                "{what}: {edge:?}"
-            );
+            assert!(nodes.contains(edge.source.as_str()) && nodes.contains(edge.target.as_str()), "{what}: {edge:?}");
         }
     }
     let hello = Blueprint::load(&repo().join("deploy/examples/hello.yaml")).unwrap();
     assert!((4..=5).contains(&hello.nodes.len()), "hello stays small");
+    assert!(hello.edges.iter().any(|e| e.condition.is_some() || e.action.is_some()), "hello branches");
     assert!(
-        hello
-            .edges
-            .iter()
-            .any(|e| e.condition.is_some() || e.action.is_some()),
-        "hello branches"
-    );
-    assert!(
-        hello.nodes.iter().any(
-            |n| hello.edges.iter().filter(|e| e.target == n.id).count() > 1
-                && n.config.join_strategy != Some(flowcraft::flow::JoinStrategy::Any)
-        ),
+        hello.nodes.iter().any(|n| hello.edges.iter().filter(|e| e.target == n.id).count() > 1
+            && n.config.join_strategy != Some(flowcraft::flow::JoinStrategy::Any)),
         "hello has an `all` join"
     );
     let fanout = Blueprint::load(&repo().join("deploy/examples/fanout.json")).unwrap();
-    let fan_out = fanout
-        .edges
-        .iter()
-        .filter(|e| e.source == fanout.nodes[0].id)
-        .count();
+    let fan_out = fanout.edges.iter().filter(|e| e.source == fanout.nodes[0].id).count();
     assert_eq!(fan_out, 5, "fanout: 1 -> 5 -> 1");
 }
 
@@ -1053,16 +772,10 @@ fn blueprints_configmap_holds_the_examples() {
     assert_eq!(name(&cm), "flowcraft-blueprints");
     let data = cm["data"].as_object().expect("data");
     let files = example_blueprint_files();
-    assert_eq!(
-        data.len(),
-        files.len(),
-        "one key per file in deploy/examples"
-    );
+    assert_eq!(data.len(), files.len(), "one key per file in deploy/examples");
     for file in files {
         let key = file.file_name().unwrap().to_string_lossy().into_owned();
-        let value = data
-            .get(&key)
-            .unwrap_or_else(|| panic!("ConfigMap key {key} missing"));
+        let value = data.get(&key).unwrap_or_else(|| panic!("ConfigMap key {key} missing"));
         assert_eq!(
             value.as_str(),
             Some(std::fs::read_to_string(&file).unwrap().as_str()),
@@ -1078,11 +791,7 @@ fn example_blueprints_pass_flowcraft_validate() {
     let bin = env!("CARGO_BIN_EXE_flowcraft");
     let tmp = tempfile::tempdir().unwrap();
     let validate = |file: &Path| -> Output {
-        Command::new(bin)
-            .arg("validate")
-            .arg(file)
-            .output()
-            .expect("run flowcraft validate")
+        Command::new(bin).arg("validate").arg(file).output().expect("run flowcraft validate")
     };
 
     // First make sure the check can fail at all.
@@ -1124,44 +833,23 @@ fn example_blueprints_pass_flowcraft_validate() {
 #[test]
 fn example_manifests_parse_and_fit_the_crds() {
     let crds = crds_by_kind();
-    for k in [
-        "FlowcraftWorkerPool",
-        "FlowcraftReconcileSchedule",
-        "FlowRun",
-    ] {
-        assert!(
-            crds.contains_key(k),
-            "the operator generates no CRD for {k}"
-        );
+    for k in ["FlowcraftWorkerPool", "FlowcraftReconcileSchedule", "FlowRun"] {
+        assert!(crds.contains_key(k), "the operator generates no CRD for {k}");
     }
     let mut kinds_seen = BTreeMap::new();
     for dir in ["deploy/kubernetes", "deploy/kubernetes/install"] {
         for (file, path) in yaml_files(&repo().join(dir)) {
-            let docs = parse_yaml_docs(
-                &std::fs::read_to_string(&path).unwrap(),
-                &path.display().to_string(),
-            );
+            let docs = parse_yaml_docs(&std::fs::read_to_string(&path).unwrap(), &path.display().to_string());
             assert!(!docs.is_empty(), "{dir}/{file} is empty");
             for doc in docs {
                 let what = format!("{dir}/{file}: {}", id(&doc));
-                assert!(
-                    doc["apiVersion"].is_string()
-                        && !kind(&doc).is_empty()
-                        && !name(&doc).is_empty(),
-                    "{what}"
-                );
+                assert!(doc["apiVersion"].is_string() && !kind(&doc).is_empty() && !name(&doc).is_empty(), "{what}");
                 *kinds_seen.entry(kind(&doc).to_string()).or_insert(0) += 1;
                 check_api_type(&doc).unwrap_or_else(|e| panic!("{dir}/{file}: {e}"));
-                if doc["apiVersion"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("flowcraft.io/")
-                {
+                if doc["apiVersion"].as_str().unwrap().starts_with("flowcraft.io/") {
                     assert_eq!(doc["apiVersion"], "flowcraft.io/v1alpha1", "{what}");
                     assert!(doc["spec"].is_object(), "{what}: spec");
-                    let crd = crds
-                        .get(kind(&doc))
-                        .unwrap_or_else(|| panic!("{what}: no CRD for this kind"));
+                    let crd = crds.get(kind(&doc)).unwrap_or_else(|| panic!("{what}: no CRD for this kind"));
                     let version = crd["spec"]["versions"]
                         .as_array()
                         .and_then(|v| v.iter().find(|v| v["name"] == "v1alpha1"))
@@ -1170,84 +858,44 @@ fn example_manifests_parse_and_fit_the_crds() {
                     assert!(schema.is_object(), "{what}: CRD has no spec schema");
                     let mut errors = Vec::new();
                     check_schema(&doc["spec"], schema, "spec", &mut errors);
-                    assert!(
-                        errors.is_empty(),
-                        "{what} does not fit its CRD:\n  {}",
-                        errors.join("\n  ")
-                    );
+                    assert!(errors.is_empty(), "{what} does not fit its CRD:\n  {}", errors.join("\n  "));
                 }
             }
         }
     }
-    for (k, n) in [
-        ("FlowcraftWorkerPool", 1),
-        ("FlowcraftReconcileSchedule", 1),
-        ("FlowRun", 2),
-        ("ConfigMap", 1),
-        ("Secret", 1),
-    ] {
-        assert!(
-            kinds_seen.get(k).copied().unwrap_or(0) >= n,
-            "deploy/kubernetes needs {n} {k}: {kinds_seen:?}"
-        );
+    for (k, n) in
+        [("FlowcraftWorkerPool", 1), ("FlowcraftReconcileSchedule", 1), ("FlowRun", 2), ("ConfigMap", 1), ("Secret", 1)]
+    {
+        assert!(kinds_seen.get(k).copied().unwrap_or(0) >= n, "deploy/kubernetes needs {n} {k}: {kinds_seen:?}");
     }
 
     // The example custom resources name each other consistently.
     let doc = |file: &str| parse_yaml_docs(&read(format!("deploy/kubernetes/{file}")), file);
     let pool = doc("workerpool.yaml").remove(0);
-    assert_eq!(
-        pool["spec"]["blueprints"]["configMap"],
-        name(&blueprints_configmap())
-    );
-    assert_eq!(
-        pool["spec"]["connectionSecret"],
-        name(&doc("connection-secret.yaml")[0])
-    );
+    assert_eq!(pool["spec"]["blueprints"]["configMap"], name(&blueprints_configmap()));
+    assert_eq!(pool["spec"]["connectionSecret"], name(&doc("connection-secret.yaml")[0]));
     assert_eq!(pool["spec"]["serviceAccountName"], "flowcraft-worker");
-    assert_eq!(
-        doc("reconcile-schedule.yaml")[0]["spec"]["workerPool"],
-        name(&pool)
-    );
-    let blueprint_ids: BTreeSet<String> = example_blueprint_files()
-        .iter()
-        .map(|f| Blueprint::load(f).unwrap().id)
-        .collect();
+    assert_eq!(doc("reconcile-schedule.yaml")[0]["spec"]["workerPool"], name(&pool));
+    let blueprint_ids: BTreeSet<String> =
+        example_blueprint_files().iter().map(|f| Blueprint::load(f).unwrap().id).collect();
     for run in doc("flowrun.yaml") {
         assert_eq!(run["spec"]["workerPool"], name(&pool), "{}", id(&run));
-        assert!(
-            blueprint_ids.contains(run["spec"]["blueprint"].as_str().unwrap()),
-            "{}",
-            id(&run)
-        );
+        assert!(blueprint_ids.contains(run["spec"]["blueprint"].as_str().unwrap()), "{}", id(&run));
         assert!(run["spec"]["input"].is_object(), "{}", id(&run));
     }
 }
 
 #[test]
 fn local_compose_stack_has_the_three_services() {
-    let compose = parse_yaml_docs(
-        &read("deploy/local/docker-compose.yaml"),
-        "docker-compose.yaml",
-    )
-    .remove(0);
+    let compose = parse_yaml_docs(&read("deploy/local/docker-compose.yaml"), "docker-compose.yaml").remove(0);
     for (service, image, port) in [
         ("postgres", "postgres:16", "5432:5432"),
         ("redis", "redis:7", "6379:6379"),
         ("rabbitmq", "rabbitmq:3.13", "5672:5672"),
     ] {
         let s = &compose["services"][service];
-        assert!(
-            s["image"].as_str().is_some_and(|i| i.starts_with(image)),
-            "{service}: image {}",
-            s["image"]
-        );
-        assert!(
-            strs(&s["ports"]).iter().any(|p| p == port),
-            "{service}: port {port}"
-        );
-        assert!(
-            s["healthcheck"]["test"].is_array(),
-            "{service}: healthcheck"
-        );
+        assert!(s["image"].as_str().is_some_and(|i| i.starts_with(image)), "{service}: image {}", s["image"]);
+        assert!(strs(&s["ports"]).iter().any(|p| p == port), "{service}: port {port}");
+        assert!(s["healthcheck"]["test"].is_array(), "{service}: healthcheck");
     }
 }

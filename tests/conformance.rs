@@ -53,10 +53,8 @@ fn cli_prints_the_json_result_and_exit_codes() {
     assert_eq!(v["outputs"]["price"], 30);
     assert!(v.get("error").is_none());
 
-    let out = flowcraft()
-        .args(["run", dir.join("failure.yaml").to_str().unwrap(), "--output", "json"])
-        .output()
-        .unwrap();
+    let out =
+        flowcraft().args(["run", dir.join("failure.yaml").to_str().unwrap(), "--output", "json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "failed");

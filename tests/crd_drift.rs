@@ -31,31 +31,17 @@ fn crds_match_the_code() {
             Err(e) => drifted.push(format!("{} cannot be read: {e}", path.display())),
         }
     }
-    assert!(
-        drifted.is_empty(),
-        "CRDs drifted:\n  {}\n{HOW_TO_FIX}",
-        drifted.join("\n  ")
-    );
+    assert!(drifted.is_empty(), "CRDs drifted:\n  {}\n{HOW_TO_FIX}", drifted.join("\n  "));
 }
 
 #[test]
 fn crds_yaml_is_the_concatenation_of_the_files_in_order() {
-    let files = [
-        "flowcraftworkerpools.yaml",
-        "flowcraftreconcileschedules.yaml",
-        "flowruns.yaml",
-    ];
-    assert_eq!(
-        crd_files().iter().map(|(f, _)| *f).collect::<Vec<_>>(),
-        files
-    );
+    let files = ["flowcraftworkerpools.yaml", "flowcraftreconcileschedules.yaml", "flowruns.yaml"];
+    assert_eq!(crd_files().iter().map(|(f, _)| *f).collect::<Vec<_>>(), files);
     let concatenated: String = crd_files().into_iter().map(|(_, text)| text).collect();
     assert_eq!(crds_yaml(), concatenated);
     // And on disk (what `flowcraft crd > x && diff x <(cat crds/*)` compares).
-    let on_disk: Option<String> = files
-        .iter()
-        .map(|f| std::fs::read_to_string(crds_dir().join(f)).ok())
-        .collect();
+    let on_disk: Option<String> = files.iter().map(|f| std::fs::read_to_string(crds_dir().join(f)).ok()).collect();
     if let Some(on_disk) = on_disk {
         assert_eq!(crds_yaml(), on_disk, "{HOW_TO_FIX}");
     }
@@ -65,17 +51,10 @@ fn crds_yaml_is_the_concatenation_of_the_files_in_order() {
 fn every_crd_file_is_one_yaml_document_of_the_right_crd() {
     for (file, text) in crd_files() {
         assert!(text.starts_with("---\n"), "{file}");
-        assert_eq!(
-            text.matches("\n---").count(),
-            0,
-            "{file} holds one document"
-        );
+        assert_eq!(text.matches("\n---").count(), 0, "{file} holds one document");
         let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
             serde_saphyr::from_str(&text).expect("valid YAML CRD");
         assert_eq!(format!("{}.yaml", crd.spec.names.plural), file);
-        assert_eq!(
-            crd.metadata.name.as_deref(),
-            Some(format!("{}.flowcraft.io", crd.spec.names.plural).as_str())
-        );
+        assert_eq!(crd.metadata.name.as_deref(), Some(format!("{}.flowcraft.io", crd.spec.names.plural).as_str()));
     }
 }

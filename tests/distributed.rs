@@ -129,7 +129,11 @@ async fn a_worker_killed_with_300_runs_in_flight_loses_nothing() {
     // Halfway: SIGKILL one worker.
     common::eventually("half of the runs to complete", Duration::from_secs(120), || async {
         let done = store
-            .list_runs(&flowcraft::store::RunFilter { status: Some(RunStatus::Completed), limit: 1000, ..Default::default() })
+            .list_runs(&flowcraft::store::RunFilter {
+                status: Some(RunStatus::Completed),
+                limit: 1000,
+                ..Default::default()
+            })
             .await
             .ok()?
             .len();
@@ -139,20 +143,34 @@ async fn a_worker_killed_with_300_runs_in_flight_loses_nothing() {
     victim.kill();
     let results = wait_all(&store, &ids, Duration::from_secs(180)).await;
     for r in &results {
-        assert_eq!(r.status, RunStatus::Completed, "run {} ended {:?}: {:?}\n{}", r.run_id, r.status, r.error, survivor.log_text());
+        assert_eq!(
+            r.status,
+            RunStatus::Completed,
+            "run {} ended {:?}: {:?}\n{}",
+            r.run_id,
+            r.status,
+            r.error,
+            survivor.log_text()
+        );
     }
     // Exactly once: every node of every run has one record (the primary key forbids more; count the rows).
     let client = store.pool().get().await.unwrap();
     let table = format!("\"{}_node_results\"", cluster.name);
     let row = client
-        .query_one(&format!("SELECT count(*), count(DISTINCT (run_id, node_id)) FROM {table} WHERE run_id LIKE $1"), &[&format!("{}-%", cluster.name)])
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT (run_id, node_id)) FROM {table} WHERE run_id LIKE $1"),
+            &[&format!("{}-%", cluster.name)],
+        )
         .await
         .unwrap();
     let (rows, distinct): (i64, i64) = (row.get(0), row.get(1));
     assert_eq!(rows, 300 * 6, "one record per node per run");
     assert_eq!(distinct, rows);
     let joins = client
-        .query_one(&format!("SELECT count(*) FROM {table} WHERE node_id = 'join' AND status = 'done' AND attempts = 1"), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE node_id = 'join' AND status = 'done' AND attempts = 1"),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(joins.get::<_, i64>(0), 300, "every join ran and was recorded once");
@@ -178,7 +196,8 @@ async fn in_process_worker(
     let coord = cluster.coord().await;
     let metrics = Arc::new(WorkerMetrics::default());
     let config = WorkerConfig { concurrency: 4, lease_ttl: Duration::from_secs(2), ..WorkerConfig::default() };
-    let worker = Arc::new(Worker::new(queue, store, coord, Arc::new(registry), Arc::new(blueprints), config, metrics.clone()));
+    let worker =
+        Arc::new(Worker::new(queue, store, coord, Arc::new(registry), Arc::new(blueprints), config, metrics.clone()));
     let stop = CancellationToken::new();
     let task = tokio::spawn(worker.run(stop.clone()));
     (metrics, stop, task)
@@ -196,7 +215,8 @@ async fn poison_input_is_dead_lettered_or_fails_its_run_and_the_worker_carries_o
     });
     let mut set = BlueprintSet::new();
     let chain: Blueprint = serde_json::from_value(json!({"id": "ok", "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}], "edges": [{"source": "a", "target": "b"}]})).unwrap();
-    let boom: Blueprint = serde_json::from_value(json!({"id": "boom", "nodes": [{"id": "x", "uses": "explode"}]})).unwrap();
+    let boom: Blueprint =
+        serde_json::from_value(json!({"id": "boom", "nodes": [{"id": "x", "uses": "explode"}]})).unwrap();
     let ok = set.insert(Graph::build(chain, Some(&registry)).unwrap());
     let boom = set.insert(Graph::build(boom, Some(&registry)).unwrap());
     let store = cluster.store().await;
@@ -206,24 +226,43 @@ async fn poison_input_is_dead_lettered_or_fails_its_run_and_the_worker_carries_o
     // 1. A non-JSON message.
     publish_raw(&cluster.conn.queue, b"this is not json").await;
     // 2. A job for an unknown blueprint (its run exists, so the run fails with a reason naming it).
-    let ghost: Blueprint = serde_json::from_value(json!({"id": "ghost", "nodes": [{"id": "g", "uses": "noop"}]})).unwrap();
+    let ghost: Blueprint =
+        serde_json::from_value(json!({"id": "ghost", "nodes": [{"id": "g", "uses": "noop"}]})).unwrap();
     let ghost = Graph::build(ghost, None).unwrap();
     client::start_run(&*queue, &*store, &ghost, "ghost-run", json!({})).await.unwrap();
     // 3. A job for an unknown node of a known blueprint.
-    store.create_run(&flowcraft::store::NewRun { run_id: "nonode-run".into(), blueprint_id: "ok".into(), blueprint_version: None, input: json!({}) }).await.unwrap();
+    store
+        .create_run(&flowcraft::store::NewRun {
+            run_id: "nonode-run".into(),
+            blueprint_id: "ok".into(),
+            blueprint_version: None,
+            input: json!({}),
+        })
+        .await
+        .unwrap();
     queue.publish(&[flowcraft::store::Job::new("nonode-run", "ok", "zz")]).await.unwrap();
     // 4. A node that panics.
     client::start_run(&*queue, &*store, &boom, "boom-run", json!({})).await.unwrap();
     // And a healthy run after all of them.
     client::start_run(&*queue, &*store, &ok, "ok-run", json!({})).await.unwrap();
 
-    let results = wait_all(&store, &["ghost-run".into(), "nonode-run".into(), "boom-run".into(), "ok-run".into()], Duration::from_secs(30)).await;
+    let results = wait_all(
+        &store,
+        &["ghost-run".into(), "nonode-run".into(), "boom-run".into(), "ok-run".into()],
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(results[0].status, RunStatus::Failed);
     assert!(results[0].error.as_deref().unwrap().contains("unknown blueprint 'ghost'"), "{:?}", results[0].error);
     assert_eq!(results[1].status, RunStatus::Failed);
     assert!(results[1].error.as_deref().unwrap().contains("node 'zz'"), "{:?}", results[1].error);
     assert_eq!(results[2].status, RunStatus::Failed);
-    assert!(results[2].error.as_deref().unwrap().contains("panicked") && results[2].error.as_deref().unwrap().contains("kaboom"), "{:?}", results[2].error);
+    assert!(
+        results[2].error.as_deref().unwrap().contains("panicked")
+            && results[2].error.as_deref().unwrap().contains("kaboom"),
+        "{:?}",
+        results[2].error
+    );
     assert_eq!(results[3].status, RunStatus::Completed);
 
     let collected = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -286,15 +325,24 @@ async fn a_cancelled_run_starts_no_further_jobs() {
     let queue = cluster.queue().await;
     let (metrics, stop, task) = in_process_worker(&cluster, set, registry2).await;
     client::start_run(&*queue, &*store, &g, "c-run", json!({})).await.unwrap();
-    common::eventually("node a to start", Duration::from_secs(20), || async { (started.load(Ordering::SeqCst) > 0).then_some(()) }).await;
+    common::eventually("node a to start", Duration::from_secs(20), || async {
+        (started.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
     assert!(client::cancel_run(&*store, "c-run", "test").await.unwrap());
     // a finishes (in flight); b's job is consumed and skipped without running.
-    common::eventually("b's job to be skipped", Duration::from_secs(20), || async { (metrics.outcome_count("skipped") >= 1).then_some(()) }).await;
+    common::eventually("b's job to be skipped", Duration::from_secs(20), || async {
+        (metrics.outcome_count("skipped") >= 1).then_some(())
+    })
+    .await;
     let r = client::run_result(&*store, "c-run", None).await.unwrap().unwrap();
     assert_eq!(r.status, RunStatus::Cancelled);
     assert_eq!(r.error.as_deref(), Some("test"));
     assert!(!r.nodes.contains_key("b") && !r.nodes.contains_key("c"), "{:?}", r.nodes);
-    assert!(!client::cancel_run(&*store, "c-run", "again").await.unwrap(), "a second cancel reports the run already ended");
+    assert!(
+        !client::cancel_run(&*store, "c-run", "again").await.unwrap(),
+        "a second cancel reports the run already ended"
+    );
     stop.cancel();
     task.await.unwrap();
     cluster.cleanup().await;

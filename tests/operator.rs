@@ -11,13 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use flowcraft::operator::admin::Health;
-use flowcraft::operator::context::{
-    Context, QueueProbe, ReconcileStats, StatsSource, backoff_delay, error_policy,
-};
+use flowcraft::operator::context::{Context, QueueProbe, ReconcileStats, StatsSource, backoff_delay, error_policy};
 use flowcraft::operator::crd::{
-    AutoscalingSpec, BlueprintsSpec, FlowRun, FlowRunPhase, FlowRunSpec, FlowRunStatus,
-    FlowcraftReconcileSchedule, FlowcraftReconcileScheduleSpec, FlowcraftWorkerPool,
-    FlowcraftWorkerPoolSpec, QueueSpec, TablesSpec,
+    AutoscalingSpec, BlueprintsSpec, FlowRun, FlowRunPhase, FlowRunSpec, FlowRunStatus, FlowcraftReconcileSchedule,
+    FlowcraftReconcileScheduleSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolSpec, QueueSpec, TablesSpec,
 };
 use flowcraft::operator::leader::LeaderElector;
 use flowcraft::operator::metrics::Metrics;
@@ -59,10 +56,7 @@ struct Call {
 
 impl Call {
     fn reply(self, code: u16, body: &Value) {
-        let response = Response::builder()
-            .status(code)
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap();
+        let response = Response::builder().status(code).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap();
         self.send.send_response(response);
     }
 
@@ -77,18 +71,8 @@ impl Call {
     /// Assert a server-side apply by the operator's field manager (forced).
     fn assert_ssa(&self) {
         assert_eq!(self.method, Method::PATCH, "{}", self.path);
-        assert_eq!(
-            self.query.get("fieldManager").map(String::as_str),
-            Some(FIELD_MANAGER),
-            "{}",
-            self.path
-        );
-        assert_eq!(
-            self.query.get("force").map(String::as_str),
-            Some("true"),
-            "{}",
-            self.path
-        );
+        assert_eq!(self.query.get("fieldManager").map(String::as_str), Some(FIELD_MANAGER), "{}", self.path);
+        assert_eq!(self.query.get("force").map(String::as_str), Some("true"), "{}", self.path);
     }
 }
 
@@ -104,11 +88,7 @@ impl ApiServer {
             .unwrap_or_else(|| panic!("the operator made no request; expected {method} {path}"));
         let (parts, body) = request.into_parts();
         let bytes = body.collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
         let uri = parts.uri.to_string();
         let (p, q) = uri.split_once('?').unwrap_or((uri.as_str(), ""));
         let query = q
@@ -119,29 +99,13 @@ impl ApiServer {
                 (k.to_string(), v.to_string())
             })
             .collect();
-        assert_eq!(
-            (&parts.method, p),
-            (&method, path),
-            "unexpected request {} {uri} with body {body}",
-            parts.method
-        );
-        Call {
-            method: parts.method,
-            path: p.to_string(),
-            query,
-            body,
-            send,
-        }
+        assert_eq!((&parts.method, p), (&method, path), "unexpected request {} {uri} with body {body}", parts.method);
+        Call { method: parts.method, path: p.to_string(), query, body, send }
     }
 
     /// Expect an event about `name`, check its type and reason, answer 201, return its note.
     async fn expect_event(&mut self, type_: &str, reason: &str, name: &str) -> String {
-        let call = self
-            .expect(
-                Method::POST,
-                &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
-            )
-            .await;
+        let call = self.expect(Method::POST, &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")).await;
         assert_eq!(call.body["type"], type_, "{}", call.body);
         assert_eq!(call.body["reason"], reason, "{}", call.body);
         assert_eq!(call.body["regarding"]["name"], name, "{}", call.body);
@@ -158,11 +122,7 @@ impl ApiServer {
             .await
             .expect("the test must drop the context so the mocked API server ends");
         if let Some((request, _)) = next {
-            panic!(
-                "unexpected extra request {} {}",
-                request.method(),
-                request.uri()
-            );
+            panic!("unexpected extra request {} {}", request.method(), request.uri());
         }
     }
 }
@@ -175,11 +135,7 @@ fn test_context() -> (Arc<Context>, ApiServer) {
 fn context_with(f: impl FnOnce(Context) -> Context) -> (Arc<Context>, ApiServer) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let ctx = Context::new(
-        client,
-        "ghcr.io/flowcraft/flowcraft:1.0",
-        Arc::new(Metrics::default()),
-    );
+    let ctx = Context::new(client, "ghcr.io/flowcraft/flowcraft:1.0", Arc::new(Metrics::default()));
     (Arc::new(f(ctx)), ApiServer(handle))
 }
 
@@ -194,9 +150,7 @@ where
     F: Future<Output = ApiServer> + Send + 'static,
 {
     let task: JoinHandle<ApiServer> = tokio::spawn(scenario(server));
-    let result = tokio::time::timeout(Duration::from_secs(30), reconcile(ctx))
-        .await
-        .expect("reconcile finished");
+    let result = tokio::time::timeout(Duration::from_secs(30), reconcile(ctx)).await.expect("reconcile finished");
     let server = task.await.expect("scenario passed");
     server.done().await;
     result
@@ -213,15 +167,9 @@ fn pool() -> FlowcraftWorkerPool {
             replicas: 2,
             image: None,
             image_pull_policy: None,
-            queue: QueueSpec {
-                name: "orders-jobs".into(),
-                prefetch: 16,
-                queue_type: None,
-            },
+            queue: QueueSpec { name: "orders-jobs".into(), prefetch: 16, queue_type: None },
             connection_secret: "flowcraft-conn".into(),
-            blueprints: BlueprintsSpec {
-                config_map: "order-blueprints".into(),
-            },
+            blueprints: BlueprintsSpec { config_map: "order-blueprints".into() },
             autoscaling: None,
             tables: None,
             redis_prefix: None,
@@ -242,15 +190,8 @@ fn pool() -> FlowcraftWorkerPool {
 }
 
 fn secret(keys: &[&str]) -> Value {
-    let data: serde_json::Map<String, Value> = keys
-        .iter()
-        .map(|k| {
-            (
-                k.to_string(),
-                json!("YW1xcDovL2d1ZXN0Omd1ZXN0QGxvY2FsaG9zdDo1NjcyLyUyZg=="),
-            )
-        })
-        .collect();
+    let data: serde_json::Map<String, Value> =
+        keys.iter().map(|k| (k.to_string(), json!("YW1xcDovL2d1ZXN0Omd1ZXN0QGxvY2FsaG9zdDo1NjcyLyUyZg=="))).collect();
     json!({"apiVersion": "v1", "kind": "Secret",
            "metadata": {"name": "flowcraft-conn", "namespace": NS}, "data": data})
 }
@@ -262,10 +203,7 @@ fn configmap(text: &str) -> ConfigMap {
             namespace: Some(NS.into()),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([(
-            "order.yaml".to_string(),
-            text.to_string(),
-        )])),
+        data: Some(BTreeMap::from([("order.yaml".to_string(), text.to_string())])),
         ..Default::default()
     }
 }
@@ -321,14 +259,8 @@ async fn serve_pool_reconcile(
     events: &[&str],
     expect_status: bool,
 ) -> (Value, Option<Value>) {
-    server
-        .expect(Method::GET, SECRET_PATH)
-        .await
-        .reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
-    server
-        .expect(Method::GET, CM_PATH)
-        .await
-        .reply(200, &serde_json::to_value(cm).unwrap());
+    server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+    server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(cm).unwrap());
     let call = server.expect(Method::PATCH, DEPLOY_PATH).await;
     call.assert_ssa();
     let applied = call.body.clone();
@@ -340,9 +272,7 @@ async fn serve_pool_reconcile(
     if !expect_status {
         return (applied, None);
     }
-    let call = server
-        .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
-        .await;
+    let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
     call.assert_ssa();
     assert_eq!(call.body["apiVersion"], "flowcraft.io/v1alpha1");
     assert_eq!(call.body["kind"], "FlowcraftWorkerPool");
@@ -380,7 +310,10 @@ async fn pool_create_applies_the_deployment_and_patches_the_status() {
             assert_eq!(container["args"], json!(["worker"]));
             let env = container["env"].as_array().unwrap();
             let amqp = env.iter().find(|e| e["name"] == "FLOWCRAFT_AMQP_URL").unwrap();
-            assert_eq!(amqp["valueFrom"]["secretKeyRef"], json!({"name": "flowcraft-conn", "key": "amqpUrl", "optional": false}));
+            assert_eq!(
+                amqp["valueFrom"]["secretKeyRef"],
+                json!({"name": "flowcraft-conn", "key": "amqpUrl", "optional": false})
+            );
             assert_eq!(template["spec"]["automountServiceAccountToken"], false);
             // The status.
             let status = status.unwrap();
@@ -463,8 +396,7 @@ async fn pool_update_scales_the_deployment() {
         ctx,
         server,
         move |mut server| async move {
-            let (applied, status) =
-                serve_pool_reconcile(&mut server, &p2, &cm2, &["Applied"], true).await;
+            let (applied, status) = serve_pool_reconcile(&mut server, &p2, &cm2, &["Applied"], true).await;
             assert_eq!(applied["spec"]["replicas"], 5);
             let status = status.unwrap();
             assert_eq!(status["desiredReplicas"], 5);
@@ -510,19 +442,14 @@ async fn pool_blueprint_change_rolls_the_workers() {
 #[tokio::test]
 async fn pool_autoscales_on_queue_depth() {
     let mut p = pool();
-    p.spec.autoscaling = Some(AutoscalingSpec {
-        min_replicas: 1,
-        max_replicas: 10,
-        target_queue_length: 100,
-    });
+    p.spec.autoscaling = Some(AutoscalingSpec { min_replicas: 1, max_replicas: 10, target_queue_length: 100 });
     let (ctx, server) = context_with(|c| c.with_queue_probe(Arc::new(FixedDepth(250))));
     let (p2, cm) = (p.clone(), configmap(BLUEPRINT));
     let result = run_scenario(
         ctx,
         server,
         move |mut server| async move {
-            let (applied, status) =
-                serve_pool_reconcile(&mut server, &p2, &cm, &["Applied"], true).await;
+            let (applied, status) = serve_pool_reconcile(&mut server, &p2, &cm, &["Applied"], true).await;
             assert_eq!(applied["spec"]["replicas"], 3, "ceil(250 / 100)");
             let status = status.unwrap();
             assert_eq!(status["queueDepth"], 250);
@@ -545,31 +472,16 @@ async fn pool_missing_secret_key_is_degraded_with_an_event_and_backs_off() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, SECRET_PATH)
-                .await
-                .reply(200, &secret(&["amqpUrl", "databaseUrl"]));
-            let note = server
-                .expect_event("Warning", "MissingSecretKey", "orders")
-                .await;
-            assert!(
-                note.contains("shop/flowcraft-conn") && note.contains("redisUrl"),
-                "{note}"
-            );
-            let call = server
-                .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
-                .await;
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl"]));
+            let note = server.expect_event("Warning", "MissingSecretKey", "orders").await;
+            assert!(note.contains("shop/flowcraft-conn") && note.contains("redisUrl"), "{note}");
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
             call.assert_ssa();
             let status = call.body["status"].clone();
             let degraded = condition(&status, "Degraded");
             assert_eq!(degraded["status"], "True");
             assert_eq!(degraded["reason"], "MissingSecretKey");
-            assert!(
-                degraded["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("FlowcraftWorkerPool shop/orders")
-            );
+            assert!(degraded["message"].as_str().unwrap().contains("FlowcraftWorkerPool shop/orders"));
             assert_eq!(condition(&status, "Ready")["status"], "False");
             call.reply(200, &with_status(&p2, &status));
             tx.send(status).unwrap();
@@ -579,41 +491,16 @@ async fn pool_missing_secret_key_is_degraded_with_an_event_and_backs_off() {
     )
     .await;
     let error = result.unwrap_err();
-    assert!(
-        matches!(
-            error,
-            OperatorError::InvalidSpec {
-                reason: "MissingSecretKey",
-                ..
-            }
-        ),
-        "{error}"
-    );
+    assert!(matches!(error, OperatorError::InvalidSpec { reason: "MissingSecretKey", .. }), "{error}");
     // Per-object exponential backoff, and the failure metric (the policy makes no request).
     let (ctx, _server) = test_context();
     let obj = Arc::new(pool());
-    assert_eq!(
-        error_policy(obj.clone(), &error, ctx.clone()),
-        Action::requeue(backoff_delay(1))
-    );
-    assert_eq!(
-        error_policy(obj.clone(), &error, ctx.clone()),
-        Action::requeue(Duration::from_secs(10))
-    );
-    assert_eq!(
-        error_policy(obj.clone(), &error, ctx.clone()),
-        Action::requeue(Duration::from_secs(20))
-    );
-    assert_eq!(
-        ctx.metrics
-            .failure_count("workerpool", "invalid_spec_missingsecretkey"),
-        3
-    );
+    assert_eq!(error_policy(obj.clone(), &error, ctx.clone()), Action::requeue(backoff_delay(1)));
+    assert_eq!(error_policy(obj.clone(), &error, ctx.clone()), Action::requeue(Duration::from_secs(10)));
+    assert_eq!(error_policy(obj.clone(), &error, ctx.clone()), Action::requeue(Duration::from_secs(20)));
+    assert_eq!(ctx.metrics.failure_count("workerpool", "invalid_spec_missingsecretkey"), 3);
     ctx.backoff.reset("FlowcraftWorkerPool/shop/orders");
-    assert_eq!(
-        error_policy(obj, &error, ctx.clone()),
-        Action::requeue(Duration::from_secs(5))
-    );
+    assert_eq!(error_policy(obj, &error, ctx.clone()), Action::requeue(Duration::from_secs(5)));
 
     // Still broken, already Degraded with that message: no new event, no status patch (no hot loop).
     let degraded = pool_with_status(&rx.await.unwrap());
@@ -622,10 +509,7 @@ async fn pool_missing_secret_key_is_degraded_with_an_event_and_backs_off() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, SECRET_PATH)
-                .await
-                .reply(200, &secret(&["amqpUrl", "databaseUrl"]));
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl"]));
             server
         },
         async |ctx| workerpool::reconcile(Arc::new(degraded), ctx).await,
@@ -643,25 +527,12 @@ async fn pool_missing_configmap_is_degraded() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, SECRET_PATH)
-                .await
-                .reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
-            server
-                .expect(Method::GET, CM_PATH)
-                .await
-                .not_found("configmaps", "order-blueprints");
-            let note = server
-                .expect_event("Warning", "ConfigMapNotFound", "orders")
-                .await;
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server.expect(Method::GET, CM_PATH).await.not_found("configmaps", "order-blueprints");
+            let note = server.expect_event("Warning", "ConfigMapNotFound", "orders").await;
             assert!(note.contains("shop/order-blueprints"), "{note}");
-            let call = server
-                .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
-                .await;
-            assert_eq!(
-                condition(&call.body["status"], "Degraded")["reason"],
-                "ConfigMapNotFound"
-            );
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
+            assert_eq!(condition(&call.body["status"], "Degraded")["reason"], "ConfigMapNotFound");
             let status = call.body["status"].clone();
             call.reply(200, &with_status(&p2, &status));
             server
@@ -669,13 +540,7 @@ async fn pool_missing_configmap_is_degraded() {
         async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
     )
     .await;
-    assert!(matches!(
-        result,
-        Err(OperatorError::InvalidSpec {
-            reason: "ConfigMapNotFound",
-            ..
-        })
-    ));
+    assert!(matches!(result, Err(OperatorError::InvalidSpec { reason: "ConfigMapNotFound", .. })));
 }
 
 #[tokio::test]
@@ -683,29 +548,17 @@ async fn pool_invalid_blueprint_is_degraded_and_does_not_roll() {
     let p = pool();
     let (ctx, server) = test_context();
     let p2 = p.clone();
-    let broken = configmap(
-        "id: order\nnodes: [{id: a, uses: noop}]\nedges: [{source: a, target: missing}]\n",
-    );
+    let broken = configmap("id: order\nnodes: [{id: a, uses: noop}]\nedges: [{source: a, target: missing}]\n");
     let result = run_scenario(
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, SECRET_PATH)
-                .await
-                .reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
-            server
-                .expect(Method::GET, CM_PATH)
-                .await
-                .reply(200, &serde_json::to_value(&broken).unwrap());
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(&broken).unwrap());
             // No Deployment apply: a broken ConfigMap never reaches the workers.
-            let note = server
-                .expect_event("Warning", "InvalidBlueprint", "orders")
-                .await;
+            let note = server.expect_event("Warning", "InvalidBlueprint", "orders").await;
             assert!(note.contains("order.yaml"), "{note}");
-            let call = server
-                .expect(Method::PATCH, &format!("{POOL_PATH}/status"))
-                .await;
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
             let status = call.body["status"].clone();
             call.reply(200, &with_status(&p2, &status));
             server
@@ -713,13 +566,7 @@ async fn pool_invalid_blueprint_is_degraded_and_does_not_roll() {
         async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
     )
     .await;
-    assert!(matches!(
-        result,
-        Err(OperatorError::InvalidSpec {
-            reason: "InvalidBlueprint",
-            ..
-        })
-    ));
+    assert!(matches!(result, Err(OperatorError::InvalidSpec { reason: "InvalidBlueprint", .. })));
 }
 
 #[tokio::test]
@@ -741,8 +588,7 @@ async fn pool_being_deleted_makes_no_request() {
 // FlowcraftReconcileSchedule
 // ------------------------------------------------------------------------------------------------
 
-const SCHEDULE_PATH: &str =
-    "/apis/flowcraft.io/v1alpha1/namespaces/shop/flowcraftreconcileschedules/orders-reconcile";
+const SCHEDULE_PATH: &str = "/apis/flowcraft.io/v1alpha1/namespaces/shop/flowcraftreconcileschedules/orders-reconcile";
 
 fn reconcile_schedule(cron: &str) -> FlowcraftReconcileSchedule {
     let mut s = FlowcraftReconcileSchedule::new(
@@ -766,11 +612,7 @@ struct FixedStats;
 
 #[async_trait]
 impl StatsSource for FixedStats {
-    async fn last_stats(
-        &self,
-        tables: &TableNames,
-        schedule: &str,
-    ) -> Result<Option<ReconcileStats>, String> {
+    async fn last_stats(&self, tables: &TableNames, schedule: &str) -> Result<Option<ReconcileStats>, String> {
         assert_eq!(schedule, "shop/orders-reconcile");
         assert_eq!(tables.statuses, "flowcraft_statuses");
         let at = chrono::DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
@@ -793,56 +635,30 @@ async fn schedule_applies_a_forbid_cronjob_and_mirrors_stats() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, POOL_PATH)
-                .await
-                .reply(200, &serde_json::to_value(pool()).unwrap());
-            let call = server
-                .expect(
-                    Method::PATCH,
-                    "/apis/batch/v1/namespaces/shop/cronjobs/orders-reconcile",
-                )
-                .await;
+            server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(pool()).unwrap());
+            let call = server.expect(Method::PATCH, "/apis/batch/v1/namespaces/shop/cronjobs/orders-reconcile").await;
             call.assert_ssa();
             let cj = call.body.clone();
             assert_eq!(cj["kind"], "CronJob");
-            assert_eq!(
-                cj["metadata"]["ownerReferences"][0]["kind"],
-                "FlowcraftReconcileSchedule"
-            );
+            assert_eq!(cj["metadata"]["ownerReferences"][0]["kind"], "FlowcraftReconcileSchedule");
             assert_eq!(cj["spec"]["schedule"], "*/5 * * * *");
             assert_eq!(cj["spec"]["concurrencyPolicy"], "Forbid");
             let c = &cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
-            assert_eq!(
-                c["args"],
-                json!(["reconcile", "--stalled-threshold", "300s"])
-            );
+            assert_eq!(c["args"], json!(["reconcile", "--stalled-threshold", "300s"]));
             let env = c["env"].as_array().unwrap();
-            assert!(env.iter().any(
-                |e| e["name"] == "FLOWCRAFT_SCHEDULE" && e["value"] == "shop/orders-reconcile"
-            ));
+            assert!(env.iter().any(|e| e["name"] == "FLOWCRAFT_SCHEDULE" && e["value"] == "shop/orders-reconcile"));
             let mut reply = cj.clone();
             reply["status"] = json!({"lastScheduleTime": "2023-11-14T22:10:00Z"});
             call.reply(200, &reply);
-            server
-                .expect_event("Normal", "Applied", "orders-reconcile")
-                .await;
-            server
-                .expect_event("Warning", "ReconcileFailures", "orders-reconcile")
-                .await;
-            let call = server
-                .expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status"))
-                .await;
+            server.expect_event("Normal", "Applied", "orders-reconcile").await;
+            server.expect_event("Warning", "ReconcileFailures", "orders-reconcile").await;
+            let call = server.expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status")).await;
             call.assert_ssa();
             let status = call.body["status"].clone();
             assert_eq!(status["lastRun"], "2023-11-14T22:13:20Z");
             assert_eq!(status["lastScheduleTime"], "2023-11-14T22:10:00Z");
             assert_eq!(
-                (
-                    status["stalledRuns"].clone(),
-                    status["reconciledRuns"].clone(),
-                    status["failedRuns"].clone()
-                ),
+                (status["stalledRuns"].clone(), status["reconciledRuns"].clone(), status["failedRuns"].clone()),
                 (json!(4), json!(3), json!(1))
             );
             assert_eq!(condition(&status, "Ready")["status"], "True");
@@ -865,35 +681,20 @@ async fn schedule_bad_cron_is_degraded_naming_the_expression() {
         ctx,
         server,
         move |mut server| async move {
-            let note = server
-                .expect_event("Warning", "InvalidSchedule", "orders-reconcile")
-                .await;
+            let note = server.expect_event("Warning", "InvalidSchedule", "orders-reconcile").await;
             assert!(note.contains("*/5 * * *"), "{note}");
-            let call = server
-                .expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status"))
-                .await;
+            let call = server.expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status")).await;
             let status = call.body["status"].clone();
             let degraded = condition(&status, "Degraded");
             assert_eq!(degraded["status"], "True");
-            assert!(
-                degraded["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("\"*/5 * * *\"")
-            );
+            assert!(degraded["message"].as_str().unwrap().contains("\"*/5 * * *\""));
             call.reply(200, &with_status(&s2, &status));
             server
         },
         async |ctx| schedule::reconcile(Arc::new(s), ctx).await,
     )
     .await;
-    assert!(matches!(
-        result,
-        Err(OperatorError::InvalidSpec {
-            reason: "InvalidSchedule",
-            ..
-        })
-    ));
+    assert!(matches!(result, Err(OperatorError::InvalidSpec { reason: "InvalidSchedule", .. })));
 }
 
 #[tokio::test]
@@ -905,17 +706,10 @@ async fn schedule_unknown_pool_is_degraded() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, POOL_PATH)
-                .await
-                .not_found("flowcraftworkerpools.flowcraft.io", "orders");
-            let note = server
-                .expect_event("Warning", "WorkerPoolNotFound", "orders-reconcile")
-                .await;
+            server.expect(Method::GET, POOL_PATH).await.not_found("flowcraftworkerpools.flowcraft.io", "orders");
+            let note = server.expect_event("Warning", "WorkerPoolNotFound", "orders-reconcile").await;
             assert!(note.contains("FlowcraftWorkerPool shop/orders"), "{note}");
-            let call = server
-                .expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status"))
-                .await;
+            let call = server.expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status")).await;
             let status = call.body["status"].clone();
             call.reply(200, &with_status(&s2, &status));
             server
@@ -923,13 +717,7 @@ async fn schedule_unknown_pool_is_degraded() {
         async |ctx| schedule::reconcile(Arc::new(s), ctx).await,
     )
     .await;
-    assert!(matches!(
-        result,
-        Err(OperatorError::InvalidSpec {
-            reason: "WorkerPoolNotFound",
-            ..
-        })
-    ));
+    assert!(matches!(result, Err(OperatorError::InvalidSpec { reason: "WorkerPoolNotFound", .. })));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -969,10 +757,7 @@ impl Env {
         let prefix = common::unique("op");
         Self {
             queue: format!("{prefix}-jobs"),
-            backends: Arc::new(ServiceBackends::new(
-                Some(common::database_url()),
-                Some(common::amqp_url()),
-            )),
+            backends: Arc::new(ServiceBackends::new(Some(common::database_url()), Some(common::amqp_url()))),
             prefix,
         }
     }
@@ -994,10 +779,7 @@ impl Env {
     }
 
     async fn store(&self) -> PostgresStore {
-        let store =
-            PostgresStore::connect(PgConfig::with_prefix(common::database_url(), &self.prefix))
-                .await
-                .unwrap();
+        let store = PostgresStore::connect(PgConfig::with_prefix(common::database_url(), &self.prefix)).await.unwrap();
         store.migrate().await.unwrap();
         store
     }
@@ -1024,31 +806,15 @@ impl Env {
 }
 
 /// Serve a FlowRun start: pool, ConfigMap, (optional Started event), status patch; returns the status.
-async fn serve_start(
-    server: &mut ApiServer,
-    pool: &FlowcraftWorkerPool,
-    run: &FlowRun,
-    started_event: bool,
-) -> Value {
-    server
-        .expect(Method::GET, POOL_PATH)
-        .await
-        .reply(200, &serde_json::to_value(pool).unwrap());
-    server
-        .expect(Method::GET, CM_PATH)
-        .await
-        .reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+async fn serve_start(server: &mut ApiServer, pool: &FlowcraftWorkerPool, run: &FlowRun, started_event: bool) -> Value {
+    server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(pool).unwrap());
+    server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
     let name = run.metadata.name.clone().unwrap();
     if started_event {
         let note = server.expect_event("Normal", "Started", &name).await;
-        assert!(
-            note.contains(&format!("fr-{}", run.metadata.uid.clone().unwrap())),
-            "{note}"
-        );
+        assert!(note.contains(&format!("fr-{}", run.metadata.uid.clone().unwrap())), "{note}");
     }
-    let call = server
-        .expect(Method::PATCH, &format!("{}/status", flowrun_path(&name)))
-        .await;
+    let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path(&name))).await;
     call.assert_ssa();
     let status = call.body["status"].clone();
     call.reply(200, &with_status(run, &status));
@@ -1077,8 +843,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
         ctx,
         server,
         move |mut server| async move {
-            tx.send(serve_start(&mut server, &p, &r, true).await)
-                .unwrap();
+            tx.send(serve_start(&mut server, &p, &r, true).await).unwrap();
             server
         },
         async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
@@ -1093,11 +858,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
     assert_eq!(status["nodes"]["total"], 2);
     assert!(status["startedAt"].is_string());
     let store = env.store().await;
-    let info = store
-        .run_info(&run_id)
-        .await
-        .unwrap()
-        .expect("the run exists");
+    let info = store.run_info(&run_id).await.unwrap().expect("the run exists");
     assert_eq!(info.status, RunStatus::Running);
     assert_eq!(info.input, json!({"id": 42}));
     assert_eq!(env.depth().await, 1, "one start job");
@@ -1110,10 +871,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, POOL_PATH)
-                .await
-                .reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
             server
         },
         async |ctx| flowrun::reconcile(Arc::new(running.clone()), ctx).await,
@@ -1137,11 +895,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        store.list_runs(&Default::default()).await.unwrap().len(),
-        1,
-        "the run was created once"
-    );
+    assert_eq!(store.list_runs(&Default::default()).await.unwrap().len(), 1, "the run was created once");
 
     // The workers finish it: the status mirrors Succeeded with an event.
     for node in ["fetch", "notify"] {
@@ -1155,17 +909,9 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
             error: None,
             finished_at: None,
         };
-        store
-            .record(&run_id, &record, &Default::default())
-            .await
-            .unwrap();
+        store.record(&run_id, &record, &Default::default()).await.unwrap();
     }
-    assert!(
-        store
-            .finish_run(&run_id, RunStatus::Completed, &json!({}))
-            .await
-            .unwrap()
-    );
+    assert!(store.finish_run(&run_id, RunStatus::Completed, &json!({})).await.unwrap());
     let running = run_with_status(&run, &status);
     let (ctx, server) = env.context();
     let (p, r) = (pool.clone(), running.clone());
@@ -1173,17 +919,9 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, POOL_PATH)
-                .await
-                .reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
             server.expect_event("Normal", "Succeeded", "order-42").await;
-            let call = server
-                .expect(
-                    Method::PATCH,
-                    &format!("{}/status", flowrun_path("order-42")),
-                )
-                .await;
+            let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path("order-42"))).await;
             let status = call.body["status"].clone();
             assert_eq!(status["phase"], "Succeeded");
             assert_eq!(status["progress"], "2/2");
@@ -1215,8 +953,7 @@ async fn flowrun_delete_cancels_the_running_run() {
         ctx,
         server,
         move |mut server| async move {
-            tx.send(serve_start(&mut server, &p, &r, true).await)
-                .unwrap();
+            tx.send(serve_start(&mut server, &p, &r, true).await).unwrap();
             server
         },
         async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
@@ -1232,15 +969,10 @@ async fn flowrun_delete_cancels_the_running_run() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, POOL_PATH)
-                .await
-                .reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
             server.expect_event("Normal", "Cancelled", "order-43").await;
             // kube_runtime::finalizer removes the finalizer with a JSON patch guarded by a test op.
-            let call = server
-                .expect(Method::PATCH, &flowrun_path("order-43"))
-                .await;
+            let call = server.expect(Method::PATCH, &flowrun_path("order-43")).await;
             assert_eq!(
                 call.body,
                 json!([
@@ -1260,12 +992,7 @@ async fn flowrun_delete_cancels_the_running_run() {
     assert_eq!(action, Action::await_change());
     let info = env.store().await.run_info(&run_id).await.unwrap().unwrap();
     assert_eq!(info.status, RunStatus::Cancelled);
-    assert!(
-        info.status_data["reason"]
-            .as_str()
-            .unwrap()
-            .contains("FlowRun shop/order-43 was deleted")
-    );
+    assert!(info.status_data["reason"].as_str().unwrap().contains("FlowRun shop/order-43 was deleted"));
     env.cleanup().await;
 }
 
@@ -1279,9 +1006,7 @@ async fn flowrun_without_finalizer_gets_it_first() {
         ctx,
         server,
         move |mut server| async move {
-            let call = server
-                .expect(Method::PATCH, &flowrun_path("order-44"))
-                .await;
+            let call = server.expect(Method::PATCH, &flowrun_path("order-44")).await;
             assert_eq!(
                 call.body,
                 json!([
@@ -1311,37 +1036,15 @@ async fn flowrun_unknown_blueprint_is_degraded() {
         ctx,
         server,
         move |mut server| async move {
-            server
-                .expect(Method::GET, POOL_PATH)
-                .await
-                .reply(200, &serde_json::to_value(pool()).unwrap());
-            server
-                .expect(Method::GET, CM_PATH)
-                .await
-                .reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
-            let note = server
-                .expect_event("Warning", "BlueprintNotFound", "order-45")
-                .await;
-            assert!(
-                note.contains("'refund'") && note.contains("shop/order-blueprints"),
-                "{note}"
-            );
-            let call = server
-                .expect(
-                    Method::PATCH,
-                    &format!("{}/status", flowrun_path("order-45")),
-                )
-                .await;
+            server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(pool()).unwrap());
+            server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+            let note = server.expect_event("Warning", "BlueprintNotFound", "order-45").await;
+            assert!(note.contains("'refund'") && note.contains("shop/order-blueprints"), "{note}");
+            let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path("order-45"))).await;
             let status = call.body["status"].clone();
-            assert_eq!(
-                condition(&status, "Degraded")["reason"],
-                "BlueprintNotFound"
-            );
+            assert_eq!(condition(&status, "Degraded")["reason"], "BlueprintNotFound");
             assert_eq!(status["phase"], "Pending");
-            assert!(
-                status["message"].as_str().unwrap().contains("'refund'"),
-                "{status}"
-            );
+            assert!(status["message"].as_str().unwrap().contains("'refund'"), "{status}");
             call.reply(200, &with_status(&r, &status));
             server
         },
@@ -1368,9 +1071,7 @@ async fn finished_flowrun_is_deleted_after_its_ttl() {
         ctx,
         server,
         move |mut server| async move {
-            let call = server
-                .expect(Method::DELETE, &flowrun_path("order-46"))
-                .await;
+            let call = server.expect(Method::DELETE, &flowrun_path("order-46")).await;
             assert_eq!(call.body["propagationPolicy"], "Background");
             call.reply(200, &serde_json::to_value(&r).unwrap());
             server
@@ -1398,12 +1099,7 @@ fn lease(holder: &str, rv: &str, duration: i64, transitions: i64) -> Value {
 }
 
 fn elector(client: Client) -> LeaderElector {
-    LeaderElector::new(
-        client,
-        "flowcraft-system",
-        "flowcraft-operator",
-        "operator-a",
-    )
+    LeaderElector::new(client, "flowcraft-system", "flowcraft-operator", "operator-a")
 }
 
 #[tokio::test]
@@ -1414,10 +1110,7 @@ async fn leader_election_creates_renews_and_respects_other_holders() {
         let mut server = ApiServer(handle);
         let path = format!("{LEASES}/flowcraft-operator");
         // 1. No lease yet: create it, holding it.
-        server
-            .expect(Method::GET, &path)
-            .await
-            .not_found("leases.coordination.k8s.io", "flowcraft-operator");
+        server.expect(Method::GET, &path).await.not_found("leases.coordination.k8s.io", "flowcraft-operator");
         let call = server.expect(Method::POST, LEASES).await;
         assert_eq!(call.body["spec"]["holderIdentity"], "operator-a");
         assert_eq!(call.body["spec"]["leaseDurationSeconds"], 15);
@@ -1426,28 +1119,16 @@ async fn leader_election_creates_renews_and_respects_other_holders() {
         created["metadata"]["resourceVersion"] = json!("1");
         call.reply(201, &created);
         // 2. Ours: renew with the resourceVersion we read (optimistic concurrency).
-        server
-            .expect(Method::GET, &path)
-            .await
-            .reply(200, &lease("operator-a", "1", 15, 0));
+        server.expect(Method::GET, &path).await.reply(200, &lease("operator-a", "1", 15, 0));
         let call = server.expect(Method::PUT, &path).await;
         assert_eq!(call.body["metadata"]["resourceVersion"], "1");
         assert_eq!(call.body["spec"]["holderIdentity"], "operator-a");
-        assert_eq!(
-            call.body["spec"]["acquireTime"],
-            "2026-01-01T00:00:00.000000Z"
-        );
-        assert_ne!(
-            call.body["spec"]["renewTime"],
-            "2026-01-01T00:00:05.000000Z"
-        );
+        assert_eq!(call.body["spec"]["acquireTime"], "2026-01-01T00:00:00.000000Z");
+        assert_ne!(call.body["spec"]["renewTime"], "2026-01-01T00:00:05.000000Z");
         let body = call.body.clone();
         call.reply(200, &body);
         // 3. A concurrent writer won: 409 means we do not hold it.
-        server
-            .expect(Method::GET, &path)
-            .await
-            .reply(200, &lease("operator-a", "2", 15, 0));
+        server.expect(Method::GET, &path).await.reply(200, &lease("operator-a", "2", 15, 0));
         let call = server.expect(Method::PUT, &path).await;
         call.reply(
             409,
@@ -1455,28 +1136,16 @@ async fn leader_election_creates_renews_and_respects_other_holders() {
                     "message": "the object has been modified"}),
         );
         // 4. Another replica holds a live lease: no write.
-        server
-            .expect(Method::GET, &path)
-            .await
-            .reply(200, &lease("operator-b", "3", 15, 0));
-        server
-            .expect(Method::GET, &path)
-            .await
-            .reply(200, &lease("operator-b", "3", 15, 0));
+        server.expect(Method::GET, &path).await.reply(200, &lease("operator-b", "3", 15, 0));
+        server.expect(Method::GET, &path).await.reply(200, &lease("operator-b", "3", 15, 0));
         server
     });
     let mut e = elector(client);
     assert!(e.try_acquire_or_renew().await.unwrap(), "created");
     assert!(e.try_acquire_or_renew().await.unwrap(), "renewed");
     assert!(!e.try_acquire_or_renew().await.unwrap(), "conflict");
-    assert!(
-        !e.try_acquire_or_renew().await.unwrap(),
-        "held by operator-b"
-    );
-    assert!(
-        !e.try_acquire_or_renew().await.unwrap(),
-        "still held by operator-b"
-    );
+    assert!(!e.try_acquire_or_renew().await.unwrap(), "held by operator-b");
+    assert!(!e.try_acquire_or_renew().await.unwrap(), "still held by operator-b");
     drop(e);
     server.await.unwrap().done().await;
 }
@@ -1489,14 +1158,8 @@ async fn leader_election_takes_over_an_expired_lease() {
         let mut server = ApiServer(handle);
         let path = format!("{LEASES}/flowcraft-operator");
         // operator-b stopped renewing (a 1 s lease that does not change between our two looks).
-        server
-            .expect(Method::GET, &path)
-            .await
-            .reply(200, &lease("operator-b", "7", 1, 3));
-        server
-            .expect(Method::GET, &path)
-            .await
-            .reply(200, &lease("operator-b", "7", 1, 3));
+        server.expect(Method::GET, &path).await.reply(200, &lease("operator-b", "7", 1, 3));
+        server.expect(Method::GET, &path).await.reply(200, &lease("operator-b", "7", 1, 3));
         let call = server.expect(Method::PUT, &path).await;
         assert_eq!(call.body["metadata"]["resourceVersion"], "7");
         assert_eq!(call.body["spec"]["holderIdentity"], "operator-a");
@@ -1506,15 +1169,9 @@ async fn leader_election_takes_over_an_expired_lease() {
         server
     });
     let mut e = elector(client);
-    assert!(
-        !e.try_acquire_or_renew().await.unwrap(),
-        "first look: only observed"
-    );
+    assert!(!e.try_acquire_or_renew().await.unwrap(), "first look: only observed");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert!(
-        e.try_acquire_or_renew().await.unwrap(),
-        "unchanged for a lease duration: taken over"
-    );
+    assert!(e.try_acquire_or_renew().await.unwrap(), "unchanged for a lease duration: taken over");
     drop(e);
     server.await.unwrap().done().await;
 }
@@ -1529,11 +1186,7 @@ fn empty_list(kind: &str) -> Value {
 }
 
 fn operator_config() -> OperatorConfig {
-    OperatorConfig {
-        leader_election: false,
-        image: "ghcr.io/flowcraft/flowcraft:1.0".into(),
-        ..Default::default()
-    }
+    OperatorConfig { leader_election: false, image: "ghcr.io/flowcraft/flowcraft:1.0".into(), ..Default::default() }
 }
 
 #[tokio::test]
@@ -1542,12 +1195,7 @@ async fn operator_without_crds_fails_with_an_install_hint() {
     let client = Client::new(service, "default");
     let server = tokio::spawn(async move {
         let mut server = ApiServer(handle);
-        let call = server
-            .expect(
-                Method::GET,
-                "/apis/flowcraft.io/v1alpha1/flowcraftworkerpools",
-            )
-            .await;
+        let call = server.expect(Method::GET, "/apis/flowcraft.io/v1alpha1/flowcraftworkerpools").await;
         assert_eq!(call.query.get("limit").map(String::as_str), Some("1"));
         call.not_found("flowcraftworkerpools", "");
         server
@@ -1561,12 +1209,7 @@ async fn operator_without_crds_fails_with_an_install_hint() {
     )
     .await
     .unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .contains("flowcraft crd | kubectl apply --server-side"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("flowcraft crd | kubectl apply --server-side"), "{error}");
     server.await.unwrap().done().await;
 }
 
@@ -1582,10 +1225,7 @@ async fn operator_stops_on_shutdown_without_touching_anything() {
             ("flowruns", "FlowRun"),
         ] {
             let path = format!("/apis/flowcraft.io/v1alpha1/namespaces/{NS}/{plural}");
-            server
-                .expect(Method::GET, &path)
-                .await
-                .reply(200, &empty_list(kind));
+            server.expect(Method::GET, &path).await.reply(200, &empty_list(kind));
         }
         server
     });
@@ -1593,10 +1233,7 @@ async fn operator_stops_on_shutdown_without_touching_anything() {
     shutdown.cancel();
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::default());
-    let cfg = OperatorConfig {
-        namespace: Some(NS.into()),
-        ..operator_config()
-    };
+    let cfg = OperatorConfig { namespace: Some(NS.into()), ..operator_config() };
     tokio::time::timeout(
         Duration::from_secs(10),
         run_with_client(cfg, client, shutdown, health.clone(), metrics.clone()),
@@ -1610,19 +1247,9 @@ async fn operator_stops_on_shutdown_without_touching_anything() {
 
 #[test]
 fn leader_election_needs_the_pod_identity() {
-    let cfg = OperatorConfig {
-        leader_election: true,
-        ..operator_config()
-    };
+    let cfg = OperatorConfig { leader_election: true, ..operator_config() };
     let error = cfg.validate().unwrap_err();
-    assert!(
-        error.to_string().contains("POD_NAME and POD_NAMESPACE"),
-        "{error}"
-    );
-    let cfg = OperatorConfig {
-        pod_name: Some("op-0".into()),
-        pod_namespace: Some("flowcraft-system".into()),
-        ..cfg
-    };
+    assert!(error.to_string().contains("POD_NAME and POD_NAMESPACE"), "{error}");
+    let cfg = OperatorConfig { pod_name: Some("op-0".into()), pod_namespace: Some("flowcraft-system".into()), ..cfg };
     assert!(cfg.validate().is_ok());
 }

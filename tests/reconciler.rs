@@ -64,7 +64,10 @@ impl Fixture {
     /// Make runs look stalled: last activity an hour ago.
     async fn age(&self, run_ids: &[String]) {
         let c = self.store.pool().get().await.unwrap();
-        let sql = format!("UPDATE \"{}_statuses\" SET updated_at = now() - interval '1 hour' WHERE run_id = ANY($1)", self.cluster.name);
+        let sql = format!(
+            "UPDATE \"{}_statuses\" SET updated_at = now() - interval '1 hour' WHERE run_id = ANY($1)",
+            self.cluster.name
+        );
         c.execute(&sql, &[&run_ids]).await.unwrap();
     }
 
@@ -150,7 +153,8 @@ impl Fixture {
 
 fn chain(id: &str, uses: &[&str]) -> Value {
     let nodes: Vec<Value> = uses.iter().enumerate().map(|(i, u)| json!({"id": format!("n{i}"), "uses": u})).collect();
-    let edges: Vec<Value> = (1..uses.len()).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
+    let edges: Vec<Value> =
+        (1..uses.len()).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
     json!({"id": id, "nodes": nodes, "edges": edges})
 }
 
@@ -181,7 +185,8 @@ fn gated_registry(gate: Arc<Notify>, open: Arc<std::sync::atomic::AtomicBool>, c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_purged_mid_run_are_re_driven() {
-    let f = Fixture::new("purge", vec![chain("c4", &["noop", "noop", "noop", "noop"])], Registry::with_builtins()).await;
+    let f =
+        Fixture::new("purge", vec![chain("c4", &["noop", "noop", "noop", "noop"])], Registry::with_builtins()).await;
     let g = f.graph("c4");
     let ids: Vec<String> = (0..20).map(|i| format!("{}-{i}", f.cluster.name)).collect();
     for id in &ids {
@@ -213,7 +218,8 @@ async fn jobs_purged_mid_run_are_re_driven() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_flushed_mid_run_joins_fire_once() {
-    let (gate, open, counter) = (Arc::new(Notify::new()), Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let (gate, open, counter) =
+        (Arc::new(Notify::new()), Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let bp = json!({
         "id": "join",
         "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "gate"}, {"id": "j", "uses": "count"}, {"id": "end", "uses": "noop"}],
@@ -289,7 +295,16 @@ async fn worker_killed_between_record_and_publish_is_completed() {
     f.age(std::slice::from_ref(&id)).await;
     // `flowcraft reconcile` (the CLI) re-drives it and records its stats under a schedule name.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowcraft"))
-        .args(["reconcile", "--stalled-threshold", "60s", "--output", "json", "--schedule", "ns/every-5m", "--blueprints"])
+        .args([
+            "reconcile",
+            "--stalled-threshold",
+            "60s",
+            "--output",
+            "json",
+            "--schedule",
+            "ns/every-5m",
+            "--blueprints",
+        ])
         .arg(dir.path())
         .envs(f.cluster.env())
         .output()
@@ -400,11 +415,25 @@ async fn finished_runs_are_completed_and_broken_runs_are_counted_as_failed() {
     // A node failed without fallback but the run status was never written: failed.
     let failed = format!("{}-failed", f.cluster.name);
     f.create(&failed, "c2").await;
-    let rec = NodeRecord { node_id: "n0".into(), status: NodeStatus::Failed, action: None, output: Value::Null, taken: vec![], attempts: 2, error: Some("boom".into()), finished_at: None };
+    let rec = NodeRecord {
+        node_id: "n0".into(),
+        status: NodeStatus::Failed,
+        action: None,
+        output: Value::Null,
+        taken: vec![],
+        attempts: 2,
+        error: Some("boom".into()),
+        finished_at: None,
+    };
     f.store.record(&failed, &rec, &Default::default()).await.unwrap();
     // A run of a blueprint this reconciler does not know: counted in failedRuns, the others carry on.
     let unknown = format!("{}-unknown", f.cluster.name);
-    let run = flowcraft::store::NewRun { run_id: unknown.clone(), blueprint_id: "nobody-knows".into(), blueprint_version: None, input: json!({}) };
+    let run = flowcraft::store::NewRun {
+        run_id: unknown.clone(),
+        blueprint_id: "nobody-knows".into(),
+        blueprint_version: None,
+        input: json!({}),
+    };
     f.store.create_run(&run).await.unwrap();
     f.age(&[done.clone(), failed.clone(), unknown.clone()]).await;
     let stats = f.reconcile(100).await;

@@ -8,16 +8,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
-use flowcraft::store::{
-    NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunStatus, RunStore, StoreError,
-};
+use flowcraft::store::{NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunStatus, RunStore, StoreError};
 use serde_json::{Map, Value, json};
 
 async fn store(tag: &str) -> PostgresStore {
     let cfg = PgConfig::with_prefix(common::database_url(), &common::unique(tag));
-    let store = PostgresStore::connect(cfg)
-        .await
-        .expect("connect to PostgreSQL");
+    let store = PostgresStore::connect(cfg).await.expect("connect to PostgreSQL");
     store.migrate().await.expect("migrate");
     store
 }
@@ -64,17 +60,8 @@ async fn age_runs(store: &PostgresStore, run_ids: &[String], seconds: i64) {
 
 async fn history_versions(store: &PostgresStore) -> Vec<i32> {
     let client = store.pool().get().await.unwrap();
-    let sql = format!(
-        "SELECT version FROM \"{}\" ORDER BY version",
-        store.table_names().migrations
-    );
-    client
-        .query(&sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    let sql = format!("SELECT version FROM \"{}\" ORDER BY version", store.table_names().migrations);
+    client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
 }
 
 #[tokio::test]
@@ -102,68 +89,38 @@ async fn migrate_twice_is_a_noop_and_concurrent_migrations_succeed() {
 
 #[tokio::test]
 async fn invalid_table_names_are_rejected() {
-    for bad in [
-        "bad-name",
-        "1starts_with_digit",
-        "x\"; DROP TABLE y; --",
-        "",
-    ] {
-        let cfg = PgConfig {
-            statuses_table: bad.to_string(),
-            url: common::database_url(),
-            ..PgConfig::default()
-        };
+    for bad in ["bad-name", "1starts_with_digit", "x\"; DROP TABLE y; --", ""] {
+        let cfg = PgConfig { statuses_table: bad.to_string(), url: common::database_url(), ..PgConfig::default() };
         match PostgresStore::connect(cfg).await {
             Err(StoreError::Config(msg)) => {
-                assert!(
-                    msg.contains("statuses") && msg.contains(&format!("{bad:?}")),
-                    "{msg}"
-                )
+                assert!(msg.contains("statuses") && msg.contains(&format!("{bad:?}")), "{msg}")
             }
             other => panic!("expected a Config error for {bad:?}, got {other:?}"),
         }
     }
     let long = "a".repeat(64);
-    let cfg = PgConfig {
-        results_table: long.clone(),
-        url: common::database_url(),
-        ..PgConfig::default()
-    };
+    let cfg = PgConfig { results_table: long.clone(), url: common::database_url(), ..PgConfig::default() };
     let err = PostgresStore::connect(cfg).await.unwrap_err().to_string();
     assert!(err.contains("results") && err.contains(&long), "{err}");
 }
 
 #[tokio::test]
 async fn connection_failure_is_an_error() {
-    let cfg = PgConfig::with_prefix(
-        "postgres://root@127.0.0.1:1/postgres?connect_timeout=2",
-        "t_pg_unreachable",
-    );
+    let cfg = PgConfig::with_prefix("postgres://root@127.0.0.1:1/postgres?connect_timeout=2", "t_pg_unreachable");
     match PostgresStore::connect(cfg).await {
         Err(StoreError::Database(msg)) => assert!(msg.contains("cannot connect"), "{msg}"),
         other => panic!("expected a Database error, got {other:?}"),
     }
     let cfg = PgConfig::with_prefix("not a url", "t_pg_badurl");
-    assert!(matches!(
-        PostgresStore::connect(cfg).await,
-        Err(StoreError::Config(_))
-    ));
+    assert!(matches!(PostgresStore::connect(cfg).await, Err(StoreError::Config(_))));
 }
 
 #[tokio::test]
 async fn create_run_is_idempotent_and_seeds_the_context() {
     let s = store("pg_create").await;
     let input = json!({"user": "ada", "n": 3});
-    assert!(
-        s.create_run(&new_run("r1", "bp", input.clone()))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !s.create_run(&new_run("r1", "other", json!({"user": "bob"})))
-            .await
-            .unwrap()
-    );
+    assert!(s.create_run(&new_run("r1", "bp", input.clone())).await.unwrap());
+    assert!(!s.create_run(&new_run("r1", "other", json!({"user": "bob"}))).await.unwrap());
 
     let info = s.run_info("r1").await.unwrap().expect("run exists");
     assert_eq!(info.blueprint_id, "bp");
@@ -175,11 +132,7 @@ async fn create_run_is_idempotent_and_seeds_the_context() {
     assert_eq!(Value::Object((*view.context).clone()), input);
 
     // A non-object input is stored as is and seeds an empty context.
-    assert!(
-        s.create_run(&new_run("r2", "bp", json!([1, 2])))
-            .await
-            .unwrap()
-    );
+    assert!(s.create_run(&new_run("r2", "bp", json!([1, 2]))).await.unwrap());
     let view = s.job_view("r2", &[]).await.unwrap().unwrap();
     assert!(view.context.is_empty());
     assert_eq!(view.run.input, json!([1, 2]));
@@ -193,25 +146,12 @@ async fn create_run_is_idempotent_and_seeds_the_context() {
 #[tokio::test]
 async fn job_view_returns_context_and_only_requested_records() {
     let s = store("pg_view").await;
-    s.create_run(&new_run("r1", "bp", json!({"k": "v"})))
-        .await
-        .unwrap();
-    for (id, out) in [
-        ("a", json!(1)),
-        ("b", json!({"x": true})),
-        ("c", json!("three")),
-    ] {
-        let outcome = s
-            .record("r1", &done(id, Some("next"), out, &["z"]), &Map::new())
-            .await
-            .unwrap();
+    s.create_run(&new_run("r1", "bp", json!({"k": "v"}))).await.unwrap();
+    for (id, out) in [("a", json!(1)), ("b", json!({"x": true})), ("c", json!("three"))] {
+        let outcome = s.record("r1", &done(id, Some("next"), out, &["z"]), &Map::new()).await.unwrap();
         assert_eq!(outcome, RecordOutcome::Inserted);
     }
-    let view = s
-        .job_view("r1", &["a", "c", "missing"])
-        .await
-        .unwrap()
-        .unwrap();
+    let view = s.job_view("r1", &["a", "c", "missing"]).await.unwrap().unwrap();
     let mut ids: Vec<&str> = view.records.iter().map(|r| r.node_id.as_str()).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["a", "c"]);
@@ -233,29 +173,15 @@ async fn job_view_returns_context_and_only_requested_records() {
 #[tokio::test]
 async fn record_is_insert_if_absent() {
     let s = store("pg_record").await;
-    s.create_run(&new_run("r1", "bp", json!({"seed": 1})))
-        .await
-        .unwrap();
+    s.create_run(&new_run("r1", "bp", json!({"seed": 1}))).await.unwrap();
 
     let first = done("n1", Some("left"), json!({"v": 1}), &["a", "b"]);
-    let outcome = s
-        .record("r1", &first, &writes(json!({"w": "first"})))
-        .await
-        .unwrap();
+    let outcome = s.record("r1", &first, &writes(json!({"w": "first"}))).await.unwrap();
     assert_eq!(outcome, RecordOutcome::Inserted);
 
     let second = done("n1", Some("right"), json!({"v": 2}), &["c"]);
-    let outcome = s
-        .record(
-            "r1",
-            &second,
-            &writes(json!({"w": "second", "loser": true})),
-        )
-        .await
-        .unwrap();
-    let RecordOutcome::Existing(existing) = outcome else {
-        panic!("expected Existing, got {outcome:?}")
-    };
+    let outcome = s.record("r1", &second, &writes(json!({"w": "second", "loser": true}))).await.unwrap();
+    let RecordOutcome::Existing(existing) = outcome else { panic!("expected Existing, got {outcome:?}") };
     assert_eq!(existing.action.as_deref(), Some("left"));
     assert_eq!(existing.taken, ["a", "b"]);
     assert_eq!(existing.output, json!({"v": 1}));
@@ -271,10 +197,7 @@ async fn record_is_insert_if_absent() {
 
     // A JSON null output round-trips as Value::Null (context and record).
     let null = done("n2", None, Value::Null, &[]);
-    assert_eq!(
-        s.record("r1", &null, &Map::new()).await.unwrap(),
-        RecordOutcome::Inserted
-    );
+    assert_eq!(s.record("r1", &null, &Map::new()).await.unwrap(), RecordOutcome::Inserted);
     let view = s.job_view("r1", &["n2"]).await.unwrap().unwrap();
     assert_eq!(view.context.get("_outputs.n2"), Some(&Value::Null));
     let rec = view.record("n2").unwrap();
@@ -289,26 +212,16 @@ async fn record_is_insert_if_absent() {
         error: Some("boom".into()),
         ..done("n3", None, Value::Null, &[])
     };
-    assert_eq!(
-        s.record("r1", &failed, &Map::new()).await.unwrap(),
-        RecordOutcome::Inserted
-    );
+    assert_eq!(s.record("r1", &failed, &Map::new()).await.unwrap(), RecordOutcome::Inserted);
     let records = s.records("r1").await.unwrap();
     let rec = records.iter().find(|r| r.node_id == "n3").unwrap();
-    assert_eq!(
-        (rec.status, rec.attempts, rec.error.as_deref()),
-        (NodeStatus::Failed, 3, Some("boom"))
-    );
+    assert_eq!((rec.status, rec.attempts, rec.error.as_deref()), (NodeStatus::Failed, 3, Some("boom")));
     let view = s.job_view("r1", &[]).await.unwrap().unwrap();
     assert!(!view.context.contains_key("_outputs.n3"));
     assert_eq!(s.count_results("r1").await.unwrap(), 3);
 
     // Recording for a run that does not exist is an error naming the run.
-    let err = s
-        .record("ghost", &first, &Map::new())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = s.record("ghost", &first, &Map::new()).await.unwrap_err().to_string();
     assert!(err.contains("ghost"), "{err}");
     assert_eq!(s.count_results("ghost").await.unwrap(), 0);
     s.drop_tables().await.unwrap();
@@ -323,9 +236,7 @@ async fn concurrent_records_of_one_node_have_one_winner() {
             let s = s.clone();
             tokio::spawn(async move {
                 let rec = done("n", Some(&format!("a{i}")), json!(i), &[&format!("t{i}")]);
-                s.record("r1", &rec, &writes(json!({ format!("w{i}"): i })))
-                    .await
-                    .unwrap()
+                s.record("r1", &rec, &writes(json!({ format!("w{i}"): i }))).await.unwrap()
             })
         })
         .collect();
@@ -343,11 +254,7 @@ async fn concurrent_records_of_one_node_have_one_winner() {
     assert!(existing.iter().all(|r| r == &stored[0]));
     let view = s.job_view("r1", &[]).await.unwrap().unwrap();
     let written: Vec<&String> = view.context.keys().filter(|k| k.starts_with('w')).collect();
-    assert_eq!(
-        written.len(),
-        1,
-        "only the winner's context writes are applied: {written:?}"
-    );
+    assert_eq!(written.len(), 1, "only the winner's context writes are applied: {written:?}");
     s.drop_tables().await.unwrap();
 }
 
@@ -370,9 +277,7 @@ async fn record_returns_a_record_committed_during_its_statement() {
     let loser = s.clone();
     let task = tokio::spawn(async move {
         let rec = done("n", Some("loser"), json!(0), &["t2"]);
-        loser
-            .record("r1", &rec, &writes(json!({"loser": true})))
-            .await
+        loser.record("r1", &rec, &writes(json!({"loser": true}))).await
     });
     // Wait until the loser's statement is blocked on the winner's uncommitted row.
     let watcher = s.pool().get().await.unwrap();
@@ -391,9 +296,7 @@ async fn record_returns_a_record_committed_during_its_statement() {
     tx.commit().await.unwrap();
 
     let outcome = task.await.unwrap().unwrap();
-    let RecordOutcome::Existing(existing) = outcome else {
-        panic!("expected Existing, got {outcome:?}")
-    };
+    let RecordOutcome::Existing(existing) = outcome else { panic!("expected Existing, got {outcome:?}") };
     assert_eq!(existing.action.as_deref(), Some("winner"));
     assert_eq!(existing.taken, ["t1"]);
     assert_eq!(existing.output, json!({"w": 1}));
@@ -408,31 +311,18 @@ async fn record_returns_a_record_committed_during_its_statement() {
 async fn record_skipped_is_idempotent() {
     let s = store("pg_skip").await;
     s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
-    s.record("r1", &done("a", None, json!(1), &[]), &Map::new())
-        .await
-        .unwrap();
+    s.record("r1", &done("a", None, json!(1), &[]), &Map::new()).await.unwrap();
     let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    s.record_skipped("r1", &ids(&["b", "c", "b"]))
-        .await
-        .unwrap();
-    s.record_skipped("r1", &ids(&["a", "c", "d"]))
-        .await
-        .unwrap();
+    s.record_skipped("r1", &ids(&["b", "c", "b"])).await.unwrap();
+    s.record_skipped("r1", &ids(&["a", "c", "d"])).await.unwrap();
     s.record_skipped("r1", &[]).await.unwrap();
     assert_eq!(s.count_results("r1").await.unwrap(), 4);
     let records = s.records("r1").await.unwrap();
     let a = records.iter().find(|r| r.node_id == "a").unwrap();
-    assert_eq!(
-        a.status,
-        NodeStatus::Done,
-        "a skip never overwrites a result"
-    );
+    assert_eq!(a.status, NodeStatus::Done, "a skip never overwrites a result");
     for id in ["b", "c", "d"] {
         let r = records.iter().find(|r| r.node_id == id).unwrap();
-        let expected = NodeRecord {
-            finished_at: r.finished_at,
-            ..NodeRecord::skipped(id)
-        };
+        let expected = NodeRecord { finished_at: r.finished_at, ..NodeRecord::skipped(id) };
         assert_eq!(r, &expected);
     }
     s.drop_tables().await.unwrap();
@@ -443,30 +333,14 @@ async fn finish_run_first_terminal_state_wins() {
     let s = store("pg_finish").await;
     s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
     let before = s.run_info("r1").await.unwrap().unwrap();
-    assert!(
-        s.finish_run("r1", RunStatus::Failed, &json!({"error": "node x failed"}))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !s.finish_run("r1", RunStatus::Completed, &json!({}))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !s.finish_run("r1", RunStatus::Cancelled, &json!({"reason": "late"}))
-            .await
-            .unwrap()
-    );
+    assert!(s.finish_run("r1", RunStatus::Failed, &json!({"error": "node x failed"})).await.unwrap());
+    assert!(!s.finish_run("r1", RunStatus::Completed, &json!({})).await.unwrap());
+    assert!(!s.finish_run("r1", RunStatus::Cancelled, &json!({"reason": "late"})).await.unwrap());
     let info = s.run_info("r1").await.unwrap().unwrap();
     assert_eq!(info.status, RunStatus::Failed);
     assert_eq!(info.status_data, json!({"error": "node x failed"}));
     assert!(info.updated_at >= before.updated_at);
-    assert!(
-        !s.finish_run("ghost", RunStatus::Completed, &json!({}))
-            .await
-            .unwrap()
-    );
+    assert!(!s.finish_run("ghost", RunStatus::Completed, &json!({})).await.unwrap());
     s.drop_tables().await.unwrap();
 }
 
@@ -482,16 +356,10 @@ async fn touch_moves_updated_at() {
     // record and record_skipped touch too.
     age_runs(&s, &["r1".to_string()], 3600).await;
     s.record_skipped("r1", &["x".to_string()]).await.unwrap();
-    assert!(
-        s.run_info("r1").await.unwrap().unwrap().updated_at > old + chrono::Duration::seconds(3500)
-    );
+    assert!(s.run_info("r1").await.unwrap().unwrap().updated_at > old + chrono::Duration::seconds(3500));
     age_runs(&s, &["r1".to_string()], 3600).await;
-    s.record("r1", &done("x", None, json!(1), &[]), &Map::new())
-        .await
-        .unwrap(); // Existing: still touches
-    assert!(
-        s.run_info("r1").await.unwrap().unwrap().updated_at > old + chrono::Duration::seconds(3500)
-    );
+    s.record("r1", &done("x", None, json!(1), &[]), &Map::new()).await.unwrap(); // Existing: still touches
+    assert!(s.run_info("r1").await.unwrap().unwrap().updated_at > old + chrono::Duration::seconds(3500));
     s.drop_tables().await.unwrap();
 }
 
@@ -499,15 +367,10 @@ async fn touch_moves_updated_at() {
 async fn claim_stalled_claims_only_old_running_runs_bounded_by_limit() {
     let s = store("pg_claim").await;
     let old: Vec<String> = (0..3).map(|i| format!("old{i}")).collect();
-    for id in old
-        .iter()
-        .chain(["fresh".to_string(), "finished".to_string()].iter())
-    {
+    for id in old.iter().chain(["fresh".to_string(), "finished".to_string()].iter()) {
         s.create_run(&new_run(id, "bp", json!({}))).await.unwrap();
     }
-    s.finish_run("finished", RunStatus::Completed, &json!({}))
-        .await
-        .unwrap();
+    s.finish_run("finished", RunStatus::Completed, &json!({})).await.unwrap();
     age_runs(&s, &old, 600).await;
     age_runs(&s, &["finished".to_string()], 600).await;
 
@@ -515,31 +378,14 @@ async fn claim_stalled_claims_only_old_running_runs_bounded_by_limit() {
     assert_eq!(first.len(), 2);
     let second = s.claim_stalled(Duration::from_secs(300), 2).await.unwrap();
     assert_eq!(second.len(), 1);
-    assert!(
-        s.claim_stalled(Duration::from_secs(300), 2)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let claimed: HashSet<String> = first
-        .iter()
-        .chain(&second)
-        .map(|r| r.run_id.clone())
-        .collect();
+    assert!(s.claim_stalled(Duration::from_secs(300), 2).await.unwrap().is_empty());
+    let claimed: HashSet<String> = first.iter().chain(&second).map(|r| r.run_id.clone()).collect();
     assert_eq!(claimed, old.iter().cloned().collect::<HashSet<_>>());
     for run in first.iter().chain(&second) {
         assert_eq!(run.status, RunStatus::Running);
-        assert!(
-            Utc::now() - run.updated_at < chrono::Duration::seconds(60),
-            "claim touches updated_at"
-        );
+        assert!(Utc::now() - run.updated_at < chrono::Duration::seconds(60), "claim touches updated_at");
     }
-    assert!(
-        s.claim_stalled(Duration::from_secs(300), 0)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(s.claim_stalled(Duration::from_secs(300), 0).await.unwrap().is_empty());
     s.drop_tables().await.unwrap();
 }
 
@@ -553,30 +399,19 @@ async fn concurrent_claims_never_return_the_same_run() {
     age_runs(&s, &ids, 600).await;
     let other = s.clone();
     let threshold = Duration::from_secs(300);
-    let (a, b) = tokio::join!(
-        s.claim_stalled(threshold, 25),
-        other.claim_stalled(threshold, 25)
-    );
+    let (a, b) = tokio::join!(s.claim_stalled(threshold, 25), other.claim_stalled(threshold, 25));
     let (a, b) = (a.unwrap(), b.unwrap());
     let a_ids: HashSet<&str> = a.iter().map(|r| r.run_id.as_str()).collect();
     let b_ids: HashSet<&str> = b.iter().map(|r| r.run_id.as_str()).collect();
     assert_eq!(a_ids.len(), a.len());
     assert_eq!(b_ids.len(), b.len());
-    assert!(
-        a_ids.is_disjoint(&b_ids),
-        "both claimed {:?}",
-        a_ids.intersection(&b_ids).collect::<Vec<_>>()
-    );
+    assert!(a_ids.is_disjoint(&b_ids), "both claimed {:?}", a_ids.intersection(&b_ids).collect::<Vec<_>>());
     assert!(a.len() <= 25 && b.len() <= 25);
     // Whatever neither claimed is still claimable: every run is claimed exactly once overall.
     let rest = s.claim_stalled(threshold, 100).await.unwrap();
     let total = a.len() + b.len() + rest.len();
-    let all: HashSet<&str> = a_ids
-        .iter()
-        .chain(&b_ids)
-        .copied()
-        .chain(rest.iter().map(|r| r.run_id.as_str()))
-        .collect();
+    let all: HashSet<&str> =
+        a_ids.iter().chain(&b_ids).copied().chain(rest.iter().map(|r| r.run_id.as_str())).collect();
     assert_eq!((total, all.len()), (40, 40));
     s.drop_tables().await.unwrap();
 }
@@ -584,12 +419,7 @@ async fn concurrent_claims_never_return_the_same_run() {
 #[tokio::test]
 async fn list_runs_filters_newest_first() {
     let s = store("pg_list").await;
-    for (id, bp) in [
-        ("r1", "alpha"),
-        ("r2", "beta"),
-        ("r3", "alpha"),
-        ("r4", "alpha"),
-    ] {
+    for (id, bp) in [("r1", "alpha"), ("r2", "beta"), ("r3", "alpha"), ("r4", "alpha")] {
         s.create_run(&new_run(id, bp, json!({}))).await.unwrap();
     }
     // Distinct creation times, oldest first (no sleeps: set them directly).
@@ -599,39 +429,17 @@ async fn list_runs_filters_newest_first() {
         s.table_names().statuses
     );
     client.execute(&sql, &[]).await.unwrap();
-    s.finish_run("r3", RunStatus::Completed, &json!({}))
-        .await
-        .unwrap();
+    s.finish_run("r3", RunStatus::Completed, &json!({})).await.unwrap();
 
-    let ids = |runs: Vec<flowcraft::store::RunInfo>| {
-        runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>()
-    };
-    assert_eq!(
-        ids(s.list_runs(&RunFilter::default()).await.unwrap()),
-        ["r4", "r3", "r2", "r1"]
-    );
-    let alpha = RunFilter {
-        blueprint_id: Some("alpha".into()),
-        ..RunFilter::default()
-    };
+    let ids = |runs: Vec<flowcraft::store::RunInfo>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list_runs(&RunFilter::default()).await.unwrap()), ["r4", "r3", "r2", "r1"]);
+    let alpha = RunFilter { blueprint_id: Some("alpha".into()), ..RunFilter::default() };
     assert_eq!(ids(s.list_runs(&alpha).await.unwrap()), ["r4", "r3", "r1"]);
-    let running_alpha = RunFilter {
-        status: Some(RunStatus::Running),
-        ..alpha.clone()
-    };
-    assert_eq!(
-        ids(s.list_runs(&running_alpha).await.unwrap()),
-        ["r4", "r1"]
-    );
-    let completed = RunFilter {
-        status: Some(RunStatus::Completed),
-        ..RunFilter::default()
-    };
+    let running_alpha = RunFilter { status: Some(RunStatus::Running), ..alpha.clone() };
+    assert_eq!(ids(s.list_runs(&running_alpha).await.unwrap()), ["r4", "r1"]);
+    let completed = RunFilter { status: Some(RunStatus::Completed), ..RunFilter::default() };
     assert_eq!(ids(s.list_runs(&completed).await.unwrap()), ["r3"]);
-    let limited = RunFilter {
-        limit: 2,
-        ..RunFilter::default()
-    };
+    let limited = RunFilter { limit: 2, ..RunFilter::default() };
     assert_eq!(ids(s.list_runs(&limited).await.unwrap()), ["r4", "r3"]);
     drop(client);
     s.drop_tables().await.unwrap();
@@ -640,42 +448,15 @@ async fn list_runs_filters_newest_first() {
 #[tokio::test]
 async fn reconcile_stats_round_trip() {
     let s = store("pg_stats").await;
-    assert!(
-        s.last_reconcile_stats("ns/nightly")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(s.last_reconcile_stats("ns/nightly").await.unwrap().is_none());
     let started = Utc::now() - chrono::Duration::seconds(5);
-    s.record_reconcile_stats("ns/nightly", started, 3, 2, 1)
-        .await
-        .unwrap();
-    s.record_reconcile_stats(
-        "ns/nightly",
-        started + chrono::Duration::seconds(1),
-        7,
-        6,
-        0,
-    )
-    .await
-    .unwrap();
-    s.record_reconcile_stats("ns/other", started, 9, 9, 9)
-        .await
-        .unwrap();
-    let last = s
-        .last_reconcile_stats("ns/nightly")
-        .await
-        .unwrap()
-        .expect("stats");
+    s.record_reconcile_stats("ns/nightly", started, 3, 2, 1).await.unwrap();
+    s.record_reconcile_stats("ns/nightly", started + chrono::Duration::seconds(1), 7, 6, 0).await.unwrap();
+    s.record_reconcile_stats("ns/other", started, 9, 9, 9).await.unwrap();
+    let last = s.last_reconcile_stats("ns/nightly").await.unwrap().expect("stats");
     assert_eq!(last.schedule, "ns/nightly");
-    assert_eq!(
-        (last.stalled_runs, last.reconciled_runs, last.failed_runs),
-        (7, 6, 0)
-    );
-    assert_eq!(
-        last.started_at.timestamp_micros(),
-        (started + chrono::Duration::seconds(1)).timestamp_micros()
-    );
+    assert_eq!((last.stalled_runs, last.reconciled_runs, last.failed_runs), (7, 6, 0));
+    assert_eq!(last.started_at.timestamp_micros(), (started + chrono::Duration::seconds(1)).timestamp_micros());
     assert!(last.finished_at >= last.started_at);
     let other = s.last_reconcile_stats("ns/other").await.unwrap().unwrap();
     assert_eq!(other.failed_runs, 9);

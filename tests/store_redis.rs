@@ -16,13 +16,9 @@ async fn coordinator() -> RedisCoordinator {
 }
 
 async fn coordinator_with_prefix(prefix: String) -> RedisCoordinator {
-    RedisCoordinator::connect(RedisConfig {
-        url: common::redis_url(),
-        prefix,
-        key_ttl: Duration::from_secs(600),
-    })
-    .await
-    .expect("connect to redis")
+    RedisCoordinator::connect(RedisConfig { url: common::redis_url(), prefix, key_ttl: Duration::from_secs(600) })
+        .await
+        .expect("connect to redis")
 }
 
 /// A raw connection to inspect keys.
@@ -37,21 +33,13 @@ async fn raw() -> redis::aio::MultiplexedConnection {
 /// Every key matching `pattern`, sorted.
 async fn keys(pattern: &str) -> BTreeSet<String> {
     let mut conn = raw().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.expect("KEYS");
     keys.into_iter().collect()
 }
 
 async fn pttl(key: &str) -> i64 {
     let mut conn = raw().await;
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .expect("PTTL")
+    redis::cmd("PTTL").arg(key).query_async(&mut conn).await.expect("PTTL")
 }
 
 async fn arrive(
@@ -63,16 +51,7 @@ async fn arrive(
     expected: usize,
     any: bool,
 ) -> JoinDecision {
-    c.arrive(&JoinArrival {
-        run_id: run,
-        node_id: node,
-        source,
-        taken,
-        expected,
-        any,
-    })
-    .await
-    .expect("arrive")
+    c.arrive(&JoinArrival { run_id: run, node_id: node, source, taken, expected, any }).await.expect("arrive")
 }
 
 #[tokio::test]
@@ -159,14 +138,7 @@ async fn any_join_with_every_arrival_skipped_skips() {
 async fn a_join_expecting_no_sources_is_an_error() {
     let c = coordinator().await;
     let err = c
-        .arrive(&JoinArrival {
-            run_id: "r",
-            node_id: "j",
-            source: "a",
-            taken: true,
-            expected: 0,
-            any: false,
-        })
+        .arrive(&JoinArrival { run_id: "r", node_id: "j", source: "a", taken: true, expected: 0, any: false })
         .await
         .expect_err("expected = 0 is rejected");
     assert!(matches!(err, StoreError::Coordination(ref m) if m.contains("j") && m.contains("r")));
@@ -218,11 +190,7 @@ async fn concurrent_redeliveries_decide_once() {
         let decisions = concurrent_arrivals(any, 40).await;
         // Sources s0..s9 arrive twice: a duplicate of the deciding source sees Fire again (by design), but only
         // one distinct source decides.
-        let deciding: BTreeSet<usize> = decisions
-            .iter()
-            .filter(|(_, d)| *d == Fire)
-            .map(|(i, _)| i % 40)
-            .collect();
+        let deciding: BTreeSet<usize> = decisions.iter().filter(|(_, d)| *d == Fire).map(|(i, _)| i % 40).collect();
         assert_eq!(deciding.len(), 1, "any={any}: {decisions:?}");
         assert!(decisions.iter().all(|(_, d)| *d != Skip), "any={any}");
     }
@@ -235,55 +203,24 @@ async fn leases() {
     let ttl = Duration::from_secs(30);
 
     assert!(!c.lease_held(run, node).await.expect("held"));
-    let token = c
-        .acquire_lease(run, node, ttl)
-        .await
-        .expect("acquire")
-        .expect("first acquire succeeds");
+    let token = c.acquire_lease(run, node, ttl).await.expect("acquire").expect("first acquire succeeds");
     assert!(c.lease_held(run, node).await.expect("held"));
-    assert!(
-        c.acquire_lease(run, node, ttl)
-            .await
-            .expect("acquire")
-            .is_none()
-    );
+    assert!(c.acquire_lease(run, node, ttl).await.expect("acquire").is_none());
 
     let wrong = flowcraft::store::LeaseToken("not-the-token".to_string());
-    assert!(
-        !c.extend_lease(run, node, &wrong, ttl)
-            .await
-            .expect("extend")
-    );
-    assert!(
-        c.extend_lease(run, node, &token, ttl)
-            .await
-            .expect("extend")
-    );
+    assert!(!c.extend_lease(run, node, &wrong, ttl).await.expect("extend"));
+    assert!(c.extend_lease(run, node, &token, ttl).await.expect("extend"));
 
-    c.release_lease(run, node, &wrong)
-        .await
-        .expect("release wrong");
-    assert!(
-        c.lease_held(run, node).await.expect("held"),
-        "a wrong token keeps the lease"
-    );
+    c.release_lease(run, node, &wrong).await.expect("release wrong");
+    assert!(c.lease_held(run, node).await.expect("held"), "a wrong token keeps the lease");
 
     c.release_lease(run, node, &token).await.expect("release");
     assert!(!c.lease_held(run, node).await.expect("held"));
-    assert!(
-        !c.extend_lease(run, node, &token, ttl)
-            .await
-            .expect("extend"),
-        "a released lease cannot be extended"
-    );
+    assert!(!c.extend_lease(run, node, &token, ttl).await.expect("extend"), "a released lease cannot be extended");
     // Releasing twice is a no-op.
     c.release_lease(run, node, &token).await.expect("release");
 
-    let again = c
-        .acquire_lease(run, node, ttl)
-        .await
-        .expect("acquire")
-        .expect("free again");
+    let again = c.acquire_lease(run, node, ttl).await.expect("acquire").expect("free again");
     assert_ne!(again, token, "tokens are unique");
 }
 
@@ -291,28 +228,17 @@ async fn leases() {
 async fn leases_expire() {
     let c = coordinator().await;
     let (run, node) = ("run-lease-expiry", "n");
-    let token = c
-        .acquire_lease(run, node, Duration::from_millis(150))
-        .await
-        .expect("acquire")
-        .expect("acquired");
+    let token = c.acquire_lease(run, node, Duration::from_millis(150)).await.expect("acquire").expect("acquired");
     common::eventually("the lease expires", Duration::from_secs(5), || {
         let c = c.clone();
         async move { (!c.lease_held(run, node).await.expect("held")).then_some(()) }
     })
     .await;
     assert!(
-        !c.extend_lease(run, node, &token, Duration::from_secs(1))
-            .await
-            .expect("extend"),
+        !c.extend_lease(run, node, &token, Duration::from_secs(1)).await.expect("extend"),
         "an expired lease is lost"
     );
-    assert!(
-        c.acquire_lease(run, node, Duration::from_secs(5))
-            .await
-            .expect("acquire")
-            .is_some()
-    );
+    assert!(c.acquire_lease(run, node, Duration::from_secs(5)).await.expect("acquire").is_some());
 }
 
 #[tokio::test]
@@ -322,10 +248,7 @@ async fn resolve_reaches_total_exactly_at_the_last_node_and_idempotently() {
     assert!(!c.resolve(run, &["a"], 4).await.expect("resolve"));
     assert!(!c.resolve(run, &["a"], 4).await.expect("resolve"));
     assert!(!c.resolve(run, &["b", "c"], 4).await.expect("resolve"));
-    assert!(
-        !c.resolve(run, &["b", "c", "a"], 4).await.expect("resolve"),
-        "duplicates never count"
-    );
+    assert!(!c.resolve(run, &["b", "c", "a"], 4).await.expect("resolve"), "duplicates never count");
     assert!(!c.resolve(run, &[], 4).await.expect("resolve"));
     assert!(c.resolve(run, &["d"], 4).await.expect("resolve"));
     assert!(c.resolve(run, &["d"], 4).await.expect("resolve"));
@@ -339,10 +262,7 @@ async fn every_write_sets_a_ttl() {
     let prefix = c.config().prefix.clone();
     assert_eq!(arrive(&c, run, "j", "a", true, 1, false).await, Fire);
     c.resolve(run, &["a"], 5).await.expect("resolve");
-    c.acquire_lease(run, "a", Duration::from_secs(20))
-        .await
-        .expect("acquire")
-        .expect("acquired");
+    c.acquire_lease(run, "a", Duration::from_secs(20)).await.expect("acquire").expect("acquired");
     let ttl_ms = 600_000;
     for kind in ["arr:j", "tak:j", "dec:j", "resolved"] {
         let key = format!("{prefix}:{{{run}}}:{kind}");
@@ -391,21 +311,13 @@ async fn repair_then_arrival_of_the_missing_source_fires() {
     // Repair keeps existing entries and decisions.
     c.repair(
         run,
-        &[JoinState {
-            node_id: "j".to_string(),
-            arrived: vec!["a".to_string()],
-            taken: vec![],
-        }],
+        &[JoinState { node_id: "j".to_string(), arrived: vec!["a".to_string()], taken: vec![] }],
         &["j".to_string()],
         &[],
     )
     .await
     .expect("repair again");
-    assert_eq!(
-        arrive(&c, run, "j", "c", false, 3, false).await,
-        Fire,
-        "the original flag is kept"
-    );
+    assert_eq!(arrive(&c, run, "j", "c", false, 3, false).await, Fire, "the original flag is kept");
     assert!(c.resolve(run, &[], 4).await.expect("resolve"));
     // An empty repair is a no-op.
     c.repair(run, &[], &[], &[]).await.expect("empty repair");
@@ -420,10 +332,7 @@ async fn forget_removes_every_key_of_one_run_only() {
     for run in runs {
         assert_eq!(arrive(&c, run, "j", "a", true, 2, false).await, Wait);
         assert_eq!(arrive(&c, run, "j", "b", true, 2, false).await, Fire);
-        c.acquire_lease(run, "j", Duration::from_secs(30))
-            .await
-            .expect("acquire")
-            .expect("acquired");
+        c.acquire_lease(run, "j", Duration::from_secs(30)).await.expect("acquire").expect("acquired");
         c.resolve(run, &["a", "b"], 3).await.expect("resolve");
     }
     let all = keys(&format!("{prefix}:*")).await;
@@ -432,11 +341,7 @@ async fn forget_removes_every_key_of_one_run_only() {
     for (i, run) in runs.iter().enumerate() {
         c.forget(run).await.expect("forget");
         let left = keys(&format!("{prefix}:*")).await;
-        assert_eq!(
-            left.len(),
-            (runs.len() - i - 1) * 5,
-            "after forgetting {run:?}: {left:?}"
-        );
+        assert_eq!(left.len(), (runs.len() - i - 1) * 5, "after forgetting {run:?}: {left:?}");
         // The remaining runs are intact.
         for other in &runs[i + 1..] {
             assert_eq!(arrive(&c, other, "j", "b", true, 2, false).await, Fire);
@@ -463,23 +368,10 @@ async fn two_prefixes_never_see_each_other() {
     assert_eq!(arrive(&b, run, "j", "x", true, 2, false).await, Fire);
     assert_eq!(arrive(&a, run, "j", "y", true, 2, false).await, Fire);
 
-    let ta = a
-        .acquire_lease(run, "n", Duration::from_secs(30))
-        .await
-        .expect("acquire")
-        .expect("a acquires");
+    let ta = a.acquire_lease(run, "n", Duration::from_secs(30)).await.expect("acquire").expect("a acquires");
     assert!(!b.lease_held(run, "n").await.expect("held"));
-    assert!(
-        b.acquire_lease(run, "n", Duration::from_secs(30))
-            .await
-            .expect("acquire")
-            .is_some()
-    );
-    assert!(
-        !b.extend_lease(run, "n", &ta, Duration::from_secs(30))
-            .await
-            .expect("extend")
-    );
+    assert!(b.acquire_lease(run, "n", Duration::from_secs(30)).await.expect("acquire").is_some());
+    assert!(!b.extend_lease(run, "n", &ta, Duration::from_secs(30)).await.expect("extend"));
 
     assert!(!a.resolve(run, &["p"], 2).await.expect("resolve"));
     assert!(!b.resolve(run, &["q"], 2).await.expect("resolve"));
@@ -511,12 +403,9 @@ async fn ping_and_configuration_errors() {
         assert!(matches!(err, StoreError::Config(_)), "{prefix:?}: {err}");
     }
 
-    let err = RedisCoordinator::connect(RedisConfig {
-        url: "not a url".to_string(),
-        ..RedisConfig::default()
-    })
-    .await
-    .expect_err("invalid url");
+    let err = RedisCoordinator::connect(RedisConfig { url: "not a url".to_string(), ..RedisConfig::default() })
+        .await
+        .expect_err("invalid url");
     assert!(matches!(err, StoreError::Config(_)), "{err}");
 }
 
@@ -532,8 +421,5 @@ async fn unreachable_redis_fails_clearly_after_retries() {
     let message = err.to_string();
     assert!(matches!(err, StoreError::Coordination(_)), "{message}");
     assert!(message.contains("127.0.0.1:1"), "{message}");
-    assert!(
-        !message.contains("hunter2"),
-        "the password is redacted: {message}"
-    );
+    assert!(!message.contains("hunter2"), "the password is redacted: {message}");
 }

@@ -145,42 +145,29 @@ impl Blueprint {
     pub fn parse(text: &str, origin: &str) -> Result<Self, BlueprintError> {
         let trimmed = text.trim_start();
         if trimmed.starts_with('{') {
-            serde_json::from_str(text).map_err(|e| BlueprintError::Parse {
-                origin: origin.to_string(),
-                message: e.to_string(),
-            })
+            serde_json::from_str(text)
+                .map_err(|e| BlueprintError::Parse { origin: origin.to_string(), message: e.to_string() })
         } else {
-            serde_saphyr::from_str(text).map_err(|e| BlueprintError::Parse {
-                origin: origin.to_string(),
-                message: e.to_string(),
-            })
+            serde_saphyr::from_str(text)
+                .map_err(|e| BlueprintError::Parse { origin: origin.to_string(), message: e.to_string() })
         }
     }
 
     /// Load a blueprint from a `.json`, `.yaml` or `.yml` file.
     pub fn load(path: &Path) -> Result<Self, BlueprintError> {
-        let text = std::fs::read_to_string(path).map_err(|e| BlueprintError::Io {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| BlueprintError::Io { path: path.to_path_buf(), message: e.to_string() })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     /// Load every JSON/YAML blueprint file of a directory (not recursive), sorted by file name.
     pub fn load_dir(dir: &Path) -> Result<Vec<(PathBuf, Self)>, BlueprintError> {
-        let entries = std::fs::read_dir(dir).map_err(|e| BlueprintError::Io {
-            path: dir.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_blueprint_file(p))
-            .collect();
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| BlueprintError::Io { path: dir.to_path_buf(), message: e.to_string() })?;
+        let mut paths: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_blueprint_file(p)).collect();
         paths.sort();
-        paths
-            .into_iter()
-            .map(|p| Self::load(&p).map(|b| (p, b)))
-            .collect()
+        paths.into_iter().map(|p| Self::load(&p).map(|b| (p, b))).collect()
     }
 
     /// The node with this id.
@@ -196,10 +183,7 @@ impl Blueprint {
 
 /// Whether a path names a blueprint file (`.json`, `.yaml`, `.yml`, not hidden).
 pub fn is_blueprint_file(p: &Path) -> bool {
-    let hidden = p
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'));
+    let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
     let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
     p.is_file() && !hidden && matches!(ext, "json" | "yaml" | "yml")
 }

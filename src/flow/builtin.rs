@@ -29,10 +29,7 @@ pub fn register_all(registry: &mut Registry) {
 /// built-in node checked here.
 pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
     let mut problems = Vec::new();
-    if !matches!(
-        uses,
-        "noop" | "transform" | "log" | "sleep" | "fail" | "http"
-    ) {
+    if !matches!(uses, "noop" | "transform" | "log" | "sleep" | "fail" | "http") {
         return problems;
     }
     if !params.is_null() && !params.is_object() {
@@ -48,9 +45,7 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
                     problems.push(format!("invalid CEL in params.action: {e}"));
                 }
             }
-            Some(other) => problems.push(format!(
-                "transform: params.action must be a CEL string, not {other}"
-            )),
+            Some(other) => problems.push(format!("transform: params.action must be a CEL string, not {other}")),
         }
     }
     match uses {
@@ -61,9 +56,7 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
                     problems.push(format!("invalid CEL in params.expr: {e}"));
                 }
             }
-            Some(other) => problems.push(format!(
-                "transform: params.expr must be a CEL string, not {other}"
-            )),
+            Some(other) => problems.push(format!("transform: params.expr must be a CEL string, not {other}")),
         },
         "log" => match param("message") {
             None => {}
@@ -72,9 +65,7 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
                     problems.push(format!("log: invalid template in params.message: {e}"));
                 }
             }
-            Some(other) => {
-                problems.push(format!("log: params.message must be a string, not {other}"))
-            }
+            Some(other) => problems.push(format!("log: params.message must be a string, not {other}")),
         },
         "sleep" => match param("duration") {
             None => problems.push("sleep needs params.duration".into()),
@@ -93,9 +84,7 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
             if let Some(message) = param("message")
                 && !message.is_string()
             {
-                problems.push(format!(
-                    "fail: params.message must be a string, not {message}"
-                ));
+                problems.push(format!("fail: params.message must be a string, not {message}"));
             }
         }
         "http" => check_http_params(params, &mut problems),
@@ -116,9 +105,7 @@ fn check_http_params(params: &Value, problems: &mut Vec<String>) {
         Some(other) => problems.push(format!("http: params.url must be a string, not {other}")),
     }
     match param("method") {
-        Some(Value::String(m))
-            if Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() =>
-        {
+        Some(Value::String(m)) if Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() => {
             problems.push(format!("http: params.method \"{m}\" is not an HTTP method"));
         }
         None | Some(Value::String(_)) => {}
@@ -129,16 +116,12 @@ fn check_http_params(params: &Value, problems: &mut Vec<String>) {
         Some(Value::Object(headers)) => {
             for (name, value) in headers {
                 if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    problems.push(format!(
-                        "http: params.headers: \"{name}\" is not a header name"
-                    ));
+                    problems.push(format!("http: params.headers: \"{name}\" is not a header name"));
                 }
                 check_templates_in(value, &format!("params.headers.{name}"), problems);
             }
         }
-        Some(other) => problems.push(format!(
-            "http: params.headers must be an object, not {other}"
-        )),
+        Some(other) => problems.push(format!("http: params.headers must be an object, not {other}")),
     }
     if let Some(body) = param("body") {
         check_templates_in(body, "params.body", problems);
@@ -175,9 +158,7 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
         Value::Number(n) => n.as_f64().ok_or_else(not_a_duration)?,
         Value::String(s) => {
             let s = s.trim();
-            let split = s
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(s.len());
+            let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
             let (number, unit) = s.split_at(split);
             if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
                 return Err(not_a_duration());
@@ -202,11 +183,7 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
 
 /// `input` and, when given, the run context, as expression variables.
 fn vars<'a>(ctx: &'a NodeCtx, context: Option<&'a Value>) -> Vars<'a> {
-    Vars {
-        input: Some(&ctx.input),
-        result: None,
-        context,
-    }
+    Vars { input: Some(&ctx.input), result: None, context }
 }
 
 /// The run context as a value when any template string in `params` may reference it (the word appears).
@@ -219,11 +196,7 @@ fn context_if_mentioned(ctx: &NodeCtx, params: &[Option<&Value>]) -> Option<Valu
             _ => false,
         }
     }
-    params
-        .iter()
-        .flatten()
-        .any(|v| mentions(v))
-        .then(|| ctx.context.to_value())
+    params.iter().flatten().any(|v| mentions(v)).then(|| ctx.context.to_value())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -266,33 +239,18 @@ impl Transform {
 impl Node for Transform {
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let Some(source) = ctx.params.get("expr").and_then(Value::as_str) else {
-            return Err(NodeError::fatal(
-                "transform needs params.expr (a CEL string)",
-            ));
+            return Err(NodeError::fatal("transform needs params.expr (a CEL string)"));
         };
-        let expr = self
-            .compiled(source)
-            .map_err(|e| NodeError::fatal(e.to_string()))?;
-        let context = expr
-            .uses_variable("context")
-            .then(|| ctx.context.to_value());
-        let output = expr
-            .eval(&vars(&ctx, context.as_ref()))
-            .map_err(|e| NodeError::fatal(e.to_string()))?;
+        let expr = self.compiled(source).map_err(|e| NodeError::fatal(e.to_string()))?;
+        let context = expr.uses_variable("context").then(|| ctx.context.to_value());
+        let output = expr.eval(&vars(&ctx, context.as_ref())).map_err(|e| NodeError::fatal(e.to_string()))?;
         // `params.action`: an optional CEL expression giving the action that routes the result.
         let action = match ctx.params.get("action").and_then(Value::as_str) {
             None => None,
             Some(source) => {
-                let expr = self
-                    .compiled(source)
-                    .map_err(|e| NodeError::fatal(e.to_string()))?;
-                let context = expr
-                    .uses_variable("context")
-                    .then(|| ctx.context.to_value());
-                match expr
-                    .eval(&vars(&ctx, context.as_ref()))
-                    .map_err(|e| NodeError::fatal(e.to_string()))?
-                {
+                let expr = self.compiled(source).map_err(|e| NodeError::fatal(e.to_string()))?;
+                let context = expr.uses_variable("context").then(|| ctx.context.to_value());
+                match expr.eval(&vars(&ctx, context.as_ref())).map_err(|e| NodeError::fatal(e.to_string()))? {
                     Value::Null => None,
                     Value::String(a) => Some(a),
                     other => {
@@ -321,9 +279,7 @@ impl Node for Log {
                 info!(run_id = %ctx.run_id, node = %ctx.node_id, input = %ctx.input, "{message}");
             }
             Some(other) => {
-                return Err(NodeError::fatal(format!(
-                    "log: params.message must be a string, not {other}"
-                )));
+                return Err(NodeError::fatal(format!("log: params.message must be a string, not {other}")));
             }
             None => {
                 info!(run_id = %ctx.run_id, node = %ctx.node_id, input = %ctx.input, "Log node input.")
@@ -342,8 +298,7 @@ impl Node for Sleep {
         let Some(duration) = ctx.params.get("duration") else {
             return Err(NodeError::fatal("sleep needs params.duration"));
         };
-        let duration = parse_duration(duration)
-            .map_err(|e| NodeError::fatal(format!("sleep: params.duration {e}")))?;
+        let duration = parse_duration(duration).map_err(|e| NodeError::fatal(format!("sleep: params.duration {e}")))?;
         tokio::select! {
             () = tokio::time::sleep(duration) => Ok(NodeOutput::new(ctx.input)),
             () = ctx.cancel.cancelled() => Err(NodeError::retryable("cancelled")),
@@ -358,20 +313,12 @@ struct Fail;
 #[async_trait]
 impl Node for Fail {
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
-        let message = ctx
-            .params
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("failed by the fail node");
+        let message = ctx.params.get("message").and_then(Value::as_str).unwrap_or("failed by the fail node");
         match ctx.params.get("times").filter(|t| !t.is_null()) {
             None => Err(NodeError::retryable(message)),
             Some(times) => match times.as_u64() {
-                None => Err(NodeError::fatal(
-                    "fail: params.times must be a non-negative integer",
-                )),
-                Some(times) if u64::from(ctx.attempt) <= times => {
-                    Err(NodeError::retryable(message))
-                }
+                None => Err(NodeError::fatal("fail: params.times must be a non-negative integer")),
+                Some(times) if u64::from(ctx.attempt) <= times => Err(NodeError::retryable(message)),
                 Some(_) => Ok(NodeOutput::new(ctx.input)),
             },
         }
@@ -386,10 +333,7 @@ fn http_client() -> Result<&'static Client, NodeError> {
     CLIENT
         .get_or_init(|| {
             crate::install_crypto_provider();
-            Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .build()
-                .map_err(|e| e.to_string())
+            Client::builder().connect_timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| NodeError::fatal(format!("cannot build the HTTP client: {e}")))
@@ -413,9 +357,7 @@ impl Http {
             Some(Value::String(m)) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .map_err(|_| fatal(format!("params.method \"{m}\" is not an HTTP method")))?,
             Some(other) => {
-                return Err(fatal(format!(
-                    "params.method must be a string, not {other}"
-                )));
+                return Err(fatal(format!("params.method must be a string, not {other}")));
             }
         };
         let Some(Value::String(url)) = p.get("url") else {
@@ -438,24 +380,16 @@ impl Http {
                     };
                     let name = HeaderName::from_bytes(name.as_bytes())
                         .map_err(|_| fatal(format!("\"{name}\" is not a header name")))?;
-                    let value = HeaderValue::try_from(value).map_err(|_| {
-                        fatal(format!(
-                            "the value of header {name} is not a valid header value"
-                        ))
-                    })?;
+                    let value = HeaderValue::try_from(value)
+                        .map_err(|_| fatal(format!("the value of header {name} is not a valid header value")))?;
                     header_map.insert(name, value);
                 }
             }
             Some(other) => {
-                return Err(fatal(format!(
-                    "params.headers must be an object, not {other}"
-                )));
+                return Err(fatal(format!("params.headers must be an object, not {other}")));
             }
         }
-        let body = body
-            .map(|b| render_value(b, &vars))
-            .transpose()
-            .map_err(render_err)?;
+        let body = body.map(|b| render_value(b, &vars)).transpose().map_err(render_err)?;
         Ok((method, url, header_map, body))
     }
 }
@@ -472,11 +406,8 @@ impl Node for Http {
         let exchange = async {
             let response = request.send().await?;
             let status = response.status();
-            let content_type = response
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_ascii_lowercase);
+            let content_type =
+                response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
             let bytes = response.bytes().await?;
             Ok::<_, reqwest::Error>((status, content_type, bytes))
         };
@@ -493,22 +424,17 @@ impl Node for Http {
         if !status.is_success() {
             let body: String = text().chars().take(ERROR_BODY_CHARS).collect();
             let message = format!("http {method} {url} returned {status}: {body}");
-            return Err(
-                if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                    NodeError::retryable(message)
-                } else {
-                    NodeError::fatal(message)
-                },
-            );
+            return Err(if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                NodeError::retryable(message)
+            } else {
+                NodeError::fatal(message)
+            });
         }
         let output = if bytes.is_empty() {
             Value::Null
         } else {
             let may_be_json = content_type.as_deref().is_none_or(|ct| ct.contains("json"));
-            match may_be_json
-                .then(|| serde_json::from_slice::<Value>(&bytes).ok())
-                .flatten()
-            {
+            match may_be_json.then(|| serde_json::from_slice::<Value>(&bytes).ok()).flatten() {
                 Some(json) => json,
                 None => Value::String(text()),
             }
@@ -569,13 +495,7 @@ mod tests {
 
     #[test]
     fn durations() {
-        let ok = |v: Value, ms: u64| {
-            assert_eq!(
-                parse_duration(&v).unwrap(),
-                Duration::from_millis(ms),
-                "{v}"
-            )
-        };
+        let ok = |v: Value, ms: u64| assert_eq!(parse_duration(&v).unwrap(), Duration::from_millis(ms), "{v}");
         ok(json!(250), 250);
         ok(json!(0), 0);
         ok(json!("250ms"), 250);
@@ -585,37 +505,21 @@ mod tests {
         ok(json!("1h"), 3_600_000);
         ok(json!(" 300 "), 300);
         ok(json!("2 s"), 2_000);
-        for bad in [
-            json!("2x"),
-            json!("s"),
-            json!(""),
-            json!("-1s"),
-            json!(-5),
-            json!(true),
-            json!(".5s"),
-            json!(null),
-        ] {
+        for bad in [json!("2x"), json!("s"), json!(""), json!("-1s"), json!(-5), json!(true), json!(".5s"), json!(null)]
+        {
             assert!(parse_duration(&bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            parse_duration(&json!("2x")).unwrap_err(),
-            "\"2x\" is not a duration"
-        );
+        assert_eq!(parse_duration(&json!("2x")).unwrap_err(), "\"2x\" is not a duration");
     }
 
     #[test]
     fn params_checks() {
         assert!(check_params("noop", &Value::Null).is_empty());
         assert!(check_params("custom", &json!({"anything": 1})).is_empty());
-        assert_eq!(
-            check_params("transform", &json!({})),
-            ["transform needs params.expr"]
-        );
+        assert_eq!(check_params("transform", &json!({})), ["transform needs params.expr"]);
         let p = check_params("transform", &json!({"expr": "input.x +* 1"}));
         assert!(
-            p.len() == 1
-                && p[0].starts_with("invalid CEL in params.expr: ")
-                && p[0].contains("input.x +* 1"),
+            p.len() == 1 && p[0].starts_with("invalid CEL in params.expr: ") && p[0].contains("input.x +* 1"),
             "{p:?}"
         );
         assert!(check_params("transform", &json!({"expr": "input.items.size() * 10"})).is_empty());
@@ -623,33 +527,18 @@ mod tests {
             check_params("sleep", &json!({"duration": "2x"})),
             ["sleep: params.duration \"2x\" is not a duration"]
         );
-        assert_eq!(
-            check_params("sleep", &json!({})),
-            ["sleep needs params.duration"]
-        );
+        assert_eq!(check_params("sleep", &json!({})), ["sleep needs params.duration"]);
         assert!(check_params("sleep", &json!({"duration": "1.5s"})).is_empty());
         assert_eq!(check_params("http", &json!({})), ["http needs params.url"]);
-        assert!(
-            check_params(
-                "http",
-                &json!({"url": "http://shop/api/orders/{{input.id}}"})
-            )
-            .is_empty()
-        );
+        assert!(check_params("http", &json!({"url": "http://shop/api/orders/{{input.id}}"})).is_empty());
         let p = check_params(
             "http",
             &json!({"url": "http://x/{{ input. }}", "method": "GE T", "headers": {"x-a": "{{ +* }}"}, "body": {"a": ["{{ (( }}"]}}),
         );
         assert_eq!(p.len(), 4, "{p:?}");
         assert!(p[3].contains("params.body.a[0]"), "{p:?}");
-        assert_eq!(
-            check_params("fail", &json!({"times": -1})),
-            ["fail: params.times must be a non-negative integer"]
-        );
-        assert_eq!(
-            check_params("fail", &json!({"times": "2"})),
-            ["fail: params.times must be a non-negative integer"]
-        );
+        assert_eq!(check_params("fail", &json!({"times": -1})), ["fail: params.times must be a non-negative integer"]);
+        assert_eq!(check_params("fail", &json!({"times": "2"})), ["fail: params.times must be a non-negative integer"]);
         assert!(check_params("fail", &json!({"times": 2, "message": "boom"})).is_empty());
         assert_eq!(check_params("log", &json!({"message": "{{ oops"})).len(), 1);
         assert!(check_params("log", &json!({"message": "got {{ input.n }}"})).is_empty());
@@ -658,95 +547,51 @@ mod tests {
 
     #[tokio::test]
     async fn noop_passes_its_input() {
-        let out = run("noop", ctx(Value::Null, json!({"a": 1})))
-            .await
-            .unwrap();
+        let out = run("noop", ctx(Value::Null, json!({"a": 1}))).await.unwrap();
         assert_eq!(out, NodeOutput::new(json!({"a": 1})));
     }
 
     #[tokio::test]
     async fn transform_evaluates_with_input_and_context() {
-        let c = ctx(
-            json!({"expr": "input.items.size() * 10"}),
-            json!({"items": [1, 2, 3]}),
-        );
+        let c = ctx(json!({"expr": "input.items.size() * 10"}), json!({"items": [1, 2, 3]}));
         assert_eq!(run("transform", c).await.unwrap().output, json!(30));
 
-        let c = ctx(
-            json!({"expr": "context['_outputs.fetch'].n + input.price * 2"}),
-            json!({"price": 1.5}),
-        );
+        let c = ctx(json!({"expr": "context['_outputs.fetch'].n + input.price * 2"}), json!({"price": 1.5}));
         c.context.set("_outputs.fetch", json!({"n": 1}));
         assert_eq!(run("transform", c).await.unwrap().output, json!(4.0));
 
         let c = ctx(json!({"expr": "{'items': []}"}), Value::Null);
-        assert_eq!(
-            run("transform", c).await.unwrap().output,
-            json!({"items": []})
-        );
+        assert_eq!(run("transform", c).await.unwrap().output, json!({"items": []}));
     }
 
     #[tokio::test]
     async fn transform_errors_are_fatal_and_compiled_once() {
         let node = Transform::default();
-        let err = node
-            .run(ctx(json!({"expr": "input.x +* 1"}), Value::Null))
-            .await
-            .unwrap_err();
-        assert!(
-            !err.retryable && err.message.contains("input.x +* 1"),
-            "{err:?}"
-        );
-        let err = node
-            .run(ctx(json!({"expr": "input.missing"}), json!({})))
-            .await
-            .unwrap_err();
+        let err = node.run(ctx(json!({"expr": "input.x +* 1"}), Value::Null)).await.unwrap_err();
+        assert!(!err.retryable && err.message.contains("input.x +* 1"), "{err:?}");
+        let err = node.run(ctx(json!({"expr": "input.missing"}), json!({}))).await.unwrap_err();
         assert!(!err.retryable, "{err:?}");
         let err = node.run(ctx(json!({}), json!({}))).await.unwrap_err();
-        assert!(
-            !err.retryable && err.message.contains("params.expr"),
-            "{err:?}"
-        );
-        node.run(ctx(json!({"expr": "input.x + 1"}), json!({"x": 1})))
-            .await
-            .unwrap();
-        node.run(ctx(json!({"expr": "input.x + 1"}), json!({"x": 2})))
-            .await
-            .unwrap();
-        assert_eq!(
-            node.cache.lock().unwrap().len(),
-            2,
-            "input.missing and input.x + 1"
-        );
+        assert!(!err.retryable && err.message.contains("params.expr"), "{err:?}");
+        node.run(ctx(json!({"expr": "input.x + 1"}), json!({"x": 1}))).await.unwrap();
+        node.run(ctx(json!({"expr": "input.x + 1"}), json!({"x": 2}))).await.unwrap();
+        assert_eq!(node.cache.lock().unwrap().len(), 2, "input.missing and input.x + 1");
     }
 
     #[tokio::test]
     async fn log_passes_its_input() {
-        let c = ctx(
-            json!({"message": "order {{ input.id }} from {{ context.user }}"}),
-            json!({"id": 7}),
-        );
+        let c = ctx(json!({"message": "order {{ input.id }} from {{ context.user }}"}), json!({"id": 7}));
         c.context.set("user", json!("ann"));
         assert_eq!(run("log", c).await.unwrap().output, json!({"id": 7}));
-        assert_eq!(
-            run("log", ctx(Value::Null, json!(1))).await.unwrap().output,
-            json!(1)
-        );
-        let err = run(
-            "log",
-            ctx(json!({"message": "{{ input.nope }}"}), json!({})),
-        )
-        .await
-        .unwrap_err();
+        assert_eq!(run("log", ctx(Value::Null, json!(1))).await.unwrap().output, json!(1));
+        let err = run("log", ctx(json!({"message": "{{ input.nope }}"}), json!({}))).await.unwrap_err();
         assert!(!err.retryable);
     }
 
     #[tokio::test]
     async fn sleep_waits_and_honours_cancel() {
         let started = std::time::Instant::now();
-        let out = run("sleep", ctx(json!({"duration": "20ms"}), json!("x")))
-            .await
-            .unwrap();
+        let out = run("sleep", ctx(json!({"duration": "20ms"}), json!("x"))).await.unwrap();
         assert_eq!(out.output, json!("x"));
         assert!(started.elapsed() >= Duration::from_millis(20));
 
@@ -756,28 +601,18 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             cancel.cancel();
         });
-        let err = tokio::time::timeout(Duration::from_secs(5), run("sleep", c))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let err = tokio::time::timeout(Duration::from_secs(5), run("sleep", c)).await.unwrap().unwrap_err();
         assert_eq!(err, NodeError::retryable("cancelled"));
 
-        let err = run("sleep", ctx(json!({"duration": "2x"}), json!("x")))
-            .await
-            .unwrap_err();
-        assert!(
-            !err.retryable && err.message.contains("\"2x\" is not a duration"),
-            "{err:?}"
-        );
+        let err = run("sleep", ctx(json!({"duration": "2x"}), json!("x"))).await.unwrap_err();
+        assert!(!err.retryable && err.message.contains("\"2x\" is not a duration"), "{err:?}");
     }
 
     #[tokio::test]
     async fn fail_fails_retryably() {
         let err = run("fail", ctx(Value::Null, json!(1))).await.unwrap_err();
         assert_eq!(err, NodeError::retryable("failed by the fail node"));
-        let err = run("fail", ctx(json!({"message": "boom"}), json!(1)))
-            .await
-            .unwrap_err();
+        let err = run("fail", ctx(json!({"message": "boom"}), json!(1))).await.unwrap_err();
         assert_eq!(err, NodeError::retryable("boom"));
 
         for (attempt, fails) in [(1, true), (2, true), (3, false)] {
@@ -789,9 +624,7 @@ mod tests {
                 assert_eq!(out.output, json!("in"));
             }
         }
-        let out = run("fail", ctx(json!({"times": 0}), json!("in")))
-            .await
-            .unwrap();
+        let out = run("fail", ctx(json!({"times": 0}), json!("in"))).await.unwrap();
         assert_eq!(out.output, json!("in"));
     }
 
@@ -801,43 +634,21 @@ mod tests {
         let app = Router::new()
             .route(
                 "/order/{id}",
-                get(
-                    |axum::extract::Path(id): axum::extract::Path<String>| async move {
-                        (
-                            [(header::CONTENT_TYPE, "application/json")],
-                            format!(r#"{{"id": {id}, "items": [1, 2]}}"#),
-                        )
-                    },
-                ),
+                get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    ([(header::CONTENT_TYPE, "application/json")], format!(r#"{{"id": {id}, "items": [1, 2]}}"#))
+                }),
             )
             .route("/text", get(|| async { "hello" }))
-            .route(
-                "/missing",
-                get(|| async { (StatusCode::NOT_FOUND, "no such thing") }),
-            )
-            .route(
-                "/down",
-                get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "try later") }),
-            )
+            .route("/missing", get(|| async { (StatusCode::NOT_FOUND, "no such thing") }))
+            .route("/down", get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "try later") }))
             .route(
                 "/echo",
                 post(|headers: AxumHeaders, body: String| async move {
-                    let token = headers
-                        .get("x-token")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    let ct = headers
-                        .get(header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
+                    let token = headers.get("x-token").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                     let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                     let echo = json!({"token": token, "contentType": ct, "body": body});
-                    (
-                        [(header::CONTENT_TYPE, "application/json")],
-                        echo.to_string(),
-                    )
+                    ([(header::CONTENT_TYPE, "application/json")], echo.to_string())
                 }),
             )
             .route(
@@ -858,14 +669,8 @@ mod tests {
     #[tokio::test]
     async fn http_get_json_and_text() {
         let base = server().await;
-        let c = ctx(
-            json!({"url": format!("{base}/order/{{{{input.id}}}}")}),
-            json!({"id": 42}),
-        );
-        assert_eq!(
-            run("http", c).await.unwrap().output,
-            json!({"id": 42, "items": [1, 2]})
-        );
+        let c = ctx(json!({"url": format!("{base}/order/{{{{input.id}}}}")}), json!({"id": 42}));
+        assert_eq!(run("http", c).await.unwrap().output, json!({"id": 42, "items": [1, 2]}));
         let c = ctx(json!({"url": format!("{base}/text")}), Value::Null);
         assert_eq!(run("http", c).await.unwrap().output, json!("hello"));
     }
@@ -891,32 +696,15 @@ mod tests {
     #[tokio::test]
     async fn http_status_errors() {
         let base = server().await;
-        let err = run(
-            "http",
-            ctx(json!({"url": format!("{base}/missing")}), Value::Null),
-        )
-        .await
-        .unwrap_err();
+        let err = run("http", ctx(json!({"url": format!("{base}/missing")}), Value::Null)).await.unwrap_err();
         assert!(!err.retryable, "{err:?}");
         assert!(
-            err.message.contains("GET")
-                && err.message.contains("/missing")
-                && err.message.contains("404"),
+            err.message.contains("GET") && err.message.contains("/missing") && err.message.contains("404"),
             "{err:?}"
         );
-        let err = run(
-            "http",
-            ctx(json!({"url": format!("{base}/down")}), Value::Null),
-        )
-        .await
-        .unwrap_err();
+        let err = run("http", ctx(json!({"url": format!("{base}/down")}), Value::Null)).await.unwrap_err();
         assert!(err.retryable, "{err:?}");
-        assert!(
-            err.message.contains("GET")
-                && err.message.contains("/down")
-                && err.message.contains("503"),
-            "{err:?}"
-        );
+        assert!(err.message.contains("GET") && err.message.contains("/down") && err.message.contains("503"), "{err:?}");
     }
 
     #[tokio::test]
@@ -924,16 +712,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let err = run(
-            "http",
-            ctx(json!({"url": format!("http://{addr}/x")}), Value::Null),
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            err.retryable && err.message.contains(&addr.to_string()),
-            "{err:?}"
-        );
+        let err = run("http", ctx(json!({"url": format!("http://{addr}/x")}), Value::Null)).await.unwrap_err();
+        assert!(err.retryable && err.message.contains(&addr.to_string()), "{err:?}");
     }
 
     #[tokio::test]
@@ -945,29 +725,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             cancel.cancel();
         });
-        let err = tokio::time::timeout(Duration::from_secs(5), run("http", c))
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert!(
-            err.retryable && err.message.contains("cancelled"),
-            "{err:?}"
-        );
+        let err = tokio::time::timeout(Duration::from_secs(5), run("http", c)).await.unwrap().unwrap_err();
+        assert!(err.retryable && err.message.contains("cancelled"), "{err:?}");
     }
 
     #[tokio::test]
     async fn http_bad_params_are_fatal() {
         let err = run("http", ctx(json!({}), Value::Null)).await.unwrap_err();
-        assert!(
-            !err.retryable && err.message.contains("params.url"),
-            "{err:?}"
-        );
-        let err = run(
-            "http",
-            ctx(json!({"url": "http://x/{{ input.nope }}"}), json!({})),
-        )
-        .await
-        .unwrap_err();
+        assert!(!err.retryable && err.message.contains("params.url"), "{err:?}");
+        let err = run("http", ctx(json!({"url": "http://x/{{ input.nope }}"}), json!({}))).await.unwrap_err();
         assert!(!err.retryable, "{err:?}");
     }
 }

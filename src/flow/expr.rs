@@ -85,32 +85,19 @@ pub struct Expr {
 
 impl fmt::Debug for Expr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Expr")
-            .field("source", &&*self.source)
-            .finish_non_exhaustive()
+        f.debug_struct("Expr").field("source", &&*self.source).finish_non_exhaustive()
     }
 }
 
 impl Expr {
     /// Compile `source`; the error names the expression and carries the parser's message.
     pub fn compile(source: &str) -> Result<Self, ExprError> {
-        let program = ENV.compile(source).map_err(|e| ExprError::Compile {
-            expr: source.to_string(),
-            message: e.to_string(),
-        })?;
+        let program =
+            ENV.compile(source).map_err(|e| ExprError::Compile { expr: source.to_string(), message: e.to_string() })?;
         let refs = program.references();
-        let (uses_input, uses_result, uses_context) = (
-            refs.has_variable("input"),
-            refs.has_variable("result"),
-            refs.has_variable("context"),
-        );
-        Ok(Self {
-            source: source.into(),
-            program: Arc::new(program),
-            uses_input,
-            uses_result,
-            uses_context,
-        })
+        let (uses_input, uses_result, uses_context) =
+            (refs.has_variable("input"), refs.has_variable("result"), refs.has_variable("context"));
+        Ok(Self { source: source.into(), program: Arc::new(program), uses_input, uses_result, uses_context })
     }
 
     /// The source text.
@@ -131,9 +118,7 @@ impl Expr {
 
     /// Evaluate to JSON.
     pub fn eval(&self, vars: &Vars<'_>) -> Result<Value, ExprError> {
-        let value = self
-            .execute(vars)
-            .map_err(|e| self.eval_error(e.to_string()))?;
+        let value = self.execute(vars).map_err(|e| self.eval_error(e.to_string()))?;
         cel_to_json(&value).map_err(|message| self.eval_error(message))
     }
 
@@ -170,10 +155,7 @@ impl Expr {
     }
 
     fn eval_error(&self, message: String) -> ExprError {
-        ExprError::Eval {
-            expr: self.source.to_string(),
-            message,
-        }
+        ExprError::Eval { expr: self.source.to_string(), message }
     }
 }
 
@@ -209,11 +191,7 @@ fn build_env() -> Env {
     for (operator, function, implementation) in ARITHMETIC {
         let declared = env
             .add_overload(function, function, vec![DYN_TYPE, DYN_TYPE], implementation)
-            .and_then(|()| {
-                env.add_macro(Macro::global(operator, 2, move |h, _, a| {
-                    Ok(Some(call(h, function, a)))
-                }))
-            });
+            .and_then(|()| env.add_macro(Macro::global(operator, 2, move |h, _, a| Ok(Some(call(h, function, a))))));
         if let Err(error) = declared {
             // Only possible if the names clash with a cel release's own; the operator then stays strict.
             tracing::error!(operator, %error, "Cannot declare mixed-number arithmetic for the CEL operator.");
@@ -225,11 +203,7 @@ fn build_env() -> Env {
 /// The macro expansion of a binary operator: the call of `function` with the operator's two operands.
 fn call(helper: &mut MacroExprHelper<'_>, function: &str, args: &mut Vec<IdedExpr>) -> IdedExpr {
     let args = std::mem::take(args);
-    helper.next_expr(Ast::Call(CallExpr {
-        func_name: function.to_string(),
-        target: None,
-        args,
-    }))
+    helper.next_expr(Ast::Call(CallExpr { func_name: function.to_string(), target: None, args }))
 }
 
 #[derive(Clone, Copy)]
@@ -257,10 +231,7 @@ fn arith_div<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Execut
 }
 
 /// `lhs op rhs`: in `f64` for a mixed number pair, else as the interpreter itself computes it.
-fn arithmetic<'b, 'v>(
-    op: Arith,
-    args: Vec<CowVal<'b, 'v>>,
-) -> Result<CowVal<'b, 'v>, ExecutionError> {
+fn arithmetic<'b, 'v>(op: Arith, args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
     let count = args.len();
     let mut args = args.into_iter();
     let (Some(lhs), Some(rhs), None) = (args.next(), args.next(), args.next()) else {
@@ -283,26 +254,10 @@ fn arithmetic<'b, 'v>(
         )
     };
     let result = match op {
-        Arith::Add => lhs
-            .as_adder()
-            .ok_or_else(|| unsupported("add"))?
-            .add(&*rhs)?
-            .into_owned(),
-        Arith::Sub => lhs
-            .as_subtractor()
-            .ok_or_else(|| unsupported("sub"))?
-            .sub(&*rhs)?
-            .into_owned(),
-        Arith::Mul => lhs
-            .as_multiplier()
-            .ok_or_else(|| unsupported("mul"))?
-            .mul(&*rhs)?
-            .into_owned(),
-        Arith::Div => lhs
-            .as_divider()
-            .ok_or_else(|| unsupported("div"))?
-            .div(&*rhs)?
-            .into_owned(),
+        Arith::Add => lhs.as_adder().ok_or_else(|| unsupported("add"))?.add(&*rhs)?.into_owned(),
+        Arith::Sub => lhs.as_subtractor().ok_or_else(|| unsupported("sub"))?.sub(&*rhs)?.into_owned(),
+        Arith::Mul => lhs.as_multiplier().ok_or_else(|| unsupported("mul"))?.mul(&*rhs)?.into_owned(),
+        Arith::Div => lhs.as_divider().ok_or_else(|| unsupported("div"))?.div(&*rhs)?.into_owned(),
     };
     Ok(CowVal::Owned(result))
 }
@@ -335,13 +290,9 @@ fn json_to_val(value: &Value) -> Box<dyn Val + '_> {
             None => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
         },
         Value::String(s) => Box::new(CelString::from(s.as_str())),
-        Value::Array(items) => Box::new(CelList::from(
-            items.iter().map(json_to_val).collect::<Vec<_>>(),
-        )),
+        Value::Array(items) => Box::new(CelList::from(items.iter().map(json_to_val).collect::<Vec<_>>())),
         Value::Object(map) => Box::new(CelMap::from(
-            map.iter()
-                .map(|(k, v)| (CelMapKey::from(k.as_str()), json_to_val(v)))
-                .collect::<HashMap<_, _>>(),
+            map.iter().map(|(k, v)| (CelMapKey::from(k.as_str()), json_to_val(v))).collect::<HashMap<_, _>>(),
         )),
     }
 }
@@ -356,9 +307,7 @@ fn cel_to_json(value: &CelValue) -> Result<Value, String> {
         CelValue::Float(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
         CelValue::String(s) => Value::String(s.to_string()),
         CelValue::Bytes(b) => Value::String(base64(b)),
-        CelValue::List(items) => {
-            Value::Array(items.iter().map(cel_to_json).collect::<Result<_, _>>()?)
-        }
+        CelValue::List(items) => Value::Array(items.iter().map(cel_to_json).collect::<Result<_, _>>()?),
         CelValue::Map(map) => {
             let mut entries = map
                 .map
@@ -369,30 +318,18 @@ fn cel_to_json(value: &CelValue) -> Result<Value, String> {
             Value::Object(entries.into_iter().collect::<Map<_, _>>())
         }
         CelValue::Duration(d) => {
-            let nanos = d
-                .num_nanoseconds()
-                .map_or(d.num_milliseconds() as f64 * 1e6, |n| n as f64);
+            let nanos = d.num_nanoseconds().map_or(d.num_milliseconds() as f64 * 1e6, |n| n as f64);
             Value::String(format!("{}s", nanos / 1e9))
         }
         CelValue::Timestamp(t) => Value::String(t.to_rfc3339()),
         CelValue::Opaque(o) => match o.downcast_ref::<OptionalValue>() {
-            Some(optional) => optional
-                .value()
-                .map(cel_to_json)
-                .transpose()?
-                .unwrap_or(Value::Null),
+            Some(optional) => optional.value().map(cel_to_json).transpose()?.unwrap_or(Value::Null),
             None => {
-                return Err(format!(
-                    "a value of type {} cannot be converted to JSON",
-                    o.runtime_type_name()
-                ));
+                return Err(format!("a value of type {} cannot be converted to JSON", o.runtime_type_name()));
             }
         },
         other => {
-            return Err(format!(
-                "a value of type {} cannot be converted to JSON",
-                other.type_of()
-            ));
+            return Err(format!("a value of type {} cannot be converted to JSON", other.type_of()));
         }
     })
 }
@@ -411,11 +348,7 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -453,10 +386,7 @@ fn is_missing_attribute(error: &ExecutionError) -> bool {
         ExecutionError::NoSuchKey(_) | ExecutionError::IndexOutOfBounds(_) => true,
         ExecutionError::NoSuchOverload(overload) => match overload.function() {
             "_._" => true,
-            "_[_]" => overload
-                .argument_types()
-                .first()
-                .is_some_and(|t| t == "null_type"),
+            "_[_]" => overload.argument_types().first().is_some_and(|t| t == "null_type"),
             _ => false,
         },
         _ => false,
@@ -544,16 +474,9 @@ pub fn render_value(value: &Value, vars: &Vars<'_>) -> Result<Value, ExprError> 
             [Piece::Expr(source)] => cached_expr(source)?.eval(vars)?,
             _ => Value::String(render_template(s, vars)?),
         },
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|v| render_value(v, vars))
-                .collect::<Result<_, _>>()?,
-        ),
+        Value::Array(items) => Value::Array(items.iter().map(|v| render_value(v, vars)).collect::<Result<_, _>>()?),
         Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| Ok((k.clone(), render_value(v, vars)?)))
-                .collect::<Result<_, ExprError>>()?,
+            map.iter().map(|(k, v)| Ok((k.clone(), render_value(v, vars)?))).collect::<Result<_, ExprError>>()?,
         ),
         other => other.clone(),
     })
@@ -576,17 +499,11 @@ mod tests {
     use super::*;
 
     fn eval_input(source: &str, input: Value) -> Result<Value, ExprError> {
-        Expr::compile(source)?.eval(&Vars {
-            input: Some(&input),
-            ..Vars::default()
-        })
+        Expr::compile(source)?.eval(&Vars { input: Some(&input), ..Vars::default() })
     }
 
     fn cond_result(source: &str, result: Value) -> Result<bool, ExprError> {
-        Expr::compile(source)?.eval_bool(&Vars {
-            result: Some(&result),
-            ..Vars::default()
-        })
+        Expr::compile(source)?.eval_bool(&Vars { result: Some(&result), ..Vars::default() })
     }
 
     #[test]
@@ -600,105 +517,39 @@ mod tests {
 
     #[test]
     fn integer_arithmetic_on_json_integers() {
-        assert_eq!(
-            eval_input("input.x + 1", json!({"x": 3})).unwrap(),
-            json!(4)
-        );
-        assert_eq!(
-            eval_input("input.x + 1", json!({"x": -3})).unwrap(),
-            json!(-2)
-        );
-        assert_eq!(
-            eval_input("input.x - 5", json!({"x": 3})).unwrap(),
-            json!(-2)
-        );
-        assert_eq!(
-            eval_input("input.a / 2", json!({"a": 8})).unwrap(),
-            json!(4)
-        );
+        assert_eq!(eval_input("input.x + 1", json!({"x": 3})).unwrap(), json!(4));
+        assert_eq!(eval_input("input.x + 1", json!({"x": -3})).unwrap(), json!(-2));
+        assert_eq!(eval_input("input.x - 5", json!({"x": 3})).unwrap(), json!(-2));
+        assert_eq!(eval_input("input.a / 2", json!({"a": 8})).unwrap(), json!(4));
         // int / int stays CEL integer division
-        assert_eq!(
-            eval_input("input.a / 2", json!({"a": 7})).unwrap(),
-            json!(3)
-        );
-        assert_eq!(
-            eval_input("input.items.size() * 10", json!({"items": [1, 2, 3]})).unwrap(),
-            json!(30)
-        );
-        assert_eq!(
-            eval_input("input.x % 2", json!({"x": 7})).unwrap(),
-            json!(1)
-        );
+        assert_eq!(eval_input("input.a / 2", json!({"a": 7})).unwrap(), json!(3));
+        assert_eq!(eval_input("input.items.size() * 10", json!({"items": [1, 2, 3]})).unwrap(), json!(30));
+        assert_eq!(eval_input("input.x % 2", json!({"x": 7})).unwrap(), json!(1));
     }
 
     #[test]
     fn mixed_int_and_double_arithmetic() {
-        assert_eq!(
-            eval_input("input.price * 2", json!({"price": 1.5})).unwrap(),
-            json!(3.0)
-        );
-        assert_eq!(
-            eval_input("input.price * 2", json!({"price": 3})).unwrap(),
-            json!(6)
-        );
-        assert_eq!(
-            eval_input("2 * input.price", json!({"price": 1.5})).unwrap(),
-            json!(3.0)
-        );
-        assert_eq!(
-            eval_input("input.a / 2", json!({"a": 3.0})).unwrap(),
-            json!(1.5)
-        );
-        assert_eq!(
-            eval_input("input.a / 2", json!({"a": 2.5})).unwrap(),
-            json!(1.25)
-        );
-        assert_eq!(
-            eval_input("input.x + 0.5", json!({"x": 1})).unwrap(),
-            json!(1.5)
-        );
-        assert_eq!(
-            eval_input("input.x - 0.5", json!({"x": 1})).unwrap(),
-            json!(0.5)
-        );
+        assert_eq!(eval_input("input.price * 2", json!({"price": 1.5})).unwrap(), json!(3.0));
+        assert_eq!(eval_input("input.price * 2", json!({"price": 3})).unwrap(), json!(6));
+        assert_eq!(eval_input("2 * input.price", json!({"price": 1.5})).unwrap(), json!(3.0));
+        assert_eq!(eval_input("input.a / 2", json!({"a": 3.0})).unwrap(), json!(1.5));
+        assert_eq!(eval_input("input.a / 2", json!({"a": 2.5})).unwrap(), json!(1.25));
+        assert_eq!(eval_input("input.x + 0.5", json!({"x": 1})).unwrap(), json!(1.5));
+        assert_eq!(eval_input("input.x - 0.5", json!({"x": 1})).unwrap(), json!(0.5));
         assert_eq!(eval_input("1u + 0.5", json!(null)).unwrap(), json!(1.5));
-        assert_eq!(
-            eval_input("input.items.size() * 1.5", json!({"items": [1, 2]})).unwrap(),
-            json!(3.0)
-        );
-        assert_eq!(
-            eval_input("(input.a + input.b) * 2", json!({"a": 1, "b": 0.5})).unwrap(),
-            json!(3.0)
-        );
+        assert_eq!(eval_input("input.items.size() * 1.5", json!({"items": [1, 2]})).unwrap(), json!(3.0));
+        assert_eq!(eval_input("(input.a + input.b) * 2", json!({"a": 1, "b": 0.5})).unwrap(), json!(3.0));
         // comparisons across types
-        assert_eq!(
-            eval_input("input.price > 1", json!({"price": 1.5})).unwrap(),
-            json!(true)
-        );
-        assert_eq!(
-            eval_input("input.price == 3", json!({"price": 3.0})).unwrap(),
-            json!(true)
-        );
+        assert_eq!(eval_input("input.price > 1", json!({"price": 1.5})).unwrap(), json!(true));
+        assert_eq!(eval_input("input.price == 3", json!({"price": 3.0})).unwrap(), json!(true));
     }
 
     #[test]
     fn other_operators_keep_their_cel_meaning() {
-        assert_eq!(
-            eval_input("'a' + input.s", json!({"s": "b"})).unwrap(),
-            json!("ab")
-        );
-        assert_eq!(
-            eval_input("input.l + [3]", json!({"l": [1, 2]})).unwrap(),
-            json!([1, 2, 3])
-        );
-        assert_eq!(
-            eval_input("[1, 2].map(x, x * 1.5)", json!(null)).unwrap(),
-            json!([1.5, 3.0])
-        );
-        assert_eq!(
-            eval_input("[1, 2, 3].filter(x, x > 1).size()", json!(null)).unwrap(),
-            json!(2)
-        );
+        assert_eq!(eval_input("'a' + input.s", json!({"s": "b"})).unwrap(), json!("ab"));
+        assert_eq!(eval_input("input.l + [3]", json!({"l": [1, 2]})).unwrap(), json!([1, 2, 3]));
+        assert_eq!(eval_input("[1, 2].map(x, x * 1.5)", json!(null)).unwrap(), json!([1.5, 3.0]));
+        assert_eq!(eval_input("[1, 2, 3].filter(x, x > 1).size()", json!(null)).unwrap(), json!(2));
         assert_eq!(eval_input("-input.x", json!({"x": 3})).unwrap(), json!(-3));
         let err = eval_input("'a' + 1", json!(null)).unwrap_err();
         assert!(matches!(err, ExprError::Eval { .. }), "{err}");
@@ -711,32 +562,16 @@ mod tests {
     #[test]
     fn values_convert_back_to_json() {
         assert_eq!(
-            eval_input(
-                "{'items': [], 'n': 1, 'f': 1.5, 's': 's', 'b': true, 'z': null}",
-                json!(null)
-            )
-            .unwrap(),
+            eval_input("{'items': [], 'n': 1, 'f': 1.5, 's': 's', 'b': true, 'z': null}", json!(null)).unwrap(),
             json!({"items": [], "n": 1, "f": 1.5, "s": "s", "b": true, "z": null})
         );
-        assert_eq!(
-            eval_input("{1: 'a'}", json!(null)).unwrap(),
-            json!({"1": "a"})
-        );
+        assert_eq!(eval_input("{1: 'a'}", json!(null)).unwrap(), json!({"1": "a"}));
         assert_eq!(eval_input("b'hi!'", json!(null)).unwrap(), json!("aGkh"));
         assert_eq!(eval_input("b'h'", json!(null)).unwrap(), json!("aA=="));
         assert_eq!(eval_input("3u", json!(null)).unwrap(), json!(3));
-        assert_eq!(
-            eval_input("input", json!({"a": [1, {"b": 2.5}]})).unwrap(),
-            json!({"a": [1, {"b": 2.5}]})
-        );
-        assert_eq!(
-            eval_input("duration('1.5s')", json!(null)).unwrap(),
-            json!("1.5s")
-        );
-        assert_eq!(
-            eval_input("'TacoCat'.lowerAscii()", json!(null)).unwrap(),
-            json!("tacocat")
-        );
+        assert_eq!(eval_input("input", json!({"a": [1, {"b": 2.5}]})).unwrap(), json!({"a": [1, {"b": 2.5}]}));
+        assert_eq!(eval_input("duration('1.5s')", json!(null)).unwrap(), json!("1.5s"));
+        assert_eq!(eval_input("'TacoCat'.lowerAscii()", json!(null)).unwrap(), json!("tacocat"));
         assert_eq!(eval_input("type(1)", json!(null)).unwrap(), json!("int"));
     }
 
@@ -756,20 +591,11 @@ mod tests {
         assert!(!cond_result("result.output.ok", json!({"output": 5})).unwrap());
         assert!(!cond_result("result.output['ok']", json!({"output": null})).unwrap());
         assert!(!cond_result("result.output.a.b.c == 1", json!({"output": {}})).unwrap());
-        assert!(
-            !cond_result(
-                "result.output.items[3] == 1",
-                json!({"output": {"items": []}})
-            )
-            .unwrap()
-        );
+        assert!(!cond_result("result.output.items[3] == 1", json!({"output": {"items": []}})).unwrap());
         // but eval reports the missing key
         let err = Expr::compile("result.output.ok")
             .unwrap()
-            .eval(&Vars {
-                result: Some(&json!({"output": {}})),
-                ..Vars::default()
-            })
+            .eval(&Vars { result: Some(&json!({"output": {}})), ..Vars::default() })
             .unwrap_err();
         assert!(matches!(err, ExprError::Eval { .. }));
         // other failures stay errors and name the expression
@@ -799,14 +625,7 @@ mod tests {
             ("b''", false),
         ];
         for (source, expected) in cases {
-            assert_eq!(
-                Expr::compile(source)
-                    .unwrap()
-                    .eval_bool(&Vars::default())
-                    .unwrap(),
-                expected,
-                "{source}"
-            );
+            assert_eq!(Expr::compile(source).unwrap().eval_bool(&Vars::default()).unwrap(), expected, "{source}");
         }
         assert!(!cond_result("result.output", json!({"output": null})).unwrap());
         assert!(cond_result("result.output", json!({"output": "x"})).unwrap());
@@ -824,16 +643,10 @@ mod tests {
     #[test]
     fn context_with_flat_keys() {
         let ctx = json!({"_outputs.fetch": {"items": [1, 2]}, "user": "ann"});
-        let vars = Vars {
-            context: Some(&ctx),
-            ..Vars::default()
-        };
+        let vars = Vars { context: Some(&ctx), ..Vars::default() };
         let e = Expr::compile("context['_outputs.fetch'].items.size()").unwrap();
         assert_eq!(e.eval(&vars).unwrap(), json!(2));
-        assert_eq!(
-            Expr::compile("context.user").unwrap().eval(&vars).unwrap(),
-            json!("ann")
-        );
+        assert_eq!(Expr::compile("context.user").unwrap().eval(&vars).unwrap(), json!("ann"));
     }
 
     #[test]
@@ -842,50 +655,24 @@ mod tests {
         assert!(e.uses_input && !e.uses_result && !e.uses_context);
         let e = Expr::compile("context['k'] == result.output").unwrap();
         assert!(!e.uses_input && e.uses_result && e.uses_context);
-        assert!(
-            e.uses_variable("context") && e.uses_variable("result") && !e.uses_variable("input")
-        );
+        assert!(e.uses_variable("context") && e.uses_variable("result") && !e.uses_variable("input"));
         // an unreferenced variable is never looked at: a huge context costs nothing
         let ctx = json!({"k": 1});
-        let vars = Vars {
-            context: Some(&ctx),
-            ..Vars::default()
-        };
-        assert_eq!(
-            Expr::compile("1 + 1").unwrap().eval(&vars).unwrap(),
-            json!(2)
-        );
+        let vars = Vars { context: Some(&ctx), ..Vars::default() };
+        assert_eq!(Expr::compile("1 + 1").unwrap().eval(&vars).unwrap(), json!(2));
         // a variable that is None is not declared
-        let err = Expr::compile("context.k")
-            .unwrap()
-            .eval(&Vars::default())
-            .unwrap_err();
+        let err = Expr::compile("context.k").unwrap().eval(&Vars::default()).unwrap_err();
         assert!(err.to_string().contains("context"), "{err}");
     }
 
     #[test]
     fn templates() {
         let input = json!({"id": 42, "name": "ann", "tags": ["a"], "price": 1.5});
-        let vars = Vars {
-            input: Some(&input),
-            ..Vars::default()
-        };
-        assert_eq!(
-            render_template("http://shop/api/orders/{{input.id}}", &vars).unwrap(),
-            "http://shop/api/orders/42"
-        );
-        assert_eq!(
-            render_template("hi {{ input.name }}!", &vars).unwrap(),
-            "hi ann!"
-        );
-        assert_eq!(
-            render_template("{{input.tags}} {{ input.price * 2 }}", &vars).unwrap(),
-            r#"["a"] 3.0"#
-        );
-        assert_eq!(
-            render_template("no template", &vars).unwrap(),
-            "no template"
-        );
+        let vars = Vars { input: Some(&input), ..Vars::default() };
+        assert_eq!(render_template("http://shop/api/orders/{{input.id}}", &vars).unwrap(), "http://shop/api/orders/42");
+        assert_eq!(render_template("hi {{ input.name }}!", &vars).unwrap(), "hi ann!");
+        assert_eq!(render_template("{{input.tags}} {{ input.price * 2 }}", &vars).unwrap(), r#"["a"] 3.0"#);
+        assert_eq!(render_template("no template", &vars).unwrap(), "no template");
         assert_eq!(render_template("{{ null }}", &vars).unwrap(), "null");
         let err = render_template("x {{ input.id", &vars).unwrap_err();
         assert!(matches!(err, ExprError::Compile { .. }));
@@ -896,23 +683,14 @@ mod tests {
     #[test]
     fn rendering_values() {
         let input = json!({"id": 42, "name": "ann"});
-        let vars = Vars {
-            input: Some(&input),
-            ..Vars::default()
-        };
+        let vars = Vars { input: Some(&input), ..Vars::default() };
         let v = json!({"id": "{{ input.id }}", "label": "#{{input.id}}", "list": ["{{input.name}}", 1, null], "n": 2});
         assert_eq!(
             render_value(&v, &vars).unwrap(),
             json!({"id": 42, "label": "#42", "list": ["ann", 1, null], "n": 2})
         );
-        assert_eq!(
-            render_value(&json!("{{ {'a': input.id} }}"), &vars).unwrap(),
-            json!({"a": 42})
-        );
-        assert_eq!(
-            render_value(&json!("{{ input.id }}{{ input.id }}"), &vars).unwrap(),
-            json!("4242")
-        );
+        assert_eq!(render_value(&json!("{{ {'a': input.id} }}"), &vars).unwrap(), json!({"a": 42}));
+        assert_eq!(render_value(&json!("{{ input.id }}{{ input.id }}"), &vars).unwrap(), json!("4242"));
     }
 
     #[test]

@@ -159,7 +159,12 @@ impl Graph {
             {
                 problems.push(Problem::new(
                     "unknown-uses",
-                    format!("node '{}' uses '{}', which is not registered (known: {})", n.id, n.uses, reg.keys().join(", ")),
+                    format!(
+                        "node '{}' uses '{}', which is not registered (known: {})",
+                        n.id,
+                        n.uses,
+                        reg.keys().join(", ")
+                    ),
                 ));
             }
             for p in builtin::check_params(&n.uses, &n.params) {
@@ -176,7 +181,8 @@ impl Graph {
             }
             if let Some(fb) = &n.config.fallback {
                 if fb == &n.id {
-                    problems.push(Problem::new("bad-fallback", format!("node '{}' names itself as its fallback", n.id)));
+                    problems
+                        .push(Problem::new("bad-fallback", format!("node '{}' names itself as its fallback", n.id)));
                 } else if !index.contains_key(fb) {
                     problems.push(Problem::new(
                         "unknown-fallback",
@@ -207,7 +213,10 @@ impl Graph {
             let condition = compile_opt(e.condition.as_deref(), &name, "condition", &mut problems);
             let transform = compile_opt(e.transform.as_deref(), &name, "transform", &mut problems);
             if let (Some(s), Some(t)) = (s, t) {
-                raw_edges.push((s, Edge { target: t, kind: EdgeKind::Normal, action: e.action.clone(), condition, transform }));
+                raw_edges.push((
+                    s,
+                    Edge { target: t, kind: EdgeKind::Normal, action: e.action.clone(), condition, transform },
+                ));
             }
         }
         if !problems.is_empty() {
@@ -239,7 +248,13 @@ impl Graph {
                 for e in inherited {
                     push_edge(&mut nodes[f].out, e);
                 }
-                nodes[p].out.push(Edge { target: f, kind: EdgeKind::Fallback, action: None, condition: None, transform: None });
+                nodes[p].out.push(Edge {
+                    target: f,
+                    kind: EdgeKind::Fallback,
+                    action: None,
+                    condition: None,
+                    transform: None,
+                });
             }
         }
         for s in 0..nodes.len() {
@@ -262,7 +277,10 @@ impl Graph {
         let mut problems = Vec::new();
         for n in &nodes {
             if n.targets.contains(&index[&n.def.id]) {
-                problems.push(Problem::new("cycle", format!("node '{}' has an edge to itself (loops are not supported yet)", n.def.id)));
+                problems.push(Problem::new(
+                    "cycle",
+                    format!("node '{}' has an edge to itself (loops are not supported yet)", n.def.id),
+                ));
             }
         }
         if let Some(cycle) = find_cycle(&nodes) {
@@ -282,7 +300,8 @@ impl Graph {
         }
 
         let uses_context = bp.edges.iter().any(|e| {
-            e.condition.as_deref().is_some_and(|c| c.contains("context")) || e.transform.as_deref().is_some_and(|c| c.contains("context"))
+            e.condition.as_deref().is_some_and(|c| c.contains("context"))
+                || e.transform.as_deref().is_some_and(|c| c.contains("context"))
         });
         Ok(Self { bp: Arc::new(bp), nodes, index, start, uses_context })
     }
@@ -340,7 +359,9 @@ impl Graph {
 
     /// The distinct effective predecessors of a node.
     pub fn sources(&self, node: &str) -> Vec<&str> {
-        self.idx(node).map(|i| self.nodes[i].sources.iter().map(|&s| self.nodes[s].def.id.as_str()).collect()).unwrap_or_default()
+        self.idx(node)
+            .map(|i| self.nodes[i].sources.iter().map(|&s| self.nodes[s].def.id.as_str()).collect())
+            .unwrap_or_default()
     }
 
     /// How many distinct effective predecessors a node has (the arrivals its join waits for).
@@ -350,7 +371,9 @@ impl Graph {
 
     /// The distinct effective targets of a node.
     pub fn targets(&self, node: &str) -> Vec<&str> {
-        self.idx(node).map(|i| self.nodes[i].targets.iter().map(|&t| self.nodes[t].def.id.as_str()).collect()).unwrap_or_default()
+        self.idx(node)
+            .map(|i| self.nodes[i].targets.iter().map(|&t| self.nodes[t].def.id.as_str()).collect())
+            .unwrap_or_default()
     }
 
     /// The join strategy of a node.
@@ -512,7 +535,8 @@ impl Graph {
     /// The transform of the edge `s → t` that routing took: the action edge matching the source's action if
     /// there is one, else the first default edge.
     fn edge_transform(&self, s: usize, t: usize, action: Option<&str>) -> Option<&Expr> {
-        let edges: Vec<&Edge> = self.nodes[s].out.iter().filter(|e| e.kind == EdgeKind::Normal && e.target == t).collect();
+        let edges: Vec<&Edge> =
+            self.nodes[s].out.iter().filter(|e| e.kind == EdgeKind::Normal && e.target == t).collect();
         let chosen = action
             .and_then(|a| edges.iter().find(|e| e.action.as_deref() == Some(a)))
             .or_else(|| edges.iter().find(|e| e.action.is_none()))
@@ -539,12 +563,17 @@ impl Graph {
             if let Some(c) = &e.condition {
                 label.push(c.clone());
             }
-            let arrow = if label.is_empty() { "-->".to_string() } else { format!("-->|\"{}\"|", esc(&label.join(": "))) };
+            let arrow =
+                if label.is_empty() { "-->".to_string() } else { format!("-->|\"{}\"|", esc(&label.join(": "))) };
             out.push_str(&format!("    {} {} {}\n", mermaid_id(&e.source), arrow, mermaid_id(&e.target)));
         }
         for n in &self.nodes {
             if let Some(f) = n.fallback {
-                out.push_str(&format!("    {} -.->|fallback| {}\n", mermaid_id(&n.def.id), mermaid_id(&self.nodes[f].def.id)));
+                out.push_str(&format!(
+                    "    {} -.->|fallback| {}\n",
+                    mermaid_id(&n.def.id),
+                    mermaid_id(&self.nodes[f].def.id)
+                ));
             }
         }
         out
@@ -715,7 +744,10 @@ mod tests {
             "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}],
             "edges": [{"source": "a", "target": "b"}, {"source": "b", "target": "a"}]
         }));
-        assert!(p.iter().any(|p| p.code == "cycle" && p.message.contains("a -> b") || p.message.contains("b -> a")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.code == "cycle" && p.message.contains("a -> b") || p.message.contains("b -> a")),
+            "{p:?}"
+        );
         assert!(p.iter().any(|p| p.code == "no-start-node"), "{p:?}");
     }
 

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 pub use blueprint::{Blueprint, EdgeDef, Inputs, JoinStrategy, NodeConfig, NodeDef};
 pub use expr::{Expr, ExprError};
 pub use graph::{Arrival, Graph, NodeInputError, Problem, RouteError, Routing};
-pub use retry::RetryPolicy;
 pub use node::{ContextHandle, Node, NodeCtx, NodeError, NodeOutput, Registry};
+pub use retry::RetryPolicy;
 
 /// A blueprint that cannot be loaded or run.
 #[derive(Debug, thiserror::Error)]

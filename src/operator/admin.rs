@@ -61,10 +61,7 @@ impl Health {
 
     /// A short description for `/readyz`.
     fn describe(&self) -> &'static str {
-        match (
-            self.leadership.load(Ordering::SeqCst),
-            self.synced.load(Ordering::SeqCst),
-        ) {
+        match (self.leadership.load(Ordering::SeqCst), self.synced.load(Ordering::SeqCst)) {
             (STANDBY, _) => "ready: standby (another replica leads)\n",
             (LEADING, true) => "ready: leading, caches synced\n",
             (LEADING, false) => "not ready: leading, caches syncing\n",
@@ -89,41 +86,22 @@ pub fn router(health: Arc<Health>, registry: Arc<Registry>) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let code = if state.health.is_ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if state.health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, state.health.describe()).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
+        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
             .into_response(),
-        Err(error) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot encode metrics: {error}\n"),
-        )
-            .into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {error}\n")).into_response(),
     }
 }
 
 /// Bind the admin address (fails at once when it is taken).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, OperatorError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| OperatorError::Admin {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })
+    TcpListener::bind(addr).await.map_err(|e| OperatorError::Admin { addr: addr.to_string(), message: e.to_string() })
 }
 
 /// Serve the admin endpoints on `listener` until `shutdown` is cancelled.
@@ -133,18 +111,12 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> Result<(), OperatorError> {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, "Admin server listening.");
     axum::serve(listener, router(health, registry))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-        .map_err(|e| OperatorError::Admin {
-            addr,
-            message: e.to_string(),
-        })
+        .map_err(|e| OperatorError::Admin { addr, message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -173,20 +145,13 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            listener,
-            health.clone(),
-            Arc::new(registry),
-            stop.clone(),
-        ));
+        let server = tokio::spawn(serve(listener, health.clone(), Arc::new(registry), stop.clone()));
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out

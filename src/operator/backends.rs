@@ -24,10 +24,7 @@ pub struct RabbitQueueProbe;
 #[async_trait]
 impl QueueProbe for RabbitQueueProbe {
     async fn queue_depth(&self, amqp_url: &str, queue: &str) -> Result<u64, String> {
-        queue_depth(amqp_url, queue)
-            .await
-            .map(u64::from)
-            .map_err(|e| e.to_string())
+        queue_depth(amqp_url, queue).await.map(u64::from).map_err(|e| e.to_string())
     }
 }
 
@@ -68,10 +65,7 @@ impl ServiceBackends {
         if let Some(store) = stores.get(tables) {
             return Ok(store.clone());
         }
-        let url = self
-            .database_url
-            .clone()
-            .ok_or("the operator has no database URL (FLOWCRAFT_DATABASE_URL)")?;
+        let url = self.database_url.clone().ok_or("the operator has no database URL (FLOWCRAFT_DATABASE_URL)")?;
         let store = PostgresStore::connect(PgConfig {
             url,
             contexts_table: tables.contexts.clone(),
@@ -89,20 +83,13 @@ impl ServiceBackends {
         Ok(store)
     }
 
-    async fn queue(
-        &self,
-        queue: &str,
-        queue_type: Option<&str>,
-    ) -> Result<Arc<RabbitQueue>, String> {
+    async fn queue(&self, queue: &str, queue_type: Option<&str>) -> Result<Arc<RabbitQueue>, String> {
         let key = (queue.to_string(), queue_type.map(str::to_string));
         let mut queues = self.queues.lock().await;
         if let Some(q) = queues.get(&key) {
             return Ok(q.clone());
         }
-        let url = self
-            .amqp_url
-            .clone()
-            .ok_or("the operator has no AMQP URL (FLOWCRAFT_AMQP_URL)")?;
+        let url = self.amqp_url.clone().ok_or("the operator has no AMQP URL (FLOWCRAFT_AMQP_URL)")?;
         let queue_type = match queue_type {
             Some(t) => QueueType::from_str(t).map_err(|e| e.to_string())?,
             None => QueueType::default(),
@@ -123,8 +110,7 @@ impl ServiceBackends {
 
     /// Close every cached queue connection.
     pub async fn close(&self) {
-        let queues: Vec<Arc<RabbitQueue>> =
-            self.queues.lock().await.drain().map(|(_, q)| q).collect();
+        let queues: Vec<Arc<RabbitQueue>> = self.queues.lock().await.drain().map(|(_, q)| q).collect();
         for q in queues {
             q.close().await;
         }
@@ -135,28 +121,16 @@ impl ServiceBackends {
 impl RunBackends for ServiceBackends {
     async fn stores(&self, target: &RunTarget) -> Result<RunStores, String> {
         let store = self.store(&target.tables).await?;
-        let queue = self
-            .queue(&target.queue, target.queue_type.as_deref())
-            .await?;
-        Ok(RunStores {
-            queue,
-            store: Arc::new(store),
-        })
+        let queue = self.queue(&target.queue, target.queue_type.as_deref()).await?;
+        Ok(RunStores { queue, store: Arc::new(store) })
     }
 }
 
 #[async_trait]
 impl StatsSource for ServiceBackends {
-    async fn last_stats(
-        &self,
-        tables: &TableNames,
-        schedule: &str,
-    ) -> Result<Option<ReconcileStats>, String> {
+    async fn last_stats(&self, tables: &TableNames, schedule: &str) -> Result<Option<ReconcileStats>, String> {
         let store = self.store(tables).await?;
-        let row = store
-            .last_reconcile_stats(schedule)
-            .await
-            .map_err(|e| e.to_string())?;
+        let row = store.last_reconcile_stats(schedule).await.map_err(|e| e.to_string())?;
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         Ok(row.map(|r| ReconcileStats {
             started_at: r.started_at,

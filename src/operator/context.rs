@@ -18,8 +18,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::crd::{
-    FlowRun, FlowRunStatus, FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus,
-    FlowcraftWorkerPool, FlowcraftWorkerPoolStatus,
+    FlowRun, FlowRunStatus, FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus, FlowcraftWorkerPool,
+    FlowcraftWorkerPoolStatus,
 };
 use super::flowrun::StartedRun;
 use super::metrics::Metrics;
@@ -72,11 +72,7 @@ pub struct ReconcileStats {
 pub trait StatsSource: Send + Sync {
     /// The latest stats recorded under `schedule` (`<namespace>/<name>`) in the stats table that goes with
     /// `tables` (the pool's tables).
-    async fn last_stats(
-        &self,
-        tables: &TableNames,
-        schedule: &str,
-    ) -> Result<Option<ReconcileStats>, String>;
+    async fn last_stats(&self, tables: &TableNames, schedule: &str) -> Result<Option<ReconcileStats>, String>;
 }
 
 /// Where a FlowRun's run lives: the pool's queue and tables.
@@ -151,10 +147,7 @@ pub struct Context {
 impl Context {
     /// A context with no backends (queue depth unavailable, no stats, no FlowRuns).
     pub fn new(client: Client, default_image: impl Into<String>, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: REPORTER.to_string(),
-            instance: None,
-        };
+        let reporter = Reporter { controller: REPORTER.to_string(), instance: None };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -175,10 +168,7 @@ impl Context {
 
     /// Name this replica in its events (`reportingInstance`, the pod name).
     pub fn with_instance(mut self, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: REPORTER.to_string(),
-            instance,
-        };
+        let reporter = Reporter { controller: REPORTER.to_string(), instance };
         self.recorder = Recorder::new(self.client.clone(), reporter);
         self
     }
@@ -216,25 +206,15 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let ev = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: action.to_string(),
-            secondary: None,
-        };
+        let ev =
+            Event { type_, reason: reason.to_string(), note: Some(note), action: action.to_string(), secondary: None };
         if let Err(error) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(object = %object_name(obj), reason, %error, "Cannot publish event.");
         }
     }
 
     /// A queue depth no older than the poll interval, read through the probe when needed.
-    pub(crate) async fn queue_depth(
-        &self,
-        key: &str,
-        amqp_url: &str,
-        queue: &str,
-    ) -> Result<u64, String> {
+    pub(crate) async fn queue_depth(&self, key: &str, amqp_url: &str, queue: &str) -> Result<u64, String> {
         if let Ok(depths) = self.depths.lock()
             && let Some((at, depth)) = depths.get(key)
             && at.elapsed() < self.queue_poll_interval
@@ -250,10 +230,7 @@ impl Context {
 
     /// What is known about the run of a FlowRun.
     pub(crate) fn started_run(&self, key: &str) -> Option<StartedRun> {
-        self.started_runs
-            .lock()
-            .ok()
-            .and_then(|m| m.get(key).cloned())
+        self.started_runs.lock().ok().and_then(|m| m.get(key).cloned())
     }
 
     /// Remember the run of a FlowRun.
@@ -285,9 +262,7 @@ struct NoQueueProbe;
 #[async_trait]
 impl QueueProbe for NoQueueProbe {
     async fn queue_depth(&self, _amqp_url: &str, queue: &str) -> Result<u64, String> {
-        Err(format!(
-            "no queue probe configured to read the depth of queue {queue}"
-        ))
+        Err(format!("no queue probe configured to read the depth of queue {queue}"))
     }
 }
 
@@ -324,11 +299,7 @@ impl ErrorBackoff {
 
     /// Consecutive failures of `key`.
     pub fn failures(&self, key: &str) -> u32 {
-        self.failures
-            .lock()
-            .ok()
-            .and_then(|m| m.get(key).copied())
-            .unwrap_or(0)
+        self.failures.lock().ok().and_then(|m| m.get(key).copied()).unwrap_or(0)
     }
 }
 
@@ -340,12 +311,7 @@ pub fn backoff_delay(n: u32) -> Duration {
 
 /// Key of an object in per-object maps: `Kind/namespace/name`.
 pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    format!(
-        "{}/{}/{}",
-        K::kind(&()),
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
-    )
+    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -378,33 +344,15 @@ pub struct Cond {
 
 impl Cond {
     /// A condition.
-    pub fn new(
-        type_: &'static str,
-        status: bool,
-        reason: &str,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            type_,
-            status,
-            reason: reason.to_string(),
-            message: message.into(),
-        }
+    pub fn new(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Self {
+        Self { type_, status, reason: reason.to_string(), message: message.into() }
     }
 }
 
 /// `prev` with `set` applied: a condition keeps its `lastTransitionTime` while its status does not change;
 /// conditions not in `set` are kept as they are. Sorted by type.
-pub fn merge_conditions(
-    prev: &[Condition],
-    set: &[Cond],
-    generation: Option<i64>,
-) -> Vec<Condition> {
-    let mut out: Vec<Condition> = prev
-        .iter()
-        .filter(|c| !set.iter().any(|s| s.type_ == c.type_))
-        .cloned()
-        .collect();
+pub fn merge_conditions(prev: &[Condition], set: &[Cond], generation: Option<i64>) -> Vec<Condition> {
+    let mut out: Vec<Condition> = prev.iter().filter(|c| !set.iter().any(|s| s.type_ == c.type_)).cloned().collect();
     for s in set {
         let status = if s.status { "True" } else { "False" };
         let last_transition_time = prev
@@ -525,11 +473,7 @@ impl Reconciled for FlowRun {
 
 /// Write `status` with server-side apply on the status subresource (field manager `flowcraft-operator`,
 /// forced), unless it equals the object's current status. Returns whether a patch was sent.
-pub async fn apply_status<K: Reconciled>(
-    ctx: &Context,
-    obj: &K,
-    status: &K::Status,
-) -> Result<bool, OperatorError> {
+pub async fn apply_status<K: Reconciled>(ctx: &Context, obj: &K, status: &K::Status) -> Result<bool, OperatorError> {
     if obj.status() == Some(status) {
         return Ok(false);
     }
@@ -540,17 +484,13 @@ pub async fn apply_status<K: Reconciled>(
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| OperatorError::Kube {
-        object: object_name(obj),
-        action: "patch status".to_string(),
-        source,
-    })?;
+    api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| OperatorError::Kube {
+            object: object_name(obj),
+            action: "patch status".to_string(),
+            source,
+        })?;
     Ok(true)
 }
 
@@ -571,8 +511,7 @@ pub async fn report_failure<K: Reconciled>(ctx: &Context, obj: &K, error: &Opera
     status.note_failure(&message);
     let is_new = previous.is_none_or(|c| c.status != "True" || c.message != message);
     if is_new {
-        ctx.publish(obj, EventType::Warning, reason, "Reconcile", message)
-            .await;
+        ctx.publish(obj, EventType::Warning, reason, "Reconcile", message).await;
     }
     if let Err(error) = apply_status(ctx, obj, &status).await {
         tracing::debug!(object = %object_name(obj), %error, "Cannot record the failure in the status.");
@@ -580,11 +519,7 @@ pub async fn report_failure<K: Reconciled>(ctx: &Context, obj: &K, error: &Opera
 }
 
 /// The controllers' error policy: count the failure and requeue with the object's backoff.
-pub fn error_policy<K: Reconciled>(
-    obj: Arc<K>,
-    error: &OperatorError,
-    ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy<K: Reconciled>(obj: Arc<K>, error: &OperatorError, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoff.failed(&object_key(obj.as_ref()));
     ctx.metrics.failure(K::CONTROLLER, &error.metric_label());
     if error.is_user_error() {
@@ -635,10 +570,7 @@ mod tests {
         let flipped = merge_conditions(&prev, &[Cond::new(READY, false, "C", "c")], Some(2));
         assert_ne!(flipped[0].last_transition_time, old);
         let added = merge_conditions(&prev, &[Cond::new(DEGRADED, false, "D", "d")], Some(2));
-        assert_eq!(
-            added.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(),
-            [DEGRADED, READY]
-        );
+        assert_eq!(added.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(), [DEGRADED, READY]);
     }
 
     #[test]

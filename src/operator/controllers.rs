@@ -63,10 +63,7 @@ where
 pub async fn check_crds(client: &Client, namespace: Option<&str>) -> Result<(), OperatorError> {
     async fn probe<K>(client: &Client, namespace: Option<&str>) -> Result<(), OperatorError>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug,
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     {
         let api: Api<K> = scoped_api(client.clone(), namespace);
         api.list(&kube::api::ListParams::default().limit(1)).await.map(|_| ()).map_err(|e| {
@@ -93,43 +90,32 @@ pub async fn run_controllers(
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
     let wc = watcher::Config::default().any_semantic();
-    let owned =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let shutdown = |token: &CancellationToken| {
         let token = token.clone();
         async move { token.cancelled().await }
     };
 
     // Pools: own their Deployments; a blueprint ConfigMap change reconciles the pools that use it.
-    let pools = Controller::new(
-        scoped_api::<FlowcraftWorkerPool>(client.clone(), ns),
-        wc.clone(),
-    )
-    .owns(scoped_api::<Deployment>(client.clone(), ns), owned.clone())
-    .graceful_shutdown_on(shutdown(&stop));
+    let pools = Controller::new(scoped_api::<FlowcraftWorkerPool>(client.clone(), ns), wc.clone())
+        .owns(scoped_api::<Deployment>(client.clone(), ns), owned.clone())
+        .graceful_shutdown_on(shutdown(&stop));
     let pool_store = pools.store();
     let pools_by_cm = pool_store.clone();
-    let pools = pools.watches(
-        scoped_api::<ConfigMap>(client.clone(), ns),
-        wc.clone(),
-        move |cm: ConfigMap| {
-            let (cm_ns, cm_name) = (cm.namespace(), cm.name_any());
-            pools_by_cm
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace() == cm_ns && p.spec.blueprints.config_map == cm_name)
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    );
+    let pools = pools.watches(scoped_api::<ConfigMap>(client.clone(), ns), wc.clone(), move |cm: ConfigMap| {
+        let (cm_ns, cm_name) = (cm.namespace(), cm.name_any());
+        pools_by_cm
+            .state()
+            .into_iter()
+            .filter(|p| p.namespace() == cm_ns && p.spec.blueprints.config_map == cm_name)
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    });
 
     // Schedules: own their CronJobs; a pool change (image, Secret, tables) reconciles its schedules.
-    let schedules = Controller::new(
-        scoped_api::<FlowcraftReconcileSchedule>(client.clone(), ns),
-        wc.clone(),
-    )
-    .owns(scoped_api::<CronJob>(client.clone(), ns), owned)
-    .graceful_shutdown_on(shutdown(&stop));
+    let schedules = Controller::new(scoped_api::<FlowcraftReconcileSchedule>(client.clone(), ns), wc.clone())
+        .owns(scoped_api::<CronJob>(client.clone(), ns), owned)
+        .graceful_shutdown_on(shutdown(&stop));
     let schedule_store = schedules.store();
     let schedules_by_pool = schedule_store.clone();
     let spec_changed = GenerationFilter::default();
@@ -152,27 +138,21 @@ pub async fn run_controllers(
     );
 
     // FlowRuns: a pool that appears or changes retries the FlowRuns still waiting for it.
-    let runs = Controller::new(scoped_api::<FlowRun>(client.clone(), ns), wc.clone())
-        .graceful_shutdown_on(shutdown(&stop));
+    let runs =
+        Controller::new(scoped_api::<FlowRun>(client.clone(), ns), wc.clone()).graceful_shutdown_on(shutdown(&stop));
     let run_store = runs.store();
     let runs_by_pool = run_store.clone();
-    let runs = runs.watches(
-        scoped_api::<FlowcraftWorkerPool>(client.clone(), ns),
-        wc,
-        move |pool: FlowcraftWorkerPool| {
+    let runs =
+        runs.watches(scoped_api::<FlowcraftWorkerPool>(client.clone(), ns), wc, move |pool: FlowcraftWorkerPool| {
             let (pool_ns, pool_name) = (pool.namespace(), pool.name_any());
             runs_by_pool
                 .state()
                 .into_iter()
                 .filter(|r| r.namespace() == pool_ns && r.spec.worker_pool == pool_name)
-                .filter(|r| {
-                    r.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
-                        == FlowRunPhase::Pending
-                })
+                .filter(|r| r.status.as_ref().and_then(|s| s.phase).unwrap_or_default() == FlowRunPhase::Pending)
                 .map(|r| ObjectRef::from_obj(r.as_ref()))
                 .collect::<Vec<_>>()
-        },
-    );
+        });
 
     // Set once every cache has synced; until then no reconcile can be in flight.
     let caches_synced = Arc::new(AtomicBool::new(false));
@@ -209,23 +189,11 @@ pub async fn run_controllers(
         }
     };
 
-    let pools = pools
-        .run(
-            workerpool::reconcile,
-            error_policy::<FlowcraftWorkerPool>,
-            ctx.clone(),
-        )
-        .for_each(log_result);
+    let pools = pools.run(workerpool::reconcile, error_policy::<FlowcraftWorkerPool>, ctx.clone()).for_each(log_result);
     let schedules = schedules
-        .run(
-            schedule::reconcile,
-            error_policy::<FlowcraftReconcileSchedule>,
-            ctx.clone(),
-        )
+        .run(schedule::reconcile, error_policy::<FlowcraftReconcileSchedule>, ctx.clone())
         .for_each(log_result);
-    let runs = runs
-        .run(flowrun::reconcile, error_policy::<FlowRun>, ctx.clone())
-        .for_each(log_result);
+    let runs = runs.run(flowrun::reconcile, error_policy::<FlowRun>, ctx.clone()).for_each(log_result);
     tracing::info!(namespace = ns.unwrap_or("(all)"), "Controllers started.");
     tokio::select! {
         _ = async { tokio::join!(pools, schedules, runs, synced) } => {}
@@ -265,12 +233,7 @@ mod tests {
             }))
             .unwrap(),
         );
-        assert_eq!(
-            pool.spec.blueprints,
-            BlueprintsSpec {
-                config_map: "bps".into()
-            }
-        );
+        assert_eq!(pool.spec.blueprints, BlueprintsSpec { config_map: "bps".into() });
         pool.metadata.namespace = Some("shop".into());
         pool.metadata.generation = Some(1);
         let f = GenerationFilter::default();

@@ -127,11 +127,7 @@ pub struct QueueSpec {
 
 impl Default for QueueSpec {
     fn default() -> Self {
-        Self {
-            name: default_queue_name(),
-            prefetch: default_prefetch(),
-            queue_type: None,
-        }
+        Self { name: default_queue_name(), prefetch: default_prefetch(), queue_type: None }
     }
 }
 
@@ -385,10 +381,7 @@ pub enum FlowRunPhase {
 impl FlowRunPhase {
     /// Whether the run is over.
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            FlowRunPhase::Succeeded | FlowRunPhase::Failed | FlowRunPhase::Cancelled
-        )
+        matches!(self, FlowRunPhase::Succeeded | FlowRunPhase::Failed | FlowRunPhase::Cancelled)
     }
 
     /// The phase name.
@@ -466,10 +459,7 @@ pub struct FlowRunStatus {
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("flowcraftworkerpools.yaml", FlowcraftWorkerPool::crd()),
-        (
-            "flowcraftreconcileschedules.yaml",
-            FlowcraftReconcileSchedule::crd(),
-        ),
+        ("flowcraftreconcileschedules.yaml", FlowcraftReconcileSchedule::crd()),
         ("flowruns.yaml", FlowRun::crd()),
     ]
 }
@@ -477,17 +467,13 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
 /// One CRD as a YAML document (starting with `---`).
 fn crd_document(crd: &CustomResourceDefinition) -> String {
     // A CRD is plain data (strings, maps, lists); serde-saphyr cannot fail on it.
-    let body =
-        serde_saphyr::to_string(crd).unwrap_or_else(|e| format!("# cannot serialize CRD: {e}\n"));
+    let body = serde_saphyr::to_string(crd).unwrap_or_else(|e| format!("# cannot serialize CRD: {e}\n"));
     format!("---\n{body}")
 }
 
 /// Each CRD file of `crds/` with its YAML text (a `---`-led document), in order.
 pub fn crd_files() -> Vec<(&'static str, String)> {
-    crds()
-        .iter()
-        .map(|(file, crd)| (*file, crd_document(crd)))
-        .collect()
+    crds().iter().map(|(file, crd)| (*file, crd_document(crd))).collect()
 }
 
 /// All three CRDs as one multi-document YAML: exactly the concatenation of the files in `crds/`
@@ -498,17 +484,13 @@ pub fn crds_yaml() -> String {
 
 /// Write one file per CRD into `dir` (created if missing); returns the paths written.
 pub fn write_crds(dir: &Path) -> Result<Vec<PathBuf>, OperatorError> {
-    std::fs::create_dir_all(dir).map_err(|e| OperatorError::Io {
-        path: dir.display().to_string(),
-        message: e.to_string(),
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| OperatorError::Io { path: dir.display().to_string(), message: e.to_string() })?;
     let mut written = Vec::new();
     for (file, text) in crd_files() {
         let path = dir.join(file);
-        std::fs::write(&path, text).map_err(|e| OperatorError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        std::fs::write(&path, text)
+            .map_err(|e| OperatorError::Io { path: path.display().to_string(), message: e.to_string() })?;
         written.push(path);
     }
     Ok(written)
@@ -528,51 +510,19 @@ mod tests {
         for (file, crd) in crds() {
             assert_eq!(crd.spec.group, GROUP);
             assert_eq!(crd.spec.scope, "Namespaced");
-            assert_eq!(
-                crd.spec.names.categories.as_deref(),
-                Some(&["flowcraft".to_string()][..])
-            );
+            assert_eq!(crd.spec.names.categories.as_deref(), Some(&["flowcraft".to_string()][..]));
             assert_eq!(format!("{}.yaml", crd.spec.names.plural), file);
             assert_eq!(crd.spec.versions[0].name, VERSION);
-            assert!(
-                crd.spec.versions[0]
-                    .subresources
-                    .as_ref()
-                    .unwrap()
-                    .status
-                    .is_some()
-            );
+            assert!(crd.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
         }
         let fwp = FlowcraftWorkerPool::crd();
-        assert_eq!(
-            fwp.spec.names.short_names.as_deref(),
-            Some(&["fwp".to_string()][..])
-        );
-        let scale = fwp.spec.versions[0]
-            .subresources
-            .as_ref()
-            .unwrap()
-            .scale
-            .clone()
-            .unwrap();
+        assert_eq!(fwp.spec.names.short_names.as_deref(), Some(&["fwp".to_string()][..]));
+        let scale = fwp.spec.versions[0].subresources.as_ref().unwrap().scale.clone().unwrap();
         assert_eq!(scale.spec_replicas_path, ".spec.replicas");
         assert_eq!(scale.status_replicas_path, ".status.replicas");
-        assert_eq!(
-            scale.label_selector_path.as_deref(),
-            Some(".status.selector")
-        );
-        assert_eq!(
-            FlowcraftReconcileSchedule::crd()
-                .spec
-                .names
-                .short_names
-                .as_deref(),
-            Some(&["frs".to_string()][..])
-        );
-        assert_eq!(
-            FlowRun::crd().spec.names.short_names.as_deref(),
-            Some(&["fr".to_string()][..])
-        );
+        assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
+        assert_eq!(FlowcraftReconcileSchedule::crd().spec.names.short_names.as_deref(), Some(&["frs".to_string()][..]));
+        assert_eq!(FlowRun::crd().spec.names.short_names.as_deref(), Some(&["fr".to_string()][..]));
     }
 
     #[test]
@@ -586,43 +536,23 @@ mod tests {
                 .map(|c| c.name)
                 .collect()
         };
-        assert_eq!(
-            cols(FlowcraftWorkerPool::crd()),
-            ["Ready", "Replicas", "Queue", "Age"]
-        );
+        assert_eq!(cols(FlowcraftWorkerPool::crd()), ["Ready", "Replicas", "Queue", "Age"]);
         assert_eq!(
             cols(FlowcraftReconcileSchedule::crd()),
-            [
-                "Schedule",
-                "Suspend",
-                "Last Run",
-                "Stalled",
-                "Reconciled",
-                "Age"
-            ]
+            ["Schedule", "Suspend", "Last Run", "Stalled", "Reconciled", "Age"]
         );
-        assert_eq!(
-            cols(FlowRun::crd()),
-            ["Blueprint", "Phase", "Progress", "Age"]
-        );
+        assert_eq!(cols(FlowRun::crd()), ["Blueprint", "Phase", "Progress", "Age"]);
     }
 
     #[test]
     fn cel_rules_are_in_the_schema() {
         let s = schema(&FlowcraftWorkerPool::crd());
         let spec = &s["properties"]["spec"]["properties"];
-        assert_eq!(
-            spec["replicas"]["x-kubernetes-validations"][0]["rule"],
-            "self >= 0"
-        );
-        assert_eq!(
-            spec["autoscaling"]["x-kubernetes-validations"][0]["rule"],
-            "self.maxReplicas >= self.minReplicas"
-        );
+        assert_eq!(spec["replicas"]["x-kubernetes-validations"][0]["rule"], "self >= 0");
+        assert_eq!(spec["autoscaling"]["x-kubernetes-validations"][0]["rule"], "self.maxReplicas >= self.minReplicas");
         let s = schema(&FlowcraftReconcileSchedule::crd());
         assert_eq!(
-            s["properties"]["spec"]["properties"]["stalledThresholdSeconds"]["x-kubernetes-validations"]
-                [0]["rule"],
+            s["properties"]["spec"]["properties"]["stalledThresholdSeconds"]["x-kubernetes-validations"][0]["rule"],
             "self > 0"
         );
         let s = schema(&FlowRun::crd());
@@ -639,10 +569,7 @@ mod tests {
             for bad in ["anyOf", "oneOf", "allOf", "$ref"] {
                 if let Some(x) = obj.get(bad) {
                     // kube's structural rewrite only leaves anyOf for int-or-string (no types inside).
-                    assert!(
-                        obj.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)),
-                        "{path}: {bad} = {x}"
-                    );
+                    assert!(obj.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)), "{path}: {bad} = {x}");
                 }
             }
             if obj.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {

@@ -14,8 +14,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::context::{
-    Cond, Context, DEGRADED, PROGRESSING, READY, RunStores, RunTarget, apply_status,
-    merge_conditions, object_key, report_failure, to_time,
+    Cond, Context, DEGRADED, PROGRESSING, READY, RunStores, RunTarget, apply_status, merge_conditions, object_key,
+    report_failure, to_time,
 };
 use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus, FlowcraftWorkerPool};
 use super::workerpool::{pool_graphs, read_configmap, read_pool};
@@ -30,12 +30,10 @@ pub const FINALIZER: &str = "flowcraft.io/cancel-run";
 
 /// The run id of a FlowRun: `fr-<uid>` (stable across operator restarts, so a run is started once).
 pub fn run_id(run: &FlowRun) -> Result<String, OperatorError> {
-    run.uid()
-        .map(|uid| format!("fr-{uid}"))
-        .ok_or_else(|| OperatorError::InvalidObject {
-            object: object_name(run),
-            message: "has no uid (not read from the API server)".to_string(),
-        })
+    run.uid().map(|uid| format!("fr-{uid}")).ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(run),
+        message: "has no uid (not read from the API server)".to_string(),
+    })
 }
 
 /// What the operator remembers about a started run (so a poll needs no pool or ConfigMap read).
@@ -86,17 +84,10 @@ pub async fn reconcile(run: Arc<FlowRun>, ctx: Arc<Context>) -> Result<Action, O
 }
 
 fn backend_error(run: &FlowRun, what: &str, error: impl std::fmt::Display) -> OperatorError {
-    OperatorError::Backend {
-        object: object_name(run),
-        message: format!("{what}: {error}"),
-    }
+    OperatorError::Backend { object: object_name(run), message: format!("{what}: {error}") }
 }
 
-async fn stores(
-    ctx: &Context,
-    run: &FlowRun,
-    target: &RunTarget,
-) -> Result<RunStores, OperatorError> {
+async fn stores(ctx: &Context, run: &FlowRun, target: &RunTarget) -> Result<RunStores, OperatorError> {
     let Some(runs) = &ctx.runs else {
         return Err(OperatorError::Backend {
             object: object_name(run),
@@ -105,13 +96,9 @@ async fn stores(
                 .to_string(),
         });
     };
-    runs.stores(target).await.map_err(|e| {
-        backend_error(
-            run,
-            &format!("cannot open queue {} and its run store", target.queue),
-            e,
-        )
-    })
+    runs.stores(target)
+        .await
+        .map_err(|e| backend_error(run, &format!("cannot open queue {} and its run store", target.queue), e))
 }
 
 /// Validate and start the run (idempotent), returning what a poll needs.
@@ -140,22 +127,13 @@ async fn start(run: &FlowRun, ctx: &Context, run_id: &str) -> Result<StartedRun,
     let target = run_target(&pool, ctx);
     let stores = stores(ctx, run, &target).await?;
     let input = run.spec.input.clone().unwrap_or_else(|| json!({}));
-    let created = start_run(
-        stores.queue.as_ref(),
-        stores.store.as_ref(),
-        graph,
-        run_id,
-        input,
-    )
-    .await
-    .map_err(|e| match e {
-        ClientError::Input { message, .. } => OperatorError::InvalidSpec {
-            object: object_name(run),
-            reason: "InvalidInput",
-            message,
-        },
-        other => backend_error(run, &format!("cannot start run {run_id}"), other),
-    })?;
+    let created =
+        start_run(stores.queue.as_ref(), stores.store.as_ref(), graph, run_id, input).await.map_err(|e| match e {
+            ClientError::Input { message, .. } => {
+                OperatorError::InvalidSpec { object: object_name(run), reason: "InvalidInput", message }
+            }
+            other => backend_error(run, &format!("cannot start run {run_id}"), other),
+        })?;
     if created {
         ctx.metrics.flowruns_started.inc();
         let note = format!(
@@ -164,13 +142,9 @@ async fn start(run: &FlowRun, ctx: &Context, run_id: &str) -> Result<StartedRun,
             pool.name_any(),
             target.queue
         );
-        ctx.publish(run, EventType::Normal, "Started", "StartRun", note)
-            .await;
+        ctx.publish(run, EventType::Normal, "Started", "StartRun", note).await;
     }
-    let started = StartedRun {
-        target,
-        total: graph.node_count(),
-    };
+    let started = StartedRun { target, total: graph.node_count() };
     ctx.remember_run(&object_key(run), started.clone());
     Ok(started)
 }
@@ -189,15 +163,8 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
             // Started before an operator restart: only the pool's queue and tables are needed to mirror it.
             let namespace = run.namespace().unwrap_or_default();
             let pool = read_pool(ctx, run, &namespace, &run.spec.worker_pool).await?;
-            let total = prev
-                .nodes
-                .as_ref()
-                .map(|n| usize::try_from(n.total).unwrap_or(0))
-                .unwrap_or(0);
-            let started = StartedRun {
-                target: run_target(&pool, ctx),
-                total,
-            };
+            let total = prev.nodes.as_ref().map(|n| usize::try_from(n.total).unwrap_or(0)).unwrap_or(0);
+            let started = StartedRun { target: run_target(&pool, ctx), total };
             ctx.remember_run(&key, started.clone());
             started
         }
@@ -209,38 +176,23 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
         .map_err(|e| backend_error(run, &format!("cannot read run {run_id}"), e))?
         .ok_or_else(|| OperatorError::Backend {
             object: object_name(run),
-            message: format!(
-                "run {run_id} does not exist in table {}",
-                started.target.tables.statuses
-            ),
+            message: format!("run {run_id} does not exist in table {}", started.target.tables.statuses),
         })?;
     let status = mirror(run, &prev, &run_id, &result, started.total);
     let new_phase = status.phase.unwrap_or_default();
     if new_phase != phase {
         match new_phase {
             FlowRunPhase::Succeeded => {
-                let note = format!(
-                    "run {run_id} succeeded ({})",
-                    status.progress.clone().unwrap_or_default()
-                );
-                ctx.publish(run, EventType::Normal, "Succeeded", "MirrorRun", note)
-                    .await;
+                let note = format!("run {run_id} succeeded ({})", status.progress.clone().unwrap_or_default());
+                ctx.publish(run, EventType::Normal, "Succeeded", "MirrorRun", note).await;
             }
             FlowRunPhase::Failed => {
-                let note = format!(
-                    "run {run_id} failed: {}",
-                    status.message.clone().unwrap_or_default()
-                );
-                ctx.publish(run, EventType::Warning, "Failed", "MirrorRun", note)
-                    .await;
+                let note = format!("run {run_id} failed: {}", status.message.clone().unwrap_or_default());
+                ctx.publish(run, EventType::Warning, "Failed", "MirrorRun", note).await;
             }
             FlowRunPhase::Cancelled => {
-                let note = format!(
-                    "run {run_id} was cancelled: {}",
-                    status.message.clone().unwrap_or_default()
-                );
-                ctx.publish(run, EventType::Normal, "Cancelled", "MirrorRun", note)
-                    .await;
+                let note = format!("run {run_id} was cancelled: {}", status.message.clone().unwrap_or_default());
+                ctx.publish(run, EventType::Normal, "Cancelled", "MirrorRun", note).await;
             }
             FlowRunPhase::Pending | FlowRunPhase::Running => {}
         }
@@ -249,9 +201,7 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
     if new_phase.is_finished() {
         ctx.forget_run(&key);
         return Ok(match run.spec.ttl_seconds_after_finished {
-            Some(ttl) => {
-                Action::requeue(Duration::from_secs(u64::try_from(ttl).unwrap_or(0).max(1)))
-            }
+            Some(ttl) => Action::requeue(Duration::from_secs(u64::try_from(ttl).unwrap_or(0).max(1))),
             None => Action::await_change(),
         });
     }
@@ -259,13 +209,7 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
 }
 
 /// The status of a FlowRun from its run's state (pure).
-pub fn mirror(
-    run: &FlowRun,
-    prev: &FlowRunStatus,
-    run_id: &str,
-    result: &RunResult,
-    total: usize,
-) -> FlowRunStatus {
+pub fn mirror(run: &FlowRun, prev: &FlowRunStatus, run_id: &str, result: &RunResult, total: usize) -> FlowRunStatus {
     let generation = run.meta().generation;
     let phase = match result.status {
         RunStatus::Running => FlowRunPhase::Running,
@@ -292,96 +236,46 @@ pub fn mirror(
     let conds = match phase {
         FlowRunPhase::Running | FlowRunPhase::Pending => [
             Cond::new(READY, false, "Running", format!("run {run_id} is running")),
-            Cond::new(
-                PROGRESSING,
-                true,
-                "Running",
-                format!("{progress} nodes resolved"),
-            ),
+            Cond::new(PROGRESSING, true, "Running", format!("{progress} nodes resolved")),
         ],
         FlowRunPhase::Succeeded => [
             Cond::new(READY, true, "Succeeded", format!("run {run_id} succeeded")),
-            Cond::new(
-                PROGRESSING,
-                false,
-                "Finished",
-                format!("{progress} nodes resolved"),
-            ),
+            Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved")),
         ],
         FlowRunPhase::Failed => [
-            Cond::new(
-                READY,
-                false,
-                "Failed",
-                message
-                    .clone()
-                    .unwrap_or_else(|| format!("run {run_id} failed")),
-            ),
-            Cond::new(
-                PROGRESSING,
-                false,
-                "Finished",
-                format!("{progress} nodes resolved"),
-            ),
+            Cond::new(READY, false, "Failed", message.clone().unwrap_or_else(|| format!("run {run_id} failed"))),
+            Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved")),
         ],
         FlowRunPhase::Cancelled => [
             Cond::new(
                 READY,
                 false,
                 "Cancelled",
-                message
-                    .clone()
-                    .unwrap_or_else(|| format!("run {run_id} was cancelled")),
+                message.clone().unwrap_or_else(|| format!("run {run_id} was cancelled")),
             ),
-            Cond::new(
-                PROGRESSING,
-                false,
-                "Finished",
-                format!("{progress} nodes resolved"),
-            ),
+            Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved")),
         ],
     };
-    let degraded = Cond::new(
-        DEGRADED,
-        false,
-        "AsExpected",
-        format!("run {run_id} is mirrored from PostgreSQL"),
-    );
+    let degraded = Cond::new(DEGRADED, false, "AsExpected", format!("run {run_id} is mirrored from PostgreSQL"));
     FlowRunStatus {
         observed_generation: generation,
         phase: Some(phase),
         progress: Some(progress),
         run_id: Some(run_id.to_string()),
         started_at: result.created_at.map(to_time),
-        finished_at: if phase.is_finished() {
-            result.finished_at.map(to_time)
-        } else {
-            None
-        },
+        finished_at: if phase.is_finished() { result.finished_at.map(to_time) } else { None },
         message,
         nodes: Some(nodes),
-        conditions: merge_conditions(
-            &prev.conditions,
-            &[conds[0].clone(), conds[1].clone(), degraded],
-            generation,
-        ),
+        conditions: merge_conditions(&prev.conditions, &[conds[0].clone(), conds[1].clone(), degraded], generation),
     }
 }
 
 /// A finished FlowRun: delete it once `ttlSecondsAfterFinished` has passed since it finished.
-async fn expire(
-    run: &FlowRun,
-    ctx: &Context,
-    status: &FlowRunStatus,
-) -> Result<Action, OperatorError> {
+async fn expire(run: &FlowRun, ctx: &Context, status: &FlowRunStatus) -> Result<Action, OperatorError> {
     let Some(ttl) = run.spec.ttl_seconds_after_finished else {
         return Ok(Action::await_change());
     };
-    let finished = status
-        .finished_at
-        .as_ref()
-        .map(|t| t.0)
-        .unwrap_or_else(Timestamp::now);
+    let finished = status.finished_at.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
     let elapsed = Timestamp::now().as_second() - finished.as_second();
     if elapsed < ttl {
         let wait = u64::try_from(ttl - elapsed).unwrap_or(1).max(1);
@@ -389,13 +283,11 @@ async fn expire(
     }
     let namespace = run.namespace().unwrap_or_default();
     let api: Api<FlowRun> = Api::namespaced(ctx.client.clone(), &namespace);
-    api.delete(&run.name_any(), &DeleteParams::background())
-        .await
-        .map_err(|source| OperatorError::Kube {
-            object: object_name(run),
-            action: "delete after ttlSecondsAfterFinished".to_string(),
-            source,
-        })?;
+    api.delete(&run.name_any(), &DeleteParams::background()).await.map_err(|source| OperatorError::Kube {
+        object: object_name(run),
+        action: "delete after ttlSecondsAfterFinished".to_string(),
+        source,
+    })?;
     tracing::info!(ttl, "Deleted a finished FlowRun after its TTL.");
     Ok(Action::await_change())
 }
@@ -422,11 +314,9 @@ async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> 
         Some(s) => s.target,
         None => match read_pool(ctx, run, &namespace, &run.spec.worker_pool).await {
             Ok(pool) => run_target(&pool, ctx),
-            Err(OperatorError::InvalidSpec { .. }) => RunTarget {
-                queue: ctx.queue.clone(),
-                queue_type: None,
-                tables: ctx.tables.clone(),
-            },
+            Err(OperatorError::InvalidSpec { .. }) => {
+                RunTarget { queue: ctx.queue.clone(), queue_type: None, tables: ctx.tables.clone() }
+            }
             Err(other) => return Err(other),
         },
     };
@@ -435,17 +325,12 @@ async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> 
     match cancel_run(stores.store.as_ref(), &run_id, &reason).await {
         Ok(true) => {
             let note = format!("cancelled run {run_id}: the FlowRun was deleted");
-            ctx.publish(run, EventType::Normal, "Cancelled", "CancelRun", note)
-                .await;
+            ctx.publish(run, EventType::Normal, "Cancelled", "CancelRun", note).await;
         }
         Ok(false) => tracing::debug!(%run_id, "The run had already ended."),
         Err(ClientError::NotFound(_)) => tracing::debug!(%run_id, "The run was never started."),
         Err(other) => {
-            return Err(backend_error(
-                run,
-                &format!("cannot cancel run {run_id}"),
-                other,
-            ));
+            return Err(backend_error(run, &format!("cannot cancel run {run_id}"), other));
         }
     }
     ctx.forget(&key);
@@ -487,16 +372,7 @@ mod tests {
             outputs: BTreeMap::new(),
             nodes: nodes
                 .iter()
-                .map(|(id, s)| {
-                    (
-                        id.to_string(),
-                        NodeSummary {
-                            status: *s,
-                            attempts: 1,
-                            error: None,
-                        },
-                    )
-                })
+                .map(|(id, s)| (id.to_string(), NodeSummary { status: *s, attempts: 1, error: None }))
                 .collect(),
             error: error.map(str::to_string),
             blueprint_id: "order".into(),
@@ -511,21 +387,12 @@ mod tests {
         assert_eq!(run_id(&flowrun()).unwrap(), "fr-1234");
         let mut r = flowrun();
         r.metadata.uid = None;
-        assert!(
-            run_id(&r)
-                .unwrap_err()
-                .to_string()
-                .contains("FlowRun shop/order-42")
-        );
+        assert!(run_id(&r).unwrap_err().to_string().contains("FlowRun shop/order-42"));
     }
 
     #[test]
     fn mirrors_a_running_run() {
-        let r = result(
-            RunStatus::Running,
-            &[("a", NodeStatus::Done), ("b", NodeStatus::Skipped)],
-            None,
-        );
+        let r = result(RunStatus::Running, &[("a", NodeStatus::Done), ("b", NodeStatus::Skipped)], None);
         let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &r, 4);
         assert_eq!(s.phase, Some(FlowRunPhase::Running));
         assert_eq!(s.progress.as_deref(), Some("2/4"));
@@ -534,18 +401,11 @@ mod tests {
         assert_eq!(s.started_at.as_ref().unwrap().0.subsec_nanosecond(), 0);
         assert_eq!(s.finished_at, None);
         let n = s.nodes.clone().unwrap();
-        assert_eq!(
-            (n.total, n.done, n.skipped, n.failed, n.pending),
-            (4, 1, 1, 0, 2)
-        );
+        assert_eq!((n.total, n.done, n.skipped, n.failed, n.pending), (4, 1, 1, 0, 2));
         assert_eq!(s.observed_generation, Some(1));
         let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.status, "False");
-        let progressing = s
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Progressing")
-            .unwrap();
+        let progressing = s.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
         assert_eq!(progressing.status, "True");
         // Mirroring the same state again gives the same status (no status patch, no hot loop).
         assert_eq!(mirror(&flowrun(), &s, "fr-1234", &r, 4), s);
@@ -553,43 +413,21 @@ mod tests {
 
     #[test]
     fn mirrors_finished_runs() {
-        let ok = result(
-            RunStatus::Completed,
-            &[("a", NodeStatus::Done), ("b", NodeStatus::Done)],
-            None,
-        );
+        let ok = result(RunStatus::Completed, &[("a", NodeStatus::Done), ("b", NodeStatus::Done)], None);
         let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &ok, 2);
         assert_eq!(s.phase, Some(FlowRunPhase::Succeeded));
         assert_eq!(s.progress.as_deref(), Some("2/2"));
         assert_eq!(s.finished_at.as_ref().unwrap().0.as_second(), 1_700_000_060);
-        assert!(
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        );
+        assert!(s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
 
-        let failed = result(
-            RunStatus::Failed,
-            &[("a", NodeStatus::Failed)],
-            Some("node a failed: boom"),
-        );
+        let failed = result(RunStatus::Failed, &[("a", NodeStatus::Failed)], Some("node a failed: boom"));
         let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &failed, 2);
         assert_eq!(s.phase, Some(FlowRunPhase::Failed));
         assert_eq!(s.message.as_deref(), Some("node a failed: boom"));
         assert_eq!(s.nodes.unwrap().failed, 1);
 
-        let cancelled = result(
-            RunStatus::Cancelled,
-            &[],
-            Some("FlowRun shop/order-42 was deleted"),
-        );
-        let s = mirror(
-            &flowrun(),
-            &FlowRunStatus::default(),
-            "fr-1234",
-            &cancelled,
-            2,
-        );
+        let cancelled = result(RunStatus::Cancelled, &[], Some("FlowRun shop/order-42 was deleted"));
+        let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &cancelled, 2);
         assert_eq!(s.phase, Some(FlowRunPhase::Cancelled));
         assert_eq!(s.progress.as_deref(), Some("0/2"));
     }

@@ -75,18 +75,13 @@ impl LeaderElector {
     }
 
     fn err(&self, source: kube::Error) -> OperatorError {
-        OperatorError::Lease {
-            lease: self.lease(),
-            source,
-        }
+        OperatorError::Lease { lease: self.lease(), source }
     }
 
     fn spec(&self, acquire_time: Option<MicroTime>, transitions: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
-            lease_duration_seconds: Some(
-                i32::try_from(self.lease_duration.as_secs()).unwrap_or(15),
-            ),
+            lease_duration_seconds: Some(i32::try_from(self.lease_duration.as_secs()).unwrap_or(15)),
             acquire_time,
             renew_time: Some(MicroTime(Timestamp::now())),
             lease_transitions: Some(transitions),
@@ -97,11 +92,7 @@ impl LeaderElector {
     /// Try once to acquire or renew the lease. `Ok(true)`: we hold it now. `Ok(false)`: someone else does, or
     /// we lost a race (a conflict). `Err`: the API server could not be asked.
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool, OperatorError> {
-        let current = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.err(e))?;
+        let current = self.api.get_opt(&self.name).await.map_err(|e| self.err(e))?;
         let Some(lease) = current else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -146,22 +137,11 @@ impl LeaderElector {
             }
             tracing::info!(lease = %self.lease(), previous = ?holder, "The lease expired; taking it over.");
         }
-        let acquire_time = if mine {
-            spec.acquire_time.clone()
-        } else {
-            Some(MicroTime(Timestamp::now()))
-        };
+        let acquire_time = if mine { spec.acquire_time.clone() } else { Some(MicroTime(Timestamp::now())) };
         let mut next = lease.clone();
-        next.spec = Some(self.spec(
-            acquire_time,
-            if mine { transitions } else { transitions + 1 },
-        ));
+        next.spec = Some(self.spec(acquire_time, if mine { transitions } else { transitions + 1 }));
         // `replace` sends the resourceVersion we read: a concurrent writer makes it fail with 409.
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &next)
-            .await
-        {
+        match self.api.replace(&self.name, &PostParams::default(), &next).await {
             Ok(_) => {
                 self.observed = None;
                 Ok(true)
@@ -183,11 +163,7 @@ impl LeaderElector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
             Ok(_) => tracing::info!(lease = %self.lease(), "Released the leader lease."),
             Err(error) => {
                 tracing::warn!(lease = %self.lease(), %error, "Cannot release the leader lease.")

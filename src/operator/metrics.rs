@@ -57,9 +57,7 @@ impl Default for Metrics {
         Self {
             reconciles: Family::default(),
             failures: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.005, 2.0, 14))
-            }),
+            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14))),
             leader: Gauge::default(),
             flowruns_started: Counter::default(),
             queue_depth: Family::default(),
@@ -72,64 +70,32 @@ impl Metrics {
     pub fn register(self, registry: &mut Registry) -> Self {
         let r = registry.sub_registry_with_prefix("flowcraft_operator");
         r.register("reconciles", "Reconciles run", self.reconciles.clone());
-        r.register(
-            "reconcile_failures",
-            "Reconciles that failed, by error",
-            self.failures.clone(),
-        );
-        r.register(
-            "reconcile_duration_seconds",
-            "Reconcile duration",
-            self.duration.clone(),
-        );
-        r.register(
-            "leader",
-            "1 while this replica is the leader",
-            self.leader.clone(),
-        );
-        r.register(
-            "flowruns_started",
-            "FlowRuns started by this operator",
-            self.flowruns_started.clone(),
-        );
-        r.register(
-            "pool_queue_depth",
-            "Ready messages of autoscaled pools",
-            self.queue_depth.clone(),
-        );
+        r.register("reconcile_failures", "Reconciles that failed, by error", self.failures.clone());
+        r.register("reconcile_duration_seconds", "Reconcile duration", self.duration.clone());
+        r.register("leader", "1 while this replica is the leader", self.leader.clone());
+        r.register("flowruns_started", "FlowRuns started by this operator", self.flowruns_started.clone());
+        r.register("pool_queue_depth", "Ready messages of autoscaled pools", self.queue_depth.clone());
         self
     }
 
     /// Count a reconcile and time it until the returned guard drops.
     pub fn reconcile(&self, controller: &str) -> ReconcileTimer<'_> {
-        let labels = ControllerLabels {
-            controller: controller.to_string(),
-        };
+        let labels = ControllerLabels { controller: controller.to_string() };
         self.reconciles.get_or_create(&labels).inc();
-        ReconcileTimer {
-            metrics: self,
-            labels,
-            start: Instant::now(),
-        }
+        ReconcileTimer { metrics: self, labels, start: Instant::now() }
     }
 
     /// Count a failed reconcile.
     pub fn failure(&self, controller: &str, error_label: &str) {
         self.failures
-            .get_or_create(&FailureLabels {
-                controller: controller.to_string(),
-                error: error_label.to_string(),
-            })
+            .get_or_create(&FailureLabels { controller: controller.to_string(), error: error_label.to_string() })
             .inc();
     }
 
     /// Failures counted so far for a controller and error label (tests and diagnostics).
     pub fn failure_count(&self, controller: &str, error_label: &str) -> u64 {
         self.failures
-            .get_or_create(&FailureLabels {
-                controller: controller.to_string(),
-                error: error_label.to_string(),
-            })
+            .get_or_create(&FailureLabels { controller: controller.to_string(), error: error_label.to_string() })
             .get()
     }
 }
@@ -143,9 +109,6 @@ pub struct ReconcileTimer<'a> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics
-            .duration
-            .get_or_create(&self.labels)
-            .observe(self.start.elapsed().as_secs_f64());
+        self.metrics.duration.get_or_create(&self.labels).observe(self.start.elapsed().as_secs_f64());
     }
 }

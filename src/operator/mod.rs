@@ -88,12 +88,7 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let health = Arc::new(Health::default());
     let listener = admin::bind(cfg.admin_addr).await?;
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(admin::serve(
-        listener,
-        health.clone(),
-        Arc::new(registry),
-        admin_stop.clone(),
-    ));
+    let admin = tokio::spawn(admin::serve(listener, health.clone(), Arc::new(registry), admin_stop.clone()));
 
     let result = run_with(cfg, shutdown, health, metrics).await;
     admin_stop.cancel();
@@ -149,15 +144,12 @@ impl OperatorConfig {
             let missing = |v: &Option<String>| v.as_deref().is_none_or(str::is_empty);
             if missing(&self.pod_namespace) || missing(&self.pod_name) {
                 return Err(OperatorError::Config(
-                    "leader election needs POD_NAME and POD_NAMESPACE (or FLOWCRAFT_LEADER_ELECTION=false)"
-                        .into(),
+                    "leader election needs POD_NAME and POD_NAMESPACE (or FLOWCRAFT_LEADER_ELECTION=false)".into(),
                 ));
             }
         }
         if self.image.is_empty() {
-            tracing::warn!(
-                "No default image (FLOWCRAFT_OPERATOR_IMAGE): pools must set spec.image."
-            );
+            tracing::warn!("No default image (FLOWCRAFT_OPERATOR_IMAGE): pools must set spec.image.");
         }
         Ok(())
     }
@@ -179,10 +171,7 @@ pub async fn run_with_client(
         .with_tables(cfg.tables.clone())
         .with_queue_probe(Arc::new(RabbitQueueProbe));
     ctx.queue = cfg.queue.clone();
-    let backends = Arc::new(ServiceBackends::new(
-        cfg.database_url.clone(),
-        cfg.amqp_url.clone(),
-    ));
+    let backends = Arc::new(ServiceBackends::new(cfg.database_url.clone(), cfg.amqp_url.clone()));
     if cfg.database_url.is_some() {
         ctx = ctx.with_stats(backends.clone()).with_runs(backends.clone());
     } else {
@@ -193,12 +182,9 @@ pub async fn run_with_client(
     let ctx = Arc::new(ctx);
 
     let mut elector = match (cfg.leader_election, &cfg.pod_namespace, &cfg.pod_name) {
-        (true, Some(namespace), Some(identity)) => Some(LeaderElector::new(
-            client.clone(),
-            namespace,
-            &cfg.lease_name,
-            identity,
-        )),
+        (true, Some(namespace), Some(identity)) => {
+            Some(LeaderElector::new(client.clone(), namespace, &cfg.lease_name, identity))
+        }
         _ => None,
     };
 
@@ -217,12 +203,8 @@ pub async fn run_with_client(
         metrics.leader.set(1);
 
         let stop = shutdown.child_token();
-        let controllers = controllers::run_controllers(
-            ctx.clone(),
-            cfg.namespace.clone(),
-            stop.clone(),
-            health.clone(),
-        );
+        let controllers =
+            controllers::run_controllers(ctx.clone(), cfg.namespace.clone(), stop.clone(), health.clone());
         let lost = async {
             match elector.as_mut() {
                 Some(elector) => hold(elector, &shutdown).await,
@@ -312,12 +294,7 @@ impl Default for TableNames {
 
 /// `Kind namespace/name` of an object, for messages.
 pub fn object_name<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    format!(
-        "{} {}/{}",
-        K::kind(&()),
-        obj.namespace().unwrap_or_default(),
-        obj.name_any()
-    )
+    format!("{} {}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 /// The operator failed.
@@ -408,8 +385,9 @@ impl OperatorError {
             OperatorError::Kube { .. } => "kube_api".to_string(),
             OperatorError::Backend { .. } => "backend".to_string(),
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.metric_label()
+                }
                 _ => "finalizer".to_string(),
             },
             OperatorError::Lease { .. } => "lease".to_string(),
@@ -427,8 +405,9 @@ impl OperatorError {
             OperatorError::Kube { .. } => "KubernetesApiError",
             OperatorError::Backend { .. } => "BackendUnavailable",
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.reason()
+                }
                 _ => "FinalizerError",
             },
             _ => "Error",
@@ -440,8 +419,9 @@ impl OperatorError {
         match self {
             OperatorError::InvalidSpec { .. } => true,
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_user_error(),
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.is_user_error()
+                }
                 _ => false,
             },
             _ => false,
@@ -452,8 +432,9 @@ impl OperatorError {
     pub fn inner(&self) -> &OperatorError {
         match self {
             OperatorError::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.inner(),
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.inner()
+                }
                 _ => self,
             },
             _ => self,

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PodSecurityContext, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, SeccompProfile,
+    SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 
 use super::TableNames;
@@ -48,18 +48,9 @@ const BLUEPRINTS_VOLUME: &str = "blueprints";
 /// Labels of everything that belongs to a pool, with `component` (`worker` or `reconciler`).
 pub fn pool_labels(pool_name: &str, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            MANAGED_BY.to_string(),
-        ),
-        (
-            "app.kubernetes.io/name".to_string(),
-            "flowcraft".to_string(),
-        ),
-        (
-            "app.kubernetes.io/component".to_string(),
-            component.to_string(),
-        ),
+        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+        ("app.kubernetes.io/name".to_string(), "flowcraft".to_string()),
+        ("app.kubernetes.io/component".to_string(), component.to_string()),
         (LABEL_POOL.to_string(), pool_name.to_string()),
     ])
 }
@@ -67,33 +58,19 @@ pub fn pool_labels(pool_name: &str, component: &str) -> BTreeMap<String, String>
 /// Labels selecting the worker pods of a pool (a subset of [`pool_labels`], stable for the Deployment selector).
 pub fn worker_selector_labels(pool_name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            "flowcraft".to_string(),
-        ),
-        (
-            "app.kubernetes.io/component".to_string(),
-            "worker".to_string(),
-        ),
+        ("app.kubernetes.io/name".to_string(), "flowcraft".to_string()),
+        ("app.kubernetes.io/component".to_string(), "worker".to_string()),
         (LABEL_POOL.to_string(), pool_name.to_string()),
     ])
 }
 
 /// The worker selector as a label-selector string (`status.selector`, read by the `/scale` subresource).
 pub fn worker_selector_string(pool_name: &str) -> String {
-    worker_selector_labels(pool_name)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    worker_selector_labels(pool_name).into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.to_string(),
-        value: Some(value.into()),
-        value_from: None,
-    }
+    EnvVar { name: name.to_string(), value: Some(value.into()), value_from: None }
 }
 
 fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
@@ -116,10 +93,7 @@ fn env_from_field(name: &str, path: &str) -> EnvVar {
         name: name.to_string(),
         value: None,
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                api_version: None,
-                field_path: path.to_string(),
-            }),
+            field_ref: Some(ObjectFieldSelector { api_version: None, field_path: path.to_string() }),
             ..EnvVarSource::default()
         }),
     }
@@ -139,10 +113,8 @@ pub fn effective_tables(pool: &FlowcraftWorkerPool, defaults: &TableNames) -> Ta
 /// blueprints directory, queue, tables and Redis prefix, the pod name; then the pool's own `env`.
 pub fn pool_env(pool: &FlowcraftWorkerPool, tables: &TableNames) -> Vec<EnvVar> {
     let spec = &pool.spec;
-    let mut out: Vec<EnvVar> = SECRET_KEYS
-        .iter()
-        .map(|(key, var)| env_from_secret(var, &spec.connection_secret, key))
-        .collect();
+    let mut out: Vec<EnvVar> =
+        SECRET_KEYS.iter().map(|(key, var)| env_from_secret(var, &spec.connection_secret, key)).collect();
     out.push(env("FLOWCRAFT_BLUEPRINTS", BLUEPRINTS_DIR));
     out.push(env("FLOWCRAFT_QUEUE", spec.queue.name.clone()));
     out.push(env("FLOWCRAFT_PREFETCH", spec.queue.prefetch.to_string()));
@@ -164,19 +136,14 @@ pub fn pool_env(pool: &FlowcraftWorkerPool, tables: &TableNames) -> Vec<EnvVar> 
 
 /// The plain value of an env var (for tests and lookups).
 pub fn env_value<'a>(env: &'a [EnvVar], name: &str) -> Option<&'a str> {
-    env.iter()
-        .find(|e| e.name == name)
-        .and_then(|e| e.value.as_deref())
+    env.iter().find(|e| e.name == name).and_then(|e| e.value.as_deref())
 }
 
 /// The blueprints ConfigMap volume.
 pub fn blueprints_volume(config_map: &str) -> Volume {
     Volume {
         name: BLUEPRINTS_VOLUME.to_string(),
-        config_map: Some(ConfigMapVolumeSource {
-            name: config_map.to_string(),
-            ..ConfigMapVolumeSource::default()
-        }),
+        config_map: Some(ConfigMapVolumeSource { name: config_map.to_string(), ..ConfigMapVolumeSource::default() }),
         ..Volume::default()
     }
 }
@@ -192,10 +159,7 @@ pub fn blueprints_mount() -> VolumeMount {
 }
 
 fn runtime_default_seccomp() -> SeccompProfile {
-    SeccompProfile {
-        type_: "RuntimeDefault".to_string(),
-        localhost_profile: None,
-    }
+    SeccompProfile { type_: "RuntimeDefault".to_string(), localhost_profile: None }
 }
 
 /// Pod security context: non-root user 65532, RuntimeDefault seccomp.
@@ -216,10 +180,7 @@ pub fn container_security_context() -> SecurityContext {
         run_as_user: Some(RUN_AS_USER),
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
-        capabilities: Some(Capabilities {
-            add: None,
-            drop: Some(vec!["ALL".to_string()]),
-        }),
+        capabilities: Some(Capabilities { add: None, drop: Some(vec!["ALL".to_string()]) }),
         seccomp_profile: Some(runtime_default_seccomp()),
         ..SecurityContext::default()
     }

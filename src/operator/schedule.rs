@@ -14,12 +14,10 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::context::{
-    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions,
-    object_key, report_failure, to_time,
+    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, object_key, report_failure,
+    to_time,
 };
-use super::crd::{
-    FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus, FlowcraftWorkerPool,
-};
+use super::crd::{FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus, FlowcraftWorkerPool};
 use super::pod::{self, FIELD_MANAGER, LABEL_SCHEDULE};
 use super::workerpool::{RESYNC, read_pool};
 use super::{OperatorError, TableNames, object_name};
@@ -40,11 +38,7 @@ pub fn cronjob_name(schedule: &FlowcraftReconcileSchedule) -> String {
 
 /// `<namespace>/<name>` of a schedule: the `FLOWCRAFT_SCHEDULE` key its job records stats under.
 pub fn schedule_key(schedule: &FlowcraftReconcileSchedule) -> String {
-    format!(
-        "{}/{}",
-        schedule.namespace().unwrap_or_default(),
-        schedule.name_any()
-    )
+    format!("{}/{}", schedule.namespace().unwrap_or_default(), schedule.name_any())
 }
 
 /// Check a five-field cron expression the way a CronJob reads it (minute hour day-of-month month
@@ -54,26 +48,12 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
     if trimmed.is_empty() {
         return Err("the schedule is empty".to_string());
     }
-    if trimmed.to_ascii_uppercase().starts_with("TZ=")
-        || trimmed.to_ascii_uppercase().starts_with("CRON_TZ=")
-    {
-        return Err(format!(
-            "invalid cron expression {expr:?}: set spec.timeZone instead of TZ= in the schedule"
-        ));
+    if trimmed.to_ascii_uppercase().starts_with("TZ=") || trimmed.to_ascii_uppercase().starts_with("CRON_TZ=") {
+        return Err(format!("invalid cron expression {expr:?}: set spec.timeZone instead of TZ= in the schedule"));
     }
-    let pattern = if trimmed.eq_ignore_ascii_case("@midnight") {
-        "@daily"
-    } else {
-        trimmed
-    };
-    let parser = CronParser::builder()
-        .seconds(Seconds::Disallowed)
-        .year(Year::Disallowed)
-        .build();
-    parser
-        .parse(pattern)
-        .map(|_| ())
-        .map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
+    let pattern = if trimmed.eq_ignore_ascii_case("@midnight") { "@daily" } else { trimmed };
+    let parser = CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build();
+    parser.parse(pattern).map(|_| ()).map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
 }
 
 /// The reconcile CronJob of a schedule (pure): owned by the schedule, `concurrencyPolicy: Forbid`, running
@@ -84,25 +64,17 @@ pub fn desired_cronjob(
     pool: &FlowcraftWorkerPool,
     ctx: &CronJobContext,
 ) -> Result<CronJob, OperatorError> {
-    let namespace = schedule
-        .namespace()
-        .ok_or_else(|| OperatorError::InvalidObject {
-            object: object_name(schedule),
-            message: "has no namespace".to_string(),
-        })?;
-    let owner = schedule
-        .controller_owner_ref(&())
-        .ok_or_else(|| OperatorError::InvalidObject {
-            object: object_name(schedule),
-            message: "has no uid (not read from the API server)".to_string(),
-        })?;
+    let namespace = schedule.namespace().ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(schedule),
+        message: "has no namespace".to_string(),
+    })?;
+    let owner = schedule.controller_owner_ref(&()).ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(schedule),
+        message: "has no uid (not read from the API server)".to_string(),
+    })?;
     let spec = &schedule.spec;
     let pool_spec = &pool.spec;
-    let image = pool_spec
-        .image
-        .clone()
-        .filter(|i| !i.is_empty())
-        .unwrap_or_else(|| ctx.default_image.clone());
+    let image = pool_spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| ctx.default_image.clone());
     if image.is_empty() {
         return Err(OperatorError::InvalidSpec {
             object: object_name(schedule),
@@ -132,11 +104,7 @@ pub fn desired_cronjob(
     // The job's identity: it records its stats in PostgreSQL under this key; the operator mirrors them.
     env.insert(
         0,
-        EnvVar {
-            name: "FLOWCRAFT_SCHEDULE".to_string(),
-            value: Some(schedule_key(schedule)),
-            value_from: None,
-        },
+        EnvVar { name: "FLOWCRAFT_SCHEDULE".to_string(), value: Some(schedule_key(schedule)), value_from: None },
     );
 
     let container = Container {
@@ -167,10 +135,7 @@ pub fn desired_cronjob(
             successful_jobs_history_limit: Some(3),
             failed_jobs_history_limit: Some(1),
             job_template: JobTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels.clone()),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(ObjectMeta { labels: Some(labels.clone()), ..ObjectMeta::default() }),
                 spec: Some(JobSpec {
                     backoff_limit: Some(1),
                     template: PodTemplateSpec {
@@ -188,9 +153,7 @@ pub fn desired_cronjob(
                             node_selector: pod::non_empty_map(&pool_spec.node_selector),
                             tolerations: pod::non_empty_vec(&pool_spec.tolerations),
                             affinity: pool_spec.affinity.clone(),
-                            volumes: Some(vec![pod::blueprints_volume(
-                                &pool_spec.blueprints.config_map,
-                            )]),
+                            volumes: Some(vec![pod::blueprints_volume(&pool_spec.blueprints.config_map)]),
                             ..PodSpec::default()
                         }),
                     },
@@ -215,10 +178,7 @@ pub const STATS_POLL: Duration = Duration::from_secs(60);
 /// Reconcile a schedule: validate the cron expression, read its pool, server-side apply the CronJob and mirror
 /// the latest recorded stats into the status.
 #[tracing::instrument(skip_all, fields(schedule = %object_name(schedule.as_ref())))]
-pub async fn reconcile(
-    schedule: Arc<FlowcraftReconcileSchedule>,
-    ctx: Arc<Context>,
-) -> Result<Action, OperatorError> {
+pub async fn reconcile(schedule: Arc<FlowcraftReconcileSchedule>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     let key = object_key(schedule.as_ref());
     if schedule.meta().deletion_timestamp.is_some() {
@@ -238,16 +198,11 @@ pub async fn reconcile(
     }
 }
 
-async fn apply(
-    schedule: &FlowcraftReconcileSchedule,
-    ctx: &Context,
-) -> Result<Action, OperatorError> {
-    let namespace = schedule
-        .namespace()
-        .ok_or_else(|| OperatorError::InvalidObject {
-            object: object_name(schedule),
-            message: "has no namespace".to_string(),
-        })?;
+async fn apply(schedule: &FlowcraftReconcileSchedule, ctx: &Context) -> Result<Action, OperatorError> {
+    let namespace = schedule.namespace().ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(schedule),
+        message: "has no namespace".to_string(),
+    })?;
     let generation = schedule.meta().generation;
     let prev = schedule.status.clone().unwrap_or_default();
 
@@ -260,44 +215,28 @@ async fn apply(
     let desired = desired_cronjob(
         schedule,
         &pool,
-        &CronJobContext {
-            default_image: ctx.default_image.clone(),
-            tables: ctx.tables.clone(),
-        },
+        &CronJobContext { default_image: ctx.default_image.clone(), tables: ctx.tables.clone() },
     )?;
     let name = cronjob_name(schedule);
     let api: Api<CronJob> = Api::namespaced(ctx.client.clone(), &namespace);
-    let applied = api
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
-        .await
-        .map_err(|source| OperatorError::Kube {
+    let applied = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await.map_err(
+        |source| OperatorError::Kube {
             object: object_name(schedule),
             action: format!("apply CronJob {namespace}/{name}"),
             source,
-        })?;
+        },
+    )?;
 
     let mut status = FlowcraftReconcileScheduleStatus {
         observed_generation: generation,
-        last_schedule_time: applied
-            .status
-            .as_ref()
-            .and_then(|s| s.last_schedule_time.clone()),
+        last_schedule_time: applied.status.as_ref().and_then(|s| s.last_schedule_time.clone()),
         last_run: prev.last_run.clone(),
         stalled_runs: prev.stalled_runs,
         reconciled_runs: prev.reconciled_runs,
         failed_runs: prev.failed_runs,
         conditions: Vec::new(),
     };
-    let mut degraded = Cond::new(
-        DEGRADED,
-        false,
-        "AsExpected",
-        format!("CronJob {namespace}/{name} is applied"),
-    );
+    let mut degraded = Cond::new(DEGRADED, false, "AsExpected", format!("CronJob {namespace}/{name} is applied"));
     let mut new_stats = None;
     if let Some(source) = &ctx.stats {
         let tables = pod::effective_tables(&pool, &ctx.tables);
@@ -318,78 +257,37 @@ async fn apply(
                     DEGRADED,
                     true,
                     "StatsUnavailable",
-                    format!(
-                        "cannot read the reconcile stats of {}: {error}",
-                        schedule_key(schedule)
-                    ),
+                    format!("cannot read the reconcile stats of {}: {error}", schedule_key(schedule)),
                 );
             }
         }
     }
     let ready = if schedule.spec.suspend {
-        Cond::new(
-            READY,
-            false,
-            "Suspended",
-            format!("CronJob {namespace}/{name} is suspended"),
-        )
+        Cond::new(READY, false, "Suspended", format!("CronJob {namespace}/{name} is suspended"))
     } else {
-        Cond::new(
-            READY,
-            true,
-            "Scheduled",
-            format!(
-                "CronJob {namespace}/{name} runs on {:?}",
-                schedule.spec.schedule
-            ),
-        )
+        Cond::new(READY, true, "Scheduled", format!("CronJob {namespace}/{name} runs on {:?}", schedule.spec.schedule))
     };
-    let progressing = Cond::new(
-        PROGRESSING,
-        false,
-        "Applied",
-        format!("CronJob {namespace}/{name} is up to date"),
-    );
-    status.conditions = merge_conditions(
-        &prev.conditions,
-        &[ready, progressing, degraded.clone()],
-        generation,
-    );
+    let progressing = Cond::new(PROGRESSING, false, "Applied", format!("CronJob {namespace}/{name} is up to date"));
+    status.conditions = merge_conditions(&prev.conditions, &[ready, progressing, degraded.clone()], generation);
 
     if prev.observed_generation != generation {
-        let note = format!(
-            "applied CronJob {namespace}/{name} ({:?})",
-            schedule.spec.schedule
-        );
-        ctx.publish(schedule, EventType::Normal, "Applied", "ApplyCronJob", note)
-            .await;
+        let note = format!("applied CronJob {namespace}/{name} ({:?})", schedule.spec.schedule);
+        ctx.publish(schedule, EventType::Normal, "Applied", "ApplyCronJob", note).await;
     }
     if let Some(stats) = new_stats.filter(|s| s.failed_runs > 0) {
         let note = format!(
             "the last reconcile found {} stalled runs, re-drove {}, failed on {}",
             stats.stalled_runs, stats.reconciled_runs, stats.failed_runs
         );
-        ctx.publish(
-            schedule,
-            EventType::Warning,
-            "ReconcileFailures",
-            "Reconcile",
-            note,
-        )
-        .await;
+        ctx.publish(schedule, EventType::Warning, "ReconcileFailures", "Reconcile", note).await;
     }
     if is_true(&prev.conditions, DEGRADED) && !degraded.status {
         let note = "the schedule is no longer degraded".to_string();
-        ctx.publish(schedule, EventType::Normal, "Recovered", "Reconcile", note)
-            .await;
+        ctx.publish(schedule, EventType::Normal, "Recovered", "Reconcile", note).await;
     }
 
     apply_status(ctx, schedule, &status).await?;
-    Ok(Action::requeue(if ctx.stats.is_some() {
-        STATS_POLL
-    } else {
-        RESYNC
-    }))
+    Ok(Action::requeue(if ctx.stats.is_some() { STATS_POLL } else { RESYNC }))
 }
 
 #[cfg(test)]
@@ -397,9 +295,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::operator::crd::{
-        BlueprintsSpec, FlowcraftReconcileScheduleSpec, FlowcraftWorkerPoolSpec, QueueSpec,
-    };
+    use crate::operator::crd::{BlueprintsSpec, FlowcraftReconcileScheduleSpec, FlowcraftWorkerPoolSpec, QueueSpec};
     use crate::operator::pod::env_value;
 
     fn pool() -> FlowcraftWorkerPool {
@@ -411,9 +307,7 @@ mod tests {
                 image_pull_policy: Some("IfNotPresent".into()),
                 queue: QueueSpec::default(),
                 connection_secret: "conn".into(),
-                blueprints: BlueprintsSpec {
-                    config_map: "bps".into(),
-                },
+                blueprints: BlueprintsSpec { config_map: "bps".into() },
                 autoscaling: None,
                 tables: None,
                 redis_prefix: None,
@@ -449,10 +343,7 @@ mod tests {
     }
 
     fn ctx() -> CronJobContext {
-        CronJobContext {
-            default_image: "ghcr.io/flowcraft/flowcraft:1.0".into(),
-            tables: TableNames::default(),
-        }
+        CronJobContext { default_image: "ghcr.io/flowcraft/flowcraft:1.0".into(), tables: TableNames::default() }
     }
 
     #[test]
@@ -463,11 +354,7 @@ mod tests {
         let owner = &cj.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
-            (
-                "FlowcraftReconcileSchedule",
-                "orders-reconcile",
-                "sched-uid"
-            )
+            ("FlowcraftReconcileSchedule", "orders-reconcile", "sched-uid")
         );
         assert_eq!(owner.controller, Some(true));
         let labels = cj.metadata.labels.clone().unwrap();
@@ -481,72 +368,24 @@ mod tests {
         assert_eq!(spec.time_zone.as_deref(), Some("Europe/Berlin"));
         assert_eq!(spec.suspend, Some(false));
         assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
-        let pod = spec
-            .job_template
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap();
+        let pod = spec.job_template.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
         assert_eq!(pod.automount_service_account_token, Some(false));
-        assert_eq!(
-            pod.security_context.as_ref().unwrap().run_as_user,
-            Some(65532)
-        );
-        assert_eq!(
-            pod.volumes.as_ref().unwrap()[0]
-                .config_map
-                .as_ref()
-                .unwrap()
-                .name,
-            "bps"
-        );
+        assert_eq!(pod.security_context.as_ref().unwrap().run_as_user, Some(65532));
+        assert_eq!(pod.volumes.as_ref().unwrap()[0].config_map.as_ref().unwrap().name, "bps");
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("my/worker:3"));
         assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
-        assert_eq!(
-            c.args.clone().unwrap(),
-            [
-                "reconcile",
-                "--stalled-threshold",
-                "300s",
-                "--batch-size",
-                "50"
-            ]
-        );
-        assert_eq!(
-            c.volume_mounts.as_ref().unwrap()[0].mount_path,
-            "/etc/flowcraft/blueprints"
-        );
+        assert_eq!(c.args.clone().unwrap(), ["reconcile", "--stalled-threshold", "300s", "--batch-size", "50"]);
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/etc/flowcraft/blueprints");
         let sc = c.security_context.as_ref().unwrap();
-        assert_eq!(
-            (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
-            (Some(true), Some(false))
-        );
+        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
         let env = c.env.clone().unwrap();
-        assert_eq!(
-            env_value(&env, "FLOWCRAFT_SCHEDULE"),
-            Some("shop/orders-reconcile")
-        );
+        assert_eq!(env_value(&env, "FLOWCRAFT_SCHEDULE"), Some("shop/orders-reconcile"));
         assert_eq!(env_value(&env, "FLOWCRAFT_QUEUE"), Some("flowcraft-jobs"));
-        assert_eq!(
-            env_value(&env, "FLOWCRAFT_STATUSES_TABLE"),
-            Some("flowcraft_statuses")
-        );
-        let db = env
-            .iter()
-            .find(|e| e.name == "FLOWCRAFT_DATABASE_URL")
-            .unwrap();
-        let r = db
-            .value_from
-            .as_ref()
-            .unwrap()
-            .secret_key_ref
-            .as_ref()
-            .unwrap();
+        assert_eq!(env_value(&env, "FLOWCRAFT_STATUSES_TABLE"), Some("flowcraft_statuses"));
+        let db = env.iter().find(|e| e.name == "FLOWCRAFT_DATABASE_URL").unwrap();
+        let r = db.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
         assert_eq!((r.name.as_str(), r.key.as_str()), ("conn", "databaseUrl"));
     }
 
@@ -561,42 +400,17 @@ mod tests {
         let cj = desired_cronjob(&s, &p, &ctx()).unwrap();
         let spec = cj.spec.as_ref().unwrap();
         assert_eq!(spec.suspend, Some(true));
-        let c = &spec
-            .job_template
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0];
-        assert_eq!(
-            c.args.clone().unwrap(),
-            ["reconcile", "--stalled-threshold", "90s"]
-        );
+        let c = &spec.job_template.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.args.clone().unwrap(), ["reconcile", "--stalled-threshold", "90s"]);
         assert_eq!(c.image.as_deref(), Some("ghcr.io/flowcraft/flowcraft:1.0"));
     }
 
     #[test]
     fn cron_validation_names_the_expression() {
-        for ok in [
-            "*/5 * * * *",
-            "0 3 * * 1-5",
-            "@hourly",
-            "@midnight",
-            "15 2 1 JAN *",
-        ] {
+        for ok in ["*/5 * * * *", "0 3 * * 1-5", "@hourly", "@midnight", "15 2 1 JAN *"] {
             assert!(validate_cron(ok).is_ok(), "{ok}: {:?}", validate_cron(ok));
         }
-        for bad in [
-            "",
-            "* * * *",
-            "*/5 * * * * *",
-            "61 * * * *",
-            "not a cron",
-            "TZ=UTC 0 * * * *",
-        ] {
+        for bad in ["", "* * * *", "*/5 * * * * *", "61 * * * *", "not a cron", "TZ=UTC 0 * * * *"] {
             let err = validate_cron(bad).unwrap_err();
             assert!(bad.is_empty() || err.contains(bad), "{bad}: {err}");
         }

@@ -18,14 +18,12 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::context::{
-    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions,
-    object_key, report_failure,
+    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, object_key, report_failure,
 };
 use super::crd::{AutoscalingSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolStatus};
 use super::metrics::PoolLabels;
 use super::pod::{
-    self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH, FIELD_MANAGER, SECRET_KEY_AMQP,
-    SECRET_KEYS,
+    self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH, FIELD_MANAGER, SECRET_KEY_AMQP, SECRET_KEYS,
 };
 use super::{OperatorError, TableNames, object_name};
 use crate::flow::{Blueprint, Graph};
@@ -79,29 +77,18 @@ pub fn autoscale_replicas(depth: u64, a: &AutoscalingSpec) -> i32 {
 
 /// The worker Deployment of a pool (pure): owned by the pool, labelled, running `flowcraft worker` with the
 /// Secret's URLs, the blueprints mounted, probes on the admin port and a locked-down security context.
-pub fn desired_deployment(
-    pool: &FlowcraftWorkerPool,
-    ctx: &BuildContext,
-) -> Result<Deployment, OperatorError> {
+pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Result<Deployment, OperatorError> {
     let name = pool.name_any();
-    let namespace = pool
-        .namespace()
-        .ok_or_else(|| OperatorError::InvalidObject {
-            object: object_name(pool),
-            message: "has no namespace".to_string(),
-        })?;
-    let owner = pool
-        .controller_owner_ref(&())
-        .ok_or_else(|| OperatorError::InvalidObject {
-            object: object_name(pool),
-            message: "has no uid (not read from the API server)".to_string(),
-        })?;
+    let namespace = pool.namespace().ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(pool),
+        message: "has no namespace".to_string(),
+    })?;
+    let owner = pool.controller_owner_ref(&()).ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(pool),
+        message: "has no uid (not read from the API server)".to_string(),
+    })?;
     let spec = &pool.spec;
-    let image = spec
-        .image
-        .clone()
-        .filter(|i| !i.is_empty())
-        .unwrap_or_else(|| ctx.default_image.clone());
+    let image = spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| ctx.default_image.clone());
     if image.is_empty() {
         return Err(OperatorError::InvalidSpec {
             object: object_name(pool),
@@ -114,10 +101,7 @@ pub fn desired_deployment(
     let tables = pod::effective_tables(pool, &ctx.tables);
 
     let mut annotations: BTreeMap<String, String> = spec.pod_annotations.clone();
-    annotations.insert(
-        ANNOTATION_BLUEPRINTS_HASH.to_string(),
-        ctx.configmap_hash.clone(),
-    );
+    annotations.insert(ANNOTATION_BLUEPRINTS_HASH.to_string(), ctx.configmap_hash.clone());
 
     let probe = |path: &str, period: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -159,10 +143,7 @@ pub fn desired_deployment(
         },
         spec: Some(DeploymentSpec {
             replicas: Some(ctx.replicas),
-            selector: LabelSelector {
-                match_labels: Some(pod::worker_selector_labels(&name)),
-                match_expressions: None,
-            },
+            selector: LabelSelector { match_labels: Some(pod::worker_selector_labels(&name)), match_expressions: None },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -205,9 +186,7 @@ pub fn pool_graphs(cm: &ConfigMap) -> Result<BTreeMap<String, Graph>, String> {
             Ok(g) => {
                 let id = g.id().to_string();
                 if let Some(first) = origins.get(&id) {
-                    problems.push(format!(
-                        "blueprint id '{id}' is defined twice: keys {first} and {key}"
-                    ));
+                    problems.push(format!("blueprint id '{id}' is defined twice: keys {first} and {key}"));
                 } else {
                     origins.insert(id.clone(), key.clone());
                     graphs.insert(id, g);
@@ -217,35 +196,24 @@ pub fn pool_graphs(cm: &ConfigMap) -> Result<BTreeMap<String, Graph>, String> {
         }
     }
     if !problems.is_empty() {
-        return Err(format!(
-            "ConfigMap {cm_name} has invalid blueprints: {}",
-            problems.join("; ")
-        ));
+        return Err(format!("ConfigMap {cm_name} has invalid blueprints: {}", problems.join("; ")));
     }
     if graphs.is_empty() {
-        return Err(format!(
-            "ConfigMap {cm_name} has no blueprints (every key must be a JSON or YAML blueprint)"
-        ));
+        return Err(format!("ConfigMap {cm_name} has no blueprints (every key must be a JSON or YAML blueprint)"));
     }
     Ok(graphs)
 }
 
 /// Read the pool's connection Secret and check it has every key; returns it.
-pub async fn read_secret(
-    ctx: &Context,
-    pool: &FlowcraftWorkerPool,
-) -> Result<Secret, OperatorError> {
+pub async fn read_secret(ctx: &Context, pool: &FlowcraftWorkerPool) -> Result<Secret, OperatorError> {
     let namespace = pool.namespace().unwrap_or_default();
     let name = &pool.spec.connection_secret;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = api
-        .get_opt(name)
-        .await
-        .map_err(|source| OperatorError::Kube {
-            object: object_name(pool),
-            action: format!("get Secret {namespace}/{name}"),
-            source,
-        })?;
+    let secret = api.get_opt(name).await.map_err(|source| OperatorError::Kube {
+        object: object_name(pool),
+        action: format!("get Secret {namespace}/{name}"),
+        source,
+    })?;
     let Some(secret) = secret else {
         return Err(OperatorError::InvalidSpec {
             object: object_name(pool),
@@ -262,41 +230,24 @@ pub async fn read_secret(
         return Err(OperatorError::InvalidSpec {
             object: object_name(pool),
             reason: "MissingSecretKey",
-            message: format!(
-                "connection Secret {namespace}/{name} has no key {}",
-                missing.join(", ")
-            ),
+            message: format!("connection Secret {namespace}/{name} has no key {}", missing.join(", ")),
         });
     }
     Ok(secret)
 }
 
 /// A value of the pool's connection Secret as text.
-pub fn secret_value(
-    pool: &FlowcraftWorkerPool,
-    secret: &Secret,
-    key: &str,
-) -> Result<String, OperatorError> {
+pub fn secret_value(pool: &FlowcraftWorkerPool, secret: &Secret, key: &str) -> Result<String, OperatorError> {
     let namespace = pool.namespace().unwrap_or_default();
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .ok_or_else(|| OperatorError::InvalidSpec {
-            object: object_name(pool),
-            reason: "MissingSecretKey",
-            message: format!(
-                "connection Secret {namespace}/{} has no key {key}",
-                pool.spec.connection_secret
-            ),
-        })?;
+    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| OperatorError::InvalidSpec {
+        object: object_name(pool),
+        reason: "MissingSecretKey",
+        message: format!("connection Secret {namespace}/{} has no key {key}", pool.spec.connection_secret),
+    })?;
     String::from_utf8(bytes.0.clone()).map_err(|_| OperatorError::InvalidSpec {
         object: object_name(pool),
         reason: "InvalidSecretValue",
-        message: format!(
-            "key {key} of Secret {namespace}/{} is not UTF-8",
-            pool.spec.connection_secret
-        ),
+        message: format!("key {key} of Secret {namespace}/{} is not UTF-8", pool.spec.connection_secret),
     })
 }
 
@@ -356,10 +307,7 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// Reconcile a pool: check its Secret and blueprints, compute replicas (autoscaling on queue depth),
 /// server-side apply the worker Deployment, mirror its state into the pool's status.
 #[tracing::instrument(skip_all, fields(pool = %object_name(pool.as_ref())))]
-pub async fn reconcile(
-    pool: Arc<FlowcraftWorkerPool>,
-    ctx: Arc<Context>,
-) -> Result<Action, OperatorError> {
+pub async fn reconcile(pool: Arc<FlowcraftWorkerPool>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     let key = object_key(pool.as_ref());
     if pool.meta().deletion_timestamp.is_some() {
@@ -379,18 +327,12 @@ pub async fn reconcile(
     }
 }
 
-async fn apply(
-    pool: &FlowcraftWorkerPool,
-    ctx: &Context,
-    key: &str,
-) -> Result<Action, OperatorError> {
+async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<Action, OperatorError> {
     let name = pool.name_any();
-    let namespace = pool
-        .namespace()
-        .ok_or_else(|| OperatorError::InvalidObject {
-            object: object_name(pool),
-            message: "has no namespace".to_string(),
-        })?;
+    let namespace = pool.namespace().ok_or_else(|| OperatorError::InvalidObject {
+        object: object_name(pool),
+        message: "has no namespace".to_string(),
+    })?;
     let generation = pool.meta().generation;
     let prev = pool.status.clone().unwrap_or_default();
 
@@ -412,27 +354,15 @@ async fn apply(
                 Ok(depth) => {
                     ctx.metrics
                         .queue_depth
-                        .get_or_create(&PoolLabels {
-                            namespace: namespace.clone(),
-                            pool: name.clone(),
-                        })
+                        .get_or_create(&PoolLabels { namespace: namespace.clone(), pool: name.clone() })
                         .set(i64::try_from(depth).unwrap_or(i64::MAX));
-                    (
-                        autoscale_replicas(depth, a),
-                        Some(i64::try_from(depth).unwrap_or(i64::MAX)),
-                    )
+                    (autoscale_replicas(depth, a), Some(i64::try_from(depth).unwrap_or(i64::MAX)))
                 }
                 Err(error) => {
                     tracing::warn!(queue = %pool.spec.queue.name, %error, "Cannot read the queue depth; keeping the replicas.");
                     let keep = prev.desired_replicas.unwrap_or(a.min_replicas);
                     depth_error = Some(error);
-                    (
-                        keep.clamp(
-                            a.min_replicas.max(0),
-                            a.max_replicas.max(a.min_replicas.max(0)),
-                        ),
-                        prev.queue_depth,
-                    )
+                    (keep.clamp(a.min_replicas.max(0), a.max_replicas.max(a.min_replicas.max(0))), prev.queue_depth)
                 }
             }
         }
@@ -450,11 +380,7 @@ async fn apply(
     let dep_name = deployment_name(pool);
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let applied = api
-        .patch(
-            &dep_name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
+        .patch(&dep_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
         .await
         .map_err(|source| OperatorError::Kube {
             object: object_name(pool),
@@ -470,34 +396,14 @@ async fn apply(
     let rolled_out = observed && updated >= replicas && current == replicas && ready >= replicas;
 
     let ready_cond = if replicas == 0 {
-        Cond::new(
-            READY,
-            true,
-            "ScaledToZero",
-            "the pool is scaled to zero workers",
-        )
+        Cond::new(READY, true, "ScaledToZero", "the pool is scaled to zero workers")
     } else if ready >= replicas {
-        Cond::new(
-            READY,
-            true,
-            "WorkersReady",
-            format!("{ready}/{replicas} workers ready"),
-        )
+        Cond::new(READY, true, "WorkersReady", format!("{ready}/{replicas} workers ready"))
     } else {
-        Cond::new(
-            READY,
-            false,
-            "WorkersNotReady",
-            format!("{ready}/{replicas} workers ready"),
-        )
+        Cond::new(READY, false, "WorkersNotReady", format!("{ready}/{replicas} workers ready"))
     };
     let progressing_cond = if rolled_out {
-        Cond::new(
-            PROGRESSING,
-            false,
-            "RolloutComplete",
-            format!("Deployment {namespace}/{dep_name} is up to date"),
-        )
+        Cond::new(PROGRESSING, false, "RolloutComplete", format!("Deployment {namespace}/{dep_name} is up to date"))
     } else {
         Cond::new(
             PROGRESSING,
@@ -509,36 +415,24 @@ async fn apply(
         )
     };
     let stuck = st.conditions.iter().flatten().find(|c| {
-        (c.type_ == "Progressing" && c.status == "False")
-            || (c.type_ == "ReplicaFailure" && c.status == "True")
+        (c.type_ == "Progressing" && c.status == "False") || (c.type_ == "ReplicaFailure" && c.status == "True")
     });
     let degraded_cond = if let Some(error) = &depth_error {
         Cond::new(
             DEGRADED,
             true,
             "QueueDepthUnavailable",
-            format!(
-                "cannot read the depth of queue {}: {error}",
-                pool.spec.queue.name
-            ),
+            format!("cannot read the depth of queue {}: {error}", pool.spec.queue.name),
         )
     } else if let Some(c) = stuck {
         Cond::new(
             DEGRADED,
             true,
             "DeploymentFailing",
-            format!(
-                "Deployment {namespace}/{dep_name}: {}",
-                c.message.clone().unwrap_or_else(|| c.type_.clone())
-            ),
+            format!("Deployment {namespace}/{dep_name}: {}", c.message.clone().unwrap_or_else(|| c.type_.clone())),
         )
     } else {
-        Cond::new(
-            DEGRADED,
-            false,
-            "AsExpected",
-            "the worker Deployment is applied",
-        )
+        Cond::new(DEGRADED, false, "AsExpected", "the worker Deployment is applied")
     };
 
     let status = FlowcraftWorkerPoolStatus {
@@ -559,22 +453,14 @@ async fn apply(
     // Events for what changed (never one per reconcile).
     if prev.observed_generation != generation {
         let note = format!("applied Deployment {namespace}/{dep_name} with {replicas} replicas");
-        ctx.publish(pool, EventType::Normal, "Applied", "ApplyDeployment", note)
-            .await;
+        ctx.publish(pool, EventType::Normal, "Applied", "ApplyDeployment", note).await;
     }
     if prev.blueprints_hash.as_ref().is_some_and(|h| h != &hash) {
         let note = format!(
             "blueprints ConfigMap {namespace}/{} changed: rolling the workers",
             pool.spec.blueprints.config_map
         );
-        ctx.publish(
-            pool,
-            EventType::Normal,
-            "BlueprintsChanged",
-            "RollDeployment",
-            note,
-        )
-        .await;
+        ctx.publish(pool, EventType::Normal, "BlueprintsChanged", "RollDeployment", note).await;
     }
     if let (Some(a), Some(before)) = (&pool.spec.autoscaling, prev.desired_replicas)
         && before != replicas
@@ -585,34 +471,21 @@ async fn apply(
             depth.unwrap_or(0),
             a.target_queue_length
         );
-        ctx.publish(pool, EventType::Normal, "Scaled", "Autoscale", note)
-            .await;
+        ctx.publish(pool, EventType::Normal, "Scaled", "Autoscale", note).await;
     }
     if is_true(&prev.conditions, DEGRADED) && !degraded_cond.status {
-        ctx.publish(
-            pool,
-            EventType::Normal,
-            "Recovered",
-            "Reconcile",
-            "the pool is no longer degraded".to_string(),
-        )
-        .await;
+        ctx.publish(pool, EventType::Normal, "Recovered", "Reconcile", "the pool is no longer degraded".to_string())
+            .await;
     }
 
     apply_status(ctx, pool, &status).await?;
-    Ok(Action::requeue(if pool.spec.autoscaling.is_some() {
-        ctx.queue_poll_interval
-    } else {
-        RESYNC
-    }))
+    Ok(Action::requeue(if pool.spec.autoscaling.is_some() { ctx.queue_poll_interval } else { RESYNC }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::crd::{
-        BlueprintsSpec, FlowcraftWorkerPoolSpec, QueueSpec, QueueType, TablesSpec,
-    };
+    use crate::operator::crd::{BlueprintsSpec, FlowcraftWorkerPoolSpec, QueueSpec, QueueType, TablesSpec};
     use k8s_openapi::api::core::v1::EnvVar;
 
     const BP: &str = "id: order\nnodes:\n  - { id: a, uses: noop }\n  - { id: b, uses: custom-node }\nedges:\n  - { source: a, target: b }\n";
@@ -624,28 +497,14 @@ mod tests {
                 replicas: 2,
                 image: None,
                 image_pull_policy: None,
-                queue: QueueSpec {
-                    name: "orders-jobs".into(),
-                    prefetch: 8,
-                    queue_type: Some(QueueType::Classic),
-                },
+                queue: QueueSpec { name: "orders-jobs".into(), prefetch: 8, queue_type: Some(QueueType::Classic) },
                 connection_secret: "flowcraft-conn".into(),
-                blueprints: BlueprintsSpec {
-                    config_map: "order-blueprints".into(),
-                },
+                blueprints: BlueprintsSpec { config_map: "order-blueprints".into() },
                 autoscaling: None,
-                tables: Some(TablesSpec {
-                    contexts: Some("o_contexts".into()),
-                    statuses: None,
-                    results: None,
-                }),
+                tables: Some(TablesSpec { contexts: Some("o_contexts".into()), statuses: None, results: None }),
                 redis_prefix: Some("orders".into()),
                 resources: None,
-                env: vec![EnvVar {
-                    name: "EXTRA".into(),
-                    value: Some("1".into()),
-                    value_from: None,
-                }],
+                env: vec![EnvVar { name: "EXTRA".into(), value: Some("1".into()), value_from: None }],
                 node_selector: BTreeMap::from([("pool".to_string(), "workers".to_string())]),
                 tolerations: vec![],
                 affinity: None,
@@ -669,14 +528,7 @@ mod tests {
     }
 
     fn container(d: &Deployment) -> &Container {
-        &d.spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
+        &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
     }
 
     #[test]
@@ -698,20 +550,9 @@ mod tests {
         let spec = d.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(3));
         let selector = spec.selector.match_labels.clone().unwrap();
-        let pod_labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .clone()
-            .unwrap();
+        let pod_labels = spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
         for (k, v) in &selector {
-            assert_eq!(
-                pod_labels.get(k),
-                Some(v),
-                "selector label {k} is on the pods"
-            );
+            assert_eq!(pod_labels.get(k), Some(v), "selector label {k} is on the pods");
         }
         assert_eq!(
             pod::worker_selector_string("orders"),
@@ -723,29 +564,17 @@ mod tests {
     fn deployment_pod_template() {
         let d = desired_deployment(&pool(), &ctx()).unwrap();
         let template = &d.spec.as_ref().unwrap().template;
-        let annotations = template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .clone()
-            .unwrap();
+        let annotations = template.metadata.as_ref().unwrap().annotations.clone().unwrap();
         assert_eq!(annotations[ANNOTATION_BLUEPRINTS_HASH], "abc123");
         assert_eq!(annotations["team"], "shop");
         let pod = template.spec.as_ref().unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
-        assert_eq!(
-            pod.service_account_name.as_deref(),
-            Some("flowcraft-worker")
-        );
+        assert_eq!(pod.service_account_name.as_deref(), Some("flowcraft-worker"));
         assert_eq!(pod.node_selector.clone().unwrap()["pool"], "workers");
         let psc = pod.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(psc.run_as_user, Some(65532));
-        assert_eq!(
-            psc.seccomp_profile.as_ref().unwrap().type_,
-            "RuntimeDefault"
-        );
+        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         let vol = &pod.volumes.as_ref().unwrap()[0];
         assert_eq!(vol.config_map.as_ref().unwrap().name, "order-blueprints");
 
@@ -757,36 +586,18 @@ mod tests {
         assert_eq!(mount.mount_path, "/etc/flowcraft/blueprints");
         assert_eq!(mount.read_only, Some(true));
         let port = &c.ports.as_ref().unwrap()[0];
-        assert_eq!(
-            (port.name.as_deref(), port.container_port),
-            (Some("admin"), 8080)
-        );
-        let live = c
-            .liveness_probe
-            .as_ref()
-            .unwrap()
-            .http_get
-            .as_ref()
-            .unwrap();
+        assert_eq!((port.name.as_deref(), port.container_port), (Some("admin"), 8080));
+        let live = c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(live.path.as_deref(), Some("/healthz"));
         assert_eq!(live.port, IntOrString::String("admin".into()));
-        let ready = c
-            .readiness_probe
-            .as_ref()
-            .unwrap()
-            .http_get
-            .as_ref()
-            .unwrap();
+        let ready = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(ready.path.as_deref(), Some("/readyz"));
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.run_as_user, Some(65532));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(
-            sc.capabilities.as_ref().unwrap().drop.clone().unwrap(),
-            ["ALL"]
-        );
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.clone().unwrap(), ["ALL"]);
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
     }
 
@@ -796,45 +607,18 @@ mod tests {
         let env = container(&d).env.clone().unwrap();
         for (key, var) in SECRET_KEYS {
             let e = env.iter().find(|e| e.name == var).unwrap();
-            let r = e
-                .value_from
-                .as_ref()
-                .unwrap()
-                .secret_key_ref
-                .as_ref()
-                .unwrap();
+            let r = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
             assert_eq!((r.name.as_str(), r.key.as_str()), ("flowcraft-conn", key));
         }
-        assert_eq!(
-            pod::env_value(&env, "FLOWCRAFT_BLUEPRINTS"),
-            Some("/etc/flowcraft/blueprints")
-        );
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_BLUEPRINTS"), Some("/etc/flowcraft/blueprints"));
         assert_eq!(pod::env_value(&env, "FLOWCRAFT_QUEUE"), Some("orders-jobs"));
         assert_eq!(pod::env_value(&env, "FLOWCRAFT_PREFETCH"), Some("8"));
-        assert_eq!(
-            pod::env_value(&env, "FLOWCRAFT_QUEUE_TYPE"),
-            Some("classic")
-        );
-        assert_eq!(
-            pod::env_value(&env, "FLOWCRAFT_CONTEXTS_TABLE"),
-            Some("o_contexts")
-        );
-        assert_eq!(
-            pod::env_value(&env, "FLOWCRAFT_STATUSES_TABLE"),
-            Some("flowcraft_statuses")
-        );
-        assert_eq!(
-            pod::env_value(&env, "FLOWCRAFT_RESULTS_TABLE"),
-            Some("flowcraft_node_results")
-        );
-        assert_eq!(
-            pod::env_value(&env, "FLOWCRAFT_REDIS_PREFIX"),
-            Some("orders")
-        );
-        assert_eq!(
-            pod::env_value(&env, "FLOWCRAFT_ADMIN_ADDR"),
-            Some("0.0.0.0:8080")
-        );
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_QUEUE_TYPE"), Some("classic"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_CONTEXTS_TABLE"), Some("o_contexts"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_STATUSES_TABLE"), Some("flowcraft_statuses"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_RESULTS_TABLE"), Some("flowcraft_node_results"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_REDIS_PREFIX"), Some("orders"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_ADMIN_ADDR"), Some("0.0.0.0:8080"));
         // The pool's own env comes last, so it can override.
         assert_eq!(env.last().unwrap().name, "EXTRA");
     }
@@ -843,50 +627,28 @@ mod tests {
     fn deployment_image_and_errors() {
         let mut p = pool();
         p.spec.image = Some("my/custom:2".into());
-        assert_eq!(
-            container(&desired_deployment(&p, &ctx()).unwrap())
-                .image
-                .as_deref(),
-            Some("my/custom:2")
-        );
-        let no_default = BuildContext {
-            default_image: String::new(),
-            ..ctx()
-        };
+        assert_eq!(container(&desired_deployment(&p, &ctx()).unwrap()).image.as_deref(), Some("my/custom:2"));
+        let no_default = BuildContext { default_image: String::new(), ..ctx() };
         assert!(matches!(
             desired_deployment(&pool(), &no_default),
-            Err(OperatorError::InvalidSpec {
-                reason: "NoImage",
-                ..
-            })
+            Err(OperatorError::InvalidSpec { reason: "NoImage", .. })
         ));
         let mut no_uid = pool();
         no_uid.metadata.uid = None;
         let err = desired_deployment(&no_uid, &ctx()).unwrap_err();
-        assert!(
-            err.to_string().contains("FlowcraftWorkerPool shop/orders"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("FlowcraftWorkerPool shop/orders"), "{err}");
     }
 
     #[test]
     fn autoscaling_is_ceil_clamped() {
-        let a = AutoscalingSpec {
-            min_replicas: 1,
-            max_replicas: 10,
-            target_queue_length: 100,
-        };
+        let a = AutoscalingSpec { min_replicas: 1, max_replicas: 10, target_queue_length: 100 };
         assert_eq!(autoscale_replicas(0, &a), 1);
         assert_eq!(autoscale_replicas(1, &a), 1);
         assert_eq!(autoscale_replicas(100, &a), 1);
         assert_eq!(autoscale_replicas(101, &a), 2);
         assert_eq!(autoscale_replicas(950, &a), 10);
         assert_eq!(autoscale_replicas(1_000_000, &a), 10);
-        let zero = AutoscalingSpec {
-            min_replicas: 0,
-            max_replicas: 3,
-            target_queue_length: 5,
-        };
+        let zero = AutoscalingSpec { min_replicas: 0, max_replicas: 3, target_queue_length: 5 };
         assert_eq!(autoscale_replicas(0, &zero), 0);
         assert_eq!(autoscale_replicas(6, &zero), 2);
     }
@@ -898,11 +660,7 @@ mod tests {
                 namespace: Some("shop".into()),
                 ..Default::default()
             },
-            data: Some(
-                data.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
+            data: Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             ..Default::default()
         }
     }
@@ -912,10 +670,7 @@ mod tests {
         let a = configmap_hash(&cm(&[("order.yaml", BP)]));
         assert_eq!(a, configmap_hash(&cm(&[("order.yaml", BP)])));
         assert_eq!(a.len(), 64);
-        assert_ne!(
-            a,
-            configmap_hash(&cm(&[("order.yaml", &BP.replace("noop", "log"))]))
-        );
+        assert_ne!(a, configmap_hash(&cm(&[("order.yaml", &BP.replace("noop", "log"))])));
         assert_ne!(a, configmap_hash(&cm(&[("other.yaml", BP)])));
     }
 
@@ -925,16 +680,10 @@ mod tests {
         assert_eq!(graphs["order"].node_count(), 2);
         let err = pool_graphs(&cm(&[
             ("order.yaml", BP),
-            (
-                "bad.yaml",
-                "id: bad\nnodes: [{id: a, uses: noop}]\nedges: [{source: a, target: nope}]\n",
-            ),
+            ("bad.yaml", "id: bad\nnodes: [{id: a, uses: noop}]\nedges: [{source: a, target: nope}]\n"),
         ]))
         .unwrap_err();
-        assert!(
-            err.contains("ConfigMap shop/order-blueprints") && err.contains("bad.yaml"),
-            "{err}"
-        );
+        assert!(err.contains("ConfigMap shop/order-blueprints") && err.contains("bad.yaml"), "{err}");
         let err = pool_graphs(&cm(&[("a.yaml", BP), ("b.yaml", BP)])).unwrap_err();
         assert!(err.contains("defined twice"), "{err}");
         assert!(pool_graphs(&cm(&[])).unwrap_err().contains("no blueprints"));

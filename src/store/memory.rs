@@ -12,9 +12,8 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use super::{
-    Acker, Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, JoinState, LeaseToken,
-    NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
-    StoreResult,
+    Acker, Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, JoinState, LeaseToken, NewRun,
+    NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoreResult,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -319,10 +318,8 @@ impl RunStore for MemoryStore {
     async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
         let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
         let mut runs = lock(&self.runs);
-        let mut stalled: Vec<&mut RunEntry> = runs
-            .values_mut()
-            .filter(|e| e.info.status == RunStatus::Running && e.info.updated_at < cutoff)
-            .collect();
+        let mut stalled: Vec<&mut RunEntry> =
+            runs.values_mut().filter(|e| e.info.status == RunStatus::Running && e.info.updated_at < cutoff).collect();
         stalled.sort_by_key(|e| e.info.updated_at);
         let now = Utc::now();
         Ok(stalled
@@ -456,7 +453,13 @@ impl Coordinator for MemoryCoordinator {
         Ok(set.len() >= total)
     }
 
-    async fn repair(&self, run_id: &str, joins: &[JoinState], decided: &[String], resolved: &[String]) -> StoreResult<()> {
+    async fn repair(
+        &self,
+        run_id: &str,
+        joins: &[JoinState],
+        decided: &[String],
+        resolved: &[String],
+    ) -> StoreResult<()> {
         let mut s = lock(&self.state);
         for j in joins {
             let e = s.joins.entry((run_id.to_string(), j.node_id.clone())).or_default();
@@ -530,7 +533,12 @@ mod tests {
     #[tokio::test]
     async fn record_is_insert_if_absent() {
         let s = MemoryStore::new();
-        let run = NewRun { run_id: "r".into(), blueprint_id: "b".into(), blueprint_version: None, input: serde_json::json!({"k": 1}) };
+        let run = NewRun {
+            run_id: "r".into(),
+            blueprint_id: "b".into(),
+            blueprint_version: None,
+            input: serde_json::json!({"k": 1}),
+        };
         assert!(s.create_run(&run).await.unwrap());
         assert!(!s.create_run(&run).await.unwrap());
         let mut rec = NodeRecord::skipped("n");

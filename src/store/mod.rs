@@ -441,7 +441,13 @@ pub trait Coordinator: Send + Sync + 'static {
 
     /// Rebuild a run's state from the records: the arrival sets of the given joins (a decision flag is set for
     /// nodes in `decided`, with an unknown deciding source) and the resolved set. Existing entries are kept.
-    async fn repair(&self, run_id: &str, joins: &[JoinState], decided: &[String], resolved: &[String]) -> StoreResult<()>;
+    async fn repair(
+        &self,
+        run_id: &str,
+        joins: &[JoinState],
+        decided: &[String],
+        resolved: &[String],
+    ) -> StoreResult<()>;
 
     /// Drop every key of a finished run.
     async fn forget(&self, run_id: &str) -> StoreResult<()>;

@@ -16,8 +16,8 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 use crate::store::{
-    JobView, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus,
-    RunStore, StoreError, StoreResult,
+    JobView, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
+    StoreResult,
 };
 
 /// Default number of runs returned by [`RunStore::list_runs`] when the filter's limit is 0.
@@ -109,9 +109,7 @@ pub struct ReconcileStatsRow {
 /// Check `name` against `^[A-Za-z_][A-Za-z0-9_]{0,62}$`.
 fn validate_identifier(what: &str, name: &str) -> StoreResult<()> {
     let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if first_ok && rest_ok && name.len() <= MAX_IDENTIFIER_LEN {
         Ok(())
@@ -144,9 +142,7 @@ impl TableNames {
         validate_identifier("results", &cfg.results_table)?;
         let statuses = cfg.statuses_table.as_str();
         let reconcile_runs = match statuses.strip_suffix("statuses") {
-            Some(stem) if !stem.is_empty() => {
-                fit_identifier(format!("{stem}reconcile_runs"), "reconcile_runs")
-            }
+            Some(stem) if !stem.is_empty() => fit_identifier(format!("{stem}reconcile_runs"), "reconcile_runs"),
             _ => fit_identifier(format!("{statuses}_reconcile_runs"), "reconcile_runs"),
         };
         let names = Self {
@@ -156,13 +152,7 @@ impl TableNames {
             reconcile_runs,
             migrations: fit_identifier(format!("{statuses}_migrations"), "migrations"),
         };
-        let all = [
-            &names.contexts,
-            &names.statuses,
-            &names.results,
-            &names.reconcile_runs,
-            &names.migrations,
-        ];
+        let all = [&names.contexts, &names.statuses, &names.results, &names.reconcile_runs, &names.migrations];
         for (i, a) in all.iter().enumerate() {
             if all[i + 1..].iter().any(|b| a.eq_ignore_ascii_case(b)) {
                 return Err(StoreError::Config(format!(
@@ -188,12 +178,7 @@ impl TableNames {
     /// The advisory lock key serialising migrations of this set of tables (two workers starting at once).
     fn migration_lock_key(&self) -> i64 {
         let mut hasher = Sha256::new();
-        for part in [
-            "flowcraft-migrate",
-            &self.contexts,
-            &self.statuses,
-            &self.results,
-        ] {
+        for part in ["flowcraft-migrate", &self.contexts, &self.statuses, &self.results] {
             hasher.update(part.as_bytes());
             hasher.update([0u8]);
         }
@@ -222,16 +207,8 @@ struct Migration {
 // migration runs in its own transaction under `pg_advisory_xact_lock` (so concurrent starters serialise), and a
 // version recorded in `{statuses}_migrations` is never applied again.
 const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "init",
-        sql: include_str!("../../migrations/V1__init.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "reconcile_stats",
-        sql: include_str!("../../migrations/V2__reconcile_stats.sql"),
-    },
+    Migration { version: 1, name: "init", sql: include_str!("../../migrations/V1__init.sql") },
+    Migration { version: 2, name: "reconcile_stats", sql: include_str!("../../migrations/V2__reconcile_stats.sql") },
 ];
 
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS {migrations} (
@@ -245,8 +222,7 @@ const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS {migrations} (
 // ------------------------------------------------------------------------------------------------
 
 /// The columns of a status row, in the order [`run_from_row`] reads them by name.
-const RUN_COLUMNS: &str =
-    "run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at";
+const RUN_COLUMNS: &str = "run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at";
 
 const CREATE_RUN: &str = "WITH s AS (
     INSERT INTO {statuses} (run_id, blueprint_id, blueprint_version, status, status_data, input)
@@ -293,8 +269,7 @@ SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
   FROM (VALUES (1)) AS one (x)
   LEFT JOIN {results} existing ON existing.run_id = $1::text AND existing.node_id = $2::text";
 
-const EXISTING_RECORD: &str =
-    "SELECT node_id, status, action, output, taken, attempts, error, finished_at
+const EXISTING_RECORD: &str = "SELECT node_id, status, action, output, taken, attempts, error, finished_at
   FROM {results} WHERE run_id = $1::text AND node_id = $2::text";
 
 // Nodes are inserted in sorted order so two overlapping batches take their index locks in the same order (no
@@ -310,8 +285,7 @@ const RECORD_SKIPPED: &str = "WITH ins AS (
 )
 SELECT count(*) AS inserted FROM ins";
 
-const FINISH_RUN: &str =
-    "UPDATE {statuses} SET status = $2::text, status_data = $3::jsonb, updated_at = now()
+const FINISH_RUN: &str = "UPDATE {statuses} SET status = $2::text, status_data = $3::jsonb, updated_at = now()
  WHERE run_id = $1::text AND status = 'running'";
 
 const TOUCH: &str = "UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text";
@@ -341,8 +315,7 @@ DELETE FROM {reconcile_runs}
    AND id NOT IN (SELECT id FROM {reconcile_runs} WHERE schedule = $1::text
                    ORDER BY finished_at DESC, id DESC LIMIT $6::bigint)";
 
-const LAST_RECONCILE: &str =
-    "SELECT schedule, started_at, finished_at, stalled_runs, reconciled_runs, failed_runs
+const LAST_RECONCILE: &str = "SELECT schedule, started_at, finished_at, stalled_runs, reconciled_runs, failed_runs
   FROM {reconcile_runs} WHERE schedule = $1::text ORDER BY finished_at DESC, id DESC LIMIT 1";
 
 /// Every statement, rendered once with the quoted table names (so `prepare_cached` keys are stable strings).
@@ -383,11 +356,7 @@ impl Sql {
             if !conditions.is_empty() {
                 let _ = write!(sql, " WHERE {}", conditions.join(" AND "));
             }
-            let _ = write!(
-                sql,
-                " ORDER BY created_at DESC, run_id DESC LIMIT ${}::bigint",
-                n + 1
-            );
+            let _ = write!(sql, " ORDER BY created_at DESC, run_id DESC LIMIT ${}::bigint", n + 1);
             names.render(&sql)
         };
         Self {
@@ -406,9 +375,8 @@ impl Sql {
             record_reconcile: names.render(RECORD_RECONCILE),
             last_reconcile: names.render(LAST_RECONCILE),
             create_history: names.render(CREATE_HISTORY),
-            drop_tables: names.render(
-                "DROP TABLE IF EXISTS {results}, {contexts}, {statuses}, {reconcile_runs}, {migrations}",
-            ),
+            drop_tables: names
+                .render("DROP TABLE IF EXISTS {results}, {contexts}, {statuses}, {reconcile_runs}, {migrations}"),
         }
     }
 }
@@ -451,10 +419,7 @@ fn db_error(op: &str, table: &str, e: &tokio_postgres::Error) -> StoreError {
 }
 
 fn corrupt(run_id: &str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        run_id: run_id.to_string(),
-        message: message.into(),
-    }
+    StoreError::Corrupt { run_id: run_id.to_string(), message: message.into() }
 }
 
 fn clamp_i64(n: u64) -> i64 {
@@ -465,22 +430,14 @@ fn clamp_i64(n: u64) -> i64 {
 // Row decoding
 // ------------------------------------------------------------------------------------------------
 
-fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
-    row: &'a Row,
-    name: &str,
-    run_id: &str,
-) -> StoreResult<T> {
-    row.try_get(name)
-        .map_err(|e| corrupt(run_id, format!("column {name}: {}", describe_pg(&e))))
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, name: &str, run_id: &str) -> StoreResult<T> {
+    row.try_get(name).map_err(|e| corrupt(run_id, format!("column {name}: {}", describe_pg(&e))))
 }
 
 fn run_from_row(row: &Row) -> StoreResult<RunInfo> {
-    let run_id: String = row
-        .try_get("run_id")
-        .map_err(|e| corrupt("?", format!("column run_id: {e}")))?;
+    let run_id: String = row.try_get("run_id").map_err(|e| corrupt("?", format!("column run_id: {e}")))?;
     let status: String = column(row, "status", &run_id)?;
-    let status = RunStatus::parse(&status)
-        .ok_or_else(|| corrupt(&run_id, format!("unknown run status {status:?}")))?;
+    let status = RunStatus::parse(&status).ok_or_else(|| corrupt(&run_id, format!("unknown run status {status:?}")))?;
     Ok(RunInfo {
         blueprint_id: column(row, "blueprint_id", &run_id)?,
         blueprint_version: column(row, "blueprint_version", &run_id)?,
@@ -494,30 +451,16 @@ fn run_from_row(row: &Row) -> StoreResult<RunInfo> {
 }
 
 fn parse_node_status(run_id: &str, node_id: &str, status: &str) -> StoreResult<NodeStatus> {
-    NodeStatus::parse(status).ok_or_else(|| {
-        corrupt(
-            run_id,
-            format!("node {node_id}: unknown node status {status:?}"),
-        )
-    })
+    NodeStatus::parse(status).ok_or_else(|| corrupt(run_id, format!("node {node_id}: unknown node status {status:?}")))
 }
 
 fn parse_taken(run_id: &str, node_id: &str, taken: Value) -> StoreResult<Vec<String>> {
-    serde_json::from_value(taken).map_err(|e| {
-        corrupt(
-            run_id,
-            format!("node {node_id}: taken is not an array of strings: {e}"),
-        )
-    })
+    serde_json::from_value(taken)
+        .map_err(|e| corrupt(run_id, format!("node {node_id}: taken is not an array of strings: {e}")))
 }
 
 fn parse_attempts(run_id: &str, node_id: &str, attempts: i64) -> StoreResult<u32> {
-    u32::try_from(attempts).map_err(|_| {
-        corrupt(
-            run_id,
-            format!("node {node_id}: invalid attempts {attempts}"),
-        )
-    })
+    u32::try_from(attempts).map_err(|_| corrupt(run_id, format!("node {node_id}: invalid attempts {attempts}")))
 }
 
 /// A record from a row with the record columns (`node_id`, `status`, … `finished_at`); `None` when the row's `node_id` is NULL (no record).
@@ -563,10 +506,8 @@ fn records_from_json(run_id: &str, value: Value) -> StoreResult<Vec<NodeRecord>>
         serde_json::from_value(value).map_err(|e| corrupt(run_id, format!("node records: {e}")))?;
     rows.into_iter()
         .map(|r| {
-            let finished_at =
-                DateTime::<Utc>::from_timestamp_micros(r.finished_us).ok_or_else(|| {
-                    corrupt(run_id, format!("node {}: invalid finished_at", r.node_id))
-                })?;
+            let finished_at = DateTime::<Utc>::from_timestamp_micros(r.finished_us)
+                .ok_or_else(|| corrupt(run_id, format!("node {}: invalid finished_at", r.node_id)))?;
             Ok(NodeRecord {
                 status: parse_node_status(run_id, &r.node_id, &r.status)?,
                 action: r.action,
@@ -595,10 +536,7 @@ pub struct PostgresStore {
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("tables", &self.names)
-            .field("pool", &self.pool.status())
-            .finish()
+        f.debug_struct("PostgresStore").field("tables", &self.names).field("pool", &self.pool.status()).finish()
     }
 }
 
@@ -607,13 +545,10 @@ impl PostgresStore {
     pub async fn connect(cfg: PgConfig) -> StoreResult<Self> {
         let names = TableNames::from_config(&cfg)?;
         if cfg.pool_size == 0 {
-            return Err(StoreError::Config(
-                "PostgreSQL pool size must be at least 1".to_string(),
-            ));
+            return Err(StoreError::Config("PostgreSQL pool size must be at least 1".to_string()));
         }
-        let mut pg = tokio_postgres::Config::from_str(&cfg.url).map_err(|e| {
-            StoreError::Config(format!("invalid PostgreSQL URL: {}", describe_pg(&e)))
-        })?;
+        let mut pg = tokio_postgres::Config::from_str(&cfg.url)
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {}", describe_pg(&e))))?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(10));
         }
@@ -621,18 +556,8 @@ impl PostgresStore {
             pg.application_name("flowcraft");
         }
         // Never log the URL itself: it may carry a password.
-        let target = format!(
-            "hosts {:?}, database {:?}",
-            pg.get_hosts(),
-            pg.get_dbname().unwrap_or("(default)")
-        );
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let target = format!("hosts {:?}, database {:?}", pg.get_hosts(), pg.get_dbname().unwrap_or("(default)"));
+        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .runtime(Runtime::Tokio1)
@@ -641,16 +566,9 @@ impl PostgresStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::Config(format!("PostgreSQL pool: {e}")))?;
-        let store = Self {
-            sql: Arc::new(Sql::new(&names)),
-            names: Arc::new(names),
-            pool,
-        };
+        let store = Self { sql: Arc::new(Sql::new(&names)), names: Arc::new(names), pool };
         let client = store.pool.get().await.map_err(|e| {
-            StoreError::Database(format!(
-                "cannot connect to PostgreSQL ({target}): {}",
-                describe_pool(&e)
-            ))
+            StoreError::Database(format!("cannot connect to PostgreSQL ({target}): {}", describe_pool(&e)))
         })?;
         drop(client);
         tracing::info!(
@@ -675,12 +593,10 @@ impl PostgresStore {
     }
 
     async fn client(&self, op: &str) -> StoreResult<deadpool_postgres::Client> {
-        self.pool.get().await.map_err(|e| {
-            StoreError::Database(format!(
-                "{op}: no PostgreSQL connection: {}",
-                describe_pool(&e)
-            ))
-        })
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Database(format!("{op}: no PostgreSQL connection: {}", describe_pool(&e))))
     }
 
     /// Apply the embedded migrations that are not applied yet, each in its own transaction under an advisory
@@ -693,38 +609,21 @@ impl PostgresStore {
             let op = format!("migration V{}__{}", m.version, m.name);
             let err = |e: tokio_postgres::Error| db_error(&op, history, &e);
             let tx = client.transaction().await.map_err(err)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1::bigint)", &[&key])
-                .await
-                .map_err(err)?;
-            tx.batch_execute(&self.sql.create_history)
-                .await
-                .map_err(err)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1::bigint)", &[&key]).await.map_err(err)?;
+            tx.batch_execute(&self.sql.create_history).await.map_err(err)?;
             let applied = tx
-                .query_opt(
-                    &format!("SELECT 1 FROM {} WHERE version = $1::int", quote(history)),
-                    &[&m.version],
-                )
+                .query_opt(&format!("SELECT 1 FROM {} WHERE version = $1::int", quote(history)), &[&m.version])
                 .await
                 .map_err(err)?
                 .is_some();
             if applied {
                 tx.commit().await.map_err(err)?;
-                tracing::debug!(
-                    version = m.version,
-                    name = m.name,
-                    history,
-                    "migration already applied"
-                );
+                tracing::debug!(version = m.version, name = m.name, history, "migration already applied");
                 continue;
             }
-            tx.batch_execute(&self.names.render(m.sql))
-                .await
-                .map_err(err)?;
+            tx.batch_execute(&self.names.render(m.sql)).await.map_err(err)?;
             tx.execute(
-                &format!(
-                    "INSERT INTO {} (version, name) VALUES ($1::int, $2::text)",
-                    quote(history)
-                ),
+                &format!("INSERT INTO {} (version, name) VALUES ($1::int, $2::text)", quote(history)),
                 &[&m.version, &m.name],
             )
             .await
@@ -734,21 +633,13 @@ impl PostgresStore {
         }
         let latest = MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
         let newer = client
-            .query_opt(
-                &format!("SELECT max(version) AS v FROM {}", quote(history)),
-                &[],
-            )
+            .query_opt(&format!("SELECT max(version) AS v FROM {}", quote(history)), &[])
             .await
             .map_err(|e| db_error("read migration history", history, &e))?
             .and_then(|row| row.get::<_, Option<i32>>("v"))
             .filter(|v| *v > latest);
         if let Some(v) = newer {
-            tracing::warn!(
-                applied = v,
-                known = latest,
-                history,
-                "database schema is newer than this binary"
-            );
+            tracing::warn!(applied = v, known = latest, history, "database schema is newer than this binary");
         }
         Ok(())
     }
@@ -769,14 +660,8 @@ impl PostgresStore {
         let op = format!("count results of run {run_id}");
         let table = self.names.results.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.count_results)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        let row = client
-            .query_one(&stmt, &[&run_id])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.count_results).await.map_err(|e| db_error(&op, table, &e))?;
+        let row = client.query_one(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))?;
         column(&row, "n", run_id)
     }
 
@@ -792,67 +677,33 @@ impl PostgresStore {
         let op = format!("record reconcile stats of schedule {schedule}");
         let table = self.names.reconcile_runs.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.record_reconcile)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        let (stalled, reconciled, failed) =
-            (clamp_i64(stalled), clamp_i64(reconciled), clamp_i64(failed));
+        let stmt = client.prepare_cached(&self.sql.record_reconcile).await.map_err(|e| db_error(&op, table, &e))?;
+        let (stalled, reconciled, failed) = (clamp_i64(stalled), clamp_i64(reconciled), clamp_i64(failed));
         client
-            .execute(
-                &stmt,
-                &[
-                    &schedule,
-                    &started_at,
-                    &stalled,
-                    &reconciled,
-                    &failed,
-                    &RECONCILE_HISTORY_KEEP,
-                ],
-            )
+            .execute(&stmt, &[&schedule, &started_at, &stalled, &reconciled, &failed, &RECONCILE_HISTORY_KEEP])
             .await
             .map_err(|e| db_error(&op, table, &e))?;
-        tracing::debug!(
-            schedule,
-            stalled,
-            reconciled,
-            failed,
-            "recorded reconcile stats"
-        );
+        tracing::debug!(schedule, stalled, reconciled, failed, "recorded reconcile stats");
         Ok(())
     }
 
     /// The latest recorded reconciler pass of `schedule`.
-    pub async fn last_reconcile_stats(
-        &self,
-        schedule: &str,
-    ) -> StoreResult<Option<ReconcileStatsRow>> {
+    pub async fn last_reconcile_stats(&self, schedule: &str) -> StoreResult<Option<ReconcileStatsRow>> {
         let op = format!("read reconcile stats of schedule {schedule}");
         let table = self.names.reconcile_runs.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.last_reconcile)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        let Some(row) = client
-            .query_opt(&stmt, &[&schedule])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?
-        else {
+        let stmt = client.prepare_cached(&self.sql.last_reconcile).await.map_err(|e| db_error(&op, table, &e))?;
+        let Some(row) = client.query_opt(&stmt, &[&schedule]).await.map_err(|e| db_error(&op, table, &e))? else {
             return Ok(None);
         };
         let get = |name: &str| -> StoreResult<u64> {
-            let n: i64 = row.try_get(name).map_err(|e| {
-                StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}"))
-            })?;
-            u64::try_from(n).map_err(|_| {
-                StoreError::Database(format!("{op} (table {table:?}): negative {name} {n}"))
-            })
+            let n: i64 = row
+                .try_get(name)
+                .map_err(|e| StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}")))?;
+            u64::try_from(n).map_err(|_| StoreError::Database(format!("{op} (table {table:?}): negative {name} {n}")))
         };
         let ts = |name: &str| -> StoreResult<DateTime<Utc>> {
-            row.try_get(name).map_err(|e| {
-                StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}"))
-            })
+            row.try_get(name).map_err(|e| StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}")))
         };
         Ok(Some(ReconcileStatsRow {
             schedule: schedule.to_string(),
@@ -873,15 +724,8 @@ impl PostgresStore {
     ) -> StoreResult<Option<NodeRecord>> {
         let op = format!("read record of node {node_id} of run {run_id}");
         let table = self.names.results.as_str();
-        let stmt = client
-            .prepare_cached(&self.sql.existing_record)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        match client
-            .query_opt(&stmt, &[&run_id, &node_id])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?
-        {
+        let stmt = client.prepare_cached(&self.sql.existing_record).await.map_err(|e| db_error(&op, table, &e))?;
+        match client.query_opt(&stmt, &[&run_id, &node_id]).await.map_err(|e| db_error(&op, table, &e))? {
             Some(row) => record_from_row(run_id, &row),
             None => Ok(None),
         }
@@ -894,20 +738,9 @@ impl RunStore for PostgresStore {
         let op = format!("create run {}", run.run_id);
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.create_run)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.create_run).await.map_err(|e| db_error(&op, table, &e))?;
         let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &run.run_id,
-                    &run.blueprint_id,
-                    &run.blueprint_version,
-                    &run.input,
-                ],
-            )
+            .query_one(&stmt, &[&run.run_id, &run.blueprint_id, &run.blueprint_version, &run.input])
             .await
             .map_err(|e| db_error(&op, table, &e))?;
         let created: i64 = column(&row, "created", &run.run_id)?;
@@ -919,15 +752,8 @@ impl RunStore for PostgresStore {
         let op = format!("read job view of run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.job_view)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        let Some(row) = client
-            .query_opt(&stmt, &[&run_id, &nodes])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?
-        else {
+        let stmt = client.prepare_cached(&self.sql.job_view).await.map_err(|e| db_error(&op, table, &e))?;
+        let Some(row) = client.query_opt(&stmt, &[&run_id, &nodes]).await.map_err(|e| db_error(&op, table, &e))? else {
             return Ok(None);
         };
         let run = run_from_row(&row)?;
@@ -936,25 +762,15 @@ impl RunStore for PostgresStore {
             Some(other) => {
                 return Err(corrupt(
                     run_id,
-                    format!(
-                        "context in table {:?} is not an object: {other}",
-                        self.names.contexts
-                    ),
+                    format!("context in table {:?} is not an object: {other}", self.names.contexts),
                 ));
             }
             None => {
-                return Err(corrupt(
-                    run_id,
-                    format!("context row missing from table {:?}", self.names.contexts),
-                ));
+                return Err(corrupt(run_id, format!("context row missing from table {:?}", self.names.contexts)));
             }
         };
         let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
-        Ok(Some(JobView {
-            run,
-            context: std::sync::Arc::new(context),
-            records,
-        }))
+        Ok(Some(JobView { run, context: std::sync::Arc::new(context), records }))
     }
 
     async fn record(
@@ -974,10 +790,7 @@ impl RunStore for PostgresStore {
         let merge = Value::Object(merge);
         let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.record)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, &e))?;
         let params: [&(dyn ToSql + Sync); 9] = [
             &run_id,
             &node_id,
@@ -989,39 +802,20 @@ impl RunStore for PostgresStore {
             &record.error,
             &merge,
         ];
-        let row = client
-            .query_one(&stmt, &params)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, &e))?;
         let inserted: bool = column(&row, "inserted", run_id)?;
         if inserted {
-            tracing::debug!(
-                run_id,
-                node_id,
-                status = record.status.as_str(),
-                "recorded node result"
-            );
+            tracing::debug!(run_id, node_id, status = record.status.as_str(), "recorded node result");
             return Ok(RecordOutcome::Inserted);
         }
         let existing = match record_from_row(run_id, &row)? {
             Some(existing) => existing,
             // Committed concurrently, after this statement's snapshot: read it with a fresh one.
-            None => self
-                .existing_record(&client, run_id, node_id)
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Database(format!(
-                        "{op}: run {run_id} does not exist in table {:?}",
-                        self.names.statuses
-                    ))
-                })?,
+            None => self.existing_record(&client, run_id, node_id).await?.ok_or_else(|| {
+                StoreError::Database(format!("{op}: run {run_id} does not exist in table {:?}", self.names.statuses))
+            })?,
         };
-        tracing::debug!(
-            run_id,
-            node_id,
-            status = existing.status.as_str(),
-            "node result already recorded"
-        );
+        tracing::debug!(run_id, node_id, status = existing.status.as_str(), "node result already recorded");
         Ok(RecordOutcome::Existing(existing))
     }
 
@@ -1032,47 +826,23 @@ impl RunStore for PostgresStore {
         let op = format!("record skipped nodes of run {run_id}");
         let table = self.names.results.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.record_skipped)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        let row = client
-            .query_one(&stmt, &[&run_id, &node_ids])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.record_skipped).await.map_err(|e| db_error(&op, table, &e))?;
+        let row = client.query_one(&stmt, &[&run_id, &node_ids]).await.map_err(|e| db_error(&op, table, &e))?;
         let inserted: i64 = column(&row, "inserted", run_id)?;
-        tracing::debug!(
-            run_id,
-            requested = node_ids.len(),
-            inserted,
-            "recorded skipped nodes"
-        );
+        tracing::debug!(run_id, requested = node_ids.len(), inserted, "recorded skipped nodes");
         Ok(())
     }
 
-    async fn finish_run(
-        &self,
-        run_id: &str,
-        status: RunStatus,
-        status_data: &Value,
-    ) -> StoreResult<bool> {
+    async fn finish_run(&self, run_id: &str, status: RunStatus, status_data: &Value) -> StoreResult<bool> {
         let op = format!("finish run {run_id} as {status}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.finish_run)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.finish_run).await.map_err(|e| db_error(&op, table, &e))?;
         let changed = client
             .execute(&stmt, &[&run_id, &status.as_str(), status_data])
             .await
             .map_err(|e| db_error(&op, table, &e))?;
-        tracing::debug!(
-            run_id,
-            status = status.as_str(),
-            changed = changed > 0,
-            "finish run"
-        );
+        tracing::debug!(run_id, status = status.as_str(), changed = changed > 0, "finish run");
         Ok(changed > 0)
     }
 
@@ -1080,14 +850,8 @@ impl RunStore for PostgresStore {
         let op = format!("touch run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.touch)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        client
-            .execute(&stmt, &[&run_id])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.touch).await.map_err(|e| db_error(&op, table, &e))?;
+        client.execute(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))?;
         Ok(())
     }
 
@@ -1095,15 +859,8 @@ impl RunStore for PostgresStore {
         let op = format!("read run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.run_info)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        match client
-            .query_opt(&stmt, &[&run_id])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?
-        {
+        let stmt = client.prepare_cached(&self.sql.run_info).await.map_err(|e| db_error(&op, table, &e))?;
+        match client.query_opt(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))? {
             Some(row) => run_from_row(&row).map(Some),
             None => Ok(None),
         }
@@ -1113,14 +870,8 @@ impl RunStore for PostgresStore {
         let op = format!("read records of run {run_id}");
         let table = self.names.results.as_str();
         let client = self.client(&op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.records)
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        let rows = client
-            .query(&stmt, &[&run_id])
-            .await
-            .map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.records).await.map_err(|e| db_error(&op, table, &e))?;
+        let rows = client.query(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))?;
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
             if let Some(record) = record_from_row(run_id, row)? {
@@ -1133,11 +884,7 @@ impl RunStore for PostgresStore {
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {
         let op = "list runs";
         let table = self.names.statuses.as_str();
-        let limit = clamp_i64(if filter.limit == 0 {
-            DEFAULT_LIST_LIMIT
-        } else {
-            filter.limit
-        } as u64);
+        let limit = clamp_i64(if filter.limit == 0 { DEFAULT_LIST_LIMIT } else { filter.limit } as u64);
         let status = filter.status.map(RunStatus::as_str);
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(3);
         let mut variant = 0;
@@ -1151,14 +898,8 @@ impl RunStore for PostgresStore {
         }
         params.push(&limit);
         let client = self.client(op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.list_runs[variant])
-            .await
-            .map_err(|e| db_error(op, table, &e))?;
-        let rows = client
-            .query(&stmt, &params)
-            .await
-            .map_err(|e| db_error(op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.list_runs[variant]).await.map_err(|e| db_error(op, table, &e))?;
+        let rows = client.query(&stmt, &params).await.map_err(|e| db_error(op, table, &e))?;
         rows.iter().map(run_from_row).collect()
     }
 
@@ -1169,23 +910,12 @@ impl RunStore for PostgresStore {
         let op = "claim stalled runs";
         let table = self.names.statuses.as_str();
         // Clamped so that `$1 * interval '1 millisecond'` stays within PostgreSQL's interval range.
-        let threshold_ms = i64::try_from(older_than.as_millis())
-            .unwrap_or(i64::MAX)
-            .min(MAX_THRESHOLD_MS);
+        let threshold_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX).min(MAX_THRESHOLD_MS);
         let limit = clamp_i64(limit as u64);
         let client = self.client(op).await?;
-        let stmt = client
-            .prepare_cached(&self.sql.claim_stalled)
-            .await
-            .map_err(|e| db_error(op, table, &e))?;
-        let rows = client
-            .query(&stmt, &[&threshold_ms, &limit])
-            .await
-            .map_err(|e| db_error(op, table, &e))?;
-        let runs = rows
-            .iter()
-            .map(run_from_row)
-            .collect::<StoreResult<Vec<_>>>()?;
+        let stmt = client.prepare_cached(&self.sql.claim_stalled).await.map_err(|e| db_error(op, table, &e))?;
+        let rows = client.query(&stmt, &[&threshold_ms, &limit]).await.map_err(|e| db_error(op, table, &e))?;
+        let runs = rows.iter().map(run_from_row).collect::<StoreResult<Vec<_>>>()?;
         if !runs.is_empty() {
             tracing::info!(claimed = runs.len(), threshold_ms, "claimed stalled runs");
         }
@@ -1203,9 +933,7 @@ mod tests {
         assert!(validate_identifier("x", "_a1").is_ok());
         assert!(validate_identifier("x", &"a".repeat(63)).is_ok());
         for bad in ["", "1abc", "a-b", "a\"b", "a b", "ä", &"a".repeat(64)] {
-            let err = validate_identifier("statuses", bad)
-                .unwrap_err()
-                .to_string();
+            let err = validate_identifier("statuses", bad).unwrap_err().to_string();
             assert!(err.contains("statuses"), "{err}");
         }
     }
@@ -1215,20 +943,11 @@ mod tests {
         let names = TableNames::from_config(&PgConfig::default()).unwrap();
         assert_eq!(names.reconcile_runs, "flowcraft_reconcile_runs");
         assert_eq!(names.migrations, "flowcraft_statuses_migrations");
-        let long = PgConfig {
-            statuses_table: "s".repeat(63),
-            ..PgConfig::default()
-        };
+        let long = PgConfig { statuses_table: "s".repeat(63), ..PgConfig::default() };
         let names = TableNames::from_config(&long).unwrap();
-        assert!(
-            names.migrations.len() <= MAX_IDENTIFIER_LEN
-                && names.reconcile_runs.len() <= MAX_IDENTIFIER_LEN
-        );
+        assert!(names.migrations.len() <= MAX_IDENTIFIER_LEN && names.reconcile_runs.len() <= MAX_IDENTIFIER_LEN);
         assert!(validate_identifier("m", &names.migrations).is_ok());
-        let dup = PgConfig {
-            results_table: "flowcraft_contexts".into(),
-            ..PgConfig::default()
-        };
+        let dup = PgConfig { results_table: "flowcraft_contexts".into(), ..PgConfig::default() };
         assert!(TableNames::from_config(&dup).is_err());
     }
 
@@ -1237,16 +956,8 @@ mod tests {
         let names = TableNames::from_config(&PgConfig::default()).unwrap();
         for m in MIGRATIONS {
             let sql = names.render(m.sql);
-            assert!(
-                !sql.contains("{contexts}") && !sql.contains("{statuses}"),
-                "V{}",
-                m.version
-            );
-            assert!(
-                !sql.contains("{results}") && !sql.contains("{reconcile_runs}"),
-                "V{}",
-                m.version
-            );
+            assert!(!sql.contains("{contexts}") && !sql.contains("{statuses}"), "V{}", m.version);
+            assert!(!sql.contains("{results}") && !sql.contains("{reconcile_runs}"), "V{}", m.version);
         }
         let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
         assert!(versions.windows(2).all(|w| w[0] < w[1]));

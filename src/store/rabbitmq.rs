@@ -25,18 +25,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -110,9 +106,7 @@ impl FromStr for QueueType {
         match s.trim().to_ascii_lowercase().as_str() {
             "quorum" => Ok(QueueType::Quorum),
             "classic" => Ok(QueueType::Classic),
-            other => Err(StoreError::Config(format!(
-                "unknown queue type {other:?}: expected quorum or classic"
-            ))),
+            other => Err(StoreError::Config(format!("unknown queue type {other:?}: expected quorum or classic"))),
         }
     }
 }
@@ -178,20 +172,14 @@ fn check_queue_name(queue: &str) -> StoreResult<()> {
         )));
     }
     if queue.starts_with("amq.") {
-        return Err(StoreError::Config(format!(
-            "queue name {queue:?} uses the reserved prefix amq."
-        )));
+        return Err(StoreError::Config(format!("queue name {queue:?} uses the reserved prefix amq.")));
     }
     Ok(())
 }
 
 fn parse_url(url: &str, queue: &str) -> StoreResult<AMQPUri> {
-    url.parse::<AMQPUri>().map_err(|error| {
-        StoreError::Config(format!(
-            "invalid AMQP URL {} for queue {queue}: {error}",
-            redact(url)
-        ))
-    })
+    url.parse::<AMQPUri>()
+        .map_err(|error| StoreError::Config(format!("invalid AMQP URL {} for queue {queue}: {error}", redact(url))))
 }
 
 /// Names of the queue's topology.
@@ -216,11 +204,8 @@ impl Names {
 
 /// A short string (queue names are checked up front; message ids and expirations may not fit).
 fn short(value: &str, what: &str, queue: &str) -> StoreResult<ShortString> {
-    ShortString::try_new(value).map_err(|error| {
-        StoreError::Queue(format!(
-            "{what} {value:?} for queue {queue} is too long: {error}"
-        ))
-    })
+    ShortString::try_new(value)
+        .map_err(|error| StoreError::Queue(format!("{what} {value:?} for queue {queue} is too long: {error}")))
 }
 
 fn long(value: &str) -> AMQPValue {
@@ -245,12 +230,7 @@ fn soft_error(error: &lapin::Error) -> Option<(AMQPSoftError, String)> {
 fn is_permanent(error: &lapin::Error) -> bool {
     matches!(
         soft_error(error),
-        Some((
-            AMQPSoftError::PRECONDITIONFAILED
-                | AMQPSoftError::ACCESSREFUSED
-                | AMQPSoftError::CONTENTTOOLARGE,
-            _
-        ))
+        Some((AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED | AMQPSoftError::CONTENTTOOLARGE, _))
     )
 }
 
@@ -266,23 +246,17 @@ fn declare_error(kind: &str, name: &str, error: &lapin::Error) -> StoreError {
 
 fn queue_error(queue: &str, what: &str, error: &lapin::Error) -> StoreError {
     match soft_error(error) {
-        Some((AMQPSoftError::NOTFOUND, message)) => StoreError::Queue(format!(
-            "{what} on queue {queue} failed: it does not exist (NOT_FOUND: {message})"
-        )),
+        Some((AMQPSoftError::NOTFOUND, message)) => {
+            StoreError::Queue(format!("{what} on queue {queue} failed: it does not exist (NOT_FOUND: {message})"))
+        }
         _ => StoreError::Queue(format!("{what} on queue {queue} failed: {error}")),
     }
 }
 
-async fn with_timeout<T>(
-    queue: &str,
-    what: &str,
-    future: impl Future<Output = lapin::Result<T>>,
-) -> StoreResult<T> {
+async fn with_timeout<T>(queue: &str, what: &str, future: impl Future<Output = lapin::Result<T>>) -> StoreResult<T> {
     match tokio::time::timeout(RPC_TIMEOUT, future).await {
         Ok(result) => result.map_err(|error| queue_error(queue, what, &error)),
-        Err(_) => Err(StoreError::Queue(format!(
-            "{what} on queue {queue} timed out after {RPC_TIMEOUT:?}"
-        ))),
+        Err(_) => Err(StoreError::Queue(format!("{what} on queue {queue} timed out after {RPC_TIMEOUT:?}"))),
     }
 }
 
@@ -299,19 +273,9 @@ fn backoff(attempt: u32) -> Duration {
 // Connecting and declaring
 // ------------------------------------------------------------------------------------------------
 
-async fn open_connection(
-    uri: &AMQPUri,
-    connection_name: &str,
-    queue: &str,
-) -> StoreResult<Connection> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect_uri(uri.clone(), properties),
-    )
-    .await
-    {
+async fn open_connection(uri: &AMQPUri, connection_name: &str, queue: &str) -> StoreResult<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri.clone(), properties)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(error)) => Err(StoreError::Queue(format!(
             "connecting to RabbitMQ at {}:{} for queue {queue} failed: {error}",
@@ -351,10 +315,7 @@ fn work_arguments(queue_type: QueueType, names: &Names) -> FieldTable {
     args.insert("x-queue-type".into(), long(queue_type.as_str()));
     args.insert("x-dead-letter-exchange".into(), long(&names.dlx));
     if queue_type == QueueType::Quorum {
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(DELIVERY_LIMIT),
-        );
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         args.insert("x-overflow".into(), long("reject-publish"));
     }
@@ -375,47 +336,27 @@ fn delay_arguments(names: &Names) -> FieldTable {
     args
 }
 
-async fn declare_topology(
-    connection: &Connection,
-    queue_type: QueueType,
-    names: &Names,
-) -> StoreResult<()> {
-    let channel = with_timeout(
-        &names.work,
-        "opening a channel",
-        connection.create_channel(),
-    )
-    .await?;
+async fn declare_topology(connection: &Connection, queue_type: QueueType, names: &Names) -> StoreResult<()> {
+    let channel = with_timeout(&names.work, "opening a channel", connection.create_channel()).await?;
     let result = declare_on(&channel, queue_type, names).await;
     close_channel(&channel, &names.work).await;
     result
 }
 
 async fn declare_on(channel: &Channel, queue_type: QueueType, names: &Names) -> StoreResult<()> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    let timeout =
-        |name: &str| StoreError::Queue(format!("declaring {name} timed out after {RPC_TIMEOUT:?}"));
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let timeout = |name: &str| StoreError::Queue(format!("declaring {name} timed out after {RPC_TIMEOUT:?}"));
     let exchange = channel.exchange_declare(
         names.dlx.as_str().into(),
         ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
+        ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
         FieldTable::default(),
     );
     tokio::time::timeout(RPC_TIMEOUT, exchange)
         .await
         .map_err(|_| timeout(&names.dlx))?
         .map_err(|error| declare_error("exchange", &names.dlx, &error))?;
-    let dead = channel.queue_declare(
-        names.dead.as_str().into(),
-        durable,
-        dead_arguments(queue_type),
-    );
+    let dead = channel.queue_declare(names.dead.as_str().into(), durable, dead_arguments(queue_type));
     tokio::time::timeout(RPC_TIMEOUT, dead)
         .await
         .map_err(|_| timeout(&names.dead))?
@@ -431,11 +372,7 @@ async fn declare_on(channel: &Channel, queue_type: QueueType, names: &Names) -> 
         .await
         .map_err(|_| timeout(&names.dead))?
         .map_err(|error| declare_error("binding of queue", &names.dead, &error))?;
-    let work = channel.queue_declare(
-        names.work.as_str().into(),
-        durable,
-        work_arguments(queue_type, names),
-    );
+    let work = channel.queue_declare(names.work.as_str().into(), durable, work_arguments(queue_type, names));
     tokio::time::timeout(RPC_TIMEOUT, work)
         .await
         .map_err(|_| timeout(&names.work))?
@@ -451,16 +388,9 @@ async fn declare_on(channel: &Channel, queue_type: QueueType, names: &Names) -> 
 /// Messages ready in `queue` (passive declare on a short-lived channel: a missing queue closes the channel).
 async fn passive_depth(connection: &Connection, queue: &str) -> StoreResult<u32> {
     let channel = with_timeout(queue, "opening a channel", connection.create_channel()).await?;
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let declared = with_timeout(
-        queue,
-        "inspecting",
-        channel.queue_declare(queue.into(), options, FieldTable::default()),
-    )
-    .await;
+    let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let declared =
+        with_timeout(queue, "inspecting", channel.queue_declare(queue.into(), options, FieldTable::default())).await;
     close_channel(&channel, queue).await;
     Ok(declared?.message_count())
 }
@@ -538,10 +468,7 @@ async fn publish_on(channel: &Channel, messages: &[Outgoing]) -> Result<(), Publ
             .basic_publish(
                 message.exchange.clone(),
                 message.routing_key.clone(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
+                BasicPublishOptions { mandatory: true, immediate: false },
                 &message.body,
                 message.properties.clone(),
             )
@@ -560,13 +487,12 @@ async fn publish_on(channel: &Channel, messages: &[Outgoing]) -> Result<(), Publ
                 returned.reply_code,
                 returned.reply_text
             )),
-            Ok(Confirmation::Nack(_)) => PublishFailure::Rejected(format!(
-                "the broker refused message {} (nack)",
-                message.id
-            )),
-            Ok(Confirmation::NotRequested) => PublishFailure::Rejected(
-                "publisher confirms are not enabled on the channel".to_string(),
-            ),
+            Ok(Confirmation::Nack(_)) => {
+                PublishFailure::Rejected(format!("the broker refused message {} (nack)", message.id))
+            }
+            Ok(Confirmation::NotRequested) => {
+                PublishFailure::Rejected("publisher confirms are not enabled on the channel".to_string())
+            }
             Err(error) => PublishFailure::Channel(error),
         };
         failure.get_or_insert(outcome);
@@ -598,10 +524,7 @@ impl RabbitAcker {
                 debug!(queue = %self.queue, op, error = %error, "Delivery not settled: its channel died; the broker redelivers it.");
                 Ok(())
             }
-            Err(error) => Err(StoreError::Queue(format!(
-                "{op} on queue {} failed: {error}",
-                self.queue
-            ))),
+            Err(error) => Err(StoreError::Queue(format!("{op} on queue {} failed: {error}", self.queue))),
         }
     }
 }
@@ -614,13 +537,7 @@ impl Acker for RabbitAcker {
     }
 
     async fn requeue(&self) -> StoreResult<()> {
-        let result = self
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await;
+        let result = self.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
         self.settle("requeue", result).await
     }
 }
@@ -673,9 +590,8 @@ impl Forwarder {
             }
         };
         self.active.store(false, Ordering::SeqCst);
-        let expected = self.cancelled.load(Ordering::SeqCst)
-            || self.stop.is_cancelled()
-            || self.shutdown.is_cancelled();
+        let expected =
+            self.cancelled.load(Ordering::SeqCst) || self.stop.is_cancelled() || self.shutdown.is_cancelled();
         match end {
             Some(reason) if !expected => {
                 warn!(queue = %self.queue, error = %reason, "Consumer ended unexpectedly; reconnecting.");
@@ -713,16 +629,11 @@ impl Inner {
     }
 
     async fn open_session(&self) -> StoreResult<Arc<Session>> {
-        let connection =
-            open_connection(&self.uri, &self.cfg.connection_name, self.queue()).await?;
+        let connection = open_connection(&self.uri, &self.cfg.connection_name, self.queue()).await?;
         let result = async {
             declare_topology(&connection, self.cfg.queue_type, &self.names).await?;
-            let publisher = with_timeout(
-                self.queue(),
-                "opening the publisher channel",
-                connection.create_channel(),
-            )
-            .await?;
+            let publisher =
+                with_timeout(self.queue(), "opening the publisher channel", connection.create_channel()).await?;
             with_timeout(
                 self.queue(),
                 "enabling publisher confirms",
@@ -753,10 +664,7 @@ impl Inner {
         let mut rx = self.session.subscribe();
         loop {
             if self.shutdown.is_cancelled() {
-                return Err(StoreError::Queue(format!(
-                    "queue {} is closed",
-                    self.queue()
-                )));
+                return Err(StoreError::Queue(format!("queue {} is closed", self.queue())));
             }
             let current = rx.borrow_and_update().clone();
             if let Some(session) = current
@@ -775,10 +683,7 @@ impl Inner {
             match tokio::time::timeout_at(deadline, wait).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    return Err(StoreError::Queue(format!(
-                        "queue {} is closed",
-                        self.queue()
-                    )));
+                    return Err(StoreError::Queue(format!("queue {} is closed", self.queue())));
                 }
                 Err(_) => {
                     return Err(StoreError::Queue(format!(
@@ -797,12 +702,7 @@ impl Inner {
         let mut retries = 0u32;
         loop {
             let session = self.wait_session(deadline).await?;
-            let error = match tokio::time::timeout_at(
-                deadline,
-                publish_on(&session.publisher, messages),
-            )
-            .await
-            {
+            let error = match tokio::time::timeout_at(deadline, publish_on(&session.publisher, messages)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(PublishFailure::Rejected(message))) => {
                     return Err(StoreError::Queue(format!(
@@ -817,11 +717,7 @@ impl Inner {
                         // Pending confirms would stay registered on this channel: start afresh.
                         session.lost.cancel();
                     }
-                    let why = if blocked {
-                        " (the broker blocks publishers: resource alarm)"
-                    } else {
-                        ""
-                    };
+                    let why = if blocked { " (the broker blocks publishers: resource alarm)" } else { "" };
                     return Err(StoreError::Queue(format!(
                         "publishing {what} to queue {}: not confirmed within {PUBLISH_DEADLINE:?}{why}",
                         self.queue()
@@ -833,10 +729,7 @@ impl Inner {
                 session.lost.cancel();
             }
             if !channel_dead || is_permanent(&error) {
-                return Err(StoreError::Queue(format!(
-                    "publishing {what} to queue {} failed: {error}",
-                    self.queue()
-                )));
+                return Err(StoreError::Queue(format!("publishing {what} to queue {} failed: {error}", self.queue())));
             }
             retries += 1;
             warn!(queue = %self.queue(), error = %error, retries, "Publish interrupted by a connection loss; republishing after reconnection.");
@@ -849,21 +742,12 @@ impl Inner {
         if slot.is_some() || !self.consume_wanted.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let tx = self
-            .delivery_tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let tx = self.delivery_tx.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let Some(tx) = tx else {
             return Ok(());
         };
         let queue = self.queue();
-        let channel = with_timeout(
-            queue,
-            "opening the consumer channel",
-            session.connection.create_channel(),
-        )
-        .await?;
+        let channel = with_timeout(queue, "opening the consumer channel", session.connection.create_channel()).await?;
         let started = async {
             with_timeout(
                 queue,
@@ -871,20 +755,11 @@ impl Inner {
                 channel.basic_qos(self.cfg.prefetch, BasicQosOptions::default()),
             )
             .await?;
-            let tag = short(
-                &format!("flowcraft-{}", uuid::Uuid::new_v4()),
-                "consumer tag",
-                queue,
-            )?;
+            let tag = short(&format!("flowcraft-{}", uuid::Uuid::new_v4()), "consumer tag", queue)?;
             with_timeout(
                 queue,
                 "starting the consumer",
-                channel.basic_consume(
-                    queue.into(),
-                    tag,
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                ),
+                channel.basic_consume(queue.into(), tag, BasicConsumeOptions::default(), FieldTable::default()),
             )
             .await
         }
@@ -898,11 +773,7 @@ impl Inner {
         };
         let cancelled = Arc::new(AtomicBool::new(false));
         session.consumer_active.store(true, Ordering::SeqCst);
-        *slot = Some(ConsumerSlot {
-            channel: channel.clone(),
-            tag: consumer.tag(),
-            cancelled: cancelled.clone(),
-        });
+        *slot = Some(ConsumerSlot { channel: channel.clone(), tag: consumer.tag(), cancelled: cancelled.clone() });
         let forwarder = Forwarder {
             consumer,
             channel,
@@ -928,9 +799,7 @@ impl Inner {
         if slot.cancelled.swap(true, Ordering::SeqCst) {
             return;
         }
-        let cancel = slot
-            .channel
-            .basic_cancel(slot.tag.clone(), BasicCancelOptions::default());
+        let cancel = slot.channel.basic_cancel(slot.tag.clone(), BasicCancelOptions::default());
         match with_timeout(self.queue(), "cancelling the consumer", cancel).await {
             Ok(()) => info!(queue = %self.queue(), "Stopped consuming."),
             Err(error) => {
@@ -1009,11 +878,7 @@ impl Inner {
                 return;
             };
             warn!(queue = %self.queue(), error = %reason, "Connection lost; reconnecting.");
-            failures = if session.opened.elapsed() > STABLE_AFTER {
-                0
-            } else {
-                failures.saturating_add(1)
-            };
+            failures = if session.opened.elapsed() > STABLE_AFTER { 0 } else { failures.saturating_add(1) };
             drop(session);
             session = match self.reconnect(failures).await {
                 Some(session) => session,
@@ -1033,9 +898,7 @@ pub struct RabbitQueue {
 
 impl fmt::Debug for RabbitQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitQueue")
-            .field("cfg", &self.inner.cfg)
-            .finish()
+        f.debug_struct("RabbitQueue").field("cfg", &self.inner.cfg).finish()
     }
 }
 
@@ -1089,11 +952,7 @@ impl RabbitQueue {
         inner.session.send_replace(Some(session.clone()));
         info!(queue = %inner.queue(), url = %redact(&inner.cfg.url), queue_type = %inner.cfg.queue_type, "Connected to RabbitMQ.");
         let supervisor = tokio::spawn(inner.clone().supervise(session));
-        Ok(Self {
-            inner,
-            deliveries: tokio::sync::Mutex::new(rx),
-            supervisor: Mutex::new(Some(supervisor)),
-        })
+        Ok(Self { inner, deliveries: tokio::sync::Mutex::new(rx), supervisor: Mutex::new(Some(supervisor)) })
     }
 
     /// The configuration.
@@ -1139,19 +998,9 @@ impl RabbitQueue {
     /// Close the connection and stop the supervisor. Unsettled deliveries return to the queue.
     pub async fn close(&self) {
         self.inner.consume_wanted.store(false, Ordering::SeqCst);
-        drop(
-            self.inner
-                .delivery_tx
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
+        drop(self.inner.delivery_tx.lock().unwrap_or_else(PoisonError::into_inner).take());
         self.inner.shutdown.cancel();
-        let handle = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let handle = self.supervisor.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(handle) = handle
             && tokio::time::timeout(RPC_TIMEOUT, handle).await.is_err()
         {
@@ -1160,9 +1009,7 @@ impl RabbitQueue {
     }
 
     async fn live_session(&self) -> StoreResult<Arc<Session>> {
-        self.inner
-            .wait_session(Instant::now() + PUBLISH_DEADLINE)
-            .await
+        self.inner.wait_session(Instant::now() + PUBLISH_DEADLINE).await
     }
 
     /// Messages ready in the work queue (passive declare).
@@ -1187,18 +1034,9 @@ impl RabbitQueue {
     pub async fn purge(&self) -> StoreResult<u32> {
         let session = self.live_session().await?;
         let queue = self.inner.queue();
-        let channel = with_timeout(
-            queue,
-            "opening a channel",
-            session.connection.create_channel(),
-        )
-        .await?;
-        let purged = with_timeout(
-            queue,
-            "purging",
-            channel.queue_purge(queue.into(), QueuePurgeOptions::default()),
-        )
-        .await;
+        let channel = with_timeout(queue, "opening a channel", session.connection.create_channel()).await?;
+        let purged =
+            with_timeout(queue, "purging", channel.queue_purge(queue.into(), QueuePurgeOptions::default())).await;
         close_channel(&channel, queue).await;
         purged
     }
@@ -1207,12 +1045,7 @@ impl RabbitQueue {
     pub async fn get_dead_letter(&self) -> StoreResult<Option<(Vec<u8>, Option<String>)>> {
         let session = self.live_session().await?;
         let dead = &self.inner.names.dead;
-        let channel = with_timeout(
-            dead,
-            "opening a channel",
-            session.connection.create_channel(),
-        )
-        .await?;
+        let channel = with_timeout(dead, "opening a channel", session.connection.create_channel()).await?;
         let got = with_timeout(
             dead,
             "getting a message",
@@ -1230,9 +1063,7 @@ impl RabbitQueue {
             .as_ref()
             .and_then(|headers| headers.inner().get(REASON_HEADER))
             .and_then(|value| match value {
-                AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
+                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
                 AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
                 _ => None,
             });
@@ -1245,12 +1076,7 @@ impl RabbitQueue {
         self.stop_consuming().await;
         let session = self.live_session().await?;
         let names = &self.inner.names;
-        let channel = with_timeout(
-            &names.work,
-            "opening a channel",
-            session.connection.create_channel(),
-        )
-        .await?;
+        let channel = with_timeout(&names.work, "opening a channel", session.connection.create_channel()).await?;
         let result = async {
             for queue in [&names.work, &names.delay, &names.dead] {
                 with_timeout(
@@ -1263,8 +1089,7 @@ impl RabbitQueue {
             with_timeout(
                 &names.dlx,
                 "deleting the exchange",
-                channel
-                    .exchange_delete(names.dlx.as_str().into(), ExchangeDeleteOptions::default()),
+                channel.exchange_delete(names.dlx.as_str().into(), ExchangeDeleteOptions::default()),
             )
             .await
         }
@@ -1275,21 +1100,14 @@ impl RabbitQueue {
 
     fn job_message(&self, job: &Job, routing_key: &str) -> StoreResult<Outgoing> {
         let queue = self.inner.queue();
-        let body = serde_json::to_vec(job).map_err(|error| {
-            StoreError::Queue(format!("encoding a job for queue {queue} failed: {error}"))
-        })?;
+        let body = serde_json::to_vec(job)
+            .map_err(|error| StoreError::Queue(format!("encoding a job for queue {queue} failed: {error}")))?;
         let id = job.message_id();
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(short(&id, "message id", queue)?);
-        Ok(Outgoing {
-            exchange: "".into(),
-            routing_key: routing_key.into(),
-            body,
-            properties,
-            id,
-        })
+        Ok(Outgoing { exchange: "".into(), routing_key: routing_key.into(), body, properties, id })
     }
 }
 
@@ -1305,26 +1123,16 @@ impl JobQueue for RabbitQueue {
         if jobs.is_empty() {
             return Ok(());
         }
-        let messages = jobs
-            .iter()
-            .map(|job| self.job_message(job, &self.inner.names.work))
-            .collect::<StoreResult<Vec<_>>>()?;
-        let what = if jobs.len() == 1 {
-            "1 job".to_string()
-        } else {
-            format!("{} jobs", jobs.len())
-        };
+        let messages =
+            jobs.iter().map(|job| self.job_message(job, &self.inner.names.work)).collect::<StoreResult<Vec<_>>>()?;
+        let what = if jobs.len() == 1 { "1 job".to_string() } else { format!("{} jobs", jobs.len()) };
         self.inner.publish_all(&what, &messages).await
     }
 
     async fn publish_delayed(&self, job: &Job, delay: Duration) -> StoreResult<()> {
         let mut message = self.job_message(job, &self.inner.names.delay)?;
         let expiration = delay.as_millis().to_string();
-        message.properties = message.properties.with_expiration(short(
-            &expiration,
-            "expiration",
-            self.inner.queue(),
-        )?);
+        message.properties = message.properties.with_expiration(short(&expiration, "expiration", self.inner.queue())?);
         self.inner.publish_all("a delayed job", &[message]).await
     }
 
@@ -1335,9 +1143,7 @@ impl JobQueue for RabbitQueue {
             exchange: self.inner.names.dlx.as_str().into(),
             routing_key: self.inner.queue().into(),
             body: body.to_vec(),
-            properties: BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_headers(headers),
+            properties: BasicProperties::default().with_delivery_mode(2).with_headers(headers),
             id: "dead letter".to_string(),
         };
         self.inner.publish_all("a dead letter", &[message]).await
@@ -1351,13 +1157,7 @@ impl JobQueue for RabbitQueue {
         let inner = &self.inner;
         inner.consume_wanted.store(false, Ordering::SeqCst);
         inner.stop.cancel();
-        drop(
-            inner
-                .delivery_tx
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
+        drop(inner.delivery_tx.lock().unwrap_or_else(PoisonError::into_inner).take());
         let session = inner.session.borrow().clone();
         if let Some(session) = session {
             inner.cancel_consumer(&session).await;
@@ -1374,8 +1174,7 @@ impl JobQueue for RabbitQueue {
             return false;
         };
         session.problem().is_none()
-            && (!inner.consume_wanted.load(Ordering::SeqCst)
-                || session.consumer_active.load(Ordering::SeqCst))
+            && (!inner.consume_wanted.load(Ordering::SeqCst) || session.consumer_active.load(Ordering::SeqCst))
     }
 }
 
@@ -1386,10 +1185,7 @@ mod tests {
     #[test]
     fn queue_type_round_trips() {
         assert_eq!("quorum".parse::<QueueType>().ok(), Some(QueueType::Quorum));
-        assert_eq!(
-            "Classic".parse::<QueueType>().ok(),
-            Some(QueueType::Classic)
-        );
+        assert_eq!("Classic".parse::<QueueType>().ok(), Some(QueueType::Classic));
         assert!("stream".parse::<QueueType>().is_err());
         assert_eq!(QueueType::default().to_string(), "quorum");
         assert_eq!(QueueType::Classic.to_string(), "classic");
@@ -1405,15 +1201,9 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://***@host:5672/%2f"
-        );
+        assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://***@host:5672/%2f");
         assert_eq!(redact("amqp://host/%2f"), "amqp://host/%2f");
-        let cfg = AmqpConfig {
-            url: "amqp://u:p4ss@h/%2f".to_string(),
-            ..AmqpConfig::default()
-        };
+        let cfg = AmqpConfig { url: "amqp://u:p4ss@h/%2f".to_string(), ..AmqpConfig::default() };
         assert!(!format!("{cfg:?}").contains("p4ss"));
     }
 

@@ -24,9 +24,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 use tracing::{debug, info, warn};
 
-use crate::store::{
-    Coordinator, JoinArrival, JoinDecision, JoinState, LeaseToken, StoreError, StoreResult,
-};
+use crate::store::{Coordinator, JoinArrival, JoinDecision, JoinState, LeaseToken, StoreError, StoreResult};
 
 /// How many times [`RedisCoordinator::connect`] tries to reach Redis before giving up.
 const CONNECT_ATTEMPTS: u32 = 5;
@@ -72,15 +70,9 @@ impl RedisConfig {
     /// Check the prefix and the key TTL.
     pub fn validate(&self) -> StoreResult<()> {
         if self.prefix.is_empty() {
-            return Err(StoreError::Config(
-                "redis key prefix must not be empty".to_string(),
-            ));
+            return Err(StoreError::Config("redis key prefix must not be empty".to_string()));
         }
-        if let Some(c) = self
-            .prefix
-            .chars()
-            .find(|c| c.is_whitespace() || c.is_control() || *c == '{' || *c == '}')
-        {
+        if let Some(c) = self.prefix.chars().find(|c| c.is_whitespace() || c.is_control() || *c == '{' || *c == '}') {
             return Err(StoreError::Config(format!(
                 "redis key prefix {:?} contains {c:?}: whitespace, control characters, '{{' and '}}' are not allowed",
                 self.prefix
@@ -182,9 +174,7 @@ pub struct RedisCoordinator {
 
 impl fmt::Debug for RedisCoordinator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisCoordinator")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("RedisCoordinator").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -244,11 +234,7 @@ impl RedisCoordinator {
     /// Used to simulate Redis losing its state; never called by the engine.
     pub async fn flush_prefix(&self) -> StoreResult<u64> {
         let pattern = format!("{}:\\{{*", glob_escape(&self.config.prefix));
-        let deleted = self
-            .unlink_matching(&pattern, || {
-                format!("flushing prefix {:?}", self.config.prefix)
-            })
-            .await?;
+        let deleted = self.unlink_matching(&pattern, || format!("flushing prefix {:?}", self.config.prefix)).await?;
         info!(prefix = %self.config.prefix, deleted, "flushed redis prefix");
         Ok(deleted)
     }
@@ -256,18 +242,14 @@ impl RedisCoordinator {
     /// Preload the scripts so the first calls use `EVALSHA` directly.
     async fn load_scripts(&self) -> StoreResult<()> {
         let mut conn = self.conn.clone();
-        for (name, script) in [
-            ("arrive", &self.scripts.arrive),
-            ("extend", &self.scripts.extend),
-            ("release", &self.scripts.release),
-        ] {
+        for (name, script) in
+            [("arrive", &self.scripts.arrive), ("extend", &self.scripts.extend), ("release", &self.scripts.release)]
+        {
             script
                 .prepare_invoke()
                 .load_async(&mut conn)
                 .await
-                .map_err(|e| {
-                    StoreError::Coordination(format!("loading the redis {name} script: {e}"))
-                })?;
+                .map_err(|e| StoreError::Coordination(format!("loading the redis {name} script: {e}")))?;
         }
         Ok(())
     }
@@ -326,14 +308,7 @@ impl RedisCoordinator {
 #[async_trait]
 impl Coordinator for RedisCoordinator {
     async fn arrive(&self, arrival: &JoinArrival<'_>) -> StoreResult<JoinDecision> {
-        let JoinArrival {
-            run_id,
-            node_id,
-            source,
-            taken,
-            expected,
-            any,
-        } = *arrival;
+        let JoinArrival { run_id, node_id, source, taken, expected, any } = *arrival;
         if expected == 0 {
             return Err(StoreError::Coordination(format!(
                 "arrival from {source} at join {node_id} of run {run_id}: the join expects 0 predecessors"
@@ -353,12 +328,7 @@ impl Coordinator for RedisCoordinator {
             .arg(self.key_ttl_ms())
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| {
-                coordination(
-                    &format!("arrival from {source} at join {node_id} of run {run_id}"),
-                    e,
-                )
-            })?;
+            .map_err(|e| coordination(&format!("arrival from {source} at join {node_id} of run {run_id}"), e))?;
         let decision = match code {
             0 => JoinDecision::Wait,
             1 => JoinDecision::Fire,
@@ -369,25 +339,11 @@ impl Coordinator for RedisCoordinator {
                 )));
             }
         };
-        debug!(
-            run_id,
-            node_id,
-            source,
-            taken,
-            expected,
-            any,
-            ?decision,
-            "join arrival"
-        );
+        debug!(run_id, node_id, source, taken, expected, any, ?decision, "join arrival");
         Ok(decision)
     }
 
-    async fn acquire_lease(
-        &self,
-        run_id: &str,
-        node_id: &str,
-        ttl: Duration,
-    ) -> StoreResult<Option<LeaseToken>> {
+    async fn acquire_lease(&self, run_id: &str, node_id: &str, ttl: Duration) -> StoreResult<Option<LeaseToken>> {
         let mut conn = self.conn.clone();
         let token = uuid::Uuid::new_v4().to_string();
         let reply: Option<String> = redis::cmd("SET")
@@ -398,30 +354,13 @@ impl Coordinator for RedisCoordinator {
             .arg(millis(ttl))
             .query_async(&mut conn)
             .await
-            .map_err(|e| {
-                coordination(
-                    &format!("acquiring the lease of node {node_id} of run {run_id}"),
-                    e,
-                )
-            })?;
+            .map_err(|e| coordination(&format!("acquiring the lease of node {node_id} of run {run_id}"), e))?;
         let acquired = reply.is_some();
-        debug!(
-            run_id,
-            node_id,
-            acquired,
-            ttl_ms = millis(ttl),
-            "lease acquire"
-        );
+        debug!(run_id, node_id, acquired, ttl_ms = millis(ttl), "lease acquire");
         Ok(acquired.then_some(LeaseToken(token)))
     }
 
-    async fn extend_lease(
-        &self,
-        run_id: &str,
-        node_id: &str,
-        token: &LeaseToken,
-        ttl: Duration,
-    ) -> StoreResult<bool> {
+    async fn extend_lease(&self, run_id: &str, node_id: &str, token: &LeaseToken, ttl: Duration) -> StoreResult<bool> {
         let mut conn = self.conn.clone();
         let extended: i64 = self
             .scripts
@@ -431,24 +370,14 @@ impl Coordinator for RedisCoordinator {
             .arg(millis(ttl))
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| {
-                coordination(
-                    &format!("extending the lease of node {node_id} of run {run_id}"),
-                    e,
-                )
-            })?;
+            .map_err(|e| coordination(&format!("extending the lease of node {node_id} of run {run_id}"), e))?;
         if extended != 1 {
             warn!(run_id, node_id, "lease lost: not extended");
         }
         Ok(extended == 1)
     }
 
-    async fn release_lease(
-        &self,
-        run_id: &str,
-        node_id: &str,
-        token: &LeaseToken,
-    ) -> StoreResult<()> {
+    async fn release_lease(&self, run_id: &str, node_id: &str, token: &LeaseToken) -> StoreResult<()> {
         let mut conn = self.conn.clone();
         let released: i64 = self
             .scripts
@@ -457,12 +386,7 @@ impl Coordinator for RedisCoordinator {
             .arg(&token.0)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| {
-                coordination(
-                    &format!("releasing the lease of node {node_id} of run {run_id}"),
-                    e,
-                )
-            })?;
+            .map_err(|e| coordination(&format!("releasing the lease of node {node_id} of run {run_id}"), e))?;
         debug!(run_id, node_id, released = released == 1, "lease release");
         Ok(())
     }
@@ -473,12 +397,7 @@ impl Coordinator for RedisCoordinator {
             .arg(self.node_key(run_id, "lease", node_id))
             .query_async(&mut conn)
             .await
-            .map_err(|e| {
-                coordination(
-                    &format!("checking the lease of node {node_id} of run {run_id}"),
-                    e,
-                )
-            })?;
+            .map_err(|e| coordination(&format!("checking the lease of node {node_id} of run {run_id}"), e))?;
         Ok(n > 0)
     }
 
@@ -488,25 +407,16 @@ impl Coordinator for RedisCoordinator {
         pipe.atomic();
         if !node_ids.is_empty() {
             pipe.cmd("SADD").arg(&key).arg(node_ids).ignore();
-            pipe.cmd("PEXPIRE")
-                .arg(&key)
-                .arg(self.key_ttl_ms())
-                .ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(self.key_ttl_ms()).ignore();
         }
         pipe.cmd("SCARD").arg(&key);
         let mut conn = self.conn.clone();
-        let (count,): (u64,) = pipe.query_async(&mut conn).await.map_err(|e| {
-            coordination(&format!("resolving nodes {node_ids:?} of run {run_id}"), e)
-        })?;
+        let (count,): (u64,) = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("resolving nodes {node_ids:?} of run {run_id}"), e))?;
         let complete = usize::try_from(count).unwrap_or(usize::MAX) >= total;
-        debug!(
-            run_id,
-            ?node_ids,
-            resolved = count,
-            total,
-            complete,
-            "resolve"
-        );
+        debug!(run_id, ?node_ids, resolved = count, total, complete, "resolve");
         Ok(complete)
     }
 
@@ -525,11 +435,7 @@ impl Coordinator for RedisCoordinator {
             let arrived_key = self.node_key(run_id, "arr", &join.node_id);
             // `taken` is a subset of `arrived`; add both so the invariant holds even for a partial state.
             if !join.arrived.is_empty() || !join.taken.is_empty() {
-                pipe.cmd("SADD")
-                    .arg(&arrived_key)
-                    .arg(&join.arrived)
-                    .arg(&join.taken)
-                    .ignore();
+                pipe.cmd("SADD").arg(&arrived_key).arg(&join.arrived).arg(&join.taken).ignore();
                 pipe.cmd("PEXPIRE").arg(&arrived_key).arg(ttl).ignore();
                 commands += 2;
             }
@@ -543,13 +449,7 @@ impl Coordinator for RedisCoordinator {
         for node_id in decided {
             let flag_key = self.node_key(run_id, "dec", node_id);
             // Keep an existing flag (it knows the deciding source); refresh its TTL either way.
-            pipe.cmd("SET")
-                .arg(&flag_key)
-                .arg("F:?")
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl)
-                .ignore();
+            pipe.cmd("SET").arg(&flag_key).arg("F:?").arg("NX").arg("PX").arg(ttl).ignore();
             pipe.cmd("PEXPIRE").arg(&flag_key).arg(ttl).ignore();
             commands += 2;
         }
@@ -563,27 +463,16 @@ impl Coordinator for RedisCoordinator {
             return Ok(());
         }
         let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await.map_err(|e| {
-            coordination(
-                &format!("repairing the coordination state of run {run_id}"),
-                e,
-            )
-        })?;
-        info!(
-            run_id,
-            joins = joins.len(),
-            decided = decided.len(),
-            resolved = resolved.len(),
-            "repaired run state"
-        );
+        pipe.exec_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("repairing the coordination state of run {run_id}"), e))?;
+        info!(run_id, joins = joins.len(), decided = decided.len(), resolved = resolved.len(), "repaired run state");
         Ok(())
     }
 
     async fn forget(&self, run_id: &str) -> StoreResult<()> {
         let pattern = format!("{}:*", glob_escape(&self.run_base(run_id)));
-        let deleted = self
-            .unlink_matching(&pattern, || format!("forgetting run {run_id}"))
-            .await?;
+        let deleted = self.unlink_matching(&pattern, || format!("forgetting run {run_id}")).await?;
         debug!(run_id, deleted, "forgot run");
         Ok(())
     }
@@ -593,9 +482,7 @@ impl Coordinator for RedisCoordinator {
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|e| {
-                coordination(&format!("pinging redis (prefix {})", self.config.prefix), e)
-            })?;
+            .map_err(|e| coordination(&format!("pinging redis (prefix {})", self.config.prefix), e))?;
         Ok(())
     }
 }
@@ -658,19 +545,10 @@ mod tests {
         let ok = RedisConfig::default();
         assert!(ok.validate().is_ok());
         for bad in ["", "a b", "a{b", "a}b", "a\tb"] {
-            let cfg = RedisConfig {
-                prefix: bad.to_string(),
-                ..RedisConfig::default()
-            };
-            assert!(
-                matches!(cfg.validate(), Err(StoreError::Config(_))),
-                "{bad:?}"
-            );
+            let cfg = RedisConfig { prefix: bad.to_string(), ..RedisConfig::default() };
+            assert!(matches!(cfg.validate(), Err(StoreError::Config(_))), "{bad:?}");
         }
-        let cfg = RedisConfig {
-            key_ttl: Duration::ZERO,
-            ..RedisConfig::default()
-        };
+        let cfg = RedisConfig { key_ttl: Duration::ZERO, ..RedisConfig::default() };
         assert!(matches!(cfg.validate(), Err(StoreError::Config(_))));
     }
 
@@ -688,14 +566,8 @@ mod tests {
 
     #[test]
     fn url_redaction() {
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379/"),
-            "redis://127.0.0.1:6379/"
-        );
-        assert_eq!(
-            redact_url("redis://user:secret@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
+        assert_eq!(redact_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+        assert_eq!(redact_url("redis://user:secret@host:6379/0"), "redis://user:***@host:6379/0");
         assert_eq!(redact_url("redis://:secret@host/"), "redis://:***@host/");
     }
 }

@@ -38,9 +38,7 @@ pub fn cases() -> Vec<Case> {
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
-        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b)),
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
         }
@@ -52,16 +50,10 @@ fn same(a: &Value, b: &Value) -> bool {
 pub fn check(case: &Case, r: &RunResult) -> Result<(), String> {
     let mut errors = Vec::new();
     if r.status.as_str() != case.status {
-        errors.push(format!(
-            "status {} (error {:?}), expected {}",
-            r.status, r.error, case.status
-        ));
+        errors.push(format!("status {} (error {:?}), expected {}", r.status, r.error, case.status));
     }
-    let got: BTreeMap<String, (String, u32)> = r
-        .nodes
-        .iter()
-        .map(|(k, v)| (k.clone(), (v.status.as_str().to_string(), v.attempts)))
-        .collect();
+    let got: BTreeMap<String, (String, u32)> =
+        r.nodes.iter().map(|(k, v)| (k.clone(), (v.status.as_str().to_string(), v.attempts))).collect();
     if got != case.nodes {
         errors.push(format!("nodes {got:?}, expected {:?}", case.nodes));
     }
@@ -72,16 +64,9 @@ pub fn check(case: &Case, r: &RunResult) -> Result<(), String> {
         }
     }
     if let Some(fragment) = &case.error_contains
-        && !r
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains(fragment.as_str()))
+        && !r.error.as_deref().is_some_and(|e| e.contains(fragment.as_str()))
     {
         errors.push(format!("error {:?} does not contain {fragment:?}", r.error));
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("case '{}':\n  {}", case.name, errors.join("\n  ")))
-    }
+    if errors.is_empty() { Ok(()) } else { Err(format!("case '{}':\n  {}", case.name, errors.join("\n  "))) }
 }

@@ -8,20 +8,17 @@ use std::time::{Duration, Instant};
 
 /// PostgreSQL URL for tests (`FLOWCRAFT_TEST_DATABASE_URL`, default the local `test` database).
 pub fn database_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_string())
+    std::env::var("FLOWCRAFT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_string())
 }
 
 /// Redis URL for tests.
 pub fn redis_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_string())
+    std::env::var("FLOWCRAFT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_string())
 }
 
 /// RabbitMQ URL for tests.
 pub fn amqp_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+    std::env::var("FLOWCRAFT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -30,10 +27,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// (lowercase letters, digits and underscores).
 pub fn unique(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("t_{tag}_{}_{n}_{nanos:x}", std::process::id())
 }
 
@@ -89,11 +84,7 @@ pub mod cluster {
                 results_table: format!("{name}_node_results"),
                 redis_prefix: name.clone(),
             };
-            Self {
-                name,
-                conn,
-                logs: tempfile::tempdir().expect("tempdir"),
-            }
+            Self { name, conn, logs: tempfile::tempdir().expect("tempdir") }
         }
 
         pub fn pg_config(&self) -> PgConfig {
@@ -101,9 +92,7 @@ pub mod cluster {
         }
 
         pub async fn store(&self) -> Arc<PostgresStore> {
-            let s = PostgresStore::connect(self.pg_config())
-                .await
-                .expect("connect postgres");
+            let s = PostgresStore::connect(self.pg_config()).await.expect("connect postgres");
             s.migrate().await.expect("migrate");
             Arc::new(s)
         }
@@ -120,11 +109,7 @@ pub mod cluster {
         }
 
         pub async fn coord(&self) -> Arc<RedisCoordinator> {
-            let cfg = RedisConfig {
-                url: super::redis_url(),
-                prefix: self.name.clone(),
-                ..RedisConfig::default()
-            };
+            let cfg = RedisConfig { url: super::redis_url(), prefix: self.name.clone(), ..RedisConfig::default() };
             Arc::new(RedisCoordinator::connect(cfg).await.expect("connect redis"))
         }
 
@@ -132,18 +117,9 @@ pub mod cluster {
         pub fn env(&self) -> Vec<(String, String)> {
             let c = &self.conn;
             vec![
-                (
-                    "FLOWCRAFT_AMQP_URL".into(),
-                    c.amqp_url.clone().unwrap_or_default(),
-                ),
-                (
-                    "FLOWCRAFT_DATABASE_URL".into(),
-                    c.database_url.clone().unwrap_or_default(),
-                ),
-                (
-                    "FLOWCRAFT_REDIS_URL".into(),
-                    c.redis_url.clone().unwrap_or_default(),
-                ),
+                ("FLOWCRAFT_AMQP_URL".into(), c.amqp_url.clone().unwrap_or_default()),
+                ("FLOWCRAFT_DATABASE_URL".into(), c.database_url.clone().unwrap_or_default()),
+                ("FLOWCRAFT_REDIS_URL".into(), c.redis_url.clone().unwrap_or_default()),
                 ("FLOWCRAFT_QUEUE".into(), c.queue.clone()),
                 ("FLOWCRAFT_PREFETCH".into(), c.prefetch.to_string()),
                 ("FLOWCRAFT_CONTEXTS_TABLE".into(), c.contexts_table.clone()),
@@ -152,26 +128,13 @@ pub mod cluster {
                 ("FLOWCRAFT_REDIS_PREFIX".into(), c.redis_prefix.clone()),
                 ("FLOWCRAFT_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
                 ("FLOWCRAFT_LEASE_TTL".into(), "2s".into()),
-                (
-                    "FLOWCRAFT_LOG".into(),
-                    "info,tokio_postgres=warn,lapin=warn".into(),
-                ),
+                ("FLOWCRAFT_LOG".into(), "info,tokio_postgres=warn,lapin=warn".into()),
             ]
         }
 
         /// Start a `flowcraft worker` process serving `blueprints`; its log goes to the test's temp dir.
-        pub fn spawn_worker(
-            &self,
-            label: &str,
-            blueprints: &Path,
-            extra_env: &[(&str, &str)],
-        ) -> WorkerProcess {
-            self.spawn_worker_bin(
-                env!("CARGO_BIN_EXE_flowcraft").as_ref(),
-                label,
-                blueprints,
-                extra_env,
-            )
+        pub fn spawn_worker(&self, label: &str, blueprints: &Path, extra_env: &[(&str, &str)]) -> WorkerProcess {
+            self.spawn_worker_bin(env!("CARGO_BIN_EXE_flowcraft").as_ref(), label, blueprints, extra_env)
         }
 
         pub fn spawn_worker_bin(
@@ -193,10 +156,7 @@ pub mod cluster {
             }
             cmd.stdout(Stdio::null()).stderr(log);
             let child = cmd.spawn().expect("spawn worker");
-            WorkerProcess {
-                child: Some(child),
-                log: log_path,
-            }
+            WorkerProcess { child: Some(child), log: log_path }
         }
 
         /// Drop the test's tables, queues and keys.
@@ -231,9 +191,7 @@ pub mod cluster {
         /// SIGTERM and wait for a clean exit; returns the exit status code.
         pub fn terminate(&mut self) -> Option<i32> {
             let c = self.child.as_mut()?;
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
             let status = c.wait().ok()?;
             self.child = None;
             status.code()
@@ -241,9 +199,7 @@ pub mod cluster {
 
         /// Whether it has exited (and how).
         pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-            self.child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
+            self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
         }
 
         pub fn log_text(&self) -> String {
