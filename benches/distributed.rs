@@ -328,6 +328,94 @@ struct Measured {
     /// Per worker: (VmRSS, VmHWM) MiB after the workload.
     memory: Vec<Option<(f64, f64)>>,
     clean_exits: usize,
+    /// CPU use during the measured part.
+    cpu: CpuSnapshot,
+}
+
+/// CPU ticks (`/proc/<pid>/stat` utime + stime) by class of process, and the machine's ticks (`/proc/stat`).
+#[derive(Debug, Clone, Default)]
+struct CpuSnapshot {
+    /// Indexed like [`CPU_CLASSES`].
+    by_class: [u64; 6],
+    /// Every tick of every core.
+    total: u64,
+    idle: u64,
+    iowait: u64,
+}
+
+const CPU_CLASSES: [&str; 6] = ["workers", "postgres", "rabbitmq", "redis", "bench", "other"];
+
+impl CpuSnapshot {
+    fn take(workers: &[u32]) -> Self {
+        let mut snap = Self::default();
+        let me = std::process::id();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+                let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+                let comm = &stat[open + 1..close];
+                let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+                // After the command: state (field 3) ... utime (14), stime (15).
+                let ticks = fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0)
+                    + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+                let class = if workers.contains(&pid) {
+                    0
+                } else if comm == "postgres" {
+                    1
+                } else if comm == "beam.smp" || comm == "erl_child_setup" || comm == "inet_gethost" {
+                    2
+                } else if comm.starts_with("redis-server") {
+                    3
+                } else if pid == me {
+                    4
+                } else {
+                    continue;
+                };
+                snap.by_class[class] += ticks;
+            }
+        }
+        if let Some(line) =
+            std::fs::read_to_string("/proc/stat").ok().and_then(|s| s.lines().next().map(str::to_string))
+        {
+            let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal (guest time is already in user).
+            snap.total = v.iter().take(8).sum();
+            snap.idle = v.get(3).copied().unwrap_or(0);
+            snap.iowait = v.get(4).copied().unwrap_or(0);
+        }
+        snap
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        let mut d = Self {
+            total: self.total.saturating_sub(before.total),
+            idle: self.idle.saturating_sub(before.idle),
+            iowait: self.iowait.saturating_sub(before.iowait),
+            ..Self::default()
+        };
+        for i in 0..CPU_CLASSES.len() {
+            d.by_class[i] = self.by_class[i].saturating_sub(before.by_class[i]);
+        }
+        // Everything busy that is not one of ours: other processes (compilers of other sessions, the kernel).
+        let busy = d.total.saturating_sub(d.idle + d.iowait);
+        let ours: u64 = d.by_class[..5].iter().sum();
+        d.by_class[5] = busy.saturating_sub(ours);
+        d
+    }
+
+    /// "workers 40%, postgres 20%, ..., idle 5%, iowait 1%" as shares of the machine's capacity (all cores).
+    fn summary(&self) -> String {
+        if self.total == 0 {
+            return "cpu: not available".into();
+        }
+        let pct = |t: u64| 100.0 * t as f64 / self.total as f64;
+        let mut parts: Vec<String> =
+            CPU_CLASSES.iter().zip(self.by_class).map(|(name, t)| format!("{name} {:.0}%", pct(t))).collect();
+        parts.push(format!("idle {:.0}%", pct(self.idle)));
+        parts.push(format!("iowait {:.0}%", pct(self.iowait)));
+        format!("cpu of all cores: {}", parts.join(", "))
+    }
 }
 
 struct Ctx {
@@ -383,10 +471,13 @@ async fn measure_on(
     wait_all(&store, &warm, Duration::from_secs(120)).await?;
 
     let ids: Vec<String> = (0..wl.runs).map(|i| format!("m-{i:05}")).collect();
+    let worker_pids: Vec<u32> = procs.iter().map(WorkerProcess::pid).collect();
+    let cpu0 = CpuSnapshot::take(&worker_pids);
     let t0 = Instant::now();
     start_all(&queue, &store, &wl.graph, &ids, ctx.prefetch).await?;
     wait_all(&store, &ids, Duration::from_secs(600)).await?;
     let wall_obs = t0.elapsed();
+    let cpu = CpuSnapshot::take(&worker_pids).since(&cpu0);
     let memory = procs.iter().map(WorkerProcess::memory).collect();
 
     let names = store.table_names().clone();
@@ -429,6 +520,7 @@ async fn measure_on(
         wall_obs,
         memory,
         clean_exits,
+        cpu,
     })
 }
 
@@ -758,6 +850,7 @@ async fn main() {
                         hop,
                         mib(&m.memory)
                     );
+                    println!("  {}", m.cpu.summary());
                     if m.not_completed > 0 {
                         println!("  warning: {} of {} runs did not complete", m.not_completed, m.runs);
                     }
@@ -817,6 +910,9 @@ async fn main() {
     );
     println!(
         "  hop ms       W3 only: wall(db) / 49 hops of the 50-node chain (one job latency end to end, the next job's queue trip included)."
+    );
+    println!(
+        "  cpu          share of all cores' time during the measured part, from /proc/<pid>/stat and /proc/stat (10 ms ticks: coarse for short runs); 'other' is everything else busy (other processes, kernel)."
     );
     println!("  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status.");
     println!(

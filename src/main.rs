@@ -177,10 +177,14 @@ enum Command {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration (e.g. 300s, 5m): {e}"))?,
+    };
+    if d < Duration::from_secs(1) {
+        return Err(format!("'{s}' is too short: use at least 1s"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration (e.g. 300s, 5m): {e}"))
+    Ok(d)
 }
 
 fn main() -> ExitCode {

@@ -121,10 +121,17 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
     pub async fn run(&self, config: &ReconcileConfig) -> Result<ReconcileStats, StoreError> {
         let mut stats = ReconcileStats::default();
         let batch = config.batch_size.max(1);
+        // Claiming touches `updated_at`; with a tiny threshold a run could be claimed again in the same pass.
+        // A pass handles each run once and ends when a batch brings nothing new.
+        let mut seen = std::collections::HashSet::new();
         loop {
             let runs = self.store.claim_stalled(config.stalled_threshold, batch).await?;
             let n = runs.len();
-            for run in runs {
+            let fresh: Vec<RunInfo> = runs.into_iter().filter(|r| seen.insert(r.run_id.clone())).collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for run in fresh {
                 stats.stalled_runs += 1;
                 match self.reconcile_run(&run).await {
                     Ok(repair) => {
@@ -200,7 +207,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Completed);
             }
-            let _ = self.coord.forget(run_id).await;
+            let nodes: Vec<&str> = graph.node_ids().collect();
+            let _ = self.coord.forget(run_id, &nodes).await;
             return Ok(repair);
         }
 

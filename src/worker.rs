@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -197,7 +198,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     pub async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
         self.metrics.in_flight.inc();
-        let result = self.process(&delivery.body).await;
+        // A bug must not leave the delivery unsettled or kill the worker: a panic dead-letters the job.
+        let result = match std::panic::AssertUnwindSafe(self.process(&delivery.body)).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => Ok(Settle::DeadLetter(format!("the worker panicked on this job: {}", panic_message(panic)))),
+        };
         match result {
             Ok(Settle::Ack(outcome)) => {
                 self.infra_failures.store(0, Ordering::Relaxed);
@@ -250,25 +255,36 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             return Ok(Settle::DeadLetter("job has an empty runId, blueprintId or nodeId".into()));
         }
         let store_err = |source| WorkerError::Store { job: format!("{}/{}", job.run_id, job.node_id), source };
-        let Some(graph) = self.blueprints.get(&job.blueprint_id) else {
-            let reason = format!(
+        // A blueprint or node this worker does not know may arrive with a rolling update (another pod may have
+        // it): send the job back a bounded number of times, then fail its run and dead-letter it.
+        let unknown = match self.blueprints.get(&job.blueprint_id) {
+            None => Some(format!(
                 "run {}: unknown blueprint '{}' (this worker serves: {})",
                 job.run_id,
                 job.blueprint_id,
                 self.blueprints.ids().join(", ")
-            );
-            self.fail_run(&job.run_id, &reason, None).await.map_err(store_err)?;
-            return Ok(Settle::DeadLetter(reason));
+            )),
+            Some(g) if !g.contains(&job.node_id) => {
+                Some(format!("run {}: node '{}' is not in blueprint '{}'", job.run_id, job.node_id, job.blueprint_id))
+            }
+            Some(_) => None,
         };
-        if !graph.contains(&job.node_id) {
-            let reason =
-                format!("run {}: node '{}' is not in blueprint '{}'", job.run_id, job.node_id, job.blueprint_id);
-            self.fail_run(&job.run_id, &reason, None).await.map_err(store_err)?;
-            return Ok(Settle::DeadLetter(reason));
+        if let Some(reason) = unknown {
+            return self.send_back_or_fail(&job, reason).await.map_err(store_err);
         }
+        let Some(graph) = self.blueprints.get(&job.blueprint_id) else {
+            return Ok(Settle::DeadLetter(format!("unknown blueprint '{}'", job.blueprint_id)));
+        };
         let deps = graph.input_dependencies(&job.node_id);
-        let Some(view) = self.store.job_view(&job.run_id, &deps).await.map_err(store_err)? else {
-            return Ok(Settle::DeadLetter(format!("run {} does not exist", job.run_id)));
+        let view = match self.store.job_view(&job.run_id, &deps).await {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(Settle::DeadLetter(format!("run {} does not exist", job.run_id))),
+            Err(StoreError::Corrupt { run_id, message }) => {
+                let reason = format!("run {run_id}: its stored state cannot be read: {message}");
+                self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await.map_err(store_err)?;
+                return Ok(Settle::DeadLetter(reason));
+            }
+            Err(e) => return Err(store_err(e)),
         };
         // 2. Only running runs get work.
         if view.run.status != RunStatus::Running {
@@ -281,7 +297,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             )));
         }
         if view.run.blueprint_version.as_deref() != graph.version() {
-            return self.version_mismatch(&job, &view, &graph).await.map_err(store_err);
+            let reason = format!(
+                "run {} was started with version {} of blueprint '{}' but this worker serves version {}",
+                job.run_id,
+                view.run.blueprint_version.as_deref().unwrap_or("(none)"),
+                job.blueprint_id,
+                graph.version().unwrap_or("(none)")
+            );
+            return self.send_back_or_fail(&job, reason).await.map_err(store_err);
         }
         // 3. Already recorded: route as the first delivery did. 4–5. Else lease, execute, record.
         let existing = view.record(&job.node_id).cloned();
@@ -294,21 +317,45 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                     .await
                     .map_err(store_err)?;
                 let Some(token) = lease else {
+                    // Another worker runs this node: come back later (growing delay, at most one lease TTL).
                     let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
-                    self.queue.publish_delayed(&again, self.config.lease_retry_delay).await.map_err(store_err)?;
+                    let delay = self.config.lease_retry_delay.saturating_mul(1 << job.attempt.min(5)).min(self.config.lease_ttl);
+                    self.queue.publish_delayed(&again, delay).await.map_err(store_err)?;
                     return Ok(Settle::Ack("lease_conflict"));
                 };
                 let executed = self.execute_with_lease(&graph, &job, &view, &token).await;
                 // Release the context snapshot first: the in-memory store then updates it without a copy.
                 drop(view);
-                let recorded = self.store.record(&job.run_id, &executed.record, &executed.writes).await;
-                if let Err(error) = self.coord.release_lease(&job.run_id, &job.node_id, &token).await {
-                    debug!(run_id = %job.run_id, node = %job.node_id, error = %error, "Lease release failed; it will expire.");
-                }
-                match recorded.map_err(store_err)? {
+                let recorded = match self.store.record(&job.run_id, &executed.record, &executed.writes).await {
+                    Err(StoreError::Rejected(why)) => {
+                        // The result itself cannot be stored (e.g. a NUL character): retrying would loop forever.
+                        warn!(run_id = %job.run_id, node = %job.node_id, error = %why, "Result rejected by the store; recording the node as failed.");
+                        let failed = NodeRecord {
+                            status: NodeStatus::Failed,
+                            action: None,
+                            output: Value::Null,
+                            taken: graph.route_failure(&job.node_id).taken,
+                            error: Some(clean(&format!("the node's result cannot be stored: {why}"))),
+                            ..executed.record.clone()
+                        };
+                        self.store.record(&job.run_id, &failed, &Map::new()).await.map(|o| (o, failed))
+                    }
+                    other => other.map(|o| (o, executed.record.clone())),
+                };
+                // The lease is kept after a successful record (it expires by itself): a duplicate job that read
+                // its view before the record existed then cannot take the lease and run the node again.
+                // It is released only when recording failed, so that a redelivery can retry at once.
+                let (recorded, mine) = match recorded {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
+                        return Err(store_err(e));
+                    }
+                };
+                match recorded {
                     RecordOutcome::Inserted => {
-                        let outcome = if executed.record.status == NodeStatus::Done { "done" } else { "failed" };
-                        (executed.record, outcome)
+                        let outcome = if mine.status == NodeStatus::Done { "done" } else { "failed" };
+                        (mine, outcome)
                     }
                     RecordOutcome::Existing(first) => (first, "duplicate"),
                 }
@@ -321,19 +368,15 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         Ok(Settle::Ack(outcome))
     }
 
-    async fn version_mismatch(&self, job: &Job, view: &JobView, graph: &Graph) -> Result<Settle, StoreError> {
-        let want = view.run.blueprint_version.as_deref().unwrap_or("(none)");
-        let have = graph.version().unwrap_or("(none)");
+    /// A job this worker cannot serve yet (unknown blueprint or node, other blueprint version): send it back
+    /// through the delay queue up to `max_version_requeues` times, then fail its run and dead-letter it.
+    async fn send_back_or_fail(&self, job: &Job, reason: String) -> Result<Settle, StoreError> {
         if job.attempt < self.config.max_version_requeues {
-            debug!(run_id = %job.run_id, node = %job.node_id, want, have, "Blueprint version mismatch; sending the job back.");
+            debug!(run_id = %job.run_id, node = %job.node_id, attempt = job.attempt, reason = %reason, "Cannot serve this job here; sending it back.");
             let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
             self.queue.publish_delayed(&again, self.config.lease_retry_delay).await?;
-            return Ok(Settle::Ack("version_mismatch"));
+            return Ok(Settle::Ack("sent_back"));
         }
-        let reason = format!(
-            "run {} was started with version {want} of blueprint '{}' but the workers serve version {have}",
-            job.run_id, job.blueprint_id
-        );
         self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await?;
         Ok(Settle::DeadLetter(reason))
     }
@@ -405,7 +448,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 .await?
             {
                 warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
-                let _ = self.coord.forget(run_id).await;
+                let nodes: Vec<&str> = graph.node_ids().collect();
+                let _ = self.coord.forget(run_id, &nodes).await;
             }
             return Ok(());
         }
@@ -430,7 +474,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                         .await?
                 };
                 match decision {
-                    JoinDecision::Fire => jobs.push(Job::new(run_id, &job.blueprint_id, &arrival.target)),
+                    JoinDecision::Fire => {
+                        let mut next = Job::new(run_id, &job.blueprint_id, &arrival.target);
+                        if expected > 1 && graph.join(&arrival.target) == crate::flow::JoinStrategy::Any {
+                            next.source = Some(rec.node_id.clone());
+                        }
+                        jobs.push(next);
+                    }
                     JoinDecision::Skip => {
                         if !skipped.contains(&arrival.target) {
                             skipped.push(arrival.target.clone());
@@ -455,7 +505,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await? {
                 info!(run_id, blueprint = %job.blueprint_id, "Run completed.");
             }
-            let _ = self.coord.forget(run_id).await;
+            let nodes: Vec<&str> = graph.node_ids().collect();
+            let _ = self.coord.forget(run_id, &nodes).await;
         }
         Ok(())
     }
@@ -485,7 +536,7 @@ async fn execute(
             output: Value::Null,
             taken: graph.route_failure(node_id).taken,
             attempts,
-            error: Some(error),
+            error: Some(clean(&error)),
             finished_at: None,
         },
         writes: Map::new(),
@@ -497,17 +548,17 @@ async fn execute(
         return failed(0, format!("no implementation is registered for uses '{}' (node '{node_id}')", def.uses));
     };
     let records: HashMap<&str, &NodeRecord> = view.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
-    let input = match graph.input_for(node_id, &view.run.input, &view.context, &records) {
+    let input = match graph.input_for(node_id, &view.run.input, &view.context, &records, job.source.as_deref()) {
         Ok(i) => i,
         Err(e) => return failed(0, e.to_string()),
     };
     let policy = graph.policy(node_id).cloned().unwrap_or_default();
-    let context = ContextHandle::shared(view.context.clone());
     let mut last_error = String::new();
     let mut attempt = 0;
     while attempt < policy.attempts {
         attempt += 1;
-        context.clear_writes();
+        // A fresh handle per attempt: a timed-out attempt that still writes cannot leak into the next one.
+        let context = ContextHandle::shared(view.context.clone());
         metrics.executions.inc();
         let cancel = CancellationToken::new();
         let ctx = NodeCtx {
@@ -545,19 +596,33 @@ async fn execute(
             Ok(out) => {
                 let ctx_value = if graph.routing_uses_context() { context.to_value() } else { Value::Null };
                 return match graph.route(node_id, &out.output, out.action.as_deref(), &input, &ctx_value) {
-                    Ok(routing) => Executed {
-                        record: NodeRecord {
-                            node_id: node_id.to_string(),
-                            status: NodeStatus::Done,
-                            action: out.action,
-                            output: out.output,
-                            taken: routing.taken,
-                            attempts: attempt,
-                            error: None,
-                            finished_at: None,
-                        },
-                        writes: context.writes(),
-                    },
+                    Ok(routing) => {
+                        let mut writes = context.writes();
+                        // `_outputs.*` and `_inputs.*` belong to the engine: a node cannot overwrite another's.
+                        writes.retain(|key, _| {
+                            let owned = key.starts_with("_outputs.") || key.starts_with("_inputs.");
+                            if owned {
+                                warn!(run_id = %job.run_id, node = %node_id, key = %key, "Ignoring a context write to an engine-owned key.");
+                            }
+                            !owned
+                        });
+                        for (target, value) in routing.inputs {
+                            writes.insert(crate::flow::edge_input_key(&target, node_id), value);
+                        }
+                        Executed {
+                            record: NodeRecord {
+                                node_id: node_id.to_string(),
+                                status: NodeStatus::Done,
+                                action: out.action,
+                                output: out.output,
+                                taken: routing.taken,
+                                attempts: attempt,
+                                error: None,
+                                finished_at: None,
+                            },
+                            writes,
+                        }
+                    }
                     Err(e) => failed(attempt, e.to_string()),
                 };
             }
@@ -574,6 +639,11 @@ async fn execute(
         }
     }
     failed(attempt, last_error)
+}
+
+/// An error message safe to store: NUL characters (refused by PostgreSQL text) removed.
+fn clean(message: &str) -> String {
+    message.replace('\0', "")
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {

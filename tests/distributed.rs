@@ -375,3 +375,27 @@ async fn sigterm_finishes_in_flight_jobs_and_exits_cleanly() {
     assert_eq!(r[0].status, RunStatus::Completed);
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_postgres_cannot_store_fails_the_node_instead_of_looping() {
+    let cluster = Cluster::new("nul");
+    let registry = Registry::with_builtins();
+    let bp: Blueprint = serde_json::from_value(json!({
+        "id": "nul", "nodes": [{"id": "bad", "uses": "transform", "params": {"expr": "'nul \\x00 byte'"}}, {"id": "after", "uses": "noop"}],
+        "edges": [{"source": "bad", "target": "after"}]
+    }))
+    .unwrap();
+    let mut set = BlueprintSet::new();
+    let g = set.insert(Graph::build(bp, Some(&registry)).unwrap());
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let (metrics, stop, task) = in_process_worker(&cluster, set, registry).await;
+    client::start_run(&*queue, &*store, &g, "nul-run", json!({})).await.unwrap();
+    let r = wait_all(&store, &["nul-run".into()], Duration::from_secs(30)).await.remove(0);
+    assert_eq!(r.status, RunStatus::Failed);
+    assert!(r.error.as_deref().unwrap().contains("cannot be stored"), "{:?}", r.error);
+    assert_eq!(metrics.executions.get(), 1, "the node ran once, it was not retried in a loop");
+    stop.cancel();
+    task.await.unwrap();
+    cluster.cleanup().await;
+}

@@ -339,7 +339,7 @@ async fn forget_removes_every_key_of_one_run_only() {
     assert_eq!(all.len(), runs.len() * 5, "{all:?}");
 
     for (i, run) in runs.iter().enumerate() {
-        c.forget(run).await.expect("forget");
+        c.forget(run, &["j"]).await.expect("forget");
         let left = keys(&format!("{prefix}:*")).await;
         assert_eq!(left.len(), (runs.len() - i - 1) * 5, "after forgetting {run:?}: {left:?}");
         // The remaining runs are intact.
@@ -349,7 +349,7 @@ async fn forget_removes_every_key_of_one_run_only() {
         }
         // The forgotten run starts from scratch.
         assert_eq!(arrive(&c, run, "j", "b", true, 2, false).await, Wait);
-        c.forget(run).await.expect("forget again");
+        c.forget(run, &["j"]).await.expect("forget again");
     }
     assert!(keys(&format!("{prefix}:*")).await.is_empty());
 }
@@ -377,7 +377,7 @@ async fn two_prefixes_never_see_each_other() {
     assert!(!b.resolve(run, &["q"], 2).await.expect("resolve"));
 
     // Forgetting and flushing one prefix leaves the other alone.
-    a.forget(run).await.expect("forget");
+    a.forget(run, &["j", "n"]).await.expect("forget");
     assert_eq!(arrive(&b, run, "j", "x", true, 2, false).await, Fire);
     assert!(b.lease_held(run, "n").await.expect("held"));
     assert_eq!(arrive(&a, run, "j", "x", true, 2, false).await, Wait);

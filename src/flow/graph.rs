@@ -54,11 +54,21 @@ pub struct Arrival {
     pub taken: bool,
 }
 
-/// The result of routing a node: the targets it took. Every other effective target is skipped.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The result of routing a node: the targets it took (every other effective target is skipped) and, for taken
+/// edges with a transform, the transformed input for the target.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Routing {
     /// Targets of taken edges, in edge order, without duplicates.
     pub taken: Vec<String>,
+    /// `(target, value)` for each taken edge that has a transform, evaluated on the source's output. The worker
+    /// stores them in the context under [`edge_input_key`] with the node's result, so the target's input is
+    /// exactly what the taken edge computed.
+    pub inputs: Vec<(String, Value)>,
+}
+
+/// The context key holding the transformed input an edge `source → target` gave its target.
+pub fn edge_input_key(target: &str, source: &str) -> String {
+    format!("_inputs.{target}.{source}")
 }
 
 /// The input of a node could not be computed.
@@ -74,13 +84,13 @@ pub enum NodeInputError {
         /// The CEL error.
         error: ExprError,
     },
-    /// A predecessor's record needed for the input is missing.
-    #[error("input of node '{node}' needs the result of '{missing}', which is not recorded")]
-    MissingRecord {
+    /// A fallback node's input is its failed primary's input, which needs records that are missing.
+    #[error("input of node '{node}' needs the input of its failed primary '{primary}', which cannot be computed")]
+    Primary {
         /// The node.
         node: String,
-        /// The predecessor.
-        missing: String,
+        /// The primary.
+        primary: String,
     },
 }
 
@@ -212,6 +222,15 @@ impl Graph {
             }
             let condition = compile_opt(e.condition.as_deref(), &name, "condition", &mut problems);
             let transform = compile_opt(e.transform.as_deref(), &name, "transform", &mut problems);
+            if e.transform.is_some()
+                && let Some(t) = t
+                && bp.nodes[t].inputs.is_some()
+            {
+                problems.push(Problem::new(
+                    "transform-ignored",
+                    format!("edge {name} has a transform but '{}' reads its input from `inputs`: remove one of them", e.target),
+                ));
+            }
             if let (Some(s), Some(t)) = (s, t) {
                 raw_edges.push((
                     s,
@@ -238,16 +257,58 @@ impl Graph {
                 sources: Vec::new(),
             })
             .collect();
-        for (s, e) in &raw_edges {
-            push_edge(&mut nodes[*s].out, e.clone());
-        }
         for p in 0..nodes.len() {
             if let Some(f) = nodes[p].fallback {
                 nodes[f].primaries.push(p);
-                let inherited: Vec<Edge> = raw_edges.iter().filter(|(s, _)| *s == p).map(|(_, e)| e.clone()).collect();
-                for e in inherited {
-                    push_edge(&mut nodes[f].out, e);
+            }
+        }
+        // Fallback chains must end: P -> F -> P would inherit edges forever.
+        for start in 0..nodes.len() {
+            let mut seen = vec![start];
+            let mut cur = start;
+            while let Some(f) = nodes[cur].fallback {
+                if f == start {
+                    let names: Vec<&str> = seen.iter().map(|&i| nodes[i].def.id.as_str()).collect();
+                    return Err(BlueprintError::Invalid {
+                        id: bp.id.clone(),
+                        problems: vec![Problem::new(
+                            "bad-fallback",
+                            format!("fallbacks form a cycle: {} -> {}", names.join(" -> "), nodes[start].def.id),
+                        )],
+                    });
                 }
+                if seen.contains(&f) {
+                    break;
+                }
+                seen.push(f);
+                cur = f;
+            }
+        }
+        // Normal edges: a node's own blueprint edges plus, for a fallback, every normal edge of its primaries
+        // (their inherited ones included, so a chain P -> F -> G hands P's successors down to G).
+        let mut normal: Vec<Option<Vec<Edge>>> = vec![None; nodes.len()];
+        fn normal_edges(n: usize, nodes: &[GNode], raw: &[(usize, Edge)], memo: &mut Vec<Option<Vec<Edge>>>) -> Vec<Edge> {
+            if let Some(done) = &memo[n] {
+                return done.clone();
+            }
+            let mut out = Vec::new();
+            for (_, e) in raw.iter().filter(|(s, _)| *s == n) {
+                push_edge(&mut out, e.clone());
+            }
+            for &p in &nodes[n].primaries {
+                for e in normal_edges(p, nodes, raw, memo) {
+                    push_edge(&mut out, e);
+                }
+            }
+            memo[n] = Some(out.clone());
+            out
+        }
+        for n in 0..nodes.len() {
+            let edges = normal_edges(n, &nodes, &raw_edges, &mut normal);
+            nodes[n].out = edges;
+        }
+        for p in 0..nodes.len() {
+            if let Some(f) = nodes[p].fallback {
                 nodes[p].out.push(Edge {
                     target: f,
                     kind: EdgeKind::Fallback,
@@ -299,9 +360,9 @@ impl Graph {
             return Err(BlueprintError::Invalid { id: bp.id.clone(), problems });
         }
 
-        let uses_context = bp.edges.iter().any(|e| {
-            e.condition.as_deref().is_some_and(|c| c.contains("context"))
-                || e.transform.as_deref().is_some_and(|c| c.contains("context"))
+        let uses_context = nodes.iter().flat_map(|n| &n.out).any(|e| {
+            e.condition.as_ref().is_some_and(|c| c.uses_variable("context"))
+                || e.transform.as_ref().is_some_and(|t| t.uses_variable("context"))
         });
         Ok(Self { bp: Arc::new(bp), nodes, index, start, uses_context })
     }
@@ -431,27 +492,40 @@ impl Graph {
             }
         };
         let normal = self.nodes[i].out.iter().filter(|e| e.kind == EdgeKind::Normal);
-        let mut taken: Vec<usize> = Vec::new();
+        // The first passing edge of each target, in precedence order, is the taken one.
+        let mut taken: Vec<&Edge> = Vec::new();
         if let Some(a) = action {
             for e in normal.clone().filter(|e| e.action.as_deref() == Some(a)) {
-                if pass(e)? && !taken.contains(&e.target) {
-                    taken.push(e.target);
+                if !taken.iter().any(|t| t.target == e.target) && pass(e)? {
+                    taken.push(e);
                 }
             }
         }
         if taken.is_empty() {
             for e in normal.filter(|e| e.action.is_none()) {
-                if pass(e)? && !taken.contains(&e.target) {
-                    taken.push(e.target);
+                if !taken.iter().any(|t| t.target == e.target) && pass(e)? {
+                    taken.push(e);
                 }
             }
         }
-        Ok(Routing { taken: taken.into_iter().map(|t| self.nodes[t].def.id.clone()).collect() })
+        let mut inputs = Vec::new();
+        for e in &taken {
+            if let Some(t) = &e.transform {
+                let vars = Vars { input: Some(output), result: None, context: Some(context) };
+                let value = t.eval(&vars).map_err(|error| RouteError {
+                    source_id: node.to_string(),
+                    target: self.nodes[e.target].def.id.clone(),
+                    error,
+                })?;
+                inputs.push((self.nodes[e.target].def.id.clone(), value));
+            }
+        }
+        Ok(Routing { taken: taken.iter().map(|e| self.nodes[e.target].def.id.clone()).collect(), inputs })
     }
 
     /// The routing of a node that failed: its fallback if it has one (the run continues through it), else nothing.
     pub fn route_failure(&self, node: &str) -> Routing {
-        Routing { taken: self.fallback(node).map(|f| vec![f.to_string()]).unwrap_or_default() }
+        Routing { taken: self.fallback(node).map(|f| vec![f.to_string()]).unwrap_or_default(), inputs: Vec::new() }
     }
 
     /// The arrivals a resolved node sends: one per effective target, taken when the record took it.
@@ -482,14 +556,17 @@ impl Graph {
 
     /// The input of a node from the run input, the context and the records of its dependencies
     /// ([`Graph::input_dependencies`]): its `inputs` mapping if given; else for a start node the run input; else
-    /// the (transformed) output of its one taken predecessor, or an object keyed by predecessor id when several
-    /// were taken. A fallback node gets its failed primary's input.
+    /// the output of its one taken predecessor (or the transformed value its taken edge stored, see
+    /// [`Routing::inputs`]), or an object keyed by predecessor id when several were taken. A fallback node gets
+    /// its failed primary's input. An `any` join takes the input of the one predecessor that fired it
+    /// (`trigger`, carried by its job), or of its first taken predecessor when that is unknown.
     pub fn input_for(
         &self,
         node: &str,
         run_input: &Value,
         context: &Map<String, Value>,
         records: &HashMap<&str, &NodeRecord>,
+        trigger: Option<&str>,
     ) -> Result<Value, NodeInputError> {
         let Some(i) = self.idx(node) else { return Ok(Value::Null) };
         if let Some(inputs) = &self.nodes[i].def.inputs {
@@ -499,7 +576,6 @@ impl Graph {
             return Ok(run_input.clone());
         }
         let mut parts: BTreeMap<String, Value> = BTreeMap::new();
-        let mut context_value: Option<Value> = None;
         for &s in &self.nodes[i].sources {
             let sid = self.nodes[s].def.id.as_str();
             let Some(rec) = records.get(sid) else { continue };
@@ -508,40 +584,23 @@ impl Graph {
             }
             let value = if rec.status == NodeStatus::Failed {
                 // The fallback edge: the fallback takes over its primary's input.
-                self.input_for(sid, run_input, context, records)?
+                self.input_for(sid, run_input, context, records, None)
+                    .map_err(|_| NodeInputError::Primary { node: node.to_string(), primary: sid.to_string() })?
             } else {
-                match self.edge_transform(s, i, rec.action.as_deref()) {
-                    None => rec.output.clone(),
-                    Some(t) => {
-                        let ctx = context_value.get_or_insert_with(|| Value::Object(context.clone()));
-                        let vars = Vars { input: Some(&rec.output), result: None, context: Some(ctx) };
-                        t.eval(&vars).map_err(|error| NodeInputError::Transform {
-                            source_id: sid.to_string(),
-                            target: node.to_string(),
-                            error,
-                        })?
-                    }
-                }
+                context.get(&edge_input_key(node, sid)).cloned().unwrap_or_else(|| rec.output.clone())
             };
             parts.insert(sid.to_string(), value);
+        }
+        if self.nodes[i].join == JoinStrategy::Any && parts.len() > 1 {
+            let first = self.nodes[i].sources.iter().map(|&s| self.nodes[s].def.id.as_str()).find(|s| parts.contains_key(*s));
+            let pick = trigger.filter(|t| parts.contains_key(*t)).or(first).map(str::to_string);
+            return Ok(pick.and_then(|p| parts.remove(&p)).unwrap_or(Value::Null));
         }
         Ok(match parts.len() {
             0 => Value::Null,
             1 => parts.into_values().next().unwrap_or(Value::Null),
             _ => Value::Object(parts.into_iter().collect()),
         })
-    }
-
-    /// The transform of the edge `s → t` that routing took: the action edge matching the source's action if
-    /// there is one, else the first default edge.
-    fn edge_transform(&self, s: usize, t: usize, action: Option<&str>) -> Option<&Expr> {
-        let edges: Vec<&Edge> =
-            self.nodes[s].out.iter().filter(|e| e.kind == EdgeKind::Normal && e.target == t).collect();
-        let chosen = action
-            .and_then(|a| edges.iter().find(|e| e.action.as_deref() == Some(a)))
-            .or_else(|| edges.iter().find(|e| e.action.is_none()))
-            .or_else(|| edges.first());
-        chosen.and_then(|e| e.transform.as_ref())
     }
 
     /// Mermaid flowchart of the blueprint (fallback edges dashed).
@@ -580,9 +639,9 @@ impl Graph {
     }
 }
 
-/// A condition failed to evaluate while routing.
+/// A condition or transform failed to evaluate while routing.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("condition of edge {source_id} -> {target} failed: {error}")]
+#[error("edge {source_id} -> {target}: {error}")]
 pub struct RouteError {
     /// Edge source.
     pub source_id: String,
@@ -797,12 +856,51 @@ mod tests {
         rb.node_id = "b".into();
         rb.output = json!(2);
         let recs: HashMap<&str, &NodeRecord> = [("a", &ra), ("b", &rb)].into_iter().collect();
-        let input = g.input_for("c", &json!({"x": 1}), &Map::new(), &recs).unwrap();
+        let input = g.input_for("c", &json!({"x": 1}), &Map::new(), &recs, None).unwrap();
         assert_eq!(input, json!({"a": 1, "b": 2}));
         rb.taken.clear();
         let recs: HashMap<&str, &NodeRecord> = [("a", &ra), ("b", &rb)].into_iter().collect();
-        assert_eq!(g.input_for("c", &json!({}), &Map::new(), &recs).unwrap(), json!(1));
-        assert_eq!(g.input_for("a", &json!({"x": 1}), &Map::new(), &recs).unwrap(), json!({"x": 1}));
+        assert_eq!(g.input_for("c", &json!({}), &Map::new(), &recs, None).unwrap(), json!(1));
+        assert_eq!(g.input_for("a", &json!({"x": 1}), &Map::new(), &recs, None).unwrap(), json!({"x": 1}));
+    }
+
+    #[test]
+    fn any_join_input_is_the_triggering_predecessors_output() {
+        let g = graph(json!({
+            "id": "any",
+            "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}, {"id": "j", "uses": "noop", "config": {"joinStrategy": "any"}}],
+            "edges": [{"source": "a", "target": "j"}, {"source": "b", "target": "j"}]
+        }));
+        let mut ra = NodeRecord::skipped("a");
+        ra.status = NodeStatus::Done;
+        ra.output = json!({"v": "a"});
+        ra.taken = vec!["j".into()];
+        let mut rb = ra.clone();
+        rb.node_id = "b".into();
+        rb.output = json!({"v": "b"});
+        let both: HashMap<&str, &NodeRecord> = [("a", &ra), ("b", &rb)].into_iter().collect();
+        let ctx = Map::new();
+        // Never an object keyed by predecessor, whatever finished first: the trigger's output, else the first.
+        assert_eq!(g.input_for("j", &json!({}), &ctx, &both, Some("b")).unwrap(), json!({"v": "b"}));
+        assert_eq!(g.input_for("j", &json!({}), &ctx, &both, None).unwrap(), json!({"v": "a"}));
+        let only_b: HashMap<&str, &NodeRecord> = [("b", &rb)].into_iter().collect();
+        assert_eq!(g.input_for("j", &json!({}), &ctx, &only_b, Some("b")).unwrap(), json!({"v": "b"}));
+    }
+
+    #[test]
+    fn fallback_cycles_and_ignored_transforms_are_rejected() {
+        let p = problems(json!({
+            "id": "fbc",
+            "nodes": [{"id": "a", "uses": "noop", "config": {"fallback": "b"}}, {"id": "b", "uses": "noop", "config": {"fallback": "a"}}],
+            "edges": []
+        }));
+        assert!(p.iter().any(|p| p.code == "bad-fallback" && p.message.contains("cycle")), "{p:?}");
+        let p = problems(json!({
+            "id": "ti",
+            "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop", "inputs": "a"}],
+            "edges": [{"source": "a", "target": "b", "transform": "input"}]
+        }));
+        assert!(p.iter().any(|p| p.code == "transform-ignored"), "{p:?}");
     }
 
     #[test]

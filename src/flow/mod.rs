@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 pub use blueprint::{Blueprint, EdgeDef, Inputs, JoinStrategy, NodeConfig, NodeDef};
 pub use expr::{Expr, ExprError};
-pub use graph::{Arrival, Graph, NodeInputError, Problem, RouteError, Routing};
+pub use graph::{Arrival, Graph, NodeInputError, Problem, RouteError, Routing, edge_input_key};
 pub use node::{ContextHandle, Node, NodeCtx, NodeError, NodeOutput, Registry};
 pub use retry::RetryPolicy;
 

@@ -25,7 +25,7 @@ pub struct NodeCtx {
     pub attempt: u32,
     /// Reads and writes of the run context; writes are committed with the node's result.
     pub context: ContextHandle,
-    /// Cancelled when the attempt times out or the worker shuts down.
+    /// Cancelled when the attempt times out. (On shutdown a worker lets running nodes finish.)
     pub cancel: CancellationToken,
 }
 

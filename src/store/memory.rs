@@ -242,18 +242,21 @@ impl RunStore for MemoryStore {
         context_writes: &Map<String, Value>,
     ) -> StoreResult<RecordOutcome> {
         self.with_run(run_id, |e| {
-            e.info.updated_at = Utc::now();
+            if e.info.status == RunStatus::Running {
+                e.info.updated_at = Utc::now();
+            }
             if let Some(existing) = e.records.get(&record.node_id) {
                 return RecordOutcome::Existing(existing.clone());
             }
             let mut r = record.clone();
             r.finished_at = Some(Utc::now());
             let context = Arc::make_mut(&mut e.context);
-            if r.status == NodeStatus::Done {
-                context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
-            }
             for (k, v) in context_writes {
                 context.insert(k.clone(), v.clone());
+            }
+            // The engine-owned output key wins over a context write of the same name (as in PostgreSQL).
+            if r.status == NodeStatus::Done {
+                context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
             }
             e.records.insert(r.node_id.clone(), r);
             RecordOutcome::Inserted
@@ -262,7 +265,9 @@ impl RunStore for MemoryStore {
 
     async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
         self.with_run(run_id, |e| {
-            e.info.updated_at = Utc::now();
+            if e.info.status == RunStatus::Running {
+                e.info.updated_at = Utc::now();
+            }
             for n in node_ids {
                 e.records.entry(n.clone()).or_insert_with(|| {
                     let mut r = NodeRecord::skipped(n.clone());
@@ -291,7 +296,11 @@ impl RunStore for MemoryStore {
     }
 
     async fn touch(&self, run_id: &str) -> StoreResult<()> {
-        self.with_run(run_id, |e| e.info.updated_at = Utc::now())
+        self.with_run(run_id, |e| {
+            if e.info.status == RunStatus::Running {
+                e.info.updated_at = Utc::now();
+            }
+        })
     }
 
     async fn run_info(&self, run_id: &str) -> StoreResult<Option<RunInfo>> {
@@ -476,7 +485,7 @@ impl Coordinator for MemoryCoordinator {
         Ok(())
     }
 
-    async fn forget(&self, run_id: &str) -> StoreResult<()> {
+    async fn forget(&self, run_id: &str, _node_ids: &[&str]) -> StoreResult<()> {
         let mut s = lock(&self.state);
         s.joins.retain(|(r, _), _| r != run_id);
         s.leases.retain(|(r, _), _| r != run_id);

@@ -29,6 +29,10 @@ pub enum StoreError {
     /// A configuration value is invalid (a table name, a prefix, a URL).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The store refused the data itself (e.g. a NUL character in JSON, a value too large): retrying the same
+    /// write cannot succeed.
+    #[error("rejected by the store: {0}")]
+    Rejected(String),
     /// Stored data could not be decoded.
     #[error("corrupt stored data for run {run_id}: {message}")]
     Corrupt {
@@ -59,12 +63,15 @@ pub struct Job {
     /// How many times this job was sent back through the delay queue (lease conflicts); 0 for a fresh job.
     #[serde(default)]
     pub attempt: u32,
+    /// For an `any` join: the predecessor whose arrival fired it (its input comes from that one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Job {
     /// A fresh job.
     pub fn new(run_id: impl Into<String>, blueprint_id: impl Into<String>, node_id: impl Into<String>) -> Self {
-        Self { run_id: run_id.into(), blueprint_id: blueprint_id.into(), node_id: node_id.into(), attempt: 0 }
+        Self { run_id: run_id.into(), blueprint_id: blueprint_id.into(), node_id: node_id.into(), attempt: 0, source: None }
     }
 
     /// A stable message id for the job (run, node, attempt).
@@ -449,8 +456,8 @@ pub trait Coordinator: Send + Sync + 'static {
         resolved: &[String],
     ) -> StoreResult<()>;
 
-    /// Drop every key of a finished run.
-    async fn forget(&self, run_id: &str) -> StoreResult<()>;
+    /// Drop every key of a finished run whose nodes are `node_ids` (the blueprint's nodes).
+    async fn forget(&self, run_id: &str, node_ids: &[&str]) -> StoreResult<()>;
 
     /// Whether the coordinator is reachable (readiness).
     async fn ping(&self) -> StoreResult<()>;

@@ -261,7 +261,7 @@ const RECORD: &str = "WITH ins AS (
     UPDATE {contexts} SET context_data = context_data || $9::jsonb
      WHERE run_id = $1::text AND $9::jsonb <> '{}'::jsonb AND EXISTS (SELECT 1 FROM ins)
 ), touched AS (
-    UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text
+    UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text AND status = 'running'
 )
 SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
        existing.node_id, existing.status, existing.action, existing.output, existing.taken, existing.attempts,
@@ -281,14 +281,14 @@ const RECORD_SKIPPED: &str = "WITH ins AS (
     ON CONFLICT (run_id, node_id) DO NOTHING
     RETURNING node_id
 ), touched AS (
-    UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text
+    UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text AND status = 'running'
 )
 SELECT count(*) AS inserted FROM ins";
 
 const FINISH_RUN: &str = "UPDATE {statuses} SET status = $2::text, status_data = $3::jsonb, updated_at = now()
  WHERE run_id = $1::text AND status = 'running'";
 
-const TOUCH: &str = "UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text";
+const TOUCH: &str = "UPDATE {statuses} SET updated_at = now() WHERE run_id = $1::text AND status = 'running'";
 
 const RECORDS: &str = "SELECT node_id, status, action, output, taken, attempts, error, finished_at
   FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id";
@@ -415,7 +415,13 @@ fn describe_pool(e: &PoolError) -> String {
 
 /// A database error of `op` (which names the run, e.g. `"record node n1 of run r1"`) on `table`.
 fn db_error(op: &str, table: &str, e: &tokio_postgres::Error) -> StoreError {
-    StoreError::Database(format!("{op} (table {table:?}): {}", describe_pg(e)))
+    let message = format!("{op} (table {table:?}): {}", describe_pg(e));
+    // SQLSTATE class 22 (data exception, e.g. a NUL character in JSONB) and 54 (program limit exceeded, e.g.
+    // a value too large) mean this data can never be written: retrying would loop forever.
+    match e.code().map(|c| c.code()) {
+        Some(code) if code.starts_with("22") || code.starts_with("54") => StoreError::Rejected(message),
+        _ => StoreError::Database(message),
+    }
 }
 
 fn corrupt(run_id: &str, message: impl Into<String>) -> StoreError {

@@ -470,9 +470,22 @@ impl Coordinator for RedisCoordinator {
         Ok(())
     }
 
-    async fn forget(&self, run_id: &str) -> StoreResult<()> {
-        let pattern = format!("{}:*", glob_escape(&self.run_base(run_id)));
-        let deleted = self.unlink_matching(&pattern, || format!("forgetting run {run_id}")).await?;
+    async fn forget(&self, run_id: &str, node_ids: &[&str]) -> StoreResult<()> {
+        // Every key of the run is known from its node ids: one UNLINK, no keyspace scan (all keys share the
+        // run's hash slot).
+        let mut keys = Vec::with_capacity(node_ids.len() * 4 + 1);
+        keys.push(self.resolved_key(run_id));
+        for node in node_ids {
+            for kind in ["arr", "tak", "dec", "lease"] {
+                keys.push(self.node_key(run_id, kind, node));
+            }
+        }
+        let mut conn = self.conn.clone();
+        let deleted: u64 = redis::cmd("UNLINK")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("forgetting run {run_id}"), e))?;
         debug!(run_id, deleted, "forgot run");
         Ok(())
     }
