@@ -319,7 +319,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 let Some(token) = lease else {
                     // Another worker runs this node: come back later (growing delay, at most one lease TTL).
                     let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
-                    let delay = self.config.lease_retry_delay.saturating_mul(1 << job.attempt.min(5)).min(self.config.lease_ttl);
+                    let delay = self
+                        .config
+                        .lease_retry_delay
+                        .saturating_mul(1 << job.attempt.min(5))
+                        .min(self.config.lease_ttl);
                     self.queue.publish_delayed(&again, delay).await.map_err(store_err)?;
                     return Ok(Settle::Ack("lease_conflict"));
                 };

@@ -228,7 +228,10 @@ impl Graph {
             {
                 problems.push(Problem::new(
                     "transform-ignored",
-                    format!("edge {name} has a transform but '{}' reads its input from `inputs`: remove one of them", e.target),
+                    format!(
+                        "edge {name} has a transform but '{}' reads its input from `inputs`: remove one of them",
+                        e.target
+                    ),
                 ));
             }
             if let (Some(s), Some(t)) = (s, t) {
@@ -287,7 +290,12 @@ impl Graph {
         // Normal edges: a node's own blueprint edges plus, for a fallback, every normal edge of its primaries
         // (their inherited ones included, so a chain P -> F -> G hands P's successors down to G).
         let mut normal: Vec<Option<Vec<Edge>>> = vec![None; nodes.len()];
-        fn normal_edges(n: usize, nodes: &[GNode], raw: &[(usize, Edge)], memo: &mut Vec<Option<Vec<Edge>>>) -> Vec<Edge> {
+        fn normal_edges(
+            n: usize,
+            nodes: &[GNode],
+            raw: &[(usize, Edge)],
+            memo: &mut Vec<Option<Vec<Edge>>>,
+        ) -> Vec<Edge> {
             if let Some(done) = &memo[n] {
                 return done.clone();
             }
@@ -592,7 +600,8 @@ impl Graph {
             parts.insert(sid.to_string(), value);
         }
         if self.nodes[i].join == JoinStrategy::Any && parts.len() > 1 {
-            let first = self.nodes[i].sources.iter().map(|&s| self.nodes[s].def.id.as_str()).find(|s| parts.contains_key(*s));
+            let first =
+                self.nodes[i].sources.iter().map(|&s| self.nodes[s].def.id.as_str()).find(|s| parts.contains_key(*s));
             let pick = trigger.filter(|t| parts.contains_key(*t)).or(first).map(str::to_string);
             return Ok(pick.and_then(|p| parts.remove(&p)).unwrap_or(Value::Null));
         }

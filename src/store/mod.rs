@@ -71,7 +71,13 @@ pub struct Job {
 impl Job {
     /// A fresh job.
     pub fn new(run_id: impl Into<String>, blueprint_id: impl Into<String>, node_id: impl Into<String>) -> Self {
-        Self { run_id: run_id.into(), blueprint_id: blueprint_id.into(), node_id: node_id.into(), attempt: 0, source: None }
+        Self {
+            run_id: run_id.into(),
+            blueprint_id: blueprint_id.into(),
+            node_id: node_id.into(),
+            attempt: 0,
+            source: None,
+        }
     }
 
     /// A stable message id for the job (run, node, attempt).
