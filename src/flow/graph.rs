@@ -315,9 +315,9 @@ impl Graph {
             let edges = normal_edges(n, &nodes, &raw_edges, &mut normal);
             nodes[n].out = edges;
         }
-        for p in 0..nodes.len() {
-            if let Some(f) = nodes[p].fallback {
-                nodes[p].out.push(Edge {
+        for node in &mut nodes {
+            if let Some(f) = node.fallback {
+                node.out.push(Edge {
                     target: f,
                     kind: EdgeKind::Fallback,
                     action: None,
