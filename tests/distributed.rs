@@ -195,7 +195,13 @@ async fn in_process_worker(
     queue.start_consuming().await.unwrap();
     let coord = cluster.coord().await;
     let metrics = Arc::new(WorkerMetrics::default());
-    let config = WorkerConfig { concurrency: 4, lease_ttl: Duration::from_secs(2), ..WorkerConfig::default() };
+    // Jobs for an unknown blueprint or node are sent back a few times before their run fails: keep that short.
+    let config = WorkerConfig {
+        concurrency: 4,
+        lease_ttl: Duration::from_secs(2),
+        lease_retry_delay: Duration::from_millis(50),
+        max_version_requeues: 3,
+    };
     let worker =
         Arc::new(Worker::new(queue, store, coord, Arc::new(registry), Arc::new(blueprints), config, metrics.clone()));
     let stop = CancellationToken::new();
