@@ -28,7 +28,7 @@ use context::Context;
 use leader::{LeaderElector, RENEW_DEADLINE, RENEW_EVERY};
 use metrics::Metrics;
 
-/// Configuration of `flowcraft operator` (every field has a CLI flag and an env var; see `docs/CONTRACT.md`).
+/// Configuration of `flowcraft operator` (every field has a CLI flag and an env var; see the README).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OperatorConfig {
     /// Default worker image for pools without `spec.image` (`FLOWCRAFT_OPERATOR_IMAGE`); normally the
