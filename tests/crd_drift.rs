@@ -58,3 +58,33 @@ fn every_crd_file_is_one_yaml_document_of_the_right_crd() {
         assert_eq!(crd.metadata.name.as_deref(), Some(format!("{}.flowcraft.io", crd.spec.names.plural).as_str()));
     }
 }
+
+/// Every CEL validation rule in the CRDs compiles (the API server would reject a CRD with a broken rule).
+#[test]
+fn every_crd_validation_rule_is_valid_cel() {
+    fn walk(v: &serde_json::Value, rules: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::Array(list)) = m.get("x-kubernetes-validations") {
+                    for r in list {
+                        if let Some(rule) = r.get("rule").and_then(serde_json::Value::as_str) {
+                            rules.push(rule.to_string());
+                        }
+                    }
+                }
+                m.values().for_each(|c| walk(c, rules));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|c| walk(c, rules)),
+            _ => {}
+        }
+    }
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&flowcraft::operator::crds_yaml()).unwrap();
+    let mut rules = Vec::new();
+    docs.iter().for_each(|d| walk(d, &mut rules));
+    assert!(rules.len() >= 5, "expected validation rules, found {rules:?}");
+    for rule in rules {
+        if let Err(e) = flowcraft::flow::Expr::compile(&rule) {
+            panic!("CRD rule `{rule}` is not valid CEL: {e}");
+        }
+    }
+}
