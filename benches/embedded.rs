@@ -4,7 +4,6 @@
 //!
 //! Run: `cargo bench --bench embedded` (options after `--`: `--workers 1,4,16 --runs 1000 --width 1000`).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowcraft::embedded::Embedded;
@@ -72,6 +71,20 @@ async fn measure(graph: Graph, runs: usize, workers: usize) -> (f64, Duration) {
     (executions / elapsed.as_secs_f64(), elapsed)
 }
 
+/// The median (by rate) of `reps` measurements.
+async fn median<F, Fut>(reps: usize, mut f: F) -> (f64, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (f64, Duration)>,
+{
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        v.push(f().await);
+    }
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v[v.len() / 2]
+}
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -88,23 +101,24 @@ async fn main() {
     println!("embedded benchmark ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!("baseline: noop node called directly: {base:>12.0} calls/s");
     println!("{:<28} {:>8} {:>14} {:>10} {:>12}", "workload", "workers", "node exec/s", "elapsed", "of baseline");
+    let reps: usize = arg("--reps").and_then(|r| r.parse().ok()).unwrap_or(5);
+    println!("(each figure: the median of {reps} repetitions)");
     for &w in &workers {
-        let g = Graph::build(chain(5), Some(&registry)).expect("valid");
-        let (rate, el) = measure(g, runs, w).await;
+        let (rate, el) =
+            median(reps, || measure(Graph::build(chain(5), Some(&registry)).expect("valid"), runs, w)).await;
         println!(
-            "{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%",
+            "{:<28} {w:>8} {rate:>14.0} {:>9.3}s {:>11.2}%",
             format!("{runs} runs x 5-node chain"),
             el.as_secs_f64(),
             100.0 * rate / base
         );
-        let g = Graph::build(fan(width), Some(&registry)).expect("valid");
-        let (rate, el) = measure(g, 1, w).await;
+        let (rate, el) =
+            median(reps, || measure(Graph::build(fan(width), Some(&registry)).expect("valid"), 1, w)).await;
         println!(
-            "{:<28} {w:>8} {rate:>14.0} {:>9.2}s {:>11.2}%",
+            "{:<28} {w:>8} {rate:>14.0} {:>9.3}s {:>11.2}%",
             format!("1 run of 1 -> {width} -> 1"),
             el.as_secs_f64(),
             100.0 * rate / base
         );
     }
-    let _ = Arc::new(());
 }
