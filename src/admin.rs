@@ -14,6 +14,12 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+/// What `/readyz` asks: whether the process is ready, and a one-line explanation.
+pub trait ReadyProbe: Send + Sync + 'static {
+    /// `(ready, description)`.
+    fn readiness(&self) -> (bool, String);
+}
+
 /// Shared readiness flag: the server starts unready; the owner flips it.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);
@@ -35,23 +41,31 @@ impl Readiness {
     }
 }
 
+impl ReadyProbe for Readiness {
+    fn readiness(&self) -> (bool, String) {
+        let ready = self.get();
+        (ready, if ready { "ready\n".into() } else { "not ready\n".into() })
+    }
+}
+
 #[derive(Clone)]
 struct AdminState {
-    ready: Readiness,
+    probe: Arc<dyn ReadyProbe>,
     registry: Arc<Registry>,
 }
 
 /// The admin router.
-pub fn router(ready: Readiness, registry: Arc<Registry>) -> Router {
+pub fn router(probe: Arc<dyn ReadyProbe>, registry: Arc<Registry>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { ready, registry })
+        .with_state(AdminState { probe, registry })
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.get() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+    let (ready, text) = s.probe.readiness();
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, text)
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
@@ -64,13 +78,22 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 /// Serve the admin endpoints on `addr` until `shutdown` fires.
 pub async fn serve(
     addr: SocketAddr,
-    ready: Readiness,
+    probe: Arc<dyn ReadyProbe>,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(tokio::net::TcpListener::bind(addr).await?, probe, registry, shutdown).await
+}
+
+/// Serve the admin endpoints on a bound listener until `shutdown` fires.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    probe: Arc<dyn ReadyProbe>,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     info!(addr = %listener.local_addr()?, "Admin server listening.");
-    axum::serve(listener, router(ready, registry))
+    axum::serve(listener, router(probe, registry))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -204,7 +204,7 @@ pub async fn run_worker(
     let admin_task = options.admin_addr.map(|addr| {
         let (ready, prom, shutdown) = (ready.clone(), Arc::new(prom), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(error) = admin::serve(addr, ready, prom, shutdown).await {
+            if let Err(error) = admin::serve(addr, Arc::new(ready), prom, shutdown).await {
                 warn!(addr = %addr, error = %error, "Admin server failed.");
             }
         })

@@ -5,16 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::OperatorError;
+use crate::admin::ReadyProbe;
 
 const UNKNOWN: u8 = 0;
 const STANDBY: u8 = 1;
@@ -70,32 +66,9 @@ impl Health {
     }
 }
 
-#[derive(Clone)]
-struct AdminState {
-    health: Arc<Health>,
-    registry: Arc<Registry>,
-}
-
-/// The admin router.
-pub fn router(health: Arc<Health>, registry: Arc<Registry>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(AdminState { health, registry })
-}
-
-async fn readyz(State(state): State<AdminState>) -> Response {
-    let code = if state.health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, state.health.describe()).into_response()
-}
-
-async fn metrics(State(state): State<AdminState>) -> Response {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
-            .into_response(),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {error}\n")).into_response(),
+impl ReadyProbe for Health {
+    fn readiness(&self) -> (bool, String) {
+        (self.is_ready(), self.describe().to_string())
     }
 }
 
@@ -104,7 +77,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, OperatorError> {
     TcpListener::bind(addr).await.map_err(|e| OperatorError::Admin { addr: addr.to_string(), message: e.to_string() })
 }
 
-/// Serve the admin endpoints on `listener` until `shutdown` is cancelled.
+/// Serve the admin endpoints (the crate's admin server) on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
@@ -112,9 +85,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), OperatorError> {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(%addr, "Admin server listening.");
-    axum::serve(listener, router(health, registry))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    crate::admin::serve_on(listener, health, registry, shutdown)
         .await
         .map_err(|e| OperatorError::Admin { addr, message: e.to_string() })
 }

@@ -139,25 +139,7 @@ fn default_prefetch() -> i32 {
     DEFAULT_PREFETCH
 }
 
-/// RabbitMQ queue type.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    /// Replicated (Raft) queue.
-    Quorum,
-    /// Classic queue.
-    Classic,
-}
-
-impl QueueType {
-    /// The value of `FLOWCRAFT_QUEUE_TYPE`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        }
-    }
-}
+pub use crate::store::rabbitmq::QueueType;
 
 /// Where a pool's blueprints come from.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -72,8 +72,8 @@ const MAX_QUEUE_NAME: usize = 255 - ".delay".len();
 // Configuration
 // ------------------------------------------------------------------------------------------------
 
-/// The type of the work queue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The type of the work queue (RabbitMQ queue type; also the `spec.queue.type` of a worker pool).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// Replicated (Raft) queue: the default, with a delivery limit and at-least-once dead-lettering.
