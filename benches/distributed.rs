@@ -341,6 +341,10 @@ struct CpuSnapshot {
     total: u64,
     idle: u64,
     iowait: u64,
+    /// Interrupt handling (irq + softirq: much of it is the loopback traffic between these processes).
+    irq: u64,
+    /// Time the hypervisor gave to someone else.
+    steal: u64,
 }
 
 const CPU_CLASSES: [&str; 6] = ["workers", "postgres", "rabbitmq", "redis", "bench", "other"];
@@ -383,6 +387,8 @@ impl CpuSnapshot {
             snap.total = v.iter().take(8).sum();
             snap.idle = v.get(3).copied().unwrap_or(0);
             snap.iowait = v.get(4).copied().unwrap_or(0);
+            snap.irq = v.get(5).copied().unwrap_or(0) + v.get(6).copied().unwrap_or(0);
+            snap.steal = v.get(7).copied().unwrap_or(0);
         }
         snap
     }
@@ -392,13 +398,15 @@ impl CpuSnapshot {
             total: self.total.saturating_sub(before.total),
             idle: self.idle.saturating_sub(before.idle),
             iowait: self.iowait.saturating_sub(before.iowait),
+            irq: self.irq.saturating_sub(before.irq),
+            steal: self.steal.saturating_sub(before.steal),
             ..Self::default()
         };
         for i in 0..CPU_CLASSES.len() {
             d.by_class[i] = self.by_class[i].saturating_sub(before.by_class[i]);
         }
         // Everything busy that is not one of ours: other processes (compilers of other sessions, the kernel).
-        let busy = d.total.saturating_sub(d.idle + d.iowait);
+        let busy = d.total.saturating_sub(d.idle + d.iowait + d.irq + d.steal);
         let ours: u64 = d.by_class[..5].iter().sum();
         d.by_class[5] = busy.saturating_sub(ours);
         d
@@ -412,6 +420,8 @@ impl CpuSnapshot {
         let pct = |t: u64| 100.0 * t as f64 / self.total as f64;
         let mut parts: Vec<String> =
             CPU_CLASSES.iter().zip(self.by_class).map(|(name, t)| format!("{name} {:.0}%", pct(t))).collect();
+        parts.push(format!("irq {:.0}%", pct(self.irq)));
+        parts.push(format!("steal {:.0}%", pct(self.steal)));
         parts.push(format!("idle {:.0}%", pct(self.idle)));
         parts.push(format!("iowait {:.0}%", pct(self.iowait)));
         format!("cpu of all cores: {}", parts.join(", "))
@@ -912,7 +922,7 @@ async fn main() {
         "  hop ms       W3 only: wall(db) / 49 hops of the 50-node chain (one job latency end to end, the next job's queue trip included)."
     );
     println!(
-        "  cpu          share of all cores' time during the measured part, from /proc/<pid>/stat and /proc/stat (10 ms ticks: coarse for short runs); 'other' is everything else busy (other processes, kernel)."
+        "  cpu          share of all cores' time during the measured part, from /proc/<pid>/stat and /proc/stat (10 ms ticks: coarse for short runs); 'other' is everything else busy (other processes, kernel threads); irq = irq + softirq (loopback traffic included), steal = taken by the hypervisor."
     );
     println!("  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status.");
     println!(
