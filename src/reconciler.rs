@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
@@ -21,6 +22,9 @@ use crate::store::{
     Coordinator, Job, JobQueue, JoinState, NodeRecord, NodeStatus, RunInfo, RunStatus, RunStore, StoreError,
 };
 use crate::worker::BlueprintSet;
+
+/// How many runs of a batch are reconciled at once.
+const RUNS_AT_ONCE: usize = 16;
 
 /// A run could not be reconciled.
 #[derive(Debug, thiserror::Error)]
@@ -131,9 +135,18 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             if fresh.is_empty() {
                 break;
             }
-            for run in fresh {
+            // The runs of a batch are independent: reconcile them concurrently (each waits on its own confirms).
+            let results: Vec<(RunInfo, Result<RunRepair, ReconcileError>)> = futures::stream::iter(fresh)
+                .map(|run| async move {
+                    let r = self.reconcile_run(&run).await;
+                    (run, r)
+                })
+                .buffer_unordered(RUNS_AT_ONCE)
+                .collect()
+                .await;
+            for (run, result) in results {
                 stats.stalled_runs += 1;
-                match self.reconcile_run(&run).await {
+                match result {
                     Ok(repair) => {
                         if repair.acted() {
                             stats.reconciled_runs += 1;
@@ -224,7 +237,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         if !jobs.is_empty() {
             self.queue.publish(&jobs).await.map_err(store_err)?;
         }
-        self.store.touch(run_id).await.map_err(store_err)?;
+        // No touch here: claiming the run already set its `updated_at`.
         Ok(repair)
     }
 }
