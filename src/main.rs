@@ -195,10 +195,10 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_tracing(
-        cli.log_format,
-        matches!(cli.command, Command::Run { .. } | Command::Validate { .. } | Command::Graph { .. }),
-    );
+    // Long-running modes log at info; one-shot CLI commands only warn (their results go to stdout).
+    let long_running =
+        matches!(cli.command, Command::Worker { .. } | Command::Operator { .. } | Command::Reconcile { .. });
+    init_tracing(cli.log_format, !long_running);
     flowcraft::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
