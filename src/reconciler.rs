@@ -230,7 +230,17 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             if self.coord.lease_held(run_id, node).await.map_err(store_err)? {
                 repair.leased.push(node.clone());
             } else {
-                jobs.push(Job::new(run_id, &run.blueprint_id, node));
+                let mut job = Job::new(run_id, &run.blueprint_id, node);
+                if graph.join(node) == JoinStrategy::Any && graph.source_count(node) > 1 {
+                    // The arrival that fired it is the earliest taken predecessor (the workers' fire-once flag
+                    // may be lost): its input comes from that one.
+                    job.source = records
+                        .iter()
+                        .filter(|r| r.status == NodeStatus::Done && r.taken.iter().any(|t| t == node))
+                        .min_by_key(|r| (r.finished_at, r.node_id.clone()))
+                        .map(|r| r.node_id.clone());
+                }
+                jobs.push(job);
                 repair.published.push(node.clone());
             }
         }

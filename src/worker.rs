@@ -375,9 +375,9 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// A job this worker cannot serve yet (unknown blueprint or node, other blueprint version): send it back
     /// through the delay queue up to `max_version_requeues` times, then fail its run and dead-letter it.
     async fn send_back_or_fail(&self, job: &Job, reason: String) -> Result<Settle, StoreError> {
-        if job.attempt < self.config.max_version_requeues {
-            debug!(run_id = %job.run_id, node = %job.node_id, attempt = job.attempt, reason = %reason, "Cannot serve this job here; sending it back.");
-            let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
+        if job.sent_back < self.config.max_version_requeues {
+            debug!(run_id = %job.run_id, node = %job.node_id, sent_back = job.sent_back, reason = %reason, "Cannot serve this job here; sending it back.");
+            let again = Job { sent_back: job.sent_back.saturating_add(1), ..job.clone() };
             self.queue.publish_delayed(&again, self.config.lease_retry_delay).await?;
             return Ok(Settle::Ack("sent_back"));
         }
@@ -429,8 +429,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 }
             })
         };
+        // Stops the keeper even if execution unwinds (a panic in engine code is contained by `handle`).
+        let guard = stop.clone().drop_guard();
         let executed = execute(graph, &self.registry, &self.metrics, job, view).await;
-        stop.cancel();
+        drop(guard);
         let _ = keeper.await;
         executed
     }

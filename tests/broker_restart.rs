@@ -19,6 +19,23 @@ fn rabbitmqctl(args: &[&str]) {
     assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Stop the whole broker node and start it again, as the machine starts it (`rabbitmq-server -detached`).
+/// (`stop_app`/`start_app` is not enough and, on RabbitMQ 3.10, can leave quorum queues unable to serve consumers.)
+fn restart_broker() {
+    rabbitmqctl(&["stop"]);
+    let status = Command::new("rabbitmq-server").arg("-detached").status().expect("rabbitmq-server is installed");
+    assert!(status.success(), "rabbitmq-server -detached failed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let up = Command::new("rabbitmqctl").args(["-q", "await_startup", "--timeout", "10"]).output();
+        if up.is_ok_and(|o| o.status.success()) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "RabbitMQ did not come back within 180 s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_reconnect_after_a_broker_restart_and_every_run_completes() {
     let cluster = Cluster::new("restart");
@@ -44,9 +61,7 @@ async fn workers_reconnect_after_a_broker_restart_and_every_run_completes() {
         (n >= 1).then_some(())
     })
     .await;
-    rabbitmqctl(&["stop_app"]);
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
+    restart_broker();
     for id in &ids {
         let status = common::eventually(&format!("run {id} to end"), Duration::from_secs(180), || async {
             store.run_info(id).await.ok().flatten().map(|i| i.status).filter(|s| s.is_terminal())

@@ -63,6 +63,10 @@ pub struct Job {
     /// How many times this job was sent back through the delay queue (lease conflicts); 0 for a fresh job.
     #[serde(default)]
     pub attempt: u32,
+    /// How many times a worker that could not serve this job (unknown blueprint or node, other blueprint
+    /// version) sent it back; the run fails past a limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sent_back: u32,
     /// For an `any` join: the predecessor whose arrival fired it (its input comes from that one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -76,6 +80,7 @@ impl Job {
             blueprint_id: blueprint_id.into(),
             node_id: node_id.into(),
             attempt: 0,
+            sent_back: 0,
             source: None,
         }
     }
@@ -84,6 +89,10 @@ impl Job {
     pub fn message_id(&self) -> String {
         format!("{}/{}/{}", self.run_id, self.node_id, self.attempt)
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One message taken from the queue. It must end in exactly one of ack, requeue or dead-letter.
