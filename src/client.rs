@@ -241,9 +241,10 @@ pub async fn wait_for_run<S: RunStore + ?Sized>(
             progress(p.0, p.1);
             return Ok(r);
         }
-        if last != Some(info.updated_at) {
-            last = Some(info.updated_at);
-            let n = store.records(run_id).await.map_err(store_err(run_id))?.len();
+        // (The heartbeat `updated_at` has one-second granularity, so progress is read from the records.)
+        let n = store.records(run_id).await.map_err(store_err(run_id))?.len();
+        if last != Some(n) {
+            last = Some(n);
             progress(n, graph.map(Graph::node_count).unwrap_or(n));
         }
         if let Some(t) = timeout
