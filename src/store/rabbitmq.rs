@@ -4,8 +4,11 @@
 //!
 //! Topology of a queue named `q` (everything durable, declared on every (re)connection):
 //! - `q`: the work queue (`x-queue-type` quorum or classic, `x-dead-letter-exchange` `q.dlx`; quorum queues also
-//!   get `x-delivery-limit` 50 as a poison-message backstop, `x-dead-letter-strategy` at-least-once and
-//!   `x-overflow` reject-publish);
+//!   get `x-delivery-limit` 50 as a poison-message backstop). The worker dead-letters bad jobs itself, with a
+//!   reason header and a confirmed publish (at-least-once); the broker's dead-lettering only serves the delivery
+//!   limit and keeps the default at-most-once strategy: `x-dead-letter-strategy: at-least-once` depends on the
+//!   broker's `rabbit_fifo_dlx_sup`, which RabbitMQ 3.10 sometimes does not have running after a restart, and
+//!   then every such queue crashes on leader election (seen here; the queue can no longer be consumed);
 //! - `q.dlx`: a fanout exchange bound to `q.dead`, the dead-letter queue;
 //! - `q.delay`: a classic queue without consumers whose messages carry a per-message `expiration`; an expired
 //!   message is dead-lettered through the default exchange back to `q`. RabbitMQ only expires messages at the head
@@ -76,7 +79,7 @@ const MAX_QUEUE_NAME: usize = 255 - ".delay".len();
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
-    /// Replicated (Raft) queue: the default, with a delivery limit and at-least-once dead-lettering.
+    /// Replicated (Raft) queue: the default, with a delivery limit as a poison backstop.
     #[default]
     Quorum,
     /// Classic queue (single node).
@@ -316,8 +319,6 @@ fn work_arguments(queue_type: QueueType, names: &Names) -> FieldTable {
     args.insert("x-dead-letter-exchange".into(), long(&names.dlx));
     if queue_type == QueueType::Quorum {
         args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
-        args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-        args.insert("x-overflow".into(), long("reject-publish"));
     }
     args
 }
@@ -1229,7 +1230,7 @@ mod tests {
         let names = Names::new("q");
         let args = work_arguments(QueueType::Quorum, &names);
         assert!(args.contains_key("x-delivery-limit"));
-        assert!(args.contains_key("x-dead-letter-strategy"));
+        assert!(!args.contains_key("x-dead-letter-strategy"), "at-least-once broker dead-lettering is not used");
         let classic = work_arguments(QueueType::Classic, &names);
         assert!(!classic.contains_key("x-delivery-limit"));
         assert!(classic.contains_key("x-dead-letter-exchange"));
