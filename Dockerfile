@@ -13,11 +13,14 @@ WORKDIR /src
 
 # Dependencies first: build them against a dummy crate so this layer is reused until Cargo.toml or
 # Cargo.lock change.
+# The manifest names bench targets, so they need (dummy) files for the manifest to parse; they stay, since only
+# the binary is built below.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src \
+RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && echo '' > src/lib.rs \
- && cargo build --release --locked \
+ && for b in $(awk '/^\[\[bench\]\]/{b=1;next} b&&/^name/{gsub(/"/,"",$3);print $3;b=0}' Cargo.toml); do echo 'fn main() {}' > "benches/$b.rs"; done \
+ && cargo build --release --locked --lib \
  && rm -rf src \
  && rm -rf target/release/.fingerprint/flowcraft-* target/release/deps/flowcraft-* \
            target/release/deps/libflowcraft-* target/release/flowcraft*
