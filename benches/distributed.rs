@@ -34,30 +34,12 @@ use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+use common::{amqp_url, arg, chain, database_url, fan, flag, redis_url};
+
 // ------------------------------------------------------------------------------------------------
 // Settings
 // ------------------------------------------------------------------------------------------------
-
-fn database_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
-
-fn amqp_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-fn flag(name: &str) -> bool {
-    std::env::args().any(|a| a == name)
-}
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -72,25 +54,6 @@ fn unique(tag: &str) -> String {
 // ------------------------------------------------------------------------------------------------
 // Blueprints
 // ------------------------------------------------------------------------------------------------
-
-fn chain(id: &str, n: usize) -> Value {
-    let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
-    let edges: Vec<Value> =
-        (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
-    json!({"id": id, "nodes": nodes, "edges": edges})
-}
-
-fn fan(id: &str, width: usize) -> Value {
-    let mut nodes =
-        vec![json!({"id": "split", "uses": "noop"}), json!({"id": "join", "uses": "noop", "joinStrategy": "all"})];
-    let mut edges = Vec::new();
-    for i in 0..width {
-        nodes.push(json!({"id": format!("w{i}"), "uses": "noop"}));
-        edges.push(json!({"source": "split", "target": format!("w{i}")}));
-        edges.push(json!({"source": format!("w{i}"), "target": "join"}));
-    }
-    json!({"id": id, "nodes": nodes, "edges": edges})
-}
 
 /// One workload: a blueprint and how many runs of it.
 struct Workload {

@@ -12,22 +12,8 @@ use flowcraft::worker::BlueprintSet;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-fn chain(n: usize) -> Blueprint {
-    let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
-    let edges: Vec<Value> =
-        (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
-    serde_json::from_value(json!({"id": "chain", "nodes": nodes, "edges": edges})).expect("chain blueprint")
-}
-
-fn fan(width: usize) -> Blueprint {
-    let mut nodes = vec![json!({"id": "split", "uses": "noop"}), json!({"id": "join", "uses": "noop"})];
-    let mut edges = Vec::new();
-    for i in 0..width {
-        nodes.push(json!({"id": format!("w{i}"), "uses": "noop"}));
-        edges.push(json!({"source": "split", "target": format!("w{i}")}));
-        edges.push(json!({"source": format!("w{i}"), "target": "join"}));
-    }
-    serde_json::from_value(json!({"id": "fan", "nodes": nodes, "edges": edges})).expect("fan blueprint")
+fn blueprint(v: Value) -> Blueprint {
+    serde_json::from_value(v).expect("a valid workload blueprint")
 }
 
 /// The baseline: the noop node body called directly `n` times (input clone + context handle), no engine.
@@ -85,10 +71,8 @@ where
     v[v.len() / 2]
 }
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
+mod common;
+use common::arg;
 
 #[tokio::main]
 async fn main() {
@@ -104,16 +88,20 @@ async fn main() {
     let reps: usize = arg("--reps").and_then(|r| r.parse().ok()).unwrap_or(5);
     println!("(each figure: the median of {reps} repetitions)");
     for &w in &workers {
-        let (rate, el) =
-            median(reps, || measure(Graph::build(chain(5), Some(&registry)).expect("valid"), runs, w)).await;
+        let (rate, el) = median(reps, || {
+            measure(Graph::build(blueprint(common::chain("chain", 5)), Some(&registry)).expect("valid"), runs, w)
+        })
+        .await;
         println!(
             "{:<28} {w:>8} {rate:>14.0} {:>9.3}s {:>11.2}%",
             format!("{runs} runs x 5-node chain"),
             el.as_secs_f64(),
             100.0 * rate / base
         );
-        let (rate, el) =
-            median(reps, || measure(Graph::build(fan(width), Some(&registry)).expect("valid"), 1, w)).await;
+        let (rate, el) = median(reps, || {
+            measure(Graph::build(blueprint(common::fan("fan", width)), Some(&registry)).expect("valid"), 1, w)
+        })
+        .await;
         println!(
             "{:<28} {w:>8} {rate:>14.0} {:>9.3}s {:>11.2}%",
             format!("1 run of 1 -> {width} -> 1"),

@@ -17,33 +17,11 @@ use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{Coordinator, Job, JobQueue, RunStore};
 use flowcraft::worker::BlueprintSet;
-use serde_json::{Value, json};
+
+mod common;
+use common::{amqp_url, arg, chain, database_url, redis_url};
 
 const THRESHOLD: Duration = Duration::from_secs(300);
-
-fn database_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
-
-fn amqp_url() -> String {
-    std::env::var("FLOWCRAFT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-fn chain(id: &str, n: usize) -> Value {
-    let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("n{i}"), "uses": "noop"})).collect();
-    let edges: Vec<Value> =
-        (1..n).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
-    json!({"id": id, "nodes": nodes, "edges": edges})
-}
 
 struct Services {
     store: Arc<PostgresStore>,
