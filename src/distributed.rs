@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
+use crate::build_info;
 use crate::config::ConnectionArgs;
 use crate::flow::Registry;
 use crate::metrics::WorkerMetrics;
@@ -77,7 +78,7 @@ impl ConnectionArgs {
 }
 
 /// Retry `connect` with exponential backoff and jitter (capped at 10 s) until it succeeds or `shutdown` fires.
-/// Configuration errors are not retried.
+/// Configuration errors and a database schema newer than this binary are not retried.
 pub async fn with_backoff<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut connect: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
@@ -87,7 +88,7 @@ where
     loop {
         match connect().await {
             Ok(v) => return Ok(v),
-            Err(e @ StoreError::Config(_)) => return Err(e),
+            Err(e @ (StoreError::Config(_) | StoreError::SchemaTooNew { .. })) => return Err(e),
             Err(error) => {
                 warn!(service = what, error = %error, retry_in = ?delay, "Cannot connect; retrying.");
                 tokio::select! {
@@ -193,12 +194,14 @@ pub async fn run_worker(
     registry: Registry,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    info!(version = build_info::VERSION, commit = build_info::COMMIT, "Flowcraft worker starting.");
     let blueprints = BlueprintSet::load_dir(&options.blueprints, Some(&registry)).map_err(WorkerError::from)?;
     if blueprints.is_empty() {
         warn!(dir = %options.blueprints.display(), "No blueprint files found; every job will be dead-lettered.");
     }
     info!(blueprints = ?blueprints.ids(), dir = %options.blueprints.display(), "Blueprints loaded.");
     let mut prom = prometheus_client::registry::Registry::default();
+    build_info::register(&mut prom);
     let metrics = Arc::new(WorkerMetrics::register(&mut prom));
     let ready = Readiness::new();
     let admin_task = options.admin_addr.map(|addr| {

@@ -8,9 +8,11 @@
 //! - [`reconciler`]: stalled-run detection and re-drive, generic over the store traits.
 //! - [`client`]: start, await, cancel and list runs; [`embedded`] runs a blueprint in-process.
 //! - [`operator`]: the Kubernetes custom resources and their controllers.
+//! - [`build_info`]: the version and git commit of this build (`--version`, logs, `flowcraft_build_info`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod build_info;
 pub mod client;
 pub mod config;
 pub mod distributed;

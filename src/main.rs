@@ -23,7 +23,7 @@ use flowcraft::worker::BlueprintSet;
 
 /// Flowcraft: run workflow blueprints embedded or distributed on RabbitMQ, PostgreSQL and Redis.
 #[derive(Debug, Parser)]
-#[command(name = "flowcraft", version, about)]
+#[command(name = "flowcraft", version = flowcraft::build_info::LONG_VERSION, about)]
 struct Cli {
     #[command(flatten)]
     conn: ConnectionArgs,

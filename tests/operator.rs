@@ -322,6 +322,7 @@ async fn pool_create_applies_the_deployment_and_patches_the_status() {
             assert_eq!(status["readyReplicas"], 2);
             assert_eq!(status["desiredReplicas"], 2);
             assert_eq!(status["blueprintsHash"], hash2.as_str());
+            assert_eq!(status["image"], "ghcr.io/flowcraft/flowcraft:1.0", "the image the workers run");
             assert_eq!(
                 status["selector"],
                 "app.kubernetes.io/component=worker,app.kubernetes.io/name=flowcraft,flowcraft.io/pool=orders"

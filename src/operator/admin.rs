@@ -111,8 +111,7 @@ mod tests {
     #[tokio::test]
     async fn serves_health_readiness_and_metrics() {
         let health = Arc::new(Health::default());
-        let mut registry = Registry::default();
-        let _metrics = super::super::metrics::Metrics::default().register(&mut registry);
+        let (registry, _metrics) = super::super::metrics_registry();
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -134,6 +133,12 @@ mod tests {
         let m = get("/metrics").await;
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
         assert!(m.contains("flowcraft_operator_leader"), "{m}");
+        let build = format!(
+            "flowcraft_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT
+        );
+        assert!(m.lines().any(|l| l.trim_end() == build), "no {build:?} in {m}");
         assert!(m.contains("# EOF"), "{m}");
         stop.cancel();
         server.await.unwrap().unwrap();

@@ -51,7 +51,8 @@ pub const DEFAULT_STALLED_THRESHOLD_SECONDS: i64 = 300;
     printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}"#,
     printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"}"#,
     printcolumn = r#"{"name": "Queue", "type": "integer", "jsonPath": ".status.queueDepth"}"#,
-    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name": "Image", "type": "string", "priority": 1, "jsonPath": ".status.image"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlowcraftWorkerPoolSpec {
@@ -209,6 +210,10 @@ pub struct FlowcraftWorkerPoolStatus {
     /// sha256 of the blueprints ConfigMap the workers run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blueprints_hash: Option<String>,
+    /// The image of the workers: `spec.image`, or the operator's image when the pool names none (what the pods
+    /// run once the rollout is complete, see the Progressing condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
@@ -518,7 +523,7 @@ mod tests {
                 .map(|c| c.name)
                 .collect()
         };
-        assert_eq!(cols(FlowcraftWorkerPool::crd()), ["Ready", "Replicas", "Queue", "Age"]);
+        assert_eq!(cols(FlowcraftWorkerPool::crd()), ["Ready", "Replicas", "Queue", "Age", "Image"]);
         assert_eq!(
             cols(FlowcraftReconcileSchedule::crd()),
             ["Schedule", "Suspend", "Last Run", "Stalled", "Reconciled", "Age"]

@@ -83,8 +83,13 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
-    let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::default().register(&mut registry));
+    tracing::info!(
+        version = crate::build_info::VERSION,
+        commit = crate::build_info::COMMIT,
+        image = %cfg.image,
+        "Flowcraft operator starting."
+    );
+    let (registry, metrics) = metrics_registry();
     let health = Arc::new(Health::default());
     let listener = admin::bind(cfg.admin_addr).await?;
     let admin_stop = CancellationToken::new();
@@ -98,6 +103,14 @@ pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
         Ok(Ok(())) => {}
     }
     result
+}
+
+/// The registry the operator serves on `/metrics`: `flowcraft_build_info` and the operator's own metrics.
+pub fn metrics_registry() -> (Registry, Arc<Metrics>) {
+    let mut registry = Registry::default();
+    crate::build_info::register(&mut registry);
+    let metrics = Arc::new(Metrics::default().register(&mut registry));
+    (registry, metrics)
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

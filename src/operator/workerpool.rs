@@ -75,6 +75,15 @@ pub fn autoscale_replicas(depth: u64, a: &AutoscalingSpec) -> i32 {
     i32::try_from(wanted).unwrap_or(i32::MAX).clamp(min, max)
 }
 
+/// Name of the worker container in a pool's Deployment.
+const WORKER_CONTAINER: &str = "worker";
+
+/// The image of a worker Deployment's worker container (what the pool's status records).
+pub fn worker_image(deployment: &Deployment) -> Option<String> {
+    let pod = deployment.spec.as_ref()?.template.spec.as_ref()?;
+    pod.containers.iter().find(|c| c.name == WORKER_CONTAINER)?.image.clone()
+}
+
 /// The worker Deployment of a pool (pure): owned by the pool, labelled, running `flowcraft worker` with the
 /// Secret's URLs, the blueprints mounted, probes on the admin port and a locked-down security context.
 pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Result<Deployment, OperatorError> {
@@ -114,7 +123,7 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
     };
 
     let container = Container {
-        name: "worker".to_string(),
+        name: WORKER_CONTAINER.to_string(),
         image: Some(image),
         image_pull_policy: spec.image_pull_policy.clone(),
         args: Some(vec!["worker".to_string()]),
@@ -443,6 +452,7 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
         queue_depth: depth,
         selector: Some(pod::worker_selector_string(&name)),
         blueprints_hash: Some(hash.clone()),
+        image: worker_image(&applied),
         conditions: merge_conditions(
             &prev.conditions,
             &[ready_cond, progressing_cond, degraded_cond.clone()],
@@ -580,6 +590,7 @@ mod tests {
 
         let c = container(&d);
         assert_eq!(c.image.as_deref(), Some("ghcr.io/flowcraft/flowcraft:1.0"));
+        assert_eq!(worker_image(&d).as_deref(), Some("ghcr.io/flowcraft/flowcraft:1.0"), "the status records it");
         assert_eq!(c.args.clone().unwrap(), ["worker"]);
         let mount = &c.volume_mounts.as_ref().unwrap()[0];
         assert_eq!(mount.name, vol.name);
@@ -628,6 +639,8 @@ mod tests {
         let mut p = pool();
         p.spec.image = Some("my/custom:2".into());
         assert_eq!(container(&desired_deployment(&p, &ctx()).unwrap()).image.as_deref(), Some("my/custom:2"));
+        assert_eq!(worker_image(&desired_deployment(&p, &ctx()).unwrap()).as_deref(), Some("my/custom:2"));
+        assert_eq!(worker_image(&Deployment::default()), None);
         let no_default = BuildContext { default_image: String::new(), ..ctx() };
         assert!(matches!(
             desired_deployment(&pool(), &no_default),

@@ -33,6 +33,22 @@ pub enum StoreError {
     /// write cannot succeed.
     #[error("rejected by the store: {0}")]
     Rejected(String),
+    /// The database schema was migrated by a newer flowcraft than this binary. Downgrades are not supported: the
+    /// binary refuses to use the tables and has changed nothing.
+    #[error(
+        "database schema version {found} (migration history table {history:?}) is newer than this flowcraft \
+         {binary} knows (schema version {known}): a newer flowcraft release has migrated this database. \
+         Downgrades are not supported: run that release or a newer one. Nothing was changed",
+        binary = crate::build_info::VERSION
+    )]
+    SchemaTooNew {
+        /// The migration history table.
+        history: String,
+        /// The newest schema version recorded in it.
+        found: i32,
+        /// The newest schema version this binary knows.
+        known: i32,
+    },
     /// Stored data could not be decoded.
     #[error("corrupt stored data for run {run_id}: {message}")]
     Corrupt {

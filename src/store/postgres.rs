@@ -211,6 +211,21 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, name: "reconcile_stats", sql: include_str!("../../migrations/V2__reconcile_stats.sql") },
 ];
 
+/// The newest schema version this binary knows (the last embedded migration).
+pub fn schema_version() -> i32 {
+    MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Refuse a schema newer than this binary (`recorded`: the newest version in the history table, if any). Older
+/// and equal schemas are fine: the missing migrations are applied.
+fn check_schema_version(recorded: Option<i32>, history: &str) -> StoreResult<()> {
+    let known = schema_version();
+    match recorded {
+        Some(found) if found > known => Err(StoreError::SchemaTooNew { history: history.to_string(), found, known }),
+        _ => Ok(()),
+    }
+}
+
 const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS {migrations} (
     version    INT PRIMARY KEY,
     name       TEXT NOT NULL,
@@ -612,27 +627,43 @@ impl PostgresStore {
     }
 
     /// Apply the embedded migrations that are not applied yet, each in its own transaction under an advisory
-    /// lock. Re-running is a no-op; concurrent callers serialise.
+    /// lock. Re-running is a no-op; concurrent callers serialise. A database whose history records a version newer
+    /// than this binary knows is refused with [`StoreError::SchemaTooNew`] before anything is changed.
     pub async fn migrate(&self) -> StoreResult<()> {
-        let history = self.names.migrations.as_str();
         let mut client = self.client("migrate").await?;
-        let key = self.names.migration_lock_key();
         for m in MIGRATIONS {
-            let op = format!("migration V{}__{}", m.version, m.name);
-            let err = |e: tokio_postgres::Error| db_error(&op, history, &e);
-            let tx = client.transaction().await.map_err(err)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1::bigint)", &[&key]).await.map_err(err)?;
-            tx.batch_execute(&self.sql.create_history).await.map_err(err)?;
-            let applied = tx
-                .query_opt(&format!("SELECT 1 FROM {} WHERE version = $1::int", quote(history)), &[&m.version])
-                .await
-                .map_err(err)?
-                .is_some();
-            if applied {
-                tx.commit().await.map_err(err)?;
-                tracing::debug!(version = m.version, name = m.name, history, "migration already applied");
-                continue;
-            }
+            self.apply_migration(&mut client, m).await?;
+        }
+        Ok(())
+    }
+
+    /// One migration in its own transaction: take the advisory lock, refuse a newer schema, skip an applied
+    /// version, else run the SQL and record it.
+    async fn apply_migration(&self, client: &mut deadpool_postgres::Client, m: &Migration) -> StoreResult<()> {
+        let history = self.names.migrations.as_str();
+        let op = format!("migration V{}__{}", m.version, m.name);
+        let err = |e: tokio_postgres::Error| db_error(&op, history, &e);
+        let tx = client.transaction().await.map_err(err)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1::bigint)", &[&self.names.migration_lock_key()])
+            .await
+            .map_err(err)?;
+        tx.batch_execute(&self.sql.create_history).await.map_err(err)?;
+        let recorded: Option<i32> = tx
+            .query_one(&format!("SELECT max(version) AS v FROM {}", quote(history)), &[])
+            .await
+            .map_err(err)?
+            .try_get("v")
+            .map_err(err)?;
+        // Dropping `tx` on an error rolls it back: a refused database is left exactly as it was.
+        check_schema_version(recorded, history)?;
+        let applied = tx
+            .query_opt(&format!("SELECT 1 FROM {} WHERE version = $1::int", quote(history)), &[&m.version])
+            .await
+            .map_err(err)?
+            .is_some();
+        if applied {
+            tracing::debug!(version = m.version, name = m.name, history, "migration already applied");
+        } else {
             tx.batch_execute(&self.names.render(m.sql)).await.map_err(err)?;
             tx.execute(
                 &format!("INSERT INTO {} (version, name) VALUES ($1::int, $2::text)", quote(history)),
@@ -640,20 +671,9 @@ impl PostgresStore {
             )
             .await
             .map_err(err)?;
-            tx.commit().await.map_err(err)?;
             tracing::info!(version = m.version, name = m.name, statuses = %self.names.statuses, "applied migration");
         }
-        let latest = MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
-        let newer = client
-            .query_opt(&format!("SELECT max(version) AS v FROM {}", quote(history)), &[])
-            .await
-            .map_err(|e| db_error("read migration history", history, &e))?
-            .and_then(|row| row.get::<_, Option<i32>>("v"))
-            .filter(|v| *v > latest);
-        if let Some(v) = newer {
-            tracing::warn!(applied = v, known = latest, history, "database schema is newer than this binary");
-        }
-        Ok(())
+        tx.commit().await.map_err(err)
     }
 
     /// Drop every table of this store (the four data tables and the migration history). For tests.
@@ -938,6 +958,28 @@ impl RunStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_newer_schema_is_refused_an_older_or_equal_one_is_migrated() {
+        let known = schema_version();
+        assert_eq!(known, MIGRATIONS.last().map(|m| m.version).unwrap(), "migrations are listed in order");
+        for recorded in [None, Some(1), Some(known)] {
+            assert!(check_schema_version(recorded, "h").is_ok(), "{recorded:?}");
+        }
+        let err = check_schema_version(Some(known + 1), "x_migrations").unwrap_err();
+        assert!(matches!(err, StoreError::SchemaTooNew { found, .. } if found == known + 1), "{err:?}");
+        let text = err.to_string();
+        for part in [
+            format!("schema version {}", known + 1),
+            "\"x_migrations\"".to_string(),
+            format!("flowcraft {}", crate::build_info::VERSION),
+            format!("schema version {known}"),
+            "Downgrades are not supported".to_string(),
+            "Nothing was changed".to_string(),
+        ] {
+            assert!(text.contains(&part), "{part:?} missing from: {text}");
+        }
+    }
 
     #[test]
     fn identifiers_are_validated() {
