@@ -238,7 +238,11 @@ fn init_tracing(format: LogFormat, cli_command: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if cli_command { "warn" } else { "info,tokio_postgres=warn,lapin=warn" };
     let filter = EnvFilter::try_from_env("FLOWCRAFT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a pod's log (or a file) gets plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
