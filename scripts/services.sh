@@ -22,7 +22,7 @@ if ! port_open 5432; then
   if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
     log "installing PostgreSQL"; apt_install postgresql postgresql-client
   fi
-  ver=$(ls /etc/postgresql | sort -V | tail -n 1)
+  ver=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)
   hba=/etc/postgresql/$ver/main/pg_hba.conf
   if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
     log "enabling trust auth on 127.0.0.1"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): bring up the services, check formatting and lints, run every test.
+# The test command (README, .ci/run): lint the scripts and workflows, bring up the services, check formatting
+# and lints, run every test.
 # Benchmarks are programs, not tests: clippy compiles them; `cargo bench` runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/lint.sh
 bash scripts/services.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings

@@ -229,8 +229,9 @@ fn chart_metadata() {
     let chart = chart_meta();
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["name"], "flowcraft");
-    assert_eq!(chart["version"], "0.1.0");
-    assert_eq!(chart["appVersion"], "0.1.0");
+    // One version: the crate's (Cargo.toml) is the chart's version and appVersion (and so the default image tag).
+    assert_eq!(chart["version"], env!("CARGO_PKG_VERSION"), "Chart.yaml version must be Cargo.toml's version");
+    assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"), "Chart.yaml appVersion must be Cargo.toml's version");
     assert_eq!(chart["kubeVersion"], ">=1.30.0-0");
 }
 

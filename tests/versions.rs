@@ -176,3 +176,59 @@ async fn a_worker_exports_its_build_info() {
     drop(worker);
     cluster.cleanup().await;
 }
+
+/// `scripts/release-check.sh` (the release workflow's first step) on a copy of the repository's version files.
+#[test]
+fn release_check_accepts_only_the_tag_of_the_one_version() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |from: &str| {
+        let to = tmp.path().join(from);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(repo.join(from), &to).unwrap();
+    };
+    for file in ["scripts/release-check.sh", "Cargo.toml", "charts/flowcraft/Chart.yaml"] {
+        copy(file);
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    let changelog = format!(
+        "# Changelog\n\n## [Unreleased]\n\n## [{version}] - 2026-01-02\n\n### Added\n\n- Everything.\n\n\
+         ## [0.0.1] - 2025-01-01\n\n- Older.\n\n[{version}]: https://example.invalid/{version}\n"
+    );
+    std::fs::write(tmp.path().join("CHANGELOG.md"), &changelog).unwrap();
+    let check = |tag: &str| {
+        Command::new("bash")
+            .args(["scripts/release-check.sh", tag, "notes.md"])
+            .current_dir(tmp.path())
+            .output()
+            .expect("run release-check.sh")
+    };
+
+    let out = check(&format!("v{version}"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let notes = std::fs::read_to_string(tmp.path().join("notes.md")).unwrap();
+    assert_eq!(notes.trim(), "### Added\n\n- Everything.");
+
+    let out = check("v9.9.9");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match Cargo.toml's version"));
+
+    // The chart disagreeing with the crate is refused too.
+    let chart = tmp.path().join("charts/flowcraft/Chart.yaml");
+    let text = std::fs::read_to_string(&chart)
+        .unwrap()
+        .replace(&format!("appVersion: \"{version}\""), "appVersion: \"9.9.9\"");
+    std::fs::write(&chart, text).unwrap();
+    let out = check(&format!("v{version}"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("appVersion 9.9.9"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A version without its CHANGELOG section is refused.
+    copy("charts/flowcraft/Chart.yaml");
+    std::fs::write(tmp.path().join("CHANGELOG.md"), "# Changelog\n\n## [Unreleased]\n\n- Soon.\n").unwrap();
+    let out = check(&format!("v{version}"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no"), "{}", String::from_utf8_lossy(&out.stderr));
+}
