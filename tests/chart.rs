@@ -900,3 +900,147 @@ fn local_compose_stack_has_the_three_services() {
         assert!(s["healthcheck"]["test"].is_array(), "{service}: healthcheck");
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The local cluster of scripts/kind.sh: it cannot run here (no container engine), so every file it applies is
+// checked: Kubernetes objects against their API types, the chart rendered with its values, Flowcraft objects
+// with `flowcraft validate`.
+
+const KIND_SCRIPT: &str = "scripts/kind.sh";
+const LOCAL_DIR: &str = "deploy/local";
+const LOCAL_VALUES: &str = "deploy/local/helm-values.yaml";
+/// Files of deploy/local that are not Kubernetes manifests.
+const LOCAL_NOT_MANIFESTS: &[&str] = &["docker-compose.yaml", "helm-values.yaml"];
+
+/// The Kubernetes objects of deploy/local/*.yaml.
+fn local_manifests() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for (file, path) in yaml_files(&repo().join(LOCAL_DIR)) {
+        if LOCAL_NOT_MANIFESTS.contains(&file.as_str()) {
+            continue;
+        }
+        let docs = parse_yaml_docs(&std::fs::read_to_string(&path).unwrap(), &path.display().to_string());
+        assert!(!docs.is_empty(), "{LOCAL_DIR}/{file} is empty");
+        out.extend(docs.into_iter().map(|d| (file.clone(), d)));
+    }
+    out
+}
+
+/// Every `deploy/…` path the kind script names.
+fn kind_script_files() -> BTreeSet<String> {
+    let script = read(KIND_SCRIPT);
+    script
+        .split(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+        .filter(|w| w.starts_with("deploy/"))
+        .map(|w| w.trim_end_matches([')', ';']).to_string())
+        .filter(|w| w.ends_with(".yaml") || w.ends_with(".json"))
+        .collect()
+}
+
+#[test]
+fn local_cluster_manifests_fit_the_api_and_are_ready_checked() {
+    let manifests = local_manifests();
+    let mut services = Vec::new();
+    let mut deployments = Vec::new();
+    for (file, doc) in &manifests {
+        check_api_type(doc).unwrap_or_else(|e| panic!("{LOCAL_DIR}/{file}: {e}"));
+        match kind(doc) {
+            "Namespace" => assert_eq!(name(doc), "flowcraft-data"),
+            "Service" => services.push(doc),
+            "Deployment" => deployments.push(doc),
+            other => panic!("{LOCAL_DIR}/{file}: unexpected kind {other}"),
+        }
+        if kind(doc) != "Namespace" {
+            assert_eq!(doc["metadata"]["namespace"], "flowcraft-data", "{file}: {}", id(doc));
+        }
+    }
+    let names = |docs: &[&Value]| docs.iter().map(|d| name(d).to_string()).collect::<BTreeSet<_>>();
+    let expected: BTreeSet<String> = ["postgres", "rabbitmq", "redis"].map(String::from).into();
+    assert_eq!(names(&services), expected);
+    assert_eq!(names(&deployments), expected);
+
+    for service in services {
+        let deployment = deployments.iter().find(|d| name(d) == name(service)).unwrap();
+        let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value((*deployment).clone()).unwrap();
+        let spec = deployment.spec.unwrap();
+        let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
+        // The Service selects the pods, the Deployment's selector matches its own template.
+        for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+            assert_eq!(pod_labels.get(key).map(String::as_str), value.as_str(), "{}: selector {key}", id(service));
+        }
+        for (key, value) in spec.selector.match_labels.unwrap() {
+            assert_eq!(pod_labels.get(&key), Some(&value), "Deployment {}: selector {key}", name(service));
+        }
+        let containers = spec.template.spec.unwrap().containers;
+        for c in &containers {
+            let probe = c.readiness_probe.as_ref().unwrap_or_else(|| panic!("{}: no readinessProbe", c.name));
+            assert!(probe.exec.is_some() || probe.tcp_socket.is_some(), "{}: probe without a check", c.name);
+        }
+        // Every Service port targets a named container port.
+        for port in service["spec"]["ports"].as_array().unwrap() {
+            let target = port["targetPort"].as_str().unwrap();
+            assert!(
+                containers.iter().flat_map(|c| c.ports.iter().flatten()).any(|p| p.name.as_deref() == Some(target)),
+                "{}: no container port named {target}",
+                id(service)
+            );
+        }
+    }
+}
+
+#[test]
+fn local_cluster_chart_values_render_and_point_at_the_local_services() {
+    let helm = require_helm!();
+    let docs = render(helm, &["-f", LOCAL_VALUES, "--set", "image.repository=flowcraft", "--set", "image.tag=dev"]);
+    for doc in &docs {
+        check_api_type(doc).unwrap();
+    }
+    assert_eq!(operator_container(&docs)["image"], "flowcraft:dev");
+    // The chart's connection Secret names the Services of deploy/local and their ports.
+    let secret = one(&docs, "Secret");
+    let url = |key: &str| secret["stringData"][key].as_str().unwrap_or_else(|| panic!("Secret key {key}")).to_string();
+    let services: BTreeMap<String, i64> = local_manifests()
+        .into_iter()
+        .filter(|(_, d)| kind(d) == "Service")
+        .map(|(_, d)| (name(&d).to_string(), d["spec"]["ports"][0]["port"].as_i64().unwrap()))
+        .collect();
+    for (key, service) in [("amqpUrl", "rabbitmq"), ("databaseUrl", "postgres"), ("redisUrl", "redis")] {
+        let host = format!("@{service}.flowcraft-data:{}/", services[service]);
+        let host_no_user = format!("//{service}.flowcraft-data:{}/", services[service]);
+        let url = url(key);
+        assert!(url.contains(&host) || url.contains(&host_no_user), "{key} = {url} does not name {service}");
+    }
+}
+
+/// Every file the kind script applies exists and is checked by this suite; its Flowcraft objects pass
+/// `flowcraft validate`.
+#[test]
+fn kind_script_applies_only_checked_files() {
+    let files = kind_script_files();
+    for expected in ["deploy/local/postgres.yaml", LOCAL_VALUES, "deploy/kubernetes/flowrun.yaml"] {
+        assert!(files.contains(expected), "{KIND_SCRIPT} does not name {expected}: {files:?}");
+    }
+    let mut flowcraft_files = Vec::new();
+    for file in &files {
+        let path = repo().join(file);
+        assert!(path.is_file(), "{KIND_SCRIPT} names {file}, which does not exist");
+        let (dir, base) = file.rsplit_once('/').unwrap();
+        // deploy/local is checked above, deploy/kubernetes by example_manifests_parse_and_fit_the_crds.
+        assert!(matches!(dir, "deploy/local" | "deploy/kubernetes"), "{file} is not in a checked directory");
+        assert!(!(dir == LOCAL_DIR && base == "docker-compose.yaml"), "{file} is not a manifest");
+        if dir == "deploy/kubernetes" {
+            flowcraft_files.push(path);
+        }
+    }
+    assert!(!flowcraft_files.is_empty());
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcraft")).arg("validate").args(&flowcraft_files).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "flowcraft validate {flowcraft_files:?}:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for kind in ["ConfigMap flowcraft-blueprints", "FlowcraftWorkerPool orders", "FlowRun hello-world"] {
+        assert!(stdout.lines().any(|l| l.starts_with("ok") && l.contains(kind)), "{kind} not validated:\n{stdout}");
+    }
+}
