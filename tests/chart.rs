@@ -567,6 +567,12 @@ fn notes_tell_what_to_apply_next() {
         "flowrun.yaml",
         "kubectl -n flowcraft-system get flowruns",
         "kubectl apply --server-side -f charts/flowcraft/crds/",
+        "flowcraft crd | kubectl apply --server-side -f -",
+        // The image, and what to do when it cannot be pulled.
+        &format!("run the image ghcr.io/flowcraft/flowcraft:{}", env!("CARGO_PKG_VERSION")),
+        "ImagePullBackOff",
+        "--set image.repository=REGISTRY/flowcraft,image.tag=TAG",
+        "scripts/kind.sh",
     ] {
         assert!(notes.contains(needle), "NOTES should mention {needle:?}:\n{notes}");
     }
