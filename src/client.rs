@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::flow::Graph;
-use crate::store::{Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError};
+use crate::store::{
+    Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint,
+};
 
 /// A client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +149,7 @@ where
         });
     }
     let input = if input.is_null() { json!({}) } else { input };
+    store.save_blueprint(&stored_blueprint(graph)).await.map_err(store_err(run_id))?;
     let created = store
         .create_run(&NewRun {
             run_id: run_id.to_string(),
@@ -168,6 +171,12 @@ where
         queue.publish(&jobs).await.map_err(store_err(run_id))?;
     }
     Ok(created)
+}
+
+/// A graph's blueprint as the run store keeps it (for the console).
+pub fn stored_blueprint(graph: &Graph) -> StoredBlueprint {
+    let definition = serde_json::to_value(graph.blueprint()).unwrap_or(Value::Null);
+    StoredBlueprint::new(graph.id(), graph.version().map(str::to_string), definition)
 }
 
 /// The state of a run (at any point of it); `graph` adds the total node count.

@@ -185,6 +185,17 @@ impl Default for WorkerOptions {
     }
 }
 
+/// Keep the definitions of the blueprints a worker serves in the run store (for the console). A failure is
+/// logged: the worker can serve jobs without it.
+async fn save_blueprints<S: RunStore + ?Sized>(store: &S, blueprints: &BlueprintSet) {
+    for id in blueprints.ids() {
+        let Some(graph) = blueprints.get(&id) else { continue };
+        if let Err(error) = store.save_blueprint(&crate::client::stored_blueprint(&graph)).await {
+            warn!(blueprint_id = %id, error = %error, "Cannot save the blueprint definition.");
+        }
+    }
+}
+
 /// Run a worker on RabbitMQ, PostgreSQL and Redis until `shutdown` fires: load and validate the blueprints,
 /// connect (retrying with backoff), migrate, serve the admin endpoints, consume. On shutdown it stops consuming,
 /// finishes the jobs in flight and closes the connections.
@@ -214,6 +225,7 @@ pub async fn run_worker(
     });
 
     let store = Arc::new(connect_store(conn, &shutdown).await?);
+    save_blueprints(&*store, &blueprints).await;
     let coord = Arc::new(connect_coordinator(conn, &shutdown).await?);
     let queue = Arc::new(connect_queue(conn, &options.connection_name, &shutdown).await?);
     queue.start_consuming().await?;

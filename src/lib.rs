@@ -9,6 +9,7 @@
 //! - [`client`]: start, await, cancel and list runs; [`embedded`] runs a blueprint in-process.
 //! - [`operator`]: the Kubernetes custom resources and their controllers.
 //! - [`build_info`]: the version and git commit of this build (`--version`, logs, `flowcraft_build_info`).
+//! - [`ui`]: the web console (`flowcraft ui`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod operator;
 pub mod reconciler;
 pub mod store;
+pub mod ui;
 pub mod worker;
 
 pub use flow::{Blueprint, Registry};
@@ -47,6 +49,9 @@ pub enum Error {
     /// The operator failed.
     #[error(transparent)]
     Operator(#[from] operator::OperatorError),
+    /// The console failed.
+    #[error(transparent)]
+    Ui(#[from] ui::UiError),
 }
 
 /// Result with the crate's [`Error`] by default.

@@ -174,6 +174,16 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions (the files in crds/).
     Crd,
+    /// Serve the web console over the run store (PostgreSQL). Read-only unless FLOWCRAFT_UI_TOKEN is set: then
+    /// a run can be cancelled by a request bearing that token.
+    Ui {
+        /// Listen address.
+        #[arg(long, env = "FLOWCRAFT_UI_ADDR", default_value = "127.0.0.1:8090")]
+        addr: std::net::SocketAddr,
+        /// Directory of blueprint files: graphs of blueprints the database has no definition of.
+        #[arg(long, env = "FLOWCRAFT_BLUEPRINTS")]
+        blueprints: Option<PathBuf>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -196,8 +206,10 @@ fn main() -> ExitCode {
         }
     };
     // Long-running modes log at info; one-shot CLI commands only warn (their results go to stdout).
-    let long_running =
-        matches!(cli.command, Command::Worker { .. } | Command::Operator { .. } | Command::Reconcile { .. });
+    let long_running = matches!(
+        cli.command,
+        Command::Worker { .. } | Command::Operator { .. } | Command::Reconcile { .. } | Command::Ui { .. }
+    );
     init_tracing(cli.log_format, !long_running);
     flowcraft::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -348,6 +360,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ..OperatorConfig::default()
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ui { addr, blueprints } => {
+            // The token comes from the environment only (a flag would show in the process list).
+            let token = std::env::var("FLOWCRAFT_UI_TOKEN").ok().filter(|t| !t.is_empty());
+            let config = flowcraft::ui::UiConfig::new(token.as_deref()).map_err(|e| UsageError(e.to_string()))?;
+            let shutdown = distributed::shutdown_signal();
+            let store = distributed::connect_store(&cli.conn, &shutdown).await?;
+            let source = flowcraft::ui::StoreSource::new(store, blueprints.as_deref())?;
+            flowcraft::ui::serve(addr, Arc::new(source), config, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crd => {

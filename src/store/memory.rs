@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use super::{
     Acker, Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, JoinState, LeaseToken, NewRun,
     NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoreResult,
+    StoredBlueprint,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,6 +167,7 @@ struct RunEntry {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     runs: Arc<Mutex<HashMap<String, RunEntry>>>,
+    blueprints: Arc<Mutex<BTreeMap<(String, String), StoredBlueprint>>>,
     finished: Arc<Notify>,
 }
 
@@ -178,6 +180,11 @@ impl MemoryStore {
     /// Notified (`notify_waiters`) whenever a run reaches a terminal status; waiters re-check their run.
     pub fn finish_signal(&self) -> Arc<Notify> {
         self.finished.clone()
+    }
+
+    /// The saved blueprint definitions, by id and content hash.
+    pub fn blueprints(&self) -> Vec<StoredBlueprint> {
+        lock(&self.blueprints).values().cloned().collect()
     }
 
     /// Move a run's `updated_at` into the past (tests of the reconciler).
@@ -196,6 +203,14 @@ impl MemoryStore {
 
 #[async_trait]
 impl RunStore for MemoryStore {
+    async fn save_blueprint(&self, blueprint: &StoredBlueprint) -> StoreResult<()> {
+        let key = (blueprint.blueprint_id.clone(), blueprint.content_hash.clone());
+        lock(&self.blueprints)
+            .entry(key)
+            .or_insert_with(|| StoredBlueprint { first_seen: Some(Utc::now()), ..blueprint.clone() });
+        Ok(())
+    }
+
     async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
         let mut runs = lock(&self.runs);
         if runs.contains_key(&run.run_id) {

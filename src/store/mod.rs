@@ -360,6 +360,67 @@ pub struct RunFilter {
     pub limit: usize,
 }
 
+/// A blueprint definition as the run store keeps it for the console: one row per distinct content of a blueprint
+/// id (insert-if-absent; the first sighting is kept).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredBlueprint {
+    /// The blueprint id.
+    pub blueprint_id: String,
+    /// `metadata.version`, when set.
+    pub version: Option<String>,
+    /// SHA-256 (hex) of the definition's JSON serialization.
+    pub content_hash: String,
+    /// The blueprint as JSON (Flowcraft's format).
+    pub definition: Value,
+    /// When the store first saw this content (set by the store).
+    #[serde(default)]
+    pub first_seen: Option<DateTime<Utc>>,
+}
+
+impl StoredBlueprint {
+    /// A definition to store; its content hash is computed here.
+    pub fn new(blueprint_id: impl Into<String>, version: Option<String>, definition: Value) -> Self {
+        use sha2::Digest as _;
+        let bytes = serde_json::to_vec(&definition).unwrap_or_default();
+        let content_hash = hex::encode(sha2::Sha256::digest(&bytes));
+        Self { blueprint_id: blueprint_id.into(), version, content_hash, definition, first_seen: None }
+    }
+}
+
+/// Where a page of runs starts: strictly older than this run (newest first by `(created_at, run_id)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCursor {
+    /// The last run's creation time.
+    pub created_at: DateTime<Utc>,
+    /// The last run's id (breaks ties).
+    pub run_id: String,
+}
+
+/// A page of runs to read (the console's runs list).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunPageQuery {
+    /// Only runs with this status.
+    pub status: Option<RunStatus>,
+    /// Only runs of this blueprint.
+    pub blueprint_id: Option<String>,
+    /// Only runs older than this one.
+    pub before: Option<RunCursor>,
+    /// At most this many (the store clamps it to 1..=500).
+    pub limit: usize,
+}
+
+/// One run of a page, with its progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// The status row.
+    pub info: RunInfo,
+    /// Nodes with a record (done, skipped or failed).
+    pub resolved: u64,
+    /// Nodes of the run's blueprint, when its definition is stored.
+    pub total: Option<u64>,
+}
+
 /// Durable run state (PostgreSQL in production): the truth about every run.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
@@ -398,6 +459,10 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Status rows, newest first.
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>>;
+
+    /// Keep a blueprint definition (insert-if-absent by id and content hash), so that tools reading the store
+    /// (the console) can draw the graph of any run.
+    async fn save_blueprint(&self, blueprint: &StoredBlueprint) -> StoreResult<()>;
 
     /// Claim up to `limit` runs that are `running` and whose `updated_at` is older than `older_than`: their
     /// `updated_at` is set to now in the same statement (`FOR UPDATE SKIP LOCKED`), so concurrent callers never

@@ -16,12 +16,14 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 use crate::store::{
-    JobView, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
-    StoreResult,
+    JobView, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore,
+    RunSummary, StoreError, StoreResult, StoredBlueprint,
 };
 
 /// Default number of runs returned by [`RunStore::list_runs`] when the filter's limit is 0.
 const DEFAULT_LIST_LIMIT: usize = 100;
+/// Most rows one page of [`PostgresStore::runs_page`] or [`PostgresStore::latest_blueprints`] returns.
+const MAX_PAGE: usize = 500;
 /// How many reconciler passes are kept per schedule (older rows are pruned when a new one is recorded).
 const RECONCILE_HISTORY_KEEP: i64 = 1000;
 /// Longest stalled-run threshold bound into SQL (1000 years, well inside PostgreSQL's interval range).
@@ -83,6 +85,9 @@ pub struct TableNames {
     pub reconcile_runs: String,
     /// Applied migrations: `{statuses}_migrations`.
     pub migrations: String,
+    /// Blueprint definitions (for the console): derived from the statuses table name like `reconcile_runs`
+    /// (`flowcraft_blueprints` by default, else `{statuses}_blueprints`).
+    pub blueprints: String,
 }
 
 /// The latest recorded reconciler pass of a schedule.
@@ -141,18 +146,28 @@ impl TableNames {
         validate_identifier("statuses", &cfg.statuses_table)?;
         validate_identifier("results", &cfg.results_table)?;
         let statuses = cfg.statuses_table.as_str();
-        let reconcile_runs = match statuses.strip_suffix("statuses") {
-            Some(stem) if !stem.is_empty() => fit_identifier(format!("{stem}reconcile_runs"), "reconcile_runs"),
-            _ => fit_identifier(format!("{statuses}_reconcile_runs"), "reconcile_runs"),
+        let derived = |suffix: &str| match statuses.strip_suffix("statuses") {
+            Some(stem) if !stem.is_empty() => fit_identifier(format!("{stem}{suffix}"), suffix),
+            _ => fit_identifier(format!("{statuses}_{suffix}"), suffix),
         };
+        let reconcile_runs = derived("reconcile_runs");
+        let blueprints = derived("blueprints");
         let names = Self {
             contexts: cfg.contexts_table.clone(),
             statuses: cfg.statuses_table.clone(),
             results: cfg.results_table.clone(),
             reconcile_runs,
             migrations: fit_identifier(format!("{statuses}_migrations"), "migrations"),
+            blueprints,
         };
-        let all = [&names.contexts, &names.statuses, &names.results, &names.reconcile_runs, &names.migrations];
+        let all = [
+            &names.contexts,
+            &names.statuses,
+            &names.results,
+            &names.reconcile_runs,
+            &names.migrations,
+            &names.blueprints,
+        ];
         for (i, a) in all.iter().enumerate() {
             if all[i + 1..].iter().any(|b| a.eq_ignore_ascii_case(b)) {
                 return Err(StoreError::Config(format!(
@@ -164,7 +179,8 @@ impl TableNames {
         Ok(names)
     }
 
-    /// Replace the `{contexts}`, `{statuses}`, `{results}`, `{reconcile_runs}` and `{migrations}` placeholders by
+    /// Replace the `{contexts}`, `{statuses}`, `{results}`, `{reconcile_runs}`, `{migrations}` and `{blueprints}`
+    /// placeholders by
     /// the quoted names. Only these exact placeholders are touched (JSON literals such as `'{}'` are left alone).
     fn render(&self, template: &str) -> String {
         template
@@ -173,6 +189,7 @@ impl TableNames {
             .replace("{results}", &quote(&self.results))
             .replace("{reconcile_runs}", &quote(&self.reconcile_runs))
             .replace("{migrations}", &quote(&self.migrations))
+            .replace("{blueprints}", &quote(&self.blueprints))
     }
 
     /// The advisory lock key serialising migrations of this set of tables (two workers starting at once).
@@ -209,6 +226,7 @@ struct Migration {
 const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../../migrations/V1__init.sql") },
     Migration { version: 2, name: "reconcile_stats", sql: include_str!("../../migrations/V2__reconcile_stats.sql") },
+    Migration { version: 3, name: "console", sql: include_str!("../../migrations/V3__console.sql") },
 ];
 
 /// The newest schema version this binary knows (the last embedded migration).
@@ -339,6 +357,37 @@ DELETE FROM {reconcile_runs}
 const LAST_RECONCILE: &str = "SELECT schedule, started_at, finished_at, stalled_runs, reconciled_runs, failed_runs
   FROM {reconcile_runs} WHERE schedule = $1::text ORDER BY finished_at DESC, id DESC LIMIT 1";
 
+const SAVE_BLUEPRINT: &str = "INSERT INTO {blueprints} (blueprint_id, version, content_hash, definition)
+VALUES ($1::text, $2::text, $3::text, $4::jsonb)
+ON CONFLICT (blueprint_id, content_hash) DO NOTHING";
+
+/// Runs newest first with their progress: the resolved count and the node count of the latest stored definition of
+/// their blueprint id and version. NULL parameters disable their filter; `$3, $4` is the keyset cursor.
+const RUNS_PAGE: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
+       s.created_at, s.updated_at,
+       (SELECT count(*) FROM {results} r WHERE r.run_id = s.run_id) AS resolved,
+       (SELECT jsonb_array_length(b.definition -> 'nodes') FROM {blueprints} b
+         WHERE b.blueprint_id = s.blueprint_id AND b.version IS NOT DISTINCT FROM s.blueprint_version
+           AND jsonb_typeof(b.definition -> 'nodes') = 'array'
+         ORDER BY b.first_seen DESC LIMIT 1)::bigint AS total
+  FROM {statuses} s
+ WHERE ($1::text IS NULL OR s.status = $1::text)
+   AND ($2::text IS NULL OR s.blueprint_id = $2::text)
+   AND ($3::timestamptz IS NULL OR (s.created_at, s.run_id) < ($3::timestamptz, $4::text))
+ ORDER BY s.created_at DESC, s.run_id DESC
+ LIMIT $5::bigint";
+
+const RUN_COUNTS: &str = "SELECT status, count(*) AS n FROM {statuses}
+ WHERE ($1::text IS NULL OR blueprint_id = $1::text) GROUP BY status";
+
+const STORED_BLUEPRINT: &str = "SELECT blueprint_id, version, content_hash, definition, first_seen FROM {blueprints}
+ WHERE blueprint_id = $1::text AND ($2::bool OR version IS NOT DISTINCT FROM $3::text)
+ ORDER BY first_seen DESC, content_hash LIMIT 1";
+
+const LATEST_BLUEPRINTS: &str = "SELECT DISTINCT ON (blueprint_id) blueprint_id, version, content_hash, definition,
+       first_seen
+  FROM {blueprints} ORDER BY blueprint_id, first_seen DESC, content_hash LIMIT $1::bigint";
+
 /// Every statement, rendered once with the quoted table names (so `prepare_cached` keys are stable strings).
 struct Sql {
     create_run: String,
@@ -358,6 +407,11 @@ struct Sql {
     last_reconcile: String,
     create_history: String,
     drop_tables: String,
+    save_blueprint: String,
+    runs_page: String,
+    run_counts: String,
+    stored_blueprint: String,
+    latest_blueprints: String,
 }
 
 impl Sql {
@@ -396,8 +450,14 @@ impl Sql {
             record_reconcile: names.render(RECORD_RECONCILE),
             last_reconcile: names.render(LAST_RECONCILE),
             create_history: names.render(CREATE_HISTORY),
-            drop_tables: names
-                .render("DROP TABLE IF EXISTS {results}, {contexts}, {statuses}, {reconcile_runs}, {migrations}"),
+            save_blueprint: names.render(SAVE_BLUEPRINT),
+            runs_page: names.render(RUNS_PAGE),
+            run_counts: names.render(RUN_COUNTS),
+            stored_blueprint: names.render(STORED_BLUEPRINT),
+            latest_blueprints: names.render(LATEST_BLUEPRINTS),
+            drop_tables: names.render(
+                "DROP TABLE IF EXISTS {results}, {contexts}, {statuses}, {reconcile_runs}, {migrations}, {blueprints}",
+            ),
         }
     }
 }
@@ -509,6 +569,18 @@ fn record_from_row(run_id: &str, row: &Row) -> StoreResult<Option<NodeRecord>> {
         finished_at: Some(column(row, "finished_at", run_id)?),
         node_id,
     }))
+}
+
+fn blueprint_from_row(row: &Row) -> StoreResult<StoredBlueprint> {
+    let id: String = row.try_get("blueprint_id").map_err(|e| corrupt("*", format!("column blueprint_id: {e}")))?;
+    let get = |e: tokio_postgres::Error| corrupt("*", format!("blueprint {id}: {}", describe_pg(&e)));
+    Ok(StoredBlueprint {
+        version: row.try_get("version").map_err(get)?,
+        content_hash: row.try_get("content_hash").map_err(get)?,
+        definition: row.try_get("definition").map_err(get)?,
+        first_seen: Some(row.try_get("first_seen").map_err(get)?),
+        blueprint_id: id,
+    })
 }
 
 /// A record as built by `jsonb_build_object` in [`JOB_VIEW`].
@@ -747,6 +819,80 @@ impl PostgresStore {
         }))
     }
 
+    /// A page of runs, newest first, with their progress (read-only; for the console).
+    pub async fn runs_page(&self, query: &RunPageQuery) -> StoreResult<Vec<RunSummary>> {
+        let op = "read a page of runs";
+        let table = self.names.statuses.as_str();
+        let limit = clamp_i64(query.limit.clamp(1, MAX_PAGE) as u64);
+        let status = query.status.map(RunStatus::as_str);
+        let before_at = query.before.as_ref().map(|c| c.created_at);
+        let before_id = query.before.as_ref().map(|c| c.run_id.as_str());
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.runs_page).await.map_err(|e| db_error(op, table, &e))?;
+        let rows = client
+            .query(&stmt, &[&status, &query.blueprint_id, &before_at, &before_id, &limit])
+            .await
+            .map_err(|e| db_error(op, table, &e))?;
+        rows.iter()
+            .map(|row| {
+                let info = run_from_row(row)?;
+                let resolved: i64 = column(row, "resolved", &info.run_id)?;
+                let total: Option<i64> = column(row, "total", &info.run_id)?;
+                let resolved = u64::try_from(resolved).unwrap_or(0);
+                Ok(RunSummary { info, resolved, total: total.and_then(|t| u64::try_from(t).ok()) })
+            })
+            .collect()
+    }
+
+    /// How many runs have each status (of one blueprint, or of all).
+    pub async fn run_counts(&self, blueprint_id: Option<&str>) -> StoreResult<Vec<(RunStatus, u64)>> {
+        let op = "count runs by status";
+        let table = self.names.statuses.as_str();
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.run_counts).await.map_err(|e| db_error(op, table, &e))?;
+        let rows = client.query(&stmt, &[&blueprint_id]).await.map_err(|e| db_error(op, table, &e))?;
+        let mut counts = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let status: String = column(row, "status", "*")?;
+            let n: i64 = column(row, "n", "*")?;
+            if let Some(status) = RunStatus::parse(&status) {
+                counts.push((status, u64::try_from(n).unwrap_or(0)));
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The latest stored definition of a blueprint: of this exact version (`Some(None)` = unversioned), or of
+    /// any version (`None`).
+    pub async fn stored_blueprint(
+        &self,
+        blueprint_id: &str,
+        version: Option<Option<&str>>,
+    ) -> StoreResult<Option<StoredBlueprint>> {
+        let op = format!("read blueprint {blueprint_id}");
+        let table = self.names.blueprints.as_str();
+        let any_version = version.is_none();
+        let version = version.flatten();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.stored_blueprint).await.map_err(|e| db_error(&op, table, &e))?;
+        let row = client
+            .query_opt(&stmt, &[&blueprint_id, &any_version, &version])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        row.map(|row| blueprint_from_row(&row)).transpose()
+    }
+
+    /// The latest stored definition of every blueprint id (at most `limit`), by id.
+    pub async fn latest_blueprints(&self, limit: usize) -> StoreResult<Vec<StoredBlueprint>> {
+        let op = "list blueprints";
+        let table = self.names.blueprints.as_str();
+        let limit = clamp_i64(limit.clamp(1, MAX_PAGE) as u64);
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.latest_blueprints).await.map_err(|e| db_error(op, table, &e))?;
+        let rows = client.query(&stmt, &[&limit]).await.map_err(|e| db_error(op, table, &e))?;
+        rows.iter().map(blueprint_from_row).collect()
+    }
+
     /// A record of a node, read in a fresh statement (after a concurrent insert won the race).
     async fn existing_record(
         &self,
@@ -935,6 +1081,20 @@ impl RunStore for PostgresStore {
         rows.iter().map(run_from_row).collect()
     }
 
+    async fn save_blueprint(&self, blueprint: &StoredBlueprint) -> StoreResult<()> {
+        let op = format!("save blueprint {}", blueprint.blueprint_id);
+        let table = self.names.blueprints.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.save_blueprint).await.map_err(|e| db_error(&op, table, &e))?;
+        let b = blueprint;
+        let inserted = client
+            .execute(&stmt, &[&b.blueprint_id, &b.version, &b.content_hash, &b.definition])
+            .await
+            .map_err(|e| db_error(&op, table, &e))?;
+        tracing::debug!(blueprint_id = %b.blueprint_id, hash = %b.content_hash, inserted = inserted > 0, "save blueprint");
+        Ok(())
+    }
+
     async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -997,6 +1157,7 @@ mod tests {
         let names = TableNames::from_config(&PgConfig::default()).unwrap();
         assert_eq!(names.reconcile_runs, "flowcraft_reconcile_runs");
         assert_eq!(names.migrations, "flowcraft_statuses_migrations");
+        assert_eq!(names.blueprints, "flowcraft_blueprints");
         let long = PgConfig { statuses_table: "s".repeat(63), ..PgConfig::default() };
         let names = TableNames::from_config(&long).unwrap();
         assert!(names.migrations.len() <= MAX_IDENTIFIER_LEN && names.reconcile_runs.len() <= MAX_IDENTIFIER_LEN);
@@ -1012,6 +1173,7 @@ mod tests {
             let sql = names.render(m.sql);
             assert!(!sql.contains("{contexts}") && !sql.contains("{statuses}"), "V{}", m.version);
             assert!(!sql.contains("{results}") && !sql.contains("{reconcile_runs}"), "V{}", m.version);
+            assert!(!sql.contains("{blueprints}") && !sql.contains("{migrations}"), "V{}", m.version);
         }
         let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
         assert!(versions.windows(2).all(|w| w[0] < w[1]));

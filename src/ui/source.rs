@@ -1,0 +1,241 @@
+//! Where the console reads from: one small trait ([`ConsoleSource`]), so that a change of the engine's data model
+//! is adapted here and nowhere else in the console. [`StoreSource`] reads the PostgreSQL run store (read-only but
+//! for cancelling a run) and falls back to a directory of blueprint files for blueprints the store has no
+//! definition of.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::client::ClientError;
+use crate::flow::{Blueprint, Graph};
+use crate::store::postgres::PostgresStore;
+use crate::store::{
+    NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
+};
+use crate::worker::BlueprintSet;
+
+/// Graphs kept built (and laid out by the caller) at most; the cache is cleared past it.
+const GRAPH_CACHE: usize = 64;
+/// Blueprints listed at most.
+const BLUEPRINT_LIST: usize = 500;
+
+/// Where a blueprint's definition came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefinitionSource {
+    /// The run store's blueprints table.
+    Store,
+    /// The console's `--blueprints` directory.
+    Directory,
+}
+
+/// A blueprint as the console knows it.
+#[derive(Debug, Clone)]
+pub struct KnownBlueprint {
+    /// The validated graph.
+    pub graph: Arc<Graph>,
+    /// Where its definition came from.
+    pub source: DefinitionSource,
+    /// When the store first saw this definition.
+    pub first_seen: Option<DateTime<Utc>>,
+    /// Cache key of the definition (content hash, or `dir:<id>`).
+    pub key: String,
+}
+
+/// A blueprint definition that could not be built into a graph.
+#[derive(Debug, Clone)]
+pub struct BrokenBlueprint {
+    /// The blueprint id.
+    pub blueprint_id: String,
+    /// Why it is unusable.
+    pub message: String,
+}
+
+/// A blueprint found or not.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Found and valid.
+    Found(KnownBlueprint),
+    /// Found but invalid.
+    Broken(BrokenBlueprint),
+    /// Neither the store nor the directory has it.
+    Missing,
+}
+
+/// A run with everything the run page needs.
+#[derive(Debug, Clone)]
+pub struct RunDetail {
+    /// The status row.
+    pub info: RunInfo,
+    /// Every record of the run.
+    pub records: Vec<NodeRecord>,
+}
+
+/// A run's data for one node's detail: its status row, context and the records of the node's dependencies.
+#[derive(Debug, Clone)]
+pub struct NodeData {
+    /// The status row.
+    pub info: RunInfo,
+    /// The run context.
+    pub context: Arc<Map<String, Value>>,
+    /// The records of the node and the nodes its input depends on.
+    pub records: Vec<NodeRecord>,
+}
+
+/// How a cancel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The run was running and is now cancelled.
+    Cancelled,
+    /// The run had already ended with this status.
+    AlreadyEnded(RunStatus),
+    /// No such run.
+    NotFound,
+}
+
+/// What the console reads (and the one thing it writes: a cancel).
+#[async_trait]
+pub trait ConsoleSource: Send + Sync + 'static {
+    /// A page of runs, newest first.
+    async fn runs(&self, query: &RunPageQuery) -> StoreResult<Vec<RunSummary>>;
+    /// Runs per status (of one blueprint, or of all).
+    async fn counts(&self, blueprint_id: Option<&str>) -> StoreResult<Vec<(RunStatus, u64)>>;
+    /// A run and its records.
+    async fn run(&self, run_id: &str) -> StoreResult<Option<RunDetail>>;
+    /// What the detail of `node` needs (`nodes`: the node and its input dependencies).
+    async fn node_data(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<NodeData>>;
+    /// The blueprint a run ran (`version`: `Some(v)` for exactly that version, `None` for the latest).
+    async fn blueprint(&self, blueprint_id: &str, version: Option<Option<&str>>) -> StoreResult<Lookup>;
+    /// Every known blueprint (latest definitions), by id.
+    async fn blueprints(&self) -> StoreResult<Vec<(StoredBlueprint, DefinitionSource)>>;
+    /// Cancel a running run.
+    async fn cancel(&self, run_id: &str, reason: &str) -> StoreResult<CancelOutcome>;
+}
+
+/// The console's source on the PostgreSQL run store, with a directory of blueprint files as fallback.
+pub struct StoreSource {
+    store: PostgresStore,
+    directory: BlueprintSet,
+    graphs: Mutex<HashMap<String, Arc<Graph>>>,
+}
+
+impl StoreSource {
+    /// A source on `store`; `blueprints` (a directory) serves definitions the store has none of.
+    pub fn new(store: PostgresStore, blueprints: Option<&Path>) -> Result<Self, crate::flow::BlueprintError> {
+        let directory = match blueprints {
+            Some(dir) => BlueprintSet::load_dir(dir, None)?,
+            None => BlueprintSet::new(),
+        };
+        Ok(Self { store, directory, graphs: Mutex::new(HashMap::new()) })
+    }
+
+    fn build(&self, stored: &StoredBlueprint) -> Result<Arc<Graph>, String> {
+        let key = format!("{}:{}", stored.blueprint_id, stored.content_hash);
+        let mut cache = self.graphs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(g) = cache.get(&key) {
+            return Ok(g.clone());
+        }
+        let bp: Blueprint = serde_json::from_value(stored.definition.clone()).map_err(|e| e.to_string())?;
+        let graph = Arc::new(Graph::build(bp, None).map_err(|e| e.to_string())?);
+        if cache.len() >= GRAPH_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, graph.clone());
+        Ok(graph)
+    }
+}
+
+#[async_trait]
+impl ConsoleSource for StoreSource {
+    async fn runs(&self, query: &RunPageQuery) -> StoreResult<Vec<RunSummary>> {
+        self.store.runs_page(query).await
+    }
+
+    async fn counts(&self, blueprint_id: Option<&str>) -> StoreResult<Vec<(RunStatus, u64)>> {
+        self.store.run_counts(blueprint_id).await
+    }
+
+    async fn run(&self, run_id: &str) -> StoreResult<Option<RunDetail>> {
+        let Some(info) = self.store.run_info(run_id).await? else { return Ok(None) };
+        let records = self.store.records(run_id).await?;
+        Ok(Some(RunDetail { info, records }))
+    }
+
+    async fn node_data(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<NodeData>> {
+        Ok(self.store.job_view(run_id, nodes).await?.map(|v| NodeData {
+            info: v.run,
+            context: v.context,
+            records: v.records,
+        }))
+    }
+
+    async fn blueprint(&self, blueprint_id: &str, version: Option<Option<&str>>) -> StoreResult<Lookup> {
+        if let Some(stored) = self.store.stored_blueprint(blueprint_id, version).await? {
+            return Ok(match self.build(&stored) {
+                Ok(graph) => Lookup::Found(KnownBlueprint {
+                    graph,
+                    source: DefinitionSource::Store,
+                    first_seen: stored.first_seen,
+                    key: stored.content_hash,
+                }),
+                Err(message) => Lookup::Broken(BrokenBlueprint { blueprint_id: blueprint_id.to_string(), message }),
+            });
+        }
+        Ok(match self.directory.get(blueprint_id) {
+            Some(graph) => Lookup::Found(KnownBlueprint {
+                graph,
+                source: DefinitionSource::Directory,
+                first_seen: None,
+                key: format!("dir:{blueprint_id}"),
+            }),
+            None => Lookup::Missing,
+        })
+    }
+
+    async fn blueprints(&self) -> StoreResult<Vec<(StoredBlueprint, DefinitionSource)>> {
+        let mut list: Vec<(StoredBlueprint, DefinitionSource)> = self
+            .store
+            .latest_blueprints(BLUEPRINT_LIST)
+            .await?
+            .into_iter()
+            .map(|b| (b, DefinitionSource::Store))
+            .collect();
+        for id in self.directory.ids() {
+            if list.iter().any(|(b, _)| b.blueprint_id == id) {
+                continue;
+            }
+            if let Some(g) = self.directory.get(&id) {
+                let mut stored = crate::client::stored_blueprint(&g);
+                stored.definition = Value::Null;
+                list.push((stored, DefinitionSource::Directory));
+            }
+        }
+        list.sort_by(|a, b| a.0.blueprint_id.cmp(&b.0.blueprint_id));
+        Ok(list)
+    }
+
+    async fn cancel(&self, run_id: &str, reason: &str) -> StoreResult<CancelOutcome> {
+        match crate::client::cancel_run(&self.store, run_id, reason).await {
+            Ok(true) => Ok(CancelOutcome::Cancelled),
+            Ok(false) => {
+                let status = self.store.run_info(run_id).await?.map(|i| i.status);
+                Ok(status.map_or(CancelOutcome::NotFound, CancelOutcome::AlreadyEnded))
+            }
+            Err(ClientError::NotFound(_)) => Ok(CancelOutcome::NotFound),
+            Err(ClientError::Store { source, .. }) => Err(source),
+            Err(other) => Err(StoreError::Database(other.to_string())),
+        }
+    }
+}
+
+impl From<StoreError> for super::ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::warn!(error = %error, "Console query failed.");
+        super::ApiError::internal("the run store failed; see the console's log")
+    }
+}
