@@ -9,7 +9,7 @@ pub const NODE_WIDTH: f64 = 168.0;
 /// Height of a node box (px).
 pub const NODE_HEIGHT: f64 = 40.0;
 /// Horizontal gap between ranks (px).
-const RANK_GAP: f64 = 64.0;
+const RANK_GAP: f64 = 72.0;
 /// Vertical gap between nodes of a rank (px).
 const NODE_GAP: f64 = 20.0;
 /// Margin around the drawing (px).

@@ -253,7 +253,10 @@ mod tests {
         use NodeState::*;
         assert_eq!(states(RunStatus::Running, &[]), vec![Running, Pending, Pending, Pending, Running]);
         let a = rec("a", NodeStatus::Done, &["b", "c"]);
-        assert_eq!(states(RunStatus::Running, std::slice::from_ref(&a)), vec![Done, Running, Running, Pending, Running]);
+        assert_eq!(
+            states(RunStatus::Running, std::slice::from_ref(&a)),
+            vec![Done, Running, Running, Pending, Running]
+        );
         // d is an `any` join: one taken arrival lets it go.
         let b = rec("b", NodeStatus::Done, &["d"]);
         let s = states(RunStatus::Running, &[a.clone(), b, rec("f", NodeStatus::Failed, &[])]);

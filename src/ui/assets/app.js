@@ -88,7 +88,7 @@ function blueprintLink(id) { return el("a", { href: "/blueprints/" + encodeURICo
 
 function setMain(...children) {
   const main = document.getElementById("main");
-  main.replaceChildren(...children);
+  main.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
 }
 
 function stopPolling() { if (timer) { clearTimeout(timer); timer = null; } }
@@ -175,11 +175,6 @@ function drawGraph(graph, nodes, onSelect) {
     title.textContent = e.source + " → " + e.target + (e.label ? " (" + e.label + ")" : "");
     path.append(title);
     s.append(path);
-    if (e.label && p.length >= 2) {
-      const t = svg("text", { class: "edge-label", x: p[0].x + 6, y: p[0].y - 4 });
-      t.textContent = e.label.length > 22 ? e.label.slice(0, 21) + "…" : e.label;
-      s.append(t);
-    }
   }
   for (const n of graph.nodes) {
     const info = nodes ? nodes[n.id] : null;
@@ -334,13 +329,13 @@ async function showNode(runId, nodeId, full, quiet) {
     el("dt", { text: "took edges to" }), el("dd", { class: "mono", text: n.taken.length ? n.taken.join(", ") : "—" }),
     el("dt", { text: "finished" }), el("dd", { text: fmtTime(n.finishedAt) }),
     el("dt", { text: "after run start" }), el("dd", { text: fmtDuration(n.sinceRunStartMs) }));
-  panel.replaceChildren(
+  panel.replaceChildren(...[
     el("h2", {}, el("span", { class: "mono", text: n.nodeId }), badge(n.state)),
     el("p", { class: "muted", text: STATE_HELP[n.state] || "" }),
     dl,
     n.error ? [el("div", { class: "section", text: "Error" }), el("pre", { id: "detail-error", text: n.error })] : [],
     valueBlock("Input (recomputed from the recorded predecessors)", n.input, runId, nodeId, "detail-input"),
-    valueBlock("Output", n.output, runId, nodeId, "detail-output"));
+    valueBlock("Output", n.output, runId, nodeId, "detail-output")].flat());
 }
 
 async function cancelRun(runId) {
