@@ -231,14 +231,18 @@ pub async fn run_worker(
     queue.start_consuming().await?;
 
     let health = {
-        let (store, coord, queue, ready, shutdown) =
-            (store.clone(), coord.clone(), queue.clone(), ready.clone(), shutdown.clone());
+        let (store, coord, queue, ready, shutdown, metrics) =
+            (store.clone(), coord.clone(), queue.clone(), ready.clone(), shutdown.clone(), metrics.clone());
         tokio::spawn(async move {
             loop {
                 let ok = queue.is_ready()
                     && coord.ping().await.is_ok()
                     && store.run_info("__flowcraft_readiness__").await.is_ok();
                 ready.set(ok && !shutdown.is_cancelled());
+                // Queue depths for the dashboards (two short-lived channels), only while the broker is up.
+                if ok && let (Ok(depth), Ok(dead)) = (queue.queue_depth().await, queue.dead_letter_depth().await) {
+                    metrics.set_depths(depth, dead);
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     _ = shutdown.cancelled() => { ready.set(false); break; }

@@ -14,6 +14,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Label of a run's final status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunStatusLabels {
+    /// `completed` or `failed` (cancellations are made by clients, not by workers).
+    pub status: String,
+}
+
 /// The worker's metrics.
 #[derive(Debug, Clone)]
 pub struct WorkerMetrics {
@@ -29,6 +36,12 @@ pub struct WorkerMetrics {
     pub in_flight: Gauge,
     /// Node executions (attempts), successful or not.
     pub executions: Counter,
+    /// Runs this worker finished, by final status.
+    pub runs_finished: Family<RunStatusLabels, Counter>,
+    /// Ready messages in the job queue at the last check (every few seconds).
+    pub queue_depth: Gauge,
+    /// Messages in the dead-letter queue at the last check.
+    pub dead_letter_depth: Gauge,
 }
 
 impl Default for WorkerMetrics {
@@ -40,6 +53,9 @@ impl Default for WorkerMetrics {
             dead_letters: Counter::default(),
             in_flight: Gauge::default(),
             executions: Counter::default(),
+            runs_finished: Family::default(),
+            queue_depth: Gauge::default(),
+            dead_letter_depth: Gauge::default(),
         }
     }
 }
@@ -55,12 +71,30 @@ impl WorkerMetrics {
         r.register("dead_letters", "Messages sent to the dead-letter queue", m.dead_letters.clone());
         r.register("in_flight", "Jobs being processed", m.in_flight.clone());
         r.register("node_executions", "Node attempts executed", m.executions.clone());
+        r.register("runs_finished", "Runs this worker finished, by final status", m.runs_finished.clone());
+        r.register("queue_depth", "Ready messages in the job queue at the last check", m.queue_depth.clone());
+        r.register(
+            "dead_letter_depth",
+            "Messages in the dead-letter queue at the last check",
+            m.dead_letter_depth.clone(),
+        );
         m
     }
 
     /// Count one job outcome.
     pub fn outcome(&self, outcome: &str) {
         self.jobs.get_or_create(&OutcomeLabels { outcome: outcome.to_string() }).inc();
+    }
+
+    /// Count a run this worker finished.
+    pub fn run_finished(&self, status: crate::store::RunStatus) {
+        self.runs_finished.get_or_create(&RunStatusLabels { status: status.as_str().to_string() }).inc();
+    }
+
+    /// Set the queue depths read from the broker.
+    pub fn set_depths(&self, ready: u32, dead_letters: u32) {
+        self.queue_depth.set(i64::from(ready));
+        self.dead_letter_depth.set(i64::from(dead_letters));
     }
 
     /// The count of one outcome.

@@ -389,6 +389,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if self.store.run_info(run_id).await?.is_some() {
             let data = json!({ "error": reason, "node": node });
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
+                self.metrics.run_finished(RunStatus::Failed);
                 warn!(run_id, error = %reason, "Run failed.");
             }
         }
@@ -453,6 +454,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 .finish_run(run_id, RunStatus::Failed, &json!({ "error": reason, "node": record.node_id }))
                 .await?
             {
+                self.metrics.run_finished(RunStatus::Failed);
                 warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
                 let nodes: Vec<&str> = graph.node_ids().collect();
                 let _ = self.coord.forget(run_id, &nodes).await;
@@ -509,6 +511,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         resolved.extend(skipped.iter().map(String::as_str));
         if self.coord.resolve(run_id, &resolved, graph.node_count()).await? {
             if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await? {
+                self.metrics.run_finished(RunStatus::Completed);
                 info!(run_id, blueprint = %job.blueprint_id, "Run completed.");
             }
             let nodes: Vec<&str> = graph.node_ids().collect();

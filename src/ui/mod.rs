@@ -156,6 +156,7 @@ pub fn router(source: Arc<dyn ConsoleSource>, config: UiConfig) -> Router {
         .route("/assets/app.js", get(|| asset("text/javascript; charset=utf-8", include_str!("assets/app.js"))))
         .route("/assets/app.css", get(|| asset("text/css; charset=utf-8", include_str!("assets/app.css"))))
         .route("/assets/logo.svg", get(|| asset("image/svg+xml", include_str!("assets/logo.svg"))))
+        .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/config", get(api::config))
         .route("/api/runs", get(api::runs))
         .route("/api/runs/{run}", get(api::run))
