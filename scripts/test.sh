@@ -9,6 +9,7 @@ bash scripts/services.sh
 # The console's browser test (tests/console_browser.rs) drives Debian's headless Chromium through chromedriver.
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if [[ "$(id -u)" == 0 ]]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+  "${apt_get[@]}" update -qq
   DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y chromium chromium-driver
 fi
 cargo fmt --all -- --check

@@ -122,6 +122,9 @@ async fn api_validates_input_and_gates_actions() {
         assert!(!csp.contains("unsafe-inline"), "{csp}");
         assert_eq!(h.get("x-content-type-options").and_then(|v| v.to_str().ok()), Some("nosniff"));
     }
+    // DNS rebinding: a loopback console answers to loopback host names only.
+    let rebound = http.get(format!("{open}/api/runs")).header("host", "evil.example").send().await.expect("get");
+    assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST);
     let html = http.get(format!("{open}/")).send().await.expect("page").text().await.expect("html");
     assert!(html.contains("/assets/app.js") && !html.contains("<script>"), "no inline script");
 

@@ -59,6 +59,9 @@ pub enum UiError {
 pub struct UiConfig {
     /// The bearer token enabling the actions; `None`: read-only (actions answer 403).
     token: Option<[u8; 32]>,
+    /// Accept only loopback `Host` headers (set by [`serve_on`] for a loopback listener): a page of another site
+    /// whose name was rebound to 127.0.0.1 (DNS rebinding) cannot read the console.
+    loopback_hosts: bool,
 }
 
 impl std::fmt::Debug for UiConfig {
@@ -75,7 +78,7 @@ impl UiConfig {
             Some(t) if t.len() < MIN_TOKEN_LEN => return Err(UiError::WeakToken),
             Some(t) => Some(Sha256::digest(t.as_bytes()).into()),
         };
-        Ok(Self { token })
+        Ok(Self { token, loopback_hosts: false })
     }
 
     /// Whether the actions are enabled.
@@ -96,6 +99,17 @@ impl UiConfig {
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required for this action"))
         }
     }
+}
+
+/// Whether a `Host` header names the loopback interface (`localhost`, `127.x.y.z`, `[::1]`, any port).
+fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost" || name == "::1" || name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// An API error: a status and a message, sent as `{"error": message}`.
@@ -165,6 +179,7 @@ pub fn router(source: Arc<dyn ConsoleSource>, config: UiConfig) -> Router {
         .route("/api/blueprints/{id}", get(api::blueprint))
         .merge(actions)
         .fallback(|| async { ApiError::not_found("no such page") })
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
 }
@@ -183,6 +198,15 @@ async fn require_token(State(ui): State<Ui>, request: Request, next: Next) -> Re
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),
     }
+}
+
+async fn check_host(State(ui): State<Ui>, request: Request, next: Next) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    if ui.config.loopback_hosts && !loopback_host(host) {
+        return ApiError::new(StatusCode::MISDIRECTED_REQUEST, "this console answers to localhost only")
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// The Content-Security-Policy of every response: same-origin script, style and data only, no framing.
@@ -224,7 +248,9 @@ pub async fn serve_on(
     config: UiConfig,
     shutdown: CancellationToken,
 ) -> Result<(), UiError> {
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = listener.local_addr().ok();
+    let config = UiConfig { loopback_hosts: local.is_some_and(|a| a.ip().is_loopback()), ..config };
+    let addr = local.map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(addr = %addr, actions = config.actions_enabled(), "Console listening.");
     axum::serve(listener, router(source, config))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -247,5 +273,17 @@ mod tests {
             assert_eq!(on.authorize(bad).unwrap_err().status, StatusCode::UNAUTHORIZED, "{bad:?}");
         }
         assert!(!format!("{on:?}").contains("0123"));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in ["localhost", "localhost:8090", "LOCALHOST:1", "127.0.0.1:8090", "127.1.2.3", "[::1]:8090", "[::1]"] {
+            assert!(loopback_host(Some(ok)), "{ok}");
+        }
+        for bad in
+            [None, Some("evil.example"), Some("evil.example:8090"), Some("localhost.evil.example"), Some("10.0.0.1")]
+        {
+            assert!(!loopback_host(bad), "{bad:?}");
+        }
     }
 }
