@@ -210,9 +210,7 @@ impl ConsoleSource for StoreSource {
                 continue;
             }
             if let Some(g) = self.directory.get(&id) {
-                let mut stored = crate::client::stored_blueprint(&g);
-                stored.definition = Value::Null;
-                list.push((stored, DefinitionSource::Directory));
+                list.push((crate::client::stored_blueprint(&g), DefinitionSource::Directory));
             }
         }
         list.sort_by(|a, b| a.0.blueprint_id.cmp(&b.0.blueprint_id));
