@@ -22,6 +22,7 @@ pub mod flow;
 pub mod metrics;
 pub mod operator;
 pub mod reconciler;
+pub mod redact;
 pub mod store;
 pub mod ui;
 pub mod worker;

@@ -15,9 +15,11 @@ use flowcraft::client::{self, RunResult};
 use flowcraft::config::ConnectionArgs;
 use flowcraft::distributed::{self, WorkerOptions};
 use flowcraft::flow::{Blueprint, BlueprintError, Graph, Registry};
-use flowcraft::operator::{OperatorConfig, TableNames};
+use flowcraft::operator::OperatorConfig;
+use flowcraft::operator::policy::{DEFAULT_WORKER_SERVICE_ACCOUNT, PoolPolicy, image_repository};
 use flowcraft::reconciler::{ReconcileConfig, Reconciler};
 use flowcraft::store::postgres::PostgresStore;
+use flowcraft::store::postgres::TableNames;
 use flowcraft::store::{RunFilter, RunStatus, RunStore};
 use flowcraft::worker::BlueprintSet;
 
@@ -168,9 +170,20 @@ enum Command {
         /// This pod's namespace (where the Lease lives).
         #[arg(long, env = "POD_NAMESPACE")]
         pod_namespace: Option<String>,
-        /// Admin server address (/healthz, /readyz, /metrics).
-        #[arg(long, env = "FLOWCRAFT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+        /// Admin server address (/healthz, /readyz, /metrics); 8081 so it does not collide with a local worker.
+        #[arg(long, env = "FLOWCRAFT_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
         admin_addr: std::net::SocketAddr,
+        /// Image repositories pools may run (comma-separated; `registry/team/*` for a prefix, `*` for any).
+        /// Default: the repository of --image.
+        #[arg(long, env = "FLOWCRAFT_ALLOWED_IMAGES", value_delimiter = ',')]
+        allowed_images: Vec<String>,
+        /// ServiceAccounts pools may run as (comma-separated, `*` for any; a pool naming none runs as "default").
+        #[arg(long, env = "FLOWCRAFT_ALLOWED_SERVICE_ACCOUNTS", value_delimiter = ',',
+              default_value = DEFAULT_WORKER_SERVICE_ACCOUNT)]
+        allowed_service_accounts: Vec<String>,
+        /// Let a pool's env read Secrets other than its connection Secret (valueFrom.secretKeyRef).
+        #[arg(long, env = "FLOWCRAFT_ALLOW_ENV_SECRETS", default_value_t = false, action = clap::ArgAction::Set)]
+        allow_env_secrets: bool,
     },
     /// Print the CustomResourceDefinitions (the files in crds/).
     Crd,
@@ -344,8 +357,31 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Reconcile { stalled_threshold, batch_size, blueprints, schedule, output } => {
             reconcile(&cli.conn, stalled_threshold, batch_size, &blueprints, schedule.as_deref(), output).await
         }
-        Command::Operator { image, leader_election, watch_namespace, pod_name, pod_namespace, admin_addr } => {
+        Command::Operator {
+            image,
+            leader_election,
+            watch_namespace,
+            pod_name,
+            pod_namespace,
+            admin_addr,
+            allowed_images,
+            allowed_service_accounts,
+            allow_env_secrets,
+        } => {
             let c = cli.conn;
+            let trim = |v: Vec<String>| v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            let allowed_images: Vec<String> = trim(allowed_images);
+            let policy = PoolPolicy {
+                allowed_images: if allowed_images.is_empty() {
+                    [image_repository(&image)].into_iter().filter(|r| !r.is_empty()).map(str::to_string).collect()
+                } else {
+                    allowed_images
+                },
+                allowed_service_accounts: trim(allowed_service_accounts),
+                allow_env_secrets,
+            };
+            let tables = TableNames::new(&c.contexts_table, &c.statuses_table, &c.results_table)
+                .map_err(|e| UsageError(e.to_string()))?;
             flowcraft::operator::run(OperatorConfig {
                 image,
                 leader_election,
@@ -353,10 +389,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 pod_name,
                 pod_namespace,
                 admin_addr,
-                database_url: c.database_url,
-                amqp_url: c.amqp_url,
-                tables: TableNames { contexts: c.contexts_table, statuses: c.statuses_table, results: c.results_table },
-                queue: c.queue,
+                tables,
+                policy: Some(policy),
                 ..OperatorConfig::default()
             })
             .await?;

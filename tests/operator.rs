@@ -10,18 +10,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
+use flowcraft::operator::OperatorError;
 use flowcraft::operator::admin::Health;
-use flowcraft::operator::context::{Context, QueueProbe, ReconcileStats, StatsSource, backoff_delay, error_policy};
+use flowcraft::operator::backends::{BackendError, Connection, PoolBackends, QueueProbe, ReconcileStats, StatsSource};
+use flowcraft::operator::context::{Context, backoff_delay};
+use flowcraft::operator::controllers::error_policy;
 use flowcraft::operator::crd::{
-    AutoscalingSpec, BlueprintsSpec, FlowRun, FlowRunPhase, FlowRunSpec, FlowRunStatus, FlowcraftReconcileSchedule,
+    AutoscalingSpec, FlowRun, FlowRunPhase, FlowRunSpec, FlowRunStatus, FlowcraftReconcileSchedule,
     FlowcraftReconcileScheduleSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolSpec, QueueSpec, TablesSpec,
 };
 use flowcraft::operator::leader::LeaderElector;
 use flowcraft::operator::metrics::Metrics;
 use flowcraft::operator::workerpool::configmap_hash;
 use flowcraft::operator::{OperatorConfig, run_with_client};
-use flowcraft::operator::{OperatorError, TableNames, backends::ServiceBackends};
 use flowcraft::operator::{flowrun, schedule, workerpool};
+use flowcraft::store::postgres::TableNames;
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
 use flowcraft::store::{NodeRecord, NodeStatus, RunStatus, RunStore};
@@ -54,8 +57,53 @@ struct Call {
     send: SendResponse<Response<Body>>,
 }
 
+/// What kube-apiserver rejects with 422 in the requests the operator makes: an event whose note, reason or action
+/// is over its limit, a condition whose reason or message is over its limit or whose reason is not CamelCase.
+fn api_validation_error(path: &str, body: &Value) -> Option<String> {
+    if path.contains("/events") {
+        let len = |k: &str| body[k].as_str().map(str::len).unwrap_or(0);
+        if len("note") > 1024 {
+            return Some(format!("note: Too long: may not be more than 1024 bytes (got {})", len("note")));
+        }
+        if len("reason") > 128 || len("action") > 128 {
+            return Some("reason/action: Too long: may not be more than 128 bytes".into());
+        }
+    }
+    // ^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$
+    let reason_ok = |r: &str| {
+        let b = r.as_bytes();
+        b.first().is_some_and(u8::is_ascii_alphabetic)
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_,:".contains(c))
+            && b.last().is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+    };
+    for c in body["status"]["conditions"].as_array().into_iter().flatten() {
+        let reason = c["reason"].as_str().unwrap_or("");
+        let message = c["message"].as_str().unwrap_or("");
+        if reason.len() > 1024 || !reason_ok(reason) {
+            return Some(format!("status.conditions.reason: Invalid value: {reason:?}"));
+        }
+        if message.len() > 32768 {
+            return Some(format!(
+                "status.conditions.message: Too long: may not be more than 32768 bytes (got {})",
+                message.len()
+            ));
+        }
+    }
+    None
+}
+
 impl Call {
+    /// Answer like kube-apiserver: 422 Invalid when the request breaks one of the API's validation limits (and
+    /// fail the test: the operator must never send one), else `code` with `body`.
     fn reply(self, code: u16, body: &Value) {
+        if let Some(problem) = api_validation_error(&self.path, &self.body) {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
+                                "code": 422, "message": problem});
+            let response =
+                Response::builder().status(422).body(Body::from(serde_json::to_vec(&status).unwrap())).unwrap();
+            self.send.send_response(response);
+            panic!("the API server rejects {}: {problem}", self.path);
+        }
         let response = Response::builder().status(code).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap();
         self.send.send_response(response);
     }
@@ -165,21 +213,9 @@ fn pool() -> FlowcraftWorkerPool {
         "orders",
         FlowcraftWorkerPoolSpec {
             replicas: 2,
-            image: None,
-            image_pull_policy: None,
             queue: QueueSpec { name: "orders-jobs".into(), prefetch: 16, queue_type: None },
-            connection_secret: "flowcraft-conn".into(),
-            blueprints: BlueprintsSpec { config_map: "order-blueprints".into() },
-            autoscaling: None,
-            tables: None,
-            redis_prefix: None,
-            resources: None,
-            env: vec![],
-            node_selector: BTreeMap::new(),
-            tolerations: vec![],
-            affinity: None,
-            service_account_name: None,
-            pod_annotations: BTreeMap::new(),
+            service_account_name: Some("flowcraft-worker".into()),
+            ..FlowcraftWorkerPoolSpec::new("flowcraft-conn", "order-blueprints")
         },
     );
     p.metadata.namespace = Some(NS.into());
@@ -189,11 +225,31 @@ fn pool() -> FlowcraftWorkerPool {
     p
 }
 
+/// The connection Secret with `keys`, pointing at this machine's services (or at `urls` when given).
 fn secret(keys: &[&str]) -> Value {
-    let data: serde_json::Map<String, Value> =
-        keys.iter().map(|k| (k.to_string(), json!("YW1xcDovL2d1ZXN0Omd1ZXN0QGxvY2FsaG9zdDo1NjcyLyUyZg=="))).collect();
-    json!({"apiVersion": "v1", "kind": "Secret",
-           "metadata": {"name": "flowcraft-conn", "namespace": NS}, "data": data})
+    secret_with(keys, &common::amqp_url(), &common::database_url())
+}
+
+fn secret_with(keys: &[&str], amqp: &str, database: &str) -> Value {
+    let value = |k: &str| match k {
+        "amqpUrl" => amqp.to_string(),
+        "databaseUrl" => database.to_string(),
+        _ => common::redis_url(),
+    };
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: ObjectMeta {
+            name: Some("flowcraft-conn".into()),
+            namespace: Some(NS.into()),
+            resource_version: Some("1".into()),
+            ..Default::default()
+        },
+        data: Some(keys.iter().map(|k| (k.to_string(), k8s_openapi::ByteString(value(k).into_bytes()))).collect()),
+        ..Default::default()
+    };
+    let mut v = serde_json::to_value(secret).unwrap();
+    v["apiVersion"] = json!("v1");
+    v["kind"] = json!("Secret");
+    v
 }
 
 fn configmap(text: &str) -> ConfigMap {
@@ -235,7 +291,8 @@ struct FixedDepth(u64);
 
 #[async_trait]
 impl QueueProbe for FixedDepth {
-    async fn queue_depth(&self, _url: &str, queue: &str) -> Result<u64, String> {
+    async fn queue_depth(&self, conn: &Connection, queue: &str) -> Result<u64, BackendError> {
+        assert_eq!(conn.secret.to_string(), "shop/flowcraft-conn");
         assert_eq!(queue, "orders-jobs");
         Ok(self.0)
     }
@@ -261,6 +318,7 @@ async fn serve_pool_reconcile(
 ) -> (Value, Option<Value>) {
     server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
     server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(cm).unwrap());
+    server.expect(Method::GET, DEPLOY_PATH).await.not_found("deployments.apps", "orders-worker");
     let call = server.expect(Method::PATCH, DEPLOY_PATH).await;
     call.assert_ssa();
     let applied = call.body.clone();
@@ -589,6 +647,7 @@ async fn pool_being_deleted_makes_no_request() {
 // FlowcraftReconcileSchedule
 // ------------------------------------------------------------------------------------------------
 
+const CRONJOB_PATH: &str = "/apis/batch/v1/namespaces/shop/cronjobs/orders-reconcile";
 const SCHEDULE_PATH: &str = "/apis/flowcraft.io/v1alpha1/namespaces/shop/flowcraftreconcileschedules/orders-reconcile";
 
 fn reconcile_schedule(cron: &str) -> FlowcraftReconcileSchedule {
@@ -613,7 +672,13 @@ struct FixedStats;
 
 #[async_trait]
 impl StatsSource for FixedStats {
-    async fn last_stats(&self, tables: &TableNames, schedule: &str) -> Result<Option<ReconcileStats>, String> {
+    async fn last_stats(
+        &self,
+        conn: &Connection,
+        tables: &TableNames,
+        schedule: &str,
+    ) -> Result<Option<ReconcileStats>, BackendError> {
+        assert_eq!(conn.secret.to_string(), "shop/flowcraft-conn");
         assert_eq!(schedule, "shop/orders-reconcile");
         assert_eq!(tables.statuses, "flowcraft_statuses");
         let at = chrono::DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
@@ -637,7 +702,8 @@ async fn schedule_applies_a_forbid_cronjob_and_mirrors_stats() {
         server,
         move |mut server| async move {
             server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(pool()).unwrap());
-            let call = server.expect(Method::PATCH, "/apis/batch/v1/namespaces/shop/cronjobs/orders-reconcile").await;
+            server.expect(Method::GET, CRONJOB_PATH).await.not_found("cronjobs.batch", "orders-reconcile");
+            let call = server.expect(Method::PATCH, CRONJOB_PATH).await;
             call.assert_ssa();
             let cj = call.body.clone();
             assert_eq!(cj["kind"], "CronJob");
@@ -651,6 +717,7 @@ async fn schedule_applies_a_forbid_cronjob_and_mirrors_stats() {
             let mut reply = cj.clone();
             reply["status"] = json!({"lastScheduleTime": "2023-11-14T22:10:00Z"});
             call.reply(200, &reply);
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
             server.expect_event("Normal", "Applied", "orders-reconcile").await;
             server.expect_event("Warning", "ReconcileFailures", "orders-reconcile").await;
             let call = server.expect(Method::PATCH, &format!("{SCHEDULE_PATH}/status")).await;
@@ -750,17 +817,13 @@ fn flowrun(name: &str, uid: &str) -> FlowRun {
 struct Env {
     prefix: String,
     queue: String,
-    backends: Arc<ServiceBackends>,
+    backends: Arc<PoolBackends>,
 }
 
 impl Env {
     fn new() -> Self {
         let prefix = common::unique("op");
-        Self {
-            queue: format!("{prefix}-jobs"),
-            backends: Arc::new(ServiceBackends::new(Some(common::database_url()), Some(common::amqp_url()))),
-            prefix,
-        }
+        Self { queue: format!("{prefix}-jobs"), backends: Arc::new(PoolBackends::default()), prefix }
     }
 
     fn pool(&self) -> FlowcraftWorkerPool {
@@ -810,6 +873,7 @@ impl Env {
 async fn serve_start(server: &mut ApiServer, pool: &FlowcraftWorkerPool, run: &FlowRun, started_event: bool) -> Value {
     server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(pool).unwrap());
     server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+    server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
     let name = run.metadata.name.clone().unwrap();
     if started_event {
         let note = server.expect_event("Normal", "Started", &name).await;
@@ -873,6 +937,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
         server,
         move |mut server| async move {
             server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
             server
         },
         async |ctx| flowrun::reconcile(Arc::new(running.clone()), ctx).await,
@@ -921,6 +986,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
         server,
         move |mut server| async move {
             server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
             server.expect_event("Normal", "Succeeded", "order-42").await;
             let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path("order-42"))).await;
             let status = call.body["status"].clone();
@@ -971,6 +1037,7 @@ async fn flowrun_delete_cancels_the_running_run() {
         server,
         move |mut server| async move {
             server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
             server.expect_event("Normal", "Cancelled", "order-43").await;
             // kube_runtime::finalizer removes the finalizer with a JSON patch guarded by a test op.
             let call = server.expect(Method::PATCH, &flowrun_path("order-43")).await;
@@ -1247,10 +1314,12 @@ async fn operator_stops_on_shutdown_without_touching_anything() {
 }
 
 #[test]
-fn leader_election_needs_the_pod_identity() {
+fn without_the_pod_identity_leader_election_is_off() {
     let cfg = OperatorConfig { leader_election: true, ..operator_config() };
-    let error = cfg.validate().unwrap_err();
-    assert!(error.to_string().contains("POD_NAME and POD_NAMESPACE"), "{error}");
+    assert!(cfg.validate().is_ok(), "out of a cluster the operator runs without leader election");
+    assert_eq!(cfg.election_identity(), None);
     let cfg = OperatorConfig { pod_name: Some("op-0".into()), pod_namespace: Some("flowcraft-system".into()), ..cfg };
-    assert!(cfg.validate().is_ok());
+    assert_eq!(cfg.election_identity(), Some(("flowcraft-system".to_string(), "op-0".to_string())));
+    assert_eq!(OperatorConfig { leader_election: false, ..cfg }.election_identity(), None);
+    assert_ne!(OperatorConfig::default().admin_addr.port(), 8080, "not the worker's default port");
 }

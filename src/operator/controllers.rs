@@ -10,7 +10,8 @@ use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
@@ -19,10 +20,12 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::Health;
-use super::context::{Context, error_policy, object_key};
+use super::backends::SecretRef;
+use super::context::{Context, object_key};
 use super::crd::{FlowRun, FlowRunPhase, FlowcraftReconcileSchedule, FlowcraftWorkerPool};
 use super::pod::MANAGED_BY;
-use super::{OperatorError, flowrun, schedule, workerpool};
+use super::status::{Reconciled, describe};
+use super::{OperatorError, flowrun, object_name, schedule, workerpool};
 
 /// How long in-flight reconciles may run after a shutdown request.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -45,6 +48,20 @@ impl GenerationFilter {
         }
         seen.insert(key, generation) != Some(generation)
     }
+}
+
+/// The controllers' error policy: count the failure and requeue with the object's backoff.
+pub fn error_policy<K: Reconciled>(obj: Arc<K>, error: &OperatorError, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff.failed(&object_key(obj.as_ref()));
+    ctx.metrics.failure(K::CONTROLLER, &error.metric_label());
+    if error.is_user_error() {
+        tracing::warn!(controller = K::CONTROLLER, object = %object_name(obj.as_ref()), error = %describe(error),
+            retry_in = ?delay, "Invalid spec.");
+    } else {
+        tracing::error!(controller = K::CONTROLLER, object = %object_name(obj.as_ref()), error = %describe(error),
+            retry_in = ?delay, "Reconcile failed.");
+    }
+    Action::requeue(delay)
 }
 
 /// An Api over all namespaces, or one namespace.
@@ -108,6 +125,25 @@ pub async fn run_controllers(
             .state()
             .into_iter()
             .filter(|p| p.namespace() == cm_ns && p.spec.blueprints.config_map == cm_name)
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    });
+    // A connection Secret that changes (rotated credentials) drops its cached clients and reconciles its pools.
+    let pools_by_secret = pool_store.clone();
+    let secret_ctx = ctx.clone();
+    // Metadata only: the operator never holds a Secret's data from a watch (it reads a pool's Secret when needed).
+    let secrets = scoped_api::<PartialObjectMeta<Secret>>(client.clone(), ns);
+    let pools = pools.watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
+        let secret = SecretRef::new(s.namespace().unwrap_or_default(), s.name_any());
+        let version =
+            s.metadata.deletion_timestamp.is_none().then_some(s.metadata.resource_version.as_deref()).flatten();
+        secret_ctx.secret_changed(&secret, version);
+        pools_by_secret
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.namespace().as_deref() == Some(secret.namespace.as_str()) && p.spec.connection_secret == secret.name
+            })
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect::<Vec<_>>()
     });

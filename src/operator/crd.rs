@@ -55,6 +55,10 @@ pub const DEFAULT_STALLED_THRESHOLD_SECONDS: i64 = 300;
     printcolumn = r#"{"name": "Image", "type": "string", "priority": 1, "jsonPath": ".status.image"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(self.externalAutoscaling && has(self.autoscaling))")
+        .message("externalAutoscaling and autoscaling exclude each other")
+)]
 pub struct FlowcraftWorkerPoolSpec {
     /// Number of workers when `autoscaling` is not set (the `/scale` subresource writes it).
     #[serde(default = "default_replicas")]
@@ -76,6 +80,15 @@ pub struct FlowcraftWorkerPoolSpec {
     /// Scale on queue depth instead of a fixed `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// `replicas` is set by an external autoscaler (e.g. a KEDA ScaledObject on this pool's `/scale`): the
+    /// operator never computes it, only applies it. `autoscaling` must then be unset.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external_autoscaling: bool,
+    /// Name of the worker Deployment (default `<pool>-worker`); set it when the default is taken. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("deploymentName is immutable"))]
+    pub deployment_name: Option<String>,
     /// PostgreSQL table names (defaults: flowcraft_contexts, flowcraft_statuses, flowcraft_node_results).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tables: Option<TablesSpec>,
@@ -107,6 +120,33 @@ pub struct FlowcraftWorkerPoolSpec {
 
 fn default_replicas() -> i32 {
     1
+}
+
+impl FlowcraftWorkerPoolSpec {
+    /// A pool of one worker with every default (as the API server fills them in), reading `connection_secret`
+    /// and the blueprints of ConfigMap `config_map`.
+    pub fn new(connection_secret: impl Into<String>, config_map: impl Into<String>) -> Self {
+        Self {
+            replicas: default_replicas(),
+            image: None,
+            image_pull_policy: None,
+            queue: QueueSpec::default(),
+            connection_secret: connection_secret.into(),
+            blueprints: BlueprintsSpec { config_map: config_map.into() },
+            autoscaling: None,
+            external_autoscaling: false,
+            deployment_name: None,
+            tables: None,
+            redis_prefix: None,
+            resources: None,
+            env: Vec::new(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+            service_account_name: None,
+            pod_annotations: BTreeMap::new(),
+        }
+    }
 }
 
 /// The queue a pool consumes.
@@ -471,13 +511,11 @@ pub fn crds_yaml() -> String {
 
 /// Write one file per CRD into `dir` (created if missing); returns the paths written.
 pub fn write_crds(dir: &Path) -> Result<Vec<PathBuf>, OperatorError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| OperatorError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+    std::fs::create_dir_all(dir).map_err(|e| OperatorError::Io { path: dir.display().to_string(), source: e })?;
     let mut written = Vec::new();
     for (file, text) in crd_files() {
         let path = dir.join(file);
-        std::fs::write(&path, text)
-            .map_err(|e| OperatorError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        std::fs::write(&path, text).map_err(|e| OperatorError::Io { path: path.display().to_string(), source: e })?;
         written.push(path);
     }
     Ok(written)

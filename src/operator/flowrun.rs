@@ -8,18 +8,20 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::context::{
-    Cond, Context, DEGRADED, PROGRESSING, READY, RunStores, RunTarget, apply_status, merge_conditions, object_key,
-    report_failure, to_time,
+use super::backends::{BackendError, RunStores, RunTarget, StartedRun};
+use super::context::{Context, object_key};
+use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus};
+use super::events::Note;
+use super::refs::{pool_graphs, read_configmap, read_pool, run_target};
+use super::status::{
+    CONDITION_MESSAGE_MAX, Cond, DEGRADED, PROGRESSING, READY, apply_status, fit, merge_conditions, report_failure,
+    to_time,
 };
-use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus, FlowcraftWorkerPool};
-use super::workerpool::{pool_graphs, read_configmap, read_pool};
-use super::{OperatorError, object_name, pod};
+use super::{OperatorError, object_name};
 use crate::client::{ClientError, RunResult, cancel_run, run_result, start_run};
 use crate::store::{NodeStatus, RunStatus};
 
@@ -34,24 +36,6 @@ pub fn run_id(run: &FlowRun) -> Result<String, OperatorError> {
         object: object_name(run),
         message: "has no uid (not read from the API server)".to_string(),
     })
-}
-
-/// What the operator remembers about a started run (so a poll needs no pool or ConfigMap read).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct StartedRun {
-    /// Queue and tables of the run's pool.
-    pub target: RunTarget,
-    /// Nodes in the blueprint.
-    pub total: usize,
-}
-
-/// The queue and tables of a pool.
-pub fn run_target(pool: &FlowcraftWorkerPool, ctx: &Context) -> RunTarget {
-    RunTarget {
-        queue: pool.spec.queue.name.clone(),
-        queue_type: pool.spec.queue.queue_type.map(|t| t.as_str().to_string()),
-        tables: pod::effective_tables(pool, &ctx.tables),
-    }
 }
 
 /// Reconcile a FlowRun (with the `flowcraft.io/cancel-run` finalizer).
@@ -83,22 +67,31 @@ pub async fn reconcile(run: Arc<FlowRun>, ctx: Arc<Context>) -> Result<Action, O
     }
 }
 
-fn backend_error(run: &FlowRun, what: &str, error: impl std::fmt::Display) -> OperatorError {
-    OperatorError::Backend { object: object_name(run), message: format!("{what}: {error}") }
+/// A backend failed for this run: the error names the pool's Secret; its connection is read again next time.
+fn backend_error(ctx: &Context, run: &FlowRun, target: &RunTarget, action: String, e: BackendError) -> OperatorError {
+    if !matches!(e, BackendError::Unavailable(_)) {
+        ctx.connection_failed(&target.connection);
+    }
+    OperatorError::Backend { object: object_name(run), action, source: Box::new(e) }
+}
+
+/// A client error of the run store, as a backend error with the pool's credentials masked.
+fn client_error(ctx: &Context, run: &FlowRun, target: &RunTarget, action: String, e: ClientError) -> OperatorError {
+    let conn = &target.connection;
+    let source = BackendError::Database {
+        secret: conn.secret.to_string(),
+        table: target.tables.statuses.clone(),
+        detail: conn.scrub(&e.to_string()),
+    };
+    backend_error(ctx, run, target, action, source)
 }
 
 async fn stores(ctx: &Context, run: &FlowRun, target: &RunTarget) -> Result<RunStores, OperatorError> {
-    let Some(runs) = &ctx.runs else {
-        return Err(OperatorError::Backend {
-            object: object_name(run),
-            message: "the operator has no database and AMQP URL (FLOWCRAFT_DATABASE_URL, FLOWCRAFT_AMQP_URL): \
-                      FlowRuns cannot start"
-                .to_string(),
-        });
-    };
-    runs.stores(target)
-        .await
-        .map_err(|e| backend_error(run, &format!("cannot open queue {} and its run store", target.queue), e))
+    ctx.runs.stores(target).await.map_err(|e| {
+        let action =
+            format!("cannot open queue {} and its run store through Secret {}", target.queue, target.connection.secret);
+        backend_error(ctx, run, target, action, e)
+    })
 }
 
 /// Validate and start the run (idempotent), returning what a poll needs.
@@ -124,7 +117,7 @@ async fn start(run: &FlowRun, ctx: &Context, run_id: &str) -> Result<StartedRun,
             ),
         });
     };
-    let target = run_target(&pool, ctx);
+    let target = run_target(ctx, run, &pool).await?;
     let stores = stores(ctx, run, &target).await?;
     let input = run.spec.input.clone().unwrap_or_else(|| json!({}));
     let created =
@@ -132,19 +125,26 @@ async fn start(run: &FlowRun, ctx: &Context, run_id: &str) -> Result<StartedRun,
             ClientError::Input { message, .. } => {
                 OperatorError::InvalidSpec { object: object_name(run), reason: "InvalidInput", message }
             }
-            other => backend_error(run, &format!("cannot start run {run_id}"), other),
+            other => client_error(ctx, run, &target, format!("cannot start run {run_id}"), other),
         })?;
     if created {
         ctx.metrics.flowruns_started.inc();
-        let note = format!(
-            "started run {run_id} of blueprint {} in pool {} (queue {})",
-            run.spec.blueprint,
-            pool.name_any(),
-            target.queue
-        );
-        ctx.publish(run, EventType::Normal, "Started", "StartRun", note).await;
+        let pool_name = pool.name_any();
+        let note = Note::RunStarted { run_id, blueprint: &run.spec.blueprint, pool: &pool_name, queue: &target.queue };
+        ctx.publish(run, note).await;
     }
     let started = StartedRun { target, total: graph.node_count() };
+    ctx.remember_run(&object_key(run), started.clone());
+    Ok(started)
+}
+
+/// What a poll of an already started run needs (after an operator restart or a Secret change): the pool's
+/// connection, queue and tables.
+async fn resume(run: &FlowRun, ctx: &Context, prev: &FlowRunStatus) -> Result<StartedRun, OperatorError> {
+    let namespace = run.namespace().unwrap_or_default();
+    let pool = read_pool(ctx, run, &namespace, &run.spec.worker_pool).await?;
+    let total = prev.nodes.as_ref().map(|n| usize::try_from(n.total).unwrap_or(0)).unwrap_or(0);
+    let started = StartedRun { target: run_target(ctx, run, &pool).await?, total };
     ctx.remember_run(&object_key(run), started.clone());
     Ok(started)
 }
@@ -159,42 +159,39 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
     let key = object_key(run);
     let started = match ctx.started_run(&key) {
         Some(started) => started,
-        None if prev.run_id.as_deref() == Some(run_id.as_str()) => {
-            // Started before an operator restart: only the pool's queue and tables are needed to mirror it.
-            let namespace = run.namespace().unwrap_or_default();
-            let pool = read_pool(ctx, run, &namespace, &run.spec.worker_pool).await?;
-            let total = prev.nodes.as_ref().map(|n| usize::try_from(n.total).unwrap_or(0)).unwrap_or(0);
-            let started = StartedRun { target: run_target(&pool, ctx), total };
-            ctx.remember_run(&key, started.clone());
-            started
-        }
+        None if prev.run_id.as_deref() == Some(run_id.as_str()) => resume(run, ctx, &prev).await?,
         None => start(run, ctx, &run_id).await?,
     };
-    let stores = stores(ctx, run, &started.target).await?;
+    let target = &started.target;
+    let stores = stores(ctx, run, target).await?;
     let result = run_result(stores.store.as_ref(), &run_id, None)
         .await
-        .map_err(|e| backend_error(run, &format!("cannot read run {run_id}"), e))?
-        .ok_or_else(|| OperatorError::Backend {
-            object: object_name(run),
-            message: format!("run {run_id} does not exist in table {}", started.target.tables.statuses),
+        .map_err(|e| client_error(ctx, run, target, format!("cannot read run {run_id}"), e))?
+        .ok_or_else(|| {
+            let source = BackendError::Database {
+                secret: target.connection.secret.to_string(),
+                table: target.tables.statuses.clone(),
+                detail: format!("run {run_id} does not exist"),
+            };
+            OperatorError::Backend {
+                object: object_name(run),
+                action: format!("cannot mirror run {run_id}"),
+                source: Box::new(source),
+            }
         })?;
     let status = mirror(run, &prev, &run_id, &result, started.total);
     let new_phase = status.phase.unwrap_or_default();
     if new_phase != phase {
-        match new_phase {
-            FlowRunPhase::Succeeded => {
-                let note = format!("run {run_id} succeeded ({})", status.progress.clone().unwrap_or_default());
-                ctx.publish(run, EventType::Normal, "Succeeded", "MirrorRun", note).await;
-            }
-            FlowRunPhase::Failed => {
-                let note = format!("run {run_id} failed: {}", status.message.clone().unwrap_or_default());
-                ctx.publish(run, EventType::Warning, "Failed", "MirrorRun", note).await;
-            }
-            FlowRunPhase::Cancelled => {
-                let note = format!("run {run_id} was cancelled: {}", status.message.clone().unwrap_or_default());
-                ctx.publish(run, EventType::Normal, "Cancelled", "MirrorRun", note).await;
-            }
-            FlowRunPhase::Pending | FlowRunPhase::Running => {}
+        let message = status.message.clone().unwrap_or_default();
+        let progress = status.progress.clone().unwrap_or_default();
+        let note = match new_phase {
+            FlowRunPhase::Succeeded => Some(Note::RunSucceeded { run_id: &run_id, progress: &progress }),
+            FlowRunPhase::Failed => Some(Note::RunFailed { run_id: &run_id, message: &message }),
+            FlowRunPhase::Cancelled => Some(Note::RunCancelled { run_id: &run_id, message: &message }),
+            FlowRunPhase::Pending | FlowRunPhase::Running => None,
+        };
+        if let Some(note) = note {
+            ctx.publish(run, note).await;
         }
     }
     apply_status(ctx, run, &status).await?;
@@ -230,7 +227,9 @@ pub fn mirror(run: &FlowRun, prev: &FlowRunStatus, run_id: &str, result: &RunRes
     };
     let progress = format!("{resolved}/{total}");
     let message = match phase {
-        FlowRunPhase::Failed | FlowRunPhase::Cancelled => result.error.clone(),
+        FlowRunPhase::Failed | FlowRunPhase::Cancelled => {
+            result.error.as_deref().map(|e| fit(e, CONDITION_MESSAGE_MAX))
+        }
         _ => None,
     };
     let conds = match phase {
@@ -292,46 +291,40 @@ async fn expire(run: &FlowRun, ctx: &Context, status: &FlowRunStatus) -> Result<
     Ok(Action::await_change())
 }
 
-/// The FlowRun is being deleted: cancel its run unless it has finished.
+/// The FlowRun is being deleted: cancel its run unless it has finished. Without its pool (a namespace being
+/// deleted) nor a remembered connection, the run cannot be reached: it is left to the reconciler, never blocking
+/// the deletion.
 async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
     let key = object_key(run);
     let prev = run.status.clone().unwrap_or_default();
-    if prev.phase.unwrap_or_default().is_finished() {
+    if prev.phase.unwrap_or_default().is_finished() || prev.run_id.is_none() && ctx.started_run(&key).is_none() {
         ctx.forget(&key);
         ctx.forget_run(&key);
         return Ok(Action::await_change());
     }
     let run_id = run_id(run)?;
-    let namespace = run.namespace().unwrap_or_default();
-    if ctx.runs.is_none() {
-        // Without a run store this operator never started it; nothing to cancel, never block the deletion.
-        tracing::warn!(%run_id, "No run store configured; deleting the FlowRun without cancelling its run.");
-        ctx.forget(&key);
-        return Ok(Action::await_change());
-    }
-    // The pool may be gone already (a namespace being deleted): fall back to the default queue and tables.
     let target = match ctx.started_run(&key) {
         Some(s) => s.target,
-        None => match read_pool(ctx, run, &namespace, &run.spec.worker_pool).await {
-            Ok(pool) => run_target(&pool, ctx),
-            Err(OperatorError::InvalidSpec { .. }) => {
-                RunTarget { queue: ctx.queue.clone(), queue_type: None, tables: ctx.tables.clone() }
+        None => {
+            let namespace = run.namespace().unwrap_or_default();
+            match read_pool(ctx, run, &namespace, &run.spec.worker_pool).await {
+                Ok(pool) => run_target(ctx, run, &pool).await?,
+                Err(OperatorError::InvalidSpec { .. }) => {
+                    tracing::warn!(%run_id, "The FlowRun's pool is gone; deleting it without cancelling its run.");
+                    ctx.forget(&key);
+                    return Ok(Action::await_change());
+                }
+                Err(other) => return Err(other),
             }
-            Err(other) => return Err(other),
-        },
+        }
     };
     let stores = stores(ctx, run, &target).await?;
-    let reason = format!("FlowRun {namespace}/{} was deleted", run.name_any());
+    let reason = format!("FlowRun {}/{} was deleted", run.namespace().unwrap_or_default(), run.name_any());
     match cancel_run(stores.store.as_ref(), &run_id, &reason).await {
-        Ok(true) => {
-            let note = format!("cancelled run {run_id}: the FlowRun was deleted");
-            ctx.publish(run, EventType::Normal, "Cancelled", "CancelRun", note).await;
-        }
+        Ok(true) => ctx.publish(run, Note::RunCancelledOnDelete { run_id: &run_id }).await,
         Ok(false) => tracing::debug!(%run_id, "The run had already ended."),
         Err(ClientError::NotFound(_)) => tracing::debug!(%run_id, "The run was never started."),
-        Err(other) => {
-            return Err(backend_error(run, &format!("cannot cancel run {run_id}"), other));
-        }
+        Err(other) => return Err(client_error(ctx, run, &target, format!("cannot cancel run {run_id}"), other)),
     }
     ctx.forget(&key);
     ctx.forget_run(&key);

@@ -1,15 +1,20 @@
 //! The Kubernetes operator: custom resources, their controllers, leader election, health and metrics.
 
 pub mod admin;
+pub mod apply;
 pub mod backends;
 pub mod context;
 pub mod controllers;
 pub mod crd;
+pub mod events;
 pub mod flowrun;
 pub mod leader;
 pub mod metrics;
 pub mod pod;
+pub mod policy;
+pub mod refs;
 pub mod schedule;
+pub mod status;
 pub mod workerpool;
 
 pub use crd::{crds_yaml, write_crds};
@@ -22,11 +27,13 @@ use kube::{Client, Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::store::postgres::TableNames;
 use admin::Health;
-use backends::{RabbitQueueProbe, ServiceBackends};
+use backends::BackendError;
 use context::Context;
 use leader::{LeaderElector, RENEW_DEADLINE, RENEW_EVERY};
 use metrics::Metrics;
+use policy::PoolPolicy;
 
 /// Configuration of `flowcraft operator` (every field has a CLI flag and an env var; see the README).
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +42,7 @@ pub struct OperatorConfig {
     /// operator's own image.
     pub image: String,
     /// Elect a leader through a Lease so only one replica acts (`FLOWCRAFT_LEADER_ELECTION`, default true).
+    /// Without `POD_NAME`/`POD_NAMESPACE` (outside a cluster) the operator runs without it and says so.
     pub leader_election: bool,
     /// Watch only this namespace (`FLOWCRAFT_WATCH_NAMESPACE`); all namespaces when `None`.
     pub namespace: Option<String>,
@@ -42,21 +50,20 @@ pub struct OperatorConfig {
     pub pod_name: Option<String>,
     /// This pod's namespace (`POD_NAMESPACE`): where the Lease lives.
     pub pod_namespace: Option<String>,
-    /// Admin server address (`FLOWCRAFT_ADMIN_ADDR`, default `0.0.0.0:8080`).
+    /// Admin server address (`FLOWCRAFT_ADMIN_ADDR`; default [`DEFAULT_ADMIN_ADDR`], distinct from a local
+    /// worker's `0.0.0.0:8080`; the chart sets `0.0.0.0:8080`).
     pub admin_addr: SocketAddr,
-    /// PostgreSQL URL (`FLOWCRAFT_DATABASE_URL`): FlowRuns and schedule stats. It must reach the database the
-    /// pools use (FlowRuns and stats use the operator's own connection, with each pool's table names).
-    pub database_url: Option<String>,
-    /// AMQP URL (`FLOWCRAFT_AMQP_URL`): FlowRuns publish their start jobs to their pool's queue on it.
-    pub amqp_url: Option<String>,
     /// Table names of pools without `spec.tables` (`FLOWCRAFT_CONTEXTS_TABLE`, `FLOWCRAFT_STATUSES_TABLE`,
-    /// `FLOWCRAFT_RESULTS_TABLE`); also set on their workers, so keep them equal to what those workers use.
+    /// `FLOWCRAFT_RESULTS_TABLE`); also set on their workers.
     pub tables: TableNames,
-    /// Queue used to cancel a deleted FlowRun whose pool is already gone (`FLOWCRAFT_QUEUE`).
-    pub queue: String,
+    /// What pools may run. `None`: [`PoolPolicy::for_image`] of `image`.
+    pub policy: Option<PoolPolicy>,
     /// Name of the leader-election Lease (in `pod_namespace`).
     pub lease_name: String,
 }
+
+/// The operator's default admin address (a local worker defaults to `0.0.0.0:8080`).
+pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8081);
 
 impl Default for OperatorConfig {
     fn default() -> Self {
@@ -66,11 +73,9 @@ impl Default for OperatorConfig {
             namespace: None,
             pod_name: None,
             pod_namespace: None,
-            admin_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            database_url: None,
-            amqp_url: None,
+            admin_addr: DEFAULT_ADMIN_ADDR,
             tables: TableNames::default(),
-            queue: crd::DEFAULT_QUEUE.to_string(),
+            policy: None,
             lease_name: "flowcraft-operator".to_string(),
         }
     }
@@ -153,18 +158,33 @@ pub async fn run_with(
 impl OperatorConfig {
     /// Check the configuration before contacting anything.
     pub fn validate(&self) -> Result<(), OperatorError> {
-        if self.leader_election {
-            let missing = |v: &Option<String>| v.as_deref().is_none_or(str::is_empty);
-            if missing(&self.pod_namespace) || missing(&self.pod_name) {
-                return Err(OperatorError::Config(
-                    "leader election needs POD_NAME and POD_NAMESPACE (or FLOWCRAFT_LEADER_ELECTION=false)".into(),
-                ));
-            }
-        }
         if self.image.is_empty() {
             tracing::warn!("No default image (FLOWCRAFT_OPERATOR_IMAGE): pools must set spec.image.");
         }
         Ok(())
+    }
+
+    /// The Lease namespace and holder identity when leader election applies (enabled, and the pod's identity
+    /// known); `None` otherwise, logged once when it was asked for but the identity is missing.
+    pub fn election_identity(&self) -> Option<(String, String)> {
+        if !self.leader_election {
+            return None;
+        }
+        let known = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        match (known(&self.pod_namespace), known(&self.pod_name)) {
+            (Some(namespace), Some(name)) => Some((namespace, name)),
+            _ => {
+                tracing::info!(
+                    "No POD_NAMESPACE/POD_NAME (running outside a cluster): leader election is off, run one replica."
+                );
+                None
+            }
+        }
+    }
+
+    /// The policy pools are checked against.
+    pub fn pool_policy(&self) -> PoolPolicy {
+        self.policy.clone().unwrap_or_else(|| PoolPolicy::for_image(&self.image))
     }
 }
 
@@ -179,27 +199,15 @@ pub async fn run_with_client(
     cfg.validate()?;
     controllers::check_crds(&client, cfg.namespace.as_deref()).await?;
 
-    let mut ctx = Context::new(client.clone(), cfg.image.clone(), metrics.clone())
-        .with_instance(cfg.pod_name.clone())
-        .with_tables(cfg.tables.clone())
-        .with_queue_probe(Arc::new(RabbitQueueProbe));
-    ctx.queue = cfg.queue.clone();
-    let backends = Arc::new(ServiceBackends::new(cfg.database_url.clone(), cfg.amqp_url.clone()));
-    if cfg.database_url.is_some() {
-        ctx = ctx.with_stats(backends.clone()).with_runs(backends.clone());
-    } else {
-        tracing::warn!(
-            "No database URL (FLOWCRAFT_DATABASE_URL): FlowRuns cannot start and schedule stats are not mirrored."
-        );
-    }
-    let ctx = Arc::new(ctx);
-
-    let mut elector = match (cfg.leader_election, &cfg.pod_namespace, &cfg.pod_name) {
-        (true, Some(namespace), Some(identity)) => {
-            Some(LeaderElector::new(client.clone(), namespace, &cfg.lease_name, identity))
-        }
-        _ => None,
-    };
+    let ctx = Arc::new(
+        Context::new(client.clone(), cfg.image.clone(), metrics.clone())
+            .with_instance(cfg.pod_name.clone())
+            .with_tables(cfg.tables.clone())
+            .with_policy(cfg.pool_policy()),
+    );
+    let mut elector = cfg
+        .election_identity()
+        .map(|(namespace, identity)| LeaderElector::new(client.clone(), &namespace, &cfg.lease_name, &identity));
 
     loop {
         if let Some(elector) = elector.as_mut() {
@@ -207,7 +215,7 @@ pub async fn run_with_client(
             metrics.leader.set(0);
             tracing::info!(lease = %elector.lease(), "Waiting for the leader lease.");
             if !campaign(elector, &shutdown).await {
-                backends.close().await;
+                ctx.backends.close().await;
                 return Ok(());
             }
             tracing::info!(lease = %elector.lease(), "Acquired the leader lease.");
@@ -237,7 +245,7 @@ pub async fn run_with_client(
             if let Some(elector) = elector.as_mut() {
                 elector.release().await;
             }
-            backends.close().await;
+            ctx.backends.close().await;
             metrics.leader.set(0);
             tracing::info!("Operator stopped.");
             return Ok(());
@@ -284,27 +292,6 @@ async fn hold(elector: &mut LeaderElector, shutdown: &CancellationToken) {
     }
 }
 
-/// PostgreSQL table names of a pool (the defaults are the worker's).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TableNames {
-    /// Run contexts (`FLOWCRAFT_CONTEXTS_TABLE`).
-    pub contexts: String,
-    /// Run statuses (`FLOWCRAFT_STATUSES_TABLE`).
-    pub statuses: String,
-    /// Node results (`FLOWCRAFT_RESULTS_TABLE`).
-    pub results: String,
-}
-
-impl Default for TableNames {
-    fn default() -> Self {
-        Self {
-            contexts: "flowcraft_contexts".to_string(),
-            statuses: "flowcraft_statuses".to_string(),
-            results: "flowcraft_node_results".to_string(),
-        }
-    }
-}
-
 /// `Kind namespace/name` of an object, for messages.
 pub fn object_name<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!("{} {}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
@@ -314,12 +301,13 @@ pub fn object_name<K: Resource<DynamicType = ()>>(obj: &K) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
     /// A file could not be written or read.
-    #[error("cannot access {path}: {message}")]
+    #[error("cannot access {path}")]
     Io {
         /// The file or directory.
         path: String,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: std::io::Error,
     },
     /// An object lacks something the API server always sets (namespace, uid).
     #[error("{object} {message}")]
@@ -340,7 +328,7 @@ pub enum OperatorError {
         message: String,
     },
     /// A Kubernetes API call failed.
-    #[error("{object}: {action} failed: {source}")]
+    #[error("{object}: {action} failed")]
     Kube {
         /// `Kind namespace/name` being reconciled.
         object: String,
@@ -350,19 +338,22 @@ pub enum OperatorError {
         #[source]
         source: kube::Error,
     },
-    /// The run store or queue (PostgreSQL, RabbitMQ) failed.
-    #[error("{object}: {message}")]
+    /// The run store or queue (PostgreSQL, RabbitMQ) of a pool failed.
+    #[error("{object}: {action}")]
     Backend {
         /// `Kind namespace/name` being reconciled.
         object: String,
-        /// What failed.
-        message: String,
+        /// What was attempted.
+        action: String,
+        /// The backend's error (naming the pool's Secret, credentials masked).
+        #[source]
+        source: Box<BackendError>,
     },
     /// The FlowRun finalizer failed (adding, cleaning up or removing it).
-    #[error("{0}")]
+    #[error("FlowRun finalizer")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<OperatorError>>),
     /// Leader election could not read or write its Lease.
-    #[error("leader election with Lease {lease}: {source}")]
+    #[error("leader election with Lease {lease}")]
     Lease {
         /// `namespace/name` of the Lease.
         lease: String,
@@ -374,7 +365,7 @@ pub enum OperatorError {
     #[error("invalid operator configuration: {0}")]
     Config(String),
     /// The Kubernetes client could not be created.
-    #[error("cannot create the Kubernetes client: {0}")]
+    #[error("cannot create the Kubernetes client")]
     Client(#[source] kube::Error),
     /// The admin server failed.
     #[error("admin server on {addr}: {message}")]

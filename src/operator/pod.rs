@@ -8,8 +8,9 @@ use k8s_openapi::api::core::v1::{
     SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 
-use super::TableNames;
 use super::crd::FlowcraftWorkerPool;
+use crate::store::StoreResult;
+use crate::store::postgres::TableNames;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "flowcraft-operator";
@@ -99,14 +100,14 @@ fn env_from_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-/// The table names a pool uses: its own `tables`, else the defaults.
-pub fn effective_tables(pool: &FlowcraftWorkerPool, defaults: &TableNames) -> TableNames {
+/// The table names a pool uses: its own `tables`, else the defaults; validated.
+pub fn effective_tables(pool: &FlowcraftWorkerPool, defaults: &TableNames) -> StoreResult<TableNames> {
     let t = pool.spec.tables.clone().unwrap_or_default();
-    TableNames {
-        contexts: t.contexts.unwrap_or_else(|| defaults.contexts.clone()),
-        statuses: t.statuses.unwrap_or_else(|| defaults.statuses.clone()),
-        results: t.results.unwrap_or_else(|| defaults.results.clone()),
-    }
+    TableNames::new(
+        t.contexts.as_deref().unwrap_or(&defaults.contexts),
+        t.statuses.as_deref().unwrap_or(&defaults.statuses),
+        t.results.as_deref().unwrap_or(&defaults.results),
+    )
 }
 
 /// The environment every Flowcraft container of a pool gets: connection URLs from the pool's Secret, the

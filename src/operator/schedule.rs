@@ -8,19 +8,22 @@ use croner::parser::{CronParser, Seconds, Year};
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
-use super::context::{
-    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, object_key, report_failure,
-    to_time,
-};
+use super::apply::apply_owned;
+use super::backends::ReconcileStats;
+use super::context::{Context, object_key};
 use super::crd::{FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus, FlowcraftWorkerPool};
-use super::pod::{self, FIELD_MANAGER, LABEL_SCHEDULE};
-use super::workerpool::{RESYNC, read_pool};
-use super::{OperatorError, TableNames, object_name};
+use super::events::Note;
+use super::pod::{self, LABEL_SCHEDULE};
+use super::refs::{pool_connection, pool_tables, read_pool};
+use super::status::{
+    Cond, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, report_failure, to_time,
+};
+use super::workerpool::pool_image;
+use super::{OperatorError, object_name};
+use crate::store::postgres::TableNames;
 
 /// What the CronJob builder needs besides the schedule and its pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +77,7 @@ pub fn desired_cronjob(
     })?;
     let spec = &schedule.spec;
     let pool_spec = &pool.spec;
-    let image = pool_spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| ctx.default_image.clone());
+    let image = pool_image(pool, &ctx.default_image);
     if image.is_empty() {
         return Err(OperatorError::InvalidSpec {
             object: object_name(schedule),
@@ -99,7 +102,11 @@ pub fn desired_cronjob(
         args.push(batch.to_string());
     }
 
-    let tables = pod::effective_tables(pool, &ctx.tables);
+    let tables = pod::effective_tables(pool, &ctx.tables).map_err(|e| OperatorError::InvalidSpec {
+        object: object_name(schedule),
+        reason: "InvalidTables",
+        message: format!("spec.tables of pool {}: {e}", pool.name_any()),
+    })?;
     let mut env = pod::pool_env(pool, &tables);
     // The job's identity: it records its stats in PostgreSQL under this key; the operator mirrors them.
     env.insert(
@@ -203,121 +210,128 @@ async fn apply(schedule: &FlowcraftReconcileSchedule, ctx: &Context) -> Result<A
         object: object_name(schedule),
         message: "has no namespace".to_string(),
     })?;
-    let generation = schedule.meta().generation;
-    let prev = schedule.status.clone().unwrap_or_default();
-
     validate_cron(&schedule.spec.schedule).map_err(|message| OperatorError::InvalidSpec {
         object: object_name(schedule),
         reason: "InvalidSchedule",
         message,
     })?;
     let pool = read_pool(ctx, schedule, &namespace, &schedule.spec.worker_pool).await?;
-    let desired = desired_cronjob(
-        schedule,
-        &pool,
-        &CronJobContext { default_image: ctx.default_image.clone(), tables: ctx.tables.clone() },
-    )?;
-    let name = cronjob_name(schedule);
-    let api: Api<CronJob> = Api::namespaced(ctx.client.clone(), &namespace);
-    let applied = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await.map_err(
-        |source| OperatorError::Kube {
-            object: object_name(schedule),
-            action: format!("apply CronJob {namespace}/{name}"),
-            source,
-        },
-    )?;
+    ctx.policy.check(&pool.spec, &pool_image(&pool, &ctx.default_image)).map_err(|v| OperatorError::InvalidSpec {
+        object: object_name(schedule),
+        reason: "PolicyViolation",
+        message: format!("not applied: the operator's policy forbids pool {}: {v}", pool.name_any()),
+    })?;
+    let build = CronJobContext { default_image: ctx.default_image.clone(), tables: ctx.tables.clone() };
+    let desired = desired_cronjob(schedule, &pool, &build)?;
+    let hint = "rename the schedule, or delete that object";
+    let applied = apply_owned(ctx, schedule, &desired, hint).await?;
+    let stats = read_stats(ctx, schedule, &pool).await;
+    let cronjob = format!("{namespace}/{}", cronjob_name(schedule));
+    let last_schedule = applied.status.as_ref().and_then(|s| s.last_schedule_time.clone());
+    let status = schedule_status(schedule, &cronjob, last_schedule, &stats);
+    for note in schedule_events(schedule, &cronjob, &status, &stats) {
+        ctx.publish(schedule, note).await;
+    }
+    apply_status(ctx, schedule, &status).await?;
+    Ok(Action::requeue(STATS_POLL))
+}
 
+/// The latest stats of the schedule's jobs, read through its pool's Secret; an error is kept as text.
+async fn read_stats(
+    ctx: &Context,
+    schedule: &FlowcraftReconcileSchedule,
+    pool: &FlowcraftWorkerPool,
+) -> Result<Option<ReconcileStats>, String> {
+    let tables = pool_tables(ctx, schedule, pool).map_err(|e| super::status::describe(&e))?;
+    let conn = pool_connection(ctx, schedule, pool).await.map_err(|e| super::status::describe(&e))?;
+    ctx.stats.last_stats(&conn, &tables, &schedule_key(schedule)).await.map_err(|e| {
+        ctx.connection_failed(&conn);
+        e.to_string()
+    })
+}
+
+/// The schedule's status from its CronJob and the stats read (pure).
+pub fn schedule_status(
+    schedule: &FlowcraftReconcileSchedule,
+    cronjob: &str,
+    last_schedule_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    stats: &Result<Option<ReconcileStats>, String>,
+) -> FlowcraftReconcileScheduleStatus {
+    let prev = schedule.status.clone().unwrap_or_default();
+    let generation = schedule.meta().generation;
     let mut status = FlowcraftReconcileScheduleStatus {
         observed_generation: generation,
-        last_schedule_time: applied.status.as_ref().and_then(|s| s.last_schedule_time.clone()),
-        last_run: prev.last_run.clone(),
-        stalled_runs: prev.stalled_runs,
-        reconciled_runs: prev.reconciled_runs,
-        failed_runs: prev.failed_runs,
+        last_schedule_time,
         conditions: Vec::new(),
+        ..prev.clone()
     };
-    let mut degraded = Cond::new(DEGRADED, false, "AsExpected", format!("CronJob {namespace}/{name} is applied"));
-    let mut new_stats = None;
-    if let Some(source) = &ctx.stats {
-        let tables = pod::effective_tables(&pool, &ctx.tables);
-        match source.last_stats(&tables, &schedule_key(schedule)).await {
-            Ok(Some(stats)) => {
-                let last_run = to_time(stats.finished_at);
-                if prev.last_run.as_ref() != Some(&last_run) {
-                    new_stats = Some(stats.clone());
-                }
-                status.last_run = Some(last_run);
-                status.stalled_runs = Some(stats.stalled_runs);
-                status.reconciled_runs = Some(stats.reconciled_runs);
-                status.failed_runs = Some(stats.failed_runs);
-            }
-            Ok(None) => {}
-            Err(error) => {
-                degraded = Cond::new(
-                    DEGRADED,
-                    true,
-                    "StatsUnavailable",
-                    format!("cannot read the reconcile stats of {}: {error}", schedule_key(schedule)),
-                );
-            }
+    let degraded = match stats {
+        Ok(Some(s)) => {
+            status.last_run = Some(to_time(s.finished_at));
+            status.stalled_runs = Some(s.stalled_runs);
+            status.reconciled_runs = Some(s.reconciled_runs);
+            status.failed_runs = Some(s.failed_runs);
+            Cond::new(DEGRADED, false, "AsExpected", format!("CronJob {cronjob} is applied"))
         }
-    }
-    let ready = if schedule.spec.suspend {
-        Cond::new(READY, false, "Suspended", format!("CronJob {namespace}/{name} is suspended"))
-    } else {
-        Cond::new(READY, true, "Scheduled", format!("CronJob {namespace}/{name} runs on {:?}", schedule.spec.schedule))
+        Ok(None) => Cond::new(DEGRADED, false, "AsExpected", format!("CronJob {cronjob} is applied")),
+        Err(error) => Cond::new(
+            DEGRADED,
+            true,
+            "StatsUnavailable",
+            format!("cannot read the reconcile stats of {}: {error}", schedule_key(schedule)),
+        ),
     };
-    let progressing = Cond::new(PROGRESSING, false, "Applied", format!("CronJob {namespace}/{name} is up to date"));
-    status.conditions = merge_conditions(&prev.conditions, &[ready, progressing, degraded.clone()], generation);
+    let ready = if schedule.spec.suspend {
+        Cond::new(READY, false, "Suspended", format!("CronJob {cronjob} is suspended"))
+    } else {
+        Cond::new(READY, true, "Scheduled", format!("CronJob {cronjob} runs on {:?}", schedule.spec.schedule))
+    };
+    let progressing = Cond::new(PROGRESSING, false, "Applied", format!("CronJob {cronjob} is up to date"));
+    status.conditions = merge_conditions(&prev.conditions, &[ready, progressing, degraded], generation);
+    status
+}
 
-    if prev.observed_generation != generation {
-        let note = format!("applied CronJob {namespace}/{name} ({:?})", schedule.spec.schedule);
-        ctx.publish(schedule, EventType::Normal, "Applied", "ApplyCronJob", note).await;
+/// The events of a schedule reconcile (pure): applied on a new generation, failures of a new job, recovery.
+pub fn schedule_events<'a>(
+    schedule: &'a FlowcraftReconcileSchedule,
+    cronjob: &'a str,
+    new: &FlowcraftReconcileScheduleStatus,
+    stats: &Result<Option<ReconcileStats>, String>,
+) -> Vec<Note<'a>> {
+    let prev = schedule.status.clone().unwrap_or_default();
+    let mut notes = Vec::new();
+    if prev.observed_generation != schedule.meta().generation {
+        notes.push(Note::CronJobApplied { cronjob, schedule: &schedule.spec.schedule });
     }
-    if let Some(stats) = new_stats.filter(|s| s.failed_runs > 0) {
-        let note = format!(
-            "the last reconcile found {} stalled runs, re-drove {}, failed on {}",
-            stats.stalled_runs, stats.reconciled_runs, stats.failed_runs
-        );
-        ctx.publish(schedule, EventType::Warning, "ReconcileFailures", "Reconcile", note).await;
+    if let Ok(Some(s)) = stats
+        && prev.last_run != new.last_run
+        && s.failed_runs > 0
+    {
+        notes.push(Note::ReconcileFailures {
+            stalled: s.stalled_runs,
+            reconciled: s.reconciled_runs,
+            failed: s.failed_runs,
+        });
     }
-    if is_true(&prev.conditions, DEGRADED) && !degraded.status {
-        let note = "the schedule is no longer degraded".to_string();
-        ctx.publish(schedule, EventType::Normal, "Recovered", "Reconcile", note).await;
+    if is_true(&prev.conditions, DEGRADED) && !is_true(&new.conditions, DEGRADED) {
+        notes.push(Note::Recovered { kind: "schedule" });
     }
-
-    apply_status(ctx, schedule, &status).await?;
-    Ok(Action::requeue(if ctx.stats.is_some() { STATS_POLL } else { RESYNC }))
+    notes
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::operator::crd::{BlueprintsSpec, FlowcraftReconcileScheduleSpec, FlowcraftWorkerPoolSpec, QueueSpec};
+    use crate::operator::crd::{FlowcraftReconcileScheduleSpec, FlowcraftWorkerPoolSpec};
     use crate::operator::pod::env_value;
 
     fn pool() -> FlowcraftWorkerPool {
         let mut p = FlowcraftWorkerPool::new(
             "orders",
             FlowcraftWorkerPoolSpec {
-                replicas: 1,
                 image: Some("my/worker:3".into()),
                 image_pull_policy: Some("IfNotPresent".into()),
-                queue: QueueSpec::default(),
-                connection_secret: "conn".into(),
-                blueprints: BlueprintsSpec { config_map: "bps".into() },
-                autoscaling: None,
-                tables: None,
-                redis_prefix: None,
-                resources: None,
-                env: vec![],
-                node_selector: BTreeMap::new(),
-                tolerations: vec![],
-                affinity: None,
-                service_account_name: None,
-                pod_annotations: BTreeMap::new(),
+                ..FlowcraftWorkerPoolSpec::new("conn", "bps")
             },
         );
         p.metadata.namespace = Some("shop".into());

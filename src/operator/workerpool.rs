@@ -1,32 +1,29 @@
-//! `FlowcraftWorkerPool` → worker Deployment: the pure desired-state builder, queue-depth autoscaling and the
-//! pool controller's reconcile.
+//! `FlowcraftWorkerPool` → worker Deployment: the pure desired-state builder, queue-depth autoscaling, the pure
+//! status computation and the pool controller's reconcile.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Secret,
-};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::context::{
-    Cond, Context, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, object_key, report_failure,
-};
+use super::apply::apply_owned;
+use super::backends::BackendError;
+use super::context::{Context, object_key};
 use super::crd::{AutoscalingSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolStatus};
+use super::events::Note;
 use super::metrics::PoolLabels;
-use super::pod::{
-    self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH, FIELD_MANAGER, SECRET_KEY_AMQP, SECRET_KEYS,
-};
-use super::{OperatorError, TableNames, object_name};
-use crate::flow::{Blueprint, Graph};
+use super::pod::{self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH};
+use super::refs::{pool_connection, pool_graphs, read_configmap};
+use super::status::{Cond, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, report_failure};
+use super::{OperatorError, object_name};
+use crate::store::postgres::TableNames;
 
 /// What the Deployment builder needs besides the pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,9 +38,14 @@ pub struct BuildContext {
     pub tables: TableNames,
 }
 
-/// Name of a pool's worker Deployment.
+/// Name of a pool's worker Deployment: `spec.deploymentName`, else `<pool>-worker`.
 pub fn deployment_name(pool: &FlowcraftWorkerPool) -> String {
-    format!("{}-worker", pool.name_any())
+    pool.spec.deployment_name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| format!("{}-worker", pool.name_any()))
+}
+
+/// The image a pool's pods run: `spec.image`, else the operator's default (empty when neither is set).
+pub fn pool_image(pool: &FlowcraftWorkerPool, default_image: &str) -> String {
+    pool.spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| default_image.to_string())
 }
 
 /// sha256 (hex) over a ConfigMap's `data` and `binaryData`, in key order: a change of any blueprint changes it.
@@ -97,7 +99,7 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
         message: "has no uid (not read from the API server)".to_string(),
     })?;
     let spec = &pool.spec;
-    let image = spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| ctx.default_image.clone());
+    let image = pool_image(pool, &ctx.default_image);
     if image.is_empty() {
         return Err(OperatorError::InvalidSpec {
             object: object_name(pool),
@@ -107,7 +109,11 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
         });
     }
     let labels = pod::pool_labels(&name, "worker");
-    let tables = pod::effective_tables(pool, &ctx.tables);
+    let tables = pod::effective_tables(pool, &ctx.tables).map_err(|e| OperatorError::InvalidSpec {
+        object: object_name(pool),
+        reason: "InvalidTables",
+        message: format!("spec.tables: {e}"),
+    })?;
 
     let mut annotations: BTreeMap<String, String> = spec.pod_annotations.clone();
     annotations.insert(ANNOTATION_BLUEPRINTS_HASH.to_string(), ctx.configmap_hash.clone());
@@ -178,130 +184,129 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
 }
 
 // ------------------------------------------------------------------------------------------------
-// Reading what a pool refers to
+// Status (pure)
 // ------------------------------------------------------------------------------------------------
 
-/// Every blueprint of a pool's ConfigMap, validated (each key parsed as JSON or YAML, the graph built without a
-/// registry since custom nodes live in the workers' image), by blueprint id. Every problem is reported at once.
-pub fn pool_graphs(cm: &ConfigMap) -> Result<BTreeMap<String, Graph>, String> {
-    let cm_name = format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any());
-    let mut graphs: BTreeMap<String, Graph> = BTreeMap::new();
-    let mut origins: BTreeMap<String, String> = BTreeMap::new();
-    let mut problems = Vec::new();
-    for (key, text) in cm.data.iter().flatten() {
-        let origin = format!("ConfigMap {cm_name} key {key}");
-        let graph = Blueprint::parse(text, &origin).and_then(|bp| Graph::build(bp, None));
-        match graph {
-            Ok(g) => {
-                let id = g.id().to_string();
-                if let Some(first) = origins.get(&id) {
-                    problems.push(format!("blueprint id '{id}' is defined twice: keys {first} and {key}"));
-                } else {
-                    origins.insert(id.clone(), key.clone());
-                    graphs.insert(id, g);
-                }
-            }
-            Err(e) => problems.push(format!("key {key}: {e}")),
+/// What one reconcile observed, from which the status and events are computed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// `namespace/name` of the Deployment.
+    pub deployment: String,
+    /// Replicas asked for.
+    pub replicas: i32,
+    /// The queue depth read (autoscaling), or why it could not be read.
+    pub depth: Option<Result<i64, String>>,
+    /// sha256 of the blueprints ConfigMap.
+    pub blueprints_hash: String,
+    /// The applied Deployment's generation and status.
+    pub generation: Option<i64>,
+    /// The applied Deployment's status.
+    pub status: DeploymentStatus,
+    /// The image of its worker container.
+    pub image: Option<String>,
+}
+
+/// Replicas to ask for: `spec.replicas`, or computed from the queue depth; without a reading the last
+/// computed value is kept (within bounds).
+pub fn desired_replicas(pool: &FlowcraftWorkerPool, depth: Option<&Result<i64, String>>) -> i32 {
+    let Some(a) = &pool.spec.autoscaling else {
+        return pool.spec.replicas;
+    };
+    match depth {
+        Some(Ok(d)) => autoscale_replicas(u64::try_from(*d).unwrap_or(0), a),
+        _ => {
+            let prev = pool.status.as_ref().and_then(|s| s.desired_replicas).unwrap_or(a.min_replicas);
+            prev.clamp(a.min_replicas.max(0), a.max_replicas.max(a.min_replicas.max(0)))
         }
     }
-    if !problems.is_empty() {
-        return Err(format!("ConfigMap {cm_name} has invalid blueprints: {}", problems.join("; ")));
-    }
-    if graphs.is_empty() {
-        return Err(format!("ConfigMap {cm_name} has no blueprints (every key must be a JSON or YAML blueprint)"));
-    }
-    Ok(graphs)
 }
 
-/// Read the pool's connection Secret and check it has every key; returns it.
-pub async fn read_secret(ctx: &Context, pool: &FlowcraftWorkerPool) -> Result<Secret, OperatorError> {
-    let namespace = pool.namespace().unwrap_or_default();
-    let name = &pool.spec.connection_secret;
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = api.get_opt(name).await.map_err(|source| OperatorError::Kube {
-        object: object_name(pool),
-        action: format!("get Secret {namespace}/{name}"),
-        source,
-    })?;
-    let Some(secret) = secret else {
-        return Err(OperatorError::InvalidSpec {
-            object: object_name(pool),
-            reason: "SecretNotFound",
-            message: format!("connection Secret {namespace}/{name} not found"),
-        });
+/// The pool's status after a reconcile (pure).
+pub fn pool_status(pool: &FlowcraftWorkerPool, o: &Observed) -> FlowcraftWorkerPoolStatus {
+    let prev = pool.status.clone().unwrap_or_default();
+    let generation = pool.meta().generation;
+    let (replicas, st, dep) = (o.replicas, &o.status, &o.deployment);
+    let ready = st.ready_replicas.unwrap_or(0);
+    let current = st.replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let observed = st.observed_generation.unwrap_or(0) >= o.generation.unwrap_or(0);
+    let rolled_out = observed && updated >= replicas && current == replicas && ready >= replicas;
+    let scaler = if pool.spec.external_autoscaling { " (replicas set by an external autoscaler)" } else { "" };
+    let ready_cond = if replicas == 0 {
+        Cond::new(READY, true, "ScaledToZero", format!("the pool is scaled to zero workers{scaler}"))
+    } else if ready >= replicas {
+        Cond::new(READY, true, "WorkersReady", format!("{ready}/{replicas} workers ready{scaler}"))
+    } else {
+        Cond::new(READY, false, "WorkersNotReady", format!("{ready}/{replicas} workers ready{scaler}"))
     };
-    let missing: Vec<&str> = SECRET_KEYS
-        .iter()
-        .map(|(key, _)| *key)
-        .filter(|key| !secret.data.as_ref().is_some_and(|d| d.contains_key(*key)))
-        .collect();
-    if !missing.is_empty() {
-        return Err(OperatorError::InvalidSpec {
-            object: object_name(pool),
-            reason: "MissingSecretKey",
-            message: format!("connection Secret {namespace}/{name} has no key {}", missing.join(", ")),
-        });
+    let progressing_cond = if rolled_out {
+        Cond::new(PROGRESSING, false, "RolloutComplete", format!("Deployment {dep} is up to date"))
+    } else {
+        let detail = format!("{updated}/{replicas} updated, {ready} ready, {current} running");
+        Cond::new(PROGRESSING, true, "RollingOut", format!("Deployment {dep}: {detail}"))
+    };
+    let stuck = st.conditions.iter().flatten().find(|c| {
+        (c.type_ == "Progressing" && c.status == "False") || (c.type_ == "ReplicaFailure" && c.status == "True")
+    });
+    let degraded_cond = match (&o.depth, stuck) {
+        (Some(Err(error)), _) => Cond::new(
+            DEGRADED,
+            true,
+            "QueueDepthUnavailable",
+            format!("cannot read the depth of queue {}: {error}", pool.spec.queue.name),
+        ),
+        (_, Some(c)) => Cond::new(
+            DEGRADED,
+            true,
+            "DeploymentFailing",
+            format!("Deployment {dep}: {}", c.message.clone().unwrap_or_else(|| c.type_.clone())),
+        ),
+        _ => Cond::new(DEGRADED, false, "AsExpected", "the worker Deployment is applied"),
+    };
+    let depth = match &o.depth {
+        Some(Ok(d)) => Some(*d),
+        _ => prev.queue_depth,
+    };
+    FlowcraftWorkerPoolStatus {
+        observed_generation: generation,
+        replicas: current,
+        ready_replicas: ready,
+        desired_replicas: Some(replicas),
+        queue_depth: depth,
+        selector: Some(pod::worker_selector_string(&pool.name_any())),
+        blueprints_hash: Some(o.blueprints_hash.clone()),
+        image: o.image.clone(),
+        conditions: merge_conditions(&prev.conditions, &[ready_cond, progressing_cond, degraded_cond], generation),
     }
-    Ok(secret)
 }
 
-/// A value of the pool's connection Secret as text.
-pub fn secret_value(pool: &FlowcraftWorkerPool, secret: &Secret, key: &str) -> Result<String, OperatorError> {
-    let namespace = pool.namespace().unwrap_or_default();
-    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| OperatorError::InvalidSpec {
-        object: object_name(pool),
-        reason: "MissingSecretKey",
-        message: format!("connection Secret {namespace}/{} has no key {key}", pool.spec.connection_secret),
-    })?;
-    String::from_utf8(bytes.0.clone()).map_err(|_| OperatorError::InvalidSpec {
-        object: object_name(pool),
-        reason: "InvalidSecretValue",
-        message: format!("key {key} of Secret {namespace}/{} is not UTF-8", pool.spec.connection_secret),
-    })
-}
-
-/// Read the pool's blueprints ConfigMap.
-pub async fn read_configmap<K: Resource<DynamicType = ()>>(
-    ctx: &Context,
-    owner: &K,
-    namespace: &str,
-    name: &str,
-) -> Result<ConfigMap, OperatorError> {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    api.get_opt(name)
-        .await
-        .map_err(|source| OperatorError::Kube {
-            object: object_name(owner),
-            action: format!("get ConfigMap {namespace}/{name}"),
-            source,
-        })?
-        .ok_or_else(|| OperatorError::InvalidSpec {
-            object: object_name(owner),
-            reason: "ConfigMapNotFound",
-            message: format!("blueprints ConfigMap {namespace}/{name} not found"),
-        })
-}
-
-/// Read a pool by name (for schedules and FlowRuns).
-pub async fn read_pool<K: Resource<DynamicType = ()>>(
-    ctx: &Context,
-    owner: &K,
-    namespace: &str,
-    name: &str,
-) -> Result<FlowcraftWorkerPool, OperatorError> {
-    let api: Api<FlowcraftWorkerPool> = Api::namespaced(ctx.client.clone(), namespace);
-    api.get_opt(name)
-        .await
-        .map_err(|source| OperatorError::Kube {
-            object: object_name(owner),
-            action: format!("get FlowcraftWorkerPool {namespace}/{name}"),
-            source,
-        })?
-        .ok_or_else(|| OperatorError::InvalidSpec {
-            object: object_name(owner),
-            reason: "WorkerPoolNotFound",
-            message: format!("FlowcraftWorkerPool {namespace}/{name} not found"),
-        })
+/// The events a reconcile emits for what changed between the previous and the new status (pure; never one
+/// per reconcile).
+pub fn pool_events<'a>(
+    pool: &'a FlowcraftWorkerPool,
+    o: &'a Observed,
+    new: &FlowcraftWorkerPoolStatus,
+) -> Vec<Note<'a>> {
+    let prev = pool.status.clone().unwrap_or_default();
+    let generation = pool.meta().generation;
+    let mut notes = Vec::new();
+    if prev.observed_generation != generation {
+        notes.push(Note::DeploymentApplied { deployment: &o.deployment, replicas: o.replicas });
+    }
+    if prev.blueprints_hash.as_ref().is_some_and(|h| h != &o.blueprints_hash) {
+        notes.push(Note::BlueprintsChanged { config_map: &pool.spec.blueprints.config_map });
+    }
+    if let (Some(a), Some(before)) = (&pool.spec.autoscaling, prev.desired_replicas)
+        && before != o.replicas
+        && prev.observed_generation == generation
+    {
+        let depth = new.queue_depth.unwrap_or(0);
+        notes.push(Note::Scaled { from: before, to: o.replicas, depth, target: a.target_queue_length });
+    }
+    if is_true(&prev.conditions, DEGRADED) && !is_true(&new.conditions, DEGRADED) {
+        notes.push(Note::Recovered { kind: "pool" });
+    }
+    notes
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -313,8 +318,8 @@ pub const CONTROLLER: &str = "workerpool";
 /// Requeue interval of a pool without autoscaling (drift check).
 pub const RESYNC: Duration = Duration::from_secs(300);
 
-/// Reconcile a pool: check its Secret and blueprints, compute replicas (autoscaling on queue depth),
-/// server-side apply the worker Deployment, mirror its state into the pool's status.
+/// Reconcile a pool: check its Secret, blueprints and policy, compute replicas, apply the worker Deployment
+/// (never one it does not own), mirror its state into the pool's status.
 #[tracing::instrument(skip_all, fields(pool = %object_name(pool.as_ref())))]
 pub async fn reconcile(pool: Arc<FlowcraftWorkerPool>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
@@ -337,165 +342,89 @@ pub async fn reconcile(pool: Arc<FlowcraftWorkerPool>, ctx: Arc<Context>) -> Res
 }
 
 async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<Action, OperatorError> {
-    let name = pool.name_any();
     let namespace = pool.namespace().ok_or_else(|| OperatorError::InvalidObject {
         object: object_name(pool),
         message: "has no namespace".to_string(),
     })?;
-    let generation = pool.meta().generation;
-    let prev = pool.status.clone().unwrap_or_default();
-
-    let secret = read_secret(ctx, pool).await?;
+    let conn = pool_connection(ctx, pool, pool).await?;
     let cm = read_configmap(ctx, pool, &namespace, &pool.spec.blueprints.config_map).await?;
     pool_graphs(&cm).map_err(|message| OperatorError::InvalidSpec {
         object: object_name(pool),
         reason: "InvalidBlueprint",
         message,
     })?;
-    let hash = configmap_hash(&cm);
-
-    let mut depth_error = None;
-    let (replicas, depth) = match &pool.spec.autoscaling {
-        None => (pool.spec.replicas, None),
-        Some(a) => {
-            let url = secret_value(pool, &secret, SECRET_KEY_AMQP)?;
-            match ctx.queue_depth(key, &url, &pool.spec.queue.name).await {
-                Ok(depth) => {
-                    ctx.metrics
-                        .queue_depth
-                        .get_or_create(&PoolLabels { namespace: namespace.clone(), pool: name.clone() })
-                        .set(i64::try_from(depth).unwrap_or(i64::MAX));
-                    (autoscale_replicas(depth, a), Some(i64::try_from(depth).unwrap_or(i64::MAX)))
-                }
-                Err(error) => {
-                    tracing::warn!(queue = %pool.spec.queue.name, %error, "Cannot read the queue depth; keeping the replicas.");
-                    let keep = prev.desired_replicas.unwrap_or(a.min_replicas);
-                    depth_error = Some(error);
-                    (keep.clamp(a.min_replicas.max(0), a.max_replicas.max(a.min_replicas.max(0))), prev.queue_depth)
-                }
-            }
-        }
+    check_policy(ctx, pool)?;
+    let depth = match &pool.spec.autoscaling {
+        Some(_) => Some(read_depth(ctx, pool, key, &conn).await),
+        None => None,
     };
-
-    let desired = desired_deployment(
-        pool,
-        &BuildContext {
-            default_image: ctx.default_image.clone(),
-            configmap_hash: hash.clone(),
-            replicas,
-            tables: ctx.tables.clone(),
-        },
-    )?;
-    let dep_name = deployment_name(pool);
-    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let applied = api
-        .patch(&dep_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
-        .await
-        .map_err(|source| OperatorError::Kube {
-            object: object_name(pool),
-            action: format!("apply Deployment {namespace}/{dep_name}"),
-            source,
-        })?;
-
-    let st = applied.status.clone().unwrap_or_default();
-    let ready = st.ready_replicas.unwrap_or(0);
-    let current = st.replicas.unwrap_or(0);
-    let updated = st.updated_replicas.unwrap_or(0);
-    let observed = st.observed_generation.unwrap_or(0) >= applied.metadata.generation.unwrap_or(0);
-    let rolled_out = observed && updated >= replicas && current == replicas && ready >= replicas;
-
-    let ready_cond = if replicas == 0 {
-        Cond::new(READY, true, "ScaledToZero", "the pool is scaled to zero workers")
-    } else if ready >= replicas {
-        Cond::new(READY, true, "WorkersReady", format!("{ready}/{replicas} workers ready"))
-    } else {
-        Cond::new(READY, false, "WorkersNotReady", format!("{ready}/{replicas} workers ready"))
+    let replicas = desired_replicas(pool, depth.as_ref());
+    let build = BuildContext {
+        default_image: ctx.default_image.clone(),
+        configmap_hash: configmap_hash(&cm),
+        replicas,
+        tables: ctx.tables.clone(),
     };
-    let progressing_cond = if rolled_out {
-        Cond::new(PROGRESSING, false, "RolloutComplete", format!("Deployment {namespace}/{dep_name} is up to date"))
-    } else {
-        Cond::new(
-            PROGRESSING,
-            true,
-            "RollingOut",
-            format!(
-                "Deployment {namespace}/{dep_name}: {updated}/{replicas} updated, {ready} ready, {current} running"
-            ),
-        )
-    };
-    let stuck = st.conditions.iter().flatten().find(|c| {
-        (c.type_ == "Progressing" && c.status == "False") || (c.type_ == "ReplicaFailure" && c.status == "True")
-    });
-    let degraded_cond = if let Some(error) = &depth_error {
-        Cond::new(
-            DEGRADED,
-            true,
-            "QueueDepthUnavailable",
-            format!("cannot read the depth of queue {}: {error}", pool.spec.queue.name),
-        )
-    } else if let Some(c) = stuck {
-        Cond::new(
-            DEGRADED,
-            true,
-            "DeploymentFailing",
-            format!("Deployment {namespace}/{dep_name}: {}", c.message.clone().unwrap_or_else(|| c.type_.clone())),
-        )
-    } else {
-        Cond::new(DEGRADED, false, "AsExpected", "the worker Deployment is applied")
-    };
-
-    let status = FlowcraftWorkerPoolStatus {
-        observed_generation: generation,
-        replicas: current,
-        ready_replicas: ready,
-        desired_replicas: Some(replicas),
-        queue_depth: depth,
-        selector: Some(pod::worker_selector_string(&name)),
-        blueprints_hash: Some(hash.clone()),
+    let desired = desired_deployment(pool, &build)?;
+    let hint = "set spec.deploymentName to a free name, or delete that object";
+    let applied = apply_owned(ctx, pool, &desired, hint).await?;
+    let observed = Observed {
+        deployment: format!("{namespace}/{}", deployment_name(pool)),
+        replicas,
+        depth,
+        blueprints_hash: build.configmap_hash,
+        generation: applied.metadata.generation,
         image: worker_image(&applied),
-        conditions: merge_conditions(
-            &prev.conditions,
-            &[ready_cond, progressing_cond, degraded_cond.clone()],
-            generation,
-        ),
+        status: applied.status.unwrap_or_default(),
     };
-
-    // Events for what changed (never one per reconcile).
-    if prev.observed_generation != generation {
-        let note = format!("applied Deployment {namespace}/{dep_name} with {replicas} replicas");
-        ctx.publish(pool, EventType::Normal, "Applied", "ApplyDeployment", note).await;
+    let status = pool_status(pool, &observed);
+    for note in pool_events(pool, &observed, &status) {
+        ctx.publish(pool, note).await;
     }
-    if prev.blueprints_hash.as_ref().is_some_and(|h| h != &hash) {
-        let note = format!(
-            "blueprints ConfigMap {namespace}/{} changed: rolling the workers",
-            pool.spec.blueprints.config_map
-        );
-        ctx.publish(pool, EventType::Normal, "BlueprintsChanged", "RollDeployment", note).await;
-    }
-    if let (Some(a), Some(before)) = (&pool.spec.autoscaling, prev.desired_replicas)
-        && before != replicas
-        && prev.observed_generation == generation
-    {
-        let note = format!(
-            "scaled from {before} to {replicas} workers (queue depth {}, target {} per worker)",
-            depth.unwrap_or(0),
-            a.target_queue_length
-        );
-        ctx.publish(pool, EventType::Normal, "Scaled", "Autoscale", note).await;
-    }
-    if is_true(&prev.conditions, DEGRADED) && !degraded_cond.status {
-        ctx.publish(pool, EventType::Normal, "Recovered", "Reconcile", "the pool is no longer degraded".to_string())
-            .await;
-    }
-
     apply_status(ctx, pool, &status).await?;
     Ok(Action::requeue(if pool.spec.autoscaling.is_some() { ctx.queue_poll_interval } else { RESYNC }))
+}
+
+/// The pool is within the operator's policy (else not applied: Degraded naming the field and the rule).
+fn check_policy(ctx: &Context, pool: &FlowcraftWorkerPool) -> Result<(), OperatorError> {
+    let image = pool_image(pool, &ctx.default_image);
+    ctx.policy.check(&pool.spec, &image).map_err(|v| OperatorError::InvalidSpec {
+        object: object_name(pool),
+        reason: "PolicyViolation",
+        message: format!("not applied: the operator's policy forbids it: {v}"),
+    })
+}
+
+/// Read the pool's queue depth through its Secret (recorded in the metrics); an error is kept as text.
+async fn read_depth(
+    ctx: &Context,
+    pool: &FlowcraftWorkerPool,
+    key: &str,
+    conn: &super::backends::Connection,
+) -> Result<i64, String> {
+    match ctx.queue_depth(key, conn, &pool.spec.queue.name).await {
+        Ok(depth) => {
+            let depth = i64::try_from(depth).unwrap_or(i64::MAX);
+            let labels = PoolLabels { namespace: pool.namespace().unwrap_or_default(), pool: pool.name_any() };
+            ctx.metrics.queue_depth.get_or_create(&labels).set(depth);
+            Ok(depth)
+        }
+        Err(error) => {
+            if matches!(error, BackendError::Queue { .. }) {
+                ctx.connection_failed(conn);
+            }
+            tracing::warn!(queue = %pool.spec.queue.name, %error, "Cannot read the queue depth; keeping the replicas.");
+            Err(error.to_string())
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::crd::{BlueprintsSpec, FlowcraftWorkerPoolSpec, QueueSpec, QueueType, TablesSpec};
+    use crate::operator::crd::{FlowcraftWorkerPoolSpec, QueueSpec, QueueType, TablesSpec};
+    use crate::operator::pod::SECRET_KEYS;
+    use k8s_openapi::api::apps::v1::DeploymentCondition;
     use k8s_openapi::api::core::v1::EnvVar;
 
     const BP: &str = "id: order\nnodes:\n  - { id: a, uses: noop }\n  - { id: b, uses: custom-node }\nedges:\n  - { source: a, target: b }\n";
@@ -505,21 +434,14 @@ mod tests {
             "orders",
             FlowcraftWorkerPoolSpec {
                 replicas: 2,
-                image: None,
-                image_pull_policy: None,
                 queue: QueueSpec { name: "orders-jobs".into(), prefetch: 8, queue_type: Some(QueueType::Classic) },
-                connection_secret: "flowcraft-conn".into(),
-                blueprints: BlueprintsSpec { config_map: "order-blueprints".into() },
-                autoscaling: None,
                 tables: Some(TablesSpec { contexts: Some("o_contexts".into()), statuses: None, results: None }),
                 redis_prefix: Some("orders".into()),
-                resources: None,
                 env: vec![EnvVar { name: "EXTRA".into(), value: Some("1".into()), value_from: None }],
                 node_selector: BTreeMap::from([("pool".to_string(), "workers".to_string())]),
-                tolerations: vec![],
-                affinity: None,
                 service_account_name: Some("flowcraft-worker".into()),
                 pod_annotations: BTreeMap::from([("team".to_string(), "shop".to_string())]),
+                ..FlowcraftWorkerPoolSpec::new("flowcraft-conn", "order-blueprints")
             },
         );
         p.metadata.namespace = Some("shop".into());
@@ -687,18 +609,96 @@ mod tests {
         assert_ne!(a, configmap_hash(&cm(&[("other.yaml", BP)])));
     }
 
+    fn observed(replicas: i32, ready: i32) -> Observed {
+        Observed {
+            deployment: "shop/orders-worker".into(),
+            replicas,
+            depth: None,
+            blueprints_hash: "h1".into(),
+            generation: Some(1),
+            status: DeploymentStatus {
+                observed_generation: Some(1),
+                replicas: Some(replicas),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(replicas),
+                ..Default::default()
+            },
+            image: Some("ghcr.io/flowcraft/flowcraft:1.0".into()),
+        }
+    }
+
+    fn cond<'a>(
+        s: &'a FlowcraftWorkerPoolStatus,
+        t: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
     #[test]
-    fn pool_graphs_validates_every_key() {
-        let graphs = pool_graphs(&cm(&[("order.yaml", BP)])).unwrap();
-        assert_eq!(graphs["order"].node_count(), 2);
-        let err = pool_graphs(&cm(&[
-            ("order.yaml", BP),
-            ("bad.yaml", "id: bad\nnodes: [{id: a, uses: noop}]\nedges: [{source: a, target: nope}]\n"),
-        ]))
-        .unwrap_err();
-        assert!(err.contains("ConfigMap shop/order-blueprints") && err.contains("bad.yaml"), "{err}");
-        let err = pool_graphs(&cm(&[("a.yaml", BP), ("b.yaml", BP)])).unwrap_err();
-        assert!(err.contains("defined twice"), "{err}");
-        assert!(pool_graphs(&cm(&[])).unwrap_err().contains("no blueprints"));
+    fn status_is_computed_from_what_was_observed() {
+        let p = pool();
+        let s = pool_status(&p, &observed(2, 2));
+        assert_eq!((s.replicas, s.ready_replicas, s.desired_replicas), (2, 2, Some(2)));
+        assert_eq!(s.blueprints_hash.as_deref(), Some("h1"));
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(cond(&s, PROGRESSING).reason, "RolloutComplete");
+        assert_eq!(cond(&s, DEGRADED).status, "False");
+        let o = observed(2, 2);
+        let notes = pool_events(&p, &o, &s);
+        assert_eq!(notes, [Note::DeploymentApplied { deployment: "shop/orders-worker", replicas: 2 }]);
+
+        // The same state again: the same status, no event.
+        let mut p2 = pool();
+        p2.status = Some(s.clone());
+        let again = pool_status(&p2, &observed(2, 2));
+        assert_eq!(again, s);
+        assert!(pool_events(&p2, &observed(2, 2), &again).is_empty());
+
+        let rolling = pool_status(&p2, &observed(2, 1));
+        assert_eq!(cond(&rolling, READY).reason, "WorkersNotReady");
+        assert_eq!(cond(&rolling, PROGRESSING).status, "True");
+
+        let mut stuck = observed(2, 1);
+        stuck.status.conditions = Some(vec![DeploymentCondition {
+            type_: "ReplicaFailure".into(),
+            status: "True".into(),
+            message: Some("serviceaccount \"x\" not found".into()),
+            ..Default::default()
+        }]);
+        let s3 = pool_status(&p2, &stuck);
+        assert_eq!(cond(&s3, DEGRADED).reason, "DeploymentFailing");
+        let mut p3 = pool();
+        p3.status = Some(s3.clone());
+        let o = observed(2, 2);
+        assert_eq!(pool_events(&p3, &o, &pool_status(&p3, &o)), [Note::Recovered { kind: "pool" }]);
+    }
+
+    #[test]
+    fn autoscaled_status_keeps_replicas_without_a_reading() {
+        let mut p = pool();
+        p.spec.autoscaling = Some(AutoscalingSpec { min_replicas: 1, max_replicas: 10, target_queue_length: 100 });
+        assert_eq!(desired_replicas(&p, Some(&Ok(250))), 3);
+        p.status =
+            Some(FlowcraftWorkerPoolStatus { desired_replicas: Some(4), queue_depth: Some(350), ..Default::default() });
+        assert_eq!(desired_replicas(&p, Some(&Err("down".into()))), 4);
+        let mut o = observed(4, 4);
+        o.depth = Some(Err("RabbitMQ (Secret shop/conn, queue q): refused".into()));
+        let s = pool_status(&p, &o);
+        assert_eq!(s.queue_depth, Some(350));
+        assert_eq!(cond(&s, DEGRADED).reason, "QueueDepthUnavailable");
+        assert!(cond(&s, DEGRADED).message.contains("Secret shop/conn"));
+        p.spec.external_autoscaling = true;
+        p.spec.autoscaling = None;
+        p.spec.replicas = 7;
+        assert_eq!(desired_replicas(&p, None), 7);
+        assert!(cond(&pool_status(&p, &observed(7, 7)), READY).message.contains("external autoscaler"));
+    }
+
+    #[test]
+    fn deployment_name_can_be_chosen() {
+        let mut p = pool();
+        assert_eq!(deployment_name(&p), "orders-worker");
+        p.spec.deployment_name = Some("orders-flowcraft".into());
+        assert_eq!(desired_deployment(&p, &ctx()).unwrap().metadata.name.as_deref(), Some("orders-flowcraft"));
     }
 }

@@ -140,7 +140,32 @@ fn fit_identifier(candidate: String, tag: &str) -> String {
     }
 }
 
+impl Default for TableNames {
+    /// The worker's default tables (`flowcraft_contexts`, `flowcraft_statuses`, `flowcraft_node_results`).
+    fn default() -> Self {
+        Self {
+            contexts: "flowcraft_contexts".to_string(),
+            statuses: "flowcraft_statuses".to_string(),
+            results: "flowcraft_node_results".to_string(),
+            reconcile_runs: "flowcraft_reconcile_runs".to_string(),
+            migrations: "flowcraft_statuses_migrations".to_string(),
+            blueprints: "flowcraft_blueprints".to_string(),
+        }
+    }
+}
+
 impl TableNames {
+    /// A validated table set with its derived reconcile-stats and migrations tables (as a store opened with
+    /// these names uses them).
+    pub fn new(contexts: &str, statuses: &str, results: &str) -> StoreResult<Self> {
+        Self::from_config(&PgConfig {
+            contexts_table: contexts.to_string(),
+            statuses_table: statuses.to_string(),
+            results_table: results.to_string(),
+            ..PgConfig::default()
+        })
+    }
+
     fn from_config(cfg: &PgConfig) -> StoreResult<Self> {
         validate_identifier("contexts", &cfg.contexts_table)?;
         validate_identifier("statuses", &cfg.statuses_table)?;
@@ -1139,6 +1164,16 @@ mod tests {
         ] {
             assert!(text.contains(&part), "{part:?} missing from: {text}");
         }
+    }
+
+    #[test]
+    fn default_table_names_are_the_default_config() {
+        assert_eq!(TableNames::default(), TableNames::from_config(&PgConfig::default()).unwrap());
+        assert_eq!(
+            TableNames::new("a_contexts", "a_statuses", "a_results").unwrap().reconcile_runs,
+            "a_reconcile_runs"
+        );
+        assert!(TableNames::new("bad name", "s", "r").is_err());
     }
 
     #[test]
