@@ -169,10 +169,17 @@ fn strs(value: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Every rule of the Roles and ClusterRoles, as (apiGroup, resource) -> verbs.
+/// Whether a ClusterRole is one of the aggregated user roles (not bound to anyone by the chart).
+fn is_aggregated(doc: &Value) -> bool {
+    doc["metadata"]["labels"]
+        .as_object()
+        .is_some_and(|l| l.keys().any(|k| k.starts_with("rbac.authorization.k8s.io/aggregate-to-")))
+}
+
+/// Every rule of the operator's Roles and ClusterRoles, as (apiGroup, resource) -> verbs.
 fn rbac_rules(docs: &[Value]) -> BTreeMap<(String, String), BTreeSet<String>> {
     let mut rules = BTreeMap::new();
-    for doc in docs.iter().filter(|d| matches!(kind(d), "Role" | "ClusterRole")) {
+    for doc in docs.iter().filter(|d| matches!(kind(d), "Role" | "ClusterRole") && !is_aggregated(d)) {
         for rule in doc["rules"].as_array().expect("rules") {
             assert!(rule.get("nonResourceURLs").is_none(), "{}: nonResourceURLs", id(doc));
             assert!(rule.get("resourceNames").is_none(), "{}: unexpected resourceNames", id(doc));
@@ -206,10 +213,10 @@ fn expected_rules(leader_election: bool) -> BTreeMap<(String, String), BTreeSet<
         &["flowcraftworkerpools/status", "flowcraftreconcileschedules/status", "flowruns/status"],
         &["patch"],
     );
-    add("apps", &["deployments"], &["list", "watch", "create", "patch"]);
-    add("batch", &["cronjobs"], &["list", "watch", "create", "patch"]);
+    add("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]);
+    add("batch", &["cronjobs"], &["get", "list", "watch", "create", "patch"]);
     add("", &["configmaps"], &["get", "list", "watch"]);
-    add("", &["secrets"], &["get"]);
+    add("", &["secrets"], &["get", "list", "watch"]);
     add("events.k8s.io", &["events"], &["create", "patch"]);
     if leader_election {
         add("coordination.k8s.io", &["leases"], &["get", "create", "update"]);
@@ -272,7 +279,7 @@ fn default_values_render_the_operator_only() {
     let helm = require_helm!();
     let docs = render(helm, &[]);
     let expected: BTreeMap<String, usize> = [
-        ("ClusterRole", 1),
+        ("ClusterRole", 4), // the operator's + aggregate-to-view/edit/admin
         ("ClusterRoleBinding", 1),
         ("Deployment", 1),
         ("Role", 1), // leader election
@@ -296,15 +303,12 @@ fn default_values_render_the_operator_only() {
     assert_eq!(env_var(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
     assert_eq!(env_var(c, "FLOWCRAFT_LOG")["value"], "info");
     assert_eq!(env_var(c, "FLOWCRAFT_LOG_FORMAT")["value"], "text");
-    for (var, key) in [
-        ("FLOWCRAFT_AMQP_URL", "amqpUrl"),
-        ("FLOWCRAFT_DATABASE_URL", "databaseUrl"),
-        ("FLOWCRAFT_REDIS_URL", "redisUrl"),
-    ] {
-        let sel = &env_var(c, var)["valueFrom"]["secretKeyRef"];
-        assert_eq!(sel["name"], "flowcraft-connection", "{var}");
-        assert_eq!(sel["key"], key, "{var}");
+    for var in ["FLOWCRAFT_AMQP_URL", "FLOWCRAFT_DATABASE_URL", "FLOWCRAFT_REDIS_URL"] {
+        assert!(c["env"].as_array().unwrap().iter().all(|e| e["name"] != var), "the operator needs no {var}");
     }
+    assert_eq!(env_var(c, "FLOWCRAFT_ALLOWED_IMAGES")["value"], "ghcr.io/flowcraft/flowcraft");
+    assert_eq!(env_var(c, "FLOWCRAFT_ALLOWED_SERVICE_ACCOUNTS")["value"], "flowcraft-worker");
+    assert_eq!(env_var(c, "FLOWCRAFT_ALLOW_ENV_SECRETS")["value"], "false");
     assert!(
         c["env"].as_array().unwrap().iter().all(|e| e["name"] != "FLOWCRAFT_WATCH_NAMESPACE"),
         "no watch namespace by default"
@@ -333,7 +337,11 @@ fn full_values_render_every_option() {
     for k in ["ServiceMonitor", "NetworkPolicy", "Secret", "Deployment", "Service", "Role", "RoleBinding"] {
         assert!(counts.contains_key(k), "{k} missing: {counts:?}");
     }
-    assert!(!counts.contains_key("ClusterRole") && !counts.contains_key("ClusterRoleBinding"), "{counts:?}");
+    assert!(!counts.contains_key("ClusterRoleBinding"), "{counts:?}");
+    assert!(
+        of_kind(&docs, "ClusterRole").iter().all(|d| is_aggregated(d)),
+        "watchNamespace: the operator has Roles only (it cannot read Secrets elsewhere); only the user roles are cluster-wide"
+    );
 
     // watchNamespace: the operator's Role lives in the watched namespace, the Lease Role in its own.
     let roles: BTreeSet<String> = of_kind(&docs, "Role").iter().map(|d| id(d)).collect();
@@ -363,7 +371,6 @@ fn full_values_render_every_option() {
     assert_eq!(deployment["spec"]["template"]["metadata"]["labels"]["team"], "platform");
     let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["example.com/scrape"], "true");
-    assert!(annotations["checksum/connection"].is_string(), "a Secret change rolls the operator");
 
     let c = operator_container(&docs);
     let image = "registry.example.com/acme/flowcraft-custom:0.1.0-custom.1";
@@ -379,7 +386,9 @@ fn full_values_render_every_option() {
     assert_eq!(name(secret), "flowcraft-connection");
     let keys: BTreeSet<&str> = secret["stringData"].as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(keys, BTreeSet::from(["amqpUrl", "databaseUrl", "redisUrl"]));
-    assert_eq!(env_var(c, "FLOWCRAFT_DATABASE_URL")["valueFrom"]["secretKeyRef"]["name"], "flowcraft-connection");
+    assert_eq!(env_var(c, "FLOWCRAFT_ALLOWED_IMAGES")["value"], "registry.example.com/acme/*");
+    assert_eq!(env_var(c, "FLOWCRAFT_ALLOWED_SERVICE_ACCOUNTS")["value"], "shop-worker,default");
+    assert_eq!(env_var(c, "FLOWCRAFT_ALLOW_ENV_SECRETS")["value"], "true");
 
     let workers: BTreeSet<String> = of_kind(&docs, "ServiceAccount")
         .iter()
@@ -459,6 +468,65 @@ fn rbac_is_exactly_the_least_privilege_set() {
             assert_ne!(name(worker), "flowcraft");
         }
     }
+}
+
+#[test]
+fn aggregated_user_roles_cover_the_three_kinds() {
+    let helm = require_helm!();
+    for values in [&[][..], &["-f", FULL_VALUES][..]] {
+        let docs = render(helm, values);
+        let aggregated: Vec<&Value> = of_kind(&docs, "ClusterRole").into_iter().filter(|d| is_aggregated(d)).collect();
+        let by_role: BTreeMap<String, &Value> = aggregated
+            .iter()
+            .map(|d| {
+                let labels = d["metadata"]["labels"].as_object().unwrap();
+                let (label, value) =
+                    labels.iter().find(|(k, _)| k.starts_with("rbac.authorization.k8s.io/aggregate-to-")).unwrap();
+                assert_eq!(value, "true");
+                (label.trim_start_matches("rbac.authorization.k8s.io/aggregate-to-").to_string(), *d)
+            })
+            .collect();
+        assert_eq!(by_role.keys().map(String::as_str).collect::<Vec<_>>(), ["admin", "edit", "view"]);
+        for (role, doc) in by_role {
+            let rules = rbac_rules_of(doc);
+            for kind in ["flowcraftworkerpools", "flowcraftreconcileschedules", "flowruns"] {
+                let verbs = &rules[&("flowcraft.io".to_string(), kind.to_string())];
+                assert!(verbs.contains("get") && verbs.contains("list") && verbs.contains("watch"), "{role} {kind}");
+                assert_eq!(verbs.contains("create"), role != "view", "{role} {kind}: {verbs:?}");
+                assert!(!verbs.contains("*"));
+            }
+            assert!(rules.keys().all(|(g, _)| g == "flowcraft.io"), "{role}: only Flowcraft kinds");
+        }
+        // No binding names an aggregated role: the built-in roles aggregate them.
+        for b in docs.iter().filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding")) {
+            assert!(!b["roleRef"]["name"].as_str().unwrap().contains("aggregate"), "{}", id(b));
+        }
+    }
+    let docs = render(helm, &["--set", "rbac.aggregatedRoles=false"]);
+    assert!(of_kind(&docs, "ClusterRole").iter().all(|d| !is_aggregated(d)));
+}
+
+fn rbac_rules_of(doc: &Value) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut rules: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for rule in doc["rules"].as_array().expect("rules") {
+        for group in strs(&rule["apiGroups"]) {
+            for resource in strs(&rule["resources"]) {
+                rules.entry((group.clone(), resource)).or_default().extend(strs(&rule["verbs"]));
+            }
+        }
+    }
+    rules
+}
+
+#[test]
+fn namespaced_install_uses_roles_only() {
+    let helm = require_helm!();
+    let docs = render(helm, &["--set", "watchNamespace=shop", "--set", "rbac.aggregatedRoles=false"]);
+    assert!(of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty());
+    let role = of_kind(&docs, "Role").into_iter().find(|d| name(d) == "flowcraft").expect("the operator's Role");
+    assert_eq!(role["metadata"]["namespace"], "shop");
+    assert!(rbac_rules_of(role).contains_key(&(String::new(), "secrets".to_string())), "Secrets of shop only");
+    assert_eq!(env_var(operator_container(&docs), "FLOWCRAFT_WATCH_NAMESPACE")["value"], "shop");
 }
 
 #[test]
@@ -560,7 +628,8 @@ fn notes_tell_what_to_apply_next() {
     let helm = require_helm!();
     let notes = helm_ok(helm, &["install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client"]);
     for needle in [
-        "create secret generic flowcraft-connection",
+        "connection-secret.yaml",
+        "needs no service URL",
         "blueprints-configmap.yaml",
         "serviceAccountName: flowcraft-worker",
         "workerpool.yaml",

@@ -91,19 +91,15 @@ The image reference: repository@digest when a digest is set, else repository:tag
 {{- end }}
 
 {{/*
-Name of the Secret holding amqpUrl, databaseUrl and redisUrl for the operator.
+Name of the connection Secret the chart creates for pools in the release namespace.
 */}}
 {{- define "flowcraft.connectionSecretName" -}}
-{{- if .Values.connection.existingSecret }}
-{{- .Values.connection.existingSecret }}
-{{- else }}
 {{- printf "%s-connection" (include "flowcraft.fullname" .) | trunc 63 | trimSuffix "-" }}
-{{- end }}
 {{- end }}
 
 {{/*
 Whether the chart creates the connection Secret ("true" or "").
 */}}
 {{- define "flowcraft.createConnectionSecret" -}}
-{{- if and .Values.connection.create (not .Values.connection.existingSecret) }}true{{ end }}
+{{- if .Values.connection.create }}true{{ end }}
 {{- end }}
