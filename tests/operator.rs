@@ -153,7 +153,12 @@ impl ApiServer {
 
     /// Expect an event about `name`, check its type and reason, answer 201, return its note.
     async fn expect_event(&mut self, type_: &str, reason: &str, name: &str) -> String {
-        let call = self.expect(Method::POST, &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")).await;
+        self.expect_event_in(NS, type_, reason, name).await
+    }
+
+    /// [`ApiServer::expect_event`] in namespace `ns`.
+    async fn expect_event_in(&mut self, ns: &str, type_: &str, reason: &str, name: &str) -> String {
+        let call = self.expect(Method::POST, &format!("/apis/events.k8s.io/v1/namespaces/{ns}/events")).await;
         assert_eq!(call.body["type"], type_, "{}", call.body);
         assert_eq!(call.body["reason"], reason, "{}", call.body);
         assert_eq!(call.body["regarding"]["name"], name, "{}", call.body);
@@ -1322,4 +1327,377 @@ fn without_the_pod_identity_leader_election_is_off() {
     assert_eq!(cfg.election_identity(), Some(("flowcraft-system".to_string(), "op-0".to_string())));
     assert_eq!(OperatorConfig { leader_election: false, ..cfg }.election_identity(), None);
     assert_ne!(OperatorConfig::default().admin_addr.port(), 8080, "not the worker's default port");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Issue 13: policy, ownership, limits, per-pool backends, Secret rotation
+// ------------------------------------------------------------------------------------------------
+
+/// A pool outside the policy: not applied (no Deployment request at all), Degraded naming the field and rule.
+#[tokio::test]
+async fn pool_denied_by_the_policy_is_degraded_and_not_applied() {
+    let mut p = pool();
+    p.spec.image = Some("docker.io/someone/miner:latest".into());
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+            let note = server.expect_event("Warning", "PolicyViolation", "orders").await;
+            assert!(note.contains("spec.image") && note.contains("docker.io/someone/miner"), "{note}");
+            assert!(note.contains("ghcr.io/flowcraft/flowcraft"), "names the allowed repositories: {note}");
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
+            let status = call.body["status"].clone();
+            let degraded = condition(&status, "Degraded");
+            assert_eq!(
+                (degraded["status"].as_str(), degraded["reason"].as_str()),
+                (Some("True"), Some("PolicyViolation"))
+            );
+            call.reply(200, &with_status(&p2, &status));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert!(error.is_user_error());
+    assert_eq!(error.metric_label(), "invalid_spec_policyviolation");
+}
+
+/// A Deployment of the wanted name that the pool does not control is left untouched; the pool may then name
+/// its Deployment explicitly.
+#[tokio::test]
+async fn pool_name_collision_is_left_untouched_until_the_pool_names_another_deployment() {
+    let p = pool();
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+            let theirs = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "orders-worker", "namespace": NS, "uid": "someone-elses",
+                             "labels": {"app": "orders"}},
+                "spec": {"selector": {"matchLabels": {"app": "orders"}},
+                         "template": {"metadata": {"labels": {"app": "orders"}},
+                                      "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}});
+            server.expect(Method::GET, DEPLOY_PATH).await.reply(200, &theirs);
+            // No PATCH of the Deployment: the event and the status say why.
+            let note = server.expect_event("Warning", "NameInUse", "orders").await;
+            assert!(note.contains("Deployment shop/orders-worker") && note.contains("spec.deploymentName"), "{note}");
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
+            assert_eq!(condition(&call.body["status"], "Degraded")["reason"], "NameInUse");
+            let status = call.body["status"].clone();
+            call.reply(200, &with_status(&p2, &status));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert!(matches!(result, Err(OperatorError::InvalidSpec { reason: "NameInUse", .. })));
+
+    let mut renamed = pool();
+    renamed.spec.deployment_name = Some("orders-flowcraft".into());
+    let (ctx, server) = test_context();
+    let path = "/apis/apps/v1/namespaces/shop/deployments/orders-flowcraft";
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+            server.expect(Method::GET, path).await.not_found("deployments.apps", "orders-flowcraft");
+            let call = server.expect(Method::PATCH, path).await;
+            call.assert_ssa();
+            let applied = call.body.clone();
+            call.reply(200, &deployment_response(&applied, 2, 2));
+            server.expect_event("Normal", "Applied", "orders").await;
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
+            let status = call.body["status"].clone();
+            call.reply(200, &with_status(&pool(), &status));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(renamed), ctx).await,
+    )
+    .await
+    .unwrap();
+}
+
+/// A very long error from the API server still arrives as an event (cut to 1024 bytes) and a condition.
+#[tokio::test]
+async fn long_errors_are_cut_to_the_api_limits() {
+    let p = pool();
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(configmap(BLUEPRINT)).unwrap());
+            server.expect(Method::GET, DEPLOY_PATH).await.not_found("deployments.apps", "orders-worker");
+            let long = format!("admission webhook denied the request: {}", "policy text ".repeat(5_000));
+            server.expect(Method::PATCH, DEPLOY_PATH).await.reply(
+                400,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "BadRequest",
+                        "code": 400, "message": long}),
+            );
+            // The mock answers 422 and fails the test for an over-long note or condition.
+            let note = server.expect_event("Warning", "KubernetesApiError", "orders").await;
+            assert!(note.len() <= 1024, "{}", note.len());
+            assert!(
+                note.starts_with("FlowcraftWorkerPool shop/orders: apply Deployment shop/orders-worker failed"),
+                "{note}"
+            );
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
+            let message = condition(&call.body["status"], "Degraded")["message"].as_str().unwrap().to_string();
+            assert!(message.len() <= 32_768 && message.contains("admission webhook denied"), "{}", message.len());
+            let status = call.body["status"].clone();
+            call.reply(200, &with_status(&p2, &status));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert!(matches!(result, Err(OperatorError::Kube { .. })));
+}
+
+/// Serve one FlowRun reconcile that reads its pool (and, when `start`, the ConfigMap) and the pool's Secret in
+/// `ns`, with the given events; returns the status written.
+async fn serve_flowrun(
+    server: &mut ApiServer,
+    ns: &str,
+    pool: &FlowcraftWorkerPool,
+    secret: &Value,
+    run: &FlowRun,
+    start: bool,
+    events: &[(&str, &str)],
+) -> Value {
+    let name = run.metadata.name.clone().unwrap();
+    let pools = format!("/apis/flowcraft.io/v1alpha1/namespaces/{ns}/flowcraftworkerpools");
+    server
+        .expect(Method::GET, &format!("{pools}/{}", pool.metadata.name.clone().unwrap()))
+        .await
+        .reply(200, &serde_json::to_value(pool).unwrap());
+    if start {
+        let cm = format!("/api/v1/namespaces/{ns}/configmaps/{}", pool.spec.blueprints.config_map);
+        let mut c = configmap(SIMPLE_BLUEPRINT);
+        c.metadata.namespace = Some(ns.into());
+        server.expect(Method::GET, &cm).await.reply(200, &serde_json::to_value(c).unwrap());
+    }
+    let secret_path = format!("/api/v1/namespaces/{ns}/secrets/{}", pool.spec.connection_secret);
+    server.expect(Method::GET, &secret_path).await.reply(200, secret);
+    for (type_, reason) in events {
+        server.expect_event_in(ns, type_, reason, &name).await;
+    }
+    let call = server
+        .expect(Method::PATCH, &format!("/apis/flowcraft.io/v1alpha1/namespaces/{ns}/flowruns/{name}/status"))
+        .await;
+    let status = call.body["status"].clone();
+    call.reply(200, &with_status(run, &status));
+    status
+}
+
+const SIMPLE_BLUEPRINT: &str = "id: order\nmetadata: { version: \"1\" }\nnodes:\n  - { id: fetch, uses: noop }\n  - { id: notify, uses: noop }\nedges:\n  - { source: fetch, target: notify }\n";
+
+/// One team's slice: a namespace, a database, a queue and tables, a pool, its Secret and a worker process.
+struct Team {
+    ns: &'static str,
+    cluster: common::cluster::Cluster,
+    database_url: String,
+    pool: FlowcraftWorkerPool,
+    secret: Value,
+}
+
+impl Team {
+    fn new(ns: &'static str, database: &str) -> Self {
+        let cluster = common::cluster::Cluster::new("opteam");
+        let database_url = format!("postgres://root@127.0.0.1:5432/{database}");
+        let mut pool = pool();
+        pool.metadata.namespace = Some(ns.into());
+        pool.spec.connection_secret = format!("{ns}-conn");
+        pool.spec.queue.name = cluster.conn.queue.clone();
+        pool.spec.tables = Some(TablesSpec {
+            contexts: Some(cluster.conn.contexts_table.clone()),
+            statuses: Some(cluster.conn.statuses_table.clone()),
+            results: Some(cluster.conn.results_table.clone()),
+        });
+        let mut secret = secret_with(&["amqpUrl", "databaseUrl", "redisUrl"], &common::amqp_url(), &database_url);
+        secret["metadata"]["namespace"] = json!(ns);
+        secret["metadata"]["name"] = json!(format!("{ns}-conn"));
+        Self { ns, cluster, database_url, pool, secret }
+    }
+
+    async fn store(&self) -> PostgresStore {
+        let store =
+            PostgresStore::connect(PgConfig::with_prefix(self.database_url.clone(), &self.cluster.name)).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    async fn cleanup(self) {
+        self.store().await.drop_tables().await.unwrap();
+        self.cluster.queue().await.delete_queues().await.ok();
+        let _ = self.cluster.coord().await.flush_prefix().await;
+    }
+}
+
+/// Two teams, two namespaces, two Secrets pointing at two databases (`test` and `root`) and two queues: each
+/// pool's FlowRun runs on that pool's workers and is mirrored from that pool's database only.
+#[tokio::test]
+async fn two_pools_in_two_namespaces_use_their_own_secrets() {
+    let teams = [Team::new("shop", "test"), Team::new("billing", "root")];
+    let blueprints = tempfile::tempdir().unwrap();
+    std::fs::write(blueprints.path().join("order.yaml"), SIMPLE_BLUEPRINT).unwrap();
+    let _workers: Vec<_> = teams
+        .iter()
+        .map(|t| t.cluster.spawn_worker(t.ns, blueprints.path(), &[("FLOWCRAFT_DATABASE_URL", &t.database_url)]))
+        .collect();
+    let backends = Arc::new(PoolBackends::default());
+    let mut runs = Vec::new();
+    for team in &teams {
+        let uid = uuid::Uuid::new_v4().to_string();
+        let mut run = flowrun("order-1", &uid);
+        run.metadata.namespace = Some(team.ns.into());
+        let (b, t) = (backends.clone(), (team.ns, team.pool.clone(), team.secret.clone(), run.clone()));
+        let (ctx, server) = context_with(move |c| c.with_runs(b));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        run_scenario(
+            ctx,
+            server,
+            move |mut server| async move {
+                let (ns, pool, secret, run) = t;
+                tx.send(serve_flowrun(&mut server, ns, &pool, &secret, &run, true, &[("Normal", "Started")]).await)
+                    .unwrap();
+                server
+            },
+            async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
+        )
+        .await
+        .unwrap();
+        let status = rx.await.unwrap();
+        assert_eq!(status["phase"], "Running");
+        runs.push((run, format!("fr-{uid}"), status));
+    }
+    // Each run completes in its own database, and only there.
+    for (team, (_, run_id, _)) in teams.iter().zip(&runs) {
+        let store = team.store().await;
+        common::eventually(
+            &format!("run {run_id} completes in {}", team.database_url),
+            Duration::from_secs(30),
+            || {
+                let store = &store;
+                async move { store.run_info(run_id).await.unwrap().filter(|i| i.status == RunStatus::Completed) }
+            },
+        )
+        .await;
+    }
+    let (a, b) = (teams[0].store().await, teams[1].store().await);
+    assert!(a.run_info(&runs[1].1).await.unwrap().is_none(), "billing's run is not in shop's database");
+    assert!(b.run_info(&runs[0].1).await.unwrap().is_none(), "shop's run is not in billing's database");
+    // Mirrored from each pool's own database.
+    for (team, (run, _, status)) in teams.iter().zip(&runs) {
+        let running = run_with_status(run, status);
+        let b = backends.clone();
+        let (ctx, server) = context_with(move |c| c.with_runs(b));
+        let t = (team.ns, team.pool.clone(), team.secret.clone(), running.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        run_scenario(
+            ctx,
+            server,
+            move |mut server| async move {
+                let (ns, pool, secret, run) = t;
+                tx.send(serve_flowrun(&mut server, ns, &pool, &secret, &run, false, &[("Normal", "Succeeded")]).await)
+                    .unwrap();
+                server
+            },
+            async |ctx| flowrun::reconcile(Arc::new(running.clone()), ctx).await,
+        )
+        .await
+        .unwrap();
+        let status = rx.await.unwrap();
+        assert_eq!((status["phase"].as_str(), status["progress"].as_str()), (Some("Succeeded"), Some("2/2")));
+    }
+    drop(_workers);
+    backends.close().await;
+    for team in teams {
+        team.cleanup().await;
+    }
+}
+
+/// A Secret whose database cannot be used: the FlowRun is Degraded with an event naming the Secret and
+/// never the password; once the Secret is rotated (seen by the watch) the run starts with the new credentials.
+#[tokio::test]
+async fn a_rotated_secret_is_picked_up() {
+    let team = Team::new("shop", "test");
+    // The old credentials lead nowhere (a database that does not exist; trust authentication ignores the password).
+    let mut bad = secret_with(
+        &["amqpUrl", "databaseUrl", "redisUrl"],
+        &common::amqp_url(),
+        "postgres://root:wr0ng-pa55@127.0.0.1:5432/flowcraft_no_such_database",
+    );
+    bad["metadata"]["name"] = json!("shop-conn");
+    let backends = Arc::new(PoolBackends::default());
+    let uid = uuid::Uuid::new_v4().to_string();
+    let run = flowrun("order-9", &uid);
+    let b = backends.clone();
+    let (keep, server) = context_with(move |c| c.with_runs(b));
+    let (pool, r) = (team.pool.clone(), run.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut server = server;
+        server
+            .expect(Method::GET, POOL_PATH.replace("orders", "orders").as_str())
+            .await
+            .reply(200, &serde_json::to_value(&pool).unwrap());
+        let mut c = configmap(SIMPLE_BLUEPRINT);
+        c.metadata.namespace = Some(NS.into());
+        server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(c).unwrap());
+        server.expect(Method::GET, "/api/v1/namespaces/shop/secrets/shop-conn").await.reply(200, &bad);
+        let note = server.expect_event("Warning", "BackendUnavailable", "order-9").await;
+        let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path("order-9"))).await;
+        let status = call.body["status"].clone();
+        call.reply(200, &with_status(&r, &status));
+        tx.send((note, status)).unwrap();
+        // After the rotation: the Secret is read again and the run starts.
+        server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&pool).unwrap());
+        let mut c = configmap(SIMPLE_BLUEPRINT);
+        c.metadata.namespace = Some(NS.into());
+        server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(c).unwrap());
+        let mut good = secret_with(&["amqpUrl", "databaseUrl", "redisUrl"], &common::amqp_url(), &team_db());
+        good["metadata"]["name"] = json!("shop-conn");
+        good["metadata"]["resourceVersion"] = json!("2");
+        server.expect(Method::GET, "/api/v1/namespaces/shop/secrets/shop-conn").await.reply(200, &good);
+        server.expect_event("Normal", "Started", "order-9").await;
+        let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path("order-9"))).await;
+        let status = call.body["status"].clone();
+        call.reply(200, &with_status(&r, &status));
+        server
+    });
+    let error = flowrun::reconcile(Arc::new(run.clone()), keep.clone()).await.unwrap_err();
+    let (note, status) = rx.await.unwrap();
+    for text in [note.clone(), error.to_string(), format!("{status}")] {
+        assert!(!text.contains("wr0ng-pa55"), "the password leaked: {text}");
+    }
+    assert!(note.contains("Secret shop/shop-conn"), "{note}");
+    assert_eq!(condition(&status, "Degraded")["reason"], "BackendUnavailable");
+    assert_eq!(status["phase"], "Pending");
+    // The watch sees a new resourceVersion of the Secret: its cached connection is dropped.
+    keep.secret_changed(&flowcraft::operator::backends::SecretRef::new("shop", "shop-conn"), Some("2"));
+    flowrun::reconcile(Arc::new(run.clone()), keep.clone()).await.unwrap();
+    drop(keep);
+    task.await.unwrap().done().await;
+    let info = team.store().await.run_info(&format!("fr-{uid}")).await.unwrap().expect("started with the new Secret");
+    assert_eq!(info.status, RunStatus::Running);
+    backends.close().await;
+    team.cleanup().await;
+}
+
+fn team_db() -> String {
+    common::database_url()
 }
