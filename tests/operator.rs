@@ -1651,10 +1651,7 @@ async fn a_rotated_secret_is_picked_up() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let mut server = server;
-        server
-            .expect(Method::GET, POOL_PATH.replace("orders", "orders").as_str())
-            .await
-            .reply(200, &serde_json::to_value(&pool).unwrap());
+        server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&pool).unwrap());
         let mut c = configmap(SIMPLE_BLUEPRINT);
         c.metadata.namespace = Some(NS.into());
         server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(c).unwrap());
