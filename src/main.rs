@@ -184,6 +184,9 @@ enum Command {
         /// Let a pool's env read Secrets other than its connection Secret (valueFrom.secretKeyRef).
         #[arg(long, env = "FLOWCRAFT_ALLOW_ENV_SECRETS", default_value_t = false, action = clap::ArgAction::Set)]
         allow_env_secrets: bool,
+        /// How long in-flight reconciles may run after SIGTERM (keep it below the pod's grace period).
+        #[arg(long = "shutdown-timeout", env = "FLOWCRAFT_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+        operator_shutdown_timeout: Duration,
     },
     /// Print the CustomResourceDefinitions (the files in crds/).
     Crd,
@@ -367,6 +370,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             allowed_images,
             allowed_service_accounts,
             allow_env_secrets,
+            operator_shutdown_timeout,
         } => {
             let c = cli.conn;
             let trim = |v: Vec<String>| v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
@@ -391,6 +395,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 admin_addr,
                 tables,
                 policy: Some(policy),
+                shutdown_timeout: operator_shutdown_timeout,
                 ..OperatorConfig::default()
             })
             .await?;

@@ -309,6 +309,8 @@ fn default_values_render_the_operator_only() {
     assert_eq!(env_var(c, "FLOWCRAFT_ALLOWED_IMAGES")["value"], "ghcr.io/flowcraft/flowcraft");
     assert_eq!(env_var(c, "FLOWCRAFT_ALLOWED_SERVICE_ACCOUNTS")["value"], "flowcraft-worker");
     assert_eq!(env_var(c, "FLOWCRAFT_ALLOW_ENV_SECRETS")["value"], "false");
+    let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap();
+    assert_eq!(env_var(c, "FLOWCRAFT_SHUTDOWN_TIMEOUT")["value"], format!("{}s", grace - 10), "below the grace period");
     assert!(
         c["env"].as_array().unwrap().iter().all(|e| e["name"] != "FLOWCRAFT_WATCH_NAMESPACE"),
         "no watch namespace by default"

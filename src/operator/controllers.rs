@@ -27,7 +27,7 @@ use super::pod::MANAGED_BY;
 use super::status::{Reconciled, describe};
 use super::{OperatorError, flowrun, object_name, schedule, workerpool};
 
-/// How long in-flight reconciles may run after a shutdown request.
+/// How long in-flight reconciles may run after a shutdown request, by default (`FLOWCRAFT_SHUTDOWN_TIMEOUT`).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Remembers the last generation seen per object, to react to spec changes only.
@@ -103,6 +103,7 @@ pub async fn run_controllers(
     namespace: Option<String>,
     stop: CancellationToken,
     health: Arc<Health>,
+    grace: Duration,
 ) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
@@ -219,8 +220,8 @@ pub async fn run_controllers(
         async move {
             stop.cancelled().await;
             if caches_synced.load(Ordering::SeqCst) {
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-                tracing::warn!(grace = ?SHUTDOWN_GRACE, "Reconciles did not finish in time; stopping them.");
+                tokio::time::sleep(grace).await;
+                tracing::warn!(?grace, "Reconciles did not finish in time; stopping them.");
             }
         }
     };

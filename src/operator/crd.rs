@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMapKeySelector, EnvVar, ResourceRequirements, SecretKeySelector, Toleration,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
@@ -116,6 +118,74 @@ pub struct FlowcraftWorkerPoolSpec {
     /// Annotations added to the worker pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+    /// TLS material for the connections to RabbitMQ, PostgreSQL and Redis, mounted read-only at
+    /// `/etc/flowcraft/tls/` in the workers and reconcile jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    /// Egress policy of the `http` node (`FLOWCRAFT_HTTP_ALLOW`, `FLOWCRAFT_HTTP_DENY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
+    /// Seconds a worker pod gets to finish its jobs after SIGTERM (default 60); the worker's own shutdown
+    /// deadline (`FLOWCRAFT_SHUTDOWN_TIMEOUT`) is set 10 s below it, so unfinished jobs are handed back in time.
+    #[serde(default = "default_grace")]
+    #[x_kube(validation = Rule::new("self >= 2 && self <= 86400").message("terminationGracePeriodSeconds must be in 2..86400"))]
+    pub termination_grace_period_seconds: i64,
+}
+
+fn default_grace() -> i64 {
+    DEFAULT_TERMINATION_GRACE_SECONDS
+}
+
+/// Default `terminationGracePeriodSeconds` of worker pods.
+pub const DEFAULT_TERMINATION_GRACE_SECONDS: i64 = 60;
+
+/// TLS material of a pool: a CA bundle to verify the services, and optionally a client certificate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// The CA bundle (PEM), mounted as `ca.crt` (`FLOWCRAFT_TLS_CA_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundleSpec>,
+    /// A client certificate, mounted as `tls.crt` and `tls.key` (`FLOWCRAFT_TLS_CERT_FILE`,
+    /// `FLOWCRAFT_TLS_KEY_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientCertificateSpec>,
+}
+
+/// Where a CA bundle comes from: a key of a ConfigMap or of a Secret in the pool's namespace (exactly one).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.configMapKeyRef) != has(self.secretKeyRef)")
+        .message("set exactly one of configMapKeyRef and secretKeyRef")
+)]
+pub struct CaBundleSpec {
+    /// A ConfigMap key holding the PEM bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<ConfigMapKeySelector>,
+    /// A Secret key holding the PEM bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeySelector>,
+}
+
+/// A client certificate: a `kubernetes.io/tls` Secret (keys `tls.crt` and `tls.key`) in the pool's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificateSpec {
+    /// Name of the Secret.
+    pub secret_name: String,
+}
+
+/// Egress policy of the `http` node: CIDRs or host names (an allowed entry lifts a default denial).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSpec {
+    /// Allowed destinations (`FLOWCRAFT_HTTP_ALLOW`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Denied destinations (`FLOWCRAFT_HTTP_DENY`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 fn default_replicas() -> i32 {
@@ -145,6 +215,9 @@ impl FlowcraftWorkerPoolSpec {
             affinity: None,
             service_account_name: None,
             pod_annotations: BTreeMap::new(),
+            tls: None,
+            http: None,
+            termination_grace_period_seconds: DEFAULT_TERMINATION_GRACE_SECONDS,
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct OperatorConfig {
     pub policy: Option<PoolPolicy>,
     /// Name of the leader-election Lease (in `pod_namespace`).
     pub lease_name: String,
+    /// How long in-flight reconciles may run after SIGTERM (`FLOWCRAFT_SHUTDOWN_TIMEOUT`; keep it below the
+    /// pod's terminationGracePeriodSeconds).
+    pub shutdown_timeout: std::time::Duration,
 }
 
 /// The operator's default admin address (a local worker defaults to `0.0.0.0:8080`).
@@ -76,6 +79,7 @@ impl Default for OperatorConfig {
             admin_addr: DEFAULT_ADMIN_ADDR,
             tables: TableNames::default(),
             policy: None,
+            shutdown_timeout: controllers::SHUTDOWN_GRACE,
             lease_name: "flowcraft-operator".to_string(),
         }
     }
@@ -224,8 +228,13 @@ pub async fn run_with_client(
         metrics.leader.set(1);
 
         let stop = shutdown.child_token();
-        let controllers =
-            controllers::run_controllers(ctx.clone(), cfg.namespace.clone(), stop.clone(), health.clone());
+        let controllers = controllers::run_controllers(
+            ctx.clone(),
+            cfg.namespace.clone(),
+            stop.clone(),
+            health.clone(),
+            cfg.shutdown_timeout,
+        );
         let lost = async {
             match elector.as_mut() {
                 Some(elector) => hold(elector, &shutdown).await,

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, SeccompProfile,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapProjection, ConfigMapVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
+    PodSecurityContext, ProjectedVolumeSource, SeccompProfile, SecretKeySelector, SecretProjection, SecurityContext,
+    Volume, VolumeMount, VolumeProjection,
 };
 
 use super::crd::FlowcraftWorkerPool;
@@ -45,6 +46,12 @@ pub const SECRET_KEYS: [(&str, &str); 3] = [
 
 /// Name of the blueprints volume.
 const BLUEPRINTS_VOLUME: &str = "blueprints";
+/// Name of the TLS volume.
+const TLS_VOLUME: &str = "tls";
+/// Where a pool's TLS material is mounted.
+pub const TLS_DIR: &str = "/etc/flowcraft/tls";
+/// Seconds between the worker's own shutdown deadline and the pod's termination grace period.
+pub const SHUTDOWN_MARGIN_SECONDS: i64 = 10;
 
 /// Labels of everything that belongs to a pool, with `component` (`worker` or `reconciler`).
 pub fn pool_labels(pool_name: &str, component: &str) -> BTreeMap<String, String> {
@@ -128,11 +135,100 @@ pub fn pool_env(pool: &FlowcraftWorkerPool, tables: &TableNames) -> Vec<EnvVar> 
     if let Some(prefix) = &spec.redis_prefix {
         out.push(env("FLOWCRAFT_REDIS_PREFIX", prefix.clone()));
     }
+    let tls = spec.tls.clone().unwrap_or_default();
+    if tls.ca_bundle.is_some() {
+        out.push(env("FLOWCRAFT_TLS_CA_FILE", format!("{TLS_DIR}/ca.crt")));
+    }
+    if tls.client_certificate.is_some() {
+        out.push(env("FLOWCRAFT_TLS_CERT_FILE", format!("{TLS_DIR}/tls.crt")));
+        out.push(env("FLOWCRAFT_TLS_KEY_FILE", format!("{TLS_DIR}/tls.key")));
+    }
+    let http = spec.http.clone().unwrap_or_default();
+    if !http.allow.is_empty() {
+        out.push(env("FLOWCRAFT_HTTP_ALLOW", http.allow.join(",")));
+    }
+    if !http.deny.is_empty() {
+        out.push(env("FLOWCRAFT_HTTP_DENY", http.deny.join(",")));
+    }
+    out.push(env(
+        "FLOWCRAFT_SHUTDOWN_TIMEOUT",
+        format!("{}s", shutdown_timeout_seconds(spec.termination_grace_period_seconds)),
+    ));
     out.push(env("FLOWCRAFT_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")));
     out.push(env_from_field("POD_NAME", "metadata.name"));
     out.push(env_from_field("POD_NAMESPACE", "metadata.namespace"));
     out.extend(spec.env.iter().cloned());
     out
+}
+
+/// The worker's shutdown deadline for a pod grace period: 10 s below it, at least half of it (and 1 s).
+pub fn shutdown_timeout_seconds(grace: i64) -> i64 {
+    (grace - SHUTDOWN_MARGIN_SECONDS).max(grace / 2).max(1)
+}
+
+/// The pod's volumes: the blueprints, and the TLS material when the pool has some.
+pub fn pool_volumes(pool: &FlowcraftWorkerPool) -> Vec<Volume> {
+    let mut out = vec![blueprints_volume(&pool.spec.blueprints.config_map)];
+    out.extend(tls_volume(pool));
+    out
+}
+
+/// The container's mounts, matching [`pool_volumes`].
+pub fn pool_mounts(pool: &FlowcraftWorkerPool) -> Vec<VolumeMount> {
+    let mut out = vec![blueprints_mount()];
+    if tls_volume(pool).is_some() {
+        out.push(VolumeMount {
+            name: TLS_VOLUME.to_string(),
+            mount_path: TLS_DIR.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    out
+}
+
+/// One projected volume with `ca.crt` (from a ConfigMap or Secret key) and `tls.crt`/`tls.key` (a
+/// `kubernetes.io/tls` Secret), only the keys named.
+fn tls_volume(pool: &FlowcraftWorkerPool) -> Option<Volume> {
+    let tls = pool.spec.tls.as_ref()?;
+    let item = |key: &str, path: &str| KeyToPath { key: key.to_string(), path: path.to_string(), mode: None };
+    let mut sources = Vec::new();
+    if let Some(ca) = &tls.ca_bundle {
+        if let Some(r) = &ca.config_map_key_ref {
+            sources.push(VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![item(&r.key, "ca.crt")]),
+                    optional: Some(false),
+                }),
+                ..VolumeProjection::default()
+            });
+        } else if let Some(r) = &ca.secret_key_ref {
+            sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![item(&r.key, "ca.crt")]),
+                    optional: Some(false),
+                }),
+                ..VolumeProjection::default()
+            });
+        }
+    }
+    if let Some(cert) = &tls.client_certificate {
+        sources.push(VolumeProjection {
+            secret: Some(SecretProjection {
+                name: cert.secret_name.clone(),
+                items: Some(vec![item("tls.crt", "tls.crt"), item("tls.key", "tls.key")]),
+                optional: Some(false),
+            }),
+            ..VolumeProjection::default()
+        });
+    }
+    (!sources.is_empty()).then(|| Volume {
+        name: TLS_VOLUME.to_string(),
+        projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o440) }),
+        ..Volume::default()
+    })
 }
 
 /// The plain value of an env var (for tests and lookups).

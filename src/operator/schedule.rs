@@ -122,7 +122,7 @@ pub fn desired_cronjob(
         env: Some(env),
         resources: pool_spec.resources.clone(),
         security_context: Some(pod::container_security_context()),
-        volume_mounts: Some(vec![pod::blueprints_mount()]),
+        volume_mounts: Some(pod::pool_mounts(pool)),
         ..Container::default()
     };
 
@@ -160,7 +160,7 @@ pub fn desired_cronjob(
                             node_selector: pod::non_empty_map(&pool_spec.node_selector),
                             tolerations: pod::non_empty_vec(&pool_spec.tolerations),
                             affinity: pool_spec.affinity.clone(),
-                            volumes: Some(vec![pod::blueprints_volume(&pool_spec.blueprints.config_map)]),
+                            volumes: Some(pod::pool_volumes(pool)),
                             ..PodSpec::default()
                         }),
                     },

@@ -144,7 +144,7 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
         readiness_probe: Some(probe("/readyz", 5)),
         resources: spec.resources.clone(),
         security_context: Some(pod::container_security_context()),
-        volume_mounts: Some(vec![pod::blueprints_mount()]),
+        volume_mounts: Some(pod::pool_mounts(pool)),
         ..Container::default()
     };
 
@@ -173,7 +173,8 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
                     node_selector: pod::non_empty_map(&spec.node_selector),
                     tolerations: pod::non_empty_vec(&spec.tolerations),
                     affinity: spec.affinity.clone(),
-                    volumes: Some(vec![pod::blueprints_volume(&spec.blueprints.config_map)]),
+                    volumes: Some(pod::pool_volumes(pool)),
+                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
                     ..PodSpec::default()
                 }),
             },
@@ -700,5 +701,58 @@ mod tests {
         assert_eq!(deployment_name(&p), "orders-worker");
         p.spec.deployment_name = Some("orders-flowcraft".into());
         assert_eq!(desired_deployment(&p, &ctx()).unwrap().metadata.name.as_deref(), Some("orders-flowcraft"));
+    }
+
+    #[test]
+    fn tls_http_and_grace_reach_the_pods() {
+        use crate::operator::crd::{CaBundleSpec, ClientCertificateSpec, HttpSpec, TlsSpec};
+        use k8s_openapi::api::core::v1::ConfigMapKeySelector;
+        let d = desired_deployment(&pool(), &ctx()).unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(60));
+        let env = container(&d).env.clone().unwrap();
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_SHUTDOWN_TIMEOUT"), Some("50s"));
+        assert!(pod::env_value(&env, "FLOWCRAFT_TLS_CA_FILE").is_none() && pod.volumes.as_ref().unwrap().len() == 1);
+
+        let mut p = pool();
+        p.spec.termination_grace_period_seconds = 12;
+        p.spec.tls = Some(TlsSpec {
+            ca_bundle: Some(CaBundleSpec {
+                config_map_key_ref: Some(ConfigMapKeySelector {
+                    name: "corp-ca".into(),
+                    key: "bundle.pem".into(),
+                    optional: None,
+                }),
+                secret_key_ref: None,
+            }),
+            client_certificate: Some(ClientCertificateSpec { secret_name: "orders-client".into() }),
+        });
+        p.spec.http = Some(HttpSpec {
+            allow: vec!["10.0.0.0/8".into(), "api.example.com".into()],
+            deny: vec!["10.1.0.0/16".into()],
+        });
+        let d = desired_deployment(&p, &ctx()).unwrap();
+        let env = container(&d).env.clone().unwrap();
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_SHUTDOWN_TIMEOUT"), Some("6s"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_TLS_CA_FILE"), Some("/etc/flowcraft/tls/ca.crt"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_TLS_CERT_FILE"), Some("/etc/flowcraft/tls/tls.crt"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_TLS_KEY_FILE"), Some("/etc/flowcraft/tls/tls.key"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_HTTP_ALLOW"), Some("10.0.0.0/8,api.example.com"));
+        assert_eq!(pod::env_value(&env, "FLOWCRAFT_HTTP_DENY"), Some("10.1.0.0/16"));
+        let pod_spec = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        let tls = pod_spec.volumes.as_ref().unwrap().iter().find(|v| v.name == "tls").unwrap();
+        let sources = tls.projected.as_ref().unwrap().sources.clone().unwrap();
+        let ca = sources[0].config_map.as_ref().unwrap();
+        assert_eq!((ca.name.as_str(), ca.items.as_ref().unwrap()[0].path.as_str()), ("corp-ca", "ca.crt"));
+        assert_eq!(ca.items.as_ref().unwrap()[0].key, "bundle.pem");
+        let cert = sources[1].secret.as_ref().unwrap();
+        assert_eq!(cert.name, "orders-client");
+        assert_eq!(
+            cert.items.as_ref().unwrap().iter().map(|i| i.path.as_str()).collect::<Vec<_>>(),
+            ["tls.crt", "tls.key"]
+        );
+        let mount = container(&d).volume_mounts.clone().unwrap().into_iter().find(|m| m.name == "tls").unwrap();
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/flowcraft/tls", Some(true)));
+        assert_eq!(pod::shutdown_timeout_seconds(2), 1);
     }
 }
