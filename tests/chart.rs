@@ -963,6 +963,31 @@ fn example_manifests_parse_and_fit_the_crds() {
     }
 }
 
+/// The KEDA example scales an externally autoscaled pool through its /scale subresource on its own queue.
+#[test]
+fn keda_example_targets_an_externally_scaled_pool() {
+    let docs = parse_yaml_docs(&read("deploy/keda/scaledobject.yaml"), "deploy/keda/scaledobject.yaml");
+    let pool = one(&docs, "FlowcraftWorkerPool");
+    let crds = crds_by_kind();
+    let schema = &crds["FlowcraftWorkerPool"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let mut errors = Vec::new();
+    check_schema(&pool["spec"], schema, "spec", &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(pool["spec"]["externalAutoscaling"], true);
+    assert!(pool["spec"].get("autoscaling").is_none(), "KEDA and spec.autoscaling exclude each other");
+    let scaled = one(&docs, "ScaledObject");
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["kind"], "FlowcraftWorkerPool");
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["apiVersion"], "flowcraft.io/v1alpha1");
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], name(pool));
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "rabbitmq");
+    assert_eq!(trigger["metadata"]["queueName"], pool["spec"]["queue"]["name"]);
+    let auth = one(&docs, "TriggerAuthentication");
+    assert_eq!(trigger["authenticationRef"]["name"], name(auth));
+    assert_eq!(auth["spec"]["secretTargetRef"][0]["name"], pool["spec"]["connectionSecret"]);
+    assert_eq!(auth["spec"]["secretTargetRef"][0]["key"], "amqpUrl");
+}
+
 #[test]
 fn local_compose_stack_has_the_three_services() {
     let compose = parse_yaml_docs(&read("deploy/local/docker-compose.yaml"), "docker-compose.yaml").remove(0);
