@@ -13,9 +13,8 @@ use super::backends::{
 };
 use super::events::Note;
 use super::metrics::Metrics;
-use super::object_name;
 use super::policy::PoolPolicy;
-use super::status::describe;
+use super::{describe, object_name};
 use crate::store::postgres::TableNames;
 
 /// Name of the operator in events (`reportingController`).

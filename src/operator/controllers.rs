@@ -24,8 +24,8 @@ use super::backends::SecretRef;
 use super::context::{Context, object_key};
 use super::crd::{FlowRun, FlowRunPhase, FlowcraftReconcileSchedule, FlowcraftWorkerPool};
 use super::pod::MANAGED_BY;
-use super::status::{Reconciled, describe};
-use super::{OperatorError, flowrun, object_name, schedule, workerpool};
+use super::status::Reconciled;
+use super::{OperatorError, describe, flowrun, object_name, schedule, workerpool};
 
 /// How long in-flight reconciles may run after a shutdown request, by default (`FLOWCRAFT_SHUTDOWN_TIMEOUT`).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);

@@ -4,12 +4,8 @@
 
 use kube::runtime::events::{Event, EventType};
 
-use super::status::{fit, fit_reason};
-
-/// Longest event note the API server accepts (bytes).
-pub const EVENT_NOTE_MAX: usize = 1_024;
-/// Longest event reason and action the API server accepts.
-pub const EVENT_REASON_MAX: usize = 128;
+pub use super::limits::{EVENT_NOTE_MAX, EVENT_REASON_MAX};
+use super::limits::{fit, fit_reason};
 
 /// An event about a Flowcraft resource.
 #[derive(Debug, Clone, PartialEq, Eq)]

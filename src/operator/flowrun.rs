@@ -16,11 +16,9 @@ use super::backends::{BackendError, RunStores, RunTarget, StartedRun};
 use super::context::{Context, object_key};
 use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus};
 use super::events::Note;
+use super::limits::{CONDITION_MESSAGE_MAX, fit};
 use super::refs::{pool_graphs, read_configmap, read_pool, run_target};
-use super::status::{
-    CONDITION_MESSAGE_MAX, Cond, DEGRADED, PROGRESSING, READY, apply_status, fit, merge_conditions, report_failure,
-    to_time,
-};
+use super::status::{Cond, DEGRADED, PROGRESSING, READY, apply_status, merge_conditions, report_failure, to_time};
 use super::{OperatorError, object_name};
 use crate::client::{ClientError, RunResult, cancel_run, run_result, start_run};
 use crate::store::{NodeStatus, RunStatus};

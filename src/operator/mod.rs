@@ -9,6 +9,7 @@ pub mod crd;
 pub mod events;
 pub mod flowrun;
 pub mod leader;
+pub mod limits;
 pub mod metrics;
 pub mod pod;
 pub mod policy;
@@ -299,6 +300,21 @@ async fn hold(elector: &mut LeaderElector, shutdown: &CancellationToken) {
             }
         }
     }
+}
+
+/// An error with its sources, `a: b: c` (a source already quoted by its parent is not repeated).
+pub fn describe(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// `Kind namespace/name` of an object, for messages.

@@ -242,8 +242,8 @@ async fn read_stats(
     schedule: &FlowcraftReconcileSchedule,
     pool: &FlowcraftWorkerPool,
 ) -> Result<Option<ReconcileStats>, String> {
-    let tables = pool_tables(ctx, schedule, pool).map_err(|e| super::status::describe(&e))?;
-    let conn = pool_connection(ctx, schedule, pool).await.map_err(|e| super::status::describe(&e))?;
+    let tables = pool_tables(ctx, schedule, pool).map_err(|e| super::describe(&e))?;
+    let conn = pool_connection(ctx, schedule, pool).await.map_err(|e| super::describe(&e))?;
     ctx.stats.last_stats(&conn, &tables, &schedule_key(schedule)).await.map_err(|e| {
         ctx.connection_failed(&conn);
         e.to_string()
@@ -428,5 +428,36 @@ mod tests {
             let err = validate_cron(bad).unwrap_err();
             assert!(bad.is_empty() || err.contains(bad), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn schedule_status_and_events_follow_the_stats() {
+        let mut s = schedule();
+        s.metadata.generation = Some(1);
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+        let stats = Ok(Some(ReconcileStats {
+            started_at: at,
+            finished_at: at,
+            stalled_runs: 4,
+            reconciled_runs: 3,
+            failed_runs: 1,
+        }));
+        let status = schedule_status(&s, "shop/orders-reconcile", None, &stats);
+        assert_eq!((status.stalled_runs, status.reconciled_runs, status.failed_runs), (Some(4), Some(3), Some(1)));
+        let degraded = status.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        assert_eq!(degraded.status, "False");
+        let notes = schedule_events(&s, "shop/orders-reconcile", &status, &stats);
+        assert_eq!(notes.len(), 2, "applied and the failures of a new job: {notes:?}");
+
+        let mut seen = s.clone();
+        seen.status = Some(status.clone());
+        assert!(schedule_events(&seen, "shop/orders-reconcile", &status, &stats).is_empty(), "nothing new");
+        let down: Result<Option<ReconcileStats>, String> =
+            Err("PostgreSQL (Secret shop/conn, table t): refused".into());
+        let degraded = schedule_status(&seen, "shop/orders-reconcile", None, &down);
+        assert_eq!(degraded.stalled_runs, Some(4), "the last stats are kept");
+        let c = degraded.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "StatsUnavailable"));
+        assert!(c.message.contains("Secret shop/conn"));
     }
 }

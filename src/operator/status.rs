@@ -1,7 +1,6 @@
 //! Conditions and status helpers shared by the three controllers: condition types, merging with stable
-//! transition times, the API's size limits, status patches and failure reporting.
+//! transition times, status patches and failure reporting.
 
-use std::error::Error as StdError;
 use std::fmt::Debug;
 
 use chrono::{DateTime, Utc};
@@ -18,8 +17,9 @@ use super::crd::{
     FlowcraftWorkerPoolStatus,
 };
 use super::events::Note;
+use super::limits::{CONDITION_MESSAGE_MAX, CONDITION_REASON_MAX, fit, fit_reason};
 use super::pod::FIELD_MANAGER;
-use super::{OperatorError, object_name};
+use super::{OperatorError, describe, object_name};
 
 /// Condition type: the resource does what it should.
 pub const READY: &str = "Ready";
@@ -27,50 +27,6 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 /// Condition type: something is wrong (invalid spec, unreachable backend).
 pub const DEGRADED: &str = "Degraded";
-
-/// Longest condition message the API server accepts (bytes).
-pub const CONDITION_MESSAGE_MAX: usize = 32_768;
-/// Longest condition reason the API server accepts.
-pub const CONDITION_REASON_MAX: usize = 1_024;
-
-/// `text` cut to at most `max` bytes on a character boundary, ending in `…` when cut: the beginning (which names
-/// the object and the cause) is kept.
-pub fn fit(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    const ELLIPSIS: &str = "…";
-    let mut end = max.saturating_sub(ELLIPSIS.len());
-    while end > 0 && !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{ELLIPSIS}", &text[..end])
-}
-
-/// A reason the API server accepts (`^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$`, at most `max` characters):
-/// other characters are dropped; an empty result becomes `Unknown`.
-pub fn fit_reason(reason: &str, max: usize) -> String {
-    let mut out: String = reason.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(max).collect();
-    while out.starts_with(|c: char| !c.is_ascii_alphabetic()) {
-        out.remove(0);
-    }
-    if out.is_empty() { "Unknown".to_string() } else { out }
-}
-
-/// An error with its sources, `a: b: c` (a source already quoted by its parent is not repeated).
-pub fn describe(error: &dyn StdError) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
 
 /// Now, truncated to whole seconds (what the API server stores), so statuses compare equal after a round trip.
 pub fn now_time() -> Time {
