@@ -25,20 +25,35 @@
 //! bytes → base64 string (as in the protobuf JSON mapping), duration → seconds string such as `"1.5s"`,
 //! timestamp → RFC 3339 string, optional → its value or `null`, a type → its name (`type(1)` → `"int"`).
 //! Other values (structs, functions, opaque values) are an evaluation error.
+//!
+//! # Bounds
+//!
+//! No expression can crash or exhaust the process that compiles or evaluates it (a worker, the operator, the
+//! CLI). Compiling checks the size and the nesting of the source before the parser sees it, the depth of the
+//! parsed tree and a static cost estimate ([`bounds`]); every evaluation runs under a meter with a cost budget, a
+//! memory budget, a time limit and an optional cancellation token ([`EvalLimits`], [`meter`]). Parsing and
+//! evaluating run on a stack grown to what the expression's depth needs, whatever thread calls them.
+
+mod bounds;
+mod meter;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
 use cel::common::ast::{CallExpr, Expr as Ast, IdedExpr};
 use cel::common::types::{
-    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt, DYN_TYPE,
+    CelBool, CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt, DYN_TYPE,
 };
 use cel::common::value::{CowVal, Val};
 use cel::objects::{Key, OptionalValue};
 use cel::parser::{Macro, MacroExprHelper};
-use cel::{Context, Env, ExecutionError, Program, Value as CelValue};
+use cel::{Context, Env, ExecutionError, Value as CelValue};
 use serde_json::{Map, Number, Value};
+use tokio_util::sync::CancellationToken;
+
+pub use bounds::{MAX_DEPTH, MAX_NESTING, MAX_SOURCE_BYTES};
 
 /// A CEL expression failed to compile or evaluate.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,6 +74,57 @@ pub enum ExprError {
         /// What went wrong.
         message: String,
     },
+    /// The evaluation exceeded one of its [`EvalLimits`] and was stopped.
+    #[error("CEL expression `{expr}` {exceeded}")]
+    Limit {
+        /// The expression.
+        expr: String,
+        /// Which limit, e.g. "exceeded its cost budget of 1000000 operations".
+        exceeded: String,
+    },
+}
+
+/// Past this many characters an expression is shortened in error messages.
+const MESSAGE_EXPR_CHARS: usize = 120;
+/// Past this many characters an evaluation error's own message is shortened (it may quote values).
+const MESSAGE_CHARS: usize = 500;
+
+/// `text` cut to `max` characters, with `…` when cut.
+pub(crate) fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}…", &text[..end]),
+    }
+}
+
+/// The bounds of one evaluation. Compilation checks the static ones (size, nesting, estimated cost against the
+/// default [`EvalLimits::DEFAULT_COST`]); these are enforced while evaluating.
+#[derive(Debug, Clone)]
+pub struct EvalLimits {
+    /// Operations: each comprehension iteration, call that builds a value and literal that holds computed
+    /// values counts 1; `lists.range(n)` counts `n`, `sort` `n`, `distinct` `n²/64`.
+    pub cost: u64,
+    /// Bytes of values the evaluation may build (counted deeply: a list of strings counts every string).
+    pub memory: u64,
+    /// Wall-clock time.
+    pub time: Duration,
+    /// When cancelled (e.g. the node's timeout fired), the evaluation stops at its next check.
+    pub cancel: Option<CancellationToken>,
+}
+
+impl EvalLimits {
+    /// The default cost budget: as Kubernetes' per-expression limit for validation rules.
+    pub const DEFAULT_COST: u64 = 1_000_000;
+    /// The default memory budget.
+    pub const DEFAULT_MEMORY: u64 = 32 * 1024 * 1024;
+    /// The default time limit.
+    pub const DEFAULT_TIME: Duration = Duration::from_secs(1);
+}
+
+impl Default for EvalLimits {
+    fn default() -> Self {
+        Self { cost: Self::DEFAULT_COST, memory: Self::DEFAULT_MEMORY, time: Self::DEFAULT_TIME, cancel: None }
+    }
 }
 
 /// The variables an expression sees. A variable that is `None` is not declared.
@@ -76,7 +142,10 @@ pub struct Vars<'a> {
 #[derive(Clone)]
 pub struct Expr {
     source: Arc<str>,
-    program: Arc<Program>,
+    /// The parsed tree with the meter's calls (see [`bounds::instrument`]).
+    program: Arc<IdedExpr>,
+    /// Stack the evaluation may need (see [`bounds::STACK_PER_LEVEL`]).
+    stack: usize,
     /// Which variables the program references: only those are converted to CEL values at evaluation.
     uses_input: bool,
     uses_result: bool,
@@ -90,14 +159,37 @@ impl fmt::Debug for Expr {
 }
 
 impl Expr {
-    /// Compile `source`; the error names the expression and carries the parser's message.
+    /// Compile `source`; the error names the expression and says what is wrong: the parser's message, or the
+    /// bound it exceeds (size, nesting, estimated cost; see the module documentation).
     pub fn compile(source: &str) -> Result<Self, ExprError> {
-        let program =
-            ENV.compile(source).map_err(|e| ExprError::Compile { expr: source.to_string(), message: e.to_string() })?;
+        let error = |message: String| ExprError::Compile { expr: shorten(source, MESSAGE_EXPR_CHARS), message };
+        bounds::prescan(source).map_err(error)?;
+        // The parser and the checks below recurse once or more per nesting level, which `prescan` bounded.
+        let stack = MAX_NESTING * bounds::STACK_PER_LEVEL;
+        let program = stacker::maybe_grow(stack, stack, || -> Result<IdedExpr, String> {
+            let mut tree = ENV.parser().parse(source).map_err(|e| e.to_string())?;
+            let depth = bounds::depth(&tree);
+            if depth > MAX_DEPTH {
+                return Err(format!("the expression nests {depth} levels deep; at most {MAX_DEPTH} are allowed"));
+            }
+            let mut next_id = u64::MAX / 2;
+            bounds::instrument(&mut tree, &mut next_id);
+            let cost = bounds::estimate(&tree);
+            if cost > EvalLimits::DEFAULT_COST {
+                return Err(format!(
+                    "its estimated cost of {cost} operations exceeds the budget of {} (a comprehension over a \
+                     large list, e.g. lists.range(n), costs n times its body)",
+                    EvalLimits::DEFAULT_COST
+                ));
+            }
+            Ok(tree)
+        })
+        .map_err(error)?;
         let refs = program.references();
         let (uses_input, uses_result, uses_context) =
             (refs.has_variable("input"), refs.has_variable("result"), refs.has_variable("context"));
-        Ok(Self { source: source.into(), program: Arc::new(program), uses_input, uses_result, uses_context })
+        let stack = (bounds::depth(&program) + 8) * bounds::STACK_PER_LEVEL / 4;
+        Ok(Self { source: source.into(), program: Arc::new(program), stack, uses_input, uses_result, uses_context })
     }
 
     /// The source text.
@@ -116,10 +208,17 @@ impl Expr {
         }
     }
 
-    /// Evaluate to JSON.
+    /// Evaluate to JSON, with the default [`EvalLimits`].
     pub fn eval(&self, vars: &Vars<'_>) -> Result<Value, ExprError> {
-        let value = self.execute(vars).map_err(|e| self.eval_error(e.to_string()))?;
-        cel_to_json(&value).map_err(|message| self.eval_error(message))
+        self.eval_with(vars, &EvalLimits::default())
+    }
+
+    /// Evaluate to JSON within `limits`.
+    pub fn eval_with(&self, vars: &Vars<'_>, limits: &EvalLimits) -> Result<Value, ExprError> {
+        self.run(vars, limits, |outcome| {
+            let value = outcome.map_err(|e| self.eval_error(e.to_string()))?;
+            cel_to_json(&value).map_err(|message| self.eval_error(message))
+        })
     }
 
     /// Evaluate as a condition.
@@ -132,11 +231,37 @@ impl Expr {
     /// whole expression (`!result.output.ok` is then false too). Every other failure is an
     /// [`ExprError::Eval`].
     pub fn eval_bool(&self, vars: &Vars<'_>) -> Result<bool, ExprError> {
-        match self.execute(vars) {
+        self.eval_bool_with(vars, &EvalLimits::default())
+    }
+
+    /// [`Expr::eval_bool`] within `limits`.
+    pub fn eval_bool_with(&self, vars: &Vars<'_>, limits: &EvalLimits) -> Result<bool, ExprError> {
+        self.run(vars, limits, |outcome| match outcome {
             Ok(value) => Ok(truthy(&value)),
             Err(e) if is_missing_attribute(&e) => Ok(false),
             Err(e) => Err(self.eval_error(e.to_string())),
-        }
+        })
+    }
+
+    /// Evaluate under a meter, on a stack deep enough for this expression, and turn the outcome into a result
+    /// with `finish` (on that stack too: converting a value recurses into it). A limit the evaluation exceeded
+    /// is the error, whatever the outcome.
+    fn run<T>(
+        &self,
+        vars: &Vars<'_>,
+        limits: &EvalLimits,
+        finish: impl FnOnce(Result<CelValue, ExecutionError>) -> Result<T, ExprError>,
+    ) -> Result<T, ExprError> {
+        stacker::maybe_grow(self.stack, self.stack.max(1 << 20), || {
+            let (outcome, exceeded) = meter::metered(limits, || self.execute(vars));
+            match exceeded {
+                Some(exceeded) => Err(ExprError::Limit {
+                    expr: shorten(&self.source, MESSAGE_EXPR_CHARS),
+                    exceeded: exceeded.to_string(),
+                }),
+                None => finish(outcome),
+            }
+        })
     }
 
     fn execute(&self, vars: &Vars<'_>) -> Result<CelValue, ExecutionError> {
@@ -151,11 +276,11 @@ impl Expr {
                 ctx.add_variable_as_val(name, json_to_val(value));
             }
         }
-        self.program.execute(&ctx)
+        CelValue::resolve(&self.program, &ctx)
     }
 
     fn eval_error(&self, message: String) -> ExprError {
-        ExprError::Eval { expr: self.source.to_string(), message }
+        ExprError::Eval { expr: shorten(&self.source, MESSAGE_EXPR_CHARS), message: shorten(&message, MESSAGE_CHARS) }
     }
 }
 
@@ -187,6 +312,10 @@ fn build_env() -> Env {
         if let Err(error) = env.add_extension(extension) {
             tracing::error!(extension = name, %error, "Cannot add the CEL extension.");
         }
+    }
+    if let Err(error) = meter::register(&mut env) {
+        // Only possible if the names clash with a cel release's own.
+        tracing::error!(%error, "Cannot declare the CEL metering functions.");
     }
     for (operator, function, implementation) in ARITHMETIC {
         let declared = env
@@ -246,20 +375,38 @@ fn arithmetic<'b, 'v>(op: Arith, args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b,
         };
         return Ok(CowVal::owned(CelDouble::from(r)));
     }
-    let unsupported = |name: &'static str| {
-        ExecutionError::UnsupportedBinaryOperator(
-            name,
-            CelValue::try_from(&*lhs).unwrap_or(CelValue::Null),
-            CelValue::try_from(&*rhs).unwrap_or(CelValue::Null),
-        )
+    if let Arith::Add = op {
+        meter::charge(1, concatenation_size(&*lhs, &*rhs))?;
+    }
+    let unsupported = |function: &str| {
+        let types = vec![lhs.get_type().name().to_owned(), rhs.get_type().name().to_owned()];
+        ExecutionError::no_such_overload(function, types)
     };
     let result = match op {
-        Arith::Add => lhs.as_adder().ok_or_else(|| unsupported("add"))?.add(&*rhs)?.into_owned(),
-        Arith::Sub => lhs.as_subtractor().ok_or_else(|| unsupported("sub"))?.sub(&*rhs)?.into_owned(),
-        Arith::Mul => lhs.as_multiplier().ok_or_else(|| unsupported("mul"))?.mul(&*rhs)?.into_owned(),
-        Arith::Div => lhs.as_divider().ok_or_else(|| unsupported("div"))?.div(&*rhs)?.into_owned(),
+        Arith::Add => lhs.as_adder().ok_or_else(|| unsupported("_+_"))?.add(&*rhs)?.into_owned(),
+        Arith::Sub => lhs.as_subtractor().ok_or_else(|| unsupported("_-_"))?.sub(&*rhs)?.into_owned(),
+        Arith::Mul => lhs.as_multiplier().ok_or_else(|| unsupported("_*_"))?.mul(&*rhs)?.into_owned(),
+        Arith::Div => lhs.as_divider().ok_or_else(|| unsupported("_/_"))?.div(&*rhs)?.into_owned(),
     };
     Ok(CowVal::Owned(result))
+}
+
+/// The bytes `lhs + rhs` builds when it concatenates strings, bytes or lists (0 for numbers and the rest).
+fn concatenation_size(lhs: &dyn Val, rhs: &dyn Val) -> u64 {
+    let len = |v: &dyn Val| {
+        v.downcast_ref::<CelString>()
+            .map(|s| s.inner().len())
+            .or_else(|| v.downcast_ref::<CelBytes>().map(|b| b.inner().len()))
+    };
+    if let (Some(a), Some(b)) = (len(lhs), len(rhs)) {
+        return (a as u64).saturating_add(b as u64);
+    }
+    if lhs.downcast_ref::<CelList>().is_some() && rhs.downcast_ref::<CelList>().is_some() {
+        // The elements are copied: count them deeply, up to what the budget still allows.
+        let cap = u64::MAX / 4;
+        return meter::weight(lhs, cap).saturating_add(meter::weight(rhs, cap));
+    }
+    0
 }
 
 /// Both operands as `f64` when one is a `double` and the other an `int` or `uint`.
@@ -700,5 +847,164 @@ mod tests {
         let err = check_template("a {{ input.x +* }}").unwrap_err();
         assert!(err.to_string().contains("input.x +*"), "{err}");
         assert!(check_template("{{ open").is_err());
+    }
+
+    fn limits(cost: u64, memory: u64) -> EvalLimits {
+        EvalLimits { cost, memory, ..EvalLimits::default() }
+    }
+
+    fn eval_limited(source: &str, input: Value, limits: &EvalLimits) -> Result<Value, ExprError> {
+        Expr::compile(source)?.eval_with(&Vars { input: Some(&input), ..Vars::default() }, limits)
+    }
+
+    fn limit_error(result: Result<Value, ExprError>, what: &str) {
+        match result {
+            Err(ExprError::Limit { exceeded, .. }) => assert!(exceeded.contains(what), "{exceeded}"),
+            other => panic!("expected a limit error ({what}), got {other:?}"),
+        }
+    }
+
+    /// Run on a thread with a small stack: compiling and evaluating grow their own.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new().stack_size(128 * 1024).spawn(f).unwrap().join().unwrap()
+    }
+
+    #[test]
+    fn deep_expressions_are_rejected_before_parsing() {
+        for terms in [2_000, 5_000] {
+            let err = Expr::compile(&vec!["1"; terms].join("+")).unwrap_err();
+            assert!(err.to_string().contains("nests too deeply"), "{err}");
+            assert!(err.to_string().len() < 600, "the source is shortened in the message: {err}");
+        }
+        for source in [
+            format!("{}1{}", "(".repeat(200), ")".repeat(200)),
+            format!("{}1{}", "[".repeat(200), "]".repeat(200)),
+            format!("input{}", "[0]".repeat(200)),
+            format!("input{}", ".a".repeat(200)),
+            format!("{}1{}", "size(".repeat(200), ")".repeat(200)),
+        ] {
+            let err = Expr::compile(&source).unwrap_err();
+            assert!(err.to_string().contains("nests too deeply"), "{err}");
+        }
+        let err = Expr::compile(&format!("'{}'", "x".repeat(MAX_SOURCE_BYTES))).unwrap_err();
+        assert!(err.to_string().contains("bytes long"), "{err}");
+    }
+
+    #[test]
+    fn the_deepest_accepted_expressions_run_on_any_stack() {
+        on_small_stack(|| {
+            let n = MAX_NESTING / 2 - 1;
+            let sum = vec!["1"; MAX_NESTING].join("+");
+            assert_eq!(eval_input(&sum, json!(null)).unwrap(), json!(MAX_NESTING));
+            let parens = format!("{}1{}", "(".repeat(n), ")".repeat(n));
+            assert_eq!(eval_input(&parens, json!(null)).unwrap(), json!(1));
+            let lists = format!("{}1{}", "[".repeat(n), "]".repeat(n));
+            assert!(eval_input(&lists, json!(null)).is_ok());
+            let maps = format!("{}[1].map(x, x){}", "[0].map(y, ".repeat(n / 4), ")".repeat(n / 4));
+            assert!(eval_input(&maps, json!(null)).is_ok());
+        });
+    }
+
+    #[test]
+    fn statically_too_expensive_expressions_are_rejected() {
+        let err = Expr::compile("lists.range(1000000).map(x, lists.range(1000))").unwrap_err();
+        assert!(err.to_string().contains("estimated cost"), "{err}");
+        let err = Expr::compile("lists.range(100000).map(x, lists.range(100000).filter(y, y == x))").unwrap_err();
+        assert!(err.to_string().contains("estimated cost"), "{err}");
+        // sizes only known at run time pass the estimate and meet the meter
+        assert!(Expr::compile("lists.range(input.n).map(x, lists.range(input.m))").is_ok());
+        assert!(Expr::compile("lists.range(1000).map(x, x * 2)").is_ok());
+    }
+
+    #[test]
+    fn the_cost_budget_stops_an_evaluation() {
+        let input = json!({"n": 1_000_000, "m": 1000});
+        limit_error(eval_input("lists.range(input.n).map(x, lists.range(input.m))", input.clone()), "cost budget");
+        limit_error(eval_limited("lists.range(input.m).map(x, x)", input.clone(), &limits(100, 1 << 30)), "cost");
+        let fine = eval_limited("lists.range(input.m).map(x, x)", input.clone(), &limits(5_000, 1 << 30)).unwrap();
+        assert_eq!(fine.as_array().map(Vec::len), Some(1000));
+        // an error that `||` or an `exists` step would absorb still fails the evaluation, and a nested loop whose
+        // steps fail ends at once (else this would run 10^12 iterations)
+        let nested = "lists.range(input.n).exists(x, lists.range(input.n).exists(y, y < 0))";
+        limit_error(eval_limited(nested, input.clone(), &limits(10_000, 1 << 30)), "cost");
+        let absorbed = "lists.range(input.n).exists(x, x < 0) || true";
+        limit_error(eval_limited(absorbed, input.clone(), &limits(10_000, 1 << 30)), "cost");
+        let cond = Expr::compile(absorbed).unwrap();
+        let err = cond.eval_bool_with(&Vars { input: Some(&input), ..Vars::default() }, &limits(10_000, 1 << 30));
+        assert!(matches!(err, Err(ExprError::Limit { .. })), "{err:?}");
+        // quadratic builtins are charged before they run
+        limit_error(eval_input("lists.range(input.n).distinct()", json!({"n": 100_000})), "cost");
+        assert_eq!(eval_input("[1, 2, 1].distinct()", json!(null)).unwrap(), json!([1, 2]));
+    }
+
+    #[test]
+    fn the_memory_budget_stops_an_evaluation_before_it_allocates() {
+        let s = "x".repeat(1000);
+        let small = limits(1_000_000, 10_000);
+        limit_error(
+            eval_limited("input.s + input.s + input.s + input.s", json!({"s": s}), &limits(10, 3_000)),
+            "memory",
+        );
+        limit_error(eval_limited("lists.range(100).map(x, input.s)", json!({"s": s}), &small), "memory");
+        limit_error(
+            eval_limited("[input.s, input.s, input.s, input.s].join()", json!({"s": s}), &limits(100, 3_500)),
+            "memory",
+        );
+        // replace and join amplify: charged from their arguments before anything is built
+        let big = json!({"s": "y".repeat(100_000)});
+        limit_error(eval_input("input.s.replace('', input.s)", big.clone()), "memory budget of 32 MiB");
+        limit_error(eval_input("lists.range(1000).map(x, 'a').join(input.s)", big.clone()), "memory");
+        limit_error(eval_limited("input.s.split('')", big, &small), "memory");
+        // a transform cannot build a 100 MB string
+        let mb = json!({"s": "z".repeat(1 << 20)});
+        limit_error(eval_input("lists.range(100).map(x, input.s).join()", mb), "memory");
+    }
+
+    #[test]
+    fn guarded_string_functions_keep_their_meaning() {
+        let cases = [
+            ("'a-b-c'.replace('-', '+')", json!("a+b+c")),
+            ("'a-b-c'.replace('-', '+', 1)", json!("a+b-c")),
+            ("'a-b-c'.replace('-', '+', -1)", json!("a+b+c")),
+            ("'ab'.replace('', '.')", json!(".a.b.")),
+            ("'a,b,c'.split(',')", json!(["a", "b", "c"])),
+            ("'a,b,c'.split(',', 2)", json!(["a", "b,c"])),
+            ("'a,b,c'.split(',', 0)", json!([])),
+            ("'abc'.split('')", json!(["a", "b", "c"])),
+            ("'abc'.split('', 2)", json!(["a", "bc"])),
+            ("['a', 'b'].join()", json!("ab")),
+            ("['a', 'b'].join('-')", json!("a-b")),
+            ("[].join('-')", json!("")),
+            ("[3, 1, 2].sort()", json!([1, 2, 3])),
+            ("lists.range(3)", json!([0, 1, 2])),
+            ("[1, 2, 3].filter(x, x > 1).map(x, x * 10)", json!([20, 30])),
+            ("[1, 2, 3].map(x, x > 1, x)", json!([2, 3])),
+            ("[1, 2, 3].exists_one(x, x > 2)", json!(true)),
+            ("[{'k': 2}, {'k': 1}].sortBy(e, e.k).map(e, e.k)", json!([1, 2])),
+            ("{'a': [input.x, 'y'.upperAscii()]}", json!({"a": [1, "Y"]})),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(eval_input(source, json!({"x": 1})).unwrap(), expected, "{source}");
+        }
+        assert!(eval_input("[1, 'a'].join()", json!(null)).is_err());
+    }
+
+    #[test]
+    fn time_limit_and_cancellation_stop_an_evaluation() {
+        let input = json!({"n": 1_000_000});
+        let source = "lists.range(input.n).all(x, x >= 0)";
+        let no_time = EvalLimits { time: Duration::ZERO, cost: u64::MAX, memory: u64::MAX, cancel: None };
+        limit_error(eval_limited(source, input.clone(), &no_time), "time limit");
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let cancelled = EvalLimits { cancel: Some(cancel), cost: u64::MAX, memory: u64::MAX, ..EvalLimits::default() };
+        limit_error(eval_limited(source, input, &cancelled), "cancelled");
+    }
+
+    #[test]
+    fn evaluation_errors_are_short() {
+        let big = json!({"l": (0..100_000).collect::<Vec<_>>()});
+        let err = eval_input("input.l + 1", big).unwrap_err();
+        assert!(err.to_string().len() < 1_000, "{}", err.to_string().len());
     }
 }
