@@ -1,28 +1,29 @@
 //! Built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`), their params checks and durations.
 
+mod http;
+
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use reqwest::{Client, Method};
 use serde_json::Value;
-use tracing::{debug, info};
+use tracing::info;
 
 use super::Registry;
-use super::expr::{Expr, ExprError, Vars, check_template, render_template, render_value};
+use super::expr::{EvalLimits, Expr, ExprError, Vars, check_template, render_template};
+use super::limits::Limits;
 use super::node::{Node, NodeCtx, NodeError, NodeOutput};
 
-/// Register every built-in node.
-pub fn register_all(registry: &mut Registry) {
+/// Register every built-in node, bounded by `limits`.
+pub fn register_all(registry: &mut Registry, limits: &Limits) {
     registry
         .register("noop", Noop)
-        .register("transform", Transform::default())
+        .register("transform", Transform::new(limits))
         .register("log", Log)
         .register("sleep", Sleep)
         .register("fail", Fail)
-        .register("http", Http);
+        .register("http", http::Http::new(limits));
 }
 
 /// The problems of a built-in node's params, human-readable; empty when they are fine or `uses` is not a
@@ -87,67 +88,10 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
                 problems.push(format!("fail: params.message must be a string, not {message}"));
             }
         }
-        "http" => check_http_params(params, &mut problems),
+        "http" => http::check_params(params, &mut problems),
         _ => {}
     }
     problems
-}
-
-fn check_http_params(params: &Value, problems: &mut Vec<String>) {
-    let param = |name: &str| params.get(name).filter(|v| !v.is_null());
-    match param("url") {
-        None => problems.push("http needs params.url".into()),
-        Some(Value::String(url)) => {
-            if let Err(e) = check_template(url) {
-                problems.push(format!("http: invalid template in params.url: {e}"));
-            }
-        }
-        Some(other) => problems.push(format!("http: params.url must be a string, not {other}")),
-    }
-    match param("method") {
-        Some(Value::String(m)) if Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() => {
-            problems.push(format!("http: params.method \"{m}\" is not an HTTP method"));
-        }
-        None | Some(Value::String(_)) => {}
-        Some(other) => problems.push(format!("http: params.method must be a string, not {other}")),
-    }
-    match param("headers") {
-        None => {}
-        Some(Value::Object(headers)) => {
-            for (name, value) in headers {
-                if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    problems.push(format!("http: params.headers: \"{name}\" is not a header name"));
-                }
-                check_templates_in(value, &format!("params.headers.{name}"), problems);
-            }
-        }
-        Some(other) => problems.push(format!("http: params.headers must be an object, not {other}")),
-    }
-    if let Some(body) = param("body") {
-        check_templates_in(body, "params.body", problems);
-    }
-}
-
-/// Check every template string inside a JSON value.
-fn check_templates_in(value: &Value, at: &str, problems: &mut Vec<String>) {
-    match value {
-        Value::String(s) => {
-            if let Err(e) = check_template(s) {
-                problems.push(format!("http: invalid template in {at}: {e}"));
-            }
-        }
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                check_templates_in(item, &format!("{at}[{i}]"), problems);
-            }
-        }
-        Value::Object(map) => {
-            for (k, v) in map {
-                check_templates_in(v, &format!("{at}.{k}"), problems);
-            }
-        }
-        _ => {}
-    }
 }
 
 /// A duration: a number of milliseconds, or a string such as `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"` (a bare
@@ -215,12 +159,18 @@ impl Node for Noop {
 const TRANSFORM_CACHE_LIMIT: usize = 1024;
 
 /// `transform`: the output is the value of the CEL `params.expr`, with `input` and `context` in scope.
-#[derive(Default)]
+///
+/// Evaluated on a blocking thread within the worker's expression limits; the node's timeout cancels it.
 struct Transform {
     cache: Mutex<HashMap<String, Expr>>,
+    limits: EvalLimits,
 }
 
 impl Transform {
+    fn new(limits: &Limits) -> Self {
+        Self { cache: Mutex::default(), limits: limits.expr.clone() }
+    }
+
     fn compiled(&self, source: &str) -> Result<Expr, ExprError> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(expr) = cache.get(source) {
@@ -241,27 +191,32 @@ impl Node for Transform {
         let Some(source) = ctx.params.get("expr").and_then(Value::as_str) else {
             return Err(NodeError::fatal("transform needs params.expr (a CEL string)"));
         };
-        let expr = self.compiled(source).map_err(|e| NodeError::fatal(e.to_string()))?;
-        let context = expr.uses_variable("context").then(|| ctx.context.to_value());
-        let output = expr.eval(&vars(&ctx, context.as_ref())).map_err(|e| NodeError::fatal(e.to_string()))?;
+        let fatal = |e: ExprError| NodeError::fatal(e.to_string());
+        let expr = self.compiled(source).map_err(fatal)?;
         // `params.action`: an optional CEL expression giving the action that routes the result.
-        let action = match ctx.params.get("action").and_then(Value::as_str) {
-            None => None,
-            Some(source) => {
-                let expr = self.compiled(source).map_err(|e| NodeError::fatal(e.to_string()))?;
-                let context = expr.uses_variable("context").then(|| ctx.context.to_value());
-                match expr.eval(&vars(&ctx, context.as_ref())).map_err(|e| NodeError::fatal(e.to_string()))? {
-                    Value::Null => None,
-                    Value::String(a) => Some(a),
-                    other => {
-                        return Err(NodeError::fatal(format!(
-                            "transform: params.action must evaluate to a string, not {other}"
-                        )));
-                    }
+        let action =
+            ctx.params.get("action").and_then(Value::as_str).map(|a| self.compiled(a)).transpose().map_err(fatal)?;
+        let uses_context = expr.uses_variable("context") || action.as_ref().is_some_and(|a| a.uses_variable("context"));
+        let context = uses_context.then(|| ctx.context.to_value());
+        let limits = EvalLimits { cancel: Some(ctx.cancel.clone()), ..self.limits.clone() };
+        let input = ctx.input;
+        let evaluate = move || -> Result<NodeOutput, NodeError> {
+            let vars = Vars { input: Some(&input), result: None, context: context.as_ref() };
+            let output = expr.eval_with(&vars, &limits).map_err(fatal)?;
+            let action = match action.map(|a| a.eval_with(&vars, &limits)).transpose().map_err(fatal)? {
+                None | Some(Value::Null) => None,
+                Some(Value::String(a)) => Some(a),
+                Some(other) => {
+                    return Err(NodeError::fatal(format!(
+                        "transform: params.action must evaluate to a string, not {other}"
+                    )));
                 }
-            }
+            };
+            Ok(NodeOutput { output, action })
         };
-        Ok(NodeOutput { output, action })
+        tokio::task::spawn_blocking(evaluate)
+            .await
+            .unwrap_or_else(|e| Err(NodeError::fatal(format!("transform: the evaluation ended: {e}"))))
     }
 }
 
@@ -325,141 +280,8 @@ impl Node for Fail {
     }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-
-/// The process-wide HTTP client, built on first use.
-fn http_client() -> Result<&'static Client, NodeError> {
-    static CLIENT: OnceLock<Result<Client, String>> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            crate::install_crypto_provider();
-            Client::builder().connect_timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| NodeError::fatal(format!("cannot build the HTTP client: {e}")))
-}
-
-/// At most this many characters of an error response's body go into the error message.
-const ERROR_BODY_CHARS: usize = 200;
-
-/// `http`: sends a request (`method`, `url`, `headers`, JSON `body`; every string a template with `input` and
-/// `context`). The output is the JSON response body, or its text when it is not JSON. 5xx and network errors
-/// are retryable; 4xx are not.
-struct Http;
-
-impl Http {
-    /// The request the params describe, rendered.
-    fn request(ctx: &NodeCtx) -> Result<(Method, String, HeaderMap, Option<Value>), NodeError> {
-        let p = &ctx.params;
-        let fatal = |m: String| NodeError::fatal(format!("http: {m}"));
-        let method = match p.get("method").filter(|m| !m.is_null()) {
-            None => Method::GET,
-            Some(Value::String(m)) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                .map_err(|_| fatal(format!("params.method \"{m}\" is not an HTTP method")))?,
-            Some(other) => {
-                return Err(fatal(format!("params.method must be a string, not {other}")));
-            }
-        };
-        let Some(Value::String(url)) = p.get("url") else {
-            return Err(NodeError::fatal("http needs params.url (a string)"));
-        };
-        let headers = p.get("headers").filter(|h| !h.is_null());
-        let body = p.get("body").filter(|b| !b.is_null());
-        let context = context_if_mentioned(ctx, &[p.get("url"), headers, body]);
-        let vars = vars(ctx, context.as_ref());
-        let render_err = |e: ExprError| fatal(e.to_string());
-        let url = render_template(url, &vars).map_err(render_err)?;
-        let mut header_map = HeaderMap::new();
-        match headers {
-            None => {}
-            Some(Value::Object(headers)) => {
-                for (name, value) in headers {
-                    let value = match render_value(value, &vars).map_err(render_err)? {
-                        Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    let name = HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| fatal(format!("\"{name}\" is not a header name")))?;
-                    let value = HeaderValue::try_from(value)
-                        .map_err(|_| fatal(format!("the value of header {name} is not a valid header value")))?;
-                    header_map.insert(name, value);
-                }
-            }
-            Some(other) => {
-                return Err(fatal(format!("params.headers must be an object, not {other}")));
-            }
-        }
-        let body = body.map(|b| render_value(b, &vars)).transpose().map_err(render_err)?;
-        Ok((method, url, header_map, body))
-    }
-}
-
-#[async_trait]
-impl Node for Http {
-    async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
-        let (method, url, headers, body) = Self::request(&ctx)?;
-        let client = http_client()?;
-        let mut request = client.request(method.clone(), &url).headers(headers);
-        if let Some(body) = &body {
-            request = request.json(body);
-        }
-        let exchange = async {
-            let response = request.send().await?;
-            let status = response.status();
-            let content_type =
-                response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
-            let bytes = response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, content_type, bytes))
-        };
-        let (status, content_type, bytes) = tokio::select! {
-            r = exchange => r.map_err(|e| {
-                NodeError::retryable(format!("http {method} {url} failed: {}", error_chain(&e)))
-            })?,
-            () = ctx.cancel.cancelled() => {
-                return Err(NodeError::retryable(format!("http {method} {url} cancelled")));
-            }
-        };
-        debug!(run_id = %ctx.run_id, node = %ctx.node_id, %method, %url, status = status.as_u16(), "HTTP response.");
-        let text = || String::from_utf8_lossy(&bytes).into_owned();
-        if !status.is_success() {
-            let body: String = text().chars().take(ERROR_BODY_CHARS).collect();
-            let message = format!("http {method} {url} returned {status}: {body}");
-            return Err(if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                NodeError::retryable(message)
-            } else {
-                NodeError::fatal(message)
-            });
-        }
-        let output = if bytes.is_empty() {
-            Value::Null
-        } else {
-            let may_be_json = content_type.as_deref().is_none_or(|ct| ct.contains("json"));
-            match may_be_json.then(|| serde_json::from_slice::<Value>(&bytes).ok()).flatten() {
-                Some(json) => json,
-                None => Value::String(text()),
-            }
-        };
-        Ok(NodeOutput::new(output))
-    }
-}
-
-/// An error and its sources, `: `-separated (reqwest's own message omits the cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use axum::Router;
-    use axum::http::{HeaderMap as AxumHeaders, StatusCode, header};
-    use axum::routing::{get, post};
     use serde_json::json;
     use tokio_util::sync::CancellationToken;
 
@@ -487,7 +309,7 @@ mod tests {
     #[test]
     fn every_builtin_is_registered() {
         let mut r = Registry::empty();
-        register_all(&mut r);
+        register_all(&mut r, &Limits::default());
         for key in ["noop", "transform", "log", "sleep", "fail", "http"] {
             assert!(r.contains(key), "{key}");
         }
@@ -566,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn transform_errors_are_fatal_and_compiled_once() {
-        let node = Transform::default();
+        let node = Transform::new(&Limits::default());
         let err = node.run(ctx(json!({"expr": "input.x +* 1"}), Value::Null)).await.unwrap_err();
         assert!(!err.retryable && err.message.contains("input.x +* 1"), "{err:?}");
         let err = node.run(ctx(json!({"expr": "input.missing"}), json!({}))).await.unwrap_err();
@@ -626,114 +448,5 @@ mod tests {
         }
         let out = run("fail", ctx(json!({"times": 0}), json!("in"))).await.unwrap();
         assert_eq!(out.output, json!("in"));
-    }
-
-    /// A local server: `/order/{id}` (200 JSON), `/text` (200 text), `/missing` (404), `/down` (503),
-    /// `/echo` (POST: the method, a header and the body, as JSON), `/slow` (answers after 10 s).
-    async fn server() -> String {
-        let app = Router::new()
-            .route(
-                "/order/{id}",
-                get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
-                    ([(header::CONTENT_TYPE, "application/json")], format!(r#"{{"id": {id}, "items": [1, 2]}}"#))
-                }),
-            )
-            .route("/text", get(|| async { "hello" }))
-            .route("/missing", get(|| async { (StatusCode::NOT_FOUND, "no such thing") }))
-            .route("/down", get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "try later") }))
-            .route(
-                "/echo",
-                post(|headers: AxumHeaders, body: String| async move {
-                    let token = headers.get("x-token").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                    let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                    let echo = json!({"token": token, "contentType": ct, "body": body});
-                    ([(header::CONTENT_TYPE, "application/json")], echo.to_string())
-                }),
-            )
-            .route(
-                "/slow",
-                get(|| async {
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    "late"
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        format!("http://{addr}")
-    }
-
-    #[tokio::test]
-    async fn http_get_json_and_text() {
-        let base = server().await;
-        let c = ctx(json!({"url": format!("{base}/order/{{{{input.id}}}}")}), json!({"id": 42}));
-        assert_eq!(run("http", c).await.unwrap().output, json!({"id": 42, "items": [1, 2]}));
-        let c = ctx(json!({"url": format!("{base}/text")}), Value::Null);
-        assert_eq!(run("http", c).await.unwrap().output, json!("hello"));
-    }
-
-    #[tokio::test]
-    async fn http_post_renders_headers_and_body() {
-        let base = server().await;
-        let params = json!({
-            "method": "post",
-            "url": format!("{base}/echo"),
-            "headers": {"x-token": "t-{{ context.token }}"},
-            "body": {"id": "{{ input.id }}", "label": "order {{ input.id }}", "fixed": [1, true]},
-        });
-        let c = ctx(params, json!({"id": 7}));
-        c.context.set("token", json!("abc"));
-        let out = run("http", c).await.unwrap().output;
-        assert_eq!(
-            out,
-            json!({"token": "t-abc", "contentType": "application/json", "body": {"id": 7, "label": "order 7", "fixed": [1, true]}})
-        );
-    }
-
-    #[tokio::test]
-    async fn http_status_errors() {
-        let base = server().await;
-        let err = run("http", ctx(json!({"url": format!("{base}/missing")}), Value::Null)).await.unwrap_err();
-        assert!(!err.retryable, "{err:?}");
-        assert!(
-            err.message.contains("GET") && err.message.contains("/missing") && err.message.contains("404"),
-            "{err:?}"
-        );
-        let err = run("http", ctx(json!({"url": format!("{base}/down")}), Value::Null)).await.unwrap_err();
-        assert!(err.retryable, "{err:?}");
-        assert!(err.message.contains("GET") && err.message.contains("/down") && err.message.contains("503"), "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn http_network_errors_are_retryable() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let err = run("http", ctx(json!({"url": format!("http://{addr}/x")}), Value::Null)).await.unwrap_err();
-        assert!(err.retryable && err.message.contains(&addr.to_string()), "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn http_honours_cancel() {
-        let base = server().await;
-        let c = ctx(json!({"url": format!("{base}/slow")}), Value::Null);
-        let cancel = c.cancel.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            cancel.cancel();
-        });
-        let err = tokio::time::timeout(Duration::from_secs(5), run("http", c)).await.unwrap().unwrap_err();
-        assert!(err.retryable && err.message.contains("cancelled"), "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn http_bad_params_are_fatal() {
-        let err = run("http", ctx(json!({}), Value::Null)).await.unwrap_err();
-        assert!(!err.retryable && err.message.contains("params.url"), "{err:?}");
-        let err = run("http", ctx(json!({"url": "http://x/{{ input.nope }}"}), json!({}))).await.unwrap_err();
-        assert!(!err.retryable, "{err:?}");
     }
 }

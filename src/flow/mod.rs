@@ -3,16 +3,20 @@
 
 pub mod blueprint;
 pub mod builtin;
+pub mod egress;
 pub mod expr;
 pub mod graph;
+pub mod limits;
 pub mod node;
 pub mod retry;
 
 use std::path::PathBuf;
 
 pub use blueprint::{Blueprint, EdgeDef, Inputs, JoinStrategy, NodeConfig, NodeDef};
-pub use expr::{Expr, ExprError};
+pub use egress::EgressPolicy;
+pub use expr::{EvalLimits, Expr, ExprError};
 pub use graph::{Arrival, Graph, NodeInputError, Problem, RouteError, Routing, edge_input_key};
+pub use limits::{HttpLimits, Limits, TooLarge};
 pub use node::{ContextHandle, Node, NodeCtx, NodeError, NodeOutput, Registry};
 pub use retry::RetryPolicy;
 

@@ -175,10 +175,17 @@ impl Registry {
         Self::default()
     }
 
-    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`).
+    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`) and the default
+    /// [`Limits`](super::Limits).
     pub fn with_builtins() -> Self {
+        Self::with_builtins_config(&super::Limits::default())
+    }
+
+    /// A registry with the built-in nodes bounded by `limits` (payload size, expression budgets, the `http`
+    /// node's timeout, redirects and egress policy).
+    pub fn with_builtins_config(limits: &super::Limits) -> Self {
         let mut r = Self::empty();
-        super::builtin::register_all(&mut r);
+        super::builtin::register_all(&mut r, limits);
         r
     }
 

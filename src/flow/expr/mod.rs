@@ -54,6 +54,7 @@ use serde_json::{Map, Number, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use bounds::{MAX_DEPTH, MAX_NESTING, MAX_SOURCE_BYTES};
+pub(crate) use meter::bytes as format_bytes;
 
 /// A CEL expression failed to compile or evaluate.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
