@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::flow::Graph;
+use crate::flow::limits::{DEFAULT_MAX_PAYLOAD_BYTES, json_size_within};
 use crate::store::{
     Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint,
 };
+use crate::text::{format_bytes, shorten};
 
 /// A client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,30 +101,80 @@ impl RunResult {
         (done, self.total_nodes.unwrap_or(done).max(done))
     }
 
-    /// A human-readable summary.
-    pub fn human(&self) -> String {
+    /// A human-readable summary: one line per node, outputs cut to 80 characters and errors to 300 unless
+    /// `full`.
+    pub fn human(&self, full: bool) -> String {
+        let cut = |text: String, max: usize| if full { text } else { shorten(&text, max) };
         let (done, total) = self.progress();
         let mut s = format!("run {} {} ({done}/{total} nodes resolved)\n", self.run_id, self.status);
         for (id, n) in &self.nodes {
             let mut line = format!("  {id:<24} {:<8} attempts={}", n.status.as_str(), n.attempts);
             if let Some(out) = self.outputs.get(id) {
-                let mut o = out.to_string();
-                if o.len() > 80 {
-                    o.truncate(77);
-                    o.push_str("...");
-                }
-                line.push_str(&format!("  output={o}"));
+                let shown = if full { out.to_string() } else { abridged(out).to_string() };
+                line.push_str(&format!("  output={}", cut(shown, 80)));
             }
             if let Some(e) = &n.error {
-                line.push_str(&format!("  error={e}"));
+                line.push_str(&format!("  error={}", cut(e.clone(), SHOWN_ERROR_CHARS)));
             }
             s.push_str(&line);
             s.push('\n');
         }
         if let Some(e) = &self.error {
-            s.push_str(&format!("error: {e}\n"));
+            s.push_str(&format!("error: {}\n", cut(e.clone(), SHOWN_ERROR_CHARS)));
         }
         s
+    }
+
+    /// The result with every output larger than [`SHOWN_VALUE_BYTES`] of JSON replaced by a short description
+    /// of it, and errors cut to 300 characters: what `status` prints unless asked for in full.
+    pub fn abridged(&self) -> RunResult {
+        let mut r = self.clone();
+        for out in r.outputs.values_mut() {
+            *out = abridged(out);
+        }
+        for node in r.nodes.values_mut() {
+            node.error = node.error.as_deref().map(|e| shorten(e, SHOWN_ERROR_CHARS));
+        }
+        r.error = r.error.as_deref().map(|e| shorten(e, SHOWN_ERROR_CHARS));
+        r
+    }
+}
+
+/// Outputs larger than this (as JSON) are shown abridged.
+pub const SHOWN_VALUE_BYTES: usize = 1024;
+/// Errors are shown cut to this many characters.
+const SHOWN_ERROR_CHARS: usize = 300;
+
+/// A value, or when larger than [`SHOWN_VALUE_BYTES`] a string saying so with the beginning of its JSON.
+fn abridged(value: &Value) -> Value {
+    if json_size_within(value, SHOWN_VALUE_BYTES).is_some() {
+        return value.clone();
+    }
+    let mut head = String::new();
+    let mut writer = Head { text: &mut head, max: 120 };
+    let _ = serde_json::to_writer(&mut writer, value);
+    let size = json_size_within(value, usize::MAX).unwrap_or(usize::MAX);
+    Value::String(format!("<{} of JSON: {head}… (use --full)>", format_bytes(size as u64)))
+}
+
+/// Keeps the first `max` bytes written (whole characters) and refuses the rest.
+struct Head<'a> {
+    text: &'a mut String,
+    max: usize,
+}
+
+impl std::io::Write for Head<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = self.max.saturating_sub(self.text.len());
+        let taken = String::from_utf8_lossy(&buf[..buf.len().min(room)]).into_owned();
+        self.text.push_str(taken.trim_end_matches('\u{fffd}'));
+        if buf.len() > room {
+            return Err(std::io::Error::other("enough"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -131,6 +183,7 @@ impl RunResult {
 /// Returns whether this call created the run. Calling it again for an existing run that has not recorded
 /// anything yet publishes the start jobs again (a crash between creating and publishing heals; duplicate jobs
 /// are harmless), so callers that derive the run id from something stable (a FlowRun's uid) start a run once.
+/// The input must be a JSON object of at most the default payload limit ([`start_run_within`] takes another).
 pub async fn start_run<Q, S>(
     queue: &Q,
     store: &S,
@@ -142,11 +195,30 @@ where
     Q: JobQueue + ?Sized,
     S: RunStore + ?Sized,
 {
+    start_run_within(queue, store, graph, run_id, input, DEFAULT_MAX_PAYLOAD_BYTES).await
+}
+
+/// [`start_run`] with an input of at most `max_input_bytes` of JSON (`FLOWCRAFT_MAX_PAYLOAD_BYTES`); a larger
+/// one is refused before anything is written.
+pub async fn start_run_within<Q, S>(
+    queue: &Q,
+    store: &S,
+    graph: &Graph,
+    run_id: &str,
+    input: Value,
+    max_input_bytes: usize,
+) -> Result<bool, ClientError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    let refuse = |message: String| ClientError::Input { run_id: run_id.to_string(), message };
     if !(input.is_object() || input.is_null()) {
-        return Err(ClientError::Input {
-            run_id: run_id.to_string(),
-            message: "the run input must be a JSON object".into(),
-        });
+        return Err(refuse("the run input must be a JSON object".into()));
+    }
+    if json_size_within(&input, max_input_bytes).is_none() {
+        let limit = format_bytes(max_input_bytes as u64);
+        return Err(refuse(format!("the run input is larger than {limit} (FLOWCRAFT_MAX_PAYLOAD_BYTES)")));
     }
     let input = if input.is_null() { json!({}) } else { input };
     store.save_blueprint(&stored_blueprint(graph)).await.map_err(store_err(run_id))?;

@@ -1,6 +1,10 @@
 //! Connection and table settings shared by every mode (flags with `FLOWCRAFT_*` environment fallbacks).
 
+use std::time::Duration;
+
 use clap::Args;
+
+use crate::flow::{EgressPolicy, HttpLimits, Limits};
 
 /// Where the services are and how the queue, tables and keys are named.
 #[derive(Debug, Clone, Args)]
@@ -41,5 +45,73 @@ impl ConnectionArgs {
     /// Whether any service URL is configured (else `flowcraft run` runs embedded).
     pub fn any_service(&self) -> bool {
         self.amqp_url.is_some() || self.database_url.is_some() || self.redis_url.is_some()
+    }
+}
+
+/// The limits of the engine and the built-in nodes (flags with `FLOWCRAFT_*` environment fallbacks).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest run input, node output and http response body, e.g. 2MiB, 512KiB or a number of bytes.
+    #[arg(long, env = "FLOWCRAFT_MAX_PAYLOAD_BYTES", default_value = "2MiB", value_parser = parse_bytes, global = true)]
+    pub max_payload_bytes: usize,
+    /// Time allowed for one request of the http node, unless its params.timeout says otherwise.
+    #[arg(long, env = "FLOWCRAFT_HTTP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub http_timeout: Duration,
+    /// Redirects the http node follows (each is checked against the egress policy).
+    #[arg(long, env = "FLOWCRAFT_HTTP_MAX_REDIRECTS", default_value_t = 5, global = true)]
+    pub http_max_redirects: usize,
+    /// Destinations the http node may reach although denied by default (loopback, link-local, private):
+    /// comma-separated CIDRs, addresses and host names (*.example.com for every name under example.com).
+    #[arg(long, env = "FLOWCRAFT_HTTP_ALLOW", default_value = "", global = true)]
+    pub http_allow: String,
+    /// Destinations the http node may never reach: comma-separated CIDRs, addresses and host names.
+    #[arg(long, env = "FLOWCRAFT_HTTP_DENY", default_value = "", global = true)]
+    pub http_deny: String,
+}
+
+impl LimitArgs {
+    /// The limits these settings describe; the error names an invalid egress entry.
+    pub fn limits(&self) -> Result<Limits, String> {
+        let egress = EgressPolicy::new(&self.http_allow, &self.http_deny).map_err(|e| e.to_string())?;
+        let http = HttpLimits { timeout: self.http_timeout, max_redirects: self.http_max_redirects, egress };
+        Ok(Limits { http, ..Limits::with_max_payload(self.max_payload_bytes) })
+    }
+}
+
+/// A byte count: a number of bytes, or a number with `KiB`, `MiB` or `GiB`; between 1 KiB and 1 GiB.
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let factor: usize = match unit.trim() {
+        "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("'{text}' is not a size (e.g. 2MiB, 512KiB, 1048576)")),
+    };
+    let bytes = number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .ok_or_else(|| format!("'{text}' is not a size (e.g. 2MiB, 512KiB, 1048576)"))?;
+    if !(1 << 10..=1 << 30).contains(&bytes) {
+        return Err(format!("'{text}' is out of range: use 1KiB to 1GiB"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_bytes("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        for bad in ["", "2MB", "-1", "1.5MiB", "12", "2GiB", "99999999999999999999999"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
     }
 }

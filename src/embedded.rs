@@ -24,11 +24,13 @@ pub struct Embedded {
     worker: Arc<Worker<MemoryQueue, MemoryStore, MemoryCoordinator>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    max_input_bytes: usize,
 }
 
 impl Embedded {
-    /// Start an engine serving `blueprints` with `workers` concurrent job tasks.
+    /// Start an engine serving `blueprints` with `workers` concurrent job tasks, within the registry's limits.
     pub fn start(registry: Registry, blueprints: BlueprintSet, workers: usize) -> Self {
+        let max_input_bytes = registry.limits().max_payload_bytes;
         let queue = Arc::new(MemoryQueue::new());
         let store = Arc::new(MemoryStore::new());
         let coord = Arc::new(MemoryCoordinator::new());
@@ -48,7 +50,7 @@ impl Embedded {
         ));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker.clone().run(shutdown.clone()));
-        Self { queue, store, coord, worker, shutdown, task }
+        Self { queue, store, coord, worker, shutdown, task, max_input_bytes }
     }
 
     /// The worker's metrics (node executions, retries, outcomes).
@@ -59,7 +61,7 @@ impl Embedded {
     /// Start a run and return its id.
     pub async fn start_run(&self, graph: &Graph, input: Value) -> Result<String, ClientError> {
         let run_id = client::new_run_id();
-        client::start_run(&*self.queue, &*self.store, graph, &run_id, input).await?;
+        client::start_run_within(&*self.queue, &*self.store, graph, &run_id, input, self.max_input_bytes).await?;
         Ok(run_id)
     }
 

@@ -24,6 +24,7 @@ pub mod operator;
 pub mod reconciler;
 pub mod redact;
 pub mod store;
+pub mod text;
 pub mod ui;
 pub mod worker;
 

@@ -11,10 +11,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
-use flowcraft::client::{self, RunResult};
-use flowcraft::config::ConnectionArgs;
+use flowcraft::client::{self, ClientError, RunResult};
+use flowcraft::config::{ConnectionArgs, LimitArgs};
 use flowcraft::distributed::{self, WorkerOptions};
-use flowcraft::flow::{Blueprint, BlueprintError, Graph, Registry};
+use flowcraft::flow::{Blueprint, BlueprintError, Graph, Limits, Registry};
 use flowcraft::operator::OperatorConfig;
 use flowcraft::operator::policy::{DEFAULT_WORKER_SERVICE_ACCOUNT, PoolPolicy, image_repository};
 use flowcraft::reconciler::{ReconcileConfig, Reconciler};
@@ -29,6 +29,8 @@ use flowcraft::worker::BlueprintSet;
 struct Cli {
     #[command(flatten)]
     conn: ConnectionArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Log format: text or json.
     #[arg(long, env = "FLOWCRAFT_LOG_FORMAT", default_value = "text", global = true)]
     log_format: LogFormat,
@@ -72,6 +74,9 @@ enum Command {
         /// Directory of blueprint files (to resolve a blueprint id).
         #[arg(long, env = "FLOWCRAFT_BLUEPRINTS")]
         blueprints: Option<PathBuf>,
+        /// Print outputs and errors in full (else large ones are abridged).
+        #[arg(long)]
+        full: bool,
     },
     /// Validate blueprint files (and ConfigMap manifests holding blueprints); every problem is reported.
     Validate {
@@ -97,6 +102,9 @@ enum Command {
         /// Directory of blueprint files (adds the total node count).
         #[arg(long, env = "FLOWCRAFT_BLUEPRINTS")]
         blueprints: Option<PathBuf>,
+        /// Print outputs and errors in full (else large ones are abridged).
+        #[arg(long)]
+        full: bool,
     },
     /// Cancel a running run: no further job starts; jobs in flight finish.
     Cancel {
@@ -238,9 +246,11 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let bad_input = e
-                .chain()
-                .any(|c| c.downcast_ref::<BlueprintError>().is_some() || c.downcast_ref::<UsageError>().is_some());
+            let bad_input = e.chain().any(|c| {
+                c.downcast_ref::<BlueprintError>().is_some()
+                    || c.downcast_ref::<UsageError>().is_some()
+                    || matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Input { .. }))
+            });
             let mut message = String::new();
             for cause in e.chain() {
                 let text = cause.to_string();
@@ -279,16 +289,19 @@ fn init_tracing(format: LogFormat, cli_command: bool) {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { target, input, workers, output, wait, run_id, blueprints } => {
+        Command::Run { target, input, workers, output, wait, run_id, blueprints, full } => {
             let input: Value =
                 serde_json::from_str(&input).map_err(|e| UsageError(format!("--input is not valid JSON: {e}")))?;
             if !input.is_object() {
                 return Err(UsageError("--input must be a JSON object".into()).into());
             }
+            let limits = cli.limits.limits().map_err(UsageError)?;
+            let shown = Shown { output, full };
             if cli.conn.any_service() {
-                run_distributed(&cli.conn, &target, input, output, wait, run_id, blueprints.as_deref()).await
+                let found = blueprints.as_deref();
+                run_distributed(&cli.conn, &target, input, shown, wait, run_id, found, &limits).await
             } else {
-                run_embedded(&target, input, workers, output).await
+                run_embedded(&target, input, workers, shown, &limits).await
             }
         }
         Command::Validate { files, allow_custom_nodes } => validate(&files, allow_custom_nodes),
@@ -297,7 +310,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", graph.mermaid());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { run_id, output, blueprints } => {
+        Command::Status { run_id, output, blueprints, full } => {
             let store = connect_store(&cli.conn).await?;
             let info = store.run_info(&run_id).await?;
             let graph = match (&info, &blueprints) {
@@ -306,7 +319,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             match client::run_result(&store, &run_id, graph.as_deref()).await? {
                 Some(r) => {
-                    print_result(&r, output)?;
+                    print_result(&r, Shown { output, full })?;
                     Ok(ExitCode::SUCCESS)
                 }
                 None => bail!("run {run_id} does not exist"),
@@ -351,10 +364,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker { blueprints, admin_addr, lease_ttl } => {
+            let registry = Registry::with_builtins_config(&cli.limits.limits().map_err(UsageError)?);
             let options =
                 WorkerOptions { blueprints, admin_addr: Some(admin_addr), lease_ttl, ..WorkerOptions::default() };
-            distributed::run_worker(&cli.conn, options, Registry::with_builtins(), distributed::shutdown_signal())
-                .await?;
+            distributed::run_worker(&cli.conn, options, registry, distributed::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Reconcile { stalled_threshold, batch_size, blueprints, schedule, output } => {
@@ -467,30 +480,41 @@ fn exit_for(result: &RunResult) -> ExitCode {
     }
 }
 
-fn print_result(result: &RunResult, output: Output) -> Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string(result)?),
-        Output::Text => print!("{}", result.human()),
+/// How a run result is printed.
+#[derive(Debug, Clone, Copy)]
+struct Shown {
+    output: Output,
+    /// Large outputs and errors in full.
+    full: bool,
+}
+
+fn print_result(result: &RunResult, shown: Shown) -> Result<()> {
+    match (shown.output, shown.full) {
+        (Output::Json, true) => println!("{}", serde_json::to_string(result)?),
+        (Output::Json, false) => println!("{}", serde_json::to_string(&result.abridged())?),
+        (Output::Text, full) => print!("{}", result.human(full)),
     }
     Ok(())
 }
 
-async fn run_embedded(target: &str, input: Value, workers: usize, output: Output) -> Result<ExitCode> {
-    let registry = Registry::with_builtins();
+async fn run_embedded(target: &str, input: Value, workers: usize, shown: Shown, limits: &Limits) -> Result<ExitCode> {
+    let registry = Registry::with_builtins_config(limits);
     let graph = Graph::build(Blueprint::load(Path::new(target))?, Some(&registry))?;
     let result = flowcraft::embedded::run_once(graph, registry, input, workers).await?;
-    print_result(&result, output)?;
+    print_result(&result, shown)?;
     Ok(exit_for(&result))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_distributed(
     conn: &ConnectionArgs,
     target: &str,
     input: Value,
-    output: Output,
+    shown: Shown,
     wait: bool,
     run_id: Option<String>,
     blueprints: Option<&Path>,
+    limits: &Limits,
 ) -> Result<ExitCode> {
     let path = Path::new(target);
     let graph = if path.is_file() {
@@ -508,10 +532,10 @@ async fn run_distributed(
     let store = distributed::connect_store(conn, &shutdown).await?;
     let queue = distributed::connect_queue(conn, "flowcraft-cli", &shutdown).await?;
     let run_id = run_id.unwrap_or_else(client::new_run_id);
-    client::start_run(&queue, &store, &graph, &run_id, input).await?;
+    client::start_run_within(&queue, &store, &graph, &run_id, input, limits.max_payload_bytes).await?;
     queue.close().await;
     if !wait {
-        match output {
+        match shown.output {
             Output::Json => println!("{}", serde_json::json!({ "runId": run_id })),
             Output::Text => println!("started run {run_id}"),
         }
@@ -528,7 +552,7 @@ async fn run_distributed(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    print_result(&result, output)?;
+    print_result(&result, shown)?;
     Ok(exit_for(&result))
 }
 

@@ -5,6 +5,8 @@
 //! inserted only if absent and keeps its action and taken edges, join arrivals are set members, a join fires
 //! once, and a job is acked only after its result is committed and its successors are confirmed.
 
+mod crash;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::flow::limits;
 use crate::flow::{BlueprintError, ContextHandle, Graph, NodeCtx, NodeError, Registry};
 use crate::metrics::WorkerMetrics;
 use crate::store::{
@@ -140,6 +143,7 @@ pub struct Worker<Q, S, C> {
     config: WorkerConfig,
     metrics: Arc<WorkerMetrics>,
     infra_failures: AtomicU32,
+    crashes: crash::CrashGuard,
 }
 
 impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
@@ -153,7 +157,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         config: WorkerConfig,
         metrics: Arc<WorkerMetrics>,
     ) -> Self {
-        Self { queue, store, coord, registry, blueprints, config, metrics, infra_failures: AtomicU32::new(0) }
+        let infra_failures = AtomicU32::new(0);
+        Self { queue, store, coord, registry, blueprints, config, metrics, infra_failures, crashes: Default::default() }
     }
 
     /// The worker's metrics.
@@ -199,7 +204,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let started = Instant::now();
         self.metrics.in_flight.inc();
         // A bug must not leave the delivery unsettled or kill the worker: a panic dead-letters the job.
-        let result = match std::panic::AssertUnwindSafe(self.process(&delivery.body)).catch_unwind().await {
+        let processing = self.process(&delivery.body, delivery.redelivered);
+        let result = match std::panic::AssertUnwindSafe(processing).catch_unwind().await {
             Ok(r) => r,
             Err(panic) => Ok(Settle::DeadLetter(format!("the worker panicked on this job: {}", panic_message(panic)))),
         };
@@ -212,7 +218,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 }
             }
             Ok(Settle::DeadLetter(reason)) => {
-                warn!(reason = %reason, body = %String::from_utf8_lossy(&delivery.body), "Dead-lettering job.");
+                let body = crate::text::shorten(&String::from_utf8_lossy(&delivery.body), LOGGED_BODY_CHARS);
+                warn!(reason = %reason, body = %body, "Dead-lettering job.");
                 self.metrics.outcome("dead_lettered");
                 self.metrics.dead_letters.inc();
                 match self.queue.dead_letter(&delivery.body, &reason).await {
@@ -245,7 +252,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     }
 
     /// Steps 1–7 of the job algorithm. `Err` means an infrastructure failure: the job is requeued.
-    async fn process(&self, body: &[u8]) -> Result<Settle, WorkerError> {
+    async fn process(&self, body: &[u8], redelivered: bool) -> Result<Settle, WorkerError> {
         // 1. Decode.
         let job: Job = match serde_json::from_slice(body) {
             Ok(j) => j,
@@ -311,6 +318,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let (record, outcome) = match existing {
             Some(r) => (r, "duplicate"),
             None => {
+                // A job that may have been executing when a worker died executes alone (see `crash`).
+                let turn = self.crashes.turn(redelivered || job.attempt > 0).await;
                 let lease = self
                     .coord
                     .acquire_lease(&job.run_id, &job.node_id, self.config.lease_ttl)
@@ -327,6 +336,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                     self.queue.publish_delayed(&again, delay).await.map_err(store_err)?;
                     return Ok(Settle::Ack("lease_conflict"));
                 };
+                let given_up = turn.count(&*self.coord, &job.run_id, &job.node_id).await;
+                if !matches!(given_up, Ok(None)) {
+                    let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
+                    let reason = given_up.map_err(store_err)?.unwrap_or_default();
+                    self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await.map_err(store_err)?;
+                    return Ok(Settle::DeadLetter(reason));
+                }
                 let executed = self.execute_with_lease(&graph, &job, &view, &token).await;
                 // Release the context snapshot first: the in-memory store then updates it without a copy.
                 drop(view);
@@ -356,6 +372,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                         return Err(store_err(e));
                     }
                 };
+                turn.survived(&*self.coord, &job.run_id, &job.node_id).await;
                 match recorded {
                     RecordOutcome::Inserted => {
                         let outcome = if mine.status == NodeStatus::Done { "done" } else { "failed" };
@@ -581,6 +598,8 @@ async fn execute(
             cancel: cancel.clone(),
         };
         let node = implementation.clone();
+        #[cfg(any(debug_assertions, feature = "failpoints"))]
+        failpoint_at("execute", node_id);
         let handle = tokio::spawn(async move { node.run(ctx).await });
         let abort = handle.abort_handle();
         let joined = match policy.timeout {
@@ -618,6 +637,10 @@ async fn execute(
                         for (target, value) in routing.inputs {
                             writes.insert(crate::flow::edge_input_key(&target, node_id), value);
                         }
+                        let max = registry.limits().max_payload_bytes;
+                        if let Err(e) = limits::check_node_result(max, node_id, &out.output, &writes) {
+                            return failed(attempt, e.to_string());
+                        }
                         Executed {
                             record: NodeRecord {
                                 node_id: node_id.to_string(),
@@ -650,9 +673,14 @@ async fn execute(
     failed(attempt, last_error)
 }
 
-/// An error message safe to store: NUL characters (refused by PostgreSQL text) removed.
+/// At most this many characters of a job's body go into a log line.
+const LOGGED_BODY_CHARS: usize = 512;
+/// At most this many characters of an error are stored with a node's result.
+const STORED_ERROR_CHARS: usize = 2_000;
+
+/// An error message safe to store: NUL characters (refused by PostgreSQL text) removed, long ones shortened.
 fn clean(message: &str) -> String {
-    message.replace('\0', "")
+    crate::text::shorten(&message.replace('\0', ""), STORED_ERROR_CHARS)
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -669,7 +697,17 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 /// kills the process at that point with SIGKILL, as a crashed worker would die.
 #[cfg(any(debug_assertions, feature = "failpoints"))]
 fn failpoint(name: &str) {
-    if std::env::var("FLOWCRAFT_FAILPOINT").is_ok_and(|v| v == name) {
+    failpoint_at(name, "");
+}
+
+/// A crash point for one node: `FLOWCRAFT_FAILPOINT=<name>:<node id>` (or `<name>` alone when `node` is empty).
+#[cfg(any(debug_assertions, feature = "failpoints"))]
+fn failpoint_at(name: &str, node: &str) {
+    let hit = std::env::var("FLOWCRAFT_FAILPOINT").is_ok_and(|v| match v.split_once(':') {
+        Some((n, id)) => n == name && id == node,
+        None => v == name && node.is_empty(),
+    });
+    if hit {
         eprintln!("failpoint {name} hit: killing this process with SIGKILL");
         let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         std::process::abort();

@@ -8,7 +8,8 @@
 use std::io;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::egress::EgressPolicy;
 use super::expr::EvalLimits;
@@ -71,9 +72,25 @@ impl Limits {
     }
 }
 
+/// Check a node's result: its output and its context writes (together) must each fit in `max_bytes`.
+pub fn check_node_result(
+    max_bytes: usize,
+    node_id: &str,
+    output: &Value,
+    writes: &Map<String, Value>,
+) -> Result<(), TooLarge> {
+    if json_size_within(output, max_bytes).is_none() {
+        return Err(TooLarge { what: format!("the output of node '{node_id}'"), limit: max_bytes });
+    }
+    if json_size_within(writes, max_bytes).is_none() {
+        return Err(TooLarge { what: format!("the context writes of node '{node_id}'"), limit: max_bytes });
+    }
+    Ok(())
+}
+
 /// A payload is larger than the limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{what} is larger than {} (FLOWCRAFT_MAX_PAYLOAD_BYTES)", super::expr::format_bytes(*limit as u64))]
+#[error("{what} is larger than {} (FLOWCRAFT_MAX_PAYLOAD_BYTES)", crate::text::format_bytes(*limit as u64))]
 pub struct TooLarge {
     /// What is too large.
     pub what: String,
@@ -83,7 +100,7 @@ pub struct TooLarge {
 
 /// The size of `value` as compact JSON when it is at most `limit` bytes; `None` when larger. Serializes into a
 /// counter that stops at the limit: nothing is built.
-pub fn json_size_within(value: &Value, limit: usize) -> Option<usize> {
+pub fn json_size_within<T: Serialize + ?Sized>(value: &T, limit: usize) -> Option<usize> {
     struct Counter {
         count: usize,
         limit: usize,

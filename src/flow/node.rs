@@ -155,10 +155,12 @@ where
     }
 }
 
-/// Maps `uses` keys to node implementations.
+/// Maps `uses` keys to node implementations, and holds the [`Limits`](super::Limits) they and the worker
+/// running them keep to.
 #[derive(Clone, Default)]
 pub struct Registry {
     nodes: HashMap<String, Arc<dyn Node>>,
+    limits: Arc<super::Limits>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -182,11 +184,18 @@ impl Registry {
     }
 
     /// A registry with the built-in nodes bounded by `limits` (payload size, expression budgets, the `http`
-    /// node's timeout, redirects and egress policy).
+    /// node's timeout, redirects and egress policy); a worker running it applies the payload limit to every
+    /// node's output.
     pub fn with_builtins_config(limits: &super::Limits) -> Self {
-        let mut r = Self::empty();
+        let mut r = Self { nodes: HashMap::new(), limits: Arc::new(limits.clone()) };
         super::builtin::register_all(&mut r, limits);
         r
+    }
+
+    /// The limits this registry's nodes keep to (the defaults unless built with
+    /// [`Registry::with_builtins_config`]).
+    pub fn limits(&self) -> &super::Limits {
+        &self.limits
     }
 
     /// Register a node implementation under a key (replacing a built-in of the same key).

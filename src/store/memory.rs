@@ -374,6 +374,7 @@ struct CoordState {
     joins: HashMap<(String, String), JoinEntry>,
     leases: HashMap<(String, String), (String, Instant)>,
     resolved: HashMap<String, HashSet<String>>,
+    executions: HashMap<(String, String), u32>,
 }
 
 /// In-process coordination: join arrivals, leases and resolved sets, with the same semantics as Redis.
@@ -500,10 +501,23 @@ impl Coordinator for MemoryCoordinator {
         Ok(())
     }
 
+    async fn count_execution(&self, run_id: &str, node_id: &str) -> StoreResult<u32> {
+        let mut s = lock(&self.state);
+        let count = s.executions.entry((run_id.to_string(), node_id.to_string())).or_default();
+        *count = count.saturating_add(1);
+        Ok(*count)
+    }
+
+    async fn clear_executions(&self, run_id: &str, node_id: &str) -> StoreResult<()> {
+        lock(&self.state).executions.remove(&(run_id.to_string(), node_id.to_string()));
+        Ok(())
+    }
+
     async fn forget(&self, run_id: &str, _node_ids: &[&str]) -> StoreResult<()> {
         let mut s = lock(&self.state);
         s.joins.retain(|(r, _), _| r != run_id);
         s.leases.retain(|(r, _), _| r != run_id);
+        s.executions.retain(|(r, _), _| r != run_id);
         s.resolved.remove(run_id);
         Ok(())
     }

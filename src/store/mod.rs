@@ -539,6 +539,12 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Whether anyone holds the lease of `(run, node)`.
     async fn lease_held(&self, run_id: &str, node_id: &str) -> StoreResult<bool>;
 
+    /// Count one more execution of `(run, node)` that may end with its worker's death, and return the count
+    /// (1 for the first). Cleared by [`Coordinator::clear_executions`] once an execution is recorded.
+    async fn count_execution(&self, run_id: &str, node_id: &str) -> StoreResult<u32>;
+    /// Forget the execution count of `(run, node)`.
+    async fn clear_executions(&self, run_id: &str, node_id: &str) -> StoreResult<()>;
+
     /// Add nodes to the run's resolved set; returns `true` when the set then holds `total` nodes.
     async fn resolve(&self, run_id: &str, node_ids: &[&str], total: usize) -> StoreResult<bool>;
 

@@ -10,10 +10,12 @@
 //! | `<prefix>:{<run>}:dec:<node>` | string | the fire-once flag `F:<source>` / `S:<source>` (`F:?` after a repair) |
 //! | `<prefix>:{<run>}:lease:<node>` | string | the execution lease token (own TTL) |
 //! | `<prefix>:{<run>}:resolved` | set | the run's resolved node ids |
+//! | `<prefix>:{<run>}:exec:<node>` | integer | executions of a suspect job that may have killed their worker |
 //!
 //! In the run segment, `%`, `{` and `}` are percent-encoded, so the hash tag always spans exactly the run id and
 //! two different runs never share a key. Every write refreshes the written keys' TTL (`key_ttl`); leases use
-//! their own TTL. Redis is a cache: everything here can be rebuilt from the run store ([`Coordinator::repair`]).
+//! their own TTL. Redis is a cache: everything here can be rebuilt from the run store ([`Coordinator::repair`]),
+//! except the execution counts, whose loss only gives a job that kills its worker a few more executions.
 
 use std::fmt;
 use std::sync::Arc;
@@ -401,6 +403,28 @@ impl Coordinator for RedisCoordinator {
         Ok(n > 0)
     }
 
+    async fn count_execution(&self, run_id: &str, node_id: &str) -> StoreResult<u32> {
+        let key = self.node_key(run_id, "exec", node_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("INCR").arg(&key).cmd("PEXPIRE").arg(&key).arg(self.key_ttl_ms()).ignore();
+        let mut conn = self.conn.clone();
+        let (count,): (u64,) = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("counting the executions of node {node_id} of run {run_id}"), e))?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    async fn clear_executions(&self, run_id: &str, node_id: &str) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let _: u64 = redis::cmd("UNLINK")
+            .arg(self.node_key(run_id, "exec", node_id))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("clearing the executions of node {node_id} of run {run_id}"), e))?;
+        Ok(())
+    }
+
     async fn resolve(&self, run_id: &str, node_ids: &[&str], total: usize) -> StoreResult<bool> {
         let key = self.resolved_key(run_id);
         let mut pipe = redis::pipe();
@@ -473,10 +497,10 @@ impl Coordinator for RedisCoordinator {
     async fn forget(&self, run_id: &str, node_ids: &[&str]) -> StoreResult<()> {
         // Every key of the run is known from its node ids: one UNLINK, no keyspace scan (all keys share the
         // run's hash slot).
-        let mut keys = Vec::with_capacity(node_ids.len() * 4 + 1);
+        let mut keys = Vec::with_capacity(node_ids.len() * 5 + 1);
         keys.push(self.resolved_key(run_id));
         for node in node_ids {
-            for kind in ["arr", "tak", "dec", "lease"] {
+            for kind in ["arr", "tak", "dec", "lease", "exec"] {
                 keys.push(self.node_key(run_id, kind, node));
             }
         }

@@ -128,6 +128,8 @@ pub mod cluster {
                 ("FLOWCRAFT_REDIS_PREFIX".into(), c.redis_prefix.clone()),
                 ("FLOWCRAFT_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
                 ("FLOWCRAFT_LEASE_TTL".into(), "2s".into()),
+                // The tests' own HTTP servers listen on loopback, which the http node denies by default.
+                ("FLOWCRAFT_HTTP_ALLOW".into(), "127.0.0.1".into()),
                 ("FLOWCRAFT_LOG".into(), "info,tokio_postgres=warn,lapin=warn".into()),
             ]
         }

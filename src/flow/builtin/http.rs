@@ -27,10 +27,11 @@ use tracing::debug;
 
 use super::{context_if_mentioned, parse_duration, vars};
 use crate::flow::egress::{EgressDenied, EgressPolicy};
-use crate::flow::expr::{ExprError, check_template, format_bytes, render_template, render_value};
+use crate::flow::expr::{ExprError, check_template, render_template, render_value};
 use crate::flow::limits::{HttpLimits, Limits};
 use crate::flow::node::{Node, NodeCtx, NodeError, NodeOutput};
 use crate::redact::{credentials, redact_url, scrub};
+use crate::text::format_bytes;
 
 /// At most this many characters of an error response's body go into the error message.
 const ERROR_BODY_CHARS: usize = 200;

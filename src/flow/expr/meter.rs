@@ -27,6 +27,7 @@ use cel::{Env, ExecutionError};
 use tokio_util::sync::CancellationToken;
 
 use super::EvalLimits;
+use crate::text::format_bytes;
 
 /// Charges between two looks at the clock and the cancellation token.
 const CLOCK_EVERY: u32 = 64;
@@ -54,23 +55,13 @@ impl std::fmt::Display for Exceeded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Exceeded::Cost(limit) => write!(f, "exceeded its cost budget of {limit} operations"),
-            Exceeded::Memory(limit) => write!(f, "built more than its memory budget of {} of values", bytes(*limit)),
+            Exceeded::Memory(limit) => {
+                write!(f, "built more than its memory budget of {} of values", format_bytes(*limit))
+            }
             Exceeded::Time(limit) => write!(f, "ran longer than its time limit of {} ms", limit.as_millis()),
             Exceeded::Cancelled => f.write_str("was cancelled (the node timed out)"),
         }
     }
-}
-
-/// A byte count for messages: `32 MiB`, `1.5 KiB`, `12 bytes`.
-pub(crate) fn bytes(n: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (unit, size) in UNITS {
-        if n >= size {
-            let value = n as f64 / size as f64;
-            return if value.fract() == 0.0 { format!("{value} {unit}") } else { format!("{value:.1} {unit}") };
-        }
-    }
-    format!("{n} bytes")
 }
 
 struct Meter {

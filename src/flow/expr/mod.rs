@@ -53,8 +53,9 @@ use cel::{Context, Env, ExecutionError, Value as CelValue};
 use serde_json::{Map, Number, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::text::shorten;
+
 pub use bounds::{MAX_DEPTH, MAX_NESTING, MAX_SOURCE_BYTES};
-pub(crate) use meter::bytes as format_bytes;
 
 /// A CEL expression failed to compile or evaluate.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -89,14 +90,6 @@ pub enum ExprError {
 const MESSAGE_EXPR_CHARS: usize = 120;
 /// Past this many characters an evaluation error's own message is shortened (it may quote values).
 const MESSAGE_CHARS: usize = 500;
-
-/// `text` cut to `max` characters, with `…` when cut.
-pub(crate) fn shorten(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        None => text.to_string(),
-        Some((end, _)) => format!("{}…", &text[..end]),
-    }
-}
 
 /// The bounds of one evaluation. Compilation checks the static ones (size, nesting, estimated cost against the
 /// default [`EvalLimits::DEFAULT_COST`]); these are enforced while evaluating.
