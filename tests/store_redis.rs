@@ -324,6 +324,22 @@ async fn repair_then_arrival_of_the_missing_source_fires() {
 }
 
 #[tokio::test]
+async fn execution_counts_grow_until_cleared_and_expire() {
+    let c = coordinator().await;
+    let prefix = c.config().prefix.clone();
+    for expected in 1..=3 {
+        assert_eq!(c.count_execution("r", "n").await.expect("count"), expected);
+    }
+    assert_eq!(c.count_execution("r", "other").await.expect("count"), 1, "per node");
+    assert_eq!(c.count_execution("r2", "n").await.expect("count"), 1, "per run");
+    let ttl = pttl(&format!("{prefix}:{{r}}:exec:n")).await;
+    assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
+    c.clear_executions("r", "n").await.expect("clear");
+    assert_eq!(c.count_execution("r", "n").await.expect("count"), 1);
+    c.clear_executions("r", "missing").await.expect("clearing nothing is fine");
+}
+
+#[tokio::test]
 async fn forget_removes_every_key_of_one_run_only() {
     let c = coordinator().await;
     let prefix = c.config().prefix.clone();
@@ -334,14 +350,15 @@ async fn forget_removes_every_key_of_one_run_only() {
         assert_eq!(arrive(&c, run, "j", "b", true, 2, false).await, Fire);
         c.acquire_lease(run, "j", Duration::from_secs(30)).await.expect("acquire").expect("acquired");
         c.resolve(run, &["a", "b"], 3).await.expect("resolve");
+        c.count_execution(run, "j").await.expect("count");
     }
     let all = keys(&format!("{prefix}:*")).await;
-    assert_eq!(all.len(), runs.len() * 5, "{all:?}");
+    assert_eq!(all.len(), runs.len() * 6, "{all:?}");
 
     for (i, run) in runs.iter().enumerate() {
         c.forget(run, &["j"]).await.expect("forget");
         let left = keys(&format!("{prefix}:*")).await;
-        assert_eq!(left.len(), (runs.len() - i - 1) * 5, "after forgetting {run:?}: {left:?}");
+        assert_eq!(left.len(), (runs.len() - i - 1) * 6, "after forgetting {run:?}: {left:?}");
         // The remaining runs are intact.
         for other in &runs[i + 1..] {
             assert_eq!(arrive(&c, other, "j", "b", true, 2, false).await, Fire);

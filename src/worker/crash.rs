@@ -10,8 +10,9 @@
 //!   during its execution is its own and no innocent job in flight is blamed.
 //! - Right before a suspect executes, its execution count (per run and node, in the coordinator) goes up; once
 //!   its result is recorded, the count is cleared. The count thus only grows while executions of that node end
-//!   with the worker's death (or its connection's loss). When it passes [`MAX_CRASHES`], the node is not
-//!   executed again: its run fails naming it and the job is dead-lettered.
+//!   with the worker's death (or its connection's loss): a suspect about to execute for the n-th time has seen
+//!   n deaths (the n - 1 counted executions and the one that made it a suspect). At [`MAX_CRASHES`] deaths the
+//!   node is not executed again: its run fails naming it and the job is dead-lettered.
 //!
 //! A first delivery pays nothing for this: no coordinator call, a shared turn.
 
@@ -19,7 +20,7 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::store::{Coordinator, StoreResult};
 
-/// Executions of one node that may end with its worker's death before the node is given up.
+/// Deaths of workers executing one node after which the node is given up.
 pub const MAX_CRASHES: u32 = 3;
 
 /// Gives suspect jobs their turn alone.
@@ -57,7 +58,7 @@ impl Turn<'_> {
             return Ok(None);
         }
         let executions = coord.count_execution(run_id, node_id).await?;
-        Ok((executions > MAX_CRASHES).then(|| {
+        Ok((executions >= MAX_CRASHES).then(|| {
             format!(
                 "node '{node_id}' was executing when its worker died {MAX_CRASHES} times (a stack overflow, an abort \
                  or the out-of-memory killer?); it is not executed again"
@@ -97,7 +98,7 @@ mod tests {
 
         let coord = MemoryCoordinator::new();
         let turn = guard.turn(true).await;
-        for _ in 0..MAX_CRASHES {
+        for _ in 1..MAX_CRASHES {
             assert_eq!(turn.count(&coord, "r", "n").await.unwrap(), None);
         }
         let reason = turn.count(&coord, "r", "n").await.unwrap().unwrap();

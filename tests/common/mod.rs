@@ -101,7 +101,7 @@ pub mod cluster {
             let cfg = AmqpConfig {
                 url: super::amqp_url(),
                 queue: self.conn.queue.clone(),
-                queue_type: QueueType::Quorum,
+                queue_type: self.conn.queue_type.parse().unwrap_or(QueueType::Quorum),
                 prefetch: self.conn.prefetch,
                 connection_name: format!("{}-test", self.name),
             };
@@ -121,6 +121,7 @@ pub mod cluster {
                 ("FLOWCRAFT_DATABASE_URL".into(), c.database_url.clone().unwrap_or_default()),
                 ("FLOWCRAFT_REDIS_URL".into(), c.redis_url.clone().unwrap_or_default()),
                 ("FLOWCRAFT_QUEUE".into(), c.queue.clone()),
+                ("FLOWCRAFT_QUEUE_TYPE".into(), c.queue_type.clone()),
                 ("FLOWCRAFT_PREFETCH".into(), c.prefetch.to_string()),
                 ("FLOWCRAFT_CONTEXTS_TABLE".into(), c.contexts_table.clone()),
                 ("FLOWCRAFT_STATUSES_TABLE".into(), c.statuses_table.clone()),
