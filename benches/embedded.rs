@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use flowcraft::embedded::Embedded;
+use flowcraft::flow::BlueprintSet;
 use flowcraft::flow::{Blueprint, ContextHandle, Graph, NodeCtx, Registry};
-use flowcraft::worker::BlueprintSet;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flowcraft::flow::BlueprintSet;
 use flowcraft::flow::{Blueprint, Graph, Registry};
 use flowcraft::reconciler::{ReconcileConfig, Reconciler, plan};
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{Coordinator, Job, JobQueue, RunStore};
-use flowcraft::worker::BlueprintSet;
 
 mod common;
 use common::{amqp_url, arg, chain, database_url, redis_url};

@@ -5,6 +5,20 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::flow::{EgressPolicy, HttpLimits, Limits};
+/// The job queue's default name (`FLOWCRAFT_QUEUE`).
+pub const DEFAULT_QUEUE: &str = "flowcraft-jobs";
+/// The job queue's default type (`FLOWCRAFT_QUEUE_TYPE`): `quorum` or `classic`.
+pub const DEFAULT_QUEUE_TYPE: &str = "quorum";
+/// Unacknowledged jobs per worker by default (`FLOWCRAFT_PREFETCH`).
+pub const DEFAULT_PREFETCH: u16 = 16;
+/// The default prefix of every Redis key (`FLOWCRAFT_REDIS_PREFIX`).
+pub const DEFAULT_REDIS_PREFIX: &str = "flowcraft";
+/// The default contexts table (`FLOWCRAFT_CONTEXTS_TABLE`).
+pub const DEFAULT_CONTEXTS_TABLE: &str = "flowcraft_contexts";
+/// The default statuses table (`FLOWCRAFT_STATUSES_TABLE`).
+pub const DEFAULT_STATUSES_TABLE: &str = "flowcraft_statuses";
+/// The default node results table (`FLOWCRAFT_RESULTS_TABLE`).
+pub const DEFAULT_RESULTS_TABLE: &str = "flowcraft_node_results";
 
 /// Where the services are and how the queue, tables and keys are named.
 #[derive(Debug, Clone, Args)]
@@ -19,26 +33,44 @@ pub struct ConnectionArgs {
     #[arg(long, env = "FLOWCRAFT_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
     /// The job queue's name.
-    #[arg(long, env = "FLOWCRAFT_QUEUE", default_value = "flowcraft-jobs", global = true)]
+    #[arg(long, env = "FLOWCRAFT_QUEUE", default_value = DEFAULT_QUEUE, global = true)]
     pub queue: String,
     /// The job queue's type: quorum or classic.
-    #[arg(long, env = "FLOWCRAFT_QUEUE_TYPE", default_value = "quorum", global = true)]
+    #[arg(long, env = "FLOWCRAFT_QUEUE_TYPE", default_value = DEFAULT_QUEUE_TYPE, global = true)]
     pub queue_type: String,
     /// Unacked jobs per worker (also the number of jobs processed at once).
-    #[arg(long, env = "FLOWCRAFT_PREFETCH", default_value_t = 16, global = true)]
+    #[arg(long, env = "FLOWCRAFT_PREFETCH", default_value_t = DEFAULT_PREFETCH, global = true)]
     pub prefetch: u16,
     /// The contexts table.
-    #[arg(long, env = "FLOWCRAFT_CONTEXTS_TABLE", default_value = "flowcraft_contexts", global = true)]
+    #[arg(long, env = "FLOWCRAFT_CONTEXTS_TABLE", default_value = DEFAULT_CONTEXTS_TABLE, global = true)]
     pub contexts_table: String,
     /// The statuses table.
-    #[arg(long, env = "FLOWCRAFT_STATUSES_TABLE", default_value = "flowcraft_statuses", global = true)]
+    #[arg(long, env = "FLOWCRAFT_STATUSES_TABLE", default_value = DEFAULT_STATUSES_TABLE, global = true)]
     pub statuses_table: String,
     /// The node results table.
-    #[arg(long, env = "FLOWCRAFT_RESULTS_TABLE", default_value = "flowcraft_node_results", global = true)]
+    #[arg(long, env = "FLOWCRAFT_RESULTS_TABLE", default_value = DEFAULT_RESULTS_TABLE, global = true)]
     pub results_table: String,
     /// Prefix of every Redis key.
-    #[arg(long, env = "FLOWCRAFT_REDIS_PREFIX", default_value = "flowcraft", global = true)]
+    #[arg(long, env = "FLOWCRAFT_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX, global = true)]
     pub redis_prefix: String,
+}
+
+impl Default for ConnectionArgs {
+    /// No service URL, and every name at its default.
+    fn default() -> Self {
+        Self {
+            amqp_url: None,
+            database_url: None,
+            redis_url: None,
+            queue: DEFAULT_QUEUE.to_string(),
+            queue_type: DEFAULT_QUEUE_TYPE.to_string(),
+            prefetch: DEFAULT_PREFETCH,
+            contexts_table: DEFAULT_CONTEXTS_TABLE.to_string(),
+            statuses_table: DEFAULT_STATUSES_TABLE.to_string(),
+            results_table: DEFAULT_RESULTS_TABLE.to_string(),
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
+        }
+    }
 }
 
 impl ConnectionArgs {

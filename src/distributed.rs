@@ -28,35 +28,43 @@ use tracing::{info, warn};
 use crate::admin::{self, Readiness};
 use crate::build_info;
 use crate::config::ConnectionArgs;
+use crate::flow::BlueprintSet;
 use crate::flow::Registry;
 use crate::metrics::WorkerMetrics;
-use crate::store::postgres::{PgConfig, PostgresStore};
+use crate::store::postgres::{PgConfig, PostgresStore, TableNames};
 use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
 use crate::store::redis::{RedisConfig, RedisCoordinator};
 use crate::store::{Coordinator, JobQueue, RunStore, StoreError};
-use crate::worker::{BlueprintSet, Worker, WorkerConfig, WorkerError};
+use crate::worker::{Worker, WorkerConfig, WorkerError};
 use crate::{Error, Result};
 
 impl ConnectionArgs {
     fn require<'a>(value: &'a Option<String>, flag: &str, env: &str) -> Result<&'a str, StoreError> {
-        value.as_deref().ok_or_else(|| StoreError::Config(format!("{flag} (or {env}) is required")))
+        value.as_deref().ok_or_else(|| StoreError::config(format!("{flag} (or {env}) is required")))
     }
 
     /// The PostgreSQL settings.
     pub fn pg_config(&self) -> Result<PgConfig, StoreError> {
         Ok(PgConfig {
             url: Self::require(&self.database_url, "--database-url", "FLOWCRAFT_DATABASE_URL")?.to_string(),
-            contexts_table: self.contexts_table.clone(),
-            statuses_table: self.statuses_table.clone(),
-            results_table: self.results_table.clone(),
+            tables: self.tables(),
             ..PgConfig::default()
         })
+    }
+
+    /// The table names.
+    pub fn tables(&self) -> TableNames {
+        TableNames {
+            contexts: self.contexts_table.clone(),
+            statuses: self.statuses_table.clone(),
+            results: self.results_table.clone(),
+        }
     }
 
     /// The RabbitMQ settings; `name` is the connection name shown by the broker.
     pub fn amqp_config(&self, name: &str) -> Result<AmqpConfig, StoreError> {
         let queue_type: QueueType = self.queue_type.parse().map_err(|_| {
-            StoreError::Config(format!("--queue-type must be quorum or classic, not '{}'", self.queue_type))
+            StoreError::config(format!("--queue-type must be quorum or classic, not '{}'", self.queue_type))
         })?;
         Ok(AmqpConfig {
             url: Self::require(&self.amqp_url, "--amqp-url", "FLOWCRAFT_AMQP_URL")?.to_string(),
@@ -88,9 +96,10 @@ where
     loop {
         match connect().await {
             Ok(v) => return Ok(v),
-            Err(e @ (StoreError::Config(_) | StoreError::SchemaTooNew { .. })) => return Err(e),
+            Err(e @ StoreError::SchemaTooNew { .. }) => return Err(e),
+            Err(e) if e.is_config() => return Err(e),
             Err(error) => {
-                warn!(service = what, error = %error, retry_in = ?delay, "Cannot connect; retrying.");
+                warn!(service = what, error = %crate::report::Chain(&error), retry_in = ?delay, "Cannot connect; retrying.");
                 tokio::select! {
                     _ = tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))) => {}
                     _ = shutdown.cancelled() => return Err(error),

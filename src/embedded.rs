@@ -7,11 +7,12 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, ClientError, RunResult};
+use crate::flow::BlueprintSet;
 use crate::flow::{Graph, Registry};
 use crate::metrics::WorkerMetrics;
 use crate::store::RunStore;
 use crate::store::memory::{MemoryCoordinator, MemoryQueue, MemoryStore};
-use crate::worker::{BlueprintSet, Worker, WorkerConfig};
+use crate::worker::{Worker, WorkerConfig};
 
 /// An embedded engine: in-memory queue, run store and coordinator plus a worker with `workers` concurrent tasks.
 pub struct Embedded {

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod build_info;
 pub mod client;
 pub mod config;
+pub mod crypto;
 pub mod distributed;
 pub mod embedded;
 pub mod flow;
@@ -23,11 +24,13 @@ pub mod metrics;
 pub mod operator;
 pub mod reconciler;
 pub mod redact;
+pub mod report;
 pub mod store;
 pub mod text;
 pub mod ui;
 pub mod worker;
 
+pub use crypto::install_crypto_provider;
 pub use flow::{Blueprint, Registry};
 
 /// The crate's error: one variant per module that can fail.
@@ -58,8 +61,3 @@ pub enum Error {
 
 /// Result with the crate's [`Error`] by default.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Install the process-wide rustls crypto provider (ring). Safe to call more than once.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}

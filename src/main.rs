@@ -1,27 +1,27 @@
 //! The `flowcraft` binary: CLI, worker, reconciler and operator in one (every flag also from `FLOWCRAFT_*`).
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
 use flowcraft::client::{self, ClientError, RunResult};
 use flowcraft::config::{ConnectionArgs, LimitArgs};
 use flowcraft::distributed::{self, WorkerOptions};
-use flowcraft::flow::{Blueprint, BlueprintError, Graph, Limits, Registry};
+use flowcraft::flow::{Blueprint, BlueprintError, BlueprintSet, BlueprintSource, Graph, Limits, Registry};
 use flowcraft::operator::OperatorConfig;
 use flowcraft::operator::policy::{DEFAULT_WORKER_SERVICE_ACCOUNT, PoolPolicy, image_repository};
 use flowcraft::reconciler::{ReconcileConfig, Reconciler};
 use flowcraft::store::postgres::PostgresStore;
 use flowcraft::store::postgres::TableNames;
 use flowcraft::store::{RunFilter, RunStatus, RunStore};
-use flowcraft::worker::BlueprintSet;
 
 /// Flowcraft: run workflow blueprints embedded or distributed on RabbitMQ, PostgreSQL and Redis.
 #[derive(Debug, Parser)]
@@ -235,7 +235,7 @@ fn main() -> ExitCode {
         Command::Worker { .. } | Command::Operator { .. } | Command::Reconcile { .. } | Command::Ui { .. }
     );
     init_tracing(cli.log_format, !long_running);
-    flowcraft::install_crypto_provider();
+    flowcraft::crypto::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -251,17 +251,8 @@ fn main() -> ExitCode {
                     || c.downcast_ref::<UsageError>().is_some()
                     || matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Input { .. }))
             });
-            let mut message = String::new();
-            for cause in e.chain() {
-                let text = cause.to_string();
-                if !message.contains(&text) {
-                    if !message.is_empty() {
-                        message.push_str(": ");
-                    }
-                    message.push_str(&text);
-                }
-            }
-            eprintln!("error: {message}");
+            // Every error prints its own message only; `{:#}` adds each cause once.
+            eprintln!("error: {e:#}");
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }
@@ -459,9 +450,7 @@ async fn reconcile(
     let stats = reconciler.run(&ReconcileConfig { stalled_threshold, batch_size }).await?;
     queue.close().await;
     if let Some(name) = schedule {
-        store
-            .record_reconcile_stats(name, started, stats.stalled_runs, stats.reconciled_runs, stats.failed_runs)
-            .await?;
+        store.record_reconcile_stats(name, started, &stats).await?;
     }
     match output {
         Output::Json => println!("{}", serde_json::to_string(&stats)?),
@@ -556,60 +545,124 @@ async fn run_distributed(
     Ok(exit_for(&result))
 }
 
-/// Validate blueprint files and Kubernetes manifests that hold blueprints (ConfigMaps).
+/// Validate blueprint files and Kubernetes manifests that hold blueprints (ConfigMaps) or Flowcraft resources.
+/// The blueprint files form one set, as a worker's directory does, and each ConfigMap one set, as a pool's
+/// does: every invalid source and every id defined twice in a set is reported, in the order given.
 fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
     let registry = Registry::with_builtins();
     let registry = (!allow_custom_nodes).then_some(&registry);
-    let mut failures = 0;
+    let mut sets: Vec<Vec<BlueprintSource>> = vec![Vec::new()];
+    let mut checks = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let origin = file.display().to_string();
-        let mut report = |name: String, r: Result<usize, String>| match r {
+        collect_checks(file, &mut sets, &mut checks);
+    }
+    let mut outcomes: Vec<HashMap<String, Result<usize, String>>> =
+        sets.into_iter().map(|sources| set_outcomes(sources, registry)).collect();
+    let mut failures = 0;
+    for check in checks {
+        let (name, outcome) = match check {
+            Check::Source { set, name } => {
+                let outcome = outcomes[set].remove(&name).unwrap_or(Ok(0));
+                (name, outcome)
+            }
+            Check::Resource { name, outcome } => (name, outcome),
+            Check::Skip(name) => {
+                println!("skip  {name} (not a blueprint or Flowcraft resource)");
+                continue;
+            }
+        };
+        match outcome {
             Ok(0) => println!("ok    {name}"),
             Ok(n) => println!("ok    {name} ({n} nodes)"),
             Err(e) => {
                 failures += 1;
                 println!("FAIL  {name}\n{e}");
             }
-        };
-        let docs: Vec<Value> = if is_json(file, &text) {
-            vec![
-                serde_json::from_str(&text)
-                    .map_err(|e| anyhow!(BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }))?,
-            ]
-        } else {
-            serde_saphyr::from_multiple(&text)
-                .map_err(|e| anyhow!(BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }))?
-        };
-        for doc in docs.into_iter().filter(|d| !d.is_null()) {
-            let kind = doc.get("kind").and_then(Value::as_str).map(str::to_string);
-            match kind.as_deref() {
-                Some("ConfigMap") => {
-                    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
-                    let data = doc.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
-                    for (key, value) in data {
-                        let label = format!("{origin}: ConfigMap {name} key {key}");
-                        let text = value.as_str().unwrap_or_default();
-                        report(label.clone(), check_blueprint(text, &label, registry));
-                    }
-                }
-                Some(kind @ ("FlowcraftWorkerPool" | "FlowcraftReconcileSchedule" | "FlowRun")) => {
-                    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
-                    report(format!("{origin}: {kind} {name}"), check_resource(kind, doc));
-                }
-                Some(kind) => println!("skip  {origin}: {kind} (not a blueprint or Flowcraft resource)"),
-                None => {
-                    let r = serde_json::from_value::<Blueprint>(doc)
-                        .map_err(|e| {
-                            BlueprintError::Parse { origin: origin.clone(), message: e.to_string() }.to_string()
-                        })
-                        .and_then(|bp| Graph::build(bp, registry).map(|g| g.node_count()).map_err(|e| e.to_string()));
-                    report(origin.clone(), r);
-                }
-            }
         }
     }
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+/// One line of `validate`'s report.
+enum Check {
+    /// A blueprint source of set `set`.
+    Source { set: usize, name: String },
+    /// A Flowcraft resource, or a file that could not be read or parsed.
+    Resource { name: String, outcome: Result<usize, String> },
+    /// A document of another kind.
+    Skip(String),
+}
+
+/// The checks of one file: its blueprint documents go to set 0, a ConfigMap's keys to a set of their own.
+fn collect_checks(file: &Path, sets: &mut Vec<Vec<BlueprintSource>>, checks: &mut Vec<Check>) {
+    let origin = file.display().to_string();
+    let docs = std::fs::read_to_string(file)
+        .map_err(|e| format!("  - cannot read {origin}: {e}"))
+        .and_then(|text| documents(file, &text).map(|docs| (text, docs)));
+    let (text, docs) = match docs {
+        Ok(found) => found,
+        Err(e) => return checks.push(Check::Resource { name: origin, outcome: Err(e) }),
+    };
+    let several = docs.len() > 1;
+    for (i, doc) in docs.into_iter().enumerate() {
+        let name = if several { format!("{origin} (document {})", i + 1) } else { origin.clone() };
+        let kind = doc.get("kind").and_then(Value::as_str).map(str::to_string);
+        let object = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?").to_string();
+        match kind.as_deref() {
+            Some("ConfigMap") => {
+                let data = doc.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
+                let sources: Vec<BlueprintSource> = data
+                    .into_iter()
+                    .map(|(key, value)| {
+                        let name = format!("{origin}: ConfigMap {object} key {key}");
+                        BlueprintSource::new(name, value.as_str().unwrap_or_default())
+                    })
+                    .collect();
+                checks.extend(sources.iter().map(|s| Check::Source { set: sets.len(), name: s.name.clone() }));
+                sets.push(sources);
+            }
+            Some(kind @ ("FlowcraftWorkerPool" | "FlowcraftReconcileSchedule" | "FlowRun")) => {
+                let outcome = check_resource(kind, doc);
+                checks.push(Check::Resource { name: format!("{origin}: {kind} {object}"), outcome });
+            }
+            Some(kind) => checks.push(Check::Skip(format!("{origin}: {kind}"))),
+            None => {
+                let text = if several { doc.to_string() } else { text.clone() };
+                sets[0].push(BlueprintSource::new(name.clone(), text));
+                checks.push(Check::Source { set: 0, name });
+            }
+        }
+    }
+}
+
+/// The JSON or YAML documents of a file (empty YAML documents left out).
+fn documents(file: &Path, text: &str) -> Result<Vec<Value>, String> {
+    let origin = file.display().to_string();
+    let parse_error = |message: String| BlueprintError::Parse { origin: origin.clone(), message }.to_string();
+    let docs: Vec<Value> = if is_json(file, text) {
+        vec![serde_json::from_str(text).map_err(|e| parse_error(e.to_string()))?]
+    } else {
+        serde_saphyr::from_multiple(text).map_err(|e| parse_error(e.to_string()))?
+    };
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Load one set of sources: each source's node count, or its problems.
+fn set_outcomes(sources: Vec<BlueprintSource>, registry: Option<&Registry>) -> HashMap<String, Result<usize, String>> {
+    let (set, failures) = BlueprintSet::collect(sources, registry);
+    let mut outcomes: HashMap<String, Result<usize, String>> = set
+        .graphs()
+        .filter_map(|g| set.source_of(g.id()).map(|source| (source.to_string(), Ok(g.node_count()))))
+        .collect();
+    for failure in failures {
+        let name = failure.source_name().unwrap_or_default().to_string();
+        let message = match failure {
+            BlueprintError::InSource { error, .. } => error.to_string(),
+            other => other.to_string(),
+        };
+        outcomes.insert(name, Err(message));
+    }
+    outcomes
 }
 
 /// Check a Flowcraft custom resource against the operator's types (the CRD schema) and its rules.
@@ -635,11 +688,6 @@ fn check_resource(kind: &str, doc: Value) -> Result<usize, String> {
         }
     }
     Ok(0)
-}
-
-fn check_blueprint(text: &str, origin: &str, registry: Option<&Registry>) -> Result<usize, String> {
-    let bp = Blueprint::parse(text, origin).map_err(|e| e.to_string())?;
-    Graph::build(bp, registry).map(|g| g.node_count()).map_err(|e| e.to_string())
 }
 
 fn is_json(path: &Path, text: &str) -> bool {

@@ -1,4 +1,4 @@
-//! Stalled-run detection and re-drive (DESIGN.md, "Reconciler"), generic over the store traits.
+//! Stalled-run detection and re-drive (docs/architecture.md, "The reconciler"), generic over the store traits.
 //!
 //! A run is stalled when it is `running` and its `updated_at` is older than the threshold (every job touches
 //! it, so a progressing run never is). Runs are claimed in bounded batches (`FOR UPDATE SKIP LOCKED` plus an
@@ -8,20 +8,21 @@
 //! coordinator's join state is repaired, and the ready nodes that are neither recorded nor under a live lease
 //! are published.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::flow::{Graph, JoinStrategy};
+use crate::flow::join::decide;
+use crate::flow::{BlueprintSet, Graph, JoinDecision, JoinStrategy};
+use crate::report::Chain;
+pub use crate::store::ReconcileStats;
 use crate::store::{
     Coordinator, Job, JobQueue, JoinState, NodeRecord, NodeStatus, RunInfo, RunStatus, RunStore, StoreError,
 };
-use crate::worker::BlueprintSet;
 
 /// How many runs of a batch are reconciled at once.
 const RUNS_AT_ONCE: usize = 16;
@@ -50,7 +51,7 @@ pub enum ReconcileError {
         have: String,
     },
     /// A store failed.
-    #[error("run {run_id}: {source}")]
+    #[error("run {run_id}")]
     Store {
         /// The run.
         run_id: String,
@@ -58,18 +59,6 @@ pub enum ReconcileError {
         #[source]
         source: StoreError,
     },
-}
-
-/// What one pass did: `{stalledRuns, reconciledRuns, failedRuns}`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReconcileStats {
-    /// Runs found stalled (and claimed).
-    pub stalled_runs: u64,
-    /// Stalled runs the pass re-drove (published jobs, recorded skips) or finished.
-    pub reconciled_runs: u64,
-    /// Stalled runs that could not be reconciled (unknown blueprint, unreadable state); logged.
-    pub failed_runs: u64,
 }
 
 /// Settings of a pass.
@@ -127,7 +116,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         let batch = config.batch_size.max(1);
         // Claiming touches `updated_at`; with a tiny threshold a run could be claimed again in the same pass.
         // A pass handles each run once and ends when a batch brings nothing new.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         loop {
             let runs = self.store.claim_stalled(config.stalled_threshold, batch).await?;
             let n = runs.len();
@@ -162,7 +151,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
                     }
                     Err(error) => {
                         stats.failed_runs += 1;
-                        warn!(run_id = %run.run_id, blueprint = %run.blueprint_id, error = %error, "Cannot reconcile run.");
+                        warn!(run_id = %run.run_id, blueprint = %run.blueprint_id, error = %Chain(&error), "Cannot reconcile run.");
                     }
                 }
             }
@@ -196,13 +185,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         if let Some(failed) =
             records.iter().find(|r| r.status == NodeStatus::Failed && graph.fallback(&r.node_id).is_none())
         {
-            let reason = format!(
-                "node '{}' failed after {} attempt(s): {}",
-                failed.node_id,
-                failed.attempts,
-                failed.error.as_deref().unwrap_or("unknown error")
-            );
-            let data = json!({ "error": reason, "node": failed.node_id });
+            let data = json!({ "error": failed.run_failure(), "node": failed.node_id });
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Failed);
             }
@@ -267,58 +250,23 @@ pub struct Plan {
     pub resolved: Vec<String>,
 }
 
-/// Replay the join rules over the recorded results (pure): arrivals from every resolved node, skip cascades,
-/// and the nodes that are ready.
+/// Replay the join rule over the recorded results (pure): arrivals from every resolved node, skip cascades,
+/// and the nodes that are ready. Linear in the run's records and the graph's effective edges.
 pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
-    let mut resolved: BTreeMap<String, NodeRecord> = records.iter().map(|r| (r.node_id.clone(), r.clone())).collect();
     let mut arrived: HashMap<String, BTreeSet<String>> = HashMap::new();
     let mut taken: HashMap<String, BTreeSet<String>> = HashMap::new();
-    let mut pending: Vec<NodeRecord> = resolved.values().cloned().collect();
-    let mut skipped = Vec::new();
-    loop {
-        for rec in pending.drain(..) {
-            for a in graph.arrivals(&rec) {
-                arrived.entry(a.target.clone()).or_default().insert(rec.node_id.clone());
-                if a.taken {
-                    taken.entry(a.target.clone()).or_default().insert(rec.node_id.clone());
-                }
-            }
-        }
-        // Cascade skips: an unrecorded node whose every arrival was skipped is skipped.
-        for node in graph.node_ids() {
-            if resolved.contains_key(node) {
-                continue;
-            }
-            let expected = graph.sources(node).len();
-            let got = arrived.get(node).map_or(0, BTreeSet::len);
-            let any_taken = taken.get(node).is_some_and(|t| !t.is_empty());
-            if expected > 0 && got >= expected && !any_taken {
-                let rec = NodeRecord::skipped(node);
-                resolved.insert(node.to_string(), rec.clone());
-                skipped.push(node.to_string());
-                pending.push(rec);
-            }
-        }
-        if pending.is_empty() {
-            break;
-        }
-    }
-    let mut ready = Vec::new();
-    let mut decided = Vec::new();
-    let mut joins = Vec::new();
+    let cascaded: Vec<NodeRecord> = skip_cascade(graph, records, &mut arrived, &mut taken);
+    let skipped: Vec<String> = cascaded.iter().map(|r| r.node_id.clone()).collect();
+    let resolved: HashSet<&str> = records.iter().chain(&cascaded).map(|r| r.node_id.as_str()).collect();
+    let (mut ready, mut decided, mut joins) = (Vec::new(), Vec::new(), Vec::new());
     for node in graph.node_ids() {
-        let sources = graph.sources(node);
-        let a = arrived.get(node).cloned().unwrap_or_default();
-        let t = taken.get(node).cloned().unwrap_or_default();
-        let fires = if sources.is_empty() {
-            true
-        } else if graph.join(node) == JoinStrategy::Any {
-            !t.is_empty()
-        } else {
-            a.len() >= sources.len() && !t.is_empty()
-        };
-        let skip = !sources.is_empty() && a.len() >= sources.len() && t.is_empty();
-        if sources.len() > 1 {
+        let (a, t) = (arrived.remove(node).unwrap_or_default(), taken.remove(node).unwrap_or_default());
+        let expected = graph.source_count(node);
+        let decision = decide(a.len(), t.len(), expected, graph.join(node));
+        if expected > 1 {
+            if decision != JoinDecision::Wait {
+                decided.push(node.to_string());
+            }
             if !a.is_empty() {
                 joins.push(JoinState {
                     node_id: node.to_string(),
@@ -326,17 +274,44 @@ pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
                     taken: t.into_iter().collect(),
                 });
             }
-            if fires || skip {
-                decided.push(node.to_string());
-            }
         }
-        if fires && !resolved.contains_key(node) {
+        if decision == JoinDecision::Fire && !resolved.contains(node) {
             ready.push(node.to_string());
         }
     }
-    let resolved_ok: Vec<String> =
-        resolved.values().filter(|r| graph.is_resolved_ok(r)).map(|r| r.node_id.clone()).collect();
-    Plan { ready, skipped, joins, decided, resolved: resolved_ok }
+    let resolved =
+        records.iter().chain(&cascaded).filter(|r| graph.is_resolved_ok(r)).map(|r| r.node_id.clone()).collect();
+    Plan { ready, skipped, joins, decided, resolved }
+}
+
+/// Send the arrivals of every record, skipping in turn each unrecorded node whose arrivals are all in and all
+/// skipped (the join rule says `Skip`); returns the nodes it skipped, in order.
+fn skip_cascade(
+    graph: &Graph,
+    records: &[NodeRecord],
+    arrived: &mut HashMap<String, BTreeSet<String>>,
+    taken: &mut HashMap<String, BTreeSet<String>>,
+) -> Vec<NodeRecord> {
+    let mut resolved: HashSet<String> = records.iter().map(|r| r.node_id.clone()).collect();
+    let mut skipped: Vec<NodeRecord> = Vec::new();
+    let mut pending: VecDeque<NodeRecord> = records.iter().cloned().collect();
+    while let Some(rec) = pending.pop_front() {
+        for a in graph.arrivals(&rec) {
+            let got = arrived.entry(a.target.clone()).or_default();
+            got.insert(rec.node_id.clone());
+            let took = taken.entry(a.target.clone()).or_default();
+            if a.taken {
+                took.insert(rec.node_id.clone());
+            }
+            let decision = decide(got.len(), took.len(), graph.source_count(&a.target), graph.join(&a.target));
+            if decision == JoinDecision::Skip && resolved.insert(a.target.clone()) {
+                let skip = NodeRecord::skipped(&a.target);
+                skipped.push(skip.clone());
+                pending.push_back(skip);
+            }
+        }
+    }
+    skipped
 }
 
 #[cfg(test)]
@@ -351,16 +326,7 @@ mod tests {
     }
 
     fn done(id: &str, taken: &[&str], action: Option<&str>) -> NodeRecord {
-        NodeRecord {
-            node_id: id.into(),
-            status: NodeStatus::Done,
-            action: action.map(str::to_string),
-            output: Value::Null,
-            taken: taken.iter().map(|s| s.to_string()).collect(),
-            attempts: 1,
-            error: None,
-            finished_at: None,
-        }
+        NodeRecord::done(id, Value::Null, action.map(str::to_string), taken.iter().map(|s| s.to_string()).collect(), 1)
     }
 
     #[test]

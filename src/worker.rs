@@ -1,14 +1,18 @@
-//! The job algorithm (DESIGN.md, "The job algorithm"), generic over the store traits: the same code runs the
-//! embedded mode on in-memory stores and `flowcraft worker` on RabbitMQ, PostgreSQL and Redis.
+//! The job algorithm (docs/architecture.md, "The job algorithm"), generic over the store traits: the same code
+//! runs the embedded mode on in-memory stores and `flowcraft worker` on RabbitMQ, PostgreSQL and Redis.
 //!
 //! Node code runs at least once; everything the engine records happens exactly once: a node's result is
 //! inserted only if absent and keeps its action and taken edges, join arrivals are set members, a join fires
 //! once, and a job is acked only after its result is committed and its successors are confirmed.
+//!
+//! A job goes through [`Worker::process`]: decode it, look its blueprint up, read the run, check the run may
+//! go on, then either route by the node's existing record or lease, execute, record and release
+//! ([`Worker::run_node`]), and finally send the record's arrivals, publish what fired and finish the run
+//! ([`Worker::propagate`]).
 
 mod crash;
 
-use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -20,19 +24,21 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::flow::join::decide;
 use crate::flow::limits;
-use crate::flow::{BlueprintError, ContextHandle, Graph, NodeCtx, NodeError, Registry};
+use crate::flow::{BlueprintError, BlueprintSet, ContextHandle, Graph, Node, NodeCtx, NodeError, NodeOutput, Registry};
 use crate::metrics::WorkerMetrics;
+use crate::report::Chain;
 use crate::store::{
-    Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, NodeRecord, NodeStatus, RecordOutcome,
-    RunStatus, RunStore, StoreError,
+    Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, LeaseToken, NodeRecord, NodeStatus,
+    RecordOutcome, RunStatus, RunStore, StoreError,
 };
 
 /// The worker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// A store failed while processing a job (the job is requeued).
-    #[error("job {job}: {source}")]
+    #[error("job {job}")]
     Store {
         /// The job (`run/node`).
         job: String,
@@ -43,63 +49,6 @@ pub enum WorkerError {
     /// The blueprints could not be loaded.
     #[error(transparent)]
     Blueprints(#[from] BlueprintError),
-}
-
-/// The validated blueprints a worker serves, by id.
-#[derive(Debug, Clone, Default)]
-pub struct BlueprintSet {
-    graphs: HashMap<String, Arc<Graph>>,
-}
-
-impl BlueprintSet {
-    /// An empty set.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Load and validate every blueprint file of a directory; every invalid file is reported.
-    pub fn load_dir(dir: &Path, registry: Option<&Registry>) -> Result<Self, BlueprintError> {
-        let mut set = Self::new();
-        let mut origins: HashMap<String, String> = HashMap::new();
-        for (path, bp) in crate::flow::Blueprint::load_dir(dir)? {
-            let origin = path.display().to_string();
-            if let Some(first) = origins.get(&bp.id) {
-                return Err(BlueprintError::DuplicateId { id: bp.id.clone(), first: first.clone(), second: origin });
-            }
-            origins.insert(bp.id.clone(), origin);
-            set.insert(Graph::build(bp, registry)?);
-        }
-        Ok(set)
-    }
-
-    /// Add a graph (replacing one with the same id).
-    pub fn insert(&mut self, graph: Graph) -> Arc<Graph> {
-        let g = Arc::new(graph);
-        self.graphs.insert(g.id().to_string(), g.clone());
-        g
-    }
-
-    /// The graph of a blueprint id.
-    pub fn get(&self, id: &str) -> Option<Arc<Graph>> {
-        self.graphs.get(id).cloned()
-    }
-
-    /// The blueprint ids, sorted.
-    pub fn ids(&self) -> Vec<String> {
-        let mut v: Vec<_> = self.graphs.keys().cloned().collect();
-        v.sort();
-        v
-    }
-
-    /// Number of blueprints.
-    pub fn len(&self) -> usize {
-        self.graphs.len()
-    }
-
-    /// Whether there is none.
-    pub fn is_empty(&self) -> bool {
-        self.graphs.is_empty()
-    }
 }
 
 /// Tuning of the worker.
@@ -124,6 +73,16 @@ impl Default for WorkerConfig {
             max_version_requeues: 30,
         }
     }
+}
+
+/// What running a node came to.
+enum Ran {
+    /// Its record (this delivery's or the first one's) and the job's outcome.
+    Recorded(NodeRecord, &'static str),
+    /// Another worker holds its lease: the job was sent back.
+    LeaseConflict,
+    /// It kept killing its workers: its run failed for this reason.
+    GaveUp(String),
 }
 
 /// How a delivery ends.
@@ -214,26 +173,12 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 self.infra_failures.store(0, Ordering::Relaxed);
                 self.metrics.outcome(outcome);
                 if let Err(error) = delivery.acker.ack().await {
-                    debug!(error = %error, "Ack failed; the broker will redeliver.");
+                    debug!(error = %Chain(&error), "Ack failed; the broker will redeliver.");
                 }
             }
-            Ok(Settle::DeadLetter(reason)) => {
-                let body = crate::text::shorten(&String::from_utf8_lossy(&delivery.body), LOGGED_BODY_CHARS);
-                warn!(reason = %reason, body = %body, "Dead-lettering job.");
-                self.metrics.outcome("dead_lettered");
-                self.metrics.dead_letters.inc();
-                match self.queue.dead_letter(&delivery.body, &reason).await {
-                    Ok(()) => {
-                        let _ = delivery.acker.ack().await;
-                    }
-                    Err(error) => {
-                        warn!(error = %error, "Dead-lettering failed; requeueing.");
-                        self.backoff_then_requeue(&delivery).await;
-                    }
-                }
-            }
+            Ok(Settle::DeadLetter(reason)) => self.dead_letter(&delivery, &reason).await,
             Err(error) => {
-                warn!(error = %error, "Job failed on infrastructure; requeueing after backoff.");
+                warn!(error = %Chain(&error), "Job failed on infrastructure; requeueing after backoff.");
                 self.metrics.outcome("requeued");
                 self.backoff_then_requeue(&delivery).await;
             }
@@ -242,151 +187,125 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         self.metrics.job_duration.observe(started.elapsed().as_secs_f64());
     }
 
+    /// Put a delivery on the dead-letter queue with its reason, then ack it (requeue it when that fails).
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) {
+        let body = crate::text::shorten(&String::from_utf8_lossy(&delivery.body), LOGGED_BODY_CHARS);
+        warn!(reason = %reason, body = %body, "Dead-lettering job.");
+        self.metrics.outcome("dead_lettered");
+        self.metrics.dead_letters.inc();
+        match self.queue.dead_letter(&delivery.body, reason).await {
+            Ok(()) => {
+                let _ = delivery.acker.ack().await;
+            }
+            Err(error) => {
+                warn!(error = %Chain(&error), "Dead-lettering failed; requeueing.");
+                self.backoff_then_requeue(delivery).await;
+            }
+        }
+    }
+
     async fn backoff_then_requeue(&self, delivery: &Delivery) {
         let n = self.infra_failures.fetch_add(1, Ordering::Relaxed).min(7);
         let delay = Duration::from_millis(100 * (1u64 << n)).min(Duration::from_secs(10));
         tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))).await;
         if let Err(error) = delivery.acker.requeue().await {
-            debug!(error = %error, "Requeue failed; the broker will redeliver.");
+            debug!(error = %Chain(&error), "Requeue failed; the broker will redeliver.");
         }
     }
 
-    /// Steps 1–7 of the job algorithm. `Err` means an infrastructure failure: the job is requeued.
+    /// The job algorithm, top to bottom. `Err` means an infrastructure failure: the job is requeued.
     async fn process(&self, body: &[u8], redelivered: bool) -> Result<Settle, WorkerError> {
-        // 1. Decode.
-        let job: Job = match serde_json::from_slice(body) {
-            Ok(j) => j,
-            Err(e) => return Ok(Settle::DeadLetter(format!("undecodable job: {e}"))),
+        // 1. Decode, and look the blueprint up (once).
+        let job = match decode(body) {
+            Ok(job) => job,
+            Err(reason) => return Ok(Settle::DeadLetter(reason)),
         };
-        if job.run_id.is_empty() || job.node_id.is_empty() || job.blueprint_id.is_empty() {
-            return Ok(Settle::DeadLetter("job has an empty runId, blueprintId or nodeId".into()));
-        }
         let store_err = |source| WorkerError::Store { job: format!("{}/{}", job.run_id, job.node_id), source };
-        // A blueprint or node this worker does not know may arrive with a rolling update (another pod may have
-        // it): send the job back a bounded number of times, then fail its run and dead-letter it.
-        let unknown = match self.blueprints.get(&job.blueprint_id) {
-            None => Some(format!(
-                "run {}: unknown blueprint '{}' (this worker serves: {})",
-                job.run_id,
-                job.blueprint_id,
-                self.blueprints.ids().join(", ")
-            )),
-            Some(g) if !g.contains(&job.node_id) => {
-                Some(format!("run {}: node '{}' is not in blueprint '{}'", job.run_id, job.node_id, job.blueprint_id))
-            }
-            Some(_) => None,
+        let graph = match self.graph_for(&job) {
+            Ok(graph) => graph,
+            Err(reason) => return self.send_back_or_fail(&job, reason).await.map_err(store_err),
         };
-        if let Some(reason) = unknown {
-            return self.send_back_or_fail(&job, reason).await.map_err(store_err);
-        }
-        let Some(graph) = self.blueprints.get(&job.blueprint_id) else {
-            return Ok(Settle::DeadLetter(format!("unknown blueprint '{}'", job.blueprint_id)));
+        // 2. Read the run; only running runs of this blueprint version get work.
+        let view = match self.view_for(&job, &graph).await.map_err(store_err)? {
+            Ok(view) => view,
+            Err(settle) => return Ok(settle),
         };
-        let deps = graph.input_dependencies(&job.node_id);
-        let view = match self.store.job_view(&job.run_id, &deps).await {
-            Ok(Some(v)) => v,
-            Ok(None) => return Ok(Settle::DeadLetter(format!("run {} does not exist", job.run_id))),
-            Err(StoreError::Corrupt { run_id, message }) => {
-                let reason = format!("run {run_id}: its stored state cannot be read: {message}");
-                self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await.map_err(store_err)?;
-                return Ok(Settle::DeadLetter(reason));
-            }
-            Err(e) => return Err(store_err(e)),
-        };
-        // 2. Only running runs get work.
-        if view.run.status != RunStatus::Running {
-            return Ok(Settle::Ack("skipped"));
+        if let Some(settle) = self.admit(&job, &graph, &view).await.map_err(store_err)? {
+            return Ok(settle);
         }
-        if view.run.blueprint_id != job.blueprint_id {
-            return Ok(Settle::DeadLetter(format!(
-                "run {} belongs to blueprint '{}', not '{}'",
-                job.run_id, view.run.blueprint_id, job.blueprint_id
-            )));
-        }
-        if view.run.blueprint_version.as_deref() != graph.version() {
-            let reason = format!(
-                "run {} was started with version {} of blueprint '{}' but this worker serves version {}",
-                job.run_id,
-                view.run.blueprint_version.as_deref().unwrap_or("(none)"),
-                job.blueprint_id,
-                graph.version().unwrap_or("(none)")
-            );
-            return self.send_back_or_fail(&job, reason).await.map_err(store_err);
-        }
-        // 3. Already recorded: route as the first delivery did. 4–5. Else lease, execute, record.
-        let existing = view.record(&job.node_id).cloned();
-        let (record, outcome) = match existing {
-            Some(r) => (r, "duplicate"),
-            None => {
-                // A job that may have been executing when a worker died executes alone (see `crash`).
-                let turn = self.crashes.turn(redelivered || job.attempt > 0).await;
-                let lease = self
-                    .coord
-                    .acquire_lease(&job.run_id, &job.node_id, self.config.lease_ttl)
-                    .await
-                    .map_err(store_err)?;
-                let Some(token) = lease else {
-                    // Another worker runs this node: come back later (growing delay, at most one lease TTL).
-                    let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
-                    let delay = self
-                        .config
-                        .lease_retry_delay
-                        .saturating_mul(1 << job.attempt.min(5))
-                        .min(self.config.lease_ttl);
-                    self.queue.publish_delayed(&again, delay).await.map_err(store_err)?;
-                    return Ok(Settle::Ack("lease_conflict"));
-                };
-                let given_up = turn.count(&*self.coord, &job.run_id, &job.node_id).await;
-                if !matches!(given_up, Ok(None)) {
-                    let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
-                    let reason = given_up.map_err(store_err)?.unwrap_or_default();
-                    self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await.map_err(store_err)?;
-                    return Ok(Settle::DeadLetter(reason));
-                }
-                let executed = self.execute_with_lease(&graph, &job, &view, &token).await;
-                // Release the context snapshot first: the in-memory store then updates it without a copy.
-                drop(view);
-                let recorded = match self.store.record(&job.run_id, &executed.record, &executed.writes).await {
-                    Err(StoreError::Rejected(why)) => {
-                        // The result itself cannot be stored (e.g. a NUL character): retrying would loop forever.
-                        warn!(run_id = %job.run_id, node = %job.node_id, error = %why, "Result rejected by the store; recording the node as failed.");
-                        let failed = NodeRecord {
-                            status: NodeStatus::Failed,
-                            action: None,
-                            output: Value::Null,
-                            taken: graph.route_failure(&job.node_id).taken,
-                            error: Some(clean(&format!("the node's result cannot be stored: {why}"))),
-                            ..executed.record.clone()
-                        };
-                        self.store.record(&job.run_id, &failed, &Map::new()).await.map(|o| (o, failed))
-                    }
-                    other => other.map(|o| (o, executed.record.clone())),
-                };
-                // The lease is kept after a successful record (it expires by itself): a duplicate job that read
-                // its view before the record existed then cannot take the lease and run the node again.
-                // It is released only when recording failed, so that a redelivery can retry at once.
-                let (recorded, mine) = match recorded {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
-                        return Err(store_err(e));
-                    }
-                };
-                turn.survived(&*self.coord, &job.run_id, &job.node_id).await;
-                match recorded {
-                    RecordOutcome::Inserted => {
-                        let outcome = if mine.status == NodeStatus::Done { "done" } else { "failed" };
-                        (mine, outcome)
-                    }
-                    RecordOutcome::Existing(first) => (first, "duplicate"),
-                }
-            }
+        // 3. Already recorded: route as the first delivery did. 4–5. Else lease, execute, record, release.
+        let (record, outcome) = match view.record(&job.node_id).cloned() {
+            Some(record) => (record, "duplicate"),
+            None => match self.run_node(&graph, &job, view, redelivered).await.map_err(store_err)? {
+                Ran::Recorded(record, outcome) => (record, outcome),
+                Ran::LeaseConflict => return Ok(Settle::Ack("lease_conflict")),
+                Ran::GaveUp(reason) => return Ok(Settle::DeadLetter(reason)),
+            },
         };
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-record");
-        // 6–7. Route, fire joins, publish, finish the run.
+        // 6–7. Send the arrivals, fire joins, publish, finish the run.
         self.propagate(&graph, &job, &record).await.map_err(store_err)?;
         Ok(Settle::Ack(outcome))
+    }
+
+    /// The graph of the job's blueprint, or why this worker cannot serve the job. A blueprint or node this
+    /// worker does not know may arrive with a rolling update (another pod may have it).
+    fn graph_for(&self, job: &Job) -> Result<Arc<Graph>, String> {
+        let Some(graph) = self.blueprints.get(&job.blueprint_id) else {
+            let serves = self.blueprints.ids().join(", ");
+            return Err(format!(
+                "run {}: unknown blueprint '{}' (this worker serves: {serves})",
+                job.run_id, job.blueprint_id
+            ));
+        };
+        if !graph.contains(&job.node_id) {
+            return Err(format!(
+                "run {}: node '{}' is not in blueprint '{}'",
+                job.run_id, job.node_id, job.blueprint_id
+            ));
+        }
+        Ok(graph)
+    }
+
+    /// The run's view for the job (status, context, the records its input needs); a job of a run that does not
+    /// exist or cannot be read is dead-lettered (the unreadable run fails).
+    async fn view_for(&self, job: &Job, graph: &Graph) -> Result<Result<JobView, Settle>, StoreError> {
+        match self.store.job_view(&job.run_id, &graph.input_dependencies(&job.node_id)).await {
+            Ok(Some(view)) => Ok(Ok(view)),
+            Ok(None) => Ok(Err(Settle::DeadLetter(format!("run {} does not exist", job.run_id)))),
+            Err(error @ StoreError::Corrupt { .. }) => {
+                let reason = format!("its stored state cannot be read: {}", Chain(&error));
+                self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await?;
+                Ok(Err(Settle::DeadLetter(reason)))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the run may go on with this job: `Some` settles the job instead (the run ended, belongs to
+    /// another blueprint, or was started with another version of it).
+    async fn admit(&self, job: &Job, graph: &Graph, view: &JobView) -> Result<Option<Settle>, StoreError> {
+        if view.run.status != RunStatus::Running {
+            return Ok(Some(Settle::Ack("skipped")));
+        }
+        if view.run.blueprint_id != job.blueprint_id {
+            return Ok(Some(Settle::DeadLetter(format!(
+                "run {} belongs to blueprint '{}', not '{}'",
+                job.run_id, view.run.blueprint_id, job.blueprint_id
+            ))));
+        }
+        if view.run.blueprint_version.as_deref() == graph.version() {
+            return Ok(None);
+        }
+        let reason = format!(
+            "run {} was started with version {} of blueprint '{}' but this worker serves version {}",
+            job.run_id,
+            view.run.blueprint_version.as_deref().unwrap_or("(none)"),
+            job.blueprint_id,
+            graph.version().unwrap_or("(none)")
+        );
+        self.send_back_or_fail(job, reason).await.map(Some)
     }
 
     /// A job this worker cannot serve yet (unknown blueprint or node, other blueprint version): send it back
@@ -413,111 +332,100 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         Ok(())
     }
 
-    async fn execute_with_lease(
-        &self,
-        graph: &Arc<Graph>,
-        job: &Job,
-        view: &JobView,
-        token: &crate::store::LeaseToken,
-    ) -> Executed {
-        let stop = CancellationToken::new();
-        let keeper = {
-            let coord = self.coord.clone();
-            let store = self.store.clone();
-            let (run, node, token) = (job.run_id.clone(), job.node_id.clone(), token.clone());
-            let ttl = self.config.lease_ttl;
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let every = (ttl / 3).max(Duration::from_millis(100));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(every) => {
-                            match coord.extend_lease(&run, &node, &token, ttl).await {
-                                Ok(true) => {}
-                                Ok(false) => warn!(run_id = %run, node = %node, "Execution lease lost while the node runs."),
-                                Err(error) => warn!(run_id = %run, node = %node, error = %error, "Cannot extend the execution lease."),
-                            }
-                            // A long node is progress: keep the run from looking stalled.
-                            if let Err(error) = store.touch(&run).await {
-                                debug!(run_id = %run, error = %error, "Cannot touch the run while the node runs.");
-                            }
-                        }
-                    }
-                }
-            })
+    /// Steps 4–5: take the node's execution lease, execute it, record its result, and release the lease if the
+    /// record failed. A job that may have been executing when a worker died executes alone, and a job that kept
+    /// killing its workers gives up (see `crash`).
+    async fn run_node(&self, graph: &Graph, job: &Job, view: JobView, redelivered: bool) -> Result<Ran, StoreError> {
+        let turn = self.crashes.turn(redelivered || job.attempt > 0).await;
+        let Some(token) = self.coord.acquire_lease(&job.run_id, &job.node_id, self.config.lease_ttl).await? else {
+            // Another worker runs this node: come back later (growing delay, at most one lease TTL).
+            let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
+            let delay =
+                self.config.lease_retry_delay.saturating_mul(1 << job.attempt.min(5)).min(self.config.lease_ttl);
+            self.queue.publish_delayed(&again, delay).await?;
+            return Ok(Ran::LeaseConflict);
         };
+        let given_up = turn.count(&*self.coord, &job.run_id, &job.node_id).await;
+        if !matches!(given_up, Ok(None)) {
+            let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
+            let reason = given_up?.unwrap_or_default();
+            self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await?;
+            return Ok(Ran::GaveUp(reason));
+        }
+        let executed = self.execute_with_lease(graph, job, &view, &token).await;
+        // Release the context snapshot first: the in-memory store then updates it without a copy.
+        drop(view);
+        // The lease is kept after a successful record (it expires by itself): a duplicate job that read its view
+        // before the record existed then cannot take the lease and run the node again. It is released only when
+        // recording failed, so that a redelivery can retry at once.
+        let recorded = match self.record(graph, job, executed).await {
+            Ok(recorded) => recorded,
+            Err(error) => {
+                let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
+                return Err(error);
+            }
+        };
+        turn.survived(&*self.coord, &job.run_id, &job.node_id).await;
+        Ok(match recorded {
+            (RecordOutcome::Inserted, mine) => {
+                let outcome = if mine.status == NodeStatus::Done { "done" } else { "failed" };
+                Ran::Recorded(mine, outcome)
+            }
+            (RecordOutcome::Existing(first), _) => Ran::Recorded(first, "duplicate"),
+        })
+    }
+
+    /// Record an executed node. A result the store rejects (e.g. a NUL character) is recorded as a failure of
+    /// the node instead: retrying the same write would loop forever.
+    async fn record(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        executed: Executed,
+    ) -> Result<(RecordOutcome, NodeRecord), StoreError> {
+        match self.store.record(&job.run_id, &executed.record, &executed.writes).await {
+            Ok(outcome) => Ok((outcome, executed.record)),
+            Err(error @ StoreError::Rejected { .. }) => {
+                let why = Chain(&error).to_string();
+                warn!(run_id = %job.run_id, node = %job.node_id, error = %why, "Result rejected by the store; recording the node as failed.");
+                let error = format!("the node's result cannot be stored: {why}");
+                let taken = graph.route_failure(&job.node_id).taken;
+                let failed = NodeRecord::failed(&job.node_id, &clean(&error), taken, executed.record.attempts);
+                let outcome = self.store.record(&job.run_id, &failed, &Map::new()).await?;
+                Ok((outcome, failed))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Execute the node while a keeper task extends its lease and touches the run (a long node is progress).
+    async fn execute_with_lease(&self, graph: &Graph, job: &Job, view: &JobView, token: &LeaseToken) -> Executed {
+        let stop = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lease(
+            self.coord.clone(),
+            self.store.clone(),
+            (job.run_id.clone(), job.node_id.clone(), token.clone()),
+            self.config.lease_ttl,
+            stop.clone(),
+        ));
         // Stops the keeper even if execution unwinds (a panic in engine code is contained by `handle`).
-        let guard = stop.clone().drop_guard();
+        let guard = stop.drop_guard();
         let executed = execute(graph, &self.registry, &self.metrics, job, view).await;
         drop(guard);
         let _ = keeper.await;
         executed
     }
 
-    /// Steps 6–7: send the record's arrivals, fire or skip joins (skips cascade), publish fired jobs (confirmed),
-    /// then finish the run when every node is resolved or a node failed without fallback.
+    /// Steps 6–7: fail the run for a node that failed without fallback; else send the record's arrivals (skips
+    /// cascade), record the skipped nodes, publish the fired jobs (confirmed), and complete the run when every
+    /// node is resolved.
     async fn propagate(&self, graph: &Graph, job: &Job, record: &NodeRecord) -> Result<(), StoreError> {
-        let run_id = job.run_id.as_str();
         if record.status == NodeStatus::Failed && graph.fallback(&record.node_id).is_none() {
-            let reason = format!(
-                "node '{}' failed after {} attempt(s): {}",
-                record.node_id,
-                record.attempts,
-                record.error.as_deref().unwrap_or("unknown error")
-            );
-            if self
-                .store
-                .finish_run(run_id, RunStatus::Failed, &json!({ "error": reason, "node": record.node_id }))
-                .await?
-            {
-                self.metrics.run_finished(RunStatus::Failed);
-                warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
-                let nodes: Vec<&str> = graph.node_ids().collect();
-                let _ = self.coord.forget(run_id, &nodes).await;
-            }
-            return Ok(());
+            return self.fail_run_at(graph, &job.run_id, record).await;
         }
-        let mut jobs: Vec<Job> = Vec::new();
-        let mut skipped: Vec<String> = Vec::new();
-        let mut queue: VecDeque<NodeRecord> = VecDeque::from([record.clone()]);
-        while let Some(rec) = queue.pop_front() {
-            for arrival in graph.arrivals(&rec) {
-                let expected = graph.source_count(&arrival.target);
-                let decision = if expected <= 1 {
-                    if arrival.taken { JoinDecision::Fire } else { JoinDecision::Skip }
-                } else {
-                    self.coord
-                        .arrive(&JoinArrival {
-                            run_id,
-                            node_id: &arrival.target,
-                            source: &rec.node_id,
-                            taken: arrival.taken,
-                            expected,
-                            any: graph.join(&arrival.target) == crate::flow::JoinStrategy::Any,
-                        })
-                        .await?
-                };
-                match decision {
-                    JoinDecision::Fire => {
-                        let mut next = Job::new(run_id, &job.blueprint_id, &arrival.target);
-                        if expected > 1 && graph.join(&arrival.target) == crate::flow::JoinStrategy::Any {
-                            next.source = Some(rec.node_id.clone());
-                        }
-                        jobs.push(next);
-                    }
-                    JoinDecision::Skip => {
-                        if !skipped.contains(&arrival.target) {
-                            skipped.push(arrival.target.clone());
-                            queue.push_back(NodeRecord::skipped(&arrival.target));
-                        }
-                    }
-                    JoinDecision::Wait => {}
-                }
-            }
-        }
+        let (jobs, skipped) = self.arrive_all(graph, job, record).await?;
         if !skipped.is_empty() {
-            self.store.record_skipped(run_id, &skipped).await?;
+            self.store.record_skipped(&job.run_id, &skipped).await?;
         }
         if !jobs.is_empty() {
             self.queue.publish(&jobs).await?;
@@ -526,15 +434,113 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         failpoint("after-publish");
         let mut resolved: Vec<&str> = vec![record.node_id.as_str()];
         resolved.extend(skipped.iter().map(String::as_str));
-        if self.coord.resolve(run_id, &resolved, graph.node_count()).await? {
-            if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await? {
+        if self.coord.resolve(&job.run_id, &resolved, graph.node_count()).await? {
+            if self.store.finish_run(&job.run_id, RunStatus::Completed, &json!({})).await? {
                 self.metrics.run_finished(RunStatus::Completed);
-                info!(run_id, blueprint = %job.blueprint_id, "Run completed.");
+                info!(run_id = %job.run_id, blueprint = %job.blueprint_id, "Run completed.");
             }
-            let nodes: Vec<&str> = graph.node_ids().collect();
-            let _ = self.coord.forget(run_id, &nodes).await;
+            self.forget(graph, &job.run_id).await;
         }
         Ok(())
+    }
+
+    /// A node failed without fallback: the run fails, naming it.
+    async fn fail_run_at(&self, graph: &Graph, run_id: &str, record: &NodeRecord) -> Result<(), StoreError> {
+        let reason = record.run_failure();
+        let data = json!({ "error": reason, "node": record.node_id });
+        if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
+            self.metrics.run_finished(RunStatus::Failed);
+            warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
+            self.forget(graph, run_id).await;
+        }
+        Ok(())
+    }
+
+    async fn forget(&self, graph: &Graph, run_id: &str) {
+        let nodes: Vec<&str> = graph.node_ids().collect();
+        let _ = self.coord.forget(run_id, &nodes).await;
+    }
+
+    /// Send the arrivals of `record` and of every node it skips in turn: the jobs that fired and the nodes
+    /// skipped. A node with one predecessor decides by the join rule at once; joins decide in the coordinator.
+    async fn arrive_all(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        record: &NodeRecord,
+    ) -> Result<(Vec<Job>, Vec<String>), StoreError> {
+        let mut jobs = Vec::new();
+        let mut skipped = Vec::new();
+        let mut seen = HashSet::new();
+        let mut queue = VecDeque::from([record.clone()]);
+        while let Some(rec) = queue.pop_front() {
+            for arrival in graph.arrivals(&rec) {
+                let (expected, strategy) = (graph.source_count(&arrival.target), graph.join(&arrival.target));
+                let decision = if expected <= 1 {
+                    decide(1, usize::from(arrival.taken), 1, strategy)
+                } else {
+                    let node_id = arrival.target.as_str();
+                    let (source, taken) = (rec.node_id.as_str(), arrival.taken);
+                    let run_id = job.run_id.as_str();
+                    self.coord.arrive(&JoinArrival { run_id, node_id, source, taken, expected, strategy }).await?
+                };
+                match decision {
+                    JoinDecision::Fire => jobs.push(next_job(job, &arrival.target, &rec.node_id, expected, strategy)),
+                    JoinDecision::Skip if seen.insert(arrival.target.clone()) => {
+                        queue.push_back(NodeRecord::skipped(&arrival.target));
+                        skipped.push(arrival.target);
+                    }
+                    JoinDecision::Skip | JoinDecision::Wait => {}
+                }
+            }
+        }
+        Ok((jobs, skipped))
+    }
+}
+
+/// Step 1: a job from a message body, or why it is dead-lettered.
+fn decode(body: &[u8]) -> Result<Job, String> {
+    let job: Job = serde_json::from_slice(body).map_err(|e| format!("undecodable job: {e}"))?;
+    if job.run_id.is_empty() || job.node_id.is_empty() || job.blueprint_id.is_empty() {
+        return Err("job has an empty runId, blueprintId or nodeId".into());
+    }
+    Ok(job)
+}
+
+/// The job of a node that fired; an `any` join's job names the predecessor that fired it (its input).
+fn next_job(job: &Job, target: &str, source: &str, expected: usize, strategy: crate::flow::JoinStrategy) -> Job {
+    let mut next = Job::new(&job.run_id, &job.blueprint_id, target);
+    if expected > 1 && strategy == crate::flow::JoinStrategy::Any {
+        next.source = Some(source.to_string());
+    }
+    next
+}
+
+/// Extend the lease of `(run, node)` every third of its TTL and touch the run, until `stop` fires.
+async fn keep_lease<S: RunStore, C: Coordinator>(
+    coord: Arc<C>,
+    store: Arc<S>,
+    (run, node, token): (String, String, LeaseToken),
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match coord.extend_lease(&run, &node, &token, ttl).await {
+            Ok(true) => {}
+            Ok(false) => warn!(run_id = %run, node = %node, "Execution lease lost while the node runs."),
+            Err(error) => {
+                warn!(run_id = %run, node = %node, error = %Chain(&error), "Cannot extend the execution lease.")
+            }
+        }
+        // A long node is progress: keep the run from looking stalled.
+        if let Err(error) = store.touch(&run).await {
+            debug!(run_id = %run, error = %Chain(&error), "Cannot touch the run while the node runs.");
+        }
     }
 }
 
@@ -545,48 +551,32 @@ struct Executed {
     writes: Map<String, Value>,
 }
 
+impl Executed {
+    /// The node failed after `attempts` attempts (its fallback, if any, takes over).
+    fn failed(graph: &Graph, node_id: &str, attempts: u32, error: &str) -> Self {
+        let record = NodeRecord::failed(node_id, &clean(error), graph.route_failure(node_id).taken, attempts);
+        Self { record, writes: Map::new() }
+    }
+}
+
 /// Step 5: compute the input, run the attempts (timeout, retries with backoff, panics caught), route.
-async fn execute(
-    graph: &Arc<Graph>,
-    registry: &Registry,
-    metrics: &WorkerMetrics,
-    job: &Job,
-    view: &JobView,
-) -> Executed {
+async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, job: &Job, view: &JobView) -> Executed {
     let node_id = job.node_id.as_str();
-    let failed = |attempts: u32, error: String| Executed {
-        record: NodeRecord {
-            node_id: node_id.to_string(),
-            status: NodeStatus::Failed,
-            action: None,
-            output: Value::Null,
-            taken: graph.route_failure(node_id).taken,
-            attempts,
-            error: Some(clean(&error)),
-            finished_at: None,
-        },
-        writes: Map::new(),
-    };
     let Some(def) = graph.node(node_id) else {
-        return failed(0, format!("node '{node_id}' is not in blueprint '{}'", graph.id()));
+        return Executed::failed(graph, node_id, 0, &format!("node '{node_id}' is not in blueprint '{}'", graph.id()));
     };
     let Some(implementation) = registry.get(&def.uses) else {
-        return failed(0, format!("no implementation is registered for uses '{}' (node '{node_id}')", def.uses));
+        let error = format!("no implementation is registered for uses '{}' (node '{node_id}')", def.uses);
+        return Executed::failed(graph, node_id, 0, &error);
     };
     let records: HashMap<&str, &NodeRecord> = view.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
-    let input = match graph.input_for(node_id, &view.run.input, &view.context, &records, job.source.as_deref()) {
-        Ok(i) => i,
-        Err(e) => return failed(0, e.to_string()),
-    };
+    let input = graph.input_for(node_id, &view.run.input, &view.context, &records, job.source.as_deref());
     let policy = graph.policy(node_id).cloned().unwrap_or_default();
-    let mut last_error = String::new();
     let mut attempt = 0;
-    while attempt < policy.attempts {
+    loop {
         attempt += 1;
         // A fresh handle per attempt: a timed-out attempt that still writes cannot leak into the next one.
         let context = ContextHandle::shared(view.context.clone());
-        metrics.executions.inc();
-        let cancel = CancellationToken::new();
         let ctx = NodeCtx {
             run_id: job.run_id.clone(),
             blueprint_id: job.blueprint_id.clone(),
@@ -595,82 +585,23 @@ async fn execute(
             params: def.params.clone(),
             attempt,
             context: context.clone(),
-            cancel: cancel.clone(),
+            cancel: CancellationToken::new(),
         };
-        let node = implementation.clone();
+        metrics.executions.inc();
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint_at("execute", node_id);
-        let handle = tokio::spawn(async move { node.run(ctx).await });
-        let abort = handle.abort_handle();
-        let joined = match policy.timeout {
-            Some(t) => match tokio::time::timeout(t, handle).await {
-                Ok(j) => j,
-                Err(_) => {
-                    cancel.cancel();
-                    abort.abort();
-                    Ok(Err(NodeError::retryable(format!("timed out after {} ms", t.as_millis()))))
-                }
-            },
-            None => handle.await,
+        let error = match run_attempt(implementation.clone(), ctx, policy.timeout).await {
+            Ok(out) => return routed(graph, job, &input, out, &context, attempt, registry.limits().max_payload_bytes),
+            Err(error) => error,
         };
-        let result = match joined {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => {
-                Err(NodeError::fatal(format!("node panicked: {}", panic_message(e.into_panic()))))
-            }
-            Err(e) => Err(NodeError::fatal(format!("node task ended: {e}"))),
-        };
-        match result {
-            Ok(out) => {
-                let ctx_value = if graph.routing_uses_context() { context.to_value() } else { Value::Null };
-                return match graph.route(node_id, &out.output, out.action.as_deref(), &input, &ctx_value) {
-                    Ok(routing) => {
-                        let mut writes = context.writes();
-                        // `_outputs.*` and `_inputs.*` belong to the engine: a node cannot overwrite another's.
-                        writes.retain(|key, _| {
-                            let owned = key.starts_with("_outputs.") || key.starts_with("_inputs.");
-                            if owned {
-                                warn!(run_id = %job.run_id, node = %node_id, key = %key, "Ignoring a context write to an engine-owned key.");
-                            }
-                            !owned
-                        });
-                        for (target, value) in routing.inputs {
-                            writes.insert(crate::flow::edge_input_key(&target, node_id), value);
-                        }
-                        let max = registry.limits().max_payload_bytes;
-                        if let Err(e) = limits::check_node_result(max, node_id, &out.output, &writes) {
-                            return failed(attempt, e.to_string());
-                        }
-                        Executed {
-                            record: NodeRecord {
-                                node_id: node_id.to_string(),
-                                status: NodeStatus::Done,
-                                action: out.action,
-                                output: out.output,
-                                taken: routing.taken,
-                                attempts: attempt,
-                                error: None,
-                                finished_at: None,
-                            },
-                            writes,
-                        }
-                    }
-                    Err(e) => failed(attempt, e.to_string()),
-                };
-            }
-            Err(e) => {
-                last_error = e.message.clone();
-                let more = e.retryable && attempt < policy.attempts;
-                warn!(run_id = %job.run_id, node = %node_id, attempt, retry = more, error = %e, "Node attempt failed.");
-                if !more {
-                    break;
-                }
-                metrics.retries.inc();
-                tokio::time::sleep(policy.delay(attempt)).await;
-            }
+        let more = error.retryable && attempt < policy.attempts;
+        warn!(run_id = %job.run_id, node = %node_id, attempt, retry = more, error = %error, "Node attempt failed.");
+        if !more {
+            return Executed::failed(graph, node_id, attempt, &error.message);
         }
+        metrics.retries.inc();
+        tokio::time::sleep(policy.delay(attempt)).await;
     }
-    failed(attempt, last_error)
 }
 
 /// At most this many characters of a job's body go into a log line.
@@ -681,6 +612,64 @@ const STORED_ERROR_CHARS: usize = 2_000;
 /// An error message safe to store: NUL characters (refused by PostgreSQL text) removed, long ones shortened.
 fn clean(message: &str) -> String {
     crate::text::shorten(&message.replace('\0', ""), STORED_ERROR_CHARS)
+}
+
+/// One attempt on its own task: a timeout cancels and aborts it, a panic fails it.
+async fn run_attempt(node: Arc<dyn Node>, ctx: NodeCtx, timeout: Option<Duration>) -> Result<NodeOutput, NodeError> {
+    let cancel = ctx.cancel.clone();
+    let handle = tokio::spawn(async move { node.run(ctx).await });
+    let abort = handle.abort_handle();
+    let joined = match timeout {
+        Some(t) => match tokio::time::timeout(t, handle).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                cancel.cancel();
+                abort.abort();
+                return Err(NodeError::retryable(format!("timed out after {} ms", t.as_millis())));
+            }
+        },
+        None => handle.await,
+    };
+    match joined {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err(NodeError::fatal(format!("node panicked: {}", panic_message(e.into_panic())))),
+        Err(e) => Err(NodeError::fatal(format!("node task ended: {e}"))),
+    }
+}
+
+/// A successful attempt, routed: the done record with its taken targets, and the context writes (the node's
+/// own, minus engine-owned keys, plus the transformed inputs of its taken edges). A routing error fails the node.
+fn routed(
+    graph: &Graph,
+    job: &Job,
+    input: &Value,
+    out: NodeOutput,
+    context: &ContextHandle,
+    attempt: u32,
+    max_payload: usize,
+) -> Executed {
+    let node_id = job.node_id.as_str();
+    let ctx_value = if graph.routing_uses_context() { context.to_value() } else { Value::Null };
+    let routing = match graph.route(node_id, &out.output, out.action.as_deref(), input, &ctx_value) {
+        Ok(routing) => routing,
+        Err(e) => return Executed::failed(graph, node_id, attempt, &e.to_string()),
+    };
+    let mut writes = context.writes();
+    // `_outputs.*` and `_inputs.*` belong to the engine: a node cannot overwrite another's.
+    writes.retain(|key, _| {
+        let owned = key.starts_with("_outputs.") || key.starts_with("_inputs.");
+        if owned {
+            warn!(run_id = %job.run_id, node = %node_id, key = %key, "Ignoring a context write to an engine-owned key.");
+        }
+        !owned
+    });
+    for (target, value) in routing.inputs {
+        writes.insert(crate::flow::edge_input_key(&target, node_id), value);
+    }
+    if let Err(e) = limits::check_node_result(max_payload, node_id, &out.output, &writes) {
+        return Executed::failed(graph, node_id, attempt, &e.to_string());
+    }
+    Executed { record: NodeRecord::done(node_id, out.output, out.action, routing.taken, attempt), writes }
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {

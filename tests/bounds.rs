@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use common::cluster::Cluster;
 use flowcraft::client::{self, ClientError};
 use flowcraft::embedded::Embedded;
+use flowcraft::flow::BlueprintSet;
 use flowcraft::flow::{Blueprint, EvalLimits, Graph, Limits, Registry};
 use flowcraft::store::{NodeStatus, RunStatus, RunStore};
-use flowcraft::worker::BlueprintSet;
 use serde_json::{Value, json};
 
 fn flowcraft() -> Command {

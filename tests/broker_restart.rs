@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use flowcraft::client;
+use flowcraft::flow::BlueprintSet;
 use flowcraft::store::{RunStatus, RunStore};
-use flowcraft::worker::BlueprintSet;
 use serde_json::json;
 
 fn rabbitmqctl(args: &[&str]) {

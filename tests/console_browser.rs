@@ -16,11 +16,11 @@ use std::time::Duration;
 use common::cluster::Cluster;
 use fantoccini::{Client, ClientBuilder, Locator};
 use flowcraft::client;
+use flowcraft::flow::BlueprintSet;
 use flowcraft::flow::Graph;
 use flowcraft::store::postgres::PostgresStore;
 use flowcraft::store::{RunStatus, RunStore};
 use flowcraft::ui::{StoreSource, UiConfig};
-use flowcraft::worker::BlueprintSet;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use flowcraft::client::{self, RunResult};
+use flowcraft::flow::BlueprintSet;
 use flowcraft::flow::{Blueprint, Graph, NodeOutput, Registry};
 use flowcraft::metrics::WorkerMetrics;
 use flowcraft::store::postgres::PostgresStore;
 use flowcraft::store::{JobQueue, RunStatus, RunStore};
-use flowcraft::worker::{BlueprintSet, Worker, WorkerConfig};
+use flowcraft::worker::{Worker, WorkerConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

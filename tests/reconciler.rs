@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use flowcraft::client;
+use flowcraft::flow::BlueprintSet;
 use flowcraft::flow::{Blueprint, Graph, NodeOutput, Registry};
 use flowcraft::metrics::WorkerMetrics;
 use flowcraft::reconciler::{ReconcileConfig, ReconcileStats, Reconciler};
@@ -19,7 +20,7 @@ use flowcraft::store::postgres::PostgresStore;
 use flowcraft::store::rabbitmq::RabbitQueue;
 use flowcraft::store::redis::RedisCoordinator;
 use flowcraft::store::{Coordinator, Job, JobQueue, NodeRecord, NodeStatus, RunStatus, RunStore};
-use flowcraft::worker::{BlueprintSet, Worker, WorkerConfig};
+use flowcraft::worker::{Worker, WorkerConfig};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -313,7 +314,7 @@ async fn worker_killed_between_record_and_publish_is_completed() {
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats, json!({"stalledRuns": 1, "reconciledRuns": 1, "failedRuns": 0}));
     let row = f.store.last_reconcile_stats("ns/every-5m").await.unwrap().unwrap();
-    assert_eq!((row.stalled_runs, row.reconciled_runs, row.failed_runs), (1, 1, 0));
+    assert_eq!(row.stats, ReconcileStats { stalled_runs: 1, reconciled_runs: 1, failed_runs: 0 });
     let _w = f.cluster.spawn_worker("healthy", dir.path(), &[]);
     f.wait_terminal(std::slice::from_ref(&id)).await;
     assert_eq!(f.store.run_info(&id).await.unwrap().unwrap().status, RunStatus::Completed);

@@ -7,8 +7,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
-use flowcraft::store::postgres::{PgConfig, PostgresStore};
-use flowcraft::store::{NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunStatus, RunStore, StoreError};
+use flowcraft::report::Chain;
+use flowcraft::store::postgres::{PgConfig, PostgresStore, TableNames};
+use flowcraft::store::{
+    NewRun, NodeRecord, NodeStatus, ReconcileStats, RecordOutcome, RunFilter, RunStatus, RunStore, StoreError,
+};
 use serde_json::{Map, Value, json};
 
 async fn store(tag: &str) -> PostgresStore {
@@ -90,16 +93,18 @@ async fn migrate_twice_is_a_noop_and_concurrent_migrations_succeed() {
 #[tokio::test]
 async fn invalid_table_names_are_rejected() {
     for bad in ["bad-name", "1starts_with_digit", "x\"; DROP TABLE y; --", ""] {
-        let cfg = PgConfig { statuses_table: bad.to_string(), url: common::database_url(), ..PgConfig::default() };
+        let tables = TableNames { statuses: bad.to_string(), ..TableNames::default() };
+        let cfg = PgConfig { tables, url: common::database_url(), ..PgConfig::default() };
         match PostgresStore::connect(cfg).await {
-            Err(StoreError::Config(msg)) => {
-                assert!(msg.contains("statuses") && msg.contains(&format!("{bad:?}")), "{msg}")
+            Err(StoreError::Config { message, .. }) => {
+                assert!(message.contains("statuses") && message.contains(&format!("{bad:?}")), "{message}")
             }
             other => panic!("expected a Config error for {bad:?}, got {other:?}"),
         }
     }
     let long = "a".repeat(64);
-    let cfg = PgConfig { results_table: long.clone(), url: common::database_url(), ..PgConfig::default() };
+    let tables = TableNames { results: long.clone(), ..TableNames::default() };
+    let cfg = PgConfig { tables, url: common::database_url(), ..PgConfig::default() };
     let err = PostgresStore::connect(cfg).await.unwrap_err().to_string();
     assert!(err.contains("results") && err.contains(&long), "{err}");
 }
@@ -108,11 +113,15 @@ async fn invalid_table_names_are_rejected() {
 async fn connection_failure_is_an_error() {
     let cfg = PgConfig::with_prefix("postgres://root@127.0.0.1:1/postgres?connect_timeout=2", "t_pg_unreachable");
     match PostgresStore::connect(cfg).await {
-        Err(StoreError::Database(msg)) => assert!(msg.contains("cannot connect"), "{msg}"),
+        Err(e @ StoreError::Database { .. }) => {
+            let message = Chain(&e).to_string();
+            assert!(message.contains("cannot connect") && message.contains("127.0.0.1"), "{message}");
+            assert!(e.backend().is_some(), "the client error is kept: {e:?}");
+        }
         other => panic!("expected a Database error, got {other:?}"),
     }
     let cfg = PgConfig::with_prefix("not a url", "t_pg_badurl");
-    assert!(matches!(PostgresStore::connect(cfg).await, Err(StoreError::Config(_))));
+    assert!(matches!(PostgresStore::connect(cfg).await, Err(StoreError::Config { source: Some(_), .. })));
 }
 
 #[tokio::test]
@@ -450,15 +459,16 @@ async fn reconcile_stats_round_trip() {
     let s = store("pg_stats").await;
     assert!(s.last_reconcile_stats("ns/nightly").await.unwrap().is_none());
     let started = Utc::now() - chrono::Duration::seconds(5);
-    s.record_reconcile_stats("ns/nightly", started, 3, 2, 1).await.unwrap();
-    s.record_reconcile_stats("ns/nightly", started + chrono::Duration::seconds(1), 7, 6, 0).await.unwrap();
-    s.record_reconcile_stats("ns/other", started, 9, 9, 9).await.unwrap();
+    let stats =
+        |stalled_runs, reconciled_runs, failed_runs| ReconcileStats { stalled_runs, reconciled_runs, failed_runs };
+    s.record_reconcile_stats("ns/nightly", started, &stats(3, 2, 1)).await.unwrap();
+    s.record_reconcile_stats("ns/nightly", started + chrono::Duration::seconds(1), &stats(7, 6, 0)).await.unwrap();
+    s.record_reconcile_stats("ns/other", started, &stats(9, 9, 9)).await.unwrap();
     let last = s.last_reconcile_stats("ns/nightly").await.unwrap().expect("stats");
-    assert_eq!(last.schedule, "ns/nightly");
-    assert_eq!((last.stalled_runs, last.reconciled_runs, last.failed_runs), (7, 6, 0));
+    assert_eq!(last.stats, stats(7, 6, 0));
     assert_eq!(last.started_at.timestamp_micros(), (started + chrono::Duration::seconds(1)).timestamp_micros());
     assert!(last.finished_at >= last.started_at);
     let other = s.last_reconcile_stats("ns/other").await.unwrap().unwrap();
-    assert_eq!(other.failed_runs, 9);
+    assert_eq!(other.stats.failed_runs, 9);
     s.drop_tables().await.unwrap();
 }

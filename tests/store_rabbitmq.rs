@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use flowcraft::report::Chain;
 use flowcraft::store::rabbitmq::{self, AmqpConfig, QueueType, RabbitQueue};
 use flowcraft::store::{Delivery, Job, JobQueue, StoreError};
 
@@ -259,7 +260,8 @@ async fn a_topology_conflict_is_a_clear_error() {
     let queue = connect(classic.clone()).await;
     let conflict = RabbitQueue::connect(AmqpConfig { queue_type: QueueType::Quorum, ..classic }).await;
     match conflict {
-        Err(StoreError::Config(message)) => {
+        Err(e @ StoreError::Config { .. }) => {
+            let message = Chain(&e).to_string();
             assert!(message.contains(&name), "the error names the queue: {message}");
             assert!(message.contains("PRECONDITION_FAILED"), "the error names the conflict: {message}");
             assert!(message.contains("x-queue-type"), "the error names the argument: {message}");
@@ -310,7 +312,10 @@ async fn depth_purge_and_the_free_depth_function() {
     assert_eq!(queue.purge().await.expect("purge"), 3);
     assert_eq!(queue.queue_depth().await.expect("depth"), 0);
     let missing = rabbitmq::queue_depth(&common::amqp_url(), &common::unique("missing")).await;
-    assert!(matches!(missing, Err(StoreError::Queue(ref m)) if m.contains("does not exist")), "{missing:?}");
+    assert!(
+        matches!(missing, Err(StoreError::Queue { ref op, source: Some(_) }) if op.contains("does not exist")),
+        "{missing:?}"
+    );
     // An inspection of a missing queue closes only its own channel: the handle stays usable.
     assert!(queue.is_ready());
     queue.publish(&jobs[..1]).await.expect("publish");
@@ -320,15 +325,16 @@ async fn depth_purge_and_the_free_depth_function() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_fails_clearly() {
     let bad_url = AmqpConfig { url: "http://nowhere".into(), ..config("mq", QueueType::Quorum, 4) };
-    assert!(matches!(RabbitQueue::connect(bad_url).await, Err(StoreError::Config(_))));
+    assert!(matches!(RabbitQueue::connect(bad_url).await, Err(StoreError::Config { .. })));
     let no_prefetch = config("mq", QueueType::Quorum, 0);
-    assert!(matches!(RabbitQueue::connect(no_prefetch).await, Err(StoreError::Config(_))));
+    assert!(matches!(RabbitQueue::connect(no_prefetch).await, Err(StoreError::Config { .. })));
 
     let unreachable =
         AmqpConfig { url: "amqp://guest:secret@127.0.0.1:1/%2f".into(), ..config("mq", QueueType::Quorum, 4) };
     let name = unreachable.queue.clone();
     match RabbitQueue::connect(unreachable).await {
-        Err(StoreError::Queue(message)) => {
+        Err(e @ StoreError::Queue { .. }) => {
+            let message = Chain(&e).to_string();
             assert!(message.contains(&name), "{message}");
             assert!(!message.contains("secret"), "credentials are not leaked: {message}");
         }

@@ -7,6 +7,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use JoinDecision::{Fire, Skip, Wait};
+use JoinStrategy::All;
+use flowcraft::flow::JoinStrategy;
+use flowcraft::flow::join::CASES;
+use flowcraft::report::Chain;
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{Coordinator, JoinArrival, JoinDecision, JoinState, StoreError};
 
@@ -49,104 +53,53 @@ async fn arrive(
     source: &str,
     taken: bool,
     expected: usize,
-    any: bool,
+    strategy: JoinStrategy,
 ) -> JoinDecision {
-    c.arrive(&JoinArrival { run_id: run, node_id: node, source, taken, expected, any }).await.expect("arrive")
+    c.arrive(&JoinArrival { run_id: run, node_id: node, source, taken, expected, strategy }).await.expect("arrive")
 }
 
+/// The Lua script decides exactly as the join rule and protocol of `flow::join` (the same table runs against
+/// the in-memory coordinator), each scenario on its own join of one run: joins of a run are independent.
 #[tokio::test]
-async fn all_join_fires_once_at_the_last_source_and_redeliveries_never_double_count() {
+async fn every_join_case_holds_in_the_lua_script() {
     let c = coordinator().await;
-    let run = "run-1";
-    assert_eq!(arrive(&c, run, "j", "a", true, 3, false).await, Wait);
-    // A redelivered arrival from an early source must not count twice.
-    assert_eq!(arrive(&c, run, "j", "a", true, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "b", true, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "a", true, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "b", true, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "c", true, 3, false).await, Fire);
-    // Later arrivals from the non-deciding sources never fire again.
-    assert_eq!(arrive(&c, run, "j", "a", true, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "b", true, 3, false).await, Wait);
-}
-
-#[tokio::test]
-async fn the_deciding_source_gets_fire_again_and_the_others_wait() {
-    let c = coordinator().await;
-    let run = "run-redeliver";
-    assert_eq!(arrive(&c, run, "j", "x", true, 2, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "y", false, 2, false).await, Fire);
-    for _ in 0..3 {
-        assert_eq!(arrive(&c, run, "j", "y", false, 2, false).await, Fire);
-        assert_eq!(arrive(&c, run, "j", "x", true, 2, false).await, Wait);
+    for (k, case) in CASES.iter().enumerate() {
+        let node = format!("j{k}");
+        for (i, &(source, taken, want)) in case.arrivals.iter().enumerate() {
+            let arrival = JoinArrival {
+                run_id: "run-cases",
+                node_id: &node,
+                source,
+                taken,
+                expected: case.expected,
+                strategy: case.strategy,
+            };
+            let got = c.arrive(&arrival).await.expect("arrive");
+            assert_eq!(got, want, "{}: arrival #{} ({source}, taken {taken})", case.name, i + 1);
+        }
     }
-    // Another join of the same run is independent.
-    assert_eq!(arrive(&c, run, "k", "y", true, 1, false).await, Fire);
-}
-
-#[tokio::test]
-async fn all_join_with_every_arrival_skipped_skips_exactly_once() {
-    let c = coordinator().await;
-    let run = "run-skip";
-    let mut decisions = Vec::new();
-    for source in ["a", "b", "c", "a", "b", "c"] {
-        decisions.push(arrive(&c, run, "j", source, false, 3, false).await);
-    }
-    assert_eq!(decisions, [Wait, Wait, Skip, Wait, Wait, Skip]);
-    // Exactly one distinct source decided.
-    assert_eq!(arrive(&c, run, "j", "a", false, 3, false).await, Wait);
-}
-
-#[tokio::test]
-async fn all_join_with_one_taken_and_two_skipped_fires() {
-    let c = coordinator().await;
-    let run = "run-mixed";
-    assert_eq!(arrive(&c, run, "j", "a", false, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "b", true, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "c", false, 3, false).await, Fire);
-    assert_eq!(arrive(&c, run, "j", "c", false, 3, false).await, Fire);
-}
-
-#[tokio::test]
-async fn any_join_fires_at_the_first_taken_arrival_only() {
-    let c = coordinator().await;
-    let run = "run-any";
-    assert_eq!(arrive(&c, run, "j", "a", true, 3, true).await, Fire);
-    assert_eq!(arrive(&c, run, "j", "b", true, 3, true).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "c", true, 3, true).await, Wait);
-    // Redelivery of the first one decides the same again.
-    assert_eq!(arrive(&c, run, "j", "a", true, 3, true).await, Fire);
-
-    // A skipped arrival first does not fire an any-join; the first taken one does.
-    assert_eq!(arrive(&c, run, "k", "a", false, 3, true).await, Wait);
-    assert_eq!(arrive(&c, run, "k", "b", true, 3, true).await, Fire);
-    assert_eq!(arrive(&c, run, "k", "c", true, 3, true).await, Wait);
-}
-
-#[tokio::test]
-async fn any_join_with_every_arrival_skipped_skips() {
-    let c = coordinator().await;
-    let run = "run-any-skip";
-    assert_eq!(arrive(&c, run, "j", "a", false, 3, true).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "b", false, 3, true).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "c", false, 3, true).await, Skip);
-    assert_eq!(arrive(&c, run, "j", "a", false, 3, true).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "c", false, 3, true).await, Skip);
 }
 
 #[tokio::test]
 async fn a_join_expecting_no_sources_is_an_error() {
     let c = coordinator().await;
     let err = c
-        .arrive(&JoinArrival { run_id: "r", node_id: "j", source: "a", taken: true, expected: 0, any: false })
+        .arrive(&JoinArrival {
+            run_id: "r",
+            node_id: "j",
+            source: "a",
+            taken: true,
+            expected: 0,
+            strategy: JoinStrategy::All,
+        })
         .await
         .expect_err("expected = 0 is rejected");
-    assert!(matches!(err, StoreError::Coordination(ref m) if m.contains("j") && m.contains("r")));
+    assert!(matches!(err, StoreError::Coordination { ref op, .. } if op.contains("j") && op.contains("r")));
 }
 
 /// 50 tasks arrive concurrently at one join of `expected` sources: task `i` comes from source `s{i % expected}`
 /// (so with `expected < 50` some sources arrive twice, like redeliveries), taken unless `i % 3 == 1`.
-async fn concurrent_arrivals(any: bool, expected: usize) -> Vec<(usize, JoinDecision)> {
+async fn concurrent_arrivals(strategy: JoinStrategy, expected: usize) -> Vec<(usize, JoinDecision)> {
     let c = coordinator().await;
     let mut tasks = Vec::new();
     for i in 0..50usize {
@@ -160,7 +113,7 @@ async fn concurrent_arrivals(any: bool, expected: usize) -> Vec<(usize, JoinDeci
                     source: &source,
                     taken: i % 3 != 1,
                     expected,
-                    any,
+                    strategy,
                 })
                 .await
                 .expect("arrive");
@@ -176,23 +129,23 @@ async fn concurrent_arrivals(any: bool, expected: usize) -> Vec<(usize, JoinDeci
 
 #[tokio::test]
 async fn concurrent_arrivals_fire_exactly_once() {
-    for any in [false, true] {
+    for any in [JoinStrategy::All, JoinStrategy::Any] {
         let decisions = concurrent_arrivals(any, 50).await;
         let fires = decisions.iter().filter(|(_, d)| *d == Fire).count();
-        assert_eq!(fires, 1, "any={any}: {decisions:?}");
-        assert!(decisions.iter().all(|(_, d)| *d != Skip), "any={any}");
+        assert_eq!(fires, 1, "{any:?}: {decisions:?}");
+        assert!(decisions.iter().all(|(_, d)| *d != Skip), "{any:?}");
     }
 }
 
 #[tokio::test]
 async fn concurrent_redeliveries_decide_once() {
-    for any in [false, true] {
+    for any in [JoinStrategy::All, JoinStrategy::Any] {
         let decisions = concurrent_arrivals(any, 40).await;
         // Sources s0..s9 arrive twice: a duplicate of the deciding source sees Fire again (by design), but only
         // one distinct source decides.
         let deciding: BTreeSet<usize> = decisions.iter().filter(|(_, d)| *d == Fire).map(|(i, _)| i % 40).collect();
-        assert_eq!(deciding.len(), 1, "any={any}: {decisions:?}");
-        assert!(decisions.iter().all(|(_, d)| *d != Skip), "any={any}");
+        assert_eq!(deciding.len(), 1, "{any:?}: {decisions:?}");
+        assert!(decisions.iter().all(|(_, d)| *d != Skip), "{any:?}");
     }
 }
 
@@ -260,7 +213,7 @@ async fn every_write_sets_a_ttl() {
     let c = coordinator().await;
     let run = "run-ttl";
     let prefix = c.config().prefix.clone();
-    assert_eq!(arrive(&c, run, "j", "a", true, 1, false).await, Fire);
+    assert_eq!(arrive(&c, run, "j", "a", true, 1, All).await, Fire);
     c.resolve(run, &["a"], 5).await.expect("resolve");
     c.acquire_lease(run, "a", Duration::from_secs(20)).await.expect("acquire").expect("acquired");
     let ttl_ms = 600_000;
@@ -277,9 +230,9 @@ async fn every_write_sets_a_ttl() {
 async fn repair_then_arrival_of_the_missing_source_fires() {
     let c = coordinator().await;
     let run = "run-repair";
-    assert_eq!(arrive(&c, run, "j", "a", true, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "b", false, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "done", "a", true, 1, false).await, Fire);
+    assert_eq!(arrive(&c, run, "j", "a", true, 3, All).await, Wait);
+    assert_eq!(arrive(&c, run, "j", "b", false, 3, All).await, Wait);
+    assert_eq!(arrive(&c, run, "done", "a", true, 1, All).await, Fire);
     c.resolve(run, &["a", "b"], 5).await.expect("resolve");
 
     // Redis loses everything.
@@ -300,10 +253,10 @@ async fn repair_then_arrival_of_the_missing_source_fires() {
     .expect("repair");
 
     // The repaired arrivals count: the missing source completes the join (and `a` was taken → Fire).
-    assert_eq!(arrive(&c, run, "j", "b", false, 3, false).await, Wait);
-    assert_eq!(arrive(&c, run, "j", "c", false, 3, false).await, Fire);
+    assert_eq!(arrive(&c, run, "j", "b", false, 3, All).await, Wait);
+    assert_eq!(arrive(&c, run, "j", "c", false, 3, All).await, Fire);
     // A decided join stays decided, even for the source that once decided it (unknown after a repair).
-    assert_eq!(arrive(&c, run, "done", "a", true, 1, false).await, Wait);
+    assert_eq!(arrive(&c, run, "done", "a", true, 1, All).await, Wait);
     // The resolved set was rebuilt.
     assert!(!c.resolve(run, &[], 4).await.expect("resolve"));
     assert!(c.resolve(run, &["j"], 4).await.expect("resolve"));
@@ -317,7 +270,7 @@ async fn repair_then_arrival_of_the_missing_source_fires() {
     )
     .await
     .expect("repair again");
-    assert_eq!(arrive(&c, run, "j", "c", false, 3, false).await, Fire, "the original flag is kept");
+    assert_eq!(arrive(&c, run, "j", "c", false, 3, All).await, Fire, "the original flag is kept");
     assert!(c.resolve(run, &[], 4).await.expect("resolve"));
     // An empty repair is a no-op.
     c.repair(run, &[], &[], &[]).await.expect("empty repair");
@@ -346,8 +299,8 @@ async fn forget_removes_every_key_of_one_run_only() {
     // Run ids with glob and brace characters must neither break nor widen the match.
     let runs = ["r1", "r1*", "r", "r}:x", "r[1]", "r\\1"];
     for run in runs {
-        assert_eq!(arrive(&c, run, "j", "a", true, 2, false).await, Wait);
-        assert_eq!(arrive(&c, run, "j", "b", true, 2, false).await, Fire);
+        assert_eq!(arrive(&c, run, "j", "a", true, 2, All).await, Wait);
+        assert_eq!(arrive(&c, run, "j", "b", true, 2, All).await, Fire);
         c.acquire_lease(run, "j", Duration::from_secs(30)).await.expect("acquire").expect("acquired");
         c.resolve(run, &["a", "b"], 3).await.expect("resolve");
         c.count_execution(run, "j").await.expect("count");
@@ -361,11 +314,11 @@ async fn forget_removes_every_key_of_one_run_only() {
         assert_eq!(left.len(), (runs.len() - i - 1) * 6, "after forgetting {run:?}: {left:?}");
         // The remaining runs are intact.
         for other in &runs[i + 1..] {
-            assert_eq!(arrive(&c, other, "j", "b", true, 2, false).await, Fire);
+            assert_eq!(arrive(&c, other, "j", "b", true, 2, All).await, Fire);
             assert!(c.lease_held(other, "j").await.expect("held"));
         }
         // The forgotten run starts from scratch.
-        assert_eq!(arrive(&c, run, "j", "b", true, 2, false).await, Wait);
+        assert_eq!(arrive(&c, run, "j", "b", true, 2, All).await, Wait);
         c.forget(run, &["j"]).await.expect("forget again");
     }
     assert!(keys(&format!("{prefix}:*")).await.is_empty());
@@ -379,11 +332,11 @@ async fn two_prefixes_never_see_each_other() {
     let b = coordinator_with_prefix(format!("{base}:b")).await;
     let run = "shared-run";
 
-    assert_eq!(arrive(&a, run, "j", "x", true, 2, false).await, Wait);
-    assert_eq!(arrive(&b, run, "j", "y", true, 2, false).await, Wait);
-    assert_eq!(arrive(&a, run, "j", "x", true, 2, false).await, Wait);
-    assert_eq!(arrive(&b, run, "j", "x", true, 2, false).await, Fire);
-    assert_eq!(arrive(&a, run, "j", "y", true, 2, false).await, Fire);
+    assert_eq!(arrive(&a, run, "j", "x", true, 2, All).await, Wait);
+    assert_eq!(arrive(&b, run, "j", "y", true, 2, All).await, Wait);
+    assert_eq!(arrive(&a, run, "j", "x", true, 2, All).await, Wait);
+    assert_eq!(arrive(&b, run, "j", "x", true, 2, All).await, Fire);
+    assert_eq!(arrive(&a, run, "j", "y", true, 2, All).await, Fire);
 
     let ta = a.acquire_lease(run, "n", Duration::from_secs(30)).await.expect("acquire").expect("a acquires");
     assert!(!b.lease_held(run, "n").await.expect("held"));
@@ -395,9 +348,9 @@ async fn two_prefixes_never_see_each_other() {
 
     // Forgetting and flushing one prefix leaves the other alone.
     a.forget(run, &["j", "n"]).await.expect("forget");
-    assert_eq!(arrive(&b, run, "j", "x", true, 2, false).await, Fire);
+    assert_eq!(arrive(&b, run, "j", "x", true, 2, All).await, Fire);
     assert!(b.lease_held(run, "n").await.expect("held"));
-    assert_eq!(arrive(&a, run, "j", "x", true, 2, false).await, Wait);
+    assert_eq!(arrive(&a, run, "j", "x", true, 2, All).await, Wait);
     a.flush_prefix().await.expect("flush a");
     assert!(keys(&format!("{base}:{{*")).await.is_empty());
     assert_eq!(keys(&format!("{base}:b:*")).await.len(), 5);
@@ -417,13 +370,13 @@ async fn ping_and_configuration_errors() {
         })
         .await
         .expect_err("invalid prefix");
-        assert!(matches!(err, StoreError::Config(_)), "{prefix:?}: {err}");
+        assert!(matches!(err, StoreError::Config { .. }), "{prefix:?}: {err}");
     }
 
     let err = RedisCoordinator::connect(RedisConfig { url: "not a url".to_string(), ..RedisConfig::default() })
         .await
         .expect_err("invalid url");
-    assert!(matches!(err, StoreError::Config(_)), "{err}");
+    assert!(matches!(err, StoreError::Config { .. }), "{err}");
 }
 
 #[tokio::test]
@@ -435,8 +388,8 @@ async fn unreachable_redis_fails_clearly_after_retries() {
     })
     .await
     .expect_err("nothing listens on port 1");
-    let message = err.to_string();
-    assert!(matches!(err, StoreError::Coordination(_)), "{message}");
+    let message = Chain(&err).to_string();
+    assert!(matches!(err, StoreError::Coordination { .. }), "{message}");
     assert!(message.contains("127.0.0.1:1"), "{message}");
     assert!(!message.contains("hunter2"), "the password is redacted: {message}");
 }

@@ -1,7 +1,7 @@
 //! The blueprint model (Flowcraft's JSON/YAML format) and loading it from files.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -158,16 +158,6 @@ impl Blueprint {
         let text = std::fs::read_to_string(path)
             .map_err(|e| BlueprintError::Io { path: path.to_path_buf(), message: e.to_string() })?;
         Self::parse(&text, &path.display().to_string())
-    }
-
-    /// Load every JSON/YAML blueprint file of a directory (not recursive), sorted by file name.
-    pub fn load_dir(dir: &Path) -> Result<Vec<(PathBuf, Self)>, BlueprintError> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| BlueprintError::Io { path: dir.to_path_buf(), message: e.to_string() })?;
-        let mut paths: Vec<PathBuf> =
-            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_blueprint_file(p)).collect();
-        paths.sort();
-        paths.into_iter().map(|p| Self::load(&p).map(|b| (p, b))).collect()
     }
 
     /// The node with this id.

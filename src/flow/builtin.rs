@@ -26,8 +26,25 @@ pub fn register_all(registry: &mut Registry, limits: &Limits) {
         .register("http", http::Http::new(limits));
 }
 
+impl Registry {
+    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`) and the default
+    /// [`Limits`].
+    pub fn with_builtins() -> Self {
+        Self::with_builtins_config(&Limits::default())
+    }
+
+    /// A registry with the built-in nodes bounded by `limits` (payload size, expression budgets, the `http`
+    /// node's timeout, redirects and egress policy); a worker running it applies the payload limit to every
+    /// node's output.
+    pub fn with_builtins_config(limits: &Limits) -> Self {
+        let mut r = Self::with_limits(limits);
+        register_all(&mut r, limits);
+        r
+    }
+}
+
 /// The problems of a built-in node's params, human-readable; empty when they are fine or `uses` is not a
-/// built-in node checked here.
+/// built-in node checked here. Each built-in's [`Node::check_params`] calls it.
 pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
     let mut problems = Vec::new();
     if !matches!(uses, "noop" | "transform" | "log" | "sleep" | "fail" | "http") {
@@ -150,6 +167,10 @@ struct Noop;
 
 #[async_trait]
 impl Node for Noop {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        check_params("noop", params)
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         Ok(NodeOutput::new(ctx.input))
     }
@@ -187,6 +208,10 @@ impl Transform {
 
 #[async_trait]
 impl Node for Transform {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        check_params("transform", params)
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let Some(source) = ctx.params.get("expr").and_then(Value::as_str) else {
             return Err(NodeError::fatal("transform needs params.expr (a CEL string)"));
@@ -225,6 +250,10 @@ struct Log;
 
 #[async_trait]
 impl Node for Log {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        check_params("log", params)
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         match ctx.params.get("message").filter(|m| !m.is_null()) {
             Some(Value::String(template)) => {
@@ -249,6 +278,10 @@ struct Sleep;
 
 #[async_trait]
 impl Node for Sleep {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        check_params("sleep", params)
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let Some(duration) = ctx.params.get("duration") else {
             return Err(NodeError::fatal("sleep needs params.duration"));
@@ -267,6 +300,10 @@ struct Fail;
 
 #[async_trait]
 impl Node for Fail {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        check_params("fail", params)
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let message = ctx.params.get("message").and_then(Value::as_str).unwrap_or("failed by the fail node");
         match ctx.params.get("times").filter(|t| !t.is_null()) {

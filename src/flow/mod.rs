@@ -1,24 +1,30 @@
-//! The workflow engine without I/O: blueprints, validation and analysis, CEL expressions, nodes, routing, joins
-//! and retry policy.
+//! The workflow engine without I/O: blueprints, validation and analysis, CEL expressions, nodes, records,
+//! routing, the join rule and retry policy.
 
 pub mod blueprint;
 pub mod builtin;
 pub mod egress;
 pub mod expr;
 pub mod graph;
+pub mod join;
 pub mod limits;
 pub mod node;
+pub mod record;
 pub mod retry;
+pub mod set;
 
 use std::path::PathBuf;
 
 pub use blueprint::{Blueprint, EdgeDef, Inputs, JoinStrategy, NodeConfig, NodeDef};
 pub use egress::EgressPolicy;
 pub use expr::{EvalLimits, Expr, ExprError};
-pub use graph::{Arrival, Graph, NodeInputError, Problem, RouteError, Routing, edge_input_key};
+pub use graph::{Arrival, Graph, Problem, RouteError, Routing, edge_input_key};
+pub use join::JoinDecision;
 pub use limits::{HttpLimits, Limits, TooLarge};
 pub use node::{ContextHandle, Node, NodeCtx, NodeError, NodeOutput, Registry};
+pub use record::{NodeRecord, NodeStatus};
 pub use retry::RetryPolicy;
+pub use set::{BlueprintSet, BlueprintSource};
 
 /// A blueprint that cannot be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +53,40 @@ pub enum BlueprintError {
         /// Every problem found.
         problems: Vec<Problem>,
     },
-    /// Two files define the same blueprint id.
+    /// Two sources define the same blueprint id.
     #[error("blueprint id '{id}' is defined twice: {first} and {second}")]
     DuplicateId {
         /// The id.
         id: String,
-        /// The first file.
+        /// The first source.
         first: String,
-        /// The second file.
+        /// The second source.
         second: String,
     },
+    /// A blueprint of a named source is invalid.
+    #[error("{origin}: {error}")]
+    InSource {
+        /// The source (file, ConfigMap key).
+        origin: String,
+        /// What is wrong with it.
+        error: Box<BlueprintError>,
+    },
+    /// Loading a set of sources failed; every failure names its source.
+    #[error("{} invalid blueprint source(s):\n{}", failures.len(), failures.iter().map(|f| format!("- {f}")).collect::<Vec<_>>().join("\n"))]
+    Sources {
+        /// Every failure.
+        failures: Vec<BlueprintError>,
+    },
+}
+
+impl BlueprintError {
+    /// The source (file, ConfigMap key) the error is about, when it is about one.
+    pub fn source_name(&self) -> Option<&str> {
+        match self {
+            BlueprintError::Io { path, .. } => path.to_str(),
+            BlueprintError::Parse { origin, .. } | BlueprintError::InSource { origin, .. } => Some(origin),
+            BlueprintError::DuplicateId { second, .. } => Some(second),
+            BlueprintError::Invalid { .. } | BlueprintError::Sources { .. } => None,
+        }
+    }
 }

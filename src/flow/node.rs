@@ -140,6 +140,13 @@ impl ContextHandle {
 pub trait Node: Send + Sync + 'static {
     /// Run one attempt.
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError>;
+
+    /// The problems of a node's static `params`, human-readable (empty when they are fine). Validation
+    /// ([`crate::flow::Graph::build`]) reports each one, naming the node; the default accepts any params.
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        let _ = params;
+        Vec::new()
+    }
 }
 
 struct FnNode<F>(F);
@@ -177,19 +184,10 @@ impl Registry {
         Self::default()
     }
 
-    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`) and the default
-    /// [`Limits`](super::Limits).
-    pub fn with_builtins() -> Self {
-        Self::with_builtins_config(&super::Limits::default())
-    }
-
-    /// A registry with the built-in nodes bounded by `limits` (payload size, expression budgets, the `http`
-    /// node's timeout, redirects and egress policy); a worker running it applies the payload limit to every
-    /// node's output.
-    pub fn with_builtins_config(limits: &super::Limits) -> Self {
-        let mut r = Self { nodes: HashMap::new(), limits: Arc::new(limits.clone()) };
-        super::builtin::register_all(&mut r, limits);
-        r
+    /// An empty registry whose nodes keep to `limits` ([`Registry::with_builtins_config`], defined with the
+    /// built-in nodes, fills it).
+    pub fn with_limits(limits: &super::Limits) -> Self {
+        Self { nodes: HashMap::new(), limits: Arc::new(limits.clone()) }
     }
 
     /// The limits this registry's nodes keep to (the defaults unless built with

@@ -267,9 +267,7 @@ impl PoolBackends {
         }
         let store = PostgresStore::connect(PgConfig {
             url: conn.database_url.clone(),
-            contexts_table: tables.contexts.clone(),
-            statuses_table: tables.statuses.clone(),
-            results_table: tables.results.clone(),
+            tables: tables.clone(),
             pool_size: self.pg_pool_size,
         })
         .await
@@ -348,9 +346,9 @@ impl StatsSource for PoolBackends {
         Ok(row.map(|r| ReconcileStats {
             started_at: r.started_at,
             finished_at: r.finished_at,
-            stalled_runs: n(r.stalled_runs),
-            reconciled_runs: n(r.reconciled_runs),
-            failed_runs: n(r.failed_runs),
+            stalled_runs: n(r.stats.stalled_runs),
+            reconciled_runs: n(r.stats.reconciled_runs),
+            failed_runs: n(r.stats.failed_runs),
         }))
     }
 }

@@ -22,7 +22,7 @@ pub const GROUP: &str = "flowcraft.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// Default queue name (same as the worker's `FLOWCRAFT_QUEUE` default).
-pub const DEFAULT_QUEUE: &str = "flowcraft-jobs";
+pub use crate::config::DEFAULT_QUEUE;
 /// Default prefetch (same as the worker's `FLOWCRAFT_PREFETCH` default).
 pub const DEFAULT_PREFETCH: i32 = 16;
 /// Default stalled threshold of a reconcile schedule, in seconds.

@@ -89,7 +89,7 @@ impl Default for OperatorConfig {
 /// Run the operator until SIGTERM/SIGINT: admin server, leader election, and (while leading) the three
 /// controllers. Losing the lease stops the controllers; the replica then campaigns again.
 pub async fn run(cfg: OperatorConfig) -> Result<(), OperatorError> {
-    crate::install_crypto_provider();
+    crate::crypto::install_crypto_provider();
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 

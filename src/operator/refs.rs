@@ -13,7 +13,7 @@ use super::context::Context;
 use super::crd::FlowcraftWorkerPool;
 use super::pod::{self, SECRET_KEY_AMQP, SECRET_KEY_DATABASE, SECRET_KEY_REDIS};
 use super::{OperatorError, object_name};
-use crate::flow::{Blueprint, Graph};
+use crate::flow::{BlueprintSet, BlueprintSource, Graph};
 use crate::redact::redact_url;
 
 /// Read a pool by name (for schedules and FlowRuns).
@@ -64,32 +64,13 @@ pub async fn read_configmap<K: Resource<DynamicType = ()>>(
 /// registry since custom nodes live in the workers' image), by blueprint id. Every problem is reported at once.
 pub fn pool_graphs(cm: &ConfigMap) -> Result<BTreeMap<String, Graph>, String> {
     let cm_name = format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any());
-    let mut graphs: BTreeMap<String, Graph> = BTreeMap::new();
-    let mut origins: BTreeMap<String, String> = BTreeMap::new();
-    let mut problems = Vec::new();
-    for (key, text) in cm.data.iter().flatten() {
-        let origin = format!("ConfigMap {cm_name} key {key}");
-        let graph = Blueprint::parse(text, &origin).and_then(|bp| Graph::build(bp, None));
-        match graph {
-            Ok(g) => {
-                let id = g.id().to_string();
-                if let Some(first) = origins.get(&id) {
-                    problems.push(format!("blueprint id '{id}' is defined twice: keys {first} and {key}"));
-                } else {
-                    origins.insert(id.clone(), key.clone());
-                    graphs.insert(id, g);
-                }
-            }
-            Err(e) => problems.push(format!("key {key}: {e}")),
-        }
-    }
-    if !problems.is_empty() {
-        return Err(format!("ConfigMap {cm_name} has invalid blueprints: {}", problems.join("; ")));
-    }
-    if graphs.is_empty() {
+    let sources = cm.data.iter().flatten().map(|(key, text)| BlueprintSource::new(format!("key {key}"), text.clone()));
+    let set =
+        BlueprintSet::load(sources, None).map_err(|e| format!("ConfigMap {cm_name} has invalid blueprints: {e}"))?;
+    if set.is_empty() {
         return Err(format!("ConfigMap {cm_name} has no blueprints (every key must be a JSON or YAML blueprint)"));
     }
-    Ok(graphs)
+    Ok(set.graphs().map(|g| (g.id().to_string(), Graph::clone(g))).collect())
 }
 
 /// The connection Secret of a pool.

@@ -16,6 +16,7 @@ use super::{
     NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoreResult,
     StoredBlueprint,
 };
+use crate::flow::join::Join;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while holding these locks; recover the data if it ever happens.
@@ -82,6 +83,11 @@ impl MemoryQueue {
     }
 }
 
+fn encode(job: &Job) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(job)
+        .map_err(|e| StoreError::Queue { op: format!("encoding job {}", job.message_id()), source: Some(e.into()) })
+}
+
 struct MemoryAcker {
     queue: MemoryQueue,
     body: Vec<u8>,
@@ -103,14 +109,13 @@ impl Acker for MemoryAcker {
 impl JobQueue for MemoryQueue {
     async fn publish(&self, jobs: &[Job]) -> StoreResult<()> {
         for job in jobs {
-            let body = serde_json::to_vec(job).map_err(|e| StoreError::Queue(format!("cannot encode job: {e}")))?;
-            self.push(body, false);
+            self.push(encode(job)?, false);
         }
         Ok(())
     }
 
     async fn publish_delayed(&self, job: &Job, delay: Duration) -> StoreResult<()> {
-        let body = serde_json::to_vec(job).map_err(|e| StoreError::Queue(format!("cannot encode job: {e}")))?;
+        let body = encode(job)?;
         let queue = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -196,7 +201,7 @@ impl MemoryStore {
 
     fn with_run<T>(&self, run_id: &str, f: impl FnOnce(&mut RunEntry) -> T) -> StoreResult<T> {
         let mut runs = lock(&self.runs);
-        let e = runs.get_mut(run_id).ok_or_else(|| StoreError::Database(format!("run {run_id} does not exist")))?;
+        let e = runs.get_mut(run_id).ok_or_else(|| StoreError::database(format!("run {run_id} does not exist")))?;
         Ok(f(e))
     }
 }
@@ -362,16 +367,8 @@ impl RunStore for MemoryStore {
 // ------------------------------------------------------------------------------------------------
 
 #[derive(Debug, Default)]
-struct JoinEntry {
-    arrived: HashSet<String>,
-    taken: HashSet<String>,
-    /// (fired?, deciding source; `None` when set by a repair).
-    decision: Option<(bool, Option<String>)>,
-}
-
-#[derive(Debug, Default)]
 struct CoordState {
-    joins: HashMap<(String, String), JoinEntry>,
+    joins: HashMap<(String, String), Join>,
     leases: HashMap<(String, String), (String, Instant)>,
     resolved: HashMap<String, HashSet<String>>,
     executions: HashMap<(String, String), u32>,
@@ -395,38 +392,12 @@ impl MemoryCoordinator {
     }
 }
 
-/// Decide a join arrival on its entry (shared by the in-memory coordinator and tests of the Redis script).
-fn decide(entry: &mut JoinEntry, a: &JoinArrival<'_>) -> JoinDecision {
-    entry.arrived.insert(a.source.to_string());
-    if a.taken {
-        entry.taken.insert(a.source.to_string());
-    }
-    if let Some((fired, source)) = &entry.decision {
-        return if source.as_deref() == Some(a.source) {
-            if *fired { JoinDecision::Fire } else { JoinDecision::Skip }
-        } else {
-            JoinDecision::Wait
-        };
-    }
-    let decision = if a.any && a.taken {
-        JoinDecision::Fire
-    } else if entry.arrived.len() >= a.expected {
-        if entry.taken.is_empty() { JoinDecision::Skip } else { JoinDecision::Fire }
-    } else {
-        JoinDecision::Wait
-    };
-    if decision != JoinDecision::Wait {
-        entry.decision = Some((decision == JoinDecision::Fire, Some(a.source.to_string())));
-    }
-    decision
-}
-
 #[async_trait]
 impl Coordinator for MemoryCoordinator {
     async fn arrive(&self, a: &JoinArrival<'_>) -> StoreResult<JoinDecision> {
         let mut s = lock(&self.state);
-        let entry = s.joins.entry((a.run_id.to_string(), a.node_id.to_string())).or_default();
-        Ok(decide(entry, a))
+        let join = s.joins.entry((a.run_id.to_string(), a.node_id.to_string())).or_default();
+        Ok(join.arrive(a.source, a.taken, a.expected, a.strategy))
     }
 
     async fn acquire_lease(&self, run_id: &str, node_id: &str, ttl: Duration) -> StoreResult<Option<LeaseToken>> {
@@ -531,31 +502,23 @@ impl Coordinator for MemoryCoordinator {
 mod tests {
     use super::*;
 
-    fn arrival<'a>(source: &'a str, taken: bool, expected: usize, any: bool) -> JoinArrival<'a> {
-        JoinArrival { run_id: "r", node_id: "j", source, taken, expected, any }
-    }
-
     #[tokio::test]
-    async fn all_join_counts_each_source_once() {
-        let c = MemoryCoordinator::new();
-        assert_eq!(c.arrive(&arrival("a", true, 3, false)).await.unwrap(), JoinDecision::Wait);
-        assert_eq!(c.arrive(&arrival("a", true, 3, false)).await.unwrap(), JoinDecision::Wait);
-        assert_eq!(c.arrive(&arrival("b", false, 3, false)).await.unwrap(), JoinDecision::Wait);
-        assert_eq!(c.arrive(&arrival("c", true, 3, false)).await.unwrap(), JoinDecision::Fire);
-        // The deciding source again: same decision; another source: wait.
-        assert_eq!(c.arrive(&arrival("c", true, 3, false)).await.unwrap(), JoinDecision::Fire);
-        assert_eq!(c.arrive(&arrival("a", true, 3, false)).await.unwrap(), JoinDecision::Wait);
-    }
-
-    #[tokio::test]
-    async fn any_join_fires_once_and_skips_when_nothing_taken() {
-        let c = MemoryCoordinator::new();
-        assert_eq!(c.arrive(&arrival("a", true, 3, true)).await.unwrap(), JoinDecision::Fire);
-        assert_eq!(c.arrive(&arrival("b", true, 3, true)).await.unwrap(), JoinDecision::Wait);
-        assert_eq!(c.arrive(&arrival("c", true, 3, true)).await.unwrap(), JoinDecision::Wait);
-        let c = MemoryCoordinator::new();
-        assert_eq!(c.arrive(&arrival("a", false, 2, true)).await.unwrap(), JoinDecision::Wait);
-        assert_eq!(c.arrive(&arrival("b", false, 2, true)).await.unwrap(), JoinDecision::Skip);
+    async fn every_join_case_holds() {
+        for (k, case) in crate::flow::join::CASES.iter().enumerate() {
+            let c = MemoryCoordinator::new();
+            let node = format!("j{k}");
+            for (i, &(source, taken, want)) in case.arrivals.iter().enumerate() {
+                let a = JoinArrival {
+                    run_id: "r",
+                    node_id: &node,
+                    source,
+                    taken,
+                    expected: case.expected,
+                    strategy: case.strategy,
+                };
+                assert_eq!(c.arrive(&a).await.unwrap(), want, "{}: arrival #{} ({source})", case.name, i + 1);
+            }
+        }
     }
 
     #[tokio::test]

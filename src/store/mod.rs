@@ -1,6 +1,7 @@
 //! The three store traits the worker and reconciler are generic over, their shared types, and the backends:
 //! in-memory ([`memory`]), RabbitMQ ([`rabbitmq`]), PostgreSQL ([`postgres`]) and Redis ([`redis`]).
 
+mod error;
 pub mod memory;
 pub mod postgres;
 pub mod rabbitmq;
@@ -14,53 +15,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// A store backend failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The job queue (RabbitMQ) failed.
-    #[error("job queue: {0}")]
-    Queue(String),
-    /// The run store (PostgreSQL) failed.
-    #[error("run store: {0}")]
-    Database(String),
-    /// The coordinator (Redis) failed.
-    #[error("coordinator: {0}")]
-    Coordination(String),
-    /// A configuration value is invalid (a table name, a prefix, a URL).
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The store refused the data itself (e.g. a NUL character in JSON, a value too large): retrying the same
-    /// write cannot succeed.
-    #[error("rejected by the store: {0}")]
-    Rejected(String),
-    /// The database schema was migrated by a newer flowcraft than this binary. Downgrades are not supported: the
-    /// binary refuses to use the tables and has changed nothing.
-    #[error(
-        "database schema version {found} (migration history table {history:?}) is newer than this flowcraft \
-         {binary} knows (schema version {known}): a newer flowcraft release has migrated this database. \
-         Downgrades are not supported: run that release or a newer one. Nothing was changed",
-        binary = crate::build_info::VERSION
-    )]
-    SchemaTooNew {
-        /// The migration history table.
-        history: String,
-        /// The newest schema version recorded in it.
-        found: i32,
-        /// The newest schema version this binary knows.
-        known: i32,
-    },
-    /// Stored data could not be decoded.
-    #[error("corrupt stored data for run {run_id}: {message}")]
-    Corrupt {
-        /// The run.
-        run_id: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
-/// Result of store operations.
-pub type StoreResult<T> = Result<T, StoreError>;
+use crate::flow::JoinStrategy;
+pub use crate::flow::{JoinDecision, NodeRecord, NodeStatus};
+pub use error::{BackendError, StoreError, StoreResult};
 
 // ------------------------------------------------------------------------------------------------
 // Jobs and the queue
@@ -208,85 +165,6 @@ impl std::fmt::Display for RunStatus {
     }
 }
 
-/// How a node was resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeStatus {
-    /// Executed successfully (its output may be `null`).
-    Done,
-    /// Failed after all attempts (with `fallback` set when its fallback node takes over).
-    Failed,
-    /// Not reached: every incoming edge was skipped.
-    Skipped,
-}
-
-impl NodeStatus {
-    /// The lowercase name stored in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeStatus::Done => "done",
-            NodeStatus::Failed => "failed",
-            NodeStatus::Skipped => "skipped",
-        }
-    }
-
-    /// Parse the stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "done" => NodeStatus::Done,
-            "failed" => NodeStatus::Failed,
-            "skipped" => NodeStatus::Skipped,
-            _ => return None,
-        })
-    }
-}
-
-/// The recorded result of one node of one run: written once (first write wins), never updated.
-///
-/// It keeps the action and the taken targets so that a redelivered job routes exactly as the first delivery did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeRecord {
-    /// The node.
-    pub node_id: String,
-    /// How it was resolved.
-    pub status: NodeStatus,
-    /// The action it returned.
-    #[serde(default)]
-    pub action: Option<String>,
-    /// Its output (`null` for failed and skipped nodes).
-    #[serde(default)]
-    pub output: Value,
-    /// The targets of the effective edges it took (see `flow::graph`); every other effective target was skipped.
-    #[serde(default)]
-    pub taken: Vec<String>,
-    /// Attempts made (0 for skipped nodes).
-    #[serde(default)]
-    pub attempts: u32,
-    /// The last error of a failed node.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// When it was recorded (set by the store).
-    #[serde(default)]
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
-impl NodeRecord {
-    /// A skipped node.
-    pub fn skipped(node_id: impl Into<String>) -> Self {
-        Self {
-            node_id: node_id.into(),
-            status: NodeStatus::Skipped,
-            action: None,
-            output: Value::Null,
-            taken: Vec::new(),
-            attempts: 0,
-            error: None,
-            finished_at: None,
-        }
-    }
-}
-
 /// What starts a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewRun {
@@ -347,6 +225,30 @@ pub enum RecordOutcome {
     Inserted,
     /// Another delivery recorded the node first; this is its record (route by it, discard ours).
     Existing(NodeRecord),
+}
+
+/// What one reconciler pass did: `{"stalledRuns", "reconciledRuns", "failedRuns"}` (the output of
+/// `flowcraft reconcile --output json`, recorded per schedule and mirrored into its status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcileStats {
+    /// Runs found stalled (and claimed).
+    pub stalled_runs: u64,
+    /// Stalled runs the pass re-drove (published jobs, recorded skips) or finished.
+    pub reconciled_runs: u64,
+    /// Stalled runs that could not be reconciled (unknown blueprint, unreadable state); logged.
+    pub failed_runs: u64,
+}
+
+/// A reconciler pass as recorded for its schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcilePass {
+    /// When the pass started.
+    pub started_at: DateTime<Utc>,
+    /// When it was recorded.
+    pub finished_at: DateTime<Utc>,
+    /// What it did.
+    pub stats: ReconcileStats,
 }
 
 /// Filter for listing runs.
@@ -487,19 +389,8 @@ pub struct JoinArrival<'a> {
     pub taken: bool,
     /// How many distinct predecessors the node has.
     pub expected: usize,
-    /// `any` join (fires at the first taken arrival) instead of `all`.
-    pub any: bool,
-}
-
-/// What an arrival decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JoinDecision {
-    /// Not yet (or already decided by another arrival).
-    Wait,
-    /// Run the node: publish its job.
-    Fire,
-    /// Every arrival was skipped: the node is skipped.
-    Skip,
+    /// The node's join strategy.
+    pub strategy: JoinStrategy,
 }
 
 /// Join arrival state of one node, as the reconciler rebuilds it from the records.
@@ -521,13 +412,11 @@ pub struct LeaseToken(pub String);
 /// everything in it can be derived from the run store.
 #[async_trait]
 pub trait Coordinator: Send + Sync + 'static {
-    /// Register an arrival (idempotent per `(node, source)`) and decide, atomically:
-    /// - `all`: when every expected source has arrived → `Fire` if any was taken, else `Skip`;
-    /// - `any`: at the first taken arrival → `Fire`; when all arrived and none was taken → `Skip`.
-    ///
-    /// The decision is made once (fire-once flag remembering the deciding source); a repeated arrival of the
-    /// deciding source returns the same decision again (so a crash between deciding and publishing heals on
-    /// redelivery); any other arrival after the decision returns `Wait`.
+    /// Register an arrival (idempotent per `(node, source)`) and decide by the join rule
+    /// ([`crate::flow::join::decide`]), atomically, once: the protocol of [`crate::flow::join::Join`] (a fire-once
+    /// flag remembering the deciding source; a repeated arrival of the deciding source returns the same decision
+    /// again, so a crash between deciding and publishing heals on redelivery; any other arrival after the
+    /// decision returns `Wait`).
     async fn arrive(&self, arrival: &JoinArrival<'_>) -> StoreResult<JoinDecision>;
 
     /// Take the execution lease of `(run, node)` for `ttl`; `None` when another holder has it.

@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
+use crate::config::{DEFAULT_CONTEXTS_TABLE, DEFAULT_RESULTS_TABLE, DEFAULT_STATUSES_TABLE};
 use crate::store::{
-    JobView, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore,
-    RunSummary, StoreError, StoreResult, StoredBlueprint,
+    BackendError, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats, RecordOutcome, RunFilter,
+    RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
 };
 
 /// Default number of runs returned by [`RunStore::list_runs`] when the filter's limit is 0.
@@ -36,12 +37,8 @@ const MAX_IDENTIFIER_LEN: usize = 63;
 pub struct PgConfig {
     /// Connection URL (`postgres://user@host:port/db`).
     pub url: String,
-    /// The contexts table.
-    pub contexts_table: String,
-    /// The run status table.
-    pub statuses_table: String,
-    /// The node results table.
-    pub results_table: String,
+    /// The tables.
+    pub tables: TableNames,
     /// Maximum number of pooled connections.
     pub pool_size: usize,
 }
@@ -50,9 +47,7 @@ impl Default for PgConfig {
     fn default() -> Self {
         Self {
             url: "postgres://root@127.0.0.1:5432/postgres".to_string(),
-            contexts_table: "flowcraft_contexts".to_string(),
-            statuses_table: "flowcraft_statuses".to_string(),
-            results_table: "flowcraft_node_results".to_string(),
+            tables: TableNames::default(),
             pool_size: 16,
         }
     }
@@ -61,19 +56,55 @@ impl Default for PgConfig {
 impl PgConfig {
     /// A configuration whose tables are `{prefix}_contexts`, `{prefix}_statuses` and `{prefix}_node_results`.
     pub fn with_prefix(url: impl Into<String>, prefix: &str) -> Self {
+        Self { url: url.into(), tables: TableNames::with_prefix(prefix), ..Self::default() }
+    }
+}
+
+/// The configurable (unquoted) table names of an installation, e.g. of a worker pool; several installations
+/// can share a database under different names. The reconciler statistics and migration history tables derive
+/// from `statuses` ([`Tables`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TableNames {
+    /// Run contexts (`FLOWCRAFT_CONTEXTS_TABLE`).
+    pub contexts: String,
+    /// Run status rows (`FLOWCRAFT_STATUSES_TABLE`).
+    pub statuses: String,
+    /// Node results (`FLOWCRAFT_RESULTS_TABLE`).
+    pub results: String,
+}
+
+impl Default for TableNames {
+    fn default() -> Self {
         Self {
-            url: url.into(),
-            contexts_table: format!("{prefix}_contexts"),
-            statuses_table: format!("{prefix}_statuses"),
-            results_table: format!("{prefix}_node_results"),
-            ..Self::default()
+            contexts: DEFAULT_CONTEXTS_TABLE.to_string(),
+            statuses: DEFAULT_STATUSES_TABLE.to_string(),
+            results: DEFAULT_RESULTS_TABLE.to_string(),
         }
     }
 }
 
-/// The (unquoted) names of every table the store uses.
+impl TableNames {
+    /// Validated names (the derived tables included must be distinct and fit PostgreSQL's identifiers).
+    pub fn new(contexts: &str, statuses: &str, results: &str) -> StoreResult<Self> {
+        let names =
+            Self { contexts: contexts.to_string(), statuses: statuses.to_string(), results: results.to_string() };
+        Tables::resolve(&names)?;
+        Ok(names)
+    }
+
+    /// `{prefix}_contexts`, `{prefix}_statuses` and `{prefix}_node_results`.
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            contexts: format!("{prefix}_contexts"),
+            statuses: format!("{prefix}_statuses"),
+            results: format!("{prefix}_node_results"),
+        }
+    }
+}
+
+/// Every table a store uses, validated: the three configured ones and those derived from them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableNames {
+pub struct Tables {
     /// Run contexts.
     pub contexts: String,
     /// Run status rows.
@@ -90,23 +121,6 @@ pub struct TableNames {
     pub blueprints: String,
 }
 
-/// The latest recorded reconciler pass of a schedule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReconcileStatsRow {
-    /// The schedule (`<namespace>/<name>`).
-    pub schedule: String,
-    /// When the pass started.
-    pub started_at: DateTime<Utc>,
-    /// When it was recorded.
-    pub finished_at: DateTime<Utc>,
-    /// Stalled runs found.
-    pub stalled_runs: u64,
-    /// Runs re-driven.
-    pub reconciled_runs: u64,
-    /// Runs that could not be reconciled.
-    pub failed_runs: u64,
-}
-
 // ------------------------------------------------------------------------------------------------
 // Identifiers
 // ------------------------------------------------------------------------------------------------
@@ -119,7 +133,7 @@ fn validate_identifier(what: &str, name: &str) -> StoreResult<()> {
     if first_ok && rest_ok && name.len() <= MAX_IDENTIFIER_LEN {
         Ok(())
     } else {
-        Err(StoreError::Config(format!(
+        Err(StoreError::config(format!(
             "invalid {what} table name {name:?}: it must match ^[A-Za-z_][A-Za-z0-9_]{{0,62}}$"
         )))
     }
@@ -140,37 +154,13 @@ fn fit_identifier(candidate: String, tag: &str) -> String {
     }
 }
 
-impl Default for TableNames {
-    /// The worker's default tables (`flowcraft_contexts`, `flowcraft_statuses`, `flowcraft_node_results`).
-    fn default() -> Self {
-        Self {
-            contexts: "flowcraft_contexts".to_string(),
-            statuses: "flowcraft_statuses".to_string(),
-            results: "flowcraft_node_results".to_string(),
-            reconcile_runs: "flowcraft_reconcile_runs".to_string(),
-            migrations: "flowcraft_statuses_migrations".to_string(),
-            blueprints: "flowcraft_blueprints".to_string(),
-        }
-    }
-}
-
-impl TableNames {
-    /// A validated table set with its derived reconcile-stats and migrations tables (as a store opened with
-    /// these names uses them).
-    pub fn new(contexts: &str, statuses: &str, results: &str) -> StoreResult<Self> {
-        Self::from_config(&PgConfig {
-            contexts_table: contexts.to_string(),
-            statuses_table: statuses.to_string(),
-            results_table: results.to_string(),
-            ..PgConfig::default()
-        })
-    }
-
-    fn from_config(cfg: &PgConfig) -> StoreResult<Self> {
-        validate_identifier("contexts", &cfg.contexts_table)?;
-        validate_identifier("statuses", &cfg.statuses_table)?;
-        validate_identifier("results", &cfg.results_table)?;
-        let statuses = cfg.statuses_table.as_str();
+impl Tables {
+    /// Validate the configured names and derive the others.
+    pub fn resolve(names: &TableNames) -> StoreResult<Self> {
+        validate_identifier("contexts", &names.contexts)?;
+        validate_identifier("statuses", &names.statuses)?;
+        validate_identifier("results", &names.results)?;
+        let statuses = names.statuses.as_str();
         let derived = |suffix: &str| match statuses.strip_suffix("statuses") {
             Some(stem) if !stem.is_empty() => fit_identifier(format!("{stem}{suffix}"), suffix),
             _ => fit_identifier(format!("{statuses}_{suffix}"), suffix),
@@ -178,9 +168,9 @@ impl TableNames {
         let reconcile_runs = derived("reconcile_runs");
         let blueprints = derived("blueprints");
         let names = Self {
-            contexts: cfg.contexts_table.clone(),
-            statuses: cfg.statuses_table.clone(),
-            results: cfg.results_table.clone(),
+            contexts: names.contexts.clone(),
+            statuses: names.statuses.clone(),
+            results: names.results.clone(),
             reconcile_runs,
             migrations: fit_identifier(format!("{statuses}_migrations"), "migrations"),
             blueprints,
@@ -195,7 +185,7 @@ impl TableNames {
         ];
         for (i, a) in all.iter().enumerate() {
             if all[i + 1..].iter().any(|b| a.eq_ignore_ascii_case(b)) {
-                return Err(StoreError::Config(format!(
+                return Err(StoreError::config(format!(
                     "table name {a:?} is used for two different tables (contexts {:?}, statuses {:?}, results {:?})",
                     names.contexts, names.statuses, names.results
                 )));
@@ -440,7 +430,7 @@ struct Sql {
 }
 
 impl Sql {
-    fn new(names: &TableNames) -> Self {
+    fn new(names: &Tables) -> Self {
         let list_runs = |status: bool, blueprint: bool| {
             let mut sql = format!("SELECT {RUN_COLUMNS} FROM {{statuses}}");
             let mut conditions = Vec::new();
@@ -491,47 +481,20 @@ impl Sql {
 // Errors
 // ------------------------------------------------------------------------------------------------
 
-/// An error and its sources, with the server's SQLSTATE, detail and hint when PostgreSQL reported it.
-fn describe_pg(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut msg = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
-        if let Some(detail) = db.detail() {
-            let _ = write!(msg, " (detail: {detail})");
-        }
-        if let Some(hint) = db.hint() {
-            let _ = write!(msg, " (hint: {hint})");
-        }
-        return msg;
-    }
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let _ = write!(msg, ": {s}");
-        source = s.source();
-    }
-    msg
-}
-
-fn describe_pool(e: &PoolError) -> String {
-    match e {
-        PoolError::Backend(e) => describe_pg(e),
-        other => other.to_string(),
-    }
-}
-
 /// A database error of `op` (which names the run, e.g. `"record node n1 of run r1"`) on `table`.
-fn db_error(op: &str, table: &str, e: &tokio_postgres::Error) -> StoreError {
-    let message = format!("{op} (table {table:?}): {}", describe_pg(e));
+fn db_error(op: &str, table: &str, e: tokio_postgres::Error) -> StoreError {
+    let op = format!("{op} (table {table:?})");
     // SQLSTATE class 22 (data exception, e.g. a NUL character in JSONB) and 54 (program limit exceeded, e.g.
     // a value too large) mean this data can never be written: retrying would loop forever.
     match e.code().map(|c| c.code()) {
-        Some(code) if code.starts_with("22") || code.starts_with("54") => StoreError::Rejected(message),
-        _ => StoreError::Database(message),
+        Some(code) if code.starts_with("22") || code.starts_with("54") => StoreError::Rejected { op, source: e.into() },
+        _ => StoreError::Database { op, source: Some(e.into()) },
     }
 }
 
-fn corrupt(run_id: &str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { run_id: run_id.to_string(), message: message.into() }
+/// Stored data of a run that cannot be decoded.
+fn corrupt(run_id: &str, message: impl Into<String>, source: Option<BackendError>) -> StoreError {
+    StoreError::Corrupt { run_id: run_id.to_string(), message: message.into(), source }
 }
 
 fn clamp_i64(n: u64) -> i64 {
@@ -543,13 +506,14 @@ fn clamp_i64(n: u64) -> i64 {
 // ------------------------------------------------------------------------------------------------
 
 fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, name: &str, run_id: &str) -> StoreResult<T> {
-    row.try_get(name).map_err(|e| corrupt(run_id, format!("column {name}: {}", describe_pg(&e))))
+    row.try_get(name).map_err(|e| corrupt(run_id, format!("column {name}"), Some(e.into())))
 }
 
 fn run_from_row(row: &Row) -> StoreResult<RunInfo> {
-    let run_id: String = row.try_get("run_id").map_err(|e| corrupt("?", format!("column run_id: {e}")))?;
+    let run_id: String = row.try_get("run_id").map_err(|e| corrupt("?", "column run_id", Some(e.into())))?;
     let status: String = column(row, "status", &run_id)?;
-    let status = RunStatus::parse(&status).ok_or_else(|| corrupt(&run_id, format!("unknown run status {status:?}")))?;
+    let status =
+        RunStatus::parse(&status).ok_or_else(|| corrupt(&run_id, format!("unknown run status {status:?}"), None))?;
     Ok(RunInfo {
         blueprint_id: column(row, "blueprint_id", &run_id)?,
         blueprint_version: column(row, "blueprint_version", &run_id)?,
@@ -563,16 +527,17 @@ fn run_from_row(row: &Row) -> StoreResult<RunInfo> {
 }
 
 fn parse_node_status(run_id: &str, node_id: &str, status: &str) -> StoreResult<NodeStatus> {
-    NodeStatus::parse(status).ok_or_else(|| corrupt(run_id, format!("node {node_id}: unknown node status {status:?}")))
+    NodeStatus::parse(status)
+        .ok_or_else(|| corrupt(run_id, format!("node {node_id}: unknown node status {status:?}"), None))
 }
 
 fn parse_taken(run_id: &str, node_id: &str, taken: Value) -> StoreResult<Vec<String>> {
     serde_json::from_value(taken)
-        .map_err(|e| corrupt(run_id, format!("node {node_id}: taken is not an array of strings: {e}")))
+        .map_err(|e| corrupt(run_id, format!("node {node_id}: taken is not an array of strings"), Some(e.into())))
 }
 
 fn parse_attempts(run_id: &str, node_id: &str, attempts: i64) -> StoreResult<u32> {
-    u32::try_from(attempts).map_err(|_| corrupt(run_id, format!("node {node_id}: invalid attempts {attempts}")))
+    u32::try_from(attempts).map_err(|_| corrupt(run_id, format!("node {node_id}: invalid attempts {attempts}"), None))
 }
 
 /// A record from a row with the record columns (`node_id`, `status`, … `finished_at`); `None` when the row's `node_id` is NULL (no record).
@@ -597,8 +562,8 @@ fn record_from_row(run_id: &str, row: &Row) -> StoreResult<Option<NodeRecord>> {
 }
 
 fn blueprint_from_row(row: &Row) -> StoreResult<StoredBlueprint> {
-    let id: String = row.try_get("blueprint_id").map_err(|e| corrupt("*", format!("column blueprint_id: {e}")))?;
-    let get = |e: tokio_postgres::Error| corrupt("*", format!("blueprint {id}: {}", describe_pg(&e)));
+    let id: String = row.try_get("blueprint_id").map_err(|e| corrupt("*", "column blueprint_id", Some(e.into())))?;
+    let get = |e: tokio_postgres::Error| corrupt("*", format!("blueprint {id}"), Some(e.into()));
     Ok(StoredBlueprint {
         version: row.try_get("version").map_err(get)?,
         content_hash: row.try_get("content_hash").map_err(get)?,
@@ -627,11 +592,11 @@ struct RecordJson {
 
 fn records_from_json(run_id: &str, value: Value) -> StoreResult<Vec<NodeRecord>> {
     let rows: Vec<RecordJson> =
-        serde_json::from_value(value).map_err(|e| corrupt(run_id, format!("node records: {e}")))?;
+        serde_json::from_value(value).map_err(|e| corrupt(run_id, "node records", Some(e.into())))?;
     rows.into_iter()
         .map(|r| {
             let finished_at = DateTime::<Utc>::from_timestamp_micros(r.finished_us)
-                .ok_or_else(|| corrupt(run_id, format!("node {}: invalid finished_at", r.node_id)))?;
+                .ok_or_else(|| corrupt(run_id, format!("node {}: invalid finished_at", r.node_id), None))?;
             Ok(NodeRecord {
                 status: parse_node_status(run_id, &r.node_id, &r.status)?,
                 action: r.action,
@@ -654,7 +619,7 @@ fn records_from_json(run_id: &str, value: Value) -> StoreResult<Vec<NodeRecord>>
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
-    names: Arc<TableNames>,
+    names: Arc<Tables>,
     sql: Arc<Sql>,
 }
 
@@ -667,12 +632,14 @@ impl std::fmt::Debug for PostgresStore {
 impl PostgresStore {
     /// Validate the table names, build the connection pool and check that one connection can be made.
     pub async fn connect(cfg: PgConfig) -> StoreResult<Self> {
-        let names = TableNames::from_config(&cfg)?;
+        let names = Tables::resolve(&cfg.tables)?;
         if cfg.pool_size == 0 {
-            return Err(StoreError::Config("PostgreSQL pool size must be at least 1".to_string()));
+            return Err(StoreError::config("PostgreSQL pool size must be at least 1"));
         }
-        let mut pg = tokio_postgres::Config::from_str(&cfg.url)
-            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {}", describe_pg(&e))))?;
+        let mut pg = tokio_postgres::Config::from_str(&cfg.url).map_err(|e| StoreError::Config {
+            message: "invalid PostgreSQL URL".to_string(),
+            source: Some(e.into()),
+        })?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(10));
         }
@@ -689,10 +656,11 @@ impl PostgresStore {
             .create_timeout(Some(Duration::from_secs(15)))
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
-            .map_err(|e| StoreError::Config(format!("PostgreSQL pool: {e}")))?;
+            .map_err(|e| StoreError::config(format!("PostgreSQL pool: {e}")))?;
         let store = Self { sql: Arc::new(Sql::new(&names)), names: Arc::new(names), pool };
-        let client = store.pool.get().await.map_err(|e| {
-            StoreError::Database(format!("cannot connect to PostgreSQL ({target}): {}", describe_pool(&e)))
+        let client = store.pool.get().await.map_err(|e| StoreError::Database {
+            op: format!("cannot connect to PostgreSQL ({target})"),
+            source: Some(e.into()),
         })?;
         drop(client);
         tracing::info!(
@@ -712,7 +680,7 @@ impl PostgresStore {
     }
 
     /// The tables this store uses.
-    pub fn table_names(&self) -> &TableNames {
+    pub fn table_names(&self) -> &Tables {
         &self.names
     }
 
@@ -720,7 +688,7 @@ impl PostgresStore {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Database(format!("{op}: no PostgreSQL connection: {}", describe_pool(&e))))
+            .map_err(|e| StoreError::Database { op: format!("{op}: no PostgreSQL connection"), source: Some(e.into()) })
     }
 
     /// Apply the embedded migrations that are not applied yet, each in its own transaction under an advisory
@@ -739,7 +707,7 @@ impl PostgresStore {
     async fn apply_migration(&self, client: &mut deadpool_postgres::Client, m: &Migration) -> StoreResult<()> {
         let history = self.names.migrations.as_str();
         let op = format!("migration V{}__{}", m.version, m.name);
-        let err = |e: tokio_postgres::Error| db_error(&op, history, &e);
+        let err = |e: tokio_postgres::Error| db_error(&op, history, e);
         let tx = client.transaction().await.map_err(err)?;
         tx.execute("SELECT pg_advisory_xact_lock($1::bigint)", &[&self.names.migration_lock_key()])
             .await
@@ -779,7 +747,7 @@ impl PostgresStore {
         client
             .batch_execute(&self.sql.drop_tables)
             .await
-            .map_err(|e| db_error("drop tables", &self.names.statuses, &e))?;
+            .map_err(|e| db_error("drop tables", &self.names.statuses, e))?;
         tracing::info!(statuses = %self.names.statuses, "dropped flowcraft tables");
         Ok(())
     }
@@ -789,8 +757,8 @@ impl PostgresStore {
         let op = format!("count results of run {run_id}");
         let table = self.names.results.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.count_results).await.map_err(|e| db_error(&op, table, &e))?;
-        let row = client.query_one(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.count_results).await.map_err(|e| db_error(&op, table, e))?;
+        let row = client.query_one(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
         column(&row, "n", run_id)
     }
 
@@ -799,48 +767,48 @@ impl PostgresStore {
         &self,
         schedule: &str,
         started_at: DateTime<Utc>,
-        stalled: u64,
-        reconciled: u64,
-        failed: u64,
+        stats: &ReconcileStats,
     ) -> StoreResult<()> {
         let op = format!("record reconcile stats of schedule {schedule}");
         let table = self.names.reconcile_runs.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.record_reconcile).await.map_err(|e| db_error(&op, table, &e))?;
-        let (stalled, reconciled, failed) = (clamp_i64(stalled), clamp_i64(reconciled), clamp_i64(failed));
+        let stmt = client.prepare_cached(&self.sql.record_reconcile).await.map_err(|e| db_error(&op, table, e))?;
+        let ReconcileStats { stalled_runs, reconciled_runs, failed_runs } = *stats;
+        let counts = [clamp_i64(stalled_runs), clamp_i64(reconciled_runs), clamp_i64(failed_runs)];
         client
-            .execute(&stmt, &[&schedule, &started_at, &stalled, &reconciled, &failed, &RECONCILE_HISTORY_KEEP])
+            .execute(&stmt, &[&schedule, &started_at, &counts[0], &counts[1], &counts[2], &RECONCILE_HISTORY_KEEP])
             .await
-            .map_err(|e| db_error(&op, table, &e))?;
-        tracing::debug!(schedule, stalled, reconciled, failed, "recorded reconcile stats");
+            .map_err(|e| db_error(&op, table, e))?;
+        tracing::debug!(schedule, stalled_runs, reconciled_runs, failed_runs, "recorded reconcile stats");
         Ok(())
     }
 
     /// The latest recorded reconciler pass of `schedule`.
-    pub async fn last_reconcile_stats(&self, schedule: &str) -> StoreResult<Option<ReconcileStatsRow>> {
+    pub async fn last_reconcile_stats(&self, schedule: &str) -> StoreResult<Option<ReconcilePass>> {
         let op = format!("read reconcile stats of schedule {schedule}");
         let table = self.names.reconcile_runs.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.last_reconcile).await.map_err(|e| db_error(&op, table, &e))?;
-        let Some(row) = client.query_opt(&stmt, &[&schedule]).await.map_err(|e| db_error(&op, table, &e))? else {
+        let stmt = client.prepare_cached(&self.sql.last_reconcile).await.map_err(|e| db_error(&op, table, e))?;
+        let Some(row) = client.query_opt(&stmt, &[&schedule]).await.map_err(|e| db_error(&op, table, e))? else {
             return Ok(None);
         };
+        let column_error = |name: &str, e: tokio_postgres::Error| StoreError::Database {
+            op: format!("{op} (table {table:?}): column {name}"),
+            source: Some(e.into()),
+        };
         let get = |name: &str| -> StoreResult<u64> {
-            let n: i64 = row
-                .try_get(name)
-                .map_err(|e| StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}")))?;
-            u64::try_from(n).map_err(|_| StoreError::Database(format!("{op} (table {table:?}): negative {name} {n}")))
+            let n: i64 = row.try_get(name).map_err(|e| column_error(name, e))?;
+            u64::try_from(n).map_err(|_| StoreError::database(format!("{op} (table {table:?}): negative {name} {n}")))
         };
-        let ts = |name: &str| -> StoreResult<DateTime<Utc>> {
-            row.try_get(name).map_err(|e| StoreError::Database(format!("{op} (table {table:?}): column {name}: {e}")))
-        };
-        Ok(Some(ReconcileStatsRow {
-            schedule: schedule.to_string(),
+        let ts = |name: &str| -> StoreResult<DateTime<Utc>> { row.try_get(name).map_err(|e| column_error(name, e)) };
+        Ok(Some(ReconcilePass {
             started_at: ts("started_at")?,
             finished_at: ts("finished_at")?,
-            stalled_runs: get("stalled_runs")?,
-            reconciled_runs: get("reconciled_runs")?,
-            failed_runs: get("failed_runs")?,
+            stats: ReconcileStats {
+                stalled_runs: get("stalled_runs")?,
+                reconciled_runs: get("reconciled_runs")?,
+                failed_runs: get("failed_runs")?,
+            },
         }))
     }
 
@@ -853,11 +821,11 @@ impl PostgresStore {
         let before_at = query.before.as_ref().map(|c| c.created_at);
         let before_id = query.before.as_ref().map(|c| c.run_id.as_str());
         let client = self.client(op).await?;
-        let stmt = client.prepare_cached(&self.sql.runs_page).await.map_err(|e| db_error(op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.runs_page).await.map_err(|e| db_error(op, table, e))?;
         let rows = client
             .query(&stmt, &[&status, &query.blueprint_id, &before_at, &before_id, &limit])
             .await
-            .map_err(|e| db_error(op, table, &e))?;
+            .map_err(|e| db_error(op, table, e))?;
         rows.iter()
             .map(|row| {
                 let info = run_from_row(row)?;
@@ -874,8 +842,8 @@ impl PostgresStore {
         let op = "count runs by status";
         let table = self.names.statuses.as_str();
         let client = self.client(op).await?;
-        let stmt = client.prepare_cached(&self.sql.run_counts).await.map_err(|e| db_error(op, table, &e))?;
-        let rows = client.query(&stmt, &[&blueprint_id]).await.map_err(|e| db_error(op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.run_counts).await.map_err(|e| db_error(op, table, e))?;
+        let rows = client.query(&stmt, &[&blueprint_id]).await.map_err(|e| db_error(op, table, e))?;
         let mut counts = Vec::with_capacity(rows.len());
         for row in &rows {
             let status: String = column(row, "status", "*")?;
@@ -899,11 +867,11 @@ impl PostgresStore {
         let any_version = version.is_none();
         let version = version.flatten();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.stored_blueprint).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.stored_blueprint).await.map_err(|e| db_error(&op, table, e))?;
         let row = client
             .query_opt(&stmt, &[&blueprint_id, &any_version, &version])
             .await
-            .map_err(|e| db_error(&op, table, &e))?;
+            .map_err(|e| db_error(&op, table, e))?;
         row.map(|row| blueprint_from_row(&row)).transpose()
     }
 
@@ -913,8 +881,8 @@ impl PostgresStore {
         let table = self.names.blueprints.as_str();
         let limit = clamp_i64(limit.clamp(1, MAX_PAGE) as u64);
         let client = self.client(op).await?;
-        let stmt = client.prepare_cached(&self.sql.latest_blueprints).await.map_err(|e| db_error(op, table, &e))?;
-        let rows = client.query(&stmt, &[&limit]).await.map_err(|e| db_error(op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.latest_blueprints).await.map_err(|e| db_error(op, table, e))?;
+        let rows = client.query(&stmt, &[&limit]).await.map_err(|e| db_error(op, table, e))?;
         rows.iter().map(blueprint_from_row).collect()
     }
 
@@ -927,8 +895,8 @@ impl PostgresStore {
     ) -> StoreResult<Option<NodeRecord>> {
         let op = format!("read record of node {node_id} of run {run_id}");
         let table = self.names.results.as_str();
-        let stmt = client.prepare_cached(&self.sql.existing_record).await.map_err(|e| db_error(&op, table, &e))?;
-        match client.query_opt(&stmt, &[&run_id, &node_id]).await.map_err(|e| db_error(&op, table, &e))? {
+        let stmt = client.prepare_cached(&self.sql.existing_record).await.map_err(|e| db_error(&op, table, e))?;
+        match client.query_opt(&stmt, &[&run_id, &node_id]).await.map_err(|e| db_error(&op, table, e))? {
             Some(row) => record_from_row(run_id, &row),
             None => Ok(None),
         }
@@ -941,11 +909,11 @@ impl RunStore for PostgresStore {
         let op = format!("create run {}", run.run_id);
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.create_run).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.create_run).await.map_err(|e| db_error(&op, table, e))?;
         let row = client
             .query_one(&stmt, &[&run.run_id, &run.blueprint_id, &run.blueprint_version, &run.input])
             .await
-            .map_err(|e| db_error(&op, table, &e))?;
+            .map_err(|e| db_error(&op, table, e))?;
         let created: i64 = column(&row, "created", &run.run_id)?;
         tracing::debug!(run_id = %run.run_id, blueprint_id = %run.blueprint_id, created = created > 0, "create run");
         Ok(created > 0)
@@ -955,21 +923,19 @@ impl RunStore for PostgresStore {
         let op = format!("read job view of run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.job_view).await.map_err(|e| db_error(&op, table, &e))?;
-        let Some(row) = client.query_opt(&stmt, &[&run_id, &nodes]).await.map_err(|e| db_error(&op, table, &e))? else {
+        let stmt = client.prepare_cached(&self.sql.job_view).await.map_err(|e| db_error(&op, table, e))?;
+        let Some(row) = client.query_opt(&stmt, &[&run_id, &nodes]).await.map_err(|e| db_error(&op, table, e))? else {
             return Ok(None);
         };
         let run = run_from_row(&row)?;
         let context = match column::<Option<Value>>(&row, "context_data", run_id)? {
             Some(Value::Object(map)) => map,
             Some(other) => {
-                return Err(corrupt(
-                    run_id,
-                    format!("context in table {:?} is not an object: {other}", self.names.contexts),
-                ));
+                let message = format!("context in table {:?} is not an object: {other}", self.names.contexts);
+                return Err(corrupt(run_id, message, None));
             }
             None => {
-                return Err(corrupt(run_id, format!("context row missing from table {:?}", self.names.contexts)));
+                return Err(corrupt(run_id, format!("context row missing from table {:?}", self.names.contexts), None));
             }
         };
         let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
@@ -993,7 +959,7 @@ impl RunStore for PostgresStore {
         let merge = Value::Object(merge);
         let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, e))?;
         let params: [&(dyn ToSql + Sync); 9] = [
             &run_id,
             &node_id,
@@ -1005,7 +971,7 @@ impl RunStore for PostgresStore {
             &record.error,
             &merge,
         ];
-        let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, &e))?;
+        let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
         let inserted: bool = column(&row, "inserted", run_id)?;
         if inserted {
             tracing::debug!(run_id, node_id, status = record.status.as_str(), "recorded node result");
@@ -1015,7 +981,7 @@ impl RunStore for PostgresStore {
             Some(existing) => existing,
             // Committed concurrently, after this statement's snapshot: read it with a fresh one.
             None => self.existing_record(&client, run_id, node_id).await?.ok_or_else(|| {
-                StoreError::Database(format!("{op}: run {run_id} does not exist in table {:?}", self.names.statuses))
+                StoreError::database(format!("{op}: run {run_id} does not exist in table {:?}", self.names.statuses))
             })?,
         };
         tracing::debug!(run_id, node_id, status = existing.status.as_str(), "node result already recorded");
@@ -1029,8 +995,8 @@ impl RunStore for PostgresStore {
         let op = format!("record skipped nodes of run {run_id}");
         let table = self.names.results.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.record_skipped).await.map_err(|e| db_error(&op, table, &e))?;
-        let row = client.query_one(&stmt, &[&run_id, &node_ids]).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.record_skipped).await.map_err(|e| db_error(&op, table, e))?;
+        let row = client.query_one(&stmt, &[&run_id, &node_ids]).await.map_err(|e| db_error(&op, table, e))?;
         let inserted: i64 = column(&row, "inserted", run_id)?;
         tracing::debug!(run_id, requested = node_ids.len(), inserted, "recorded skipped nodes");
         Ok(())
@@ -1040,11 +1006,11 @@ impl RunStore for PostgresStore {
         let op = format!("finish run {run_id} as {status}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.finish_run).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.finish_run).await.map_err(|e| db_error(&op, table, e))?;
         let changed = client
             .execute(&stmt, &[&run_id, &status.as_str(), status_data])
             .await
-            .map_err(|e| db_error(&op, table, &e))?;
+            .map_err(|e| db_error(&op, table, e))?;
         tracing::debug!(run_id, status = status.as_str(), changed = changed > 0, "finish run");
         Ok(changed > 0)
     }
@@ -1053,8 +1019,8 @@ impl RunStore for PostgresStore {
         let op = format!("touch run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.touch).await.map_err(|e| db_error(&op, table, &e))?;
-        client.execute(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.touch).await.map_err(|e| db_error(&op, table, e))?;
+        client.execute(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
         Ok(())
     }
 
@@ -1062,8 +1028,8 @@ impl RunStore for PostgresStore {
         let op = format!("read run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.run_info).await.map_err(|e| db_error(&op, table, &e))?;
-        match client.query_opt(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))? {
+        let stmt = client.prepare_cached(&self.sql.run_info).await.map_err(|e| db_error(&op, table, e))?;
+        match client.query_opt(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))? {
             Some(row) => run_from_row(&row).map(Some),
             None => Ok(None),
         }
@@ -1073,8 +1039,8 @@ impl RunStore for PostgresStore {
         let op = format!("read records of run {run_id}");
         let table = self.names.results.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.records).await.map_err(|e| db_error(&op, table, &e))?;
-        let rows = client.query(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.records).await.map_err(|e| db_error(&op, table, e))?;
+        let rows = client.query(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
             if let Some(record) = record_from_row(run_id, row)? {
@@ -1101,8 +1067,8 @@ impl RunStore for PostgresStore {
         }
         params.push(&limit);
         let client = self.client(op).await?;
-        let stmt = client.prepare_cached(&self.sql.list_runs[variant]).await.map_err(|e| db_error(op, table, &e))?;
-        let rows = client.query(&stmt, &params).await.map_err(|e| db_error(op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.list_runs[variant]).await.map_err(|e| db_error(op, table, e))?;
+        let rows = client.query(&stmt, &params).await.map_err(|e| db_error(op, table, e))?;
         rows.iter().map(run_from_row).collect()
     }
 
@@ -1110,12 +1076,12 @@ impl RunStore for PostgresStore {
         let op = format!("save blueprint {}", blueprint.blueprint_id);
         let table = self.names.blueprints.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.save_blueprint).await.map_err(|e| db_error(&op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.save_blueprint).await.map_err(|e| db_error(&op, table, e))?;
         let b = blueprint;
         let inserted = client
             .execute(&stmt, &[&b.blueprint_id, &b.version, &b.content_hash, &b.definition])
             .await
-            .map_err(|e| db_error(&op, table, &e))?;
+            .map_err(|e| db_error(&op, table, e))?;
         tracing::debug!(blueprint_id = %b.blueprint_id, hash = %b.content_hash, inserted = inserted > 0, "save blueprint");
         Ok(())
     }
@@ -1130,8 +1096,8 @@ impl RunStore for PostgresStore {
         let threshold_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX).min(MAX_THRESHOLD_MS);
         let limit = clamp_i64(limit as u64);
         let client = self.client(op).await?;
-        let stmt = client.prepare_cached(&self.sql.claim_stalled).await.map_err(|e| db_error(op, table, &e))?;
-        let rows = client.query(&stmt, &[&threshold_ms, &limit]).await.map_err(|e| db_error(op, table, &e))?;
+        let stmt = client.prepare_cached(&self.sql.claim_stalled).await.map_err(|e| db_error(op, table, e))?;
+        let rows = client.query(&stmt, &[&threshold_ms, &limit]).await.map_err(|e| db_error(op, table, e))?;
         let runs = rows.iter().map(run_from_row).collect::<StoreResult<Vec<_>>>()?;
         if !runs.is_empty() {
             tracing::info!(claimed = runs.len(), threshold_ms, "claimed stalled runs");
@@ -1168,11 +1134,9 @@ mod tests {
 
     #[test]
     fn default_table_names_are_the_default_config() {
-        assert_eq!(TableNames::default(), TableNames::from_config(&PgConfig::default()).unwrap());
-        assert_eq!(
-            TableNames::new("a_contexts", "a_statuses", "a_results").unwrap().reconcile_runs,
-            "a_reconcile_runs"
-        );
+        assert_eq!(PgConfig::default().tables, TableNames::default());
+        let names = TableNames::new("a_contexts", "a_statuses", "a_results").unwrap();
+        assert_eq!(Tables::resolve(&names).unwrap().reconcile_runs, "a_reconcile_runs");
         assert!(TableNames::new("bad name", "s", "r").is_err());
     }
 
@@ -1189,21 +1153,21 @@ mod tests {
 
     #[test]
     fn derived_names_fit() {
-        let names = TableNames::from_config(&PgConfig::default()).unwrap();
+        let names = Tables::resolve(&TableNames::default()).unwrap();
         assert_eq!(names.reconcile_runs, "flowcraft_reconcile_runs");
         assert_eq!(names.migrations, "flowcraft_statuses_migrations");
         assert_eq!(names.blueprints, "flowcraft_blueprints");
-        let long = PgConfig { statuses_table: "s".repeat(63), ..PgConfig::default() };
-        let names = TableNames::from_config(&long).unwrap();
+        let long = TableNames { statuses: "s".repeat(63), ..TableNames::default() };
+        let names = Tables::resolve(&long).unwrap();
         assert!(names.migrations.len() <= MAX_IDENTIFIER_LEN && names.reconcile_runs.len() <= MAX_IDENTIFIER_LEN);
         assert!(validate_identifier("m", &names.migrations).is_ok());
-        let dup = PgConfig { results_table: "flowcraft_contexts".into(), ..PgConfig::default() };
-        assert!(TableNames::from_config(&dup).is_err());
+        let dup = TableNames { results: "flowcraft_contexts".into(), ..TableNames::default() };
+        assert!(Tables::resolve(&dup).is_err());
     }
 
     #[test]
     fn migrations_only_use_known_placeholders() {
-        let names = TableNames::from_config(&PgConfig::default()).unwrap();
+        let names = Tables::resolve(&TableNames::default()).unwrap();
         for m in MIGRATIONS {
             let sql = names.render(m.sql);
             assert!(!sql.contains("{contexts}") && !sql.contains("{statuses}"), "V{}", m.version);

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Acker, Delivery, Job, JobQueue, StoreError, StoreResult};
+use crate::config::{DEFAULT_PREFETCH, DEFAULT_QUEUE};
 
 /// Connection attempts at start-up before [`RabbitQueue::connect`] gives up.
 const STARTUP_ATTEMPTS: u32 = 8;
@@ -109,7 +110,7 @@ impl FromStr for QueueType {
         match s.trim().to_ascii_lowercase().as_str() {
             "quorum" => Ok(QueueType::Quorum),
             "classic" => Ok(QueueType::Classic),
-            other => Err(StoreError::Config(format!("unknown queue type {other:?}: expected quorum or classic"))),
+            other => Err(StoreError::config(format!("unknown queue type {other:?}: expected quorum or classic"))),
         }
     }
 }
@@ -133,9 +134,9 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: "amqp://127.0.0.1:5672/%2f".to_string(),
-            queue: "flowcraft-jobs".to_string(),
+            queue: DEFAULT_QUEUE.to_string(),
             queue_type: QueueType::Quorum,
-            prefetch: 16,
+            prefetch: DEFAULT_PREFETCH,
             connection_name: "flowcraft".to_string(),
         }
     }
@@ -167,22 +168,22 @@ fn redact(url: &str) -> String {
 
 fn check_queue_name(queue: &str) -> StoreResult<()> {
     if queue.is_empty() {
-        return Err(StoreError::Config("the queue name is empty".to_string()));
+        return Err(StoreError::config("the queue name is empty"));
     }
     if queue.len() > MAX_QUEUE_NAME {
-        return Err(StoreError::Config(format!(
+        return Err(StoreError::config(format!(
             "queue name {queue:?} is longer than {MAX_QUEUE_NAME} bytes (its .delay queue would exceed RabbitMQ's limit)"
         )));
     }
     if queue.starts_with("amq.") {
-        return Err(StoreError::Config(format!("queue name {queue:?} uses the reserved prefix amq.")));
+        return Err(StoreError::config(format!("queue name {queue:?} uses the reserved prefix amq.")));
     }
     Ok(())
 }
 
 fn parse_url(url: &str, queue: &str) -> StoreResult<AMQPUri> {
     url.parse::<AMQPUri>()
-        .map_err(|error| StoreError::Config(format!("invalid AMQP URL {} for queue {queue}: {error}", redact(url))))
+        .map_err(|error| StoreError::config(format!("invalid AMQP URL {} for queue {queue}: {error}", redact(url))))
 }
 
 /// Names of the queue's topology.
@@ -208,7 +209,7 @@ impl Names {
 /// A short string (queue names are checked up front; message ids and expirations may not fit).
 fn short(value: &str, what: &str, queue: &str) -> StoreResult<ShortString> {
     ShortString::try_new(value)
-        .map_err(|error| StoreError::Queue(format!("{what} {value:?} for queue {queue} is too long: {error}")))
+        .map_err(|error| StoreError::queue(format!("{what} {value:?} for queue {queue} is too long: {error}")))
 }
 
 fn long(value: &str) -> AMQPValue {
@@ -237,29 +238,34 @@ fn is_permanent(error: &lapin::Error) -> bool {
     )
 }
 
-fn declare_error(kind: &str, name: &str, error: &lapin::Error) -> StoreError {
-    match soft_error(error) {
-        Some((AMQPSoftError::PRECONDITIONFAILED, message)) => StoreError::Config(format!(
-            "{kind} {name} already exists with different settings (PRECONDITION_FAILED: {message}); delete it or \
-             configure the same queue type"
-        )),
-        _ => StoreError::Queue(format!("declaring {kind} {name} failed: {error}")),
+/// A broker error of `op`.
+fn amqp(op: String, error: lapin::Error) -> StoreError {
+    StoreError::Queue { op, source: Some(error.into()) }
+}
+
+fn declare_error(kind: &str, name: &str, error: lapin::Error) -> StoreError {
+    match soft_error(&error) {
+        Some((AMQPSoftError::PRECONDITIONFAILED, _)) => StoreError::Config {
+            message: format!(
+                "{kind} {name} already exists with different settings; delete it or configure the same queue type"
+            ),
+            source: Some(error.into()),
+        },
+        _ => amqp(format!("declaring {kind} {name}"), error),
     }
 }
 
-fn queue_error(queue: &str, what: &str, error: &lapin::Error) -> StoreError {
-    match soft_error(error) {
-        Some((AMQPSoftError::NOTFOUND, message)) => {
-            StoreError::Queue(format!("{what} on queue {queue} failed: it does not exist (NOT_FOUND: {message})"))
-        }
-        _ => StoreError::Queue(format!("{what} on queue {queue} failed: {error}")),
+fn queue_error(queue: &str, what: &str, error: lapin::Error) -> StoreError {
+    match soft_error(&error) {
+        Some((AMQPSoftError::NOTFOUND, _)) => amqp(format!("{what} on queue {queue}: it does not exist"), error),
+        _ => amqp(format!("{what} on queue {queue}"), error),
     }
 }
 
 async fn with_timeout<T>(queue: &str, what: &str, future: impl Future<Output = lapin::Result<T>>) -> StoreResult<T> {
     match tokio::time::timeout(RPC_TIMEOUT, future).await {
-        Ok(result) => result.map_err(|error| queue_error(queue, what, &error)),
-        Err(_) => Err(StoreError::Queue(format!("{what} on queue {queue} timed out after {RPC_TIMEOUT:?}"))),
+        Ok(result) => result.map_err(|error| queue_error(queue, what, error)),
+        Err(_) => Err(StoreError::queue(format!("{what} on queue {queue} timed out after {RPC_TIMEOUT:?}"))),
     }
 }
 
@@ -280,11 +286,11 @@ async fn open_connection(uri: &AMQPUri, connection_name: &str, queue: &str) -> S
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri.clone(), properties)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(StoreError::Queue(format!(
-            "connecting to RabbitMQ at {}:{} for queue {queue} failed: {error}",
-            uri.authority.host, uri.authority.port
-        ))),
-        Err(_) => Err(StoreError::Queue(format!(
+        Ok(Err(error)) => Err(amqp(
+            format!("connecting to RabbitMQ at {}:{} for queue {queue}", uri.authority.host, uri.authority.port),
+            error,
+        )),
+        Err(_) => Err(StoreError::queue(format!(
             "connecting to RabbitMQ at {}:{} for queue {queue} timed out after {CONNECT_TIMEOUT:?}",
             uri.authority.host, uri.authority.port
         ))),
@@ -346,7 +352,7 @@ async fn declare_topology(connection: &Connection, queue_type: QueueType, names:
 
 async fn declare_on(channel: &Channel, queue_type: QueueType, names: &Names) -> StoreResult<()> {
     let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    let timeout = |name: &str| StoreError::Queue(format!("declaring {name} timed out after {RPC_TIMEOUT:?}"));
+    let timeout = |name: &str| StoreError::queue(format!("declaring {name} timed out after {RPC_TIMEOUT:?}"));
     let exchange = channel.exchange_declare(
         names.dlx.as_str().into(),
         ExchangeKind::Fanout,
@@ -356,12 +362,12 @@ async fn declare_on(channel: &Channel, queue_type: QueueType, names: &Names) -> 
     tokio::time::timeout(RPC_TIMEOUT, exchange)
         .await
         .map_err(|_| timeout(&names.dlx))?
-        .map_err(|error| declare_error("exchange", &names.dlx, &error))?;
+        .map_err(|error| declare_error("exchange", &names.dlx, error))?;
     let dead = channel.queue_declare(names.dead.as_str().into(), durable, dead_arguments(queue_type));
     tokio::time::timeout(RPC_TIMEOUT, dead)
         .await
         .map_err(|_| timeout(&names.dead))?
-        .map_err(|error| declare_error("queue", &names.dead, &error))?;
+        .map_err(|error| declare_error("queue", &names.dead, error))?;
     let bind = channel.queue_bind(
         names.dead.as_str().into(),
         names.dlx.as_str().into(),
@@ -372,17 +378,17 @@ async fn declare_on(channel: &Channel, queue_type: QueueType, names: &Names) -> 
     tokio::time::timeout(RPC_TIMEOUT, bind)
         .await
         .map_err(|_| timeout(&names.dead))?
-        .map_err(|error| declare_error("binding of queue", &names.dead, &error))?;
+        .map_err(|error| declare_error("binding of queue", &names.dead, error))?;
     let work = channel.queue_declare(names.work.as_str().into(), durable, work_arguments(queue_type, names));
     tokio::time::timeout(RPC_TIMEOUT, work)
         .await
         .map_err(|_| timeout(&names.work))?
-        .map_err(|error| declare_error("queue", &names.work, &error))?;
+        .map_err(|error| declare_error("queue", &names.work, error))?;
     let delay = channel.queue_declare(names.delay.as_str().into(), durable, delay_arguments(names));
     tokio::time::timeout(RPC_TIMEOUT, delay)
         .await
         .map_err(|_| timeout(&names.delay))?
-        .map_err(|error| declare_error("queue", &names.delay, &error))?;
+        .map_err(|error| declare_error("queue", &names.delay, error))?;
     Ok(())
 }
 
@@ -525,7 +531,7 @@ impl RabbitAcker {
                 debug!(queue = %self.queue, op, error = %error, "Delivery not settled: its channel died; the broker redelivers it.");
                 Ok(())
             }
-            Err(error) => Err(StoreError::Queue(format!("{op} on queue {} failed: {error}", self.queue))),
+            Err(error) => Err(amqp(format!("{op} on queue {}", self.queue), error)),
         }
     }
 }
@@ -665,7 +671,7 @@ impl Inner {
         let mut rx = self.session.subscribe();
         loop {
             if self.shutdown.is_cancelled() {
-                return Err(StoreError::Queue(format!("queue {} is closed", self.queue())));
+                return Err(StoreError::queue(format!("queue {} is closed", self.queue())));
             }
             let current = rx.borrow_and_update().clone();
             if let Some(session) = current
@@ -684,10 +690,10 @@ impl Inner {
             match tokio::time::timeout_at(deadline, wait).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    return Err(StoreError::Queue(format!("queue {} is closed", self.queue())));
+                    return Err(StoreError::queue(format!("queue {} is closed", self.queue())));
                 }
                 Err(_) => {
-                    return Err(StoreError::Queue(format!(
+                    return Err(StoreError::queue(format!(
                         "RabbitMQ is unavailable for queue {}: no connection within {PUBLISH_DEADLINE:?}",
                         self.queue()
                     )));
@@ -706,7 +712,7 @@ impl Inner {
             let error = match tokio::time::timeout_at(deadline, publish_on(&session.publisher, messages)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(PublishFailure::Rejected(message))) => {
-                    return Err(StoreError::Queue(format!(
+                    return Err(StoreError::queue(format!(
                         "publishing {what} to queue {} failed: {message}",
                         self.queue()
                     )));
@@ -719,7 +725,7 @@ impl Inner {
                         session.lost.cancel();
                     }
                     let why = if blocked { " (the broker blocks publishers: resource alarm)" } else { "" };
-                    return Err(StoreError::Queue(format!(
+                    return Err(StoreError::queue(format!(
                         "publishing {what} to queue {}: not confirmed within {PUBLISH_DEADLINE:?}{why}",
                         self.queue()
                     )));
@@ -730,7 +736,7 @@ impl Inner {
                 session.lost.cancel();
             }
             if !channel_dead || is_permanent(&error) {
-                return Err(StoreError::Queue(format!("publishing {what} to queue {} failed: {error}", self.queue())));
+                return Err(amqp(format!("publishing {what} to queue {}", self.queue()), error));
             }
             retries += 1;
             warn!(queue = %self.queue(), error = %error, retries, "Publish interrupted by a connection loss; republishing after reconnection.");
@@ -912,7 +918,7 @@ impl RabbitQueue {
     pub async fn connect(cfg: AmqpConfig) -> StoreResult<Self> {
         check_queue_name(&cfg.queue)?;
         if cfg.prefetch == 0 {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "prefetch for queue {} must be at least 1 (0 would be unlimited)",
                 cfg.queue
             )));
@@ -934,15 +940,16 @@ impl RabbitQueue {
         let session = loop {
             match inner.open_session().await {
                 Ok(session) => break session,
-                Err(error @ StoreError::Config(_)) => return Err(error),
+                Err(error) if error.is_config() => return Err(error),
                 Err(error) => {
                     attempt += 1;
                     if attempt >= STARTUP_ATTEMPTS {
-                        return Err(StoreError::Queue(format!(
-                            "cannot reach RabbitMQ at {} for queue {} after {attempt} attempts: {error}",
-                            redact(&inner.cfg.url),
+                        let url = redact(&inner.cfg.url);
+                        let op = format!(
+                            "cannot reach RabbitMQ at {url} for queue {} after {attempt} attempts",
                             inner.queue()
-                        )));
+                        );
+                        return Err(StoreError::Queue { op, source: error.into_backend() });
                     }
                     let delay = backoff(attempt);
                     warn!(queue = %inner.queue(), error = %error, attempt, retry_in_ms = delay.as_millis() as u64, "Connecting to RabbitMQ failed; retrying.");
@@ -966,7 +973,7 @@ impl RabbitQueue {
     pub async fn start_consuming(&self) -> StoreResult<()> {
         let inner = &self.inner;
         if inner.stop.is_cancelled() {
-            return Err(StoreError::Queue(format!(
+            return Err(StoreError::queue(format!(
                 "consuming from queue {} was stopped; it cannot be restarted on this handle",
                 inner.queue()
             )));
@@ -1101,8 +1108,10 @@ impl RabbitQueue {
 
     fn job_message(&self, job: &Job, routing_key: &str) -> StoreResult<Outgoing> {
         let queue = self.inner.queue();
-        let body = serde_json::to_vec(job)
-            .map_err(|error| StoreError::Queue(format!("encoding a job for queue {queue} failed: {error}")))?;
+        let body = serde_json::to_vec(job).map_err(|error| StoreError::Queue {
+            op: format!("encoding a job for queue {queue}"),
+            source: Some(error.into()),
+        })?;
         let id = job.message_id();
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())

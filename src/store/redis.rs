@@ -26,6 +26,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 use tracing::{debug, info, warn};
 
+use crate::config::DEFAULT_REDIS_PREFIX;
+use crate::flow::JoinStrategy;
 use crate::store::{Coordinator, JoinArrival, JoinDecision, JoinState, LeaseToken, StoreError, StoreResult};
 
 /// How many times [`RedisCoordinator::connect`] tries to reach Redis before giving up.
@@ -52,7 +54,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/".to_string(),
-            prefix: "flowcraft".to_string(),
+            prefix: DEFAULT_REDIS_PREFIX.to_string(),
             key_ttl: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
@@ -72,16 +74,16 @@ impl RedisConfig {
     /// Check the prefix and the key TTL.
     pub fn validate(&self) -> StoreResult<()> {
         if self.prefix.is_empty() {
-            return Err(StoreError::Config("redis key prefix must not be empty".to_string()));
+            return Err(StoreError::config("redis key prefix must not be empty"));
         }
         if let Some(c) = self.prefix.chars().find(|c| c.is_whitespace() || c.is_control() || *c == '{' || *c == '}') {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "redis key prefix {:?} contains {c:?}: whitespace, control characters, '{{' and '}}' are not allowed",
                 self.prefix
             )));
         }
         if self.key_ttl < Duration::from_millis(1) {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::config(format!(
                 "redis key TTL for prefix {:?} must be at least 1ms, got {:?}",
                 self.prefix, self.key_ttl
             )));
@@ -97,7 +99,7 @@ struct Scripts {
     release: Script,
 }
 
-/// Register an arrival and decide, atomically.
+/// Register an arrival and decide by the join rule, atomically (the protocol of `flow::join::Join`).
 ///
 /// KEYS: arrived set, taken set, decision flag. ARGV: source, taken (`1`/`0`), expected, any (`1`/`0`), key TTL ms.
 /// Returns 0 = wait, 1 = fire, 2 = skip.
@@ -131,15 +133,14 @@ if flag then
   return 0
 end
 
+-- The join rule (flow::join::decide; the table flow::join::CASES keeps the two in step).
+local arrived = redis.call('SCARD', KEYS[1])
+local taken_count = redis.call('SCARD', KEYS[2])
 local decision = 0
-if any and taken then
+if taken_count > 0 and (any or arrived >= expected) then
   decision = 1
-elseif redis.call('SCARD', KEYS[1]) >= expected then
-  if redis.call('SCARD', KEYS[2]) > 0 then
-    decision = 1
-  else
-    decision = 2
-  end
+elseif taken_count == 0 and arrived >= expected then
+  decision = 2
 end
 if decision == 1 then
   redis.call('SET', KEYS[3], 'F:' .. source, 'PX', ttl)
@@ -186,7 +187,7 @@ impl RedisCoordinator {
         config.validate()?;
         let url = redact_url(&config.url);
         let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Config(format!("invalid redis URL {url}: {e}")))?;
+            .map_err(|e| StoreError::Config { message: format!("invalid redis URL {url}"), source: Some(e.into()) })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(100))
@@ -206,9 +207,7 @@ impl RedisCoordinator {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(StoreError::Coordination(format!(
-                        "cannot connect to redis at {url} after {attempt} attempts: {e}"
-                    )));
+                    return Err(coordination(&format!("cannot connect to redis at {url} after {attempt} attempts"), e));
                 }
             }
         };
@@ -251,7 +250,7 @@ impl RedisCoordinator {
                 .prepare_invoke()
                 .load_async(&mut conn)
                 .await
-                .map_err(|e| StoreError::Coordination(format!("loading the redis {name} script: {e}")))?;
+                .map_err(|e| coordination(&format!("loading the redis {name} script"), e))?;
         }
         Ok(())
     }
@@ -310,9 +309,10 @@ impl RedisCoordinator {
 #[async_trait]
 impl Coordinator for RedisCoordinator {
     async fn arrive(&self, arrival: &JoinArrival<'_>) -> StoreResult<JoinDecision> {
-        let JoinArrival { run_id, node_id, source, taken, expected, any } = *arrival;
+        let JoinArrival { run_id, node_id, source, taken, expected, strategy } = *arrival;
+        let any = strategy == JoinStrategy::Any;
         if expected == 0 {
-            return Err(StoreError::Coordination(format!(
+            return Err(StoreError::coordination(format!(
                 "arrival from {source} at join {node_id} of run {run_id}: the join expects 0 predecessors"
             )));
         }
@@ -336,7 +336,7 @@ impl Coordinator for RedisCoordinator {
             1 => JoinDecision::Fire,
             2 => JoinDecision::Skip,
             other => {
-                return Err(StoreError::Coordination(format!(
+                return Err(StoreError::coordination(format!(
                     "arrival from {source} at join {node_id} of run {run_id}: unexpected script reply {other}"
                 )));
             }
@@ -526,7 +526,7 @@ impl Coordinator for RedisCoordinator {
 
 /// A Redis error while doing `what`.
 fn coordination(what: &str, e: RedisError) -> StoreError {
-    StoreError::Coordination(format!("{what}: {e}"))
+    StoreError::Coordination { op: what.to_string(), source: Some(e.into()) }
 }
 
 /// A duration in whole milliseconds, at least 1 (Redis rejects `PX 0`).
@@ -583,10 +583,10 @@ mod tests {
         assert!(ok.validate().is_ok());
         for bad in ["", "a b", "a{b", "a}b", "a\tb"] {
             let cfg = RedisConfig { prefix: bad.to_string(), ..RedisConfig::default() };
-            assert!(matches!(cfg.validate(), Err(StoreError::Config(_))), "{bad:?}");
+            assert!(matches!(cfg.validate(), Err(StoreError::Config { .. })), "{bad:?}");
         }
         let cfg = RedisConfig { key_ttl: Duration::ZERO, ..RedisConfig::default() };
-        assert!(matches!(cfg.validate(), Err(StoreError::Config(_))));
+        assert!(matches!(cfg.validate(), Err(StoreError::Config { .. })));
     }
 
     #[test]

@@ -317,7 +317,7 @@ pub(super) async fn node(
                 Some(data) => {
                     let recs: HashMap<&str, &NodeRecord> =
                         data.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
-                    g.input_for(node_id, &data.info.input, &data.context, &recs, None).ok()
+                    Some(g.input_for(node_id, &data.info.input, &data.context, &recs, None))
                 }
                 None => None,
             }

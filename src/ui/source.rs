@@ -12,12 +12,12 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::client::ClientError;
+use crate::flow::BlueprintSet;
 use crate::flow::{Blueprint, Graph};
 use crate::store::postgres::PostgresStore;
 use crate::store::{
     NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
 };
-use crate::worker::BlueprintSet;
 
 /// Graphs kept built (and laid out by the caller) at most; the cache is cleared past it.
 const GRAPH_CACHE: usize = 64;
@@ -226,7 +226,7 @@ impl ConsoleSource for StoreSource {
             }
             Err(ClientError::NotFound(_)) => Ok(CancelOutcome::NotFound),
             Err(ClientError::Store { source, .. }) => Err(source),
-            Err(other) => Err(StoreError::Database(other.to_string())),
+            Err(other) => Err(StoreError::database(other.to_string())),
         }
     }
 }

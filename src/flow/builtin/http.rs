@@ -141,6 +141,10 @@ enum Failure {
 
 #[async_trait]
 impl Node for Http {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        super::check_params("http", params)
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let Request { method, url, headers, body, timeout } = self.request(&ctx)?;
         let shown = redact_url(url.as_str());

@@ -1,0 +1,155 @@
+//! How a node of a run was resolved: the record the engine writes once per node and routes by.
+//!
+//! Records belong to the engine model (the graph routes by them, computes inputs from them and sends arrivals
+//! for them); the stores only persist them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How a node was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Executed successfully (its output may be `null`).
+    Done,
+    /// Failed after all attempts (with `fallback` set when its fallback node takes over).
+    Failed,
+    /// Not reached: every incoming edge was skipped.
+    Skipped,
+}
+
+impl NodeStatus {
+    /// The lowercase name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Done => "done",
+            NodeStatus::Failed => "failed",
+            NodeStatus::Skipped => "skipped",
+        }
+    }
+
+    /// Parse the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "done" => NodeStatus::Done,
+            "failed" => NodeStatus::Failed,
+            "skipped" => NodeStatus::Skipped,
+            _ => return None,
+        })
+    }
+}
+
+/// The recorded result of one node of one run: written once (first write wins), never updated.
+///
+/// It keeps the action and the taken targets so that a redelivered job routes exactly as the first delivery did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    /// The node.
+    pub node_id: String,
+    /// How it was resolved.
+    pub status: NodeStatus,
+    /// The action it returned.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Its output (`null` for failed and skipped nodes).
+    #[serde(default)]
+    pub output: Value,
+    /// The targets of the effective edges it took (see [`crate::flow::Graph`]); every other effective target was
+    /// skipped.
+    #[serde(default)]
+    pub taken: Vec<String>,
+    /// Attempts made (0 for skipped nodes).
+    #[serde(default)]
+    pub attempts: u32,
+    /// The last error of a failed node.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When it was recorded (set by the store).
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl NodeRecord {
+    /// A node that ran: its output, its action and the targets its routing took.
+    pub fn done(
+        node_id: impl Into<String>,
+        output: Value,
+        action: Option<String>,
+        taken: Vec<String>,
+        attempts: u32,
+    ) -> Self {
+        Self {
+            node_id: node_id.into(),
+            status: NodeStatus::Done,
+            action,
+            output,
+            taken,
+            attempts,
+            error: None,
+            finished_at: None,
+        }
+    }
+
+    /// A node that failed after `attempts` attempts; `taken` is its fallback when it has one. NUL characters
+    /// (which PostgreSQL text refuses) are removed from the error.
+    pub fn failed(node_id: impl Into<String>, error: &str, taken: Vec<String>, attempts: u32) -> Self {
+        Self {
+            node_id: node_id.into(),
+            status: NodeStatus::Failed,
+            action: None,
+            output: Value::Null,
+            taken,
+            attempts,
+            error: Some(error.replace('\0', "")),
+            finished_at: None,
+        }
+    }
+
+    /// Why the run fails when this node failed without a fallback.
+    pub fn run_failure(&self) -> String {
+        format!(
+            "node '{}' failed after {} attempt(s): {}",
+            self.node_id,
+            self.attempts,
+            self.error.as_deref().unwrap_or("unknown error")
+        )
+    }
+
+    /// A skipped node.
+    pub fn skipped(node_id: impl Into<String>) -> Self {
+        Self {
+            node_id: node_id.into(),
+            status: NodeStatus::Skipped,
+            action: None,
+            output: Value::Null,
+            taken: Vec::new(),
+            attempts: 0,
+            error: None,
+            finished_at: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn constructors_and_status_names() {
+        let done = NodeRecord::done("a", json!(1), Some("go".into()), vec!["b".into()], 2);
+        assert_eq!((done.status, done.attempts, done.error.as_deref()), (NodeStatus::Done, 2, None));
+        let failed = NodeRecord::failed("a", "bad\0 news", vec!["fb".into()], 3);
+        assert_eq!(
+            (failed.status, failed.output.clone(), failed.error.as_deref()),
+            (NodeStatus::Failed, Value::Null, Some("bad news"))
+        );
+        assert_eq!(NodeRecord::skipped("a").status, NodeStatus::Skipped);
+        for s in [NodeStatus::Done, NodeStatus::Failed, NodeStatus::Skipped] {
+            assert_eq!(NodeStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(NodeStatus::parse("running"), None);
+    }
+}
