@@ -702,3 +702,262 @@ fn failpoint_at(name: &str, node: &str) {
         std::process::abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The job algorithm on the in-memory stores, with a wrapper injecting faults into the run store and the
+    //! queue: every edge path runs here without live services.
+
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::flow::Blueprint;
+    use crate::store::memory::{MemoryCoordinator, MemoryQueue, MemoryStore};
+    use crate::store::{NewRun, RunFilter, RunInfo, StoreResult};
+
+    /// What the wrappers do wrong, and what they saw.
+    #[derive(Default)]
+    struct Faults {
+        /// Reject this many `record` calls as unstorable data.
+        reject_records: AtomicU32,
+        /// Before the next `record`, another delivery records this one first.
+        competing_record: Mutex<Option<NodeRecord>>,
+        /// Fail this many `publish` calls.
+        fail_publishes: AtomicU32,
+        /// Every delayed publish (job, delay), kept instead of delivered.
+        delayed: Mutex<Vec<(Job, Duration)>>,
+    }
+
+    struct FaultyStore {
+        inner: MemoryStore,
+        faults: Arc<Faults>,
+    }
+
+    #[async_trait]
+    impl RunStore for FaultyStore {
+        async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
+            self.inner.create_run(run).await
+        }
+        async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
+            self.inner.job_view(run_id, nodes).await
+        }
+        async fn record(
+            &self,
+            run_id: &str,
+            record: &NodeRecord,
+            writes: &Map<String, Value>,
+        ) -> StoreResult<RecordOutcome> {
+            if take_one(&self.faults.reject_records) {
+                let source = serde_json::from_str::<Value>("\"\\u0000").unwrap_err().into();
+                return Err(StoreError::Rejected { op: format!("record node {}", record.node_id), source });
+            }
+            let competing = self.faults.competing_record.lock().unwrap().take();
+            if let Some(first) = competing {
+                self.inner.record(run_id, &first, &Map::new()).await?;
+            }
+            self.inner.record(run_id, record, writes).await
+        }
+        async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
+            self.inner.record_skipped(run_id, node_ids).await
+        }
+        async fn finish_run(&self, run_id: &str, status: RunStatus, data: &Value) -> StoreResult<bool> {
+            self.inner.finish_run(run_id, status, data).await
+        }
+        async fn touch(&self, run_id: &str) -> StoreResult<()> {
+            self.inner.touch(run_id).await
+        }
+        async fn run_info(&self, run_id: &str) -> StoreResult<Option<RunInfo>> {
+            self.inner.run_info(run_id).await
+        }
+        async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
+            self.inner.records(run_id).await
+        }
+        async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {
+            self.inner.list_runs(filter).await
+        }
+        async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
+            self.inner.claim_stalled(older_than, limit).await
+        }
+    }
+
+    struct FaultyQueue {
+        inner: MemoryQueue,
+        faults: Arc<Faults>,
+    }
+
+    #[async_trait]
+    impl JobQueue for FaultyQueue {
+        async fn publish(&self, jobs: &[Job]) -> StoreResult<()> {
+            if take_one(&self.faults.fail_publishes) {
+                return Err(StoreError::queue("publishing: the broker went away"));
+            }
+            self.inner.publish(jobs).await
+        }
+        async fn publish_delayed(&self, job: &Job, delay: Duration) -> StoreResult<()> {
+            self.faults.delayed.lock().unwrap().push((job.clone(), delay));
+            Ok(())
+        }
+        async fn dead_letter(&self, body: &[u8], reason: &str) -> StoreResult<()> {
+            self.inner.dead_letter(body, reason).await
+        }
+        async fn next_delivery(&self) -> Option<Delivery> {
+            self.inner.next_delivery().await
+        }
+        async fn stop_consuming(&self) {
+            self.inner.stop_consuming().await
+        }
+        fn is_ready(&self) -> bool {
+            self.inner.is_ready()
+        }
+    }
+
+    fn take_one(counter: &AtomicU32) -> bool {
+        counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// A worker serving `a -> b` (version 2) on faulty in-memory stores, and a run `r` of it started with
+    /// `version`.
+    struct Fixture {
+        worker: Worker<FaultyQueue, FaultyStore, MemoryCoordinator>,
+        faults: Arc<Faults>,
+        queue: MemoryQueue,
+        store: MemoryStore,
+        coord: MemoryCoordinator,
+    }
+
+    impl Fixture {
+        async fn new(version: &str) -> Self {
+            let bp: Blueprint = serde_json::from_value(json!({
+                "id": "bp",
+                "metadata": {"version": "2"},
+                "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}],
+                "edges": [{"source": "a", "target": "b"}]
+            }))
+            .unwrap();
+            let mut set = BlueprintSet::new();
+            set.insert(Graph::build(bp, None).unwrap());
+            let (faults, queue, store, coord) =
+                (Arc::new(Faults::default()), MemoryQueue::new(), MemoryStore::new(), MemoryCoordinator::new());
+            let run = NewRun {
+                run_id: "r".into(),
+                blueprint_id: "bp".into(),
+                blueprint_version: Some(version.into()),
+                input: json!({"n": 1}),
+            };
+            store.create_run(&run).await.unwrap();
+            let worker = Worker::new(
+                Arc::new(FaultyQueue { inner: queue.clone(), faults: faults.clone() }),
+                Arc::new(FaultyStore { inner: store.clone(), faults: faults.clone() }),
+                Arc::new(coord.clone()),
+                Arc::new(Registry::with_builtins()),
+                Arc::new(set),
+                WorkerConfig { max_version_requeues: 2, ..WorkerConfig::default() },
+                Arc::new(WorkerMetrics::default()),
+            );
+            Self { worker, faults, queue, store, coord }
+        }
+
+        async fn process(&self, job: &Job) -> Result<Settle, WorkerError> {
+            self.worker.process(&serde_json::to_vec(job).unwrap()).await
+        }
+
+        async fn record(&self, node: &str) -> Option<NodeRecord> {
+            self.store.records("r").await.unwrap().into_iter().find(|r| r.node_id == node)
+        }
+
+        async fn status(&self) -> RunStatus {
+            self.store.run_info("r").await.unwrap().unwrap().status
+        }
+    }
+
+    fn job(node: &str) -> Job {
+        Job::new("r", "bp", node)
+    }
+
+    #[tokio::test]
+    async fn a_node_runs_is_recorded_and_its_successor_published() {
+        let f = Fixture::new("2").await;
+        assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.record("a").await.unwrap().taken, ["b"]);
+        assert_eq!(f.queue.depth(), 1);
+        assert_eq!(f.process(&job("b")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.status().await, RunStatus::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_result_the_store_rejects_fails_the_node_instead_of_looping() {
+        let f = Fixture::new("2").await;
+        f.faults.reject_records.store(1, Ordering::SeqCst);
+        assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("failed"));
+        let a = f.record("a").await.unwrap();
+        assert_eq!(a.status, NodeStatus::Failed);
+        assert!(a.error.as_deref().unwrap().contains("the node's result cannot be stored"), "{a:?}");
+        assert_eq!(f.status().await, RunStatus::Failed);
+        assert_eq!(f.queue.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_job_of_another_blueprint_version_is_sent_back_then_fails_its_run() {
+        let f = Fixture::new("1").await;
+        assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("sent_back"));
+        let delayed = f.faults.delayed.lock().unwrap().clone();
+        assert_eq!(delayed.len(), 1);
+        assert_eq!(delayed[0].0.sent_back, 1);
+        let last = Job { sent_back: 2, ..job("a") };
+        match f.process(&last).await.unwrap() {
+            Settle::DeadLetter(reason) => assert!(reason.contains("version 1") && reason.contains("version 2")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.status().await, RunStatus::Failed);
+        assert!(f.record("a").await.is_none(), "the node never ran");
+    }
+
+    #[tokio::test]
+    async fn a_held_lease_sends_the_job_back_without_running_the_node() {
+        let f = Fixture::new("2").await;
+        f.coord.acquire_lease("r", "a", Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("lease_conflict"));
+        let delayed = f.faults.delayed.lock().unwrap().clone();
+        assert_eq!((delayed.len(), delayed[0].0.attempt), (1, 1));
+        assert_eq!(f.worker.metrics().executions.get(), 0);
+        assert!(f.record("a").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_record_that_lost_the_race_routes_by_the_first_one() {
+        let f = Fixture::new("2").await;
+        // Another delivery recorded `a` first, taking nothing: `b` is skipped and the run completes.
+        let first = NodeRecord::done("a", json!("theirs"), None, Vec::new(), 1);
+        *f.faults.competing_record.lock().unwrap() = Some(first);
+        assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("duplicate"));
+        assert_eq!(f.record("a").await.unwrap().output, json!("theirs"));
+        assert_eq!(f.record("b").await.unwrap().status, NodeStatus::Skipped);
+        assert_eq!(f.queue.depth(), 0);
+        assert_eq!(f.status().await, RunStatus::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_requeues_and_the_redelivery_routes_by_the_record() {
+        let f = Fixture::new("2").await;
+        f.faults.fail_publishes.store(1, Ordering::SeqCst);
+        assert!(matches!(f.process(&job("a")).await, Err(WorkerError::Store { .. })));
+        assert_eq!(f.record("a").await.unwrap().status, NodeStatus::Done, "recorded before publishing");
+        assert!(f.coord.lease_held("r", "a").await.unwrap(), "the lease is kept after the record");
+        assert_eq!(f.queue.depth(), 0);
+        assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("duplicate"));
+        assert_eq!(f.queue.depth(), 1, "the successor is published on redelivery");
+        assert_eq!(f.worker.metrics().executions.get(), 1, "the node ran once");
+    }
+
+    #[tokio::test]
+    async fn poison_jobs_are_dead_lettered() {
+        let f = Fixture::new("2").await;
+        for body in [&b"not json"[..], br#"{"runId":"","blueprintId":"bp","nodeId":"a"}"#] {
+            assert!(matches!(f.worker.process(body).await.unwrap(), Settle::DeadLetter(_)));
+        }
+        let ghost = Job::new("ghost", "bp", "a");
+        assert!(matches!(f.process(&ghost).await.unwrap(), Settle::DeadLetter(r) if r.contains("does not exist")));
+    }
+}

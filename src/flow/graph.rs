@@ -1024,6 +1024,106 @@ mod tests {
         assert_eq!(resolve_key("_outputs.fetch", &ctx), json!({"a": {"b": 7}}));
     }
 
+    /// The effective edges of a graph, all nodes together.
+    fn effective_edges(g: &Graph) -> usize {
+        g.nodes.iter().map(|n| n.out.len() + usize::from(n.fallback.is_some())).sum()
+    }
+
+    /// `n` nodes; node `i` falls back to node `i + 1`; every node has an edge to `end`.
+    fn fallback_chain(n: usize) -> Blueprint {
+        let mut nodes: Vec<Value> = (0..n)
+            .map(|i| json!({"id": format!("n{i}"), "uses": "noop", "config": {"fallback": format!("n{}", i + 1)}}))
+            .collect();
+        nodes[n - 1] = json!({"id": format!("n{}", n - 1), "uses": "noop"});
+        nodes.push(json!({"id": "end", "uses": "noop"}));
+        let edges: Vec<Value> = (0..n).map(|i| json!({"source": format!("n{i}"), "target": "end"})).collect();
+        bp(json!({"id": "chain", "nodes": nodes, "edges": edges}))
+    }
+
+    #[test]
+    fn a_10000_node_fallback_chain_is_linear() {
+        let n = 10_000;
+        let g = Graph::build(fallback_chain(n), None).unwrap();
+        // Each fallback inherits its primaries' edge to `end`, the same content: one normal edge per node, plus
+        // its fallback edge. (Copying the inherited lists made this 50 million edges.)
+        assert_eq!(effective_edges(&g), 2 * n - 1);
+        assert_eq!(g.edges.len(), 1, "one edge content shared by all");
+        assert_eq!(g.sources("end").len(), n);
+        assert_eq!(g.start_nodes(), vec!["n0"]);
+        assert_eq!(g.targets(&format!("n{}", n - 1)), vec!["end"]);
+        // The fallback at the end of the chain takes over the input of the first node: computed without recursion.
+        let records: Vec<NodeRecord> =
+            (0..n - 1).map(|i| NodeRecord::failed(format!("n{i}"), "boom", vec![format!("n{}", i + 1)], 1)).collect();
+        let by_id: HashMap<&str, &NodeRecord> = records.iter().map(|r| (r.node_id.as_str(), r)).collect();
+        let last = format!("n{}", n - 1);
+        assert_eq!(g.input_dependencies(&last).len(), n);
+        assert_eq!(g.input_for(&last, &json!({"order": 7}), &Map::new(), &by_id, None), json!({"order": 7}));
+        assert!(g.mermaid().lines().count() > 3 * n);
+    }
+
+    #[test]
+    fn a_10000_node_chain_and_a_10000_wide_fan_are_linear() {
+        let n = 10_000;
+        let nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("c{i}"), "uses": "noop"})).collect();
+        let edges: Vec<Value> =
+            (1..n).map(|i| json!({"source": format!("c{}", i - 1), "target": format!("c{i}")})).collect();
+        let g = Graph::build(bp(json!({"id": "c", "nodes": nodes, "edges": edges})), None).unwrap();
+        assert_eq!(effective_edges(&g), n - 1);
+        assert_eq!(g.start_nodes(), vec!["c0"]);
+
+        let mut nodes: Vec<Value> = (0..n).map(|i| json!({"id": format!("f{i}"), "uses": "noop"})).collect();
+        nodes.push(json!({"id": "root", "uses": "noop"}));
+        nodes.push(json!({"id": "sink", "uses": "noop"}));
+        let mut edges: Vec<Value> = (0..n).map(|i| json!({"source": "root", "target": format!("f{i}")})).collect();
+        edges.extend((0..n).map(|i| json!({"source": format!("f{i}"), "target": "sink"})));
+        let g = Graph::build(bp(json!({"id": "fan", "nodes": nodes, "edges": edges})), None).unwrap();
+        assert_eq!(effective_edges(&g), 2 * n);
+        assert_eq!((g.targets("root").len(), g.sources("sink").len()), (n, n));
+        let taken: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
+        let record = NodeRecord::done("root", Value::Null, None, taken, 1);
+        assert!(g.arrivals(&record).iter().all(|a| a.taken));
+        assert_eq!(g.route("root", &json!(1), None, &json!(1), &json!({})).unwrap().taken.len(), n);
+    }
+
+    #[test]
+    fn fallbacks_that_multiply_edges_past_the_budget_are_rejected() {
+        // Node i has its own edge to t_i and falls back to node i + 1, which inherits every earlier edge: the
+        // effective graph grows as n²/2; 1 500 nodes stay in the budget, 2 000 do not.
+        let chain = |n: usize| {
+            let mut nodes: Vec<Value> = (0..n)
+                .map(|i| json!({"id": format!("n{i}"), "uses": "noop", "config": {"fallback": format!("n{}", i + 1)}}))
+                .collect();
+            nodes[n - 1] = json!({"id": format!("n{}", n - 1), "uses": "noop"});
+            nodes.extend((0..n).map(|i| json!({"id": format!("t{i}"), "uses": "noop"})));
+            let edges: Vec<Value> =
+                (0..n).map(|i| json!({"source": format!("n{i}"), "target": format!("t{i}")})).collect();
+            bp(json!({"id": "wide", "nodes": nodes, "edges": edges}))
+        };
+        let g = Graph::build(chain(1_400), None).unwrap();
+        assert_eq!(effective_edges(&g), 1_400 * 1_401 / 2 + 1_399);
+        match Graph::build(chain(2_000), None) {
+            Err(BlueprintError::Invalid { problems, .. }) => {
+                assert!(problems.iter().any(|p| p.code == "too-many-edges"), "{problems:?}")
+            }
+            other => panic!("expected the budget to run out, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_long_fallback_cycle_is_found() {
+        let n = 5_000;
+        let nodes: Vec<Value> = (0..n)
+            .map(
+                |i| json!({"id": format!("n{i}"), "uses": "noop", "config": {"fallback": format!("n{}", (i + 1) % n)}}),
+            )
+            .collect();
+        let p = problems(json!({"id": "ring", "nodes": nodes, "edges": []}));
+        assert!(
+            p.iter().any(|p| p.code == "bad-fallback" && p.message.starts_with("fallbacks form a cycle: n0 -> n1")),
+            "{p:?}"
+        );
+    }
+
     #[test]
     fn mermaid_names_every_node_and_edge() {
         let g = graph(json!({
