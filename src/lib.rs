@@ -11,6 +11,7 @@
 //! - [`build_info`]: the version and git commit of this build (`--version`, logs, `flowcraft_build_info`).
 //! - [`ui`]: the web console (`flowcraft ui`).
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod admin;
 pub mod build_info;

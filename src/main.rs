@@ -1,5 +1,6 @@
 //! The `flowcraft` binary: CLI, worker, reconciler and operator in one (every flag also from `FLOWCRAFT_*`).
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
