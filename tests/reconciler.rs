@@ -127,16 +127,8 @@ impl Fixture {
     }
 
     async fn done(&self, run_id: &str, node: &str, action: Option<&str>, taken: &[&str]) {
-        let rec = NodeRecord {
-            node_id: node.into(),
-            status: NodeStatus::Done,
-            action: action.map(str::to_string),
-            output: Value::Null,
-            taken: taken.iter().map(|s| s.to_string()).collect(),
-            attempts: 1,
-            error: None,
-            finished_at: None,
-        };
+        let taken = taken.iter().map(|s| s.to_string()).collect();
+        let rec = NodeRecord::done(node, Value::Null, action.map(str::to_string), taken, 1);
         self.store.record(run_id, &rec, &Default::default()).await.unwrap();
     }
 
@@ -416,16 +408,7 @@ async fn finished_runs_are_completed_and_broken_runs_are_counted_as_failed() {
     // A node failed without fallback but the run status was never written: failed.
     let failed = format!("{}-failed", f.cluster.name);
     f.create(&failed, "c2").await;
-    let rec = NodeRecord {
-        node_id: "n0".into(),
-        status: NodeStatus::Failed,
-        action: None,
-        output: Value::Null,
-        taken: vec![],
-        attempts: 2,
-        error: Some("boom".into()),
-        finished_at: None,
-    };
+    let rec = NodeRecord::failed("n0", "boom", Vec::new(), 2);
     f.store.record(&failed, &rec, &Default::default()).await.unwrap();
     // A run of a blueprint this reconciler does not know: counted in failedRuns, the others carry on.
     let unknown = format!("{}-unknown", f.cluster.name);

@@ -31,16 +31,7 @@ fn new_run(run_id: &str, blueprint_id: &str, input: Value) -> NewRun {
 }
 
 fn done(node_id: &str, action: Option<&str>, output: Value, taken: &[&str]) -> NodeRecord {
-    NodeRecord {
-        node_id: node_id.to_string(),
-        status: NodeStatus::Done,
-        action: action.map(str::to_string),
-        output,
-        taken: taken.iter().map(|t| t.to_string()).collect(),
-        attempts: 1,
-        error: None,
-        finished_at: None,
-    }
+    NodeRecord::done(node_id, output, action.map(str::to_string), taken.iter().map(|t| t.to_string()).collect(), 1)
 }
 
 fn writes(value: Value) -> Map<String, Value> {
@@ -215,12 +206,7 @@ async fn record_is_insert_if_absent() {
     assert!(rec.taken.is_empty());
 
     // A failed node keeps its error and writes no `_outputs` key.
-    let failed = NodeRecord {
-        status: NodeStatus::Failed,
-        attempts: 3,
-        error: Some("boom".into()),
-        ..done("n3", None, Value::Null, &[])
-    };
+    let failed = NodeRecord::failed("n3", "boom", Vec::new(), 3);
     assert_eq!(s.record("r1", &failed, &Map::new()).await.unwrap(), RecordOutcome::Inserted);
     let records = s.records("r1").await.unwrap();
     let rec = records.iter().find(|r| r.node_id == "n3").unwrap();

@@ -958,13 +958,8 @@ mod tests {
             "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}, {"id": "c", "uses": "noop"}],
             "edges": [{"source": "a", "target": "c"}, {"source": "b", "target": "c"}]
         }));
-        let mut ra = NodeRecord::skipped("a");
-        ra.status = NodeStatus::Done;
-        ra.output = json!(1);
-        ra.taken = vec!["c".into()];
-        let mut rb = ra.clone();
-        rb.node_id = "b".into();
-        rb.output = json!(2);
+        let ra = NodeRecord::done("a", json!(1), None, vec!["c".into()], 1);
+        let mut rb = NodeRecord::done("b", json!(2), None, vec!["c".into()], 1);
         let recs: HashMap<&str, &NodeRecord> = [("a", &ra), ("b", &rb)].into_iter().collect();
         let input = g.input_for("c", &json!({"x": 1}), &Map::new(), &recs, None);
         assert_eq!(input, json!({"a": 1, "b": 2}));
@@ -981,13 +976,8 @@ mod tests {
             "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}, {"id": "j", "uses": "noop", "config": {"joinStrategy": "any"}}],
             "edges": [{"source": "a", "target": "j"}, {"source": "b", "target": "j"}]
         }));
-        let mut ra = NodeRecord::skipped("a");
-        ra.status = NodeStatus::Done;
-        ra.output = json!({"v": "a"});
-        ra.taken = vec!["j".into()];
-        let mut rb = ra.clone();
-        rb.node_id = "b".into();
-        rb.output = json!({"v": "b"});
+        let ra = NodeRecord::done("a", json!({"v": "a"}), None, vec!["j".into()], 1);
+        let rb = NodeRecord::done("b", json!({"v": "b"}), None, vec!["j".into()], 1);
         let both: HashMap<&str, &NodeRecord> = [("a", &ra), ("b", &rb)].into_iter().collect();
         let ctx = Map::new();
         // Never an object keyed by predecessor, whatever finished first: the trigger's output, else the first.
