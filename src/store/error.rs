@@ -141,10 +141,11 @@ impl StoreError {
 
 /// What a backend's client library reported.
 ///
-/// Those libraries (tokio-postgres, deadpool, lapin, redis) print their cause inside their own message *and*
-/// return it from `source()`. This type prints the whole description once (PostgreSQL errors with their
-/// SQLSTATE, detail and hint) and ends the chain there, so nothing prints twice; the library's error stays
-/// reachable for classification through the variants.
+/// Some of those libraries (deadpool, lapin, redis) print their cause inside their own message *and* return it
+/// from `source()`; tokio-postgres prints only its kind. This type prints the whole description once (PostgreSQL
+/// errors with their SQLSTATE, detail and hint, or the client error with its causes) and ends the chain there, so
+/// nothing prints twice or goes missing; the library's error stays reachable for classification through the
+/// variants.
 #[derive(Debug)]
 pub enum BackendError {
     /// A PostgreSQL client or server error.
@@ -207,7 +208,7 @@ impl From<serde_json::Error> for BackendError {
 }
 
 /// A PostgreSQL error: the server's severity, SQLSTATE, message, detail and hint, or the client's error and its
-/// causes (tokio-postgres prints one level of cause itself).
+/// causes.
 fn describe_pg(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut msg = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
@@ -220,8 +221,8 @@ fn describe_pg(e: &tokio_postgres::Error) -> String {
         return msg;
     }
     let mut msg = e.to_string();
-    // tokio-postgres prints its direct cause; deeper causes (e.g. an I/O error's own source) are added once.
-    let mut source = std::error::Error::source(e).and_then(std::error::Error::source);
+    // tokio-postgres prints only its kind ("error connecting to server"): its causes follow, each once.
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         let text = s.to_string();
         if !msg.contains(&text) {
