@@ -19,7 +19,7 @@ use crate::text::{format_bytes, shorten};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// A store failed.
-    #[error("run {run_id}: {source}")]
+    #[error("run {run_id}")]
     Store {
         /// The run.
         run_id: String,

@@ -187,15 +187,16 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    fn queue(conn: &Connection, queue: &str, e: impl fmt::Display) -> Self {
-        Self::Queue { secret: conn.secret.to_string(), queue: queue.to_string(), detail: conn.scrub(&e.to_string()) }
+    fn queue(conn: &Connection, queue: &str, e: impl std::error::Error) -> Self {
+        let detail = conn.scrub(&crate::report::Chain(&e).to_string());
+        Self::Queue { secret: conn.secret.to_string(), queue: queue.to_string(), detail }
     }
 
-    fn database(conn: &Connection, tables: &TableNames, e: impl fmt::Display) -> Self {
+    fn database(conn: &Connection, tables: &TableNames, e: impl std::error::Error) -> Self {
         Self::Database {
             secret: conn.secret.to_string(),
             table: tables.statuses.clone(),
-            detail: conn.scrub(&e.to_string()),
+            detail: conn.scrub(&crate::report::Chain(&e).to_string()),
         }
     }
 }
@@ -274,7 +275,7 @@ impl PoolBackends {
         .map_err(|e| BackendError::database(conn, tables, e))?;
         // Workers migrate on start; a FlowRun may come first. Idempotent; a user without DDL rights only warns.
         if let Err(error) = store.migrate().await {
-            tracing::warn!(secret = %conn.secret, statuses = %tables.statuses, error = %conn.scrub(&error.to_string()),
+            tracing::warn!(secret = %conn.secret, statuses = %tables.statuses, error = %conn.scrub(&crate::report::Chain(&error).to_string()),
                 "Cannot apply migrations; assuming the tables exist.");
         }
         if stores.insert(key, Cached { fingerprint: conn.fingerprint.clone(), client: store.clone() }).is_some() {

@@ -21,6 +21,7 @@ use super::refs::{pool_graphs, read_configmap, read_pool, run_target};
 use super::status::{Cond, DEGRADED, PROGRESSING, READY, apply_status, merge_conditions, report_failure, to_time};
 use super::{OperatorError, object_name};
 use crate::client::{ClientError, RunResult, cancel_run, run_result, start_run};
+use crate::report::Chain;
 use crate::store::{NodeStatus, RunStatus};
 
 /// Name of this controller (metrics, logs).
@@ -79,7 +80,7 @@ fn client_error(ctx: &Context, run: &FlowRun, target: &RunTarget, action: String
     let source = BackendError::Database {
         secret: conn.secret.to_string(),
         table: target.tables.statuses.clone(),
-        detail: conn.scrub(&e.to_string()),
+        detail: conn.scrub(&Chain(&e).to_string()),
     };
     backend_error(ctx, run, target, action, source)
 }
