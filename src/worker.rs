@@ -715,7 +715,7 @@ mod tests {
     use super::*;
     use crate::flow::Blueprint;
     use crate::store::memory::{MemoryCoordinator, MemoryQueue, MemoryStore};
-    use crate::store::{NewRun, RunFilter, RunInfo, StoreResult};
+    use crate::store::{NewRun, RunFilter, RunInfo, StoreResult, StoredBlueprint};
 
     /// What the wrappers do wrong, and what they saw.
     #[derive(Default)]
@@ -776,6 +776,9 @@ mod tests {
         }
         async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {
             self.inner.list_runs(filter).await
+        }
+        async fn save_blueprint(&self, blueprint: &StoredBlueprint) -> StoreResult<()> {
+            self.inner.save_blueprint(blueprint).await
         }
         async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
             self.inner.claim_stalled(older_than, limit).await
