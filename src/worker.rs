@@ -863,7 +863,7 @@ mod tests {
         }
 
         async fn process(&self, job: &Job) -> Result<Settle, WorkerError> {
-            self.worker.process(&serde_json::to_vec(job).unwrap()).await
+            self.worker.process(&serde_json::to_vec(job).unwrap(), false).await
         }
 
         async fn record(&self, node: &str) -> Option<NodeRecord> {
@@ -958,7 +958,7 @@ mod tests {
     async fn poison_jobs_are_dead_lettered() {
         let f = Fixture::new("2").await;
         for body in [&b"not json"[..], br#"{"runId":"","blueprintId":"bp","nodeId":"a"}"#] {
-            assert!(matches!(f.worker.process(body).await.unwrap(), Settle::DeadLetter(_)));
+            assert!(matches!(f.worker.process(body, false).await.unwrap(), Settle::DeadLetter(_)));
         }
         let ghost = Job::new("ghost", "bp", "a");
         assert!(matches!(f.process(&ghost).await.unwrap(), Settle::DeadLetter(r) if r.contains("does not exist")));
