@@ -17,7 +17,7 @@ pub struct NodeCtx {
     pub blueprint_id: String,
     /// This node's id in the blueprint.
     pub node_id: String,
-    /// The node's input (see DESIGN.md: `inputs`, or its taken predecessors' outputs, or the run input).
+    /// The node's input (see docs/architecture.md: `inputs`, or its taken predecessors' outputs, or the run input).
     pub input: Value,
     /// The node's static params from the blueprint.
     pub params: Value,
