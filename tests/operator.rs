@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use flowcraft::operator::OperatorError;
 use flowcraft::operator::admin::Health;
-use flowcraft::operator::backends::{BackendError, Connection, PoolBackends, QueueProbe, ReconcileStats, StatsSource};
+use flowcraft::operator::backends::{BackendError, Connection, PoolBackends, QueueProbe, StatsSource};
 use flowcraft::operator::context::{Context, backoff_delay};
 use flowcraft::operator::controllers::error_policy;
 use flowcraft::operator::crd::{
@@ -28,6 +28,7 @@ use flowcraft::store::postgres::TableNames;
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
 use flowcraft::store::{NodeRecord, NodeStatus, RunStatus, RunStore};
+use flowcraft::store::{ReconcilePass, ReconcileStats};
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -682,17 +683,15 @@ impl StatsSource for FixedStats {
         conn: &Connection,
         tables: &TableNames,
         schedule: &str,
-    ) -> Result<Option<ReconcileStats>, BackendError> {
+    ) -> Result<Option<ReconcilePass>, BackendError> {
         assert_eq!(conn.secret.to_string(), "shop/flowcraft-conn");
         assert_eq!(schedule, "shop/orders-reconcile");
         assert_eq!(tables.statuses, "flowcraft_statuses");
         let at = chrono::DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
-        Ok(Some(ReconcileStats {
+        Ok(Some(ReconcilePass {
             started_at: at,
             finished_at: at,
-            stalled_runs: 4,
-            reconciled_runs: 3,
-            failed_runs: 1,
+            stats: ReconcileStats { stalled_runs: 4, reconciled_runs: 3, failed_runs: 1 },
         }))
     }
 }

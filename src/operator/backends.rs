@@ -8,14 +8,13 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use crate::redact::{credentials, redact_url};
 use crate::store::postgres::{PgConfig, PostgresStore, TableNames};
 use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
-use crate::store::{JobQueue, RunStore};
+use crate::store::{JobQueue, ReconcilePass, RunStore};
 
 /// `namespace/name` of a Secret.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -141,21 +140,6 @@ impl fmt::Debug for RunStores {
     }
 }
 
-/// Stats of the last reconcile job of a schedule, as recorded in PostgreSQL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReconcileStats {
-    /// When the job started.
-    pub started_at: DateTime<Utc>,
-    /// When it finished.
-    pub finished_at: DateTime<Utc>,
-    /// Stalled runs found.
-    pub stalled_runs: i64,
-    /// Runs re-driven.
-    pub reconciled_runs: i64,
-    /// Runs that could not be re-driven.
-    pub failed_runs: i64,
-}
-
 /// A backend could not be reached or refused the operation through a pool's Secret. The driver's error is kept
 /// as text with the Secret's credentials masked (driver errors may quote a URL), never as a source chain that
 /// could print them.
@@ -217,7 +201,7 @@ pub trait StatsSource: Send + Sync {
         conn: &Connection,
         tables: &TableNames,
         schedule: &str,
-    ) -> Result<Option<ReconcileStats>, BackendError>;
+    ) -> Result<Option<ReconcilePass>, BackendError>;
 }
 
 /// Opens (and caches) the queue and run store of a [`RunTarget`] through its pool's connection.
@@ -340,17 +324,10 @@ impl StatsSource for PoolBackends {
         conn: &Connection,
         tables: &TableNames,
         schedule: &str,
-    ) -> Result<Option<ReconcileStats>, BackendError> {
+    ) -> Result<Option<ReconcilePass>, BackendError> {
         let store = self.store(conn, tables).await?;
         let row = store.last_reconcile_stats(schedule).await.map_err(|e| BackendError::database(conn, tables, e))?;
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        Ok(row.map(|r| ReconcileStats {
-            started_at: r.started_at,
-            finished_at: r.finished_at,
-            stalled_runs: n(r.stats.stalled_runs),
-            reconciled_runs: n(r.stats.reconciled_runs),
-            failed_runs: n(r.stats.failed_runs),
-        }))
+        Ok(row)
     }
 }
 

@@ -12,7 +12,6 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
 use super::apply::apply_owned;
-use super::backends::ReconcileStats;
 use super::context::{Context, object_key};
 use super::crd::{FlowcraftReconcileSchedule, FlowcraftReconcileScheduleStatus, FlowcraftWorkerPool};
 use super::events::Note;
@@ -23,6 +22,7 @@ use super::status::{
 };
 use super::workerpool::pool_image;
 use super::{OperatorError, object_name};
+use crate::store::ReconcilePass;
 use crate::store::postgres::TableNames;
 
 /// What the CronJob builder needs besides the schedule and its pool.
@@ -241,7 +241,7 @@ async fn read_stats(
     ctx: &Context,
     schedule: &FlowcraftReconcileSchedule,
     pool: &FlowcraftWorkerPool,
-) -> Result<Option<ReconcileStats>, String> {
+) -> Result<Option<ReconcilePass>, String> {
     let tables = pool_tables(ctx, schedule, pool).map_err(|e| super::describe(&e))?;
     let conn = pool_connection(ctx, schedule, pool).await.map_err(|e| super::describe(&e))?;
     ctx.stats.last_stats(&conn, &tables, &schedule_key(schedule)).await.map_err(|e| {
@@ -255,7 +255,7 @@ pub fn schedule_status(
     schedule: &FlowcraftReconcileSchedule,
     cronjob: &str,
     last_schedule_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-    stats: &Result<Option<ReconcileStats>, String>,
+    stats: &Result<Option<ReconcilePass>, String>,
 ) -> FlowcraftReconcileScheduleStatus {
     let prev = schedule.status.clone().unwrap_or_default();
     let generation = schedule.meta().generation;
@@ -268,9 +268,9 @@ pub fn schedule_status(
     let degraded = match stats {
         Ok(Some(s)) => {
             status.last_run = Some(to_time(s.finished_at));
-            status.stalled_runs = Some(s.stalled_runs);
-            status.reconciled_runs = Some(s.reconciled_runs);
-            status.failed_runs = Some(s.failed_runs);
+            status.stalled_runs = Some(count(s.stats.stalled_runs));
+            status.reconciled_runs = Some(count(s.stats.reconciled_runs));
+            status.failed_runs = Some(count(s.stats.failed_runs));
             Cond::new(DEGRADED, false, "AsExpected", format!("CronJob {cronjob} is applied"))
         }
         Ok(None) => Cond::new(DEGRADED, false, "AsExpected", format!("CronJob {cronjob} is applied")),
@@ -291,12 +291,17 @@ pub fn schedule_status(
     status
 }
 
+/// A count as the CRD's integer fields hold it.
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// The events of a schedule reconcile (pure): applied on a new generation, failures of a new job, recovery.
 pub fn schedule_events<'a>(
     schedule: &'a FlowcraftReconcileSchedule,
     cronjob: &'a str,
     new: &FlowcraftReconcileScheduleStatus,
-    stats: &Result<Option<ReconcileStats>, String>,
+    stats: &Result<Option<ReconcilePass>, String>,
 ) -> Vec<Note<'a>> {
     let prev = schedule.status.clone().unwrap_or_default();
     let mut notes = Vec::new();
@@ -305,12 +310,12 @@ pub fn schedule_events<'a>(
     }
     if let Ok(Some(s)) = stats
         && prev.last_run != new.last_run
-        && s.failed_runs > 0
+        && s.stats.failed_runs > 0
     {
         notes.push(Note::ReconcileFailures {
-            stalled: s.stalled_runs,
-            reconciled: s.reconciled_runs,
-            failed: s.failed_runs,
+            stalled: count(s.stats.stalled_runs),
+            reconciled: count(s.stats.reconciled_runs),
+            failed: count(s.stats.failed_runs),
         });
     }
     if is_true(&prev.conditions, DEGRADED) && !is_true(&new.conditions, DEGRADED) {
@@ -324,6 +329,7 @@ mod tests {
     use super::*;
     use crate::operator::crd::{FlowcraftReconcileScheduleSpec, FlowcraftWorkerPoolSpec};
     use crate::operator::pod::env_value;
+    use crate::store::ReconcileStats;
 
     fn pool() -> FlowcraftWorkerPool {
         let mut p = FlowcraftWorkerPool::new(
@@ -435,12 +441,10 @@ mod tests {
         let mut s = schedule();
         s.metadata.generation = Some(1);
         let at = chrono::DateTime::<chrono::Utc>::from_timestamp(1_700_000_000, 0).unwrap();
-        let stats = Ok(Some(ReconcileStats {
+        let stats = Ok(Some(ReconcilePass {
             started_at: at,
             finished_at: at,
-            stalled_runs: 4,
-            reconciled_runs: 3,
-            failed_runs: 1,
+            stats: ReconcileStats { stalled_runs: 4, reconciled_runs: 3, failed_runs: 1 },
         }));
         let status = schedule_status(&s, "shop/orders-reconcile", None, &stats);
         assert_eq!((status.stalled_runs, status.reconciled_runs, status.failed_runs), (Some(4), Some(3), Some(1)));
@@ -452,8 +456,7 @@ mod tests {
         let mut seen = s.clone();
         seen.status = Some(status.clone());
         assert!(schedule_events(&seen, "shop/orders-reconcile", &status, &stats).is_empty(), "nothing new");
-        let down: Result<Option<ReconcileStats>, String> =
-            Err("PostgreSQL (Secret shop/conn, table t): refused".into());
+        let down: Result<Option<ReconcilePass>, String> = Err("PostgreSQL (Secret shop/conn, table t): refused".into());
         let degraded = schedule_status(&seen, "shop/orders-reconcile", None, &down);
         assert_eq!(degraded.stalled_runs, Some(4), "the last stats are kept");
         let c = degraded.conditions.iter().find(|c| c.type_ == DEGRADED).unwrap();
