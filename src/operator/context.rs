@@ -13,8 +13,9 @@ use super::backends::{
 };
 use super::events::Note;
 use super::metrics::Metrics;
+use super::object_name;
 use super::policy::PoolPolicy;
-use super::{describe, object_name};
+use crate::report::Chain;
 use crate::store::postgres::TableNames;
 
 /// Name of the operator in events (`reportingController`).
@@ -129,7 +130,7 @@ impl Context {
     pub async fn publish<K: Resource<DynamicType = ()>>(&self, obj: &K, note: Note<'_>) {
         let event = note.event();
         if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(object = %object_name(obj), reason = %event.reason, error = %describe(&error),
+            tracing::warn!(object = %object_name(obj), reason = %event.reason, error = %Chain(&error),
                 "Cannot publish event.");
         }
     }

@@ -25,7 +25,8 @@ use super::context::{Context, object_key};
 use super::crd::{FlowRun, FlowRunPhase, FlowcraftReconcileSchedule, FlowcraftWorkerPool};
 use super::pod::MANAGED_BY;
 use super::status::Reconciled;
-use super::{OperatorError, describe, flowrun, object_name, schedule, workerpool};
+use super::{OperatorError, flowrun, object_name, schedule, workerpool};
+use crate::report::Chain;
 
 /// How long in-flight reconciles may run after a shutdown request, by default (`FLOWCRAFT_SHUTDOWN_TIMEOUT`).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -55,10 +56,10 @@ pub fn error_policy<K: Reconciled>(obj: Arc<K>, error: &OperatorError, ctx: Arc<
     let delay = ctx.backoff.failed(&object_key(obj.as_ref()));
     ctx.metrics.failure(K::CONTROLLER, &error.metric_label());
     if error.is_user_error() {
-        tracing::warn!(controller = K::CONTROLLER, object = %object_name(obj.as_ref()), error = %describe(error),
+        tracing::warn!(controller = K::CONTROLLER, object = %object_name(obj.as_ref()), error = %Chain(error),
             retry_in = ?delay, "Invalid spec.");
     } else {
-        tracing::error!(controller = K::CONTROLLER, object = %object_name(obj.as_ref()), error = %describe(error),
+        tracing::error!(controller = K::CONTROLLER, object = %object_name(obj.as_ref()), error = %Chain(error),
             retry_in = ?delay, "Reconcile failed.");
     }
     Action::requeue(delay)

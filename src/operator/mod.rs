@@ -302,21 +302,6 @@ async fn hold(elector: &mut LeaderElector, shutdown: &CancellationToken) {
     }
 }
 
-/// An error with its sources, `a: b: c` (a source already quoted by its parent is not repeated).
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 /// `Kind namespace/name` of an object, for messages.
 pub fn object_name<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!("{} {}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())

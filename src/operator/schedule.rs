@@ -22,6 +22,7 @@ use super::status::{
 };
 use super::workerpool::pool_image;
 use super::{OperatorError, object_name};
+use crate::report::Chain;
 use crate::store::ReconcilePass;
 use crate::store::postgres::TableNames;
 
@@ -242,8 +243,8 @@ async fn read_stats(
     schedule: &FlowcraftReconcileSchedule,
     pool: &FlowcraftWorkerPool,
 ) -> Result<Option<ReconcilePass>, String> {
-    let tables = pool_tables(ctx, schedule, pool).map_err(|e| super::describe(&e))?;
-    let conn = pool_connection(ctx, schedule, pool).await.map_err(|e| super::describe(&e))?;
+    let tables = pool_tables(ctx, schedule, pool).map_err(|e| Chain(&e).to_string())?;
+    let conn = pool_connection(ctx, schedule, pool).await.map_err(|e| Chain(&e).to_string())?;
     ctx.stats.last_stats(&conn, &tables, &schedule_key(schedule)).await.map_err(|e| {
         ctx.connection_failed(&conn);
         e.to_string()

@@ -19,7 +19,8 @@ use super::crd::{
 use super::events::Note;
 use super::limits::{CONDITION_MESSAGE_MAX, CONDITION_REASON_MAX, fit, fit_reason};
 use super::pod::FIELD_MANAGER;
-use super::{OperatorError, describe, object_name};
+use super::{OperatorError, object_name};
+use crate::report::Chain;
 
 /// Condition type: the resource does what it should.
 pub const READY: &str = "Ready";
@@ -210,7 +211,7 @@ pub async fn apply_status<K: Reconciled>(ctx: &Context, obj: &K, status: &K::Sta
 pub async fn report_failure<K: Reconciled>(ctx: &Context, obj: &K, error: &OperatorError) {
     let mut status = obj.status().cloned().unwrap_or_default();
     let previous = condition(status.conditions(), DEGRADED).cloned();
-    let degraded = Cond::new(DEGRADED, true, error.reason(), describe(error));
+    let degraded = Cond::new(DEGRADED, true, error.reason(), Chain(error).to_string());
     let mut set = vec![degraded.clone()];
     if condition(status.conditions(), READY).is_none() {
         set.push(Cond::new(READY, false, &degraded.reason, degraded.message.clone()));
@@ -224,7 +225,7 @@ pub async fn report_failure<K: Reconciled>(ctx: &Context, obj: &K, error: &Opera
         ctx.publish(obj, Note::Failure { reason: &degraded.reason, message: &degraded.message }).await;
     }
     if let Err(error) = apply_status(ctx, obj, &status).await {
-        tracing::debug!(object = %object_name(obj), error = %describe(&error), "Cannot record the failure in the status.");
+        tracing::debug!(object = %object_name(obj), error = %Chain(&error), "Cannot record the failure in the status.");
     }
 }
 
