@@ -3,12 +3,17 @@
 //!
 //! Workloads (noop nodes): W1 = 200 runs of a 5-node chain, W2 = 20 runs of 1 -> 50 -> 1 (an `all` join),
 //! W3 = one run of a 50-node chain; each with 1 and then 2 worker processes, on a fresh queue, fresh tables and a
-//! fresh Redis prefix per measurement (dropped afterwards). Printed: node executions per second, per-hop latency
-//! of W3, the worker processes' memory, and the raw limits of this machine at the same concurrency (RabbitMQ
-//! relay with confirms, the per-job PostgreSQL write alone), with W1's throughput as a fraction of them.
+//! fresh Redis prefix per measurement (dropped afterwards). W1 is measured again with TLS to all three services
+//! (PostgreSQL directly with `sslmode=verify-full`, RabbitMQ and Redis through TLS-terminating proxies in this
+//! process, the proxies of tests/common/tls.rs) and compared with the plain figure. Printed: node executions per
+//! second, per-hop latency of W3, the worker processes' memory, and the raw limits of this machine at the same
+//! concurrency (RabbitMQ relay with confirms, the per-job PostgreSQL write alone), with W1's throughput as a
+//! fraction of them.
 //!
 //! Run: `cargo bench --bench distributed` (options after `--`: `--quick`, `--prefetch 16`, `--workers 1,2`,
-//! `--repeat 1` (measurements per workload and worker count), `--log info` (the workers' `FLOWCRAFT_LOG`)).
+//! `--repeat 1` (measurements per workload and worker count), `--log info` (the workers' `FLOWCRAFT_LOG`),
+//! `--no-tls` (skip the TLS measurement), `--workloads w1,w1tls,w2,w3` (only these)). The plain measurements
+//! connect to PostgreSQL with `sslmode=disable` unless the URL sets an `sslmode`.
 //! Service URLs: `FLOWCRAFT_TEST_DATABASE_URL`, `FLOWCRAFT_TEST_REDIS_URL`, `FLOWCRAFT_TEST_AMQP_URL` (defaults:
 //! the local services).
 
@@ -24,6 +29,7 @@ use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{NodeRecord, NodeStatus, RunStore};
+use flowcraft::tls::TlsSettings;
 use futures::{StreamExt, TryStreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -36,6 +42,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 use common::{amqp_url, arg, chain, database_url, fan, flag, redis_url};
+
+/// The tests' PKI and TLS proxies (one implementation for tests and benchmarks).
+#[path = "../tests/common/tls.rs"]
+#[allow(dead_code)]
+mod tls_proxy;
+
+/// Where the services are reached over TLS, and the CA that signed the proxies' certificate.
+struct TlsEndpoints {
+    amqp_url: String,
+    redis_url: String,
+    database_url: String,
+    ca_file: PathBuf,
+}
+
+impl TlsEndpoints {
+    fn settings(&self) -> Result<TlsSettings, String> {
+        TlsSettings::from_files(Some(&self.ca_file), None, None).map_err(|e| format!("TLS settings: {e}"))
+    }
+}
 
 // ------------------------------------------------------------------------------------------------
 // Settings
@@ -63,6 +88,8 @@ struct Workload {
     runs: usize,
     /// Hops along the longest path (for the per-hop latency), when it is the point of the workload.
     hops: Option<usize>,
+    /// Over TLS to all three services.
+    tls: bool,
 }
 
 /// Write the blueprint to `dir` (for the workers) and build its graph (for `start_run`).
@@ -77,15 +104,32 @@ fn blueprint(dir: &Path, value: Value) -> Graph {
 // A bench's slice of the services and its worker processes
 // ------------------------------------------------------------------------------------------------
 
-/// Own queue, tables and Redis prefix of one measurement.
+/// Own queue, tables and Redis prefix of one measurement, over TLS or not.
 struct Slice {
     name: String,
     prefetch: u16,
+    tls: Option<Arc<TlsEndpoints>>,
 }
 
 impl Slice {
     fn new(tag: &str, prefetch: u16) -> Self {
-        Self { name: unique(tag), prefetch }
+        Self { name: unique(tag), prefetch, tls: None }
+    }
+
+    fn urls(&self) -> (String, String, String) {
+        match &self.tls {
+            Some(t) => (t.amqp_url.clone(), t.database_url.clone(), t.redis_url.clone()),
+            // Clear text to PostgreSQL too: libpq's default `prefer` would encrypt when the server offers TLS.
+            None if !database_url().contains("sslmode=") => {
+                let sep = if database_url().contains('?') { '&' } else { '?' };
+                (amqp_url(), format!("{}{sep}sslmode=disable", database_url()), redis_url())
+            }
+            None => (amqp_url(), database_url(), redis_url()),
+        }
+    }
+
+    fn tls_settings(&self) -> Result<TlsSettings, String> {
+        self.tls.as_ref().map_or(Ok(TlsSettings::none()), |t| t.settings())
     }
 
     fn queue_name(&self) -> String {
@@ -93,35 +137,41 @@ impl Slice {
     }
 
     async fn store(&self) -> Result<Arc<PostgresStore>, String> {
-        let s = PostgresStore::connect(PgConfig::with_prefix(database_url(), &self.name))
-            .await
-            .map_err(|e| format!("connect PostgreSQL: {e}"))?;
+        let cfg = PgConfig { tls: self.tls_settings()?, ..PgConfig::with_prefix(self.urls().1, &self.name) };
+        let s = PostgresStore::connect(cfg).await.map_err(|e| format!("connect PostgreSQL: {e}"))?;
         s.migrate().await.map_err(|e| format!("migrate {}: {e}", self.name))?;
         Ok(Arc::new(s))
     }
 
     async fn queue(&self) -> Result<Arc<RabbitQueue>, String> {
         let cfg = AmqpConfig {
-            url: amqp_url(),
+            url: self.urls().0,
             queue: self.queue_name(),
             queue_type: QueueType::Quorum,
             prefetch: self.prefetch,
             connection_name: format!("{}-bench", self.name),
+            tls: self.tls_settings()?,
         };
         Ok(Arc::new(RabbitQueue::connect(cfg).await.map_err(|e| format!("connect RabbitMQ: {e}"))?))
     }
 
     async fn coord(&self) -> Result<RedisCoordinator, String> {
-        let cfg = RedisConfig { url: redis_url(), prefix: self.name.clone(), ..RedisConfig::default() };
+        let cfg = RedisConfig {
+            url: self.urls().2,
+            prefix: self.name.clone(),
+            tls: self.tls_settings()?,
+            ..RedisConfig::default()
+        };
         RedisCoordinator::connect(cfg).await.map_err(|e| format!("connect Redis: {e}"))
     }
 
     /// The environment of a worker process on this slice (as `tests/common` `Cluster::env`).
     fn env(&self, admin_port: u16, log: Option<&str>) -> Vec<(String, String)> {
+        let (amqp, database, redis) = self.urls();
         let mut env = vec![
-            ("FLOWCRAFT_AMQP_URL".to_string(), amqp_url()),
-            ("FLOWCRAFT_DATABASE_URL".to_string(), database_url()),
-            ("FLOWCRAFT_REDIS_URL".to_string(), redis_url()),
+            ("FLOWCRAFT_AMQP_URL".to_string(), amqp),
+            ("FLOWCRAFT_DATABASE_URL".to_string(), database),
+            ("FLOWCRAFT_REDIS_URL".to_string(), redis),
             ("FLOWCRAFT_QUEUE".to_string(), self.queue_name()),
             ("FLOWCRAFT_QUEUE_TYPE".to_string(), "quorum".to_string()),
             ("FLOWCRAFT_PREFETCH".to_string(), self.prefetch.to_string()),
@@ -133,6 +183,9 @@ impl Slice {
         ];
         if let Some(log) = log {
             env.push(("FLOWCRAFT_LOG".to_string(), log.to_string()));
+        }
+        if let Some(t) = &self.tls {
+            env.push(("FLOWCRAFT_TLS_CA_FILE".to_string(), t.ca_file.display().to_string()));
         }
         env
     }
@@ -397,10 +450,14 @@ struct Ctx {
     prefetch: u16,
     log: Option<String>,
     warmup_graph: Graph,
+    tls: Option<Arc<TlsEndpoints>>,
 }
 
 async fn measure(ctx: &Ctx, wl: &Workload, workers: usize) -> Result<Measured, String> {
-    let slice = Slice::new(wl.tag, ctx.prefetch);
+    let mut slice = Slice::new(wl.tag, ctx.prefetch);
+    if wl.tls {
+        slice.tls = Some(ctx.tls.clone().ok_or("no TLS endpoints")?);
+    }
     let mut procs = Vec::new();
     let result = measure_on(&slice, ctx, wl, workers, &mut procs).await;
     if result.is_err() {
@@ -738,6 +795,15 @@ async fn main() {
             graph: w1.clone(),
             runs: w1_runs,
             hops: None,
+            tls: false,
+        },
+        Workload {
+            tag: "w1tls",
+            label: format!("W1 {w1_runs} x 5-node, TLS"),
+            graph: w1.clone(),
+            runs: w1_runs,
+            hops: None,
+            tls: true,
         },
         Workload {
             tag: "w2",
@@ -745,6 +811,7 @@ async fn main() {
             graph: blueprint(dir.path(), fan("fan50", 50)),
             runs: w2_runs,
             hops: None,
+            tls: false,
         },
         Workload {
             tag: "w3",
@@ -752,10 +819,49 @@ async fn main() {
             graph: blueprint(dir.path(), chain("chain50", 50)),
             runs: 1,
             hops: Some(49),
+            tls: false,
         },
     ];
-    let ctx =
-        Ctx { blueprints: dir.path().to_path_buf(), logs: logs.path().to_path_buf(), prefetch, log, warmup_graph: w1 };
+    let with_tls = !flag("--no-tls");
+    let only: Option<Vec<String>> = arg("--workloads").map(|w| w.split(',').map(str::to_string).collect());
+    let workloads: Vec<Workload> = workloads
+        .into_iter()
+        .filter(|w| with_tls || !w.tls)
+        .filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|t| t == w.tag)))
+        .collect();
+    // TLS: PostgreSQL directly (its snakeoil certificate, verify-full on localhost), RabbitMQ and Redis through
+    // TLS-terminating proxies in this process (a CA and a certificate generated for the run).
+    let (_amqp_proxy, _redis_proxy, tls) = if with_tls {
+        let amqp_proxy = tls_proxy::TlsProxy::start(tls_proxy::upstream(&amqp_url(), 5672), false).await;
+        let redis_proxy = tls_proxy::TlsProxy::start(tls_proxy::upstream(&redis_url(), 6379), false).await;
+        let plain = url::Url::parse(&amqp_url()).expect("AMQP URL");
+        let endpoints = TlsEndpoints {
+            amqp_url: format!(
+                "amqps://{}:{}@localhost:{}/%2f",
+                plain.username(),
+                plain.password().unwrap_or_default(),
+                amqp_proxy.port
+            ),
+            redis_url: format!("rediss://localhost:{}/", redis_proxy.port),
+            database_url: format!(
+                "{}?sslmode=verify-full&sslrootcert={}",
+                database_url().replace("127.0.0.1", "localhost"),
+                tls_proxy::SNAKEOIL
+            ),
+            ca_file: tls_proxy::pki().ca_file.clone(),
+        };
+        (Some(amqp_proxy), Some(redis_proxy), Some(Arc::new(endpoints)))
+    } else {
+        (None, None, None)
+    };
+    let ctx = Ctx {
+        blueprints: dir.path().to_path_buf(),
+        logs: logs.path().to_path_buf(),
+        prefetch,
+        log,
+        warmup_graph: w1,
+        tls,
+    };
 
     println!(
         "distributed benchmark: {cores} cores, prefetch {prefetch}, quorum queue, services on this machine{}",
@@ -802,6 +908,7 @@ async fn main() {
         "workload", "workers", "runs", "nodes", "wall(db)", "wall(obs)", "node exec/s", "hop ms",
     );
     let mut w1_rates: Vec<(usize, f64)> = Vec::new();
+    let mut w1_tls_rates: Vec<(usize, f64)> = Vec::new();
     for wl in &workloads {
         for &workers in worker_counts.iter().flat_map(|w| std::iter::repeat_n(w, repeat)) {
             match measure(&ctx, wl, workers).await {
@@ -836,6 +943,9 @@ async fn main() {
                     if wl.tag == "w1" {
                         w1_rates.push((workers, rate));
                     }
+                    if wl.tag == "w1tls" {
+                        w1_tls_rates.push((workers, rate));
+                    }
                 }
                 Err(e) => println!("{:<26} {workers:>7}  failed: {e}", wl.label),
             }
@@ -863,6 +973,18 @@ async fn main() {
         }
         println!("W1 on {workers} worker(s): {rate:.0} node exec/s = {}", parts.join("; "));
     }
+    let mean = |rates: &[(usize, f64)], workers: usize| {
+        let v: Vec<f64> = rates.iter().filter(|(w, _)| *w == workers).map(|(_, r)| *r).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    for &workers in &worker_counts {
+        if let (Some(plain), Some(tls)) = (mean(&w1_rates, workers), mean(&w1_tls_rates, workers)) {
+            println!(
+                "W1 with TLS to all three services on {workers} worker(s): {tls:.0} node exec/s = {:.0}% of plain ({plain:.0}/s)",
+                100.0 * tls / plain
+            );
+        }
+    }
     println!();
     println!("figures:");
     println!(
@@ -888,6 +1010,9 @@ async fn main() {
         "  cpu          share of all cores' time during the measured part, from /proc/<pid>/stat and /proc/stat (10 ms ticks: coarse for short runs); 'other' is everything else busy (other processes, kernel threads); irq = irq + softirq (loopback traffic included), steal = taken by the hypervisor."
     );
     println!("  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status.");
+    println!(
+        "  TLS          W1 again with every connection encrypted and verified: PostgreSQL directly (sslmode=verify-full, the server's certificate), RabbitMQ (amqps://) and Redis (rediss://) through TLS-terminating proxies run by this process, which add a hop and their own CPU on the same cores."
+    );
     println!(
         "  Each measurement has its own queue, tables and Redis prefix, and starts with an unmeasured warm-up of 2 x workers x prefetch runs of the 5-node chain."
     );

@@ -65,6 +65,7 @@ async fn main() {
         queue_type: QueueType::Quorum,
         prefetch: 16,
         connection_name: format!("{name}-bench"),
+        ..AmqpConfig::default()
     })
     .await
     .expect("connect RabbitMQ");

@@ -34,13 +34,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             amqp_url: std::env::var("FLOWCRAFT_AMQP_URL").ok(),
             database_url: std::env::var("FLOWCRAFT_DATABASE_URL").ok(),
             redis_url: std::env::var("FLOWCRAFT_REDIS_URL").ok(),
-            queue: "flowcraft-jobs".into(),
-            queue_type: "quorum".into(),
-            prefetch: 16,
-            contexts_table: "flowcraft_contexts".into(),
-            statuses_table: "flowcraft_statuses".into(),
-            results_table: "flowcraft_node_results".into(),
-            redis_prefix: "flowcraft".into(),
+            tls_ca_file: std::env::var_os("FLOWCRAFT_TLS_CA_FILE").map(Into::into),
+            ..ConnectionArgs::default()
         };
         let blueprints = args.get(2).cloned().unwrap_or_else(|| "blueprints".into()).into();
         let options =

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::flow::Graph;
 use crate::flow::limits::{DEFAULT_MAX_PAYLOAD_BYTES, json_size_within};
+use crate::run_id::{RunIdError, validate_run_id};
 use crate::store::{
     Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint,
 };
@@ -38,6 +39,9 @@ pub enum ClientError {
         /// How long we waited.
         waited: Duration,
     },
+    /// The run id is not acceptable (see [`crate::run_id`]).
+    #[error(transparent)]
+    InvalidRunId(#[from] RunIdError),
     /// The run input is not acceptable.
     #[error("invalid input for run {run_id}: {message}")]
     Input {
@@ -178,12 +182,16 @@ impl std::io::Write for Head<'_> {
     }
 }
 
-/// Start a run of a blueprint: create its state (idempotent on `run_id`) and publish its start jobs.
+/// Start a run of a blueprint: check the run id, create its state (idempotent on `run_id`) and publish its start
+/// jobs.
 ///
 /// Returns whether this call created the run. Calling it again for an existing run that has not recorded
 /// anything yet publishes the start jobs again (a crash between creating and publishing heals; duplicate jobs
 /// are harmless), so callers that derive the run id from something stable (a FlowRun's uid) start a run once.
 /// The input must be a JSON object of at most the default payload limit ([`start_run_within`] takes another).
+///
+/// A run is never left `running` without its start jobs: when publishing them fails (after the queue's own
+/// retries through a broker outage), the run is marked `failed` with the reason before the error is returned.
 pub async fn start_run<Q, S>(
     queue: &Q,
     store: &S,
@@ -213,6 +221,7 @@ where
     S: RunStore + ?Sized,
 {
     let refuse = |message: String| ClientError::Input { run_id: run_id.to_string(), message };
+    validate_run_id(run_id)?;
     if !(input.is_object() || input.is_null()) {
         return Err(refuse("the run input must be a JSON object".into()));
     }
@@ -240,7 +249,10 @@ where
     };
     if publish {
         let jobs: Vec<Job> = graph.start_nodes().into_iter().map(|n| Job::new(run_id, graph.id(), n)).collect();
-        queue.publish(&jobs).await.map_err(store_err(run_id))?;
+        if let Err(error) = queue.publish(&jobs).await {
+            fail_unstarted(store, run_id, &error).await;
+            return Err(ClientError::Store { run_id: run_id.to_string(), source: error });
+        }
     }
     Ok(created)
 }
@@ -249,6 +261,18 @@ where
 pub fn stored_blueprint(graph: &Graph) -> StoredBlueprint {
     let definition = serde_json::to_value(graph.blueprint()).unwrap_or(Value::Null);
     StoredBlueprint::new(graph.id(), graph.version().map(str::to_string), definition)
+}
+
+/// Mark a run whose start jobs could not be published as failed (best effort: if the store fails too, the run
+/// stays `running` without progress and the reconciler re-drives it once it is stalled).
+async fn fail_unstarted<S: RunStore + ?Sized>(store: &S, run_id: &str, error: &StoreError) {
+    let reason = format!("the run's start jobs could not be published: {error}");
+    match store.finish_run(run_id, RunStatus::Failed, &json!({ "error": reason })).await {
+        Ok(_) => tracing::warn!(run_id, error = %error, "Publishing the start jobs failed; the run is marked failed."),
+        Err(store_error) => {
+            tracing::warn!(run_id, error = %error, store_error = %store_error, "Publishing the start jobs failed and the run could not be marked failed; the reconciler will re-drive it.")
+        }
+    }
 }
 
 /// The state of a run (at any point of it); `graph` adds the total node count.
@@ -346,4 +370,63 @@ pub async fn list_runs<S: RunStore + ?Sized>(store: &S, filter: &RunFilter) -> R
 /// A new random run id.
 pub fn new_run_id() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::Blueprint;
+    use crate::store::memory::{MemoryQueue, MemoryStore};
+    use crate::store::{Delivery, StoreResult};
+    use async_trait::async_trait;
+
+    /// A queue whose publishes always fail (the broker refused or is gone).
+    struct BrokenQueue;
+
+    #[async_trait]
+    impl JobQueue for BrokenQueue {
+        async fn publish(&self, _jobs: &[Job]) -> StoreResult<()> {
+            Err(StoreError::queue("publishing 1 job to queue q failed: the broker refused message (nack)"))
+        }
+        async fn publish_delayed(&self, _job: &Job, _delay: Duration) -> StoreResult<()> {
+            Err(StoreError::queue("down"))
+        }
+        async fn dead_letter(&self, _body: &[u8], _reason: &str) -> StoreResult<()> {
+            Err(StoreError::queue("down"))
+        }
+        async fn next_delivery(&self) -> Option<Delivery> {
+            None
+        }
+        async fn stop_consuming(&self) {}
+        fn is_ready(&self) -> bool {
+            false
+        }
+    }
+
+    fn graph() -> Graph {
+        let bp: Blueprint =
+            serde_json::from_value(json!({"id": "g", "nodes": [{"id": "a", "uses": "noop"}]})).expect("blueprint");
+        Graph::build(bp, None).expect("graph")
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_start_jobs_cannot_be_published_is_failed_not_left_running() {
+        let store = MemoryStore::new();
+        let err = start_run(&BrokenQueue, &store, &graph(), "r1", json!({})).await.expect_err("publish fails");
+        assert!(err.to_string().contains("nack"), "{err}");
+        let info = store.run_info("r1").await.unwrap().expect("run exists");
+        assert_eq!(info.status, RunStatus::Failed);
+        assert!(info.status_data["error"].as_str().unwrap().contains("could not be published"), "{info:?}");
+    }
+
+    #[tokio::test]
+    async fn invalid_run_ids_are_refused_before_anything_is_written() {
+        let (queue, store) = (MemoryQueue::new(), MemoryStore::new());
+        for bad in ["", "a\0b", &"x".repeat(300), "a b"] {
+            let err = start_run(&queue, &store, &graph(), bad, json!({})).await.expect_err("bad id");
+            assert!(matches!(err, ClientError::InvalidRunId(_)), "{err}");
+        }
+        assert!(store.list_runs(&RunFilter::default()).await.unwrap().is_empty(), "nothing was written");
+        assert!(start_run(&queue, &store, &graph(), "ok-1", json!({})).await.unwrap());
+    }
 }

@@ -1,5 +1,6 @@
 //! Connection and table settings shared by every mode (flags with `FLOWCRAFT_*` environment fallbacks).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -53,6 +54,32 @@ pub struct ConnectionArgs {
     /// Prefix of every Redis key.
     #[arg(long, env = "FLOWCRAFT_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX, global = true)]
     pub redis_prefix: String,
+    /// PEM bundle of CAs to trust, besides the system roots, for TLS to PostgreSQL, RabbitMQ and Redis.
+    #[arg(long, env = "FLOWCRAFT_TLS_CA_FILE", global = true)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for TLS to the three services, unless a URL names its own.
+    #[arg(long, env = "FLOWCRAFT_TLS_CERT_FILE", global = true, requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's unencrypted private key (PEM).
+    #[arg(long, env = "FLOWCRAFT_TLS_KEY_FILE", global = true, requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// One-shot commands (run, status, cancel, runs, migrate, reconcile): how long to keep trying to reach a
+    /// service that is unavailable (a permanent error such as a bad password fails at once). Workers and the
+    /// operator retry forever.
+    #[arg(long, env = "FLOWCRAFT_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub connect_timeout: Duration,
+}
+
+/// A duration flag: seconds (`300`) or a humantime duration (`300s`, `5m`), at least one second.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration (e.g. 300s, 5m): {e}"))?,
+    };
+    if d < Duration::from_secs(1) {
+        return Err(format!("'{s}' is too short: use at least 1s"));
+    }
+    Ok(d)
 }
 
 impl Default for ConnectionArgs {
@@ -69,6 +96,10 @@ impl Default for ConnectionArgs {
             statuses_table: DEFAULT_STATUSES_TABLE.to_string(),
             results_table: DEFAULT_RESULTS_TABLE.to_string(),
             redis_prefix: DEFAULT_REDIS_PREFIX.to_string(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            connect_timeout: Duration::from_secs(30),
         }
     }
 }

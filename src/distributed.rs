@@ -35,6 +35,7 @@ use crate::store::postgres::{PgConfig, PostgresStore, TableNames};
 use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
 use crate::store::redis::{RedisConfig, RedisCoordinator};
 use crate::store::{Coordinator, JobQueue, RunStore, StoreError};
+use crate::tls::TlsSettings;
 use crate::worker::{Worker, WorkerConfig, WorkerError};
 use crate::{Error, Result};
 
@@ -43,9 +44,20 @@ impl ConnectionArgs {
         value.as_deref().ok_or_else(|| StoreError::config(format!("{flag} (or {env}) is required")))
     }
 
+    /// The TLS settings of `--tls-ca-file`, `--tls-cert-file` and `--tls-key-file`.
+    pub fn tls_settings(&self) -> Result<TlsSettings, StoreError> {
+        TlsSettings::from_files(
+            self.tls_ca_file.as_deref(),
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+        )
+        .map_err(|e| StoreError::config(e.to_string()))
+    }
+
     /// The PostgreSQL settings.
     pub fn pg_config(&self) -> Result<PgConfig, StoreError> {
         Ok(PgConfig {
+            tls: self.tls_settings()?,
             url: Self::require(&self.database_url, "--database-url", "FLOWCRAFT_DATABASE_URL")?.to_string(),
             tables: self.tables(),
             ..PgConfig::default()
@@ -72,6 +84,7 @@ impl ConnectionArgs {
             queue_type,
             prefetch: self.prefetch.max(1),
             connection_name: name.to_string(),
+            tls: self.tls_settings()?,
         })
     }
 
@@ -80,41 +93,153 @@ impl ConnectionArgs {
         Ok(RedisConfig {
             url: Self::require(&self.redis_url, "--redis-url", "FLOWCRAFT_REDIS_URL")?.to_string(),
             prefix: self.redis_prefix.clone(),
+            tls: self.tls_settings()?,
             ..RedisConfig::default()
         })
     }
 }
 
-/// Retry `connect` with exponential backoff and jitter (capped at 10 s) until it succeeds or `shutdown` fires.
-/// Configuration errors and a database schema newer than this binary are not retried.
-pub async fn with_backoff<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut connect: F) -> Result<T, StoreError>
+/// A backend service, for connection messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// The run store.
+    PostgreSql,
+    /// The job queue.
+    RabbitMq,
+    /// The coordinator.
+    Redis,
+}
+
+impl Service {
+    /// The service's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::PostgreSql => "PostgreSQL",
+            Service::RabbitMq => "RabbitMQ",
+            Service::Redis => "Redis",
+        }
+    }
+
+    /// A transient error of this service.
+    fn unavailable(self, message: String) -> StoreError {
+        match self {
+            Service::PostgreSql => StoreError::database(message),
+            Service::RabbitMq => StoreError::queue(message),
+            Service::Redis => StoreError::coordination(message),
+        }
+    }
+}
+
+/// How connecting retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectPolicy {
+    /// Long-running processes (workers, the operator): every failure but a configuration error is retried with
+    /// backoff until shutdown (credentials or certificates may be fixed under a running pod); the process reports
+    /// not-ready meanwhile.
+    Forever,
+    /// One-shot commands: a permanent error ([`StoreError::is_permanent`]) fails at once; transient ones are
+    /// retried until the deadline, then the last error is returned.
+    OneShot {
+        /// When to give up.
+        deadline: tokio::time::Instant,
+        /// The budget, for messages.
+        timeout: Duration,
+    },
+}
+
+impl ConnectPolicy {
+    /// A one-shot policy giving up `timeout` from now (`--connect-timeout`).
+    pub fn one_shot(timeout: Duration) -> Self {
+        ConnectPolicy::OneShot { deadline: tokio::time::Instant::now() + timeout, timeout }
+    }
+}
+
+/// What the retry loop does with a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Retry,
+    GiveUp,
+}
+
+/// The pure decision of [`with_backoff`]: configuration errors and a database schema newer than this binary are
+/// never retried; one-shot policies give up on permanent errors and when the next attempt would start after the
+/// deadline.
+fn next_step(policy: ConnectPolicy, error: &StoreError, retry_at: tokio::time::Instant) -> Next {
+    match policy {
+        _ if matches!(error, StoreError::Config { .. } | StoreError::SchemaTooNew { .. }) => Next::GiveUp,
+        ConnectPolicy::Forever => Next::Retry,
+        ConnectPolicy::OneShot { .. } if error.is_permanent() => Next::GiveUp,
+        ConnectPolicy::OneShot { deadline, .. } if retry_at >= deadline => Next::GiveUp,
+        ConnectPolicy::OneShot { .. } => Next::Retry,
+    }
+}
+
+/// Retry `connect` with exponential backoff and jitter (capped at 10 s) as `policy` says, until it succeeds or
+/// `shutdown` fires.
+pub async fn with_backoff<T, F, Fut>(
+    service: Service,
+    shutdown: &CancellationToken,
+    policy: ConnectPolicy,
+    mut connect: F,
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
     let mut delay = Duration::from_millis(200);
     loop {
-        match connect().await {
-            Ok(v) => return Ok(v),
-            Err(e @ StoreError::SchemaTooNew { .. }) => return Err(e),
-            Err(e) if e.is_config() => return Err(e),
-            Err(error) => {
-                warn!(service = what, error = %crate::report::Chain(&error), retry_in = ?delay, "Cannot connect; retrying.");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))) => {}
-                    _ = shutdown.cancelled() => return Err(error),
+        let attempt = connect();
+        let result = match policy {
+            ConnectPolicy::Forever => attempt.await,
+            ConnectPolicy::OneShot { deadline, timeout } => match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(service.unavailable(format!(
+                        "no connection to {} within {timeout:?} (--connect-timeout)",
+                        service.name()
+                    )));
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
+            },
+        };
+        let error = match result {
+            Ok(v) => return Ok(v),
+            Err(error) => error,
+        };
+        let pause = delay.mul_f64(rand::random_range(0.5..=1.0));
+        if next_step(policy, &error, tokio::time::Instant::now() + pause) == Next::GiveUp {
+            let gave_up =
+                |timeout: Duration, op: String| format!("gave up after {timeout:?} (--connect-timeout): {op}");
+            return Err(match (policy, error) {
+                (ConnectPolicy::OneShot { timeout, .. }, StoreError::Queue { op, source }) => {
+                    StoreError::Queue { op: gave_up(timeout, op), source }
+                }
+                (ConnectPolicy::OneShot { timeout, .. }, StoreError::Database { op, source }) => {
+                    StoreError::Database { op: gave_up(timeout, op), source }
+                }
+                (ConnectPolicy::OneShot { timeout, .. }, StoreError::Coordination { op, source }) => {
+                    StoreError::Coordination { op: gave_up(timeout, op), source }
+                }
+                (_, error) => error,
+            });
         }
+        warn!(service = service.name(), error = %crate::report::Chain(&error), permanent = error.is_permanent(), retry_in = ?pause, "Cannot connect; retrying.");
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return Err(error),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
 /// Connect the run store (and apply migrations).
-pub async fn connect_store(conn: &ConnectionArgs, shutdown: &CancellationToken) -> Result<PostgresStore, StoreError> {
+pub async fn connect_store(
+    conn: &ConnectionArgs,
+    shutdown: &CancellationToken,
+    policy: ConnectPolicy,
+) -> Result<PostgresStore, StoreError> {
     let cfg = conn.pg_config()?;
-    let store = with_backoff("postgresql", shutdown, || PostgresStore::connect(cfg.clone())).await?;
-    with_backoff("postgresql migrations", shutdown, || store.migrate()).await?;
+    let store = with_backoff(Service::PostgreSql, shutdown, policy, || PostgresStore::connect(cfg.clone())).await?;
+    with_backoff(Service::PostgreSql, shutdown, policy, || store.migrate()).await?;
     Ok(store)
 }
 
@@ -123,18 +248,63 @@ pub async fn connect_queue(
     conn: &ConnectionArgs,
     name: &str,
     shutdown: &CancellationToken,
+    policy: ConnectPolicy,
 ) -> Result<RabbitQueue, StoreError> {
     let cfg = conn.amqp_config(name)?;
-    with_backoff("rabbitmq", shutdown, || RabbitQueue::connect(cfg.clone())).await
+    with_backoff(Service::RabbitMq, shutdown, policy, || RabbitQueue::connect(cfg.clone())).await
 }
 
 /// Connect the coordinator.
 pub async fn connect_coordinator(
     conn: &ConnectionArgs,
     shutdown: &CancellationToken,
+    policy: ConnectPolicy,
 ) -> Result<RedisCoordinator, StoreError> {
     let cfg = conn.redis_config()?;
-    with_backoff("redis", shutdown, || RedisCoordinator::connect(cfg.clone())).await
+    with_backoff(Service::Redis, shutdown, policy, || RedisCoordinator::connect(cfg.clone())).await
+}
+
+/// A termination signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+}
+
+impl Signal {
+    /// The conventional exit code of a process ended by this signal (128 + its number): 130 or 143.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
+    }
+}
+
+/// Wait for SIGINT (Ctrl-C) or SIGTERM.
+pub async fn termination_signal() -> Signal {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(error) => {
+                warn!(error = %error, "Cannot listen for SIGTERM; only Ctrl-C stops this process.");
+                let _ = tokio::signal::ctrl_c().await;
+                return Signal::Interrupt;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => Signal::Terminate,
+            _ = tokio::signal::ctrl_c() => Signal::Interrupt,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Interrupt
+    }
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C.
@@ -142,25 +312,8 @@ pub fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(error) => {
-                    warn!(error = %error, "Cannot listen for SIGTERM; only Ctrl-C stops this process.");
-                    let _ = tokio::signal::ctrl_c().await;
-                    t.cancel();
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        info!("Shutdown requested.");
+        let signal = termination_signal().await;
+        info!(signal = ?signal, "Shutdown requested.");
         t.cancel();
     });
     token
@@ -179,7 +332,15 @@ pub struct WorkerOptions {
     pub lease_retry_delay: Duration,
     /// The broker's connection name.
     pub connection_name: String,
+    /// After shutdown is requested, how long the jobs in flight may take to finish; the ones still running then
+    /// are abandoned unacknowledged, so the broker redelivers them to another worker. Keep it below the pod's
+    /// `terminationGracePeriodSeconds`.
+    pub shutdown_timeout: Duration,
 }
+
+/// Default of [`WorkerOptions::shutdown_timeout`]: 50 s, below a 60 s `terminationGracePeriodSeconds` (the worker
+/// pods' grace period), which leaves time to close the connections before the kubelet's SIGKILL.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(50);
 
 impl Default for WorkerOptions {
     fn default() -> Self {
@@ -190,6 +351,7 @@ impl Default for WorkerOptions {
             lease_ttl: w.lease_ttl,
             lease_retry_delay: w.lease_retry_delay,
             connection_name: format!("flowcraft-worker-{}", std::process::id()),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -233,10 +395,11 @@ pub async fn run_worker(
         })
     });
 
-    let store = Arc::new(connect_store(conn, &shutdown).await?);
+    let policy = ConnectPolicy::Forever;
+    let store = Arc::new(connect_store(conn, &shutdown, policy).await?);
     save_blueprints(&*store, &blueprints).await;
-    let coord = Arc::new(connect_coordinator(conn, &shutdown).await?);
-    let queue = Arc::new(connect_queue(conn, &options.connection_name, &shutdown).await?);
+    let coord = Arc::new(connect_coordinator(conn, &shutdown, policy).await?);
+    let queue = Arc::new(connect_queue(conn, &options.connection_name, &shutdown, policy).await?);
     queue.start_consuming().await?;
 
     let health = {
@@ -269,7 +432,20 @@ pub async fn run_worker(
     let worker =
         Arc::new(Worker::new(queue.clone(), store, coord, Arc::new(registry), Arc::new(blueprints), config, metrics));
     info!(queue = %conn.queue, prefetch = conn.prefetch, "Worker consuming.");
-    worker.run(shutdown.clone()).await;
+    let in_flight = worker.metrics().in_flight.clone();
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(options.shutdown_timeout).await;
+    };
+    tokio::select! {
+        () = worker.clone().run(shutdown.clone()) => {}
+        () = deadline => {
+            // Dropping the worker's run aborts its job tasks: their deliveries are never acked, and closing the
+            // connection hands them back to the broker for another worker (at-least-once; every recorded step
+            // is idempotent).
+            warn!(timeout = ?options.shutdown_timeout, in_flight = in_flight.get(), "Shutdown deadline reached; abandoning the jobs still running (the broker redelivers them).");
+        }
+    }
     queue.close().await;
     shutdown.cancel();
     let _ = health.await;
@@ -277,4 +453,45 @@ pub async fn run_worker(
         let _ = t.await;
     }
     Ok::<(), Error>(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test]
+    async fn one_shot_commands_fail_fast_on_permanent_errors_and_give_up_at_the_deadline() {
+        let now = Instant::now();
+        let one_shot =
+            ConnectPolicy::OneShot { deadline: now + Duration::from_secs(30), timeout: Duration::from_secs(30) };
+        let transient = StoreError::database("connection refused");
+        let permanent = StoreError::Refused { service: "PostgreSQL", message: "database x does not exist".into() };
+        let tls = StoreError::Tls { service: "Redis", message: "unknown issuer".into() };
+        let config = StoreError::config("bad URL");
+        assert_eq!(next_step(one_shot, &transient, now + Duration::from_secs(1)), Next::Retry);
+        assert_eq!(next_step(one_shot, &transient, now + Duration::from_secs(31)), Next::GiveUp);
+        assert_eq!(next_step(one_shot, &permanent, now), Next::GiveUp);
+        assert_eq!(next_step(one_shot, &tls, now), Next::GiveUp);
+        assert_eq!(next_step(one_shot, &config, now), Next::GiveUp);
+        // Workers and the operator keep trying, except on a configuration error.
+        assert_eq!(next_step(ConnectPolicy::Forever, &transient, now + Duration::from_secs(3600)), Next::Retry);
+        assert_eq!(next_step(ConnectPolicy::Forever, &permanent, now), Next::Retry);
+        assert_eq!(next_step(ConnectPolicy::Forever, &tls, now), Next::Retry);
+        assert_eq!(next_step(ConnectPolicy::Forever, &config, now), Next::GiveUp);
+    }
+
+    #[tokio::test]
+    async fn with_backoff_returns_the_permanent_error_at_once() {
+        let mut calls = 0;
+        let never = CancellationToken::new();
+        let policy = ConnectPolicy::one_shot(Duration::from_secs(30));
+        let result: Result<(), _> = with_backoff(Service::PostgreSql, &never, policy, || {
+            calls += 1;
+            async { Err(StoreError::Refused { service: "PostgreSQL", message: "no such database".into() }) }
+        })
+        .await;
+        assert!(matches!(result, Err(StoreError::Refused { .. })));
+        assert_eq!(calls, 1);
+    }
 }

@@ -9,20 +9,41 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use flowcraft::client::{self, ClientError, RunResult};
-use flowcraft::config::{ConnectionArgs, LimitArgs};
-use flowcraft::distributed::{self, WorkerOptions};
+use flowcraft::config::{ConnectionArgs, LimitArgs, parse_duration};
+use flowcraft::distributed::{self, ConnectPolicy, Signal, WorkerOptions};
 use flowcraft::flow::{Blueprint, BlueprintError, BlueprintSet, BlueprintSource, Graph, Limits, Registry};
 use flowcraft::operator::OperatorConfig;
 use flowcraft::operator::policy::{DEFAULT_WORKER_SERVICE_ACCOUNT, PoolPolicy, image_repository};
 use flowcraft::reconciler::{ReconcileConfig, Reconciler};
+use flowcraft::run_id::{RunIdError, validate_run_id};
 use flowcraft::store::postgres::PostgresStore;
 use flowcraft::store::postgres::TableNames;
-use flowcraft::store::{RunFilter, RunStatus, RunStore};
+use flowcraft::store::{RunFilter, RunStatus, RunStore, StoreError};
+use flowcraft::worker::WorkerError;
+
+/// Exit codes (README, "Exit codes").
+mod exit {
+    /// The command did what was asked; a run completed.
+    pub const OK: u8 = 0;
+    /// The run failed or was cancelled, or the command failed at run time (a service error, a run not found).
+    pub const FAILED: u8 = 1;
+    /// Usage or configuration error: bad arguments or input, invalid blueprint or run id, missing or invalid URL,
+    /// unreadable TLS file, or a service that refuses us for good (credentials, missing database or vhost, TLS
+    /// verification, a database schema newer than this binary).
+    pub const USAGE: u8 = 2;
+    /// `run --wait --timeout` elapsed; the run goes on.
+    pub const WAIT_TIMEOUT: u8 = 124;
+}
+
+/// Largest `--input` read from a file or standard input (the run input itself is limited by
+/// `FLOWCRAFT_MAX_PAYLOAD_BYTES`).
+const MAX_INPUT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Flowcraft: run workflow blueprints embedded or distributed on RabbitMQ, PostgreSQL and Redis.
 #[derive(Debug, Parser)]
@@ -57,7 +78,7 @@ enum Command {
     Run {
         /// A blueprint file, or (on the services) a blueprint id found in --blueprints.
         target: String,
-        /// The run input (a JSON object).
+        /// The run input: a JSON object, `@FILE` to read it from a file, or `-` to read it from standard input.
         #[arg(long, default_value = "{}")]
         input: String,
         /// Worker tasks of the embedded engine.
@@ -66,9 +87,13 @@ enum Command {
         /// Output format.
         #[arg(long, default_value = "text")]
         output: Output,
-        /// On the services: wait for the run to end (embedded runs always wait).
+        /// On the services: wait for the run to end (embedded runs always wait). SIGINT/SIGTERM stop waiting
+        /// (exit 130/143); the run goes on.
         #[arg(long)]
         wait: bool,
+        /// With --wait: stop waiting after this long (exit 124); the run goes on.
+        #[arg(long, value_parser = parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
         /// Run id (default: a random UUID).
         #[arg(long)]
         run_id: Option<String>,
@@ -141,6 +166,10 @@ enum Command {
         /// Execution lease TTL (extended while a node runs).
         #[arg(long, env = "FLOWCRAFT_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
         lease_ttl: Duration,
+        /// On SIGTERM, how long jobs in flight may take to finish; the ones still running then are abandoned
+        /// unacknowledged (redelivered to another worker). Keep it below the pod's terminationGracePeriodSeconds.
+        #[arg(long, env = "FLOWCRAFT_SHUTDOWN_TIMEOUT", default_value = "50s", value_parser = parse_duration)]
+        shutdown_timeout: Duration,
     },
     /// Find stalled runs and re-drive them; prints {stalledRuns, reconciledRuns, failedRuns}.
     Reconcile {
@@ -211,23 +240,12 @@ enum Command {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = match s.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration (e.g. 300s, 5m): {e}"))?,
-    };
-    if d < Duration::from_secs(1) {
-        return Err(format!("'{s}' is too short: use at least 1s"));
-    }
-    Ok(d)
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() { ExitCode::from(exit::USAGE) } else { ExitCode::SUCCESS };
         }
     };
     // Long-running modes log at info; one-shot CLI commands only warn (their results go to stdout).
@@ -237,26 +255,145 @@ fn main() -> ExitCode {
     );
     init_tracing(cli.log_format, !long_running);
     flowcraft::crypto::install_crypto_provider();
+    // Read `--input @file` / `--input -` before any signal handler is installed: Ctrl-C still ends a read.
+    let cli = match resolve_input(cli) {
+        Ok(cli) => cli,
+        Err(e) => return report(&e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(exit::FAILED);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
-        Ok(code) => code,
-        Err(e) => {
-            let bad_input = e.chain().any(|c| {
-                c.downcast_ref::<BlueprintError>().is_some()
-                    || c.downcast_ref::<UsageError>().is_some()
-                    || matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Input { .. }))
-            });
-            // Every error prints its own message only; `{:#}` adds each cause once.
-            eprintln!("error: {e:#}");
-            ExitCode::from(if bad_input { 2 } else { 1 })
+    let handles_signals = matches!(
+        cli.command,
+        Command::Worker { .. } | Command::Operator { .. } | Command::Run { .. } | Command::Ui { .. }
+    );
+    let result = runtime.block_on(async move {
+        if handles_signals {
+            return dispatch(cli).await;
         }
+        // Other one-shot commands stop at SIGINT/SIGTERM (`run` handles them itself, with a message).
+        tokio::select! {
+            biased;
+            result = dispatch(cli) => result,
+            signal = distributed::termination_signal() => {
+                eprintln!("interrupted");
+                Ok(ExitCode::from(signal.exit_code()))
+            }
+        }
+    });
+    // A node stuck in a blocking call must not hold the process after it is done.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match result {
+        Ok(code) => code,
+        Err(e) => report(&e),
     }
+}
+
+/// Print an error (unless standard output was closed by its reader) and choose the exit code.
+fn report(e: &anyhow::Error) -> ExitCode {
+    if e.chain().any(|c| c.is::<StdoutClosed>()) {
+        return ExitCode::SUCCESS;
+    }
+    // Every error prints its own message only; `{:#}` adds each cause once.
+    eprintln!("error: {}", flowcraft::redact::redact_text(&format!("{e:#}")));
+    ExitCode::from(exit_code(e))
+}
+
+/// 2 for usage and configuration errors (see [`exit`]), else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(is_usage_error) { exit::USAGE } else { exit::FAILED }
+}
+
+fn is_usage_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let store = |s: &StoreError| {
+        matches!(
+            s,
+            StoreError::Config { .. }
+                | StoreError::Tls { .. }
+                | StoreError::Refused { .. }
+                | StoreError::SchemaTooNew { .. }
+        )
+    };
+    let client = |c: &ClientError| match c {
+        ClientError::InvalidRunId(_) | ClientError::Input { .. } => true,
+        ClientError::Store { source, .. } => store(source),
+        ClientError::NotFound(_) | ClientError::Timeout { .. } => false,
+    };
+    if e.is::<UsageError>() || e.is::<BlueprintError>() || e.is::<RunIdError>() {
+        return true;
+    }
+    if let Some(s) = e.downcast_ref::<StoreError>() {
+        return store(s);
+    }
+    if let Some(c) = e.downcast_ref::<ClientError>() {
+        return client(c);
+    }
+    if let Some(w) = e.downcast_ref::<WorkerError>() {
+        return matches!(w, WorkerError::Blueprints(_))
+            || matches!(w, WorkerError::Store { source, .. } if store(source));
+    }
+    match e.downcast_ref::<flowcraft::Error>() {
+        Some(flowcraft::Error::Blueprint(_) | flowcraft::Error::Expr(_)) => true,
+        Some(flowcraft::Error::Store(s)) => store(s),
+        Some(flowcraft::Error::Client(c)) => client(c),
+        Some(flowcraft::Error::Worker(w)) => is_usage_error(w),
+        _ => false,
+    }
+}
+
+/// Standard output was closed by its reader (`flowcraft runs | head -1`): stop quietly.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output is closed")]
+struct StdoutClosed;
+
+/// Write to standard output; a closed pipe ends the command quietly instead of a panic.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            anyhow!(StdoutClosed)
+        } else {
+            anyhow!("cannot write to standard output: {e}")
+        }
+    })
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Replace `--input @FILE` and `--input -` by the text they name.
+fn resolve_input(mut cli: Cli) -> Result<Cli> {
+    if let Command::Run { input, .. } = &mut cli.command {
+        *input = read_input_arg(input)?;
+    }
+    Ok(cli)
+}
+
+fn read_input_arg(arg: &str) -> Result<String> {
+    use std::io::Read;
+    let (what, reader): (String, Box<dyn Read>) = if arg == "-" {
+        ("standard input".into(), Box::new(std::io::stdin()))
+    } else if let Some(path) = arg.strip_prefix('@') {
+        let file = std::fs::File::open(path).map_err(|e| UsageError(format!("--input: cannot read {path}: {e}")))?;
+        (path.to_string(), Box::new(file))
+    } else {
+        return Ok(arg.to_string());
+    };
+    let mut text = String::new();
+    reader
+        .take(MAX_INPUT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| UsageError(format!("--input: cannot read {what}: {e}")))?;
+    if text.len() as u64 > MAX_INPUT_BYTES {
+        return Err(UsageError(format!("--input: {what} is larger than {MAX_INPUT_BYTES} bytes")).into());
+    }
+    Ok(text)
 }
 
 /// A usage error (bad argument value): exit code 2.
@@ -280,18 +417,22 @@ fn init_tracing(format: LogFormat, cli_command: bool) {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let policy = ConnectPolicy::one_shot(cli.conn.connect_timeout);
     match cli.command {
-        Command::Run { target, input, workers, output, wait, run_id, blueprints, full } => {
+        Command::Run { target, input, workers, output, wait, timeout, run_id, blueprints, full } => {
             let input: Value =
                 serde_json::from_str(&input).map_err(|e| UsageError(format!("--input is not valid JSON: {e}")))?;
             if !input.is_object() {
                 return Err(UsageError("--input must be a JSON object".into()).into());
             }
+            if let Some(id) = &run_id {
+                validate_run_id(id)?;
+            }
             let limits = cli.limits.limits().map_err(UsageError)?;
             let shown = Shown { output, full };
             if cli.conn.any_service() {
-                let found = blueprints.as_deref();
-                run_distributed(&cli.conn, &target, input, shown, wait, run_id, found, &limits).await
+                let run = DistributedRun { target, input, shown, wait, timeout, run_id, blueprints, limits };
+                run_distributed(&cli.conn, policy, run).await
             } else {
                 run_embedded(&target, input, workers, shown, &limits).await
             }
@@ -299,11 +440,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Validate { files, allow_custom_nodes } => validate(&files, allow_custom_nodes),
         Command::Graph { file } => {
             let graph = Graph::build(Blueprint::load(&file)?, None)?;
-            print!("{}", graph.mermaid());
+            emit(&graph.mermaid())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { run_id, output, blueprints, full } => {
-            let store = connect_store(&cli.conn).await?;
+            validate_run_id(&run_id)?;
+            let store = connect_store(&cli.conn, policy).await?;
             let info = store.run_info(&run_id).await?;
             let graph = match (&info, &blueprints) {
                 (Some(i), Some(dir)) => BlueprintSet::load_dir(dir, None)?.get(&i.blueprint_id),
@@ -314,16 +456,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     print_result(&r, Shown { output, full })?;
                     Ok(ExitCode::SUCCESS)
                 }
-                None => bail!("run {run_id} does not exist"),
+                None => Err(ClientError::NotFound(run_id).into()),
             }
         }
         Command::Cancel { run_id, reason } => {
-            let store = connect_store(&cli.conn).await?;
+            validate_run_id(&run_id)?;
+            let store = connect_store(&cli.conn, policy).await?;
             if client::cancel_run(&store, &run_id, &reason).await? {
-                println!("run {run_id} cancelled");
+                outln!("run {run_id} cancelled")?;
             } else {
                 let status = store.run_info(&run_id).await?.map(|i| i.status.to_string()).unwrap_or_default();
-                println!("run {run_id} had already ended ({status})");
+                outln!("run {run_id} had already ended ({status})")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -335,35 +478,41 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     })
                 })
                 .transpose()?;
-            let store = connect_store(&cli.conn).await?;
+            let store = connect_store(&cli.conn, policy).await?;
             let runs = client::list_runs(&store, &RunFilter { status, blueprint_id: blueprint, limit }).await?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string(&runs)?),
+                Output::Json => outln!("{}", serde_json::to_string(&runs)?)?,
                 Output::Text => {
-                    println!("{:<38} {:<20} {:<10} {:<25} UPDATED", "RUN", "BLUEPRINT", "STATUS", "CREATED");
+                    outln!("{:<38} {:<20} {:<10} {:<25} UPDATED", "RUN", "BLUEPRINT", "STATUS", "CREATED")?;
                     for r in runs {
-                        println!(
+                        outln!(
                             "{:<38} {:<20} {:<10} {:<25} {}",
                             r.run_id,
                             r.blueprint_id,
                             r.status,
                             r.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
                             r.updated_at.format("%Y-%m-%d %H:%M:%S UTC")
-                        );
+                        )?;
                     }
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Worker { blueprints, admin_addr, lease_ttl } => {
+        Command::Worker { blueprints, admin_addr, lease_ttl, shutdown_timeout } => {
             let registry = Registry::with_builtins_config(&cli.limits.limits().map_err(UsageError)?);
-            let options =
-                WorkerOptions { blueprints, admin_addr: Some(admin_addr), lease_ttl, ..WorkerOptions::default() };
+            let options = WorkerOptions {
+                blueprints,
+                admin_addr: Some(admin_addr),
+                lease_ttl,
+                shutdown_timeout,
+                ..WorkerOptions::default()
+            };
             distributed::run_worker(&cli.conn, options, registry, distributed::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Reconcile { stalled_threshold, batch_size, blueprints, schedule, output } => {
-            reconcile(&cli.conn, stalled_threshold, batch_size, &blueprints, schedule.as_deref(), output).await
+            let job = ReconcileJob { stalled_threshold, batch_size, blueprints, schedule, output };
+            reconcile(&cli.conn, policy, job).await
         }
         Command::Operator {
             image,
@@ -411,62 +560,67 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let token = std::env::var("FLOWCRAFT_UI_TOKEN").ok().filter(|t| !t.is_empty());
             let config = flowcraft::ui::UiConfig::new(token.as_deref()).map_err(|e| UsageError(e.to_string()))?;
             let shutdown = distributed::shutdown_signal();
-            let store = distributed::connect_store(&cli.conn, &shutdown).await?;
+            let store = distributed::connect_store(&cli.conn, &shutdown, ConnectPolicy::Forever).await?;
             let source = flowcraft::ui::StoreSource::new(store, blueprints.as_deref())?;
             flowcraft::ui::serve(addr, Arc::new(source), config, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crd => {
-            print!("{}", flowcraft::operator::crds_yaml());
+            emit(&flowcraft::operator::crds_yaml())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let store = connect_store(&cli.conn).await?;
-            println!("migrations applied to {:?}", store.table_names());
+            let store = connect_store(&cli.conn, policy).await?;
+            outln!("migrations applied to {:?}", store.table_names())?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-async fn connect_store(conn: &ConnectionArgs) -> Result<PostgresStore> {
-    let shutdown = distributed::shutdown_signal();
-    Ok(distributed::connect_store(conn, &shutdown).await?)
+/// One-shot commands are cancelled by the signal race in `main`, not by a token.
+async fn connect_store(conn: &ConnectionArgs, policy: ConnectPolicy) -> Result<PostgresStore> {
+    Ok(distributed::connect_store(conn, &CancellationToken::new(), policy).await?)
 }
 
-async fn reconcile(
-    conn: &ConnectionArgs,
+/// `flowcraft reconcile`'s arguments.
+struct ReconcileJob {
     stalled_threshold: Duration,
     batch_size: usize,
-    blueprints: &Path,
-    schedule: Option<&str>,
+    blueprints: PathBuf,
+    schedule: Option<String>,
     output: Output,
-) -> Result<ExitCode> {
+}
+
+async fn reconcile(conn: &ConnectionArgs, policy: ConnectPolicy, job: ReconcileJob) -> Result<ExitCode> {
     let started = chrono::Utc::now();
-    let shutdown = distributed::shutdown_signal();
-    let set = BlueprintSet::load_dir(blueprints, None)?;
-    let store = Arc::new(distributed::connect_store(conn, &shutdown).await?);
-    let coord = Arc::new(distributed::connect_coordinator(conn, &shutdown).await?);
-    let queue = Arc::new(distributed::connect_queue(conn, "flowcraft-reconciler", &shutdown).await?);
+    let never = CancellationToken::new();
+    let set = BlueprintSet::load_dir(&job.blueprints, None)?;
+    let store = Arc::new(distributed::connect_store(conn, &never, policy).await?);
+    let coord = Arc::new(distributed::connect_coordinator(conn, &never, policy).await?);
+    let queue = Arc::new(distributed::connect_queue(conn, "flowcraft-reconciler", &never, policy).await?);
     let reconciler = Reconciler::new(queue.clone(), store.clone(), coord, Arc::new(set));
-    let stats = reconciler.run(&ReconcileConfig { stalled_threshold, batch_size }).await?;
+    let config = ReconcileConfig { stalled_threshold: job.stalled_threshold, batch_size: job.batch_size };
+    let stats = reconciler.run(&config).await?;
     queue.close().await;
-    if let Some(name) = schedule {
+    if let Some(name) = &job.schedule {
         store.record_reconcile_stats(name, started, &stats).await?;
     }
-    match output {
-        Output::Json => println!("{}", serde_json::to_string(&stats)?),
-        Output::Text => println!(
+    match job.output {
+        Output::Json => outln!("{}", serde_json::to_string(&stats)?)?,
+        Output::Text => outln!(
             "stalled runs: {}, reconciled: {}, failed: {}",
-            stats.stalled_runs, stats.reconciled_runs, stats.failed_runs
-        ),
+            stats.stalled_runs,
+            stats.reconciled_runs,
+            stats.failed_runs
+        )?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn exit_for(result: &RunResult) -> ExitCode {
     match result.status {
-        RunStatus::Completed => ExitCode::SUCCESS,
-        _ => ExitCode::from(1),
+        RunStatus::Completed => ExitCode::from(exit::OK),
+        _ => ExitCode::from(exit::FAILED),
     }
 }
 
@@ -480,70 +634,129 @@ struct Shown {
 
 fn print_result(result: &RunResult, shown: Shown) -> Result<()> {
     match (shown.output, shown.full) {
-        (Output::Json, true) => println!("{}", serde_json::to_string(result)?),
-        (Output::Json, false) => println!("{}", serde_json::to_string(&result.abridged())?),
-        (Output::Text, full) => print!("{}", result.human(full)),
+        (Output::Json, true) => outln!("{}", serde_json::to_string(result)?),
+        (Output::Json, false) => outln!("{}", serde_json::to_string(&result.abridged())?),
+        (Output::Text, full) => emit(&result.human(full)),
     }
-    Ok(())
 }
 
 async fn run_embedded(target: &str, input: Value, workers: usize, shown: Shown, limits: &Limits) -> Result<ExitCode> {
     let registry = Registry::with_builtins_config(limits);
     let graph = Graph::build(Blueprint::load(Path::new(target))?, Some(&registry))?;
-    let result = flowcraft::embedded::run_once(graph, registry, input, workers).await?;
-    print_result(&result, shown)?;
-    Ok(exit_for(&result))
+    tokio::select! {
+        biased;
+        signal = distributed::termination_signal() => {
+            eprintln!("{}: interrupted (an embedded run lives in this process only)", signal_name(signal));
+            Ok(ExitCode::from(signal.exit_code()))
+        }
+        result = flowcraft::embedded::run_once(graph, registry, input, workers) => {
+            let result = result?;
+            print_result(&result, shown)?;
+            Ok(exit_for(&result))
+        }
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_distributed(
-    conn: &ConnectionArgs,
-    target: &str,
+/// `flowcraft run`'s arguments on the services.
+struct DistributedRun {
+    target: String,
     input: Value,
     shown: Shown,
     wait: bool,
+    timeout: Option<Duration>,
     run_id: Option<String>,
-    blueprints: Option<&Path>,
-    limits: &Limits,
-) -> Result<ExitCode> {
-    let path = Path::new(target);
-    let graph = if path.is_file() {
-        Arc::new(Graph::build(Blueprint::load(path)?, None)?)
-    } else {
-        let dir = blueprints.ok_or_else(|| {
-            UsageError(format!("'{target}' is not a file; give --blueprints DIR to run a blueprint by id"))
-        })?;
-        let set = BlueprintSet::load_dir(dir, None)?;
-        set.get(target).ok_or_else(|| {
-            UsageError(format!("no blueprint '{target}' in {} (found: {})", dir.display(), set.ids().join(", ")))
-        })?
+    blueprints: Option<PathBuf>,
+    limits: Limits,
+}
+
+/// Start a run on the services and (with `--wait`) wait for it. SIGINT/SIGTERM interrupt connecting and waiting,
+/// never the start itself: a run is not left created without its start jobs.
+async fn run_distributed(conn: &ConnectionArgs, policy: ConnectPolicy, run: DistributedRun) -> Result<ExitCode> {
+    let graph = resolve_blueprint(&run.target, run.blueprints.as_deref())?;
+    let signal = distributed::termination_signal();
+    tokio::pin!(signal);
+    let never = CancellationToken::new();
+    let connected = tokio::select! {
+        biased;
+        signal = &mut signal => Err(signal),
+        connected = async {
+            let store = distributed::connect_store(conn, &never, policy).await?;
+            let queue = distributed::connect_queue(conn, "flowcraft-cli", &never, policy).await?;
+            Ok::<_, anyhow::Error>((store, queue))
+        } => Ok(connected?),
     };
-    let shutdown = distributed::shutdown_signal();
-    let store = distributed::connect_store(conn, &shutdown).await?;
-    let queue = distributed::connect_queue(conn, "flowcraft-cli", &shutdown).await?;
-    let run_id = run_id.unwrap_or_else(client::new_run_id);
-    client::start_run_within(&queue, &store, &graph, &run_id, input, limits.max_payload_bytes).await?;
+    let (store, queue) = match connected {
+        Ok(c) => c,
+        Err(signal) => {
+            eprintln!("{}: interrupted before the run was started", signal_name(signal));
+            return Ok(ExitCode::from(signal.exit_code()));
+        }
+    };
+    let run_id = run.run_id.unwrap_or_else(client::new_run_id);
+    let max_input = run.limits.max_payload_bytes;
+    let started = client::start_run_within(&queue, &store, &graph, &run_id, run.input, max_input).await;
     queue.close().await;
-    if !wait {
-        match shown.output {
-            Output::Json => println!("{}", serde_json::json!({ "runId": run_id })),
-            Output::Text => println!("started run {run_id}"),
+    started?;
+    if !run.wait {
+        match run.shown.output {
+            Output::Json => outln!("{}", serde_json::json!({ "runId": run_id }))?,
+            Output::Text => outln!("started run {run_id}")?,
         }
         return Ok(ExitCode::SUCCESS);
     }
     let bar = progress_bar(graph.node_count());
-    let result = client::wait_for_run(&store, &run_id, Some(&graph), None, |done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total as u64);
-            b.set_position(done as u64);
-        }
-    })
-    .await?;
+    let waited = tokio::select! {
+        biased;
+        signal = &mut signal => Err(signal),
+        result = client::wait_for_run(&store, &run_id, Some(&graph), run.timeout, |done, total| {
+            if let Some(b) = &bar {
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+            }
+        }) => Ok(result),
+    };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    print_result(&result, shown)?;
-    Ok(exit_for(&result))
+    let follow =
+        format!("it goes on: follow it with `flowcraft status {run_id}` (or stop it with `flowcraft cancel {run_id}`)");
+    match waited {
+        Ok(Ok(result)) => {
+            print_result(&result, run.shown)?;
+            Ok(exit_for(&result))
+        }
+        Ok(Err(ClientError::Timeout { waited, .. })) => {
+            eprintln!("run {run_id} did not finish within {}; {follow}", humantime::format_duration(waited));
+            Ok(ExitCode::from(exit::WAIT_TIMEOUT))
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(signal) => {
+            eprintln!("{}: stopped waiting for run {run_id}; {follow}", signal_name(signal));
+            Ok(ExitCode::from(signal.exit_code()))
+        }
+    }
+}
+
+fn signal_name(signal: Signal) -> &'static str {
+    match signal {
+        Signal::Interrupt => "SIGINT",
+        Signal::Terminate => "SIGTERM",
+    }
+}
+
+/// A blueprint file, or a blueprint id found in `--blueprints DIR`.
+fn resolve_blueprint(target: &str, blueprints: Option<&Path>) -> Result<Arc<Graph>> {
+    let path = Path::new(target);
+    if path.is_file() {
+        return Ok(Arc::new(Graph::build(Blueprint::load(path)?, None)?));
+    }
+    let dir = blueprints.ok_or_else(|| {
+        UsageError(format!("'{target}' is not a file; give --blueprints DIR to run a blueprint by id"))
+    })?;
+    let set = BlueprintSet::load_dir(dir, None)?;
+    Ok(set.get(target).ok_or_else(|| {
+        UsageError(format!("no blueprint '{target}' in {} (found: {})", dir.display(), set.ids().join(", ")))
+    })?)
 }
 
 /// Validate blueprint files and Kubernetes manifests that hold blueprints (ConfigMaps) or Flowcraft resources.
@@ -568,20 +781,20 @@ fn validate(files: &[PathBuf], allow_custom_nodes: bool) -> Result<ExitCode> {
             }
             Check::Resource { name, outcome } => (name, outcome),
             Check::Skip(name) => {
-                println!("skip  {name} (not a blueprint or Flowcraft resource)");
+                outln!("skip  {name} (not a blueprint or Flowcraft resource)")?;
                 continue;
             }
         };
         match outcome {
-            Ok(0) => println!("ok    {name}"),
-            Ok(n) => println!("ok    {name} ({n} nodes)"),
+            Ok(0) => outln!("ok    {name}")?,
+            Ok(n) => outln!("ok    {name} ({n} nodes)")?,
             Err(e) => {
                 failures += 1;
-                println!("FAIL  {name}\n{e}");
+                outln!("FAIL  {name}\n{e}")?;
             }
         }
     }
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(exit::USAGE) })
 }
 
 /// One line of `validate`'s report.

@@ -279,6 +279,12 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await?;
                 Ok(Err(Settle::DeadLetter(reason)))
             }
+            // The store refuses the job's own data (e.g. an id it cannot hold): a redelivery would loop forever.
+            Err(error @ StoreError::Rejected { .. }) => Ok(Err(Settle::DeadLetter(format!(
+                "run {}: the store rejected this job: {}",
+                job.run_id,
+                Chain(&error)
+            )))),
             Err(error) => Err(error),
         }
     }
@@ -504,6 +510,8 @@ fn decode(body: &[u8]) -> Result<Job, String> {
     if job.run_id.is_empty() || job.node_id.is_empty() || job.blueprint_id.is_empty() {
         return Err("job has an empty runId, blueprintId or nodeId".into());
     }
+    // No run can have such an id (start_run refuses it): nothing to fail, and retrying cannot help.
+    crate::run_id::validate_run_id(&job.run_id).map_err(|e| format!("job has {e}"))?;
     Ok(job)
 }
 
@@ -595,7 +603,7 @@ async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, jo
             Err(error) => error,
         };
         let more = error.retryable && attempt < policy.attempts;
-        warn!(run_id = %job.run_id, node = %node_id, attempt, retry = more, error = %error, "Node attempt failed.");
+        warn!(run_id = %job.run_id, node = %node_id, attempt, retry = more, error = %clean(&error.to_string()), "Node attempt failed.");
         if !more {
             return Executed::failed(graph, node_id, attempt, &error.message);
         }
@@ -609,9 +617,10 @@ const LOGGED_BODY_CHARS: usize = 512;
 /// At most this many characters of an error are stored with a node's result.
 const STORED_ERROR_CHARS: usize = 2_000;
 
-/// An error message safe to store: NUL characters (refused by PostgreSQL text) removed, long ones shortened.
+/// An error message safe to store: NUL characters (refused by PostgreSQL text) removed, secrets redacted (URLs,
+/// `password=…` pairs), long ones shortened.
 fn clean(message: &str) -> String {
-    crate::text::shorten(&message.replace('\0', ""), STORED_ERROR_CHARS)
+    crate::text::shorten(&crate::redact::redact_text(&message.replace('\0', "")), STORED_ERROR_CHARS)
 }
 
 /// One attempt on its own task: a timeout cancels and aborts it, a panic fails it.

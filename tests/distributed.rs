@@ -406,3 +406,79 @@ async fn a_result_postgres_cannot_store_fails_the_node_instead_of_looping() {
     task.await.unwrap();
     cluster.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_past_its_shutdown_deadline_abandons_a_stuck_job_to_another_worker() {
+    let cluster = Cluster::new("deadline");
+    let dir = tempfile::tempdir().unwrap();
+    // A node that never ends (an hour, far beyond every deadline here), then a successor.
+    let bp = json!({"id": "stuck", "nodes": [{"id": "n", "uses": "sleep", "params": {"duration": "1h"}}, {"id": "m", "uses": "noop"}], "edges": [{"source": "n", "target": "m"}]});
+    std::fs::write(dir.path().join("stuck.json"), bp.to_string()).unwrap();
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let mut w = cluster.spawn_worker("w", dir.path(), &[("FLOWCRAFT_SHUTDOWN_TIMEOUT", "2s")]);
+    let g = load(dir.path(), "stuck");
+    client::start_run(&*queue, &*store, &g, "stuck-run", json!({})).await.unwrap();
+    common::eventually("the worker to run the node", Duration::from_secs(20), || async {
+        let c = cluster.coord().await;
+        use flowcraft::store::Coordinator;
+        c.lease_held("stuck-run", "n").await.ok().filter(|h| *h)
+    })
+    .await;
+    let sent = std::time::Instant::now();
+    assert_eq!(w.terminate(), Some(0), "{}", w.log_text());
+    let took = sent.elapsed();
+    // 2 s of deadline, then closing the connections (bounded by their own timeouts).
+    assert!(took < Duration::from_secs(15), "exited {took:?} after SIGTERM\n{}", w.log_text());
+    assert!(took >= Duration::from_secs(2), "the deadline was not waited for: {took:?}");
+    assert!(w.log_text().contains("Shutdown deadline reached"), "{}", w.log_text());
+    assert!(client::run_result(&*store, "stuck-run", None).await.unwrap().unwrap().nodes.is_empty());
+    // The abandoned job comes back to another worker (here one whose `sleep` returns at once).
+    let mut registry = Registry::with_builtins();
+    registry.register_fn("sleep", |ctx| async move { Ok(NodeOutput::new(ctx.input)) });
+    let mut set = BlueprintSet::new();
+    set.insert(g.clone());
+    let (metrics, stop, task) = in_process_worker(&cluster, set, registry).await;
+    let r = wait_all(&store, &["stuck-run".into()], Duration::from_secs(60)).await.remove(0);
+    assert_eq!(r.status, RunStatus::Completed, "{:?}", r.error);
+    assert_eq!(r.nodes["n"].attempts, 1);
+    assert!(metrics.executions.get() >= 2);
+    stop.cancel();
+    task.await.unwrap();
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_with_invalid_run_ids_are_dead_lettered_never_requeued() {
+    let cluster = Cluster::new("badid");
+    let registry = Registry::with_builtins();
+    let bp: Blueprint = serde_json::from_value(json!({"id": "ok", "nodes": [{"id": "a", "uses": "noop"}]})).unwrap();
+    let mut set = BlueprintSet::new();
+    set.insert(Graph::build(bp, Some(&registry)).unwrap());
+    let queue = cluster.queue().await;
+    let (metrics, stop, task) = in_process_worker(&cluster, set, registry).await;
+    let long = "r".repeat(300);
+    for run_id in ["nul\u{0}in-the-id", long.as_str(), "white space", "{brace}"] {
+        let body = json!({"runId": run_id, "blueprintId": "ok", "nodeId": "a"}).to_string();
+        publish_raw(&cluster.conn.queue, body.as_bytes()).await;
+    }
+    let collected = Arc::new(std::sync::Mutex::new(Vec::new()));
+    common::eventually("four dead letters", Duration::from_secs(20), || {
+        let (q, got) = (queue.clone(), collected.clone());
+        async move {
+            while let Some((_, reason)) = q.get_dead_letter().await.ok().flatten() {
+                got.lock().unwrap().push(reason.unwrap_or_default());
+            }
+            (got.lock().unwrap().len() >= 4).then_some(())
+        }
+    })
+    .await;
+    let reasons = collected.lock().unwrap().clone();
+    assert!(reasons.iter().all(|r| r.contains("invalid run id")), "{reasons:?}");
+    assert!(reasons.iter().all(|r| !r.contains('\0')), "{reasons:?}");
+    assert_eq!(metrics.outcome_count("requeued"), 0);
+    assert_eq!(metrics.dead_letters.get(), 4);
+    stop.cancel();
+    task.await.unwrap();
+    cluster.cleanup().await;
+}

@@ -853,7 +853,7 @@ impl Env {
     }
 
     async fn depth(&self) -> u32 {
-        queue_depth(&common::amqp_url(), &self.queue).await.unwrap()
+        queue_depth(&common::amqp_url(), &self.queue, &Default::default()).await.unwrap()
     }
 
     async fn cleanup(self) {
@@ -865,6 +865,7 @@ impl Env {
             queue_type: QueueType::Quorum,
             prefetch: 1,
             connection_name: "operator-test-cleanup".into(),
+            ..AmqpConfig::default()
         })
         .await
         .unwrap();

@@ -19,6 +19,7 @@ fn config(tag: &str, queue_type: QueueType, prefetch: u16) -> AmqpConfig {
         queue_type,
         prefetch,
         connection_name: common::unique("conn"),
+        ..AmqpConfig::default()
     }
 }
 
@@ -308,10 +309,10 @@ async fn depth_purge_and_the_free_depth_function() {
     let name = queue.config().queue.clone();
     let jobs: Vec<Job> = (0..3).map(|i| Job::new("run-8", "bp", format!("n{i}"))).collect();
     queue.publish(&jobs).await.expect("publish");
-    assert_eq!(rabbitmq::queue_depth(&common::amqp_url(), &name).await.expect("depth"), 3);
+    assert_eq!(rabbitmq::queue_depth(&common::amqp_url(), &name, &Default::default()).await.expect("depth"), 3);
     assert_eq!(queue.purge().await.expect("purge"), 3);
     assert_eq!(queue.queue_depth().await.expect("depth"), 0);
-    let missing = rabbitmq::queue_depth(&common::amqp_url(), &common::unique("missing")).await;
+    let missing = rabbitmq::queue_depth(&common::amqp_url(), &common::unique("missing"), &Default::default()).await;
     assert!(
         matches!(missing, Err(StoreError::Queue { ref op, source: Some(_) }) if op.contains("does not exist")),
         "{missing:?}"

@@ -20,9 +20,14 @@ async fn coordinator() -> RedisCoordinator {
 }
 
 async fn coordinator_with_prefix(prefix: String) -> RedisCoordinator {
-    RedisCoordinator::connect(RedisConfig { url: common::redis_url(), prefix, key_ttl: Duration::from_secs(600) })
-        .await
-        .expect("connect to redis")
+    RedisCoordinator::connect(RedisConfig {
+        url: common::redis_url(),
+        prefix,
+        key_ttl: Duration::from_secs(600),
+        ..RedisConfig::default()
+    })
+    .await
+    .expect("connect to redis")
 }
 
 /// A raw connection to inspect keys.
@@ -367,6 +372,7 @@ async fn ping_and_configuration_errors() {
             url: common::redis_url(),
             prefix: prefix.to_string(),
             key_ttl: Duration::from_secs(60),
+            ..RedisConfig::default()
         })
         .await
         .expect_err("invalid prefix");
@@ -385,6 +391,7 @@ async fn unreachable_redis_fails_clearly_after_retries() {
         url: "redis://:hunter2@127.0.0.1:1/".to_string(),
         prefix: common::unique("redis"),
         key_ttl: Duration::from_secs(60),
+        ..RedisConfig::default()
     })
     .await
     .expect_err("nothing listens on port 1");

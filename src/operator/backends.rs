@@ -15,6 +15,7 @@ use crate::redact::{credentials, redact_url};
 use crate::store::postgres::{PgConfig, PostgresStore, TableNames};
 use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
 use crate::store::{JobQueue, ReconcilePass, RunStore};
+use crate::tls::TlsSettings;
 
 /// `namespace/name` of a Secret.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -53,6 +54,9 @@ pub struct Connection {
     pub database_url: String,
     /// `redisUrl` (the operator itself does not use Redis; it is checked and passed to the workers).
     pub redis_url: String,
+    /// Extra CAs and client certificate of the operator's TLS connections for this pool (none by default: the
+    /// system roots; [`TlsSettings::from_pem`] builds them from the pool's `spec.tls` ConfigMap/Secret).
+    pub tls: TlsSettings,
     secrets: Vec<String>,
 }
 
@@ -81,6 +85,7 @@ impl Connection {
             amqp_url,
             database_url,
             redis_url,
+            tls: TlsSettings::none(),
             secrets,
         }
     }
@@ -254,6 +259,7 @@ impl PoolBackends {
             url: conn.database_url.clone(),
             tables: tables.clone(),
             pool_size: self.pg_pool_size,
+            tls: conn.tls.clone(),
         })
         .await
         .map_err(|e| BackendError::database(conn, tables, e))?;
@@ -287,6 +293,7 @@ impl PoolBackends {
             queue_type: queue_type.unwrap_or_default(),
             prefetch: 1,
             connection_name: "flowcraft-operator".to_string(),
+            tls: conn.tls.clone(),
         })
         .await
         .map_err(|e| BackendError::queue(conn, queue, e))?;
@@ -334,7 +341,10 @@ impl StatsSource for PoolBackends {
 #[async_trait]
 impl QueueProbe for PoolBackends {
     async fn queue_depth(&self, conn: &Connection, queue: &str) -> Result<u64, BackendError> {
-        queue_depth(&conn.amqp_url, queue).await.map(u64::from).map_err(|e| BackendError::queue(conn, queue, e))
+        queue_depth(&conn.amqp_url, queue, &conn.tls)
+            .await
+            .map(u64::from)
+            .map_err(|e| BackendError::queue(conn, queue, e))
     }
 }
 

@@ -161,7 +161,8 @@ impl Note<'_> {
         Event {
             type_,
             reason: fit_reason(reason, EVENT_REASON_MAX),
-            note: Some(fit(&note, EVENT_NOTE_MAX)),
+            // Notes quote store and run errors: never a secret in an event.
+            note: Some(fit(&crate::redact::redact_text(&note), EVENT_NOTE_MAX)),
             action: action.to_string(),
             secondary: None,
         }

@@ -227,7 +227,7 @@ pub fn mirror(run: &FlowRun, prev: &FlowRunStatus, run_id: &str, result: &RunRes
     let progress = format!("{resolved}/{total}");
     let message = match phase {
         FlowRunPhase::Failed | FlowRunPhase::Cancelled => {
-            result.error.as_deref().map(|e| fit(e, CONDITION_MESSAGE_MAX))
+            result.error.as_deref().map(|e| fit(&crate::redact::redact_text(e), CONDITION_MESSAGE_MAX))
         }
         _ => None,
     };

@@ -81,6 +81,24 @@ pub enum StoreError {
         #[source]
         source: Option<BackendError>,
     },
+    /// TLS to a service failed: the server's certificate was rejected, the server refused ours, or the server
+    /// does not speak TLS although the URL asks for it. Never retried in clear text.
+    #[error("{service}: {message}")]
+    Tls {
+        /// The service (`PostgreSQL`, `RabbitMQ`, `Redis`).
+        service: &'static str,
+        /// Where and why (no secret).
+        message: String,
+    },
+    /// A service refused us for a reason another attempt cannot fix: authentication, a missing database, an
+    /// unknown virtual host.
+    #[error("{service}: {message}")]
+    Refused {
+        /// The service (`PostgreSQL`, `RabbitMQ`, `Redis`).
+        service: &'static str,
+        /// Where and why (no secret).
+        message: String,
+    },
 }
 
 /// Result of store operations.
@@ -112,6 +130,22 @@ impl StoreError {
         matches!(self, Self::Config { .. })
     }
 
+    /// Whether another attempt cannot succeed without a change of configuration or data: a bad URL or setting,
+    /// authentication, a missing database or vhost, a TLS failure, a schema newer than this binary, data the
+    /// store refuses or cannot decode. One-shot commands fail at once on these; long-running processes keep
+    /// retrying (the configuration may be fixed under them) but report not-ready.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Config { .. }
+            | Self::Rejected { .. }
+            | Self::SchemaTooNew { .. }
+            | Self::Corrupt { .. }
+            | Self::Tls { .. }
+            | Self::Refused { .. } => true,
+            Self::Queue { .. } | Self::Database { .. } | Self::Coordination { .. } => false,
+        }
+    }
+
     /// The client library's error, if any.
     pub fn backend(&self) -> Option<&BackendError> {
         match self {
@@ -121,7 +155,7 @@ impl StoreError {
             | Self::Config { source, .. }
             | Self::Corrupt { source, .. } => source.as_ref(),
             Self::Rejected { source, .. } => Some(source),
-            Self::SchemaTooNew { .. } => None,
+            Self::SchemaTooNew { .. } | Self::Tls { .. } | Self::Refused { .. } => None,
         }
     }
 
@@ -134,7 +168,7 @@ impl StoreError {
             | Self::Config { source, .. }
             | Self::Corrupt { source, .. } => source,
             Self::Rejected { source, .. } => Some(source),
-            Self::SchemaTooNew { .. } => None,
+            Self::SchemaTooNew { .. } | Self::Tls { .. } | Self::Refused { .. } => None,
         }
     }
 }

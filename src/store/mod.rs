@@ -3,6 +3,7 @@
 
 mod error;
 pub mod memory;
+pub mod pg_tls;
 pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;

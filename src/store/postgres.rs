@@ -12,14 +12,16 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
 
 use crate::config::{DEFAULT_CONTEXTS_TABLE, DEFAULT_RESULTS_TABLE, DEFAULT_STATUSES_TABLE};
+use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
     BackendError, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats, RecordOutcome, RunFilter,
     RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
 };
+use crate::tls::TlsSettings;
 
 /// Default number of runs returned by [`RunStore::list_runs`] when the filter's limit is 0.
 const DEFAULT_LIST_LIMIT: usize = 100;
@@ -33,14 +35,28 @@ const MAX_THRESHOLD_MS: i64 = 1000 * 365 * 24 * 3600 * 1000;
 const MAX_IDENTIFIER_LEN: usize = 63;
 
 /// Connection settings and table names of the PostgreSQL run store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PgConfig {
-    /// Connection URL (`postgres://user@host:port/db`).
+    /// Connection URL (`postgres://user@host:port/db?sslmode=verify-full`) or libpq `key=value` string; libpq's
+    /// TLS options apply (see [`crate::store::pg_tls`]).
     pub url: String,
     /// The tables.
     pub tables: TableNames,
     /// Maximum number of pooled connections.
     pub pool_size: usize,
+    /// Extra CAs and the default client certificate.
+    pub tls: TlsSettings,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("url", &crate::redact::redact_url(&self.url))
+            .field("tables", &self.tables)
+            .field("pool_size", &self.pool_size)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Default for PgConfig {
@@ -49,6 +65,7 @@ impl Default for PgConfig {
             url: "postgres://root@127.0.0.1:5432/postgres".to_string(),
             tables: TableNames::default(),
             pool_size: 16,
+            tls: TlsSettings::none(),
         }
     }
 }
@@ -621,6 +638,8 @@ pub struct PostgresStore {
     pool: Pool,
     names: Arc<Tables>,
     sql: Arc<Sql>,
+    /// Hosts and database, for messages (never the URL: it may carry a password).
+    target: Arc<str>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -636,7 +655,8 @@ impl PostgresStore {
         if cfg.pool_size == 0 {
             return Err(StoreError::config("PostgreSQL pool size must be at least 1"));
         }
-        let mut pg = tokio_postgres::Config::from_str(&cfg.url).map_err(|e| StoreError::Config {
+        let (conn, libpq) = split_tls_options(&cfg.url)?;
+        let mut pg = tokio_postgres::Config::from_str(&conn).map_err(|e| StoreError::Config {
             message: "invalid PostgreSQL URL".to_string(),
             source: Some(e.into()),
         })?;
@@ -648,7 +668,8 @@ impl PostgresStore {
         }
         // Never log the URL itself: it may carry a password.
         let target = format!("hosts {:?}, database {:?}", pg.get_hosts(), pg.get_dbname().unwrap_or("(default)"));
-        let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let connector = PgConnector::new(&libpq, &cfg.tls)?;
+        let manager = Manager::from_connect(pg, connector, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .runtime(Runtime::Tokio1)
@@ -657,14 +678,12 @@ impl PostgresStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::config(format!("PostgreSQL pool: {e}")))?;
-        let store = Self { sql: Arc::new(Sql::new(&names)), names: Arc::new(names), pool };
-        let client = store.pool.get().await.map_err(|e| StoreError::Database {
-            op: format!("cannot connect to PostgreSQL ({target})"),
-            source: Some(e.into()),
-        })?;
+        let store = Self { sql: Arc::new(Sql::new(&names)), names: Arc::new(names), pool, target: Arc::from(target) };
+        let client = store.pool.get().await.map_err(|e| store.pool_error("connect", e))?;
         drop(client);
         tracing::info!(
-            %target,
+            target = %store.target,
+            tls = ?libpq.mode,
             statuses = %store.names.statuses,
             contexts = %store.names.contexts,
             results = %store.names.results,
@@ -685,10 +704,32 @@ impl PostgresStore {
     }
 
     async fn client(&self, op: &str) -> StoreResult<deadpool_postgres::Client> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Database { op: format!("{op}: no PostgreSQL connection"), source: Some(e.into()) })
+        self.pool.get().await.map_err(|e| self.pool_error(op, e))
+    }
+
+    /// A connection could not be made: classified as TLS, refused (authentication, missing database) or transient.
+    fn pool_error(&self, op: &str, e: deadpool_postgres::PoolError) -> StoreError {
+        let target = &self.target;
+        if let deadpool_postgres::PoolError::Backend(pg) = &e {
+            if is_tls_failure(pg) {
+                let why = crate::tls::describe_failure(pg).unwrap_or_else(|| pg.to_string());
+                return StoreError::Tls {
+                    service: "PostgreSQL",
+                    message: format!("{op}: TLS to {target} failed: {why}"),
+                };
+            }
+            // Class 28: invalid authorization (bad password, no pg_hba entry); 3D000: the database does not exist.
+            if let Some(db) = pg.as_db_error()
+                && (db.code().code().starts_with("28") || db.code().code() == "3D000")
+            {
+                let why = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+                return StoreError::Refused {
+                    service: "PostgreSQL",
+                    message: format!("{op}: {target} refused the connection: {why}"),
+                };
+            }
+        }
+        StoreError::Database { op: format!("{op}: cannot connect to PostgreSQL ({target})"), source: Some(e.into()) }
     }
 
     /// Apply the embedded migrations that are not applied yet, each in its own transaction under an advisory

@@ -32,9 +32,10 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,8 @@ use tracing::{debug, info, warn};
 
 use super::{Acker, Delivery, Job, JobQueue, StoreError, StoreResult};
 use crate::config::{DEFAULT_PREFETCH, DEFAULT_QUEUE};
+use crate::redact::redact_text;
+use crate::tls::{ClientTls, Roots, TlsSettings, Verify};
 
 /// Connection attempts at start-up before [`RabbitQueue::connect`] gives up.
 const STARTUP_ATTEMPTS: u32 = 8;
@@ -128,6 +131,8 @@ pub struct AmqpConfig {
     pub prefetch: u16,
     /// The `connection_name` client property (shown by `rabbitmqctl list_connections client_properties`).
     pub connection_name: String,
+    /// Extra CAs and the default client certificate of `amqps://` connections.
+    pub tls: TlsSettings,
 }
 
 impl Default for AmqpConfig {
@@ -138,6 +143,7 @@ impl Default for AmqpConfig {
             queue_type: QueueType::Quorum,
             prefetch: DEFAULT_PREFETCH,
             connection_name: "flowcraft".to_string(),
+            tls: TlsSettings::none(),
         }
     }
 }
@@ -150,20 +156,13 @@ impl fmt::Debug for AmqpConfig {
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
             .field("connection_name", &self.connection_name)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
-/// The URL without its credentials, for messages and logs.
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
-        None => url.to_string(),
-    }
+    crate::redact::redact_url(url)
 }
 
 fn check_queue_name(queue: &str) -> StoreResult<()> {
@@ -181,9 +180,101 @@ fn check_queue_name(queue: &str) -> StoreResult<()> {
     Ok(())
 }
 
-fn parse_url(url: &str, queue: &str) -> StoreResult<AMQPUri> {
-    url.parse::<AMQPUri>()
-        .map_err(|error| StoreError::config(format!("invalid AMQP URL {} for queue {queue}: {error}", redact(url))))
+/// Where and how to connect: the parsed URI (credentials, vhost, tuning), the host and port (lapin's parser turns
+/// an IP address host into `localhost`, so they are taken from the URL here), and the TLS of an `amqps://` URL.
+#[derive(Clone)]
+struct Endpoint {
+    uri: AMQPUri,
+    host: String,
+    port: u16,
+    tls: Option<TlsEndpoint>,
+}
+
+#[derive(Clone)]
+struct TlsEndpoint {
+    connector: RustlsConnector,
+    /// The name the certificate is checked against (and sent as SNI unless disabled).
+    server_name: String,
+}
+
+impl Endpoint {
+    /// `host:port`, for messages.
+    fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The TLS query parameters of RabbitMQ's URI specification (`cacertfile`, `certfile`, `keyfile`, `verify`,
+/// `server_name_indication`) as rustls options and the server name to check.
+fn amqp_client_tls(url: &url::Url, host: &str) -> StoreResult<(ClientTls, String)> {
+    let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+    let mut tls = ClientTls::default();
+    if let Some(ca) = param("cacertfile") {
+        tls.roots = Roots::File(ca.into());
+    }
+    tls.identity = match (param("certfile"), param("keyfile")) {
+        (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+        (None, None) => None,
+        _ => return Err(StoreError::config("the AMQP URL must give certfile and keyfile together".to_string())),
+    };
+    tls.verify = match param("verify").as_deref() {
+        None | Some("verify_peer") => Verify::Full,
+        Some("verify_none") => Verify::None,
+        Some(other) => {
+            return Err(StoreError::config(format!(
+                "invalid AMQP URL parameter verify={other:?}: use verify_peer or verify_none"
+            )));
+        }
+    };
+    let server_name = match param("server_name_indication").as_deref() {
+        None => host.to_string(),
+        // As in Erlang's ssl: no SNI, and the host name is not checked (the chain still is).
+        Some("disable") => {
+            tls.sni = false;
+            if tls.verify == Verify::Full {
+                tls.verify = Verify::ChainOnly;
+            }
+            host.to_string()
+        }
+        Some(name) => name.to_string(),
+    };
+    Ok((tls, server_name))
+}
+
+const TLS_PARAMETERS: [&str; 5] = ["cacertfile", "certfile", "keyfile", "verify", "server_name_indication"];
+
+fn parse_url(url: &str, queue: &str, settings: &TlsSettings) -> StoreResult<Endpoint> {
+    let invalid = |error: String| {
+        StoreError::config(format!("invalid AMQP URL {} for queue {queue}: {}", redact(url), redact_text(&error)))
+    };
+    let uri = url.parse::<AMQPUri>().map_err(invalid)?;
+    let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+    let host = match parsed.host() {
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        Some(other) => percent_encoding::percent_decode_str(&other.to_string()).decode_utf8_lossy().into_owned(),
+        None => uri.authority.host.clone(),
+    };
+    let port = uri.authority.port;
+    let tls = match uri.scheme {
+        AMQPScheme::AMQP => {
+            if let Some((name, _)) = parsed.query_pairs().find(|(k, _)| TLS_PARAMETERS.contains(&k.as_ref())) {
+                return Err(invalid(format!("{name} is a TLS parameter: use an amqps:// URL for TLS")));
+            }
+            None
+        }
+        AMQPScheme::AMQPS => {
+            let (options, server_name) = amqp_client_tls(&parsed, &host)?;
+            let config = settings
+                .client_config(&options)
+                .map_err(|e| StoreError::config(format!("RabbitMQ TLS settings for queue {queue}: {e}")))?;
+            Some(TlsEndpoint { connector: RustlsConnector::from(Arc::new(config)), server_name })
+        }
+    };
+    Ok(Endpoint { uri, host, port, tls })
 }
 
 /// Names of the queue's topology.
@@ -282,19 +373,58 @@ fn backoff(attempt: u32) -> Duration {
 // Connecting and declaring
 // ------------------------------------------------------------------------------------------------
 
-async fn open_connection(uri: &AMQPUri, connection_name: &str, queue: &str) -> StoreResult<Connection> {
+async fn open_connection(endpoint: &Endpoint, connection_name: &str, queue: &str) -> StoreResult<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri.clone(), properties)).await {
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|error| amqp(format!("RabbitMQ for queue {queue}: no async runtime"), error))?;
+    let target = endpoint.clone();
+    // The socket is opened here rather than by lapin: lapin's own connector has no TLS without its TLS features
+    // and would speak clear text to an amqps:// URL, and it resolves IP address hosts as "localhost".
+    let connect = async move |_uri: AMQPUri, runtime| {
+        let addrs: Vec<std::net::SocketAddr> =
+            tokio::net::lookup_host((target.host.as_str(), target.port)).await?.collect();
+        let stream = AsyncTcpStream::connect(&runtime, addrs).await?;
+        match &target.tls {
+            None => Ok(stream),
+            Some(tls) => Ok(stream.into_rustls(&tls.connector, &tls.server_name).await?),
+        }
+    };
+    let opened = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connector(endpoint.uri.clone(), runtime, connect, properties),
+    );
+    let address = endpoint.address();
+    match opened.await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(amqp(
-            format!("connecting to RabbitMQ at {}:{} for queue {queue}", uri.authority.host, uri.authority.port),
-            error,
-        )),
+        Ok(Err(error)) => Err(connect_error(&address, queue, error)),
         Err(_) => Err(StoreError::queue(format!(
-            "connecting to RabbitMQ at {}:{} for queue {queue} timed out after {CONNECT_TIMEOUT:?}",
-            uri.authority.host, uri.authority.port
+            "connecting to RabbitMQ at {address} for queue {queue} timed out after {CONNECT_TIMEOUT:?}"
         ))),
     }
+}
+
+/// A failed connection attempt, classified: TLS failures, refused credentials and unknown vhosts are permanent.
+fn connect_error(address: &str, queue: &str, error: lapin::Error) -> StoreError {
+    if let Some(why) = crate::tls::describe_failure(&error) {
+        return StoreError::Tls {
+            service: "RabbitMQ",
+            message: format!("TLS to {address} for queue {queue} failed: {why}"),
+        };
+    }
+    if let ErrorKind::ProtocolError(amqp) = error.kind() {
+        let refused = match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Some("the credentials were refused"),
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Some("the virtual host does not exist or is not allowed"),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            return StoreError::Refused {
+                service: "RabbitMQ",
+                message: format!("{address} refused the connection for queue {queue}: {why} ({})", amqp.get_message()),
+            };
+        }
+    }
+    amqp(format!("connecting to RabbitMQ at {address} for queue {queue}"), error)
 }
 
 async fn close_connection(connection: &Connection, queue: &str) {
@@ -403,10 +533,10 @@ async fn passive_depth(connection: &Connection, queue: &str) -> StoreResult<u32>
 }
 
 /// Messages ready in the work queue `queue` at `url` (one short connection; for autoscaling on queue depth).
-pub async fn queue_depth(url: &str, queue: &str) -> StoreResult<u32> {
+pub async fn queue_depth(url: &str, queue: &str, tls: &TlsSettings) -> StoreResult<u32> {
     check_queue_name(queue)?;
-    let uri = parse_url(url, queue)?;
-    let connection = open_connection(&uri, "flowcraft-queue-depth", queue).await?;
+    let endpoint = parse_url(url, queue, tls)?;
+    let connection = open_connection(&endpoint, "flowcraft-queue-depth", queue).await?;
     let depth = passive_depth(&connection, queue).await;
     close_connection(&connection, queue).await;
     depth
@@ -616,7 +746,7 @@ impl Forwarder {
 /// State shared by the queue handle, its supervisor and its consumer tasks.
 struct Inner {
     cfg: AmqpConfig,
-    uri: AMQPUri,
+    endpoint: Endpoint,
     names: Names,
     /// The live session, `None` during an outage.
     session: watch::Sender<Option<Arc<Session>>>,
@@ -636,7 +766,7 @@ impl Inner {
     }
 
     async fn open_session(&self) -> StoreResult<Arc<Session>> {
-        let connection = open_connection(&self.uri, &self.cfg.connection_name, self.queue()).await?;
+        let connection = open_connection(&self.endpoint, &self.cfg.connection_name, self.queue()).await?;
         let result = async {
             declare_topology(&connection, self.cfg.queue_type, &self.names).await?;
             let publisher =
@@ -923,11 +1053,11 @@ impl RabbitQueue {
                 cfg.queue
             )));
         }
-        let uri = parse_url(&cfg.url, &cfg.queue)?;
+        let endpoint = parse_url(&cfg.url, &cfg.queue, &cfg.tls)?;
         let names = Names::new(&cfg.queue);
         let (tx, rx) = mpsc::channel(usize::from(cfg.prefetch));
         let inner = Arc::new(Inner {
-            uri,
+            endpoint,
             names,
             session: watch::Sender::new(None),
             consume_wanted: AtomicBool::new(false),
@@ -940,7 +1070,7 @@ impl RabbitQueue {
         let session = loop {
             match inner.open_session().await {
                 Ok(session) => break session,
-                Err(error) if error.is_config() => return Err(error),
+                Err(error) if error.is_permanent() => return Err(error),
                 Err(error) => {
                     attempt += 1;
                     if attempt >= STARTUP_ATTEMPTS {
@@ -1212,6 +1342,8 @@ mod tests {
     #[test]
     fn urls_are_redacted() {
         assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://***@host:5672/%2f");
+        // A password with a raw '/' used to be printed (the authority was cut at the first '/').
+        assert_eq!(redact("amqp://guest:se/cr@et@host:5672/%2f"), "amqp://***@host:5672/%2f");
         assert_eq!(redact("amqp://host/%2f"), "amqp://host/%2f");
         let cfg = AmqpConfig { url: "amqp://u:p4ss@h/%2f".to_string(), ..AmqpConfig::default() };
         assert!(!format!("{cfg:?}").contains("p4ss"));

@@ -23,12 +23,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{ClientTlsConfig, RedisError, Script, TlsCertificates};
 use tracing::{debug, info, warn};
 
 use crate::config::DEFAULT_REDIS_PREFIX;
 use crate::flow::JoinStrategy;
+use crate::redact::redact_text;
 use crate::store::{Coordinator, JoinArrival, JoinDecision, JoinState, LeaseToken, StoreError, StoreResult};
+use crate::tls::TlsSettings;
 
 /// How many times [`RedisCoordinator::connect`] tries to reach Redis before giving up.
 const CONNECT_ATTEMPTS: u32 = 5;
@@ -42,12 +44,16 @@ const SCAN_COUNT: u32 = 500;
 /// Connection and key settings of the Redis coordinator.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// Redis URL (`redis://[user:password@]host:port/db`, or `rediss://` for TLS when the crate enables it).
+    /// Redis URL: `redis://[user:password@]host:port/db`, `rediss://…` for TLS (the certificate and host name are
+    /// checked against the system roots and the extra CAs of [`RedisConfig::tls`]), `rediss://…/#insecure` for TLS
+    /// without any certificate check.
     pub url: String,
     /// Key prefix: non-empty, without whitespace and without `{` or `}` (those delimit the hash tag).
     pub prefix: String,
     /// TTL of the join and resolved-set keys, refreshed by every write. Leases use their own TTL.
     pub key_ttl: Duration,
+    /// Extra CAs and the client certificate of `rediss://` connections.
+    pub tls: TlsSettings,
 }
 
 impl Default for RedisConfig {
@@ -56,6 +62,7 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379/".to_string(),
             prefix: DEFAULT_REDIS_PREFIX.to_string(),
             key_ttl: Duration::from_secs(7 * 24 * 60 * 60),
+            tls: TlsSettings::none(),
         }
     }
 }
@@ -66,6 +73,7 @@ impl fmt::Debug for RedisConfig {
             .field("url", &redact_url(&self.url))
             .field("prefix", &self.prefix)
             .field("key_ttl", &self.key_ttl)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -186,7 +194,7 @@ impl RedisCoordinator {
     pub async fn connect(config: RedisConfig) -> StoreResult<Self> {
         config.validate()?;
         let url = redact_url(&config.url);
-        let client = redis::Client::open(config.url.as_str())
+        let client = open_client(&config)
             .map_err(|e| StoreError::Config { message: format!("invalid redis URL {url}"), source: Some(e.into()) })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_number_of_retries(3)
@@ -200,14 +208,15 @@ impl RedisCoordinator {
         let conn = loop {
             match ConnectionManager::new_with_config(client.clone(), manager_config.clone()).await {
                 Ok(conn) => break conn,
-                Err(e) if attempt < CONNECT_ATTEMPTS => {
-                    warn!(url = %url, attempt, error = %e, retry_in = ?backoff, "redis connection failed; retrying");
+                Err(e) => {
+                    let error = connect_error(&url, e, attempt);
+                    if attempt >= CONNECT_ATTEMPTS || error.is_permanent() {
+                        return Err(error);
+                    }
+                    warn!(url = %url, attempt, error = %crate::report::Chain(&error), retry_in = ?backoff, "redis connection failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(CONNECT_MAX_BACKOFF);
                     attempt += 1;
-                }
-                Err(e) => {
-                    return Err(coordination(&format!("cannot connect to redis at {url} after {attempt} attempts"), e));
                 }
             }
         };
@@ -221,7 +230,14 @@ impl RedisCoordinator {
                 release: Script::new(RELEASE_LUA),
             }),
         };
-        this.load_scripts().await?;
+        this.load_scripts().await.map_err(|e| {
+            let message = crate::report::Chain(&e).to_string();
+            if message.contains("NOAUTH") || message.contains("WRONGPASS") {
+                StoreError::Refused { service: "Redis", message: format!("{url} refused the credentials: {message}") }
+            } else {
+                e
+            }
+        })?;
         info!(url = %url, prefix = %this.config.prefix, "connected to redis");
         Ok(this)
     }
@@ -563,14 +579,42 @@ fn glob_escape(s: &str) -> String {
 
 /// The URL without its password, for logs and errors.
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-        }
-        _ => url.to_string(),
+    crate::redact::redact_url(url)
+}
+
+/// The client of a URL: `rediss://` (and `valkeys://`) get the system roots, the extra CAs and the client
+/// certificate of the settings.
+fn open_client(config: &RedisConfig) -> redis::RedisResult<redis::Client> {
+    let scheme = config.url.split("://").next().unwrap_or_default().to_ascii_lowercase();
+    if scheme != "rediss" && scheme != "valkeys" {
+        return redis::Client::open(config.url.as_str());
     }
+    // redis' rustls configuration uses the process-wide crypto provider.
+    crate::install_crypto_provider();
+    let client_tls = config.tls.identity().map(|id| {
+        let (cert, key) = id.pem();
+        ClientTlsConfig { client_cert: cert.to_vec(), client_key: key.to_vec() }
+    });
+    let certificates = TlsCertificates { client_tls, root_cert: Some(config.tls.default_roots_pem()) };
+    redis::Client::build_with_tls(config.url.as_str(), certificates)
+}
+
+/// A failed connection, classified: TLS failures and refused credentials are permanent.
+fn connect_error(url: &str, e: RedisError, attempt: u32) -> StoreError {
+    if let Some(why) = crate::tls::describe_failure(&e) {
+        return StoreError::Tls { service: "Redis", message: format!("TLS to {url} failed: {why}") };
+    }
+    let code = e.code().unwrap_or_default();
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || code == "NOAUTH" || code == "WRONGPASS" {
+        return StoreError::Refused {
+            service: "Redis",
+            message: format!("{url} refused the credentials: {}", redact_text(&e.to_string())),
+        };
+    }
+    if e.kind() == redis::ErrorKind::InvalidClientConfig {
+        return StoreError::Config { message: format!("redis at {url}"), source: Some(e.into()) };
+    }
+    coordination(&format!("cannot connect to redis at {url} after {attempt} attempts"), e)
 }
 
 #[cfg(test)]
@@ -604,7 +648,7 @@ mod tests {
     #[test]
     fn url_redaction() {
         assert_eq!(redact_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
-        assert_eq!(redact_url("redis://user:secret@host:6379/0"), "redis://user:***@host:6379/0");
-        assert_eq!(redact_url("redis://:secret@host/"), "redis://:***@host/");
+        assert_eq!(redact_url("redis://user:secret@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(redact_url("redis://:se/cret@host/"), "redis://***@host/");
     }
 }

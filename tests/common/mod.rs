@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -83,6 +84,7 @@ pub mod cluster {
                 statuses_table: format!("{name}_statuses"),
                 results_table: format!("{name}_node_results"),
                 redis_prefix: name.clone(),
+                ..ConnectionArgs::default()
             };
             Self { name, conn, logs: tempfile::tempdir().expect("tempdir") }
         }
@@ -104,6 +106,7 @@ pub mod cluster {
                 queue_type: self.conn.queue_type.parse().unwrap_or(QueueType::Quorum),
                 prefetch: self.conn.prefetch,
                 connection_name: format!("{}-test", self.name),
+                ..AmqpConfig::default()
             };
             Arc::new(RabbitQueue::connect(cfg).await.expect("connect rabbitmq"))
         }
