@@ -413,7 +413,7 @@ mod tests {
     async fn a_run_whose_start_jobs_cannot_be_published_is_failed_not_left_running() {
         let store = MemoryStore::new();
         let err = start_run(&BrokenQueue, &store, &graph(), "r1", json!({})).await.expect_err("publish fails");
-        assert!(err.to_string().contains("nack"), "{err}");
+        assert!(crate::report::Chain(&err).to_string().contains("nack"), "{err}");
         let info = store.run_info("r1").await.unwrap().expect("run exists");
         assert_eq!(info.status, RunStatus::Failed);
         assert!(info.status_data["error"].as_str().unwrap().contains("could not be published"), "{info:?}");

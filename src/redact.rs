@@ -226,6 +226,15 @@ pub fn credentials(url: &str) -> Vec<String> {
         return vec![url.to_string()];
     };
     let mut out = Vec::new();
+    // A raw `/`, `?` or `#` in the password misleads the parser: the user info then ends at the last `@`.
+    if hidden_user_info(url, &parsed)
+        && let Some(after) = url.find("://").map(|i| &url[i + 3..])
+        && let Some((user_info, _)) = after.rsplit_once('@')
+        && let Some((_, password)) = user_info.split_once(':')
+    {
+        out.push(password.to_string());
+        out.push(percent_encoding::percent_decode_str(password).decode_utf8_lossy().into_owned());
+    }
     if let Some(raw) = parsed.password() {
         out.push(raw.to_string());
         out.push(percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned());
@@ -235,7 +244,7 @@ pub fn credentials(url: &str) -> Vec<String> {
             out.push(v.into_owned());
         }
     }
-    out.retain(|s| s.len() > 1);
+    out.retain(|s| !s.is_empty());
     out.sort_by_key(|s| std::cmp::Reverse(s.len()));
     out.dedup();
     out
