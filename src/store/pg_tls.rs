@@ -133,7 +133,15 @@ impl LibpqTls {
 pub fn split_tls_options(conn: &str) -> Result<(String, LibpqTls), StoreError> {
     let mut tls = LibpqTls { sni: true, ..LibpqTls::default() };
     let is_url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
-    let (head, pairs) = if is_url { split_url(conn) } else { (String::new(), split_key_values(conn)?) };
+    let (head, pairs) = if is_url {
+        split_url(conn)
+    } else {
+        match split_key_values(conn) {
+            Ok(pairs) => (String::new(), pairs),
+            // Not libpq's key=value form either: tokio-postgres reports what is wrong with it.
+            Err(_) => return Ok((conn.to_string(), tls)),
+        }
+    };
     let mut kept = Vec::new();
     for (key, value, raw) in pairs {
         match key.as_str() {
@@ -337,8 +345,10 @@ mod tests {
         assert_eq!(tls.mode, SslMode::VerifyCa);
         assert_eq!(tls.cert, Some(PathBuf::from("/c.pem")));
         assert!(rest.parse::<tokio_postgres::Config>().is_ok(), "{rest}");
-        assert!(split_tls_options("host=db user").is_err());
-        assert!(split_tls_options("host='db").is_err());
+        assert!(split_key_values("host=db user").is_err());
+        assert!(split_key_values("host='db").is_err());
+        // Left to tokio-postgres, which says what is wrong.
+        assert_eq!(split_tls_options("not a url").unwrap().0, "not a url");
     }
 
     #[test]
