@@ -108,9 +108,9 @@ async fn a_schema_newer_than_the_binary_is_refused_and_left_untouched() {
     assert_refusal_message(&err.to_string(), future);
     assert_eq!(snapshot(&store, &cluster.name).await, before, "a refused migrate changed the database");
 
-    // The CLI: `flowcraft migrate` fails at once (no retry loop) with the message.
+    // The CLI: `flowcraft migrate` fails at once (no retry loop) with the message and exit 2 (a permanent error).
     let out = Command::new(BIN).arg("migrate").envs(cluster.env()).output().expect("run flowcraft migrate");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_refusal_message(&String::from_utf8_lossy(&out.stderr), future);
     assert_eq!(snapshot(&store, &cluster.name).await, before);
 
