@@ -320,22 +320,11 @@ impl Node for Fail {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::flow::node::ContextHandle;
 
     fn ctx(params: Value, input: Value) -> NodeCtx {
-        NodeCtx {
-            run_id: "run-1".into(),
-            blueprint_id: "bp".into(),
-            node_id: "node".into(),
-            input,
-            params,
-            attempt: 1,
-            context: ContextHandle::default(),
-            cancel: CancellationToken::new(),
-        }
+        crate::flow::node::test_ctx(params, input)
     }
 
     async fn run(uses: &str, c: NodeCtx) -> Result<NodeOutput, NodeError> {

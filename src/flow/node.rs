@@ -229,6 +229,21 @@ impl Registry {
     }
 }
 
+/// A node context for unit tests: run `run-1`, blueprint `bp`, node `node`, attempt 1, an empty context.
+#[cfg(test)]
+pub(crate) fn test_ctx(params: Value, input: Value) -> NodeCtx {
+    NodeCtx {
+        run_id: "run-1".into(),
+        blueprint_id: "bp".into(),
+        node_id: "node".into(),
+        input,
+        params,
+        attempt: 1,
+        context: ContextHandle::default(),
+        cancel: CancellationToken::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,7 +175,7 @@ pub fn pool_tables<K: Resource<DynamicType = ()>>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use k8s_openapi::ByteString;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -183,7 +183,8 @@ mod tests {
 
     const BP: &str = "id: order\nnodes:\n  - { id: a, uses: noop }\n  - { id: b, uses: custom-node }\nedges:\n  - { source: a, target: b }\n";
 
-    fn cm(data: &[(&str, &str)]) -> ConfigMap {
+    /// The ConfigMap `shop/order-blueprints` with these keys (a test fixture shared by the operator's tests).
+    pub(crate) fn cm(data: &[(&str, &str)]) -> ConfigMap {
         ConfigMap {
             metadata: ObjectMeta {
                 name: Some("order-blueprints".into()),

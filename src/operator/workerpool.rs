@@ -589,17 +589,7 @@ mod tests {
         assert_eq!(autoscale_replicas(6, &zero), 2);
     }
 
-    fn cm(data: &[(&str, &str)]) -> ConfigMap {
-        ConfigMap {
-            metadata: ObjectMeta {
-                name: Some("order-blueprints".into()),
-                namespace: Some("shop".into()),
-                ..Default::default()
-            },
-            data: Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-            ..Default::default()
-        }
-    }
+    use crate::operator::refs::tests::cm;
 
     #[test]
     fn configmap_hash_changes_with_any_blueprint() {

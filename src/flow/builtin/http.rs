@@ -382,22 +382,11 @@ mod tests {
     use axum::routing::{get, post};
     use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::flow::node::ContextHandle;
 
     fn ctx(params: Value, input: Value) -> NodeCtx {
-        NodeCtx {
-            run_id: "run-1".into(),
-            blueprint_id: "bp".into(),
-            node_id: "node".into(),
-            input,
-            params,
-            attempt: 1,
-            context: ContextHandle::default(),
-            cancel: CancellationToken::new(),
-        }
+        crate::flow::node::test_ctx(params, input)
     }
 
     /// The node with a policy allowing loopback (the test servers) and `max_body`.
