@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 use flowcraft::operator::OperatorError;
 use flowcraft::operator::admin::Health;
-use flowcraft::operator::backends::{BackendError, Connection, PoolBackends, QueueProbe, StatsSource};
+use flowcraft::operator::backends::{
+    BackendError, Connection, ObjectVersion, PoolBackends, QueueProbe, SourceRef, StatsSource,
+};
 use flowcraft::operator::context::{Context, backoff_delay};
 use flowcraft::operator::controllers::error_policy;
 use flowcraft::operator::crd::{
@@ -1684,8 +1686,9 @@ async fn a_rotated_secret_is_picked_up() {
     assert!(note.contains("Secret shop/shop-conn"), "{note}");
     assert_eq!(condition(&status, "Degraded")["reason"], "BackendUnavailable");
     assert_eq!(status["phase"], "Pending");
-    // The watch sees a new resourceVersion of the Secret: its cached connection is dropped.
-    keep.secret_changed(&flowcraft::operator::backends::SecretRef::new("shop", "shop-conn"), Some("2"));
+    // The watch sees a new resourceVersion of the Secret (the failure already dropped the cached connection).
+    let seen = ObjectVersion::new(None, Some("2".into()));
+    keep.source_changed(&SourceRef::secret("shop", "shop-conn"), Some(&seen));
     flowrun::reconcile(Arc::new(run.clone()), keep.clone()).await.unwrap();
     drop(keep);
     task.await.unwrap().done().await;

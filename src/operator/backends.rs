@@ -1,11 +1,13 @@
 //! Per-pool backends: a pool's [`Connection`] (the URLs of its connection Secret), the seams through which the
-//! controllers reach RabbitMQ and PostgreSQL with it ([`QueueProbe`], [`StatsSource`], [`RunBackends`]), and the
-//! production implementation [`PoolBackends`], whose clients are cached per Secret and rebuilt when its content
-//! changes. The operator has no service URL of its own: everything it does for a pool uses that pool's Secret.
+//! controllers reach RabbitMQ, PostgreSQL and Redis with it ([`QueueProbe`], [`StatsSource`], [`RunBackends`],
+//! [`BackendCheck`]), and the production implementation [`PoolBackends`], whose clients are cached per connection
+//! and rebuilt when its content changes. The operator has no service URL of its own: everything it does for a pool
+//! uses that pool's Secret and TLS material (`spec.tls`).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
@@ -13,7 +15,8 @@ use tokio::sync::Mutex;
 
 use crate::redact::{credentials, redact_url};
 use crate::store::postgres::{PgConfig, PostgresStore, TableNames};
-use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
+use crate::store::rabbitmq::{self, AmqpConfig, QueueType, RabbitQueue, queue_depth};
+use crate::store::redis::{self as redis_store, RedisConfig};
 use crate::store::{JobQueue, ReconcilePass, RunStore};
 use crate::tls::TlsSettings;
 
@@ -39,32 +42,156 @@ impl fmt::Display for SecretRef {
     }
 }
 
-/// A pool's connection: the service URLs of its Secret at one version. `Debug` shows the URLs redacted.
+/// The kind of an object a connection is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SourceKind {
+    /// A Secret (the connection Secret, a CA bundle, a client certificate).
+    Secret,
+    /// A ConfigMap (a CA bundle).
+    ConfigMap,
+}
+
+/// An object a connection is built from: kind and `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRef {
+    /// Secret or ConfigMap.
+    pub kind: SourceKind,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl SourceRef {
+    /// The Secret `namespace/name`.
+    pub fn secret(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { kind: SourceKind::Secret, namespace: namespace.into(), name: name.into() }
+    }
+
+    /// The ConfigMap `namespace/name`.
+    pub fn config_map(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { kind: SourceKind::ConfigMap, namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for SourceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            SourceKind::Secret => "Secret",
+            SourceKind::ConfigMap => "ConfigMap",
+        };
+        write!(f, "{kind} {}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which incarnation of an object was read: its `uid` (a recreated object has another) and `resourceVersion`.
+/// Both `None`: the object did not exist (an optional CA bundle).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ObjectVersion {
+    /// `metadata.uid`.
+    pub uid: Option<String>,
+    /// `metadata.resourceVersion`.
+    pub resource_version: Option<String>,
+}
+
+impl ObjectVersion {
+    /// The version `uid`/`resource_version`.
+    pub fn new(uid: Option<String>, resource_version: Option<String>) -> Self {
+        Self { uid, resource_version }
+    }
+
+    /// Whether the object existed when read.
+    pub fn exists(&self) -> bool {
+        self.uid.is_some() || self.resource_version.is_some()
+    }
+}
+
+/// Where a pool's CA bundle comes from (`spec.tls.caBundle`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CaSource {
+    /// The ConfigMap or Secret, in the pool's namespace.
+    pub object: SourceRef,
+    /// The key holding the PEM bundle.
+    pub key: String,
+    /// A missing object or key means "no extra CA" rather than an error.
+    pub optional: bool,
+}
+
+/// The objects a pool's TLS material comes from (`spec.tls`): part of a connection's identity, so two pools
+/// sharing a connection Secret with different TLS material get different clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TlsSources {
+    /// The CA bundle.
+    pub ca: Option<CaSource>,
+    /// The `kubernetes.io/tls` Secret of the client certificate (`tls.crt`, `tls.key`).
+    pub client_certificate: Option<SourceRef>,
+}
+
+/// The identity of a connection: its Secret and where its TLS material comes from (clients and checks are
+/// cached under it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionKey {
+    /// The connection Secret.
+    pub secret: SecretRef,
+    /// The TLS material's objects (`None`: system roots, no client certificate).
+    pub tls: Option<TlsSources>,
+}
+
+/// A pool's TLS material as read: the CA bundle and client certificate PEM, and the versions of the objects
+/// read (including an optional CA that was absent).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsMaterial {
+    /// Where it comes from.
+    pub sources: TlsSources,
+    /// The CA bundle (PEM).
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate chain and key (PEM).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+    /// The objects read and their versions.
+    pub versions: Vec<(SourceRef, ObjectVersion)>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("sources", &self.sources)
+            .field("ca", &self.ca.as_ref().map(Vec::len))
+            .field("client", &self.client.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// A pool's connection: the service URLs of its Secret and its TLS settings, at one version of the objects they
+/// were read from. `Debug` shows the URLs redacted.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Connection {
     /// The Secret the URLs come from.
     pub secret: SecretRef,
-    /// The Secret's `resourceVersion` when it was read (a watch event with another one invalidates it).
-    pub resource_version: Option<String>,
-    /// sha256 of the three URLs: clients built for another fingerprint are rebuilt.
+    /// The connection's identity (Secret and TLS sources).
+    pub key: ConnectionKey,
+    /// Every object it was built from, with the version read: a watch event with another version (or a delete)
+    /// invalidates it.
+    pub sources: Vec<(SourceRef, ObjectVersion)>,
+    /// sha256 of the URLs, the TLS material and the objects' uids: clients built for another fingerprint are
+    /// rebuilt (a recreated Secret gets new clients even with the same content).
     pub fingerprint: String,
     /// `amqpUrl`.
     pub amqp_url: String,
     /// `databaseUrl`.
     pub database_url: String,
-    /// `redisUrl` (the operator itself does not use Redis; it is checked and passed to the workers).
+    /// `redisUrl` (checked by [`BackendCheck`] and passed to the workers).
     pub redis_url: String,
-    /// Extra CAs and client certificate of the operator's TLS connections for this pool (none by default: the
-    /// system roots; [`TlsSettings::from_pem`] builds them from the pool's `spec.tls` ConfigMap/Secret).
+    /// Extra CAs and client certificate of the operator's TLS connections for this pool (the pool's `spec.tls`,
+    /// see [`Connection::with_tls`]; none by default: the system roots).
     pub tls: TlsSettings,
     secrets: Vec<String>,
 }
 
 impl Connection {
-    /// A connection from the Secret's three URLs.
+    /// A connection from the Secret's three URLs, read at `version`.
     pub fn new(
         secret: SecretRef,
-        resource_version: Option<String>,
+        version: ObjectVersion,
         amqp_url: String,
         database_url: String,
         redis_url: String,
@@ -74,13 +201,16 @@ impl Connection {
             h.update(u.as_bytes());
             h.update(b"\0");
         }
+        h.update(version.uid.as_deref().unwrap_or_default().as_bytes());
         let mut secrets: Vec<String> =
             [&amqp_url, &database_url, &redis_url].iter().flat_map(|u| credentials(u)).collect();
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
+        let source = SourceRef::secret(secret.namespace.clone(), secret.name.clone());
         Self {
+            key: ConnectionKey { secret: secret.clone(), tls: None },
             secret,
-            resource_version,
+            sources: vec![(source, version)],
             fingerprint: hex::encode(h.finalize()),
             amqp_url,
             database_url,
@@ -88,6 +218,44 @@ impl Connection {
             tls: TlsSettings::none(),
             secrets,
         }
+    }
+
+    /// This connection with the pool's TLS material (checked: a CA bundle that holds no certificate, or a client
+    /// certificate whose key is missing or unusable, is an error).
+    pub fn with_tls(mut self, material: TlsMaterial) -> Result<Self, crate::tls::TlsError> {
+        let (cert, key) = match &material.client {
+            Some((c, k)) => (Some(c.as_slice()), Some(k.as_slice())),
+            None => (None, None),
+        };
+        self.tls = TlsSettings::from_pem(material.ca.as_deref(), cert, key)?;
+        let mut h = Sha256::new();
+        h.update(self.fingerprint.as_bytes());
+        for pem in [material.ca.as_deref(), cert, key] {
+            h.update(pem.unwrap_or_default());
+            h.update(b"\0");
+        }
+        for (_, version) in &material.versions {
+            h.update(version.uid.as_deref().unwrap_or_default().as_bytes());
+            h.update(b"\0");
+        }
+        self.fingerprint = hex::encode(h.finalize());
+        self.key.tls = Some(material.sources);
+        self.sources.extend(material.versions);
+        Ok(self)
+    }
+
+    /// Whether an observation of `source` (`None`: deleted) makes this connection stale: it was built from
+    /// another incarnation or version of it, or from an object that is gone or that has appeared since (pure).
+    pub fn is_stale(&self, source: &SourceRef, seen: Option<&ObjectVersion>) -> bool {
+        self.sources.iter().filter(|(s, _)| s == source).any(|(_, read)| match seen {
+            None => read.exists(),
+            Some(seen) => seen != read,
+        })
+    }
+
+    /// Whether this connection was built from `source`.
+    pub fn uses(&self, source: &SourceRef) -> bool {
+        self.sources.iter().any(|(s, _)| s == source)
     }
 
     /// `text` with every credential of this connection masked (for driver errors that may quote a URL).
@@ -99,11 +267,12 @@ impl Connection {
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
-            .field("secret", &self.secret.to_string())
-            .field("resource_version", &self.resource_version)
+            .field("key", &self.key)
+            .field("sources", &self.sources)
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("database_url", &redact_url(&self.database_url))
             .field("redis_url", &redact_url(&self.redis_url))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -170,6 +339,14 @@ pub enum BackendError {
         /// The driver's error, credentials masked.
         detail: String,
     },
+    /// Redis failed.
+    #[error("Redis (Secret {secret}): {detail}")]
+    Redis {
+        /// The pool's Secret.
+        secret: String,
+        /// The driver's error, credentials masked.
+        detail: String,
+    },
     /// No implementation is configured for this seam (tests).
     #[error("{0} is not available in this operator")]
     Unavailable(&'static str),
@@ -179,6 +356,10 @@ impl BackendError {
     fn queue(conn: &Connection, queue: &str, e: impl std::error::Error) -> Self {
         let detail = conn.scrub(&crate::report::Chain(&e).to_string());
         Self::Queue { secret: conn.secret.to_string(), queue: queue.to_string(), detail }
+    }
+
+    fn redis(conn: &Connection, e: impl std::error::Error) -> Self {
+        Self::Redis { secret: conn.secret.to_string(), detail: conn.scrub(&crate::report::Chain(&e).to_string()) }
     }
 
     fn database(conn: &Connection, tables: &TableNames, e: impl std::error::Error) -> Self {
@@ -216,14 +397,25 @@ pub trait RunBackends: Send + Sync {
     async fn stores(&self, target: &RunTarget) -> Result<RunStores, BackendError>;
 }
 
+/// How long each service may take to answer a [`BackendCheck`].
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks that the services of a pool's connection answer (a pool's reconcile; cached by the caller).
+#[async_trait]
+pub trait BackendCheck: Send + Sync {
+    /// Connect to PostgreSQL, RabbitMQ and Redis through `conn` (each within [`CHECK_TIMEOUT`]); the failures,
+    /// empty when all three answer. `tables` and `queue` only name the pool's objects in errors.
+    async fn check(&self, conn: &Connection, tables: &TableNames, queue: &str) -> Vec<BackendError>;
+}
+
 /// A cached client with the fingerprint of the connection it was built for.
 struct Cached<T> {
     fingerprint: String,
     client: T,
 }
 
-type StoreKey = (SecretRef, String, String, String);
-type QueueKey = (SecretRef, String, Option<QueueType>);
+type StoreKey = (ConnectionKey, String, String, String);
+type QueueKey = (ConnectionKey, String, Option<QueueType>);
 
 /// The production backends: run stores and queues opened through each pool's Secret, cached per Secret, table
 /// set and queue; a client built for an older version of the Secret is closed and rebuilt on next use.
@@ -248,7 +440,7 @@ impl fmt::Debug for PoolBackends {
 impl PoolBackends {
     /// The PostgreSQL store of a pool's connection and tables (connected, migrated best-effort, cached).
     pub async fn store(&self, conn: &Connection, tables: &TableNames) -> Result<PostgresStore, BackendError> {
-        let key = (conn.secret.clone(), tables.contexts.clone(), tables.statuses.clone(), tables.results.clone());
+        let key = (conn.key.clone(), tables.contexts.clone(), tables.statuses.clone(), tables.results.clone());
         let mut stores = self.stores.lock().await;
         if let Some(c) = stores.get(&key)
             && c.fingerprint == conn.fingerprint
@@ -280,7 +472,7 @@ impl PoolBackends {
         queue: &str,
         queue_type: Option<QueueType>,
     ) -> Result<Arc<RabbitQueue>, BackendError> {
-        let key = (conn.secret.clone(), queue.to_string(), queue_type);
+        let key = (conn.key.clone(), queue.to_string(), queue_type);
         let mut queues = self.queues.lock().await;
         if let Some(c) = queues.get(&key)
             && c.fingerprint == conn.fingerprint
@@ -348,6 +540,53 @@ impl QueueProbe for PoolBackends {
     }
 }
 
+#[async_trait]
+impl BackendCheck for PoolBackends {
+    async fn check(&self, conn: &Connection, tables: &TableNames, queue: &str) -> Vec<BackendError> {
+        let timeout = |service: &str| format!("no answer within {CHECK_TIMEOUT:?} ({service})");
+        let database = async {
+            let config = PgConfig {
+                url: conn.database_url.clone(),
+                tables: tables.clone(),
+                pool_size: 1,
+                tls: conn.tls.clone(),
+            };
+            match tokio::time::timeout(CHECK_TIMEOUT, PostgresStore::connect(config)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(BackendError::database(conn, tables, e)),
+                Err(_) => Some(BackendError::Database {
+                    secret: conn.secret.to_string(),
+                    table: tables.statuses.clone(),
+                    detail: timeout("PostgreSQL"),
+                }),
+            }
+        };
+        let broker = async {
+            match tokio::time::timeout(CHECK_TIMEOUT, rabbitmq::check_connection(&conn.amqp_url, queue, &conn.tls))
+                .await
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(BackendError::queue(conn, queue, e)),
+                Err(_) => Some(BackendError::Queue {
+                    secret: conn.secret.to_string(),
+                    queue: queue.to_string(),
+                    detail: timeout("RabbitMQ"),
+                }),
+            }
+        };
+        let cache = async {
+            let config = RedisConfig { url: conn.redis_url.clone(), tls: conn.tls.clone(), ..RedisConfig::default() };
+            match tokio::time::timeout(CHECK_TIMEOUT, redis_store::check_connection(&config)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(BackendError::redis(conn, e)),
+                Err(_) => Some(BackendError::Redis { secret: conn.secret.to_string(), detail: timeout("Redis") }),
+            }
+        };
+        let (database, broker, cache) = tokio::join!(database, broker, cache);
+        [database, broker, cache].into_iter().flatten().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +595,7 @@ mod tests {
     fn connection_debug_and_scrub_hide_the_passwords() {
         let c = Connection::new(
             SecretRef::new("shop", "conn"),
-            Some("7".into()),
+            ObjectVersion::new(Some("u1".into()), Some("7".into())),
             "amqp://app:r@bbit/pw@mq:5672/%2f".into(),
             "postgres://app:pg%2Fsecret@db:5432/app".into(),
             "redis://:redispw@cache:6379/".into(),
@@ -366,7 +605,70 @@ mod tests {
             assert!(!debug.contains(pw), "{debug}");
             assert!(!c.scrub(&format!("failed: {pw} rejected")).contains(pw));
         }
-        let other = Connection::new(SecretRef::new("shop", "conn"), None, "amqp://x".into(), "d".into(), "r".into());
+        let other =
+            Connection::new(SecretRef::new("shop", "conn"), v("u1", "7"), "amqp://x".into(), "d".into(), "r".into());
         assert_ne!(c.fingerprint, other.fingerprint);
+    }
+
+    fn v(uid: &str, rv: &str) -> ObjectVersion {
+        ObjectVersion::new(Some(uid.into()), Some(rv.into()))
+    }
+
+    fn conn(uid: &str) -> Connection {
+        Connection::new(
+            SecretRef::new("shop", "conn"),
+            v(uid, "7"),
+            "amqp://mq".into(),
+            "postgres://db".into(),
+            "redis://c".into(),
+        )
+    }
+
+    #[test]
+    fn a_recreated_secret_has_another_fingerprint() {
+        assert_eq!(conn("u1").fingerprint, conn("u1").fingerprint);
+        assert_ne!(conn("u1").fingerprint, conn("u2").fingerprint, "same content, another uid");
+    }
+
+    #[test]
+    fn staleness_follows_every_source_version() {
+        let secret = SourceRef::secret("shop", "conn");
+        let c = conn("u1");
+        assert!(!c.is_stale(&secret, Some(&v("u1", "7"))), "the version read");
+        assert!(c.is_stale(&secret, Some(&v("u1", "8"))), "updated");
+        assert!(c.is_stale(&secret, Some(&v("u2", "7"))), "recreated");
+        assert!(c.is_stale(&secret, None), "deleted");
+        assert!(!c.is_stale(&SourceRef::secret("shop", "other"), None), "not a source");
+        assert!(!c.is_stale(&SourceRef::config_map("shop", "conn"), None), "another kind");
+
+        // An optional CA bundle that was absent: stale when it appears, not while it stays absent.
+        let ca = SourceRef::config_map("shop", "corp-ca");
+        let sources = TlsSources {
+            ca: Some(CaSource { object: ca.clone(), key: "ca.crt".into(), optional: true }),
+            client_certificate: None,
+        };
+        let material = TlsMaterial {
+            sources: sources.clone(),
+            versions: vec![(ca.clone(), ObjectVersion::default())],
+            ..Default::default()
+        };
+        let with = conn("u1").with_tls(material).unwrap();
+        assert_eq!(with.key.tls, Some(sources));
+        assert!(with.uses(&ca) && with.uses(&secret));
+        assert!(!with.is_stale(&ca, None));
+        assert!(with.is_stale(&ca, Some(&v("u9", "1"))));
+        assert_ne!(with.fingerprint, conn("u1").fingerprint);
+    }
+
+    #[test]
+    fn tls_material_is_checked() {
+        let material = |ca: &[u8]| TlsMaterial { ca: Some(ca.to_vec()), ..Default::default() };
+        let err = conn("u1").with_tls(material(b"not pem")).unwrap_err();
+        assert!(err.to_string().contains("CA bundle"), "{err}");
+        let client = TlsMaterial { client: Some((b"x".to_vec(), b"y".to_vec())), ..Default::default() };
+        assert!(conn("u1").with_tls(client).is_err());
+        let debug =
+            format!("{:?}", TlsMaterial { client: Some((b"c".to_vec(), b"KEY".to_vec())), ..Default::default() });
+        assert!(!debug.contains("KEY"), "{debug}");
     }
 }

@@ -1,7 +1,7 @@
 //! What every reconcile shares: the [`Context`] (client, event recorder, metrics, policy, per-pool backends and
 //! the connections read from pool Secrets) and per-object error backoff.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,8 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 
 use super::backends::{
-    BackendError, Connection, PoolBackends, QueueProbe, RunBackends, SecretRef, StartedRun, StatsSource,
+    BackendCheck, BackendError, Connection, ConnectionKey, ObjectVersion, PoolBackends, QueueProbe, RunBackends,
+    SourceKind, SourceRef, StartedRun, StatsSource,
 };
 use super::events::Note;
 use super::metrics::Metrics;
@@ -58,8 +59,37 @@ pub struct Context {
     pub flowrun_poll_interval: Duration,
     /// Runs started or seen by this operator: object key → connection, queue, tables and node count.
     started_runs: Mutex<HashMap<String, StartedRun>>,
-    /// Connections read from pool Secrets, until the Secret changes (watched) or a backend fails with them.
-    connections: Mutex<HashMap<SecretRef, Arc<Connection>>>,
+    /// Connections read from pool Secrets and TLS material, until one of their objects changes (watched) or a
+    /// backend fails with them.
+    connections: Mutex<HashMap<ConnectionKey, Arc<Connection>>>,
+    /// Checks that a pool's services answer (pool reconciles).
+    pub backend_check: Arc<dyn BackendCheck>,
+    /// How long a successful check of a connection is reused.
+    pub check_ok_ttl: Duration,
+    /// How long a failed check is reused (also the requeue interval of a pool whose services do not answer).
+    pub check_failed_ttl: Duration,
+    /// Latest checks: connection → (fingerprint, when, failures).
+    checks: Mutex<HashMap<ConnectionKey, CheckResult>>,
+}
+
+/// The outcome of a [`BackendCheck`] of one version of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    /// The connection's fingerprint when checked.
+    pub fingerprint: String,
+    /// When.
+    pub at: Instant,
+    /// `Err`: the failures, as one message.
+    pub outcome: Result<(), String>,
+}
+
+impl CheckResult {
+    /// Whether this result still stands for a connection with `fingerprint` at `now` (pure): same version, and
+    /// younger than its TTL (a failure is retried sooner than a success is re-checked).
+    pub fn is_fresh(&self, fingerprint: &str, now: Instant, ok_ttl: Duration, failed_ttl: Duration) -> bool {
+        let ttl = if self.outcome.is_ok() { ok_ttl } else { failed_ttl };
+        self.fingerprint == fingerprint && now.saturating_duration_since(self.at) < ttl
+    }
 }
 
 impl Context {
@@ -82,10 +112,14 @@ impl Context {
             depths: Mutex::new(HashMap::new()),
             stats: backends.clone(),
             runs: backends.clone(),
-            backends,
             flowrun_poll_interval: Duration::from_secs(3),
             started_runs: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
+            backend_check: backends.clone(),
+            check_ok_ttl: Duration::from_secs(300),
+            check_failed_ttl: Duration::from_secs(30),
+            checks: Mutex::new(HashMap::new()),
+            backends,
         }
     }
 
@@ -123,6 +157,12 @@ impl Context {
     /// Run FlowRuns on `runs`.
     pub fn with_runs(mut self, runs: Arc<dyn RunBackends>) -> Self {
         self.runs = runs;
+        self
+    }
+
+    /// Check pool connections with `check`.
+    pub fn with_backend_check(mut self, check: Arc<dyn BackendCheck>) -> Self {
+        self.backend_check = check;
         self
     }
 
@@ -177,48 +217,100 @@ impl Context {
         }
     }
 
-    /// The cached connection of a Secret.
-    pub(crate) fn connection(&self, secret: &SecretRef) -> Option<Arc<Connection>> {
-        self.connections.lock().ok().and_then(|m| m.get(secret).cloned())
+    /// The cached connection with this identity.
+    pub(crate) fn connection(&self, key: &ConnectionKey) -> Option<Arc<Connection>> {
+        self.connections.lock().ok().and_then(|m| m.get(key).cloned())
     }
 
-    /// Cache the connection read from a Secret.
+    /// Cache a connection read from its Secret and TLS material.
     pub(crate) fn remember_connection(&self, conn: Arc<Connection>) {
         if let Ok(mut m) = self.connections.lock() {
-            m.insert(conn.secret.clone(), conn);
+            m.insert(conn.key.clone(), conn);
         }
     }
 
-    /// A Secret was seen at `resource_version` (`None`: deleted): drop its cached connection when it is another
-    /// version, and the runs remembered with it. Returns whether something was dropped.
-    pub fn secret_changed(&self, secret: &SecretRef, resource_version: Option<&str>) -> bool {
+    /// An object was seen at `version` (`None`: deleted) by a watch: drop the cached connections built from
+    /// another version of it, and the runs remembered with them. Returns how many connections were dropped.
+    pub fn source_changed(&self, source: &SourceRef, version: Option<&ObjectVersion>) -> usize {
+        self.drop_connections(|c| c.is_stale(source, version), &source.to_string())
+    }
+
+    /// A watch relisted the objects of `kind` in scope and saw only `seen`: drop the cached connections built from
+    /// an object of that kind it did not see (deleted while the watch was down).
+    pub fn sources_relisted(&self, kind: SourceKind, seen: &HashSet<SourceRef>) -> usize {
+        self.drop_connections(
+            |c| c.sources.iter().any(|(s, v)| s.kind == kind && v.exists() && !seen.contains(s)),
+            "relisted objects",
+        )
+    }
+
+    fn drop_connections(&self, stale: impl Fn(&Connection) -> bool, why: &str) -> usize {
         let Ok(mut m) = self.connections.lock() else {
-            return false;
+            return 0;
         };
-        let stale = m
-            .get(secret)
-            .is_some_and(|c| resource_version.is_none() || c.resource_version.as_deref() != resource_version);
-        if stale {
-            m.remove(secret);
-            if let Ok(mut runs) = self.started_runs.lock() {
-                runs.retain(|_, r| &r.target.connection.secret != secret);
-            }
-            tracing::info!(secret = %secret, "The connection Secret changed; its clients will be rebuilt.");
+        let dropped: Vec<String> = m.values().filter(|c| stale(c)).map(|c| c.fingerprint.clone()).collect();
+        if dropped.is_empty() {
+            return 0;
         }
-        stale
+        m.retain(|_, c| !dropped.contains(&c.fingerprint));
+        if let Ok(mut runs) = self.started_runs.lock() {
+            runs.retain(|_, r| !dropped.contains(&r.target.connection.fingerprint));
+        }
+        tracing::info!(
+            source = why,
+            connections = dropped.len(),
+            "A connection's object changed; its clients will be rebuilt."
+        );
+        dropped.len()
     }
 
     /// A backend failed with a connection: read the Secret again next time (it may have been rotated).
     pub(crate) fn connection_failed(&self, conn: &Connection) {
         if let Ok(mut m) = self.connections.lock()
-            && m.get(&conn.secret).is_some_and(|c| c.fingerprint == conn.fingerprint)
+            && m.get(&conn.key).is_some_and(|c| c.fingerprint == conn.fingerprint)
         {
-            m.remove(&conn.secret);
+            m.remove(&conn.key);
         }
         if let Ok(mut runs) = self.started_runs.lock() {
             runs.retain(|_, r| r.target.connection.fingerprint != conn.fingerprint);
         }
     }
+
+    /// Whether the services of `conn` answer: the last check of this version of the connection while it is
+    /// fresh, else a new check through [`BackendCheck`]. `Err` is one message naming the Secret and every failure.
+    pub(crate) async fn backend_health(
+        &self,
+        conn: &Connection,
+        tables: &TableNames,
+        queue: &str,
+    ) -> Result<(), String> {
+        if let Ok(checks) = self.checks.lock()
+            && let Some(last) = checks.get(&conn.key)
+            && last.is_fresh(&conn.fingerprint, Instant::now(), self.check_ok_ttl, self.check_failed_ttl)
+        {
+            return last.outcome.clone();
+        }
+        let failures = self.backend_check.check(conn, tables, queue).await;
+        let outcome = check_outcome(conn, &failures);
+        if let Err(error) = &outcome {
+            tracing::warn!(secret = %conn.secret, %error, "The pool's services do not answer.");
+        }
+        if let Ok(mut checks) = self.checks.lock() {
+            let result =
+                CheckResult { fingerprint: conn.fingerprint.clone(), at: Instant::now(), outcome: outcome.clone() };
+            checks.insert(conn.key.clone(), result);
+        }
+        outcome
+    }
+}
+
+/// One message for the failures of a check (pure): the Secret, then each service's error.
+pub fn check_outcome(conn: &Connection, failures: &[BackendError]) -> Result<(), String> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let each: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    Err(format!("the services of connection Secret {} do not answer: {}", conn.secret, each.join("; ")))
 }
 
 /// Per-object consecutive failure counts: the n-th failure waits `5 s · 2^(n-1)`, at most 5 min; a success resets.
@@ -283,5 +375,37 @@ mod tests {
         b.reset("a");
         assert_eq!(b.failures("a"), 0);
         assert_eq!(b.failed("a"), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn checks_are_reused_per_version_until_their_ttl() {
+        let (ok_ttl, failed_ttl) = (Duration::from_secs(300), Duration::from_secs(30));
+        let at = Instant::now();
+        let ok = CheckResult { fingerprint: "f1".into(), at, outcome: Ok(()) };
+        assert!(ok.is_fresh("f1", at + Duration::from_secs(299), ok_ttl, failed_ttl));
+        assert!(!ok.is_fresh("f1", at + Duration::from_secs(300), ok_ttl, failed_ttl));
+        assert!(!ok.is_fresh("f2", at, ok_ttl, failed_ttl), "another version of the Secret");
+        let failed = CheckResult { outcome: Err("down".into()), ..ok };
+        assert!(failed.is_fresh("f1", at + Duration::from_secs(29), ok_ttl, failed_ttl));
+        assert!(!failed.is_fresh("f1", at + Duration::from_secs(30), ok_ttl, failed_ttl));
+    }
+
+    #[test]
+    fn a_check_message_names_the_secret_and_every_failure() {
+        let conn = Connection::new(
+            super::super::backends::SecretRef::new("shop", "conn"),
+            ObjectVersion::default(),
+            "amqp://u:pw@mq".into(),
+            "postgres://db".into(),
+            "redis://c".into(),
+        );
+        assert_eq!(check_outcome(&conn, &[]), Ok(()));
+        let failures = [
+            BackendError::Redis { secret: "shop/conn".into(), detail: "refused".into() },
+            BackendError::Queue { secret: "shop/conn".into(), queue: "q".into(), detail: "TLS failed".into() },
+        ];
+        let message = check_outcome(&conn, &failures).unwrap_err();
+        assert!(message.starts_with("the services of connection Secret shop/conn do not answer: Redis"), "{message}");
+        assert!(message.contains("; RabbitMQ (Secret shop/conn, queue q): TLS failed"), "{message}");
     }
 }

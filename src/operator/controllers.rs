@@ -1,12 +1,12 @@
 //! Wiring of the three controllers: watches (owned Deployments and CronJobs, blueprint ConfigMaps, pools),
 //! graceful shutdown, and readiness once every cache has synced.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::CronJob;
@@ -14,16 +14,17 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::Health;
-use super::backends::SecretRef;
+use super::backends::{ObjectVersion, SourceKind, SourceRef};
 use super::context::{Context, object_key};
 use super::crd::{FlowRun, FlowRunPhase, FlowcraftReconcileSchedule, FlowcraftWorkerPool};
 use super::pod::MANAGED_BY;
+use super::refs::{pool_uses_config_map, pool_uses_secret};
 use super::status::Reconciled;
 use super::{OperatorError, flowrun, object_name, schedule, workerpool};
 use crate::report::Chain;
@@ -121,31 +122,39 @@ pub async fn run_controllers(
         .graceful_shutdown_on(shutdown(&stop));
     let pool_store = pools.store();
     let pools_by_cm = pool_store.clone();
-    let pools = pools.watches(scoped_api::<ConfigMap>(client.clone(), ns), wc.clone(), move |cm: ConfigMap| {
-        let (cm_ns, cm_name) = (cm.namespace(), cm.name_any());
+    // A ConfigMap (blueprints or CA bundle) or Secret (connection, CA bundle, client certificate) that changes, is
+    // recreated or deleted drops the connections built from it, then reconciles the pools that use it. Secrets
+    // are watched metadata only: the operator never holds a Secret's data from a watch.
+    let cm_ctx = ctx.clone();
+    let mut cm_watch = SourceWatch::new(SourceKind::ConfigMap);
+    let config_maps = watcher(scoped_api::<ConfigMap>(client.clone(), ns), wc.clone())
+        .map_ok(move |event| {
+            cm_watch.observe(&event).apply(&cm_ctx);
+            event
+        })
+        .touched_objects();
+    let pools = pools.watches_stream(config_maps, move |cm: ConfigMap| {
         pools_by_cm
             .state()
             .into_iter()
-            .filter(|p| p.namespace() == cm_ns && p.spec.blueprints.config_map == cm_name)
+            .filter(|p| p.namespace() == cm.namespace() && pool_uses_config_map(p, &cm.name_any()))
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect::<Vec<_>>()
     });
-    // A connection Secret that changes (rotated credentials) drops its cached clients and reconciles its pools.
     let pools_by_secret = pool_store.clone();
     let secret_ctx = ctx.clone();
-    // Metadata only: the operator never holds a Secret's data from a watch (it reads a pool's Secret when needed).
-    let secrets = scoped_api::<PartialObjectMeta<Secret>>(client.clone(), ns);
-    let pools = pools.watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
-        let secret = SecretRef::new(s.namespace().unwrap_or_default(), s.name_any());
-        let version =
-            s.metadata.deletion_timestamp.is_none().then_some(s.metadata.resource_version.as_deref()).flatten();
-        secret_ctx.secret_changed(&secret, version);
+    let mut secret_watch = SourceWatch::new(SourceKind::Secret);
+    let secrets = watcher(scoped_api::<PartialObjectMeta<Secret>>(client.clone(), ns), watcher::Config::default())
+        .map_ok(move |event| {
+            secret_watch.observe(&event).apply(&secret_ctx);
+            event
+        })
+        .touched_objects();
+    let pools = pools.watches_stream(secrets, move |s: PartialObjectMeta<Secret>| {
         pools_by_secret
             .state()
             .into_iter()
-            .filter(|p| {
-                p.namespace().as_deref() == Some(secret.namespace.as_str()) && p.spec.connection_secret == secret.name
-            })
+            .filter(|p| p.namespace() == s.namespace() && pool_uses_secret(p, &s.name_any()))
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect::<Vec<_>>()
     });
@@ -240,6 +249,75 @@ pub async fn run_controllers(
     tracing::info!("Controllers stopped.");
 }
 
+/// What one watch event of a Secret or ConfigMap means for the cached connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceUpdate {
+    /// The object exists at this version.
+    Seen(SourceRef, ObjectVersion),
+    /// The object was deleted.
+    Deleted(SourceRef),
+    /// The watch relisted the objects of a kind: these exist, any other is gone.
+    Relisted(SourceKind, HashSet<SourceRef>),
+    /// Nothing to do (a relist begins).
+    Nothing,
+}
+
+impl SourceUpdate {
+    /// Drop the connections this update makes stale.
+    pub fn apply(self, ctx: &Context) {
+        match self {
+            SourceUpdate::Seen(source, version) => ctx.source_changed(&source, Some(&version)),
+            SourceUpdate::Deleted(source) => ctx.source_changed(&source, None),
+            SourceUpdate::Relisted(kind, seen) => ctx.sources_relisted(kind, &seen),
+            SourceUpdate::Nothing => 0,
+        };
+    }
+}
+
+/// Follows the watch of one kind of object (pure): each event becomes a [`SourceUpdate`]; the objects listed
+/// between `Init` and `InitDone` are collected, so a relist also reveals deletions the watch missed.
+#[derive(Debug)]
+pub struct SourceWatch {
+    kind: SourceKind,
+    relist: Option<HashSet<SourceRef>>,
+}
+
+impl SourceWatch {
+    /// A watch of objects of `kind`.
+    pub fn new(kind: SourceKind) -> Self {
+        Self { kind, relist: None }
+    }
+
+    /// What `event` means.
+    pub fn observe<K: Resource>(&mut self, event: &watcher::Event<K>) -> SourceUpdate {
+        let source = |obj: &K| SourceRef {
+            kind: self.kind,
+            namespace: obj.meta().namespace.clone().unwrap_or_default(),
+            name: obj.meta().name.clone().unwrap_or_default(),
+        };
+        let version = |obj: &K| ObjectVersion::new(obj.meta().uid.clone(), obj.meta().resource_version.clone());
+        match event {
+            watcher::Event::Apply(obj) => SourceUpdate::Seen(source(obj), version(obj)),
+            watcher::Event::Delete(obj) => SourceUpdate::Deleted(source(obj)),
+            watcher::Event::Init => {
+                self.relist = Some(HashSet::new());
+                SourceUpdate::Nothing
+            }
+            watcher::Event::InitApply(obj) => {
+                let s = source(obj);
+                if let Some(seen) = self.relist.as_mut() {
+                    seen.insert(s.clone());
+                }
+                SourceUpdate::Seen(s, version(obj))
+            }
+            watcher::Event::InitDone => match self.relist.take() {
+                Some(seen) => SourceUpdate::Relisted(self.kind, seen),
+                None => SourceUpdate::Nothing,
+            },
+        }
+    }
+}
+
 async fn log_result<K: Resource>(
     result: Result<(ObjectRef<K>, Action), controller::Error<OperatorError, watcher::Error>>,
 ) {
@@ -261,6 +339,40 @@ async fn log_result<K: Resource>(
 mod tests {
     use super::*;
     use crate::operator::crd::{BlueprintsSpec, FlowcraftWorkerPoolSpec};
+
+    fn secret_meta(name: &str, uid: &str, rv: &str) -> PartialObjectMeta<Secret> {
+        let mut m = PartialObjectMeta::<Secret>::default();
+        m.metadata.namespace = Some("shop".into());
+        m.metadata.name = Some(name.into());
+        m.metadata.uid = Some(uid.into());
+        m.metadata.resource_version = Some(rv.into());
+        m
+    }
+
+    #[test]
+    fn source_watch_reports_changes_deletions_and_relists() {
+        let mut w = SourceWatch::new(SourceKind::Secret);
+        let conn = SourceRef::secret("shop", "conn");
+        let version = ObjectVersion::new(Some("u1".into()), Some("5".into()));
+        assert_eq!(
+            w.observe(&watcher::Event::Apply(secret_meta("conn", "u1", "5"))),
+            SourceUpdate::Seen(conn.clone(), version.clone())
+        );
+        assert_eq!(
+            w.observe(&watcher::Event::Delete(secret_meta("conn", "u1", "5"))),
+            SourceUpdate::Deleted(conn.clone())
+        );
+        assert_eq!(w.observe::<PartialObjectMeta<Secret>>(&watcher::Event::InitDone), SourceUpdate::Nothing);
+        assert_eq!(w.observe::<PartialObjectMeta<Secret>>(&watcher::Event::Init), SourceUpdate::Nothing);
+        assert_eq!(
+            w.observe(&watcher::Event::InitApply(secret_meta("conn", "u1", "5"))),
+            SourceUpdate::Seen(conn.clone(), version)
+        );
+        assert_eq!(
+            w.observe::<PartialObjectMeta<Secret>>(&watcher::Event::InitDone),
+            SourceUpdate::Relisted(SourceKind::Secret, HashSet::from([conn]))
+        );
+    }
 
     #[test]
     fn generation_filter_reacts_to_spec_changes_only() {

@@ -20,8 +20,10 @@ use super::crd::{AutoscalingSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolStatus
 use super::events::Note;
 use super::metrics::PoolLabels;
 use super::pod::{self, ADMIN_PORT, ADMIN_PORT_NAME, ANNOTATION_BLUEPRINTS_HASH};
-use super::refs::{pool_connection, pool_graphs, read_configmap};
-use super::status::{Cond, DEGRADED, PROGRESSING, READY, apply_status, is_true, merge_conditions, report_failure};
+use super::refs::{pool_connection, pool_graphs, pool_tables, read_configmap};
+use super::status::{
+    Cond, DEGRADED, PROGRESSING, READY, apply_status, condition, is_true, merge_conditions, report_failure,
+};
 use super::{OperatorError, object_name};
 use crate::store::postgres::TableNames;
 
@@ -197,6 +199,8 @@ pub struct Observed {
     pub replicas: i32,
     /// The queue depth read (autoscaling), or why it could not be read.
     pub depth: Option<Result<i64, String>>,
+    /// Whether the pool's services answer through its connection (see `Context::backend_health`), or why not.
+    pub backends: Result<(), String>,
     /// sha256 of the blueprints ConfigMap.
     pub blueprints_hash: String,
     /// The applied Deployment's generation and status.
@@ -249,20 +253,21 @@ pub fn pool_status(pool: &FlowcraftWorkerPool, o: &Observed) -> FlowcraftWorkerP
     let stuck = st.conditions.iter().flatten().find(|c| {
         (c.type_ == "Progressing" && c.status == "False") || (c.type_ == "ReplicaFailure" && c.status == "True")
     });
-    let degraded_cond = match (&o.depth, stuck) {
-        (Some(Err(error)), _) => Cond::new(
+    let degraded_cond = match (&o.backends, &o.depth, stuck) {
+        (Err(error), _, _) => Cond::new(DEGRADED, true, BACKEND_UNAVAILABLE, error.clone()),
+        (_, Some(Err(error)), _) => Cond::new(
             DEGRADED,
             true,
             "QueueDepthUnavailable",
             format!("cannot read the depth of queue {}: {error}", pool.spec.queue.name),
         ),
-        (_, Some(c)) => Cond::new(
+        (_, _, Some(c)) => Cond::new(
             DEGRADED,
             true,
             "DeploymentFailing",
             format!("Deployment {dep}: {}", c.message.clone().unwrap_or_else(|| c.type_.clone())),
         ),
-        _ => Cond::new(DEGRADED, false, "AsExpected", "the worker Deployment is applied"),
+        _ => Cond::new(DEGRADED, false, "AsExpected", "the worker Deployment is applied and the services answer"),
     };
     let depth = match &o.depth {
         Some(Ok(d)) => Some(*d),
@@ -286,7 +291,7 @@ pub fn pool_status(pool: &FlowcraftWorkerPool, o: &Observed) -> FlowcraftWorkerP
 pub fn pool_events<'a>(
     pool: &'a FlowcraftWorkerPool,
     o: &'a Observed,
-    new: &FlowcraftWorkerPoolStatus,
+    new: &'a FlowcraftWorkerPoolStatus,
 ) -> Vec<Note<'a>> {
     let prev = pool.status.clone().unwrap_or_default();
     let generation = pool.meta().generation;
@@ -307,6 +312,13 @@ pub fn pool_events<'a>(
     if is_true(&prev.conditions, DEGRADED) && !is_true(&new.conditions, DEGRADED) {
         notes.push(Note::Recovered { kind: "pool" });
     }
+    // A new or changed problem (unreachable services, unreadable queue, failing Deployment): one Warning.
+    if let Some(now) = condition(&new.conditions, DEGRADED).filter(|c| c.status == "True") {
+        let before = condition(&prev.conditions, DEGRADED);
+        if before.is_none_or(|b| b.status != "True" || b.message != now.message) {
+            notes.push(Note::Failure { reason: &now.reason, message: &now.message });
+        }
+    }
     notes
 }
 
@@ -318,6 +330,8 @@ pub fn pool_events<'a>(
 pub const CONTROLLER: &str = "workerpool";
 /// Requeue interval of a pool without autoscaling (drift check).
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// Degraded reason of a pool whose services do not answer through its connection.
+pub const BACKEND_UNAVAILABLE: &str = "BackendUnavailable";
 
 /// Reconcile a pool: check its Secret, blueprints and policy, compute replicas, apply the worker Deployment
 /// (never one it does not own), mirror its state into the pool's status.
@@ -355,6 +369,7 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
         message,
     })?;
     check_policy(ctx, pool)?;
+    let backends = check_backends(ctx, pool, &conn).await?;
     let depth = match &pool.spec.autoscaling {
         Some(_) => Some(read_depth(ctx, pool, key, &conn).await),
         None => None,
@@ -373,6 +388,7 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
         deployment: format!("{namespace}/{}", deployment_name(pool)),
         replicas,
         depth,
+        backends,
         blueprints_hash: build.configmap_hash,
         generation: applied.metadata.generation,
         image: worker_image(&applied),
@@ -383,7 +399,29 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
         ctx.publish(pool, note).await;
     }
     apply_status(ctx, pool, &status).await?;
-    Ok(Action::requeue(if pool.spec.autoscaling.is_some() { ctx.queue_poll_interval } else { RESYNC }))
+    Ok(Action::requeue(requeue_after(pool, &observed, ctx)))
+}
+
+/// When to look at the pool again: soon while its services do not answer (to see them recover), at the
+/// queue poll interval when it autoscales, else at the drift-check interval.
+fn requeue_after(pool: &FlowcraftWorkerPool, o: &Observed, ctx: &Context) -> Duration {
+    let usual = if pool.spec.autoscaling.is_some() { ctx.queue_poll_interval } else { RESYNC };
+    if o.backends.is_err() { usual.min(ctx.check_failed_ttl) } else { usual }
+}
+
+/// Whether the pool's services answer through its connection (a cached check); a failure also drops the cached
+/// connection, so a Secret rotated meanwhile is read again.
+async fn check_backends(
+    ctx: &Context,
+    pool: &FlowcraftWorkerPool,
+    conn: &super::backends::Connection,
+) -> Result<Result<(), String>, OperatorError> {
+    let tables = pool_tables(ctx, pool, pool)?;
+    let health = ctx.backend_health(conn, &tables, &pool.spec.queue.name).await;
+    if health.is_err() {
+        ctx.connection_failed(conn);
+    }
+    Ok(health)
 }
 
 /// The pool is within the operator's policy (else not applied: Degraded naming the field and the rule).
@@ -605,6 +643,7 @@ mod tests {
             deployment: "shop/orders-worker".into(),
             replicas,
             depth: None,
+            backends: Ok(()),
             blueprints_hash: "h1".into(),
             generation: Some(1),
             status: DeploymentStatus {

@@ -542,6 +542,16 @@ pub async fn queue_depth(url: &str, queue: &str, tls: &TlsSettings) -> StoreResu
     depth
 }
 
+/// Open and close one connection to `url` (the operator's check of a pool's broker: address, credentials,
+/// virtual host and TLS); `queue` only names the pool's queue in errors.
+pub async fn check_connection(url: &str, queue: &str, tls: &TlsSettings) -> StoreResult<()> {
+    check_queue_name(queue)?;
+    let endpoint = parse_url(url, queue, tls)?;
+    let connection = open_connection(&endpoint, "flowcraft-operator-check", queue).await?;
+    close_connection(&connection, queue).await;
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------------------------
 // Sessions (one connection with its channels) and publishing
 // ------------------------------------------------------------------------------------------------

@@ -599,6 +599,17 @@ fn open_client(config: &RedisConfig) -> redis::RedisResult<redis::Client> {
     redis::Client::build_with_tls(config.url.as_str(), certificates)
 }
 
+/// Connect once to `config.url` and `PING`, without retries (the operator's check of a pool's Redis: address,
+/// credentials and TLS).
+pub async fn check_connection(config: &RedisConfig) -> StoreResult<()> {
+    let url = redact_url(&config.url);
+    let client = open_client(config)
+        .map_err(|e| StoreError::Config { message: format!("invalid redis URL {url}"), source: Some(e.into()) })?;
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| connect_error(&url, e, 1))?;
+    let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| connect_error(&url, e, 1))?;
+    Ok(())
+}
+
 /// A failed connection, classified: TLS failures and refused credentials are permanent.
 fn connect_error(url: &str, e: RedisError, attempt: u32) -> StoreError {
     if let Some(why) = crate::tls::describe_failure(&e) {
