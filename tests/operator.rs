@@ -13,9 +13,10 @@ use chrono::Utc;
 use flowcraft::operator::OperatorError;
 use flowcraft::operator::admin::Health;
 use flowcraft::operator::backends::{
-    BackendError, Connection, ObjectVersion, PoolBackends, QueueProbe, SourceRef, StatsSource,
+    BackendCheck, BackendError, Connection, ObjectVersion, PoolBackends, QueueProbe, SourceKind, SourceRef, StatsSource,
 };
 use flowcraft::operator::context::{Context, backoff_delay};
+use flowcraft::operator::controllers::SourceWatch;
 use flowcraft::operator::controllers::error_policy;
 use flowcraft::operator::crd::{
     AutoscalingSpec, FlowRun, FlowRunPhase, FlowRunSpec, FlowRunStatus, FlowcraftReconcileSchedule,
@@ -39,6 +40,7 @@ use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_test::mock::{self, Handle, SendResponse};
@@ -249,6 +251,7 @@ fn secret_with(keys: &[&str], amqp: &str, database: &str) -> Value {
             name: Some("flowcraft-conn".into()),
             namespace: Some(NS.into()),
             resource_version: Some("1".into()),
+            uid: Some("secret-uid-1".into()),
             ..Default::default()
         },
         data: Some(keys.iter().map(|k| (k.to_string(), k8s_openapi::ByteString(value(k).into_bytes()))).collect()),
@@ -1700,4 +1703,289 @@ async fn a_rotated_secret_is_picked_up() {
 
 fn team_db() -> String {
     common::database_url()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Issue 13: pools check their services; connections follow their objects. Issue 9: the pool's spec.tls.
+// ------------------------------------------------------------------------------------------------
+
+/// A check whose services fail or answer as the test says, counting the checks made.
+struct ScriptedCheck {
+    failing: AtomicBool,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl BackendCheck for ScriptedCheck {
+    async fn check(&self, conn: &Connection, tables: &TableNames, queue: &str) -> Vec<BackendError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        assert_eq!((conn.secret.to_string().as_str(), queue), ("shop/flowcraft-conn", "orders-jobs"));
+        if !self.failing.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        vec![BackendError::Database {
+            secret: conn.secret.to_string(),
+            table: tables.statuses.clone(),
+            detail: "connection refused".into(),
+        }]
+    }
+}
+
+/// Serve the Deployment read and apply of a pool reconcile.
+async fn serve_deployment(server: &mut ApiServer) {
+    server.expect(Method::GET, DEPLOY_PATH).await.not_found("deployments.apps", "orders-worker");
+    let call = server.expect(Method::PATCH, DEPLOY_PATH).await;
+    let applied = call.body.clone();
+    let desired = applied["spec"]["replicas"].as_i64().unwrap();
+    call.reply(200, &deployment_response(&applied, desired, desired));
+}
+
+/// Serve a pool's status patch; returns the status.
+async fn serve_pool_status(server: &mut ApiServer, pool: &FlowcraftWorkerPool) -> Value {
+    let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
+    let status = call.body["status"].clone();
+    call.reply(200, &with_status(pool, &status));
+    status
+}
+
+/// A pool without autoscaling checks its services: unreachable → Degraded with one Warning naming the Secret
+/// (the check is not repeated on every reconcile); a new version of the Secret is checked again, and the pool
+/// recovers; a deleted Secret drops the cached connection at once.
+#[tokio::test]
+async fn pool_whose_services_do_not_answer_is_degraded_until_they_recover() {
+    let check = Arc::new(ScriptedCheck { failing: AtomicBool::new(true), calls: AtomicUsize::new(0) });
+    let c = check.clone();
+    let (ctx, server) = context_with(move |x| x.with_backend_check(c));
+    let cm = serde_json::to_value(configmap(BLUEPRINT)).unwrap();
+    let (statuses_tx, mut statuses) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let (step_tx, mut step) = tokio::sync::mpsc::unbounded_channel::<FlowcraftWorkerPool>();
+    let task = tokio::spawn(async move {
+        let mut server = server;
+        // 1. The services do not answer.
+        let p = step.recv().await.unwrap();
+        server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+        server.expect(Method::GET, CM_PATH).await.reply(200, &cm);
+        serve_deployment(&mut server).await;
+        server.expect_event("Normal", "Applied", "orders").await;
+        let note = server.expect_event("Warning", "BackendUnavailable", "orders").await;
+        assert!(
+            note.contains("connection Secret shop/flowcraft-conn") && note.contains("connection refused"),
+            "{note}"
+        );
+        statuses_tx.send(serve_pool_status(&mut server, &p).await).unwrap();
+        // 2. Still degraded: the Secret is read again (a failure drops the cached connection), no new check, no
+        //    event, no status patch.
+        step.recv().await.unwrap();
+        server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+        server.expect(Method::GET, CM_PATH).await.reply(200, &cm);
+        serve_deployment(&mut server).await;
+        // 3. The Secret was fixed (another version): checked again, the pool recovers.
+        let p = step.recv().await.unwrap();
+        let mut fixed = secret(&["amqpUrl", "databaseUrl", "redisUrl"]);
+        fixed["metadata"]["resourceVersion"] = json!("2");
+        fixed["data"]["databaseUrl"] = json!(base64_of(&format!("{}?application_name=fixed", common::database_url())));
+        server.expect(Method::GET, SECRET_PATH).await.reply(200, &fixed);
+        server.expect(Method::GET, CM_PATH).await.reply(200, &cm);
+        serve_deployment(&mut server).await;
+        server.expect_event("Normal", "Recovered", "orders").await;
+        statuses_tx.send(serve_pool_status(&mut server, &p).await).unwrap();
+        // 4. Healthy and cached: neither the Secret nor the services are read again.
+        step.recv().await.unwrap();
+        server.expect(Method::GET, CM_PATH).await.reply(200, &cm);
+        serve_deployment(&mut server).await;
+        // 5. The Secret is deleted: the next reconcile reads it and finds nothing.
+        let p = step.recv().await.unwrap();
+        server.expect(Method::GET, SECRET_PATH).await.not_found("secrets", "flowcraft-conn");
+        let note = server.expect_event("Warning", "SecretNotFound", "orders").await;
+        assert!(note.contains("shop/flowcraft-conn"), "{note}");
+        statuses_tx.send(serve_pool_status(&mut server, &p).await).unwrap();
+        server
+    });
+
+    let p = pool();
+    step_tx.send(p.clone()).unwrap();
+    let action = workerpool::reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)), "looked at again soon");
+    let status = statuses.recv().await.unwrap();
+    let degraded = condition(&status, "Degraded");
+    assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("BackendUnavailable")));
+    assert!(degraded["message"].as_str().unwrap().contains("PostgreSQL (Secret shop/flowcraft-conn"), "{degraded}");
+    assert_eq!(check.calls.load(Ordering::SeqCst), 1);
+
+    let p = pool_with_status(&status);
+    step_tx.send(p.clone()).unwrap();
+    workerpool::reconcile(Arc::new(p.clone()), ctx.clone()).await.unwrap();
+    assert_eq!(check.calls.load(Ordering::SeqCst), 1, "a failed check is reused for a while");
+
+    check.failing.store(false, Ordering::SeqCst);
+    step_tx.send(p.clone()).unwrap();
+    assert_eq!(workerpool::reconcile(Arc::new(p), ctx.clone()).await.unwrap(), Action::requeue(workerpool::RESYNC));
+    let status = statuses.recv().await.unwrap();
+    assert_eq!(condition(&status, "Degraded")["status"], "False");
+    assert_eq!(check.calls.load(Ordering::SeqCst), 2, "the new version of the Secret was checked");
+
+    let p = pool_with_status(&status);
+    step_tx.send(p.clone()).unwrap();
+    workerpool::reconcile(Arc::new(p.clone()), ctx.clone()).await.unwrap();
+    assert_eq!(check.calls.load(Ordering::SeqCst), 2, "a successful check is reused");
+
+    // The watch: the same version changes nothing; a delete (no deletionTimestamp, as the API server sends it)
+    // drops the connection.
+    let secret_ref = SourceRef::secret(NS, "flowcraft-conn");
+    let same = ObjectVersion::new(Some("secret-uid-1".into()), Some("2".into()));
+    assert_eq!(ctx.source_changed(&secret_ref, Some(&same)), 0);
+    let deleted = kube::core::PartialObjectMeta::<k8s_openapi::api::core::v1::Secret> {
+        metadata: ObjectMeta {
+            name: Some("flowcraft-conn".into()),
+            namespace: Some(NS.into()),
+            uid: Some("secret-uid-1".into()),
+            resource_version: Some("2".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    SourceWatch::new(SourceKind::Secret).observe(&kube::runtime::watcher::Event::Delete(deleted)).apply(&ctx);
+    step_tx.send(p.clone()).unwrap();
+    let error = workerpool::reconcile(Arc::new(p), ctx.clone()).await.unwrap_err();
+    assert!(matches!(error, OperatorError::InvalidSpec { reason: "SecretNotFound", .. }), "{error}");
+    assert_eq!(condition(&statuses.recv().await.unwrap(), "Degraded")["reason"], "SecretNotFound");
+    drop(ctx);
+    task.await.unwrap().done().await;
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// A v1 object as the API server returns it.
+fn v1_json<K: serde::Serialize>(obj: &K, kind: &str) -> Value {
+    let mut v = serde_json::to_value(obj).unwrap();
+    v["apiVersion"] = json!("v1");
+    v["kind"] = json!(kind);
+    v
+}
+
+/// The operator reaches TLS-only services (RabbitMQ and Redis behind proxies that require a client certificate,
+/// PostgreSQL with `sslmode=verify-full`) with the CA bundle and client certificate the pool's `spec.tls` names,
+/// as its workers do; without them the proxies' certificates fail verification and the pool is Degraded, naming
+/// the Secret and never a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_uses_the_pools_tls_material() {
+    use common::tls::{SNAKEOIL, TlsProxy, pki, upstream};
+    use flowcraft::operator::crd::{CaBundleSpec, ClientCertificateSpec, TlsSpec};
+    use k8s_openapi::api::core::v1::{ConfigMapKeySelector, Secret};
+    let pki = pki();
+    let amqp_proxy = TlsProxy::start(upstream(&common::amqp_url(), 5672), true).await;
+    let redis_proxy = TlsProxy::start(upstream(&common::redis_url(), 6379), true).await;
+    let plain = url::Url::parse(&common::amqp_url()).unwrap();
+    let password = plain.password().unwrap_or("").to_string();
+    let amqps = format!("amqps://{}:{password}@localhost:{}/%2f", plain.username(), amqp_proxy.port);
+    let rediss = format!("rediss://localhost:{}/", redis_proxy.port);
+    let database = url::Url::parse(&common::database_url()).unwrap();
+    let postgres = format!(
+        "postgres://{}@localhost:{}{}?sslmode=verify-full",
+        database.username(),
+        database.port().unwrap_or(5432),
+        database.path()
+    );
+    let mut conn = secret_with(&["amqpUrl", "databaseUrl", "redisUrl"], &amqps, &postgres);
+    conn["data"]["redisUrl"] = json!(base64_of(&rediss));
+    let ca_bundle = std::fs::read_to_string(&pki.ca_file).unwrap() + &std::fs::read_to_string(SNAKEOIL).unwrap();
+    let ca_cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("corp-ca".into()),
+            namespace: Some(NS.into()),
+            uid: Some("ca-uid".into()),
+            resource_version: Some("7".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("bundle.pem".to_string(), ca_bundle)])),
+        ..Default::default()
+    };
+    let client = Secret {
+        metadata: ObjectMeta {
+            name: Some("orders-client".into()),
+            namespace: Some(NS.into()),
+            uid: Some("client-uid".into()),
+            resource_version: Some("8".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), k8s_openapi::ByteString(std::fs::read(&pki.client_cert_file).unwrap())),
+            ("tls.key".to_string(), k8s_openapi::ByteString(std::fs::read(&pki.client_key_file).unwrap())),
+        ])),
+        ..Default::default()
+    };
+    let mut with_tls = pool();
+    with_tls.spec.tls = Some(TlsSpec {
+        ca_bundle: Some(CaBundleSpec {
+            config_map_key_ref: Some(ConfigMapKeySelector {
+                name: "corp-ca".into(),
+                key: "bundle.pem".into(),
+                optional: None,
+            }),
+            secret_key_ref: None,
+        }),
+        client_certificate: Some(ClientCertificateSpec { secret_name: "orders-client".into() }),
+    });
+    let cm = serde_json::to_value(configmap(BLUEPRINT)).unwrap();
+
+    // With spec.tls: the Secret, then the CA bundle and the client certificate, are read; every service answers.
+    let (ctx, server) = test_context();
+    let (p, conn2, cm2) = (with_tls.clone(), conn.clone(), cm.clone());
+    let (ca_json, client_json) = (v1_json(&ca_cm, "ConfigMap"), v1_json(&client, "Secret"));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &conn2);
+            server.expect(Method::GET, "/api/v1/namespaces/shop/configmaps/corp-ca").await.reply(200, &ca_json);
+            server.expect(Method::GET, "/api/v1/namespaces/shop/secrets/orders-client").await.reply(200, &client_json);
+            server.expect(Method::GET, CM_PATH).await.reply(200, &cm2);
+            serve_deployment(&mut server).await;
+            server.expect_event("Normal", "Applied", "orders").await;
+            tx.send(serve_pool_status(&mut server, &p).await).unwrap();
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(with_tls.clone()), ctx).await,
+    )
+    .await
+    .unwrap();
+    let status = rx.await.unwrap();
+    assert_eq!(condition(&status, "Degraded")["status"], "False", "{status}");
+
+    // Without spec.tls: the system roots know none of these certificates.
+    let (ctx, server) = test_context();
+    let (p, conn2, cm2) = (pool(), conn.clone(), cm.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &conn2);
+            server.expect(Method::GET, CM_PATH).await.reply(200, &cm2);
+            serve_deployment(&mut server).await;
+            server.expect_event("Normal", "Applied", "orders").await;
+            let note = server.expect_event("Warning", "BackendUnavailable", "orders").await;
+            tx.send((note, serve_pool_status(&mut server, &p).await)).unwrap();
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(pool()), ctx).await,
+    )
+    .await
+    .unwrap();
+    let (note, status) = rx.await.unwrap();
+    let message = condition(&status, "Degraded")["message"].as_str().unwrap().to_string();
+    // (PostgreSQL's snakeoil certificate is in this machine's system store, so it verifies without the pool's CA.)
+    for service in ["RabbitMQ (Secret shop/flowcraft-conn", "Redis (Secret shop/flowcraft-conn"] {
+        assert!(message.contains(service), "{service}: {message}");
+    }
+    assert!(message.contains("not signed by a trusted CA"), "{message}");
+    assert!(note.starts_with("the services of connection Secret shop/flowcraft-conn do not answer"), "{note}");
+    if !password.is_empty() {
+        assert!(!message.contains(&format!(":{password}@")) && !note.contains(&format!(":{password}@")), "{message}");
+    }
 }
