@@ -5,14 +5,16 @@
 //! W3 = one run of a 50-node chain; each with 1 and then 2 worker processes, on a fresh queue, fresh tables and a
 //! fresh Redis prefix per measurement (dropped afterwards). W1 is measured again with TLS to all three services
 //! (PostgreSQL directly with `sslmode=verify-full`, RabbitMQ and Redis through TLS-terminating proxies in this
-//! process, the proxies of tests/common/tls.rs) and compared with the plain figure. Printed: node executions per
+//! process, the proxies of tests/common/tls.rs) and compared with the plain figure and with W1 in clear text
+//! through plain forwarders in this process (the same extra hop and copies as the TLS proxies, so the ratio to
+//! it is the cost of TLS rather than of the proxies). Printed: node executions per
 //! second, per-hop latency of W3, the worker processes' memory, and the raw limits of this machine at the same
 //! concurrency (RabbitMQ relay with confirms, the per-job PostgreSQL write alone), with W1's throughput as a
 //! fraction of them.
 //!
 //! Run: `cargo bench --bench distributed` (options after `--`: `--quick`, `--prefetch 16`, `--workers 1,2`,
 //! `--repeat 1` (measurements per workload and worker count), `--log info` (the workers' `FLOWCRAFT_LOG`),
-//! `--no-tls` (skip the TLS measurement), `--workloads w1,w1tls,w2,w3` (only these)). The plain measurements
+//! `--no-tls` (skip the TLS measurements), `--workloads w1,w1proxy,w1tls,w2,w3` (only these)). The plain measurements
 //! connect to PostgreSQL with `sslmode=disable` unless the URL sets an `sslmode`.
 //! Service URLs: `FLOWCRAFT_TEST_DATABASE_URL`, `FLOWCRAFT_TEST_REDIS_URL`, `FLOWCRAFT_TEST_AMQP_URL` (defaults:
 //! the local services).
@@ -48,18 +50,30 @@ use common::{amqp_url, arg, chain, database_url, fan, flag, redis_url};
 #[allow(dead_code)]
 mod tls_proxy;
 
-/// Where the services are reached over TLS, and the CA that signed the proxies' certificate.
-struct TlsEndpoints {
+/// Where the services are reached through this process' proxies, and (over TLS) the CA that signed the proxies'
+/// certificate.
+struct Endpoints {
     amqp_url: String,
     redis_url: String,
     database_url: String,
-    ca_file: PathBuf,
+    ca_file: Option<PathBuf>,
 }
 
-impl TlsEndpoints {
+impl Endpoints {
     fn settings(&self) -> Result<TlsSettings, String> {
-        TlsSettings::from_files(Some(&self.ca_file), None, None).map_err(|e| format!("TLS settings: {e}"))
+        TlsSettings::from_files(self.ca_file.as_deref(), None, None).map_err(|e| format!("TLS settings: {e}"))
     }
+}
+
+/// How a measurement reaches the services.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Directly, in clear text.
+    Direct,
+    /// RabbitMQ and Redis through plain forwarders in this process, in clear text.
+    Proxies,
+    /// Over TLS to all three (RabbitMQ and Redis through TLS-terminating proxies in this process).
+    Tls,
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -88,8 +102,8 @@ struct Workload {
     runs: usize,
     /// Hops along the longest path (for the per-hop latency), when it is the point of the workload.
     hops: Option<usize>,
-    /// Over TLS to all three services.
-    tls: bool,
+    /// How the services are reached.
+    via: Via,
 }
 
 /// Write the blueprint to `dir` (for the workers) and build its graph (for `start_run`).
@@ -108,28 +122,34 @@ fn blueprint(dir: &Path, value: Value) -> Graph {
 struct Slice {
     name: String,
     prefetch: u16,
-    tls: Option<Arc<TlsEndpoints>>,
+    endpoints: Option<Arc<Endpoints>>,
+}
+
+/// The PostgreSQL URL in clear text (libpq's default `prefer` would encrypt when the server offers TLS), unless
+/// the URL sets its own `sslmode`.
+fn plain_database_url() -> String {
+    let url = database_url();
+    if url.contains("sslmode=") {
+        return url;
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslmode=disable")
 }
 
 impl Slice {
     fn new(tag: &str, prefetch: u16) -> Self {
-        Self { name: unique(tag), prefetch, tls: None }
+        Self { name: unique(tag), prefetch, endpoints: None }
     }
 
     fn urls(&self) -> (String, String, String) {
-        match &self.tls {
+        match &self.endpoints {
             Some(t) => (t.amqp_url.clone(), t.database_url.clone(), t.redis_url.clone()),
-            // Clear text to PostgreSQL too: libpq's default `prefer` would encrypt when the server offers TLS.
-            None if !database_url().contains("sslmode=") => {
-                let sep = if database_url().contains('?') { '&' } else { '?' };
-                (amqp_url(), format!("{}{sep}sslmode=disable", database_url()), redis_url())
-            }
-            None => (amqp_url(), database_url(), redis_url()),
+            None => (amqp_url(), plain_database_url(), redis_url()),
         }
     }
 
     fn tls_settings(&self) -> Result<TlsSettings, String> {
-        self.tls.as_ref().map_or(Ok(TlsSettings::none()), |t| t.settings())
+        self.endpoints.as_ref().map_or(Ok(TlsSettings::none()), |t| t.settings())
     }
 
     fn queue_name(&self) -> String {
@@ -184,8 +204,8 @@ impl Slice {
         if let Some(log) = log {
             env.push(("FLOWCRAFT_LOG".to_string(), log.to_string()));
         }
-        if let Some(t) = &self.tls {
-            env.push(("FLOWCRAFT_TLS_CA_FILE".to_string(), t.ca_file.display().to_string()));
+        if let Some(ca) = self.endpoints.as_ref().and_then(|t| t.ca_file.as_ref()) {
+            env.push(("FLOWCRAFT_TLS_CA_FILE".to_string(), ca.display().to_string()));
         }
         env
     }
@@ -450,14 +470,17 @@ struct Ctx {
     prefetch: u16,
     log: Option<String>,
     warmup_graph: Graph,
-    tls: Option<Arc<TlsEndpoints>>,
+    tls: Option<Arc<Endpoints>>,
+    proxied: Option<Arc<Endpoints>>,
 }
 
 async fn measure(ctx: &Ctx, wl: &Workload, workers: usize) -> Result<Measured, String> {
     let mut slice = Slice::new(wl.tag, ctx.prefetch);
-    if wl.tls {
-        slice.tls = Some(ctx.tls.clone().ok_or("no TLS endpoints")?);
-    }
+    slice.endpoints = match wl.via {
+        Via::Direct => None,
+        Via::Proxies => Some(ctx.proxied.clone().ok_or("no proxies")?),
+        Via::Tls => Some(ctx.tls.clone().ok_or("no TLS endpoints")?),
+    };
     let mut procs = Vec::new();
     let result = measure_on(&slice, ctx, wl, workers, &mut procs).await;
     if result.is_err() {
@@ -795,7 +818,15 @@ async fn main() {
             graph: w1.clone(),
             runs: w1_runs,
             hops: None,
-            tls: false,
+            via: Via::Direct,
+        },
+        Workload {
+            tag: "w1proxy",
+            label: format!("W1 {w1_runs} x 5-node, proxies"),
+            graph: w1.clone(),
+            runs: w1_runs,
+            hops: None,
+            via: Via::Proxies,
         },
         Workload {
             tag: "w1tls",
@@ -803,7 +834,7 @@ async fn main() {
             graph: w1.clone(),
             runs: w1_runs,
             hops: None,
-            tls: true,
+            via: Via::Tls,
         },
         Workload {
             tag: "w2",
@@ -811,7 +842,7 @@ async fn main() {
             graph: blueprint(dir.path(), fan("fan50", 50)),
             runs: w2_runs,
             hops: None,
-            tls: false,
+            via: Via::Direct,
         },
         Workload {
             tag: "w3",
@@ -819,14 +850,14 @@ async fn main() {
             graph: blueprint(dir.path(), chain("chain50", 50)),
             runs: 1,
             hops: Some(49),
-            tls: false,
+            via: Via::Direct,
         },
     ];
     let with_tls = !flag("--no-tls");
     let only: Option<Vec<String>> = arg("--workloads").map(|w| w.split(',').map(str::to_string).collect());
     let workloads: Vec<Workload> = workloads
         .into_iter()
-        .filter(|w| with_tls || !w.tls)
+        .filter(|w| with_tls || w.via == Via::Direct)
         .filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|t| t == w.tag)))
         .collect();
     // TLS: PostgreSQL directly (its snakeoil certificate, verify-full on localhost), RabbitMQ and Redis through
@@ -835,7 +866,7 @@ async fn main() {
         let amqp_proxy = tls_proxy::TlsProxy::start(tls_proxy::upstream(&amqp_url(), 5672), false).await;
         let redis_proxy = tls_proxy::TlsProxy::start(tls_proxy::upstream(&redis_url(), 6379), false).await;
         let plain = url::Url::parse(&amqp_url()).expect("AMQP URL");
-        let endpoints = TlsEndpoints {
+        let endpoints = Endpoints {
             amqp_url: format!(
                 "amqps://{}:{}@localhost:{}/%2f",
                 plain.username(),
@@ -848,9 +879,29 @@ async fn main() {
                 database_url().replace("127.0.0.1", "localhost"),
                 tls_proxy::SNAKEOIL
             ),
-            ca_file: tls_proxy::pki().ca_file.clone(),
+            ca_file: Some(tls_proxy::pki().ca_file.clone()),
         };
         (Some(amqp_proxy), Some(redis_proxy), Some(Arc::new(endpoints)))
+    } else {
+        (None, None, None)
+    };
+    // The same hop in clear text: plain forwarders in this process, PostgreSQL directly without TLS.
+    let (_amqp_forwarder, _redis_forwarder, proxied) = if with_tls {
+        let amqp = tls_proxy::PlainProxy::start(tls_proxy::upstream(&amqp_url(), 5672)).await;
+        let redis = tls_proxy::PlainProxy::start(tls_proxy::upstream(&redis_url(), 6379)).await;
+        let plain = url::Url::parse(&amqp_url()).expect("AMQP URL");
+        let endpoints = Endpoints {
+            amqp_url: format!(
+                "amqp://{}:{}@127.0.0.1:{}/%2f",
+                plain.username(),
+                plain.password().unwrap_or_default(),
+                amqp.port
+            ),
+            redis_url: format!("redis://127.0.0.1:{}/", redis.port),
+            database_url: plain_database_url(),
+            ca_file: None,
+        };
+        (Some(amqp), Some(redis), Some(Arc::new(endpoints)))
     } else {
         (None, None, None)
     };
@@ -861,6 +912,7 @@ async fn main() {
         log,
         warmup_graph: w1,
         tls,
+        proxied,
     };
 
     println!(
@@ -909,6 +961,7 @@ async fn main() {
     );
     let mut w1_rates: Vec<(usize, f64)> = Vec::new();
     let mut w1_tls_rates: Vec<(usize, f64)> = Vec::new();
+    let mut w1_proxy_rates: Vec<(usize, f64)> = Vec::new();
     for wl in &workloads {
         for &workers in worker_counts.iter().flat_map(|w| std::iter::repeat_n(w, repeat)) {
             match measure(&ctx, wl, workers).await {
@@ -946,6 +999,9 @@ async fn main() {
                     if wl.tag == "w1tls" {
                         w1_tls_rates.push((workers, rate));
                     }
+                    if wl.tag == "w1proxy" {
+                        w1_proxy_rates.push((workers, rate));
+                    }
                 }
                 Err(e) => println!("{:<26} {workers:>7}  failed: {e}", wl.label),
             }
@@ -979,8 +1035,11 @@ async fn main() {
     };
     for &workers in &worker_counts {
         if let (Some(plain), Some(tls)) = (mean(&w1_rates, workers), mean(&w1_tls_rates, workers)) {
+            let proxied = mean(&w1_proxy_rates, workers)
+                .map(|p| format!(", {:.0}% of clear text through the same proxies ({p:.0}/s)", 100.0 * tls / p))
+                .unwrap_or_default();
             println!(
-                "W1 with TLS to all three services on {workers} worker(s): {tls:.0} node exec/s = {:.0}% of plain ({plain:.0}/s)",
+                "W1 with TLS to all three services on {workers} worker(s): {tls:.0} node exec/s = {:.0}% of plain ({plain:.0}/s){proxied}",
                 100.0 * tls / plain
             );
         }

@@ -123,6 +123,38 @@ impl TlsProxy {
     }
 }
 
+/// A plain TCP forwarder: accepts on 127.0.0.1:`port` and forwards the bytes to `upstream` (the same extra hop
+/// as [`TlsProxy`] without the encryption: benchmarks compare TLS against it to measure TLS, not the hop).
+pub struct PlainProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PlainProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PlainProxy {
+    /// Start a forwarder to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    let Ok(mut plain) = TcpStream::connect(upstream).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut socket, &mut plain).await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Self { port, task }
+    }
+}
+
 /// The plain RabbitMQ and Redis addresses of this machine (from the test URLs).
 pub fn upstream(url: &str, default_port: u16) -> SocketAddr {
     let parsed = url::Url::parse(url).expect("service url");
