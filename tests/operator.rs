@@ -13,7 +13,8 @@ use chrono::Utc;
 use flowcraft::operator::OperatorError;
 use flowcraft::operator::admin::Health;
 use flowcraft::operator::backends::{
-    BackendCheck, BackendError, Connection, ObjectVersion, PoolBackends, QueueProbe, SourceKind, SourceRef, StatsSource,
+    BackendCheck, BackendError, Connection, ObjectVersion, PoolBackends, QueueProbe, SecretRef, SourceKind, SourceRef,
+    StatsSource,
 };
 use flowcraft::operator::context::{Context, backoff_delay};
 use flowcraft::operator::controllers::SourceWatch;
@@ -1988,4 +1989,31 @@ async fn the_operator_uses_the_pools_tls_material() {
     if !password.is_empty() {
         assert!(!message.contains(&format!(":{password}@")) && !note.contains(&format!(":{password}@")), "{message}");
     }
+}
+
+/// The production check: each failing service is named with the Secret and its reason, never a password; the
+/// services of this machine answer.
+#[tokio::test]
+async fn the_services_check_names_each_failing_service_without_its_password() {
+    let conn = |amqp: String, database: String, redis: String| {
+        Connection::new(SecretRef::new(NS, "conn"), ObjectVersion::default(), amqp, database, redis)
+    };
+    let down = conn(
+        "amqp://app:s3cr3t-mq@127.0.0.1:1/%2f".into(),
+        "postgres://app:s3cr3t-pg@127.0.0.1:1/app?sslmode=disable".into(),
+        "redis://:s3cr3t-redis@127.0.0.1:1/".into(),
+    );
+    let backends = PoolBackends::default();
+    let failures = backends.check(&down, &TableNames::default(), "orders-jobs").await;
+    let text = failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+    assert_eq!(failures.len(), 3, "{text}");
+    for service in
+        ["PostgreSQL (Secret shop/conn", "RabbitMQ (Secret shop/conn, queue orders-jobs)", "Redis (Secret shop/conn)"]
+    {
+        assert!(text.contains(service), "{service}: {text}");
+    }
+    assert!(!text.contains("s3cr3t"), "{text}");
+    let up = conn(common::amqp_url(), common::database_url(), common::redis_url());
+    let failures = backends.check(&up, &TableNames::default(), "orders-jobs").await;
+    assert!(failures.is_empty(), "{failures:?}");
 }

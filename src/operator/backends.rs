@@ -543,47 +543,52 @@ impl QueueProbe for PoolBackends {
 #[async_trait]
 impl BackendCheck for PoolBackends {
     async fn check(&self, conn: &Connection, tables: &TableNames, queue: &str) -> Vec<BackendError> {
-        let timeout = |service: &str| format!("no answer within {CHECK_TIMEOUT:?} ({service})");
-        let database = async {
-            let config = PgConfig {
-                url: conn.database_url.clone(),
-                tables: tables.clone(),
-                pool_size: 1,
-                tls: conn.tls.clone(),
-            };
-            match tokio::time::timeout(CHECK_TIMEOUT, PostgresStore::connect(config)).await {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(BackendError::database(conn, tables, e)),
-                Err(_) => Some(BackendError::Database {
-                    secret: conn.secret.to_string(),
-                    table: tables.statuses.clone(),
-                    detail: timeout("PostgreSQL"),
-                }),
-            }
-        };
-        let broker = async {
-            match tokio::time::timeout(CHECK_TIMEOUT, rabbitmq::check_connection(&conn.amqp_url, queue, &conn.tls))
-                .await
-            {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(BackendError::queue(conn, queue, e)),
-                Err(_) => Some(BackendError::Queue {
-                    secret: conn.secret.to_string(),
-                    queue: queue.to_string(),
-                    detail: timeout("RabbitMQ"),
-                }),
-            }
-        };
-        let cache = async {
-            let config = RedisConfig { url: conn.redis_url.clone(), tls: conn.tls.clone(), ..RedisConfig::default() };
-            match tokio::time::timeout(CHECK_TIMEOUT, redis_store::check_connection(&config)).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(BackendError::redis(conn, e)),
-                Err(_) => Some(BackendError::Redis { secret: conn.secret.to_string(), detail: timeout("Redis") }),
-            }
-        };
-        let (database, broker, cache) = tokio::join!(database, broker, cache);
+        let (database, broker, cache) =
+            tokio::join!(check_database(conn, tables), check_broker(conn, queue), check_redis(conn));
         [database, broker, cache].into_iter().flatten().collect()
+    }
+}
+
+/// `detail` of a service that did not answer within [`CHECK_TIMEOUT`].
+fn no_answer(service: &str) -> String {
+    format!("no answer within {CHECK_TIMEOUT:?} ({service})")
+}
+
+/// Connect to the pool's PostgreSQL (one connection, no migration).
+async fn check_database(conn: &Connection, tables: &TableNames) -> Option<BackendError> {
+    let config =
+        PgConfig { url: conn.database_url.clone(), tables: tables.clone(), pool_size: 1, tls: conn.tls.clone() };
+    match tokio::time::timeout(CHECK_TIMEOUT, PostgresStore::connect(config)).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(BackendError::database(conn, tables, e)),
+        Err(_) => Some(BackendError::Database {
+            secret: conn.secret.to_string(),
+            table: tables.statuses.clone(),
+            detail: no_answer("PostgreSQL"),
+        }),
+    }
+}
+
+/// Open and close a connection to the pool's RabbitMQ.
+async fn check_broker(conn: &Connection, queue: &str) -> Option<BackendError> {
+    match tokio::time::timeout(CHECK_TIMEOUT, rabbitmq::check_connection(&conn.amqp_url, queue, &conn.tls)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(BackendError::queue(conn, queue, e)),
+        Err(_) => Some(BackendError::Queue {
+            secret: conn.secret.to_string(),
+            queue: queue.to_string(),
+            detail: no_answer("RabbitMQ"),
+        }),
+    }
+}
+
+/// `PING` the pool's Redis.
+async fn check_redis(conn: &Connection) -> Option<BackendError> {
+    let config = RedisConfig { url: conn.redis_url.clone(), tls: conn.tls.clone(), ..RedisConfig::default() };
+    match tokio::time::timeout(CHECK_TIMEOUT, redis_store::check_connection(&config)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(BackendError::redis(conn, e)),
+        Err(_) => Some(BackendError::Redis { secret: conn.secret.to_string(), detail: no_answer("Redis") }),
     }
 }
 

@@ -10,7 +10,8 @@ use kube::api::Api;
 use kube::{Resource, ResourceExt};
 
 use super::backends::{
-    CaSource, Connection, ConnectionKey, ObjectVersion, RunTarget, SecretRef, SourceRef, TlsMaterial, TlsSources,
+    CaSource, Connection, ConnectionKey, ObjectVersion, RunTarget, SecretRef, SourceKind, SourceRef, TlsMaterial,
+    TlsSources,
 };
 use super::context::Context;
 use super::crd::FlowcraftWorkerPool;
@@ -197,20 +198,16 @@ async fn read_source<K: Resource<DynamicType = ()>>(
 ) -> Result<ObjectData, OperatorError> {
     let version = |m: &kube::api::ObjectMeta| ObjectVersion::new(m.uid.clone(), m.resource_version.clone());
     Ok(match source.kind {
-        super::backends::SourceKind::Secret => {
-            get_secret(ctx, owner, &source.namespace, &source.name).await?.map(|s| {
-                let data = s.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-                (data, version(&s.metadata))
-            })
-        }
-        super::backends::SourceKind::ConfigMap => {
-            get_config_map(ctx, owner, &source.namespace, &source.name).await?.map(|c| {
-                let mut data: BTreeMap<String, Vec<u8>> =
-                    c.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-                data.extend(c.binary_data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
-                (data, version(&c.metadata))
-            })
-        }
+        SourceKind::Secret => get_secret(ctx, owner, &source.namespace, &source.name).await?.map(|s| {
+            let data = s.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+            (data, version(&s.metadata))
+        }),
+        SourceKind::ConfigMap => get_config_map(ctx, owner, &source.namespace, &source.name).await?.map(|c| {
+            let mut data: BTreeMap<String, Vec<u8>> =
+                c.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+            data.extend(c.binary_data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+            (data, version(&c.metadata))
+        }),
     })
 }
 
