@@ -754,6 +754,7 @@ async fn raw_postgres(n: usize, concurrency: usize) -> Result<f64, String> {
                     let (run, node) = (format!("p-{}", i / 5 + 1), i % 5);
                     let record = NodeRecord {
                         node_id: format!("n{node}"),
+                        instance: String::new(),
                         status: NodeStatus::Done,
                         action: None,
                         output: Value::Null,

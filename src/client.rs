@@ -66,6 +66,10 @@ pub struct NodeSummary {
     /// The error of a failed node (shown by the human summary; the JSON form is `{status, attempts}`).
     #[serde(skip)]
     pub error: Option<String>,
+    /// For a node with instances (in a loop or a batch): how many instances have each status. `status`,
+    /// `attempts` and the output are then the latest instance's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<BTreeMap<String, u64>>,
 }
 
 /// The state of a run, as `flowcraft run --output json` and `flowcraft status --output json` print it:
@@ -248,7 +252,11 @@ where
         running && store.records(run_id).await.map_err(store_err(run_id))?.is_empty()
     };
     if publish {
-        let jobs: Vec<Job> = graph.start_nodes().into_iter().map(|n| Job::new(run_id, graph.id(), n)).collect();
+        let jobs: Vec<Job> = graph
+            .start_nodes()
+            .into_iter()
+            .map(|n| Job::new(run_id, graph.id(), n).at(graph.start_instance(n)))
+            .collect();
         if let Err(error) = queue.publish(&jobs).await {
             fail_unstarted(store, run_id, &error).await;
             return Err(ClientError::Store { run_id: run_id.to_string(), source: error });
@@ -291,11 +299,22 @@ pub async fn run_result<S: RunStore + ?Sized>(
 fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Option<&Graph>) -> RunResult {
     let mut outputs = BTreeMap::new();
     let mut nodes = BTreeMap::new();
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    // Records come in the order they were written: the last one of a node is its latest instance.
     for r in records {
         if r.status == NodeStatus::Done {
             outputs.insert(r.node_id.clone(), r.output.clone());
         }
-        nodes.insert(r.node_id.clone(), NodeSummary { status: r.status, attempts: r.attempts, error: r.error.clone() });
+        if !r.instance.is_empty() {
+            *counts.entry(r.node_id.clone()).or_default().entry(r.status.as_str().to_string()).or_default() += 1;
+        }
+        let summary = NodeSummary { status: r.status, attempts: r.attempts, error: r.error.clone(), instances: None };
+        nodes.insert(r.node_id.clone(), summary);
+    }
+    for (node, by_status) in counts {
+        if let Some(n) = nodes.get_mut(&node) {
+            n.instances = Some(by_status);
+        }
     }
     let error =
         ["error", "reason"].iter().find_map(|k| info.status_data.get(*k).and_then(Value::as_str)).map(str::to_string);

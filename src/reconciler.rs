@@ -8,7 +8,7 @@
 //! coordinator's join state is repaired, and the ready nodes that are neither recorded nor under a live lease
 //! are published.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::flow::join::decide;
-use crate::flow::{BlueprintSet, Graph, JoinDecision, JoinStrategy};
+use crate::flow::{BlueprintSet, Graph, InstanceKey, JoinDecision, JoinStrategy, loops};
 use crate::report::Chain;
 pub use crate::store::ReconcileStats;
 use crate::store::{
@@ -194,8 +194,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
 
         let plan = plan(&graph, &records);
         if !plan.skipped.is_empty() {
-            self.store.record_skipped(run_id, &plan.skipped).await.map_err(store_err)?;
-            repair.skipped = plan.skipped.clone();
+            self.store.record_skipped_at(run_id, &plan.skipped).await.map_err(store_err)?;
+            repair.skipped = plan.skipped.iter().map(InstanceKey::to_string).collect();
         }
         self.coord.repair(run_id, &plan.joins, &plan.decided, &plan.resolved).await.map_err(store_err)?;
 
@@ -209,22 +209,18 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         }
 
         let mut jobs = Vec::new();
-        for node in &plan.ready {
-            if self.coord.lease_held(run_id, node).await.map_err(store_err)? {
-                repair.leased.push(node.clone());
+        for key in &plan.ready {
+            if self.coord.lease_held(run_id, &key.scoped()).await.map_err(store_err)? {
+                repair.leased.push(key.to_string());
             } else {
-                let mut job = Job::new(run_id, &run.blueprint_id, node);
-                if graph.join(node) == JoinStrategy::Any && graph.source_count(node) > 1 {
+                let mut job = Job::new(run_id, &run.blueprint_id, &key.node_id).at(&key.instance);
+                if graph.join(&key.node_id) == JoinStrategy::Any && graph.source_count(&key.node_id) > 1 {
                     // The arrival that fired it is the earliest taken predecessor (the workers' fire-once flag
                     // may be lost): its input comes from that one.
-                    job.source = records
-                        .iter()
-                        .filter(|r| r.status == NodeStatus::Done && r.taken.iter().any(|t| t == node))
-                        .min_by_key(|r| (r.finished_at, r.node_id.clone()))
-                        .map(|r| r.node_id.clone());
+                    job.source = any_source(&graph, &records, key);
                 }
                 jobs.push(job);
-                repair.published.push(node.clone());
+                repair.published.push(key.to_string());
             }
         }
         if !jobs.is_empty() {
@@ -235,83 +231,126 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
     }
 }
 
-/// The frontier of a run rebuilt from its records.
+/// The frontier of a run rebuilt from its records, per node instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Nodes that should run now: not recorded, and their join rule fires.
-    pub ready: Vec<String>,
-    /// Nodes that the replay resolves as skipped (every arrival skipped) and that are not recorded yet.
-    pub skipped: Vec<String>,
-    /// Arrival state of every join (node with several predecessors) that has arrivals.
+    /// Instances that should run now: not recorded, and their join rule fires (or a loop's `continue` fired them).
+    pub ready: Vec<InstanceKey>,
+    /// Instances that the replay resolves as skipped (every arrival skipped) and that are not recorded yet.
+    pub skipped: Vec<InstanceKey>,
+    /// Arrival state of every join instance (node with several predecessors) that has arrivals, keyed by the
+    /// coordinator key of the instance ([`crate::flow::instance::scoped`]).
     pub joins: Vec<JoinState>,
-    /// Joins whose decision (fire or skip) is made.
+    /// Join instances (coordinator keys) whose decision (fire or skip) is made.
     pub decided: Vec<String>,
-    /// Nodes resolved for the run's completion (done, skipped, failed with fallback; new skips included).
+    /// Units of the top scope resolved for the run's completion (done, skipped, failed with fallback; new skips
+    /// included): top-level nodes, and every node of a top-level loop whose controller broke.
     pub resolved: Vec<String>,
 }
 
-/// Replay the join rule over the recorded results (pure): arrivals from every resolved node, skip cascades,
-/// and the nodes that are ready. Linear in the run's records and the graph's effective edges.
+/// Arrival sets per target instance, rebuilt by the replay.
+#[derive(Default)]
+struct Arrivals {
+    arrived: BTreeMap<InstanceKey, BTreeSet<String>>,
+    taken: BTreeMap<InstanceKey, BTreeSet<String>>,
+    /// Instances a loop's `continue` fired directly.
+    continued: BTreeSet<InstanceKey>,
+}
+
+/// Replay the join rule over the recorded results (pure), per node instance: arrivals from every resolved
+/// instance (into the target instance [`loops::arrivals`] gives), skip cascades, and the instances that are
+/// ready. Linear in the run's records and the graph's effective edges.
 pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
-    let mut arrived: HashMap<String, BTreeSet<String>> = HashMap::new();
-    let mut taken: HashMap<String, BTreeSet<String>> = HashMap::new();
-    let cascaded: Vec<NodeRecord> = skip_cascade(graph, records, &mut arrived, &mut taken);
-    let skipped: Vec<String> = cascaded.iter().map(|r| r.node_id.clone()).collect();
-    let resolved: HashSet<&str> = records.iter().chain(&cascaded).map(|r| r.node_id.as_str()).collect();
+    let mut state = Arrivals::default();
+    let cascaded: Vec<NodeRecord> = skip_cascade(graph, records, &mut state);
+    let skipped: Vec<InstanceKey> = cascaded.iter().map(NodeRecord::key).collect();
+    let resolved: HashSet<InstanceKey> = records.iter().chain(&cascaded).map(NodeRecord::key).collect();
+    // Candidates in blueprint order, then instance: start nodes, and every instance something arrived at.
+    let order = |k: &InstanceKey| (graph.index_of(&k.node_id).unwrap_or(usize::MAX), k.instance.clone());
+    let mut candidates: BTreeMap<(usize, String), InstanceKey> = BTreeMap::new();
+    let starts = graph.start_nodes().into_iter().map(|n| InstanceKey::new(n, graph.start_instance(n)));
+    for key in starts.chain(state.arrived.keys().cloned()).chain(state.continued.iter().cloned()) {
+        candidates.insert(order(&key), key);
+    }
     let (mut ready, mut decided, mut joins) = (Vec::new(), Vec::new(), Vec::new());
-    for node in graph.node_ids() {
-        let (a, t) = (arrived.remove(node).unwrap_or_default(), taken.remove(node).unwrap_or_default());
-        let expected = graph.source_count(node);
-        let decision = decide(a.len(), t.len(), expected, graph.join(node));
+    for key in candidates.into_values() {
+        let a = state.arrived.remove(&key).unwrap_or_default();
+        let t = state.taken.remove(&key).unwrap_or_default();
+        let expected = graph.source_count(&key.node_id);
+        let decision = if state.continued.contains(&key) {
+            JoinDecision::Fire
+        } else {
+            decide(a.len(), t.len(), expected, graph.join(&key.node_id))
+        };
         if expected > 1 {
             if decision != JoinDecision::Wait {
-                decided.push(node.to_string());
+                decided.push(key.scoped().into_owned());
             }
             if !a.is_empty() {
                 joins.push(JoinState {
-                    node_id: node.to_string(),
+                    node_id: key.scoped().into_owned(),
                     arrived: a.into_iter().collect(),
                     taken: t.into_iter().collect(),
                 });
             }
         }
-        if decision == JoinDecision::Fire && !resolved.contains(node) {
-            ready.push(node.to_string());
+        if decision == JoinDecision::Fire && !resolved.contains(&key) {
+            ready.push(key);
         }
     }
-    let resolved =
-        records.iter().chain(&cascaded).filter(|r| graph.is_resolved_ok(r)).map(|r| r.node_id.clone()).collect();
+    let mut units = HashSet::new();
+    let resolved = records
+        .iter()
+        .chain(&cascaded)
+        .filter(|r| graph.is_resolved_ok(r))
+        .flat_map(|r| loops::resolved_units(graph, r))
+        .filter(|u| units.insert(*u))
+        .map(str::to_string)
+        .collect();
     Plan { ready, skipped, joins, decided, resolved }
 }
 
-/// Send the arrivals of every record, skipping in turn each unrecorded node whose arrivals are all in and all
-/// skipped (the join rule says `Skip`); returns the nodes it skipped, in order.
-fn skip_cascade(
-    graph: &Graph,
-    records: &[NodeRecord],
-    arrived: &mut HashMap<String, BTreeSet<String>>,
-    taken: &mut HashMap<String, BTreeSet<String>>,
-) -> Vec<NodeRecord> {
-    let mut resolved: HashSet<String> = records.iter().map(|r| r.node_id.clone()).collect();
+/// Send the arrivals of every record, skipping in turn each unrecorded instance whose arrivals are all in and
+/// all skipped (the join rule says `Skip`); returns the instances it skipped, in order.
+fn skip_cascade(graph: &Graph, records: &[NodeRecord], state: &mut Arrivals) -> Vec<NodeRecord> {
+    let mut resolved: HashSet<InstanceKey> = records.iter().map(NodeRecord::key).collect();
     let mut skipped: Vec<NodeRecord> = Vec::new();
     let mut pending: VecDeque<NodeRecord> = records.iter().cloned().collect();
     while let Some(rec) = pending.pop_front() {
-        for a in graph.arrivals(&rec) {
-            let got = arrived.entry(a.target.clone()).or_default();
+        for a in loops::arrivals(graph, &rec) {
+            let key = InstanceKey::new(a.target, a.instance);
+            if a.next_iteration {
+                state.continued.insert(key);
+                continue;
+            }
+            let got = state.arrived.entry(key.clone()).or_default();
             got.insert(rec.node_id.clone());
-            let took = taken.entry(a.target.clone()).or_default();
+            let arrived = got.len();
+            let took = state.taken.entry(key.clone()).or_default();
             if a.taken {
                 took.insert(rec.node_id.clone());
             }
-            let decision = decide(got.len(), took.len(), graph.source_count(&a.target), graph.join(&a.target));
-            if decision == JoinDecision::Skip && resolved.insert(a.target.clone()) {
-                let skip = NodeRecord::skipped(&a.target);
+            let decision = decide(arrived, took.len(), graph.source_count(&key.node_id), graph.join(&key.node_id));
+            if decision == JoinDecision::Skip && resolved.insert(key.clone()) {
+                let skip = NodeRecord::skipped(&key.node_id).at(&key.instance);
                 skipped.push(skip.clone());
                 pending.push_back(skip);
             }
         }
     }
     skipped
+}
+
+/// The predecessor whose taken arrival fired an `any` join instance first (its input comes from that one).
+fn any_source(graph: &Graph, records: &[NodeRecord], key: &InstanceKey) -> Option<String> {
+    records
+        .iter()
+        .filter(|r| r.status == NodeStatus::Done)
+        .filter(|r| {
+            loops::arrivals(graph, r).iter().any(|a| a.taken && a.target == key.node_id && a.instance == key.instance)
+        })
+        .min_by_key(|r| (r.finished_at, r.node_id.clone()))
+        .map(|r| r.node_id.clone())
 }
 
 #[cfg(test)]
@@ -323,6 +362,10 @@ mod tests {
     fn graph(v: Value) -> Graph {
         let bp: Blueprint = serde_json::from_value(v).unwrap();
         Graph::build(bp, Some(&Registry::with_builtins())).unwrap()
+    }
+
+    fn names(keys: &[InstanceKey]) -> Vec<String> {
+        keys.iter().map(InstanceKey::to_string).collect()
     }
 
     fn done(id: &str, taken: &[&str], action: Option<&str>) -> NodeRecord {
@@ -345,11 +388,11 @@ mod tests {
             ]
         }));
         // Fresh run: only the start node.
-        assert_eq!(plan(&g, &[]).ready, vec!["s"]);
+        assert_eq!(names(&plan(&g, &[]).ready), vec!["s"]);
         // s took x: x is ready; y, y2 and the fallback are skipped, never started.
         let p = plan(&g, &[done("s", &["x"], Some("x"))]);
-        assert_eq!(p.ready, vec!["x"]);
-        let mut skipped = p.skipped.clone();
+        assert_eq!(names(&p.ready), vec!["x"]);
+        let mut skipped = names(&p.skipped);
         skipped.sort();
         assert_eq!(skipped, vec!["fb", "y", "y2"]);
     }
@@ -362,14 +405,14 @@ mod tests {
             "edges": [{"source": "a", "target": "j"}, {"source": "b", "target": "j"}]
         }));
         let p = plan(&g, &[done("a", &["j"], None)]);
-        assert_eq!(p.ready, vec!["b"]);
+        assert_eq!(names(&p.ready), vec!["b"]);
         assert!(p.decided.is_empty());
         assert_eq!(
             p.joins,
             vec![JoinState { node_id: "j".into(), arrived: vec!["a".into()], taken: vec!["a".into()] }]
         );
         let p = plan(&g, &[done("a", &["j"], None), done("b", &[], None)]);
-        assert_eq!(p.ready, vec!["j"]);
+        assert_eq!(names(&p.ready), vec!["j"]);
         assert_eq!(p.decided, vec!["j"]);
         let p = plan(&g, &[done("a", &["j"], None), done("b", &[], None), done("j", &[], None)]);
         assert!(p.ready.is_empty());

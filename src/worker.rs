@@ -26,7 +26,10 @@ use tracing::{debug, info, warn};
 
 use crate::flow::join::decide;
 use crate::flow::limits;
-use crate::flow::{BlueprintError, BlueprintSet, ContextHandle, Graph, Node, NodeCtx, NodeError, NodeOutput, Registry};
+use crate::flow::{
+    BlueprintError, BlueprintSet, ContextHandle, Graph, InstanceKey, Node, NodeCtx, NodeError, NodeOutput, Registry,
+    instance, loops,
+};
 use crate::metrics::WorkerMetrics;
 use crate::report::Chain;
 use crate::store::{
@@ -220,7 +223,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             Ok(job) => job,
             Err(reason) => return Ok(Settle::DeadLetter(reason)),
         };
-        let store_err = |source| WorkerError::Store { job: format!("{}/{}", job.run_id, job.node_id), source };
+        let store_err = |source| WorkerError::Store { job: job.display(), source };
         let graph = match self.graph_for(&job) {
             Ok(graph) => graph,
             Err(reason) => return self.send_back_or_fail(&job, reason).await.map_err(store_err),
@@ -234,7 +237,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             return Ok(settle);
         }
         // 3. Already recorded: route as the first delivery did. 4–5. Else lease, execute, record, release.
-        let (record, outcome) = match view.record(&job.node_id).cloned() {
+        let (record, outcome) = match view.record_at(&job.node_id, &job.instance).cloned() {
             Some(record) => (record, "duplicate"),
             None => match self.run_node(&graph, &job, view, redelivered).await.map_err(store_err)? {
                 Ran::Recorded(record, outcome) => (record, outcome),
@@ -271,7 +274,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// The run's view for the job (status, context, the records its input needs); a job of a run that does not
     /// exist or cannot be read is dead-lettered (the unreadable run fails).
     async fn view_for(&self, job: &Job, graph: &Graph) -> Result<Result<JobView, Settle>, StoreError> {
-        match self.store.job_view(&job.run_id, &graph.input_dependencies(&job.node_id)).await {
+        let (exact, latest) = loops::record_keys(graph, &job.node_id, &job.instance);
+        match self.store.job_view_at(&job.run_id, &exact, &latest).await {
             Ok(Some(view)) => Ok(Ok(view)),
             Ok(None) => Ok(Err(Settle::DeadLetter(format!("run {} does not exist", job.run_id)))),
             Err(error @ StoreError::Corrupt { .. }) => {
@@ -343,7 +347,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// killing its workers gives up (see `crash`).
     async fn run_node(&self, graph: &Graph, job: &Job, view: JobView, redelivered: bool) -> Result<Ran, StoreError> {
         let turn = self.crashes.turn(redelivered || job.attempt > 0).await;
-        let Some(token) = self.coord.acquire_lease(&job.run_id, &job.node_id, self.config.lease_ttl).await? else {
+        let key = job.scoped();
+        let Some(token) = self.coord.acquire_lease(&job.run_id, &key, self.config.lease_ttl).await? else {
             // Another worker runs this node: come back later (growing delay, at most one lease TTL).
             let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
             let delay =
@@ -351,9 +356,9 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             self.queue.publish_delayed(&again, delay).await?;
             return Ok(Ran::LeaseConflict);
         };
-        let given_up = turn.count(&*self.coord, &job.run_id, &job.node_id).await;
+        let given_up = turn.count(&*self.coord, &job.run_id, &key).await;
         if !matches!(given_up, Ok(None)) {
-            let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
+            let _ = self.coord.release_lease(&job.run_id, &key, &token).await;
             let reason = given_up?.unwrap_or_default();
             self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await?;
             return Ok(Ran::GaveUp(reason));
@@ -367,11 +372,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let recorded = match self.record(graph, job, executed).await {
             Ok(recorded) => recorded,
             Err(error) => {
-                let _ = self.coord.release_lease(&job.run_id, &job.node_id, &token).await;
+                let _ = self.coord.release_lease(&job.run_id, &key, &token).await;
                 return Err(error);
             }
         };
-        turn.survived(&*self.coord, &job.run_id, &job.node_id).await;
+        turn.survived(&*self.coord, &job.run_id, &key).await;
         Ok(match recorded {
             (RecordOutcome::Inserted, mine) => {
                 let outcome = if mine.status == NodeStatus::Done { "done" } else { "failed" };
@@ -396,7 +401,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 warn!(run_id = %job.run_id, node = %job.node_id, error = %why, "Result rejected by the store; recording the node as failed.");
                 let error = format!("the node's result cannot be stored: {why}");
                 let taken = graph.route_failure(&job.node_id).taken;
-                let failed = NodeRecord::failed(&job.node_id, &clean(&error), taken, executed.record.attempts);
+                let failed =
+                    NodeRecord::failed(&job.node_id, &clean(&error), taken, executed.record.attempts).at(&job.instance);
                 let outcome = self.store.record(&job.run_id, &failed, &Map::new()).await?;
                 Ok((outcome, failed))
             }
@@ -410,7 +416,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let keeper = tokio::spawn(keep_lease(
             self.coord.clone(),
             self.store.clone(),
-            (job.run_id.clone(), job.node_id.clone(), token.clone()),
+            (job.run_id.clone(), job.scoped().into_owned(), token.clone()),
             self.config.lease_ttl,
             stop.clone(),
         ));
@@ -431,15 +437,20 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         }
         let (jobs, skipped) = self.arrive_all(graph, job, record).await?;
         if !skipped.is_empty() {
-            self.store.record_skipped(&job.run_id, &skipped).await?;
+            self.store.record_skipped_at(&job.run_id, &skipped).await?;
         }
         if !jobs.is_empty() {
             self.queue.publish(&jobs).await?;
         }
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-publish");
-        let mut resolved: Vec<&str> = vec![record.node_id.as_str()];
-        resolved.extend(skipped.iter().map(String::as_str));
+        let mut resolved: Vec<&str> = loops::resolved_units(graph, record);
+        for key in &skipped {
+            resolved.extend(loops::resolved_units(graph, &NodeRecord::skipped(&key.node_id).at(&key.instance)));
+        }
+        if resolved.is_empty() {
+            return Ok(());
+        }
         if self.coord.resolve(&job.run_id, &resolved, graph.node_count()).await? {
             if self.store.finish_run(&job.run_id, RunStatus::Completed, &json!({})).await? {
                 self.metrics.run_finished(RunStatus::Completed);
@@ -453,7 +464,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// A node failed without fallback: the run fails, naming it.
     async fn fail_run_at(&self, graph: &Graph, run_id: &str, record: &NodeRecord) -> Result<(), StoreError> {
         let reason = record.run_failure();
-        let data = json!({ "error": reason, "node": record.node_id });
+        let data = if record.instance.is_empty() {
+            json!({ "error": reason, "node": record.node_id })
+        } else {
+            json!({ "error": reason, "node": record.node_id, "instance": record.instance })
+        };
         if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
             self.metrics.run_finished(RunStatus::Failed);
             warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
@@ -467,34 +482,39 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let _ = self.coord.forget(run_id, &nodes).await;
     }
 
-    /// Send the arrivals of `record` and of every node it skips in turn: the jobs that fired and the nodes
-    /// skipped. A node with one predecessor decides by the join rule at once; joins decide in the coordinator.
+    /// Send the arrivals of `record` and of every node it skips in turn: the jobs that fired and the instances
+    /// skipped. A node with one predecessor decides by the join rule at once; joins decide in the coordinator,
+    /// keyed by target instance; a loop's `continue` fires the next iteration of its start directly.
     async fn arrive_all(
         &self,
         graph: &Graph,
         job: &Job,
         record: &NodeRecord,
-    ) -> Result<(Vec<Job>, Vec<String>), StoreError> {
+    ) -> Result<(Vec<Job>, Vec<InstanceKey>), StoreError> {
         let mut jobs = Vec::new();
         let mut skipped = Vec::new();
         let mut seen = HashSet::new();
         let mut queue = VecDeque::from([record.clone()]);
         while let Some(rec) = queue.pop_front() {
-            for arrival in graph.arrivals(&rec) {
+            for arrival in loops::arrivals(graph, &rec) {
                 let (expected, strategy) = (graph.source_count(&arrival.target), graph.join(&arrival.target));
-                let decision = if expected <= 1 {
+                let decision = if arrival.next_iteration {
+                    JoinDecision::Fire
+                } else if expected <= 1 {
                     decide(1, usize::from(arrival.taken), 1, strategy)
                 } else {
-                    let node_id = arrival.target.as_str();
+                    let node_id = instance::scoped(&arrival.target, &arrival.instance);
                     let (source, taken) = (rec.node_id.as_str(), arrival.taken);
                     let run_id = job.run_id.as_str();
+                    let node_id = node_id.as_ref();
                     self.coord.arrive(&JoinArrival { run_id, node_id, source, taken, expected, strategy }).await?
                 };
+                let key = InstanceKey::new(arrival.target, arrival.instance);
                 match decision {
-                    JoinDecision::Fire => jobs.push(next_job(job, &arrival.target, &rec.node_id, expected, strategy)),
-                    JoinDecision::Skip if seen.insert(arrival.target.clone()) => {
-                        queue.push_back(NodeRecord::skipped(&arrival.target));
-                        skipped.push(arrival.target);
+                    JoinDecision::Fire => jobs.push(next_job(job, &key, &rec.node_id, expected, strategy)),
+                    JoinDecision::Skip if seen.insert(key.clone()) => {
+                        queue.push_back(NodeRecord::skipped(&key.node_id).at(&key.instance));
+                        skipped.push(key);
                     }
                     JoinDecision::Skip | JoinDecision::Wait => {}
                 }
@@ -510,14 +530,23 @@ fn decode(body: &[u8]) -> Result<Job, String> {
     if job.run_id.is_empty() || job.node_id.is_empty() || job.blueprint_id.is_empty() {
         return Err("job has an empty runId, blueprintId or nodeId".into());
     }
+    if !instance::is_valid(&job.instance) {
+        return Err(format!("job has an invalid instance {:?}", crate::text::shorten(&job.instance, 64)));
+    }
     // No run can have such an id (start_run refuses it): nothing to fail, and retrying cannot help.
     crate::run_id::validate_run_id(&job.run_id).map_err(|e| format!("job has {e}"))?;
     Ok(job)
 }
 
-/// The job of a node that fired; an `any` join's job names the predecessor that fired it (its input).
-fn next_job(job: &Job, target: &str, source: &str, expected: usize, strategy: crate::flow::JoinStrategy) -> Job {
-    let mut next = Job::new(&job.run_id, &job.blueprint_id, target);
+/// The job of a node instance that fired; an `any` join's job names the predecessor that fired it (its input).
+fn next_job(
+    job: &Job,
+    target: &InstanceKey,
+    source: &str,
+    expected: usize,
+    strategy: crate::flow::JoinStrategy,
+) -> Job {
+    let mut next = Job::new(&job.run_id, &job.blueprint_id, &target.node_id).at(&target.instance);
     if expected > 1 && strategy == crate::flow::JoinStrategy::Any {
         next.source = Some(source.to_string());
     }
@@ -560,9 +589,11 @@ struct Executed {
 }
 
 impl Executed {
-    /// The node failed after `attempts` attempts (its fallback, if any, takes over).
-    fn failed(graph: &Graph, node_id: &str, attempts: u32, error: &str) -> Self {
-        let record = NodeRecord::failed(node_id, &clean(error), graph.route_failure(node_id).taken, attempts);
+    /// The job's node failed after `attempts` attempts (its fallback, if any, takes over).
+    fn failed(graph: &Graph, job: &Job, attempts: u32, error: &str) -> Self {
+        let node_id = job.node_id.as_str();
+        let taken = graph.route_failure(node_id).taken;
+        let record = NodeRecord::failed(node_id, &clean(error), taken, attempts).at(&job.instance);
         Self { record, writes: Map::new() }
     }
 }
@@ -571,14 +602,18 @@ impl Executed {
 async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, job: &Job, view: &JobView) -> Executed {
     let node_id = job.node_id.as_str();
     let Some(def) = graph.node(node_id) else {
-        return Executed::failed(graph, node_id, 0, &format!("node '{node_id}' is not in blueprint '{}'", graph.id()));
+        return Executed::failed(graph, job, 0, &format!("node '{node_id}' is not in blueprint '{}'", graph.id()));
     };
     let Some(implementation) = registry.get(&def.uses) else {
         let error = format!("no implementation is registered for uses '{}' (node '{node_id}')", def.uses);
-        return Executed::failed(graph, node_id, 0, &error);
+        return Executed::failed(graph, job, 0, &error);
     };
     let records: HashMap<&str, &NodeRecord> = view.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
-    let input = graph.input_for(node_id, &view.run.input, &view.context, &records, job.source.as_deref());
+    let input = match loops::continued_from(graph, node_id, &job.instance) {
+        // A loop's next iteration: its input is what the controller's `continue` edge gave it.
+        Some(prev) => loops::continued_input(node_id, &prev, &view.context, &records),
+        None => graph.input_for(node_id, &view.run.input, &view.context, &records, job.source.as_deref()),
+    };
     let policy = graph.policy(node_id).cloned().unwrap_or_default();
     let mut attempt = 0;
     loop {
@@ -605,7 +640,7 @@ async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, jo
         let more = error.retryable && attempt < policy.attempts;
         warn!(run_id = %job.run_id, node = %node_id, attempt, retry = more, error = %clean(&error.to_string()), "Node attempt failed.");
         if !more {
-            return Executed::failed(graph, node_id, attempt, &error.message);
+            return Executed::failed(graph, job, attempt, &error.message);
         }
         metrics.retries.inc();
         tokio::time::sleep(policy.delay(attempt)).await;
@@ -658,10 +693,11 @@ fn routed(
     max_payload: usize,
 ) -> Executed {
     let node_id = job.node_id.as_str();
-    let ctx_value = if graph.routing_uses_context() { context.to_value() } else { Value::Null };
+    let ctx_value =
+        if graph.routing_uses_context() { loops::with_output_aliases(context.to_value()) } else { Value::Null };
     let routing = match graph.route(node_id, &out.output, out.action.as_deref(), input, &ctx_value) {
         Ok(routing) => routing,
-        Err(e) => return Executed::failed(graph, node_id, attempt, &e.to_string()),
+        Err(e) => return Executed::failed(graph, job, attempt, &e.to_string()),
     };
     let mut writes = context.writes();
     // `_outputs.*` and `_inputs.*` belong to the engine: a node cannot overwrite another's.
@@ -676,9 +712,13 @@ fn routed(
         writes.insert(crate::flow::edge_input_key(&target, node_id), value);
     }
     if let Err(e) = limits::check_node_result(max_payload, node_id, &out.output, &writes) {
-        return Executed::failed(graph, node_id, attempt, &e.to_string());
+        return Executed::failed(graph, job, attempt, &e.to_string());
     }
-    Executed { record: NodeRecord::done(node_id, out.output, out.action, routing.taken, attempt), writes }
+    let record = NodeRecord::done(node_id, out.output, out.action, routing.taken, attempt).at(&job.instance);
+    if let Some(why) = loops::over_limit(graph, &record) {
+        return Executed::failed(graph, job, attempt, &why);
+    }
+    Executed { record, writes }
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -749,8 +789,13 @@ mod tests {
         async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
             self.inner.create_run(run).await
         }
-        async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
-            self.inner.job_view(run_id, nodes).await
+        async fn job_view_at(
+            &self,
+            run_id: &str,
+            exact: &[InstanceKey],
+            latest: &[InstanceKey],
+        ) -> StoreResult<Option<JobView>> {
+            self.inner.job_view_at(run_id, exact, latest).await
         }
         async fn record(
             &self,
@@ -768,8 +813,8 @@ mod tests {
             }
             self.inner.record(run_id, record, writes).await
         }
-        async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
-            self.inner.record_skipped(run_id, node_ids).await
+        async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()> {
+            self.inner.record_skipped_at(run_id, keys).await
         }
         async fn finish_run(&self, run_id: &str, status: RunStatus, data: &Value) -> StoreResult<bool> {
             self.inner.finish_run(run_id, status, data).await

@@ -978,6 +978,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
     for node in ["fetch", "notify"] {
         let record = NodeRecord {
             node_id: node.into(),
+            instance: String::new(),
             status: NodeStatus::Done,
             action: None,
             output: json!({"ok": true}),

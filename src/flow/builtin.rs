@@ -1,5 +1,6 @@
 //! Built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`), their params checks and durations.
 
+pub mod control;
 mod http;
 
 use std::collections::HashMap;
@@ -23,11 +24,13 @@ pub fn register_all(registry: &mut Registry, limits: &Limits) {
         .register("log", Log)
         .register("sleep", Sleep)
         .register("fail", Fail)
-        .register("http", http::Http::new(limits));
+        .register("http", http::Http::new(limits))
+        .register(crate::flow::loops::LOOP_CONTROLLER, control::LoopController::new(limits));
 }
 
 impl Registry {
-    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`) and the default
+    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`, `loop-controller`)
+    /// and the default
     /// [`Limits`].
     pub fn with_builtins() -> Self {
         Self::with_builtins_config(&Limits::default())

@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use super::BlueprintError;
 use super::blueprint::{Blueprint, Inputs, JoinStrategy, NodeDef};
 use super::expr::{Expr, ExprError, Vars};
+use super::loops::{self, LoopInput, Loops};
 use super::node::Registry;
 use super::record::{NodeRecord, NodeStatus};
 use super::retry::RetryPolicy;
@@ -39,7 +40,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self { code, message: message.into() }
     }
 }
@@ -100,8 +101,10 @@ struct GNode {
     out: Vec<u32>,
     /// Distinct effective targets, in first-edge order (the fallback last).
     targets: Vec<usize>,
-    /// Distinct effective sources, in index order.
+    /// Distinct effective sources, in index order (a loop controller's `continue` edge is not one).
     sources: Vec<usize>,
+    /// For a loop controller: the target of its `continue` edge (see [`crate::flow::loops`]).
+    cont: Option<usize>,
 }
 
 /// A validated blueprint, analysed for execution. Cheap to share (`Arc` it).
@@ -113,6 +116,7 @@ pub struct Graph {
     index: HashMap<String, usize>,
     start: Vec<usize>,
     uses_context: bool,
+    loops: Loops,
 }
 
 /// The blueprint's own structure, checked: node indices, and each node's blueprint edges.
@@ -141,6 +145,7 @@ impl Graph {
             let message = format!("fallbacks form a cycle: {} -> {}", names.join(" -> "), names[0]);
             return Err(invalid(vec![Problem::new("bad-fallback", message)]));
         }
+        let continues = continue_edges(&bp, &checked).map_err(invalid)?;
         let out = effective_edges(&fallback, checked.own, checked.edges.len())
             .map_err(|at| invalid(vec![too_many_edges(&bp.nodes[at].id)]))?;
         let mut nodes: Vec<GNode> = bp
@@ -148,7 +153,8 @@ impl Graph {
             .iter()
             .zip(fallback)
             .zip(out)
-            .map(|((def, fallback), out)| GNode {
+            .zip(continues)
+            .map(|(((def, fallback), out), cont)| GNode {
                 def: def.clone(),
                 policy: RetryPolicy::from_config(&def.config),
                 join: def.config.join_strategy.unwrap_or_default(),
@@ -156,16 +162,24 @@ impl Graph {
                 out,
                 targets: Vec::new(),
                 sources: Vec::new(),
+                cont,
             })
             .collect();
         let self_loops = link(&mut nodes, &checked.edges);
         check_cycles(&nodes, &self_loops).map_err(invalid)?;
+        let loops = loops::analyse(&LoopInput {
+            names: nodes.iter().map(|n| n.def.id.as_str()).collect(),
+            targets: nodes.iter().map(|n| n.targets.as_slice()).collect(),
+            continues: nodes.iter().map(|n| n.cont).collect(),
+            max_iterations: nodes.iter().map(|n| max_iterations(&n.def)).collect(),
+        })
+        .map_err(invalid)?;
         let start: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].sources.is_empty()).collect();
         let uses_context = checked.edges.iter().any(|e| {
             e.condition.as_ref().is_some_and(|c| c.uses_variable("context"))
                 || e.transform.as_ref().is_some_and(|t| t.uses_variable("context"))
         });
-        Ok(Self { bp: Arc::new(bp), nodes, edges: checked.edges, index: checked.index, start, uses_context })
+        Ok(Self { bp: Arc::new(bp), nodes, edges: checked.edges, index: checked.index, start, uses_context, loops })
     }
 
     /// The blueprint.
@@ -268,6 +282,31 @@ impl Graph {
 
     fn idx(&self, node: &str) -> Option<usize> {
         self.index.get(node).copied()
+    }
+
+    /// The index of a node (the order of the blueprint's nodes).
+    pub fn index_of(&self, node: &str) -> Option<usize> {
+        self.idx(node)
+    }
+
+    /// The id of the node at `index` (`""` when out of range).
+    pub fn name_of(&self, index: usize) -> &str {
+        self.nodes.get(index).map_or("", |n| n.def.id.as_str())
+    }
+
+    /// The blueprint's loops ([`crate::flow::loops`]).
+    pub fn loops(&self) -> &Loops {
+        &self.loops
+    }
+
+    /// The first instance of a start node: iteration 0 of every loop it is in (`""` outside loops).
+    pub fn start_instance(&self, node: &str) -> String {
+        super::instance::first(self.idx(node).map_or(0, |i| self.loops.depth(i)))
+    }
+
+    /// Whether the graph has loops (its runs have node instances; see docs/architecture.md, "Node instances").
+    pub fn is_dynamic(&self) -> bool {
+        !self.loops.is_empty()
     }
 
     /// Route a successful result: edges whose `action` equals the node's action (condition-filtered), else the
@@ -533,6 +572,9 @@ fn check_nodes(bp: &Blueprint, registry: Option<&Registry>, problems: &mut Vec<P
             problems.push(Problem::new("missing-id", format!("node #{} has an empty id", i + 1)));
             continue;
         }
+        if n.id.contains(super::instance::SCOPE_SEPARATOR) {
+            problems.push(Problem::new("bad-id", format!("node id {:?} holds the control character U+001F", n.id)));
+        }
         if index.insert(n.id.clone(), i).is_some() {
             problems.push(Problem::new("duplicate-node", format!("node id '{}' is used more than once", n.id)));
         }
@@ -753,12 +795,15 @@ fn link(nodes: &mut [GNode], edges: &[Edge]) -> Vec<usize> {
                 targets.push(t);
             }
         }
-        if seen[s] == s {
+        if seen[s] == s && nodes[s].cont != Some(s) {
             self_loops.push(s);
         }
-        // Sources are pushed in increasing `s`: sorted and distinct.
+        // Sources are pushed in increasing `s`: sorted and distinct. A `continue` edge fires its target at the
+        // next iteration directly: it is not a join source.
         for &t in &targets {
-            nodes[t].sources.push(s);
+            if nodes[s].cont != Some(t) {
+                nodes[t].sources.push(s);
+            }
         }
         nodes[s].targets = targets;
     }
@@ -772,7 +817,10 @@ fn check_cycles(nodes: &[GNode], self_loops: &[usize]) -> Result<(), Vec<Problem
         .map(|&n| {
             Problem::new(
                 "cycle",
-                format!("node '{}' has an edge to itself (loops are not supported yet)", nodes[n].def.id),
+                format!(
+                    "node '{}' has an edge to itself (repeat work with a loop-controller and its continue edge)",
+                    nodes[n].def.id
+                ),
             )
         })
         .collect();
@@ -780,13 +828,53 @@ fn check_cycles(nodes: &[GNode], self_loops: &[usize]) -> Result<(), Vec<Problem
         let names: Vec<&str> = cycle.iter().map(|&i| nodes[i].def.id.as_str()).collect();
         problems.push(Problem::new(
             "cycle",
-            format!("the graph has a cycle {} -> {} (loops are not supported yet)", names.join(" -> "), names[0]),
+            format!(
+                "the graph has a cycle {} -> {} that is not closed by a loop-controller's continue edge",
+                names.join(" -> "),
+                names[0]
+            ),
         ));
     }
     if !nodes.is_empty() && nodes.iter().all(|n| !n.sources.is_empty()) {
         problems.push(Problem::new("no-start-node", "no start node: every node has an incoming edge"));
     }
     if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
+/// Per node, the target of its `continue` edge when it is a loop controller; a controller without one, or with
+/// several, is a problem.
+fn continue_edges(bp: &Blueprint, checked: &Checked) -> Result<Vec<Option<usize>>, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut out = vec![None; bp.nodes.len()];
+    for (i, n) in bp.nodes.iter().enumerate().filter(|(_, n)| n.uses == loops::LOOP_CONTROLLER) {
+        let mut targets: Vec<usize> = checked.own[i]
+            .iter()
+            .map(|&e| &checked.edges[e as usize])
+            .filter(|e| e.action.as_deref() == Some(loops::CONTINUE))
+            .map(|e| e.target)
+            .collect();
+        targets.dedup();
+        match targets.as_slice() {
+            [t] => out[i] = Some(*t),
+            [] => problems.push(Problem::new(
+                "bad-loop",
+                format!(
+                    "loop-controller '{}' has no continue edge (an edge from it with action 'continue' back to the loop's first node)",
+                    n.id
+                ),
+            )),
+            _ => problems.push(Problem::new(
+                "bad-loop",
+                format!("loop-controller '{}' has continue edges to several nodes; a loop has one start", n.id),
+            )),
+        }
+    }
+    if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+/// A loop controller's `params.maxIterations` (default [`loops::DEFAULT_MAX_ITERATIONS`]).
+fn max_iterations(def: &NodeDef) -> u64 {
+    def.params.get("maxIterations").and_then(Value::as_u64).unwrap_or(loops::DEFAULT_MAX_ITERATIONS)
 }
 
 /// One cycle of the graph through at least two nodes, if any (iterative DFS with colours, O(V + E)).
@@ -807,6 +895,10 @@ fn find_cycle(nodes: &[GNode]) -> Option<Vec<usize>> {
         while let Some(&mut (n, ref mut next)) = stack.last_mut() {
             if let Some(&t) = nodes[n].targets.get(*next) {
                 *next += 1;
+                if nodes[n].cont == Some(t) {
+                    // Every cycle must pass through a loop's `continue` edge: those are left out of the check.
+                    continue;
+                }
                 match colour[t] {
                     Colour::White => {
                         colour[t] = Colour::Grey;

@@ -6,8 +6,10 @@ pub mod builtin;
 pub mod egress;
 pub mod expr;
 pub mod graph;
+pub mod instance;
 pub mod join;
 pub mod limits;
+pub mod loops;
 pub mod node;
 pub mod record;
 pub mod retry;
@@ -19,6 +21,7 @@ pub use blueprint::{Blueprint, EdgeDef, Inputs, JoinStrategy, NodeConfig, NodeDe
 pub use egress::EgressPolicy;
 pub use expr::{EvalLimits, Expr, ExprError};
 pub use graph::{Arrival, Graph, Problem, RouteError, Routing, edge_input_key};
+pub use instance::InstanceKey;
 pub use join::JoinDecision;
 pub use limits::{HttpLimits, Limits, TooLarge};
 pub use node::{ContextHandle, Node, NodeCtx, NodeError, NodeOutput, Registry};

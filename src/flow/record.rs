@@ -48,6 +48,9 @@ impl NodeStatus {
 pub struct NodeRecord {
     /// The node.
     pub node_id: String,
+    /// The node instance (docs/architecture.md, "Node instances"): `""` outside loops and batches.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
     /// How it was resolved.
     pub status: NodeStatus,
     /// The action it returned.
@@ -82,6 +85,7 @@ impl NodeRecord {
     ) -> Self {
         Self {
             node_id: node_id.into(),
+            instance: String::new(),
             status: NodeStatus::Done,
             action,
             output,
@@ -97,6 +101,7 @@ impl NodeRecord {
     pub fn failed(node_id: impl Into<String>, error: &str, taken: Vec<String>, attempts: u32) -> Self {
         Self {
             node_id: node_id.into(),
+            instance: String::new(),
             status: NodeStatus::Failed,
             action: None,
             output: Value::Null,
@@ -107,11 +112,22 @@ impl NodeRecord {
         }
     }
 
+    /// The same record at another instance.
+    pub fn at(mut self, instance: impl Into<String>) -> Self {
+        self.instance = instance.into();
+        self
+    }
+
+    /// The key of the instance this record resolves.
+    pub fn key(&self) -> crate::flow::InstanceKey {
+        crate::flow::InstanceKey::new(&self.node_id, &self.instance)
+    }
+
     /// Why the run fails when this node failed without a fallback.
     pub fn run_failure(&self) -> String {
         format!(
             "node '{}' failed after {} attempt(s): {}",
-            self.node_id,
+            crate::flow::instance::display(&self.node_id, &self.instance),
             self.attempts,
             self.error.as_deref().unwrap_or("unknown error")
         )
@@ -121,6 +137,7 @@ impl NodeRecord {
     pub fn skipped(node_id: impl Into<String>) -> Self {
         Self {
             node_id: node_id.into(),
+            instance: String::new(),
             status: NodeStatus::Skipped,
             action: None,
             output: Value::Null,

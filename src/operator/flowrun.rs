@@ -364,7 +364,7 @@ mod tests {
             outputs: BTreeMap::new(),
             nodes: nodes
                 .iter()
-                .map(|(id, s)| (id.to_string(), NodeSummary { status: *s, attempts: 1, error: None }))
+                .map(|(id, s)| (id.to_string(), NodeSummary { status: *s, attempts: 1, error: None, instances: None }))
                 .collect(),
             error: error.map(str::to_string),
             blueprint_id: "order".into(),

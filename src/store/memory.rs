@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use super::{
-    Acker, Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, JoinState, LeaseToken, NewRun,
-    NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoreResult,
-    StoredBlueprint,
+    Acker, Coordinator, Delivery, InstanceKey, Job, JobQueue, JobView, JoinArrival, JoinDecision, JoinState,
+    LeaseToken, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
+    StoreResult, StoredBlueprint,
 };
 use crate::flow::join::Join;
 
@@ -165,7 +165,37 @@ impl JobQueue for MemoryQueue {
 struct RunEntry {
     info: RunInfo,
     context: Arc<Map<String, Value>>,
-    records: BTreeMap<String, NodeRecord>,
+    /// Records by (node, instance), each with the order it was written in (the "latest" of `job_view_at`).
+    records: BTreeMap<(String, String), (u64, NodeRecord)>,
+    written: u64,
+}
+
+impl RunEntry {
+    fn insert(&mut self, record: NodeRecord) {
+        self.written += 1;
+        self.records.insert((record.node_id.clone(), record.instance.clone()), (self.written, record));
+    }
+
+    fn get(&self, node_id: &str, instance: &str) -> Option<&NodeRecord> {
+        self.records.get(&(node_id.to_string(), instance.to_string())).map(|(_, r)| r)
+    }
+
+    /// Every record, in the order they were written.
+    fn in_written_order(&self) -> Vec<NodeRecord> {
+        let mut all: Vec<&(u64, NodeRecord)> = self.records.values().collect();
+        all.sort_by_key(|(seq, _)| *seq);
+        all.into_iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// The most recently written record of `node_id` whose instance starts with `prefix`.
+    fn latest(&self, node_id: &str, prefix: &str) -> Option<&NodeRecord> {
+        let from = (node_id.to_string(), prefix.to_string());
+        self.records
+            .range(from..)
+            .take_while(|((n, i), _)| n == node_id && i.starts_with(prefix))
+            .max_by_key(|(_, (seq, _))| *seq)
+            .map(|(_, (_, r))| r)
+    }
 }
 
 /// An in-process run store.
@@ -241,17 +271,28 @@ impl RunStore for MemoryStore {
                 },
                 context: Arc::new(context),
                 records: BTreeMap::new(),
+                written: 0,
             },
         );
         Ok(true)
     }
 
-    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
+    async fn job_view_at(
+        &self,
+        run_id: &str,
+        exact: &[InstanceKey],
+        latest: &[InstanceKey],
+    ) -> StoreResult<Option<JobView>> {
         let runs = lock(&self.runs);
         Ok(runs.get(run_id).map(|e| JobView {
             run: e.info.clone(),
             context: e.context.clone(),
-            records: nodes.iter().filter_map(|n| e.records.get(*n).cloned()).collect(),
+            records: exact
+                .iter()
+                .filter_map(|k| e.get(&k.node_id, &k.instance))
+                .chain(latest.iter().filter_map(|k| e.latest(&k.node_id, &k.instance)))
+                .cloned()
+                .collect(),
         }))
     }
 
@@ -265,7 +306,7 @@ impl RunStore for MemoryStore {
             if e.info.status == RunStatus::Running {
                 e.info.updated_at = Utc::now();
             }
-            if let Some(existing) = e.records.get(&record.node_id) {
+            if let Some(existing) = e.get(&record.node_id, &record.instance) {
                 return RecordOutcome::Existing(existing.clone());
             }
             let mut r = record.clone();
@@ -278,22 +319,22 @@ impl RunStore for MemoryStore {
             if r.status == NodeStatus::Done {
                 context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
             }
-            e.records.insert(r.node_id.clone(), r);
+            e.insert(r);
             RecordOutcome::Inserted
         })
     }
 
-    async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
+    async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()> {
         self.with_run(run_id, |e| {
             if e.info.status == RunStatus::Running {
                 e.info.updated_at = Utc::now();
             }
-            for n in node_ids {
-                e.records.entry(n.clone()).or_insert_with(|| {
-                    let mut r = NodeRecord::skipped(n.clone());
+            for k in keys {
+                if e.get(&k.node_id, &k.instance).is_none() {
+                    let mut r = NodeRecord::skipped(&k.node_id).at(&k.instance);
                     r.finished_at = Some(Utc::now());
-                    r
-                });
+                    e.insert(r);
+                }
             }
         })
     }
@@ -328,7 +369,7 @@ impl RunStore for MemoryStore {
     }
 
     async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
-        Ok(lock(&self.runs).get(run_id).map(|e| e.records.values().cloned().collect()).unwrap_or_default())
+        Ok(lock(&self.runs).get(run_id).map(|e| e.in_written_order()).unwrap_or_default())
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {

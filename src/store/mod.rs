@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::flow::JoinStrategy;
-pub use crate::flow::{JoinDecision, NodeRecord, NodeStatus};
+pub use crate::flow::{InstanceKey, JoinDecision, NodeRecord, NodeStatus};
 pub use error::{BackendError, StoreError, StoreResult};
 
 // ------------------------------------------------------------------------------------------------
@@ -34,6 +34,10 @@ pub struct Job {
     pub blueprint_id: String,
     /// The node to execute.
     pub node_id: String,
+    /// The node instance (docs/architecture.md, "Node instances"); omitted for `""`, so messages of plain DAGs
+    /// are unchanged.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
     /// How many times this job was sent back through the delay queue (lease conflicts); 0 for a fresh job.
     #[serde(default)]
     pub attempt: u32,
@@ -53,15 +57,36 @@ impl Job {
             run_id: run_id.into(),
             blueprint_id: blueprint_id.into(),
             node_id: node_id.into(),
+            instance: String::new(),
             attempt: 0,
             sent_back: 0,
             source: None,
         }
     }
 
-    /// A stable message id for the job (run, node, attempt).
+    /// The same job for another instance of its node.
+    pub fn at(mut self, instance: impl Into<String>) -> Self {
+        self.instance = instance.into();
+        self
+    }
+
+    /// A stable message id for the job (run, node, instance, attempt).
     pub fn message_id(&self) -> String {
-        format!("{}/{}/{}", self.run_id, self.node_id, self.attempt)
+        if self.instance.is_empty() {
+            format!("{}/{}/{}", self.run_id, self.node_id, self.attempt)
+        } else {
+            format!("{}/{}[{}]/{}", self.run_id, self.node_id, self.instance, self.attempt)
+        }
+    }
+
+    /// The job's node and instance as a coordinator key ([`crate::flow::instance::scoped`]).
+    pub fn scoped(&self) -> std::borrow::Cow<'_, str> {
+        crate::flow::instance::scoped(&self.node_id, &self.instance)
+    }
+
+    /// `run/node` or `run/node[instance]`, for messages.
+    pub fn display(&self) -> String {
+        format!("{}/{}", self.run_id, crate::flow::instance::display(&self.node_id, &self.instance))
     }
 }
 
@@ -217,6 +242,11 @@ impl JobView {
     pub fn record(&self, node_id: &str) -> Option<&NodeRecord> {
         self.records.iter().find(|r| r.node_id == node_id)
     }
+
+    /// The record of one instance, if it was among the requested ones and exists.
+    pub fn record_at(&self, node_id: &str, instance: &str) -> Option<&NodeRecord> {
+        self.records.iter().find(|r| r.node_id == node_id && r.instance == instance)
+    }
 }
 
 /// The outcome of recording a node result.
@@ -331,9 +361,22 @@ pub trait RunStore: Send + Sync + 'static {
     /// returns `false` when the run already existed (nothing is changed then).
     async fn create_run(&self, run: &NewRun) -> StoreResult<bool>;
 
-    /// The run's status row, its context, and the records of `nodes` that exist, in one round trip.
-    /// `None` when the run does not exist.
-    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>>;
+    /// The run's status row, its context, and the records of `nodes` (instance `""`) that exist, in one round
+    /// trip. `None` when the run does not exist.
+    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
+        let keys: Vec<InstanceKey> = nodes.iter().map(|n| InstanceKey::top(*n)).collect();
+        self.job_view_at(run_id, &keys, &[]).await
+    }
+
+    /// The run's status row, its context, and the records that exist of the instances `exact` and, for each of
+    /// `latest`, the most recently written record of that node whose instance starts with the given prefix (the
+    /// last iteration of a loop controller), in one round trip. `None` when the run does not exist.
+    async fn job_view_at(
+        &self,
+        run_id: &str,
+        exact: &[InstanceKey],
+        latest: &[InstanceKey],
+    ) -> StoreResult<Option<JobView>>;
 
     /// Record a node's result if none is recorded yet; when this write wins, also merge `context_writes` into
     /// the context. Touches the run's `updated_at` either way. One transaction.
@@ -344,8 +387,14 @@ pub trait RunStore: Send + Sync + 'static {
         context_writes: &Map<String, Value>,
     ) -> StoreResult<RecordOutcome>;
 
-    /// Record several skipped nodes (insert-if-absent each) and touch `updated_at`. One statement.
-    async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()>;
+    /// Record several skipped nodes (instance `""`, insert-if-absent each) and touch `updated_at`. One statement.
+    async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
+        let keys: Vec<InstanceKey> = node_ids.iter().map(InstanceKey::top).collect();
+        self.record_skipped_at(run_id, &keys).await
+    }
+
+    /// Record several skipped instances (insert-if-absent each) and touch `updated_at`. One statement.
+    async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()>;
 
     /// Move a `running` run to a terminal status with its data. Returns `false` when the run was no longer
     /// `running` (the first terminal state wins).

@@ -18,8 +18,8 @@ use tokio_postgres::types::{Json, ToSql};
 use crate::config::{DEFAULT_CONTEXTS_TABLE, DEFAULT_RESULTS_TABLE, DEFAULT_STATUSES_TABLE};
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
-    BackendError, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats, RecordOutcome, RunFilter,
-    RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
+    BackendError, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats, RecordOutcome,
+    RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
 };
 use crate::tls::TlsSettings;
 
@@ -259,6 +259,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../../migrations/V1__init.sql") },
     Migration { version: 2, name: "reconcile_stats", sql: include_str!("../../migrations/V2__reconcile_stats.sql") },
     Migration { version: 3, name: "console", sql: include_str!("../../migrations/V3__console.sql") },
+    Migration { version: 6, name: "node_instances", sql: include_str!("../../migrations/V6__node_instances.sql") },
 ];
 
 /// The newest schema version this binary knows (the last embedded migration).
@@ -304,12 +305,19 @@ SELECT count(*) AS created FROM s";
 const JOB_VIEW: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
        s.created_at, s.updated_at, c.context_data,
        (SELECT COALESCE(jsonb_agg(jsonb_build_object(
-                    'node_id', r.node_id, 'status', r.status, 'action', r.action, 'output', r.output,
-                    'taken', r.taken, 'attempts', r.attempts, 'error', r.error,
+                    'node_id', r.node_id, 'instance', r.instance, 'status', r.status, 'action', r.action,
+                    'output', r.output, 'taken', r.taken, 'attempts', r.attempts, 'error', r.error,
                     'finished_us', (extract(epoch FROM r.finished_at) * 1000000)::bigint)
-                ORDER BY r.finished_at, r.node_id), '[]'::jsonb)
-          FROM {results} r
-         WHERE r.run_id = s.run_id AND r.node_id = ANY($2::text[])) AS records
+                ORDER BY r.finished_at, r.node_id, r.instance), '[]'::jsonb)
+          FROM (SELECT e.* FROM {results} e
+                  JOIN unnest($2::text[], $3::text[]) AS k (node, inst) ON e.node_id = k.node AND e.instance = k.inst
+                 WHERE e.run_id = s.run_id
+                UNION ALL
+                SELECT l.* FROM unnest($4::text[], $5::text[]) AS p (node, prefix)
+                 CROSS JOIN LATERAL (SELECT * FROM {results} x
+                                      WHERE x.run_id = s.run_id AND x.node_id = p.node
+                                        AND starts_with(x.instance, p.prefix)
+                                      ORDER BY x.finished_at DESC LIMIT 1) AS l) AS r) AS records
   FROM {statuses} s
   LEFT JOIN {contexts} c ON c.run_id = s.run_id
  WHERE s.run_id = $1::text";
@@ -317,10 +325,10 @@ const JOB_VIEW: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.
 // All sub-statements share one snapshot, so `existing` sees a record committed before this statement; a record
 // committed concurrently (the ON CONFLICT waited for it) is invisible here and read by a follow-up query.
 const RECORD: &str = "WITH ins AS (
-    INSERT INTO {results} (run_id, node_id, status, action, output, taken, attempts, error)
-    SELECT $1::text, $2::text, $3::text, $4::text, $5::jsonb, $6::jsonb, $7::int, $8::text
+    INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error)
+    SELECT $1::text, $2::text, $10::text, $3::text, $4::text, $5::jsonb, $6::jsonb, $7::int, $8::text
      WHERE EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text)
-    ON CONFLICT (run_id, node_id) DO NOTHING
+    ON CONFLICT (run_id, node_id, instance) DO NOTHING
     RETURNING node_id
 ), ctx AS (
     UPDATE {contexts} SET context_data = context_data || $9::jsonb
@@ -330,21 +338,22 @@ const RECORD: &str = "WITH ins AS (
      WHERE run_id = $1::text AND status = 'running' AND updated_at < now() - interval '1 second'
 )
 SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
-       existing.node_id, existing.status, existing.action, existing.output, existing.taken, existing.attempts,
-       existing.error, existing.finished_at
+       existing.node_id, existing.instance, existing.status, existing.action, existing.output, existing.taken,
+       existing.attempts, existing.error, existing.finished_at
   FROM (VALUES (1)) AS one (x)
-  LEFT JOIN {results} existing ON existing.run_id = $1::text AND existing.node_id = $2::text";
+  LEFT JOIN {results} existing
+    ON existing.run_id = $1::text AND existing.node_id = $2::text AND existing.instance = $10::text";
 
-const EXISTING_RECORD: &str = "SELECT node_id, status, action, output, taken, attempts, error, finished_at
-  FROM {results} WHERE run_id = $1::text AND node_id = $2::text";
+const EXISTING_RECORD: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at
+  FROM {results} WHERE run_id = $1::text AND node_id = $2::text AND instance = $3::text";
 
 // Nodes are inserted in sorted order so two overlapping batches take their index locks in the same order (no
 // deadlock between concurrent skips of the same run).
 const RECORD_SKIPPED: &str = "WITH ins AS (
-    INSERT INTO {results} (run_id, node_id, status, action, output, taken, attempts, error)
-    SELECT $1::text, n, 'skipped', NULL, NULL, '[]'::jsonb, 0, NULL
-      FROM (SELECT DISTINCT n FROM unnest($2::text[]) AS u (n) ORDER BY n) AS nodes
-    ON CONFLICT (run_id, node_id) DO NOTHING
+    INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error)
+    SELECT $1::text, n, i, 'skipped', NULL, NULL, '[]'::jsonb, 0, NULL
+      FROM (SELECT DISTINCT n, i FROM unnest($2::text[], $3::text[]) AS u (n, i) ORDER BY n, i) AS nodes
+    ON CONFLICT (run_id, node_id, instance) DO NOTHING
     RETURNING node_id
 ), touched AS (
     UPDATE {statuses} SET updated_at = now()
@@ -361,8 +370,8 @@ const FINISH_RUN: &str = "UPDATE {statuses} SET status = $2::text, status_data =
 const TOUCH: &str = "UPDATE {statuses} SET updated_at = now()
      WHERE run_id = $1::text AND status = 'running' AND updated_at < now() - interval '1 second'";
 
-const RECORDS: &str = "SELECT node_id, status, action, output, taken, attempts, error, finished_at
-  FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id";
+const RECORDS: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at
+  FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
 
 const CLAIM_STALLED: &str = "UPDATE {statuses} SET updated_at = now()
  WHERE run_id IN (
@@ -397,7 +406,7 @@ ON CONFLICT (blueprint_id, content_hash) DO NOTHING";
 /// their blueprint id and version. NULL parameters disable their filter; `$3, $4` is the keyset cursor.
 const RUNS_PAGE: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
        s.created_at, s.updated_at,
-       (SELECT count(*) FROM {results} r WHERE r.run_id = s.run_id) AS resolved,
+       (SELECT count(*) FROM {results} r WHERE r.run_id = s.run_id AND r.instance = '') AS resolved,
        (SELECT jsonb_array_length(b.definition -> 'nodes') FROM {blueprints} b
          WHERE b.blueprint_id = s.blueprint_id AND b.version IS NOT DISTINCT FROM s.blueprint_version
            AND jsonb_typeof(b.definition -> 'nodes') = 'array'
@@ -574,6 +583,7 @@ fn record_from_row(run_id: &str, row: &Row) -> StoreResult<Option<NodeRecord>> {
         attempts: parse_attempts(run_id, &node_id, i64::from(attempts))?,
         error: column(row, "error", run_id)?,
         finished_at: Some(column(row, "finished_at", run_id)?),
+        instance: column(row, "instance", run_id)?,
         node_id,
     }))
 }
@@ -594,6 +604,8 @@ fn blueprint_from_row(row: &Row) -> StoreResult<StoredBlueprint> {
 #[derive(serde::Deserialize)]
 struct RecordJson {
     node_id: String,
+    #[serde(default)]
+    instance: String,
     status: String,
     #[serde(default)]
     action: Option<String>,
@@ -623,6 +635,7 @@ fn records_from_json(run_id: &str, value: Value) -> StoreResult<Vec<NodeRecord>>
                 error: r.error,
                 finished_at: Some(finished_at),
                 node_id: r.node_id,
+                instance: r.instance,
             })
         })
         .collect()
@@ -933,11 +946,12 @@ impl PostgresStore {
         client: &deadpool_postgres::Client,
         run_id: &str,
         node_id: &str,
+        instance: &str,
     ) -> StoreResult<Option<NodeRecord>> {
-        let op = format!("read record of node {node_id} of run {run_id}");
+        let op = format!("read record of node {} of run {run_id}", crate::flow::instance::display(node_id, instance));
         let table = self.names.results.as_str();
         let stmt = client.prepare_cached(&self.sql.existing_record).await.map_err(|e| db_error(&op, table, e))?;
-        match client.query_opt(&stmt, &[&run_id, &node_id]).await.map_err(|e| db_error(&op, table, e))? {
+        match client.query_opt(&stmt, &[&run_id, &node_id, &instance]).await.map_err(|e| db_error(&op, table, e))? {
             Some(row) => record_from_row(run_id, &row),
             None => Ok(None),
         }
@@ -960,12 +974,22 @@ impl RunStore for PostgresStore {
         Ok(created > 0)
     }
 
-    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
+    async fn job_view_at(
+        &self,
+        run_id: &str,
+        exact: &[InstanceKey],
+        latest: &[InstanceKey],
+    ) -> StoreResult<Option<JobView>> {
         let op = format!("read job view of run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.job_view).await.map_err(|e| db_error(&op, table, e))?;
-        let Some(row) = client.query_opt(&stmt, &[&run_id, &nodes]).await.map_err(|e| db_error(&op, table, e))? else {
+        let columns = |keys: &[InstanceKey]| -> (Vec<String>, Vec<String>) {
+            keys.iter().map(|k| (k.node_id.clone(), k.instance.clone())).unzip()
+        };
+        let ((nodes, instances), (latest_nodes, prefixes)) = (columns(exact), columns(latest));
+        let params: [&(dyn ToSql + Sync); 5] = [&run_id, &nodes, &instances, &latest_nodes, &prefixes];
+        let Some(row) = client.query_opt(&stmt, &params).await.map_err(|e| db_error(&op, table, e))? else {
             return Ok(None);
         };
         let run = run_from_row(&row)?;
@@ -990,7 +1014,8 @@ impl RunStore for PostgresStore {
         context_writes: &Map<String, Value>,
     ) -> StoreResult<RecordOutcome> {
         let node_id = record.node_id.as_str();
-        let op = format!("record node {node_id} of run {run_id}");
+        let instance = record.instance.as_str();
+        let op = format!("record node {} of run {run_id}", crate::flow::instance::display(node_id, instance));
         let table = self.names.results.as_str();
         let mut merge = context_writes.clone();
         if record.status == NodeStatus::Done {
@@ -1001,7 +1026,7 @@ impl RunStore for PostgresStore {
         let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, e))?;
-        let params: [&(dyn ToSql + Sync); 9] = [
+        let params: [&(dyn ToSql + Sync); 10] = [
             &run_id,
             &node_id,
             &record.status.as_str(),
@@ -1011,6 +1036,7 @@ impl RunStore for PostgresStore {
             &attempts,
             &record.error,
             &merge,
+            &instance,
         ];
         let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
         let inserted: bool = column(&row, "inserted", run_id)?;
@@ -1021,7 +1047,7 @@ impl RunStore for PostgresStore {
         let existing = match record_from_row(run_id, &row)? {
             Some(existing) => existing,
             // Committed concurrently, after this statement's snapshot: read it with a fresh one.
-            None => self.existing_record(&client, run_id, node_id).await?.ok_or_else(|| {
+            None => self.existing_record(&client, run_id, node_id, instance).await?.ok_or_else(|| {
                 StoreError::database(format!("{op}: run {run_id} does not exist in table {:?}", self.names.statuses))
             })?,
         };
@@ -1029,17 +1055,20 @@ impl RunStore for PostgresStore {
         Ok(RecordOutcome::Existing(existing))
     }
 
-    async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {
-        if node_ids.is_empty() {
+    async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()> {
+        if keys.is_empty() {
             return self.touch(run_id).await;
         }
         let op = format!("record skipped nodes of run {run_id}");
         let table = self.names.results.as_str();
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.record_skipped).await.map_err(|e| db_error(&op, table, e))?;
-        let row = client.query_one(&stmt, &[&run_id, &node_ids]).await.map_err(|e| db_error(&op, table, e))?;
+        let (nodes, instances): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|k| (k.node_id.as_str(), k.instance.as_str())).unzip();
+        let params: [&(dyn ToSql + Sync); 3] = [&run_id, &nodes, &instances];
+        let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
         let inserted: i64 = column(&row, "inserted", run_id)?;
-        tracing::debug!(run_id, requested = node_ids.len(), inserted, "recorded skipped nodes");
+        tracing::debug!(run_id, requested = keys.len(), inserted, "recorded skipped nodes");
         Ok(())
     }
 

@@ -21,6 +21,9 @@ pub struct Case {
     pub outputs: BTreeMap<String, Value>,
     #[serde(default)]
     pub error_contains: Option<String>,
+    /// Per node with instances (loops, batches): how many instances have each status.
+    #[serde(default)]
+    pub instances: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// Directory of the case blueprints.
@@ -61,6 +64,12 @@ pub fn check(case: &Case, r: &RunResult) -> Result<(), String> {
         match r.outputs.get(node) {
             Some(v) if same(v, want) => {}
             other => errors.push(format!("output of {node}: {other:?}, expected {want}")),
+        }
+    }
+    for (node, want) in &case.instances {
+        let got = r.nodes.get(node).and_then(|n| n.instances.as_ref());
+        if got != Some(want) {
+            errors.push(format!("instances of {node}: {got:?}, expected {want:?}"));
         }
     }
     if let Some(fragment) = &case.error_contains
