@@ -233,9 +233,9 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
         t_repair += t.elapsed();
         let mut jobs = Vec::new();
         let t = Instant::now();
-        for node in &p.ready {
-            if !s.coord.lease_held(run, node).await.map_err(|e| format!("lease_held: {e}"))? {
-                jobs.push(Job::new(run, graph.id(), node));
+        for key in &p.ready {
+            if !s.coord.lease_held(run, &key.scoped()).await.map_err(|e| format!("lease_held: {e}"))? {
+                jobs.push(Job::new(run, graph.id(), &key.node_id).at(&key.instance));
             }
         }
         t_lease += t.elapsed();

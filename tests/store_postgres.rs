@@ -62,7 +62,8 @@ async fn history_versions(store: &PostgresStore) -> Vec<i32> {
 async fn migrate_twice_is_a_noop_and_concurrent_migrations_succeed() {
     let s = store("pg_mig").await;
     let versions = history_versions(&s).await;
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(versions[..3], [1, 2, 3]);
+    assert_eq!(versions.last(), Some(&flowcraft::store::postgres::schema_version()));
     s.migrate().await.expect("second migrate");
     assert_eq!(history_versions(&s).await, versions);
     // The tables work after re-running.
@@ -76,7 +77,7 @@ async fn migrate_twice_is_a_noop_and_concurrent_migrations_succeed() {
     let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
     ra.expect("migrate a");
     rb.expect("migrate b");
-    assert_eq!(history_versions(&a).await, vec![1, 2, 3]);
+    assert_eq!(history_versions(&a).await, versions);
     assert!(b.create_run(&new_run("r1", "bp", json!({}))).await.unwrap());
     a.drop_tables().await.unwrap();
 }
@@ -140,6 +141,34 @@ async fn create_run_is_idempotent_and_seeds_the_context() {
 
     assert!(s.run_info("nope").await.unwrap().is_none());
     assert!(s.job_view("nope", &["a"]).await.unwrap().is_none());
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn instances_have_their_own_records_and_the_latest_is_found_by_prefix() {
+    use flowcraft::store::InstanceKey;
+    let s = store("pg_inst").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    for (inst, out) in [("0", 1), ("1", 2), ("2", 3)] {
+        let rec = done("loop", Some("continue"), json!(out), &["body"]).at(inst);
+        assert_eq!(s.record("r1", &rec, &Map::new()).await.unwrap(), RecordOutcome::Inserted);
+    }
+    // The same instance again loses to the first write.
+    let again = done("loop", None, json!(99), &[]).at("1");
+    match s.record("r1", &again, &Map::new()).await.unwrap() {
+        RecordOutcome::Existing(first) => assert_eq!((first.instance.as_str(), first.output), ("1", json!(2))),
+        other => panic!("expected the first record, got {other:?}"),
+    }
+    s.record_skipped_at("r1", &[InstanceKey::new("body", "1"), InstanceKey::new("body", "1")]).await.unwrap();
+    let exact = [InstanceKey::new("loop", "1"), InstanceKey::new("body", "1"), InstanceKey::new("body", "2")];
+    let view = s.job_view_at("r1", &exact, &[InstanceKey::new("loop", "")]).await.unwrap().unwrap();
+    let got: Vec<(String, String, Value)> =
+        view.records.iter().map(|r| (r.node_id.clone(), r.instance.clone(), r.output.clone())).collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.contains(&("loop".into(), "1".into(), json!(2))));
+    assert!(got.contains(&("body".into(), "1".into(), Value::Null)));
+    assert!(got.contains(&("loop".into(), "2".into(), json!(3))), "the latest loop record: {got:?}");
+    assert_eq!(s.records("r1").await.unwrap().len(), 4);
     s.drop_tables().await.unwrap();
 }
 
