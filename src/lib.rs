@@ -10,6 +10,7 @@
 //! - [`operator`]: the Kubernetes custom resources and their controllers.
 //! - [`build_info`]: the version and git commit of this build (`--version`, logs, `flowcraft_build_info`).
 //! - [`ui`]: the web console (`flowcraft ui`).
+//! - [`telemetry`]: OpenTelemetry traces of runs, exported over OTLP when the `OTEL_*` variables ask for it.
 //! - [`tls`], [`redact`], [`run_id`]: TLS to the services, secrets kept out of every message, run id rules.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -29,6 +30,7 @@ pub mod redact;
 pub mod report;
 pub mod run_id;
 pub mod store;
+pub mod telemetry;
 pub mod text;
 pub mod tls;
 pub mod ui;

@@ -25,6 +25,7 @@ use flowcraft::run_id::{RunIdError, validate_run_id};
 use flowcraft::store::postgres::PostgresStore;
 use flowcraft::store::postgres::TableNames;
 use flowcraft::store::{RunFilter, RunStatus, RunStore, StoreError};
+use flowcraft::telemetry::Telemetry;
 use flowcraft::worker::WorkerError;
 
 /// Exit codes (README, "Exit codes").
@@ -253,19 +254,27 @@ fn main() -> ExitCode {
         cli.command,
         Command::Worker { .. } | Command::Operator { .. } | Command::Reconcile { .. } | Command::Ui { .. }
     );
-    init_tracing(cli.log_format, !long_running);
     flowcraft::crypto::install_crypto_provider();
-    // Read `--input @file` / `--input -` before any signal handler is installed: Ctrl-C still ends a read.
-    let cli = match resolve_input(cli) {
-        Ok(cli) => cli,
-        Err(e) => return report(&e),
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(exit::FAILED);
         }
+    };
+    // Traces when the OTEL_* variables ask for them; a setting this build cannot honour is a usage error.
+    let telemetry = match Telemetry::from_env(runtime.handle()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    init_tracing(cli.log_format, !long_running, &telemetry);
+    // Read `--input @file` / `--input -` before any signal handler is installed: Ctrl-C still ends a read.
+    let cli = match resolve_input(cli) {
+        Ok(cli) => cli,
+        Err(e) => return report(&e),
     };
     let handles_signals = matches!(
         cli.command,
@@ -285,6 +294,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // The last spans go out while the runtime (which runs the exporter's requests) still runs.
+    telemetry.shutdown();
     // A node stuck in a blocking call must not hold the process after it is done.
     runtime.shutdown_timeout(Duration::from_millis(500));
     match result {
@@ -401,19 +412,20 @@ fn read_input_arg(arg: &str) -> Result<String> {
 #[error("{0}")]
 struct UsageError(String);
 
-fn init_tracing(format: LogFormat, cli_command: bool) {
+/// Logs to standard error (filtered by `FLOWCRAFT_LOG`) and, when telemetry is on, spans to the trace exporter
+/// (its own filter: the crate's spans at info).
+fn init_tracing(format: LogFormat, cli_command: bool, telemetry: &Telemetry) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let default = if cli_command { "warn" } else { "info,tokio_postgres=warn,lapin=warn" };
     let filter = EnvFilter::try_from_env("FLOWCRAFT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     // Colours only on a terminal: a pod's log (or a file) gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let logs = match format {
+        LogFormat::Json => logs.json().boxed(),
+        LogFormat::Text => logs.boxed(),
     };
+    let _ = tracing_subscriber::registry().with(logs.with_filter(filter)).with(telemetry.layer()).try_init();
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {

@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::flow::join::decide;
 use crate::flow::limits;
@@ -36,6 +36,7 @@ use crate::store::{
     Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, LeaseToken, NodeRecord, NodeStatus,
     RecordOutcome, RunStatus, RunStore, StoreError,
 };
+use crate::telemetry;
 
 /// The worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -165,12 +166,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     pub async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
         self.metrics.in_flight.inc();
+        let span = job_span(&delivery);
         // A bug must not leave the delivery unsettled or kill the worker: a panic dead-letters the job.
-        let processing = self.process(&delivery.body, delivery.redelivered);
+        let processing = self.process(&delivery.body, delivery.redelivered).instrument(span.clone());
         let result = match std::panic::AssertUnwindSafe(processing).catch_unwind().await {
             Ok(r) => r,
             Err(panic) => Ok(Settle::DeadLetter(format!("the worker panicked on this job: {}", panic_message(panic)))),
         };
+        telemetry::record_outcome(&span, settle_outcome(&result));
         match result {
             Ok(Settle::Ack(outcome)) => {
                 self.infra_failures.store(0, Ordering::Relaxed);
@@ -337,6 +340,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
                 self.metrics.run_finished(RunStatus::Failed);
                 warn!(run_id, error = %reason, "Run failed.");
+                self.trace_run_end(run_id).await;
             }
         }
         Ok(())
@@ -455,6 +459,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             if self.store.finish_run(&job.run_id, RunStatus::Completed, &json!({})).await? {
                 self.metrics.run_finished(RunStatus::Completed);
                 info!(run_id = %job.run_id, blueprint = %job.blueprint_id, "Run completed.");
+                self.trace_run_end(&job.run_id).await;
             }
             self.forget(graph, &job.run_id).await;
         }
@@ -472,9 +477,19 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
             self.metrics.run_finished(RunStatus::Failed);
             warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
+            self.trace_run_end(run_id).await;
             self.forget(graph, run_id).await;
         }
         Ok(())
+    }
+
+    /// Export the root span of a run this worker just ended (one status read, only when tracing is on).
+    async fn trace_run_end(&self, run_id: &str) {
+        if telemetry::enabled()
+            && let Ok(Some(info)) = self.store.run_info(run_id).await
+        {
+            telemetry::run_ended(&run_end(&info));
+        }
     }
 
     async fn forget(&self, graph: &Graph, run_id: &str) {
@@ -521,6 +536,41 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             }
         }
         Ok((jobs, skipped))
+    }
+}
+
+/// The trace span of a delivery (`crate::telemetry`; none when tracing is off or the body is not a job).
+fn job_span(delivery: &Delivery) -> tracing::Span {
+    let job = if telemetry::enabled() { decode(&delivery.body).ok() } else { None };
+    let Some(job) = job else { return tracing::Span::none() };
+    let ids = telemetry::JobSpan {
+        run_id: &job.run_id,
+        blueprint_id: &job.blueprint_id,
+        node_id: &job.node_id,
+        attempt: job.attempt,
+        redelivered: delivery.redelivered,
+    };
+    telemetry::job_span(&ids, &delivery.trace)
+}
+
+/// The outcome a job's span records (the names of the `outcome` metric label).
+fn settle_outcome(result: &Result<Settle, WorkerError>) -> &'static str {
+    match result {
+        Ok(Settle::Ack(outcome)) => outcome,
+        Ok(Settle::DeadLetter(_)) => "dead_lettered",
+        Err(_) => "requeued",
+    }
+}
+
+/// A run's status row, as its root span needs it.
+fn run_end(info: &crate::store::RunInfo) -> telemetry::RunEnd<'_> {
+    telemetry::RunEnd {
+        run_id: &info.run_id,
+        blueprint_id: &info.blueprint_id,
+        blueprint_version: info.blueprint_version.as_deref(),
+        status: info.status.as_str(),
+        error: info.status_data.get("error").and_then(Value::as_str),
+        started: info.created_at.into(),
     }
 }
 
@@ -633,7 +683,10 @@ async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, jo
         metrics.executions.inc();
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint_at("execute", node_id);
-        let error = match run_attempt(implementation.clone(), ctx, policy.timeout).await {
+        let span = telemetry::attempt_span(&job.run_id, node_id, attempt);
+        let ran = run_attempt(implementation.clone(), ctx, policy.timeout).instrument(span.clone()).await;
+        telemetry::record_outcome(&span, if ran.is_ok() { "done" } else { "failed" });
+        let error = match ran {
             Ok(out) => return routed(graph, job, &input, out, &context, attempt, registry.limits().max_payload_bytes),
             Err(error) => error,
         };
@@ -661,7 +714,7 @@ fn clean(message: &str) -> String {
 /// One attempt on its own task: a timeout cancels and aborts it, a panic fails it.
 async fn run_attempt(node: Arc<dyn Node>, ctx: NodeCtx, timeout: Option<Duration>) -> Result<NodeOutput, NodeError> {
     let cancel = ctx.cancel.clone();
-    let handle = tokio::spawn(async move { node.run(ctx).await });
+    let handle = tokio::spawn(async move { node.run(ctx).await }.in_current_span());
     let abort = handle.abort_handle();
     let joined = match timeout {
         Some(t) => match tokio::time::timeout(t, handle).await {

@@ -140,6 +140,7 @@ impl JobQueue for MemoryQueue {
                 return Some(Delivery {
                     body: body.clone(),
                     redelivered,
+                    trace: Default::default(),
                     acker: Box::new(MemoryAcker { queue: self.clone(), body }),
                 });
             }

@@ -100,6 +100,8 @@ pub struct Delivery {
     pub body: Vec<u8>,
     /// The broker says this message may have been delivered before.
     pub redelivered: bool,
+    /// The trace context of the job that published it (`crate::telemetry`); empty when not traced.
+    pub trace: crate::telemetry::TraceHeaders,
     /// Settles the message.
     pub acker: Box<dyn Acker>,
 }

@@ -48,6 +48,7 @@ use tracing::{debug, info, warn};
 use super::{Acker, Delivery, Job, JobQueue, StoreError, StoreResult};
 use crate::config::{DEFAULT_PREFETCH, DEFAULT_QUEUE};
 use crate::redact::redact_text;
+use crate::telemetry::TraceHeaders;
 use crate::tls::{ClientTls, Roots, TlsSettings, Verify};
 
 /// Connection attempts at start-up before [`RabbitQueue::connect`] gives up.
@@ -305,6 +306,35 @@ fn short(value: &str, what: &str, queue: &str) -> StoreResult<ShortString> {
 
 fn long(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
+}
+
+/// A header's text (long or short string), if it is one.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The W3C trace context headers of a job message (the publisher's span, `crate::telemetry`), `None` when empty.
+fn trace_field_table(trace: &TraceHeaders) -> Option<FieldTable> {
+    let mut table = FieldTable::default();
+    for (name, value) in trace.pairs() {
+        table.insert(name.into(), long(value));
+    }
+    (!table.inner().is_empty()).then_some(table)
+}
+
+/// The trace context headers of a delivered message.
+fn trace_headers(table: Option<&FieldTable>) -> TraceHeaders {
+    let mut trace = TraceHeaders::default();
+    for name in TraceHeaders::NAMES {
+        if let Some(value) = table.and_then(|t| t.inner().get(name)).and_then(header_text) {
+            trace.insert(name, value);
+        }
+    }
+    trace
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -723,6 +753,7 @@ impl Forwarder {
                 Some(Ok(delivery)) => delivery,
             };
             let delivery = Delivery {
+                trace: trace_headers(delivery.properties.headers().as_ref()),
                 body: delivery.data,
                 redelivered: delivery.redelivered,
                 acker: Box::new(RabbitAcker {
@@ -1210,11 +1241,7 @@ impl RabbitQueue {
             .headers()
             .as_ref()
             .and_then(|headers| headers.inner().get(REASON_HEADER))
-            .and_then(|value| match value {
-                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-                AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-                _ => None,
-            });
+            .and_then(header_text);
         Ok(Some((message.delivery.data, reason)))
     }
 
@@ -1253,10 +1280,13 @@ impl RabbitQueue {
             source: Some(error.into()),
         })?;
         let id = job.message_id();
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(short(&id, "message id", queue)?);
+        if let Some(headers) = trace_field_table(&TraceHeaders::current()) {
+            properties = properties.with_headers(headers);
+        }
         Ok(Outgoing { exchange: "".into(), routing_key: routing_key.into(), body, properties, id })
     }
 }
@@ -1331,6 +1361,20 @@ impl JobQueue for RabbitQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_headers_travel_as_amqp_headers() {
+        assert_eq!(trace_field_table(&TraceHeaders::default()), None);
+        let trace = TraceHeaders { traceparent: Some("00-ab-cd-01".into()), tracestate: Some("v=1".into()) };
+        let table = trace_field_table(&trace);
+        assert_eq!(trace_headers(table.as_ref()), trace);
+        let mut short = FieldTable::default();
+        short.insert("traceparent".into(), AMQPValue::ShortString("00-ab-cd-01".into()));
+        short.insert("other".into(), long("x"));
+        let only_parent = TraceHeaders { traceparent: Some("00-ab-cd-01".into()), tracestate: None };
+        assert_eq!(trace_headers(Some(&short)), only_parent);
+        assert_eq!(trace_headers(None), TraceHeaders::default());
+    }
 
     #[test]
     fn queue_type_round_trips() {
