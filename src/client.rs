@@ -337,7 +337,14 @@ pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &
     if store.run_info(run_id).await.map_err(store_err(run_id))?.is_none() {
         return Err(ClientError::NotFound(run_id.to_string()));
     }
-    store.finish_run(run_id, RunStatus::Cancelled, &json!({ "reason": reason })).await.map_err(store_err(run_id))
+    let cancelled = store
+        .finish_run(run_id, RunStatus::Cancelled, &json!({ "reason": reason }))
+        .await
+        .map_err(store_err(run_id))?;
+    if cancelled {
+        crate::store::trace_run_end(store, run_id).await;
+    }
+    Ok(cancelled)
 }
 
 /// Wait until a run ends (polling with a short, growing interval), calling `progress` with (resolved, total)

@@ -188,6 +188,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             let data = json!({ "error": failed.run_failure(), "node": failed.node_id });
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Failed);
+                crate::store::trace_run_end(&*self.store, run_id).await;
             }
             return Ok(repair);
         }
@@ -202,6 +203,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         if plan.resolved.len() >= graph.node_count() {
             if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Completed);
+                crate::store::trace_run_end(&*self.store, run_id).await;
             }
             let nodes: Vec<&str> = graph.node_ids().collect();
             let _ = self.coord.forget(run_id, &nodes).await;

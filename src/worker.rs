@@ -340,7 +340,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
                 self.metrics.run_finished(RunStatus::Failed);
                 warn!(run_id, error = %reason, "Run failed.");
-                self.trace_run_end(run_id).await;
+                crate::store::trace_run_end(&*self.store, run_id).await;
             }
         }
         Ok(())
@@ -459,7 +459,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             if self.store.finish_run(&job.run_id, RunStatus::Completed, &json!({})).await? {
                 self.metrics.run_finished(RunStatus::Completed);
                 info!(run_id = %job.run_id, blueprint = %job.blueprint_id, "Run completed.");
-                self.trace_run_end(&job.run_id).await;
+                crate::store::trace_run_end(&*self.store, &job.run_id).await;
             }
             self.forget(graph, &job.run_id).await;
         }
@@ -477,19 +477,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
             self.metrics.run_finished(RunStatus::Failed);
             warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
-            self.trace_run_end(run_id).await;
+            crate::store::trace_run_end(&*self.store, run_id).await;
             self.forget(graph, run_id).await;
         }
         Ok(())
-    }
-
-    /// Export the root span of a run this worker just ended (one status read, only when tracing is on).
-    async fn trace_run_end(&self, run_id: &str) {
-        if telemetry::enabled()
-            && let Ok(Some(info)) = self.store.run_info(run_id).await
-        {
-            telemetry::run_ended(&run_end(&info));
-        }
     }
 
     async fn forget(&self, graph: &Graph, run_id: &str) {
@@ -559,18 +550,6 @@ fn settle_outcome(result: &Result<Settle, WorkerError>) -> &'static str {
         Ok(Settle::Ack(outcome)) => outcome,
         Ok(Settle::DeadLetter(_)) => "dead_lettered",
         Err(_) => "requeued",
-    }
-}
-
-/// A run's status row, as its root span needs it.
-fn run_end(info: &crate::store::RunInfo) -> telemetry::RunEnd<'_> {
-    telemetry::RunEnd {
-        run_id: &info.run_id,
-        blueprint_id: &info.blueprint_id,
-        blueprint_version: info.blueprint_version.as_deref(),
-        status: info.status.as_str(),
-        error: info.status_data.get("error").and_then(Value::as_str),
-        started: info.created_at.into(),
     }
 }
 

@@ -228,6 +228,30 @@ pub struct RunInfo {
     pub updated_at: DateTime<Utc>,
 }
 
+impl RunInfo {
+    /// The run as its root trace span names it (`crate::telemetry`).
+    pub fn trace_end(&self) -> crate::telemetry::RunEnd<'_> {
+        crate::telemetry::RunEnd {
+            run_id: &self.run_id,
+            blueprint_id: &self.blueprint_id,
+            blueprint_version: self.blueprint_version.as_deref(),
+            status: self.status.as_str(),
+            error: self.status_data.get("error").and_then(Value::as_str),
+            started: self.created_at.into(),
+        }
+    }
+}
+
+/// Export the root span of a run that was just ended here (`crate::telemetry`; one status read, only when traces
+/// are on). Call it where a terminal status write succeeded, so that it happens once per run.
+pub async fn trace_run_end<S: RunStore + ?Sized>(store: &S, run_id: &str) {
+    if crate::telemetry::enabled()
+        && let Ok(Some(info)) = store.run_info(run_id).await
+    {
+        crate::telemetry::run_ended(&info.trace_end());
+    }
+}
+
 /// What a job needs to know, read in one round trip.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobView {

@@ -234,14 +234,19 @@ impl Telemetry {
 }
 
 /// The resource: `service.name` `flowcraft` (or `OTEL_SERVICE_NAME`, or `service.name` in
-/// `OTEL_RESOURCE_ATTRIBUTES`), `service.version`, `process.pid`, the SDK's own attributes.
+/// `OTEL_RESOURCE_ATTRIBUTES`), `service.version`, `process.pid`, the pod's name and namespace (`POD_NAME`,
+/// `POD_NAMESPACE`, set by the operator), the SDK's own attributes.
 fn resource(service: Option<String>) -> Resource {
+    let pod = [("k8s.pod.name", "POD_NAME"), ("k8s.namespace.name", "POD_NAMESPACE")]
+        .into_iter()
+        .filter_map(|(key, var)| Some(KeyValue::new(key, std::env::var(var).ok().filter(|v| !v.is_empty())?)));
     let builder = Resource::builder_empty()
         .with_service_name(SCOPE)
         .with_attributes([
             KeyValue::new("service.version", crate::build_info::VERSION),
             KeyValue::new("process.pid", i64::from(std::process::id())),
         ])
+        .with_attributes(pod)
         .with_detectors(&[Box::new(TelemetryResourceDetector), Box::new(EnvResourceDetector::new())]);
     match service {
         Some(name) => builder.with_service_name(name),

@@ -9,6 +9,8 @@
 //!   ones (no DNS rebinding between check and connect). Proxies from the environment are not used (they would
 //!   resolve names themselves). At most [`HttpLimits::max_redirects`] redirects are followed, each checked
 //!   again. A denied destination is a fatal error.
+//! - **Tracing**: with traces on (`crate::telemetry`), the request carries the attempt's `traceparent` and
+//!   `tracestate` headers (unless `params.headers` sets them), so a traced service joins the run's trace.
 //! - **Secrets**: URLs are recorded (errors, logs) with their credentials redacted (user info, and query
 //!   parameters such as `token` or `password`).
 //!
@@ -151,7 +153,14 @@ impl Node for Http {
         let secrets = credentials(url.as_str());
         check_url(&self.limits.egress, &url).map_err(|e| NodeError::fatal(format!("http {method} {shown}: {e}")))?;
         let client = self.client()?;
-        let mut request = client.request(method.clone(), url).headers(headers);
+        // The attempt's trace context (`crate::telemetry`), unless the blueprint sets these headers itself.
+        let mut request = client.request(method.clone(), url);
+        for (name, value) in crate::telemetry::TraceHeaders::current().pairs() {
+            if !headers.contains_key(name) {
+                request = request.header(name, value);
+            }
+        }
+        let mut request = request.headers(headers);
         if let Some(body) = &body {
             request = request.json(body);
         }
