@@ -538,6 +538,7 @@ fn job_span(delivery: &Delivery) -> tracing::Span {
         run_id: &job.run_id,
         blueprint_id: &job.blueprint_id,
         node_id: &job.node_id,
+        instance: &job.instance,
         attempt: job.attempt,
         redelivered: delivery.redelivered,
     };

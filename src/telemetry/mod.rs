@@ -284,13 +284,16 @@ pub struct JobSpan<'a> {
     pub blueprint_id: &'a str,
     /// The node.
     pub node_id: &'a str,
+    /// The node instance (`""` outside loops and batches).
+    pub instance: &'a str,
     /// The job's lease send-backs (`Job::attempt`).
     pub attempt: u32,
     /// The broker redelivered it.
     pub redelivered: bool,
 }
 
-/// The span of one job (`node <id>`, a consumer span), child of the span that published it or of the run's root.
+/// The span of one job (`node <id>`, or `node <id>[<instance>]`; a consumer span), child of the span that published
+/// it or of the run's root.
 /// [`Span::none`] when telemetry is off.
 pub fn job_span(job: &JobSpan<'_>, headers: &TraceHeaders) -> Span {
     if !enabled() {
@@ -299,21 +302,34 @@ pub fn job_span(job: &JobSpan<'_>, headers: &TraceHeaders) -> Span {
     let span = tracing::info_span!(
         target: "flowcraft::telemetry",
         "job",
-        otel.name = %format_args!("node {}", job.node_id),
+        otel.name = %format_args!("node {}{}", job.node_id, Bracketed(job.instance)),
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
         flowcraft.run_id = %job.run_id,
         flowcraft.blueprint_id = %job.blueprint_id,
         flowcraft.node_id = %job.node_id,
+        flowcraft.instance = tracing::field::Empty,
         flowcraft.job.attempt = job.attempt,
         flowcraft.redelivered = job.redelivered,
         flowcraft.outcome = tracing::field::Empty,
     );
+    if !job.instance.is_empty() {
+        span.record("flowcraft.instance", job.instance);
+    }
     let parent = RunTrace::of(job.run_id).parent(headers);
     if let Err(error) = span.set_parent(Context::new().with_remote_span_context(parent)) {
         tracing::debug!(error = %error, "Cannot attach a job span to its trace.");
     }
     span
+}
+
+/// `[instance]`, or nothing for the empty instance.
+struct Bracketed<'a>(&'a str);
+
+impl std::fmt::Display for Bracketed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() { Ok(()) } else { write!(f, "[{}]", self.0) }
+    }
 }
 
 /// The span of one execution attempt of a node (`attempt <n>`), a child of the current (job) span.
