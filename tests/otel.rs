@@ -226,6 +226,52 @@ async fn a_distributed_run_is_one_trace_across_two_workers() {
     cluster.cleanup().await;
 }
 
+/// `flowcraft run <file>` (embedded) with the given extra environment, exporting to `port`.
+fn run_embedded(port: u16, dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    let bp = json!({
+        "id": "chain",
+        "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}],
+        "edges": [{"source": "a", "target": "b"}]
+    });
+    let file = dir.join("chain.json");
+    std::fs::write(&file, bp.to_string()).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flowcraft"));
+    cmd.arg("run").arg(&file).args(["--output", "json"]);
+    cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{port}"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_run_is_a_trace_too_and_an_unsampled_one_exports_nothing() {
+    let (port, spans) = collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || run_embedded(port, &dir_path, &[])).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run_id = result["runId"].as_str().unwrap().to_string();
+    let got = spans.lock().unwrap().clone();
+    let trace = RunTrace::of(&run_id).trace_id.to_bytes().to_vec();
+    assert!(got.iter().all(|s| s.trace_id == trace));
+    let find = |name: &str| got.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("{name} in {got:?}"));
+    let (root, a, b) = (find("run chain"), find("node a"), find("node b"));
+    // The in-memory queue carries the context as the broker's headers do: b is the child of a.
+    assert_eq!(a.parent, root.span_id);
+    assert_eq!(b.parent, a.span_id);
+    assert_eq!(got.len(), 5, "root, two jobs, two attempts");
+
+    // Sampled out: the run's root and jobs alike.
+    spans.lock().unwrap().clear();
+    let dir_path = dir.path().to_path_buf();
+    let off = [("OTEL_TRACES_SAMPLER", "always_off")];
+    let out = tokio::task::spawn_blocking(move || run_embedded(port, &dir_path, &off)).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(spans.lock().unwrap().len(), 0);
+}
+
 #[test]
 fn a_protocol_this_build_lacks_is_a_usage_error_naming_the_variable() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowcraft"))

@@ -17,6 +17,7 @@ use super::{
     StoreResult, StoredBlueprint,
 };
 use crate::flow::join::Join;
+use crate::telemetry::TraceHeaders;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while holding these locks; recover the data if it ever happens.
@@ -29,7 +30,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct QueueState {
-    ready: VecDeque<(Vec<u8>, bool)>,
+    ready: VecDeque<Message>,
     dead: Vec<(Vec<u8>, String)>,
 }
 
@@ -54,14 +55,14 @@ impl MemoryQueue {
         Self::default()
     }
 
-    fn push(&self, body: Vec<u8>, redelivered: bool) {
-        lock(&self.state).ready.push_back((body, redelivered));
+    fn push(&self, message: Message) {
+        lock(&self.state).ready.push_back(message);
         self.notify.notify_one();
     }
 
     /// Push a raw message (tests: poison messages).
     pub fn push_raw(&self, body: Vec<u8>) {
-        self.push(body, false);
+        self.push(Message { body, redelivered: false, trace: TraceHeaders::default() });
     }
 
     /// Messages waiting.
@@ -83,6 +84,21 @@ impl MemoryQueue {
     }
 }
 
+/// A message in the queue: the job's body and, as AMQP headers would carry it, the publisher's trace context.
+#[derive(Debug, Clone)]
+struct Message {
+    body: Vec<u8>,
+    redelivered: bool,
+    trace: TraceHeaders,
+}
+
+impl Message {
+    /// A job published now, from the current span.
+    fn job(job: &Job) -> StoreResult<Self> {
+        Ok(Self { body: encode(job)?, redelivered: false, trace: TraceHeaders::current() })
+    }
+}
+
 fn encode(job: &Job) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(job)
         .map_err(|e| StoreError::Queue { op: format!("encoding job {}", job.message_id()), source: Some(e.into()) })
@@ -90,7 +106,7 @@ fn encode(job: &Job) -> StoreResult<Vec<u8>> {
 
 struct MemoryAcker {
     queue: MemoryQueue,
-    body: Vec<u8>,
+    message: Message,
 }
 
 #[async_trait]
@@ -100,7 +116,7 @@ impl Acker for MemoryAcker {
     }
 
     async fn requeue(&self) -> StoreResult<()> {
-        self.queue.push(self.body.clone(), true);
+        self.queue.push(Message { redelivered: true, ..self.message.clone() });
         Ok(())
     }
 }
@@ -109,17 +125,17 @@ impl Acker for MemoryAcker {
 impl JobQueue for MemoryQueue {
     async fn publish(&self, jobs: &[Job]) -> StoreResult<()> {
         for job in jobs {
-            self.push(encode(job)?, false);
+            self.push(Message::job(job)?);
         }
         Ok(())
     }
 
     async fn publish_delayed(&self, job: &Job, delay: Duration) -> StoreResult<()> {
-        let body = encode(job)?;
+        let message = Message::job(job)?;
         let queue = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            queue.push(body, false);
+            queue.push(message);
         });
         Ok(())
     }
@@ -136,12 +152,12 @@ impl JobQueue for MemoryQueue {
                 return None;
             }
             let next = lock(&self.state).ready.pop_front();
-            if let Some((body, redelivered)) = next {
+            if let Some(message) = next {
                 return Some(Delivery {
-                    body: body.clone(),
-                    redelivered,
-                    trace: Default::default(),
-                    acker: Box::new(MemoryAcker { queue: self.clone(), body }),
+                    body: message.body.clone(),
+                    redelivered: message.redelivered,
+                    trace: message.trace.clone(),
+                    acker: Box::new(MemoryAcker { queue: self.clone(), message }),
                 });
             }
             notified.await;

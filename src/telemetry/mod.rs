@@ -32,7 +32,8 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::resource::{EnvResourceDetector, TelemetryResourceDetector};
 use opentelemetry_sdk::trace::{
-    BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanEvents, SpanExporter as _, SpanLinks, SpanProcessor,
+    BatchSpanProcessor, SamplingDecision, SdkTracer, SdkTracerProvider, ShouldSample, SpanData, SpanEvents,
+    SpanExporter as _, SpanLinks, SpanProcessor,
 };
 use sha2::{Digest, Sha256};
 use tracing::Span;
@@ -151,17 +152,23 @@ impl RunTrace {
         Self { trace_id: TraceId::from_bytes(trace), root_span_id: SpanId::from_bytes(span) }
     }
 
-    /// The root span's context (sampled); `remote` when seen from a job's span.
-    fn root_context(&self, remote: bool) -> SpanContext {
-        SpanContext::new(self.trace_id, self.root_span_id, TraceFlags::SAMPLED, remote, TraceState::default())
+    /// The root span's context; `remote` when seen from a job's span, `sampled` as the sampler decided for the run.
+    fn root_context(&self, remote: bool, sampled: bool) -> SpanContext {
+        let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        SpanContext::new(self.trace_id, self.root_span_id, flags, remote, TraceState::default())
     }
 
     /// The parent of a job's span: the context its headers carry when it belongs to this run's trace, else the
-    /// run's root span (a job published outside a job span, or headers from elsewhere).
-    fn parent(&self, headers: &TraceHeaders) -> SpanContext {
+    /// run's root span (a job published outside a job span, or headers from elsewhere), `sampled` as decided
+    /// for the run.
+    fn parent(&self, headers: &TraceHeaders, sampled: bool) -> SpanContext {
         let carried = TraceContextPropagator::new().extract(headers);
         let carried = carried.span().span_context().clone();
-        if carried.is_valid() && carried.trace_id() == self.trace_id { carried } else { self.root_context(true) }
+        if carried.is_valid() && carried.trace_id() == self.trace_id {
+            carried
+        } else {
+            self.root_context(true, sampled)
+        }
     }
 }
 
@@ -169,6 +176,23 @@ impl RunTrace {
 struct State {
     processor: Arc<BatchSpanProcessor>,
     scope: InstrumentationScope,
+    /// The sampler `OTEL_TRACES_SAMPLER` configures (the SDK's default: parent-based, always on), asked once per
+    /// run about its root: the trace id is the run's, so every process decides the same for a run.
+    sampler: Box<dyn ShouldSample>,
+}
+
+impl State {
+    /// Whether the run of this trace is sampled (its root span exported, its jobs' spans sampled when the
+    /// sampler follows the parent).
+    fn samples(&self, trace: &RunTrace) -> bool {
+        let decision = self.sampler.should_sample(None, trace.trace_id, "run", &SpanKind::Internal, &[], &[]);
+        decision.decision == SamplingDecision::RecordAndSample
+    }
+}
+
+/// Whether the run of this trace is sampled (always, before telemetry starts: the unit tests).
+fn samples(trace: &RunTrace) -> bool {
+    STATE.get().is_none_or(|state| state.samples(trace))
 }
 
 static STATE: OnceLock<State> = OnceLock::new();
@@ -207,7 +231,8 @@ impl Telemetry {
             SdkTracerProvider::builder().with_span_processor(Shared(processor.clone())).with_resource(resource).build();
         let scope = InstrumentationScope::builder(SCOPE).with_version(crate::build_info::VERSION).build();
         let tracer = provider.tracer_with_scope(scope.clone());
-        let _ = STATE.set(State { processor, scope });
+        let sampler = opentelemetry_sdk::trace::Config::default().sampler;
+        let _ = STATE.set(State { processor, scope, sampler });
         Ok(Self { started: Some((provider, tracer)) })
     }
 
@@ -316,7 +341,8 @@ pub fn job_span(job: &JobSpan<'_>, headers: &TraceHeaders) -> Span {
     if !job.instance.is_empty() {
         span.record("flowcraft.instance", job.instance);
     }
-    let parent = RunTrace::of(job.run_id).parent(headers);
+    let trace = RunTrace::of(job.run_id);
+    let parent = trace.parent(headers, samples(&trace));
     if let Err(error) = span.set_parent(Context::new().with_remote_span_context(parent)) {
         tracing::debug!(error = %error, "Cannot attach a job span to its trace.");
     }
@@ -377,7 +403,9 @@ pub struct RunEnd<'a> {
 
 /// Export the root span of a run that just ended (call it once, where the run's terminal status was written).
 pub fn run_ended(run: &RunEnd<'_>) {
-    if let Some(state) = STATE.get() {
+    if let Some(state) = STATE.get()
+        && state.samples(&RunTrace::of(run.run_id))
+    {
         state.processor.on_end(root_span(run, SystemTime::now(), state.scope.clone()));
     }
 }
@@ -399,7 +427,7 @@ fn root_span(run: &RunEnd<'_>, end: SystemTime, scope: InstrumentationScope) -> 
         _ => Status::Unset,
     };
     SpanData {
-        span_context: trace.root_context(false),
+        span_context: trace.root_context(false, true),
         parent_span_id: SpanId::INVALID,
         parent_span_is_remote: false,
         span_kind: SpanKind::Internal,
@@ -444,7 +472,7 @@ mod tests {
         let headers = headers_of(&carried);
         assert!(headers.traceparent.as_deref().is_some_and(|h| h.starts_with("00-")));
         assert_eq!(headers.tracestate.as_deref(), Some("vendor=x"));
-        let parent = run.parent(&headers);
+        let parent = run.parent(&headers, true);
         assert_eq!((parent.trace_id(), parent.span_id()), (run.trace_id, publisher));
         assert_eq!(parent.trace_state().header(), "vendor=x");
     }
@@ -454,9 +482,9 @@ mod tests {
         let run = RunTrace::of("run-1");
         let root = (run.trace_id, run.root_span_id);
         let ids = |c: SpanContext| (c.trace_id(), c.span_id());
-        assert_eq!(ids(run.parent(&TraceHeaders::default())), root);
+        assert_eq!(ids(run.parent(&TraceHeaders::default(), true)), root);
         let garbage = TraceHeaders { traceparent: Some("00-zz-yy-01".into()), tracestate: None };
-        assert_eq!(ids(run.parent(&garbage)), root);
+        assert_eq!(ids(run.parent(&garbage, true)), root);
         let other_run = RunTrace::of("run-2");
         let elsewhere = SpanContext::new(
             other_run.trace_id,
@@ -465,7 +493,14 @@ mod tests {
             true,
             TraceState::default(),
         );
-        assert_eq!(ids(run.parent(&headers_of(&elsewhere))), root);
+        assert_eq!(ids(run.parent(&headers_of(&elsewhere), true)), root);
+    }
+
+    #[test]
+    fn an_unsampled_run_hangs_its_jobs_under_an_unsampled_root() {
+        let run = RunTrace::of("run-1");
+        assert!(!run.parent(&TraceHeaders::default(), false).is_sampled());
+        assert!(run.parent(&TraceHeaders::default(), true).is_sampled());
     }
 
     #[test]
