@@ -302,11 +302,15 @@ fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Op
     let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     // Records come in the order they were written: the last one of a node is its latest instance.
     for r in records {
-        if r.status == NodeStatus::Done {
-            outputs.insert(r.node_id.clone(), r.output.clone());
-        }
         if !r.instance.is_empty() {
             *counts.entry(r.node_id.clone()).or_default().entry(r.status.as_str().to_string()).or_default() += 1;
+        }
+        if crate::flow::instance::split_item(&r.instance).1.is_some() {
+            // A batch item: counted above; the scatter node shows its own record.
+            continue;
+        }
+        if r.status == NodeStatus::Done {
+            outputs.insert(r.node_id.clone(), r.output.clone());
         }
         let summary = NodeSummary { status: r.status, attempts: r.attempts, error: r.error.clone(), instances: None };
         nodes.insert(r.node_id.clone(), summary);

@@ -130,6 +130,9 @@ pub struct LimitArgs {
     /// Destinations the http node may never reach: comma-separated CIDRs, addresses and host names.
     #[arg(long, env = "FLOWCRAFT_HTTP_DENY", default_value = "", global = true)]
     pub http_deny: String,
+    /// The most items one batch-scatter node may scatter; a longer list fails the node.
+    #[arg(long, env = "FLOWCRAFT_MAX_BATCH_ITEMS", default_value_t = crate::flow::batch::DEFAULT_MAX_ITEMS, global = true)]
+    pub max_batch_items: usize,
 }
 
 impl LimitArgs {
@@ -137,7 +140,7 @@ impl LimitArgs {
     pub fn limits(&self) -> Result<Limits, String> {
         let egress = EgressPolicy::new(&self.http_allow, &self.http_deny).map_err(|e| e.to_string())?;
         let http = HttpLimits { timeout: self.http_timeout, max_redirects: self.http_max_redirects, egress };
-        Ok(Limits { http, ..Limits::with_max_payload(self.max_payload_bytes) })
+        Ok(Limits { http, max_batch_items: self.max_batch_items, ..Limits::with_max_payload(self.max_payload_bytes) })
     }
 }
 

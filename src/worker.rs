@@ -28,7 +28,7 @@ use crate::flow::join::decide;
 use crate::flow::limits;
 use crate::flow::{
     BlueprintError, BlueprintSet, ContextHandle, Graph, InstanceKey, Node, NodeCtx, NodeError, NodeOutput, Registry,
-    instance, loops,
+    batch, instance, loops,
 };
 use crate::metrics::WorkerMetrics;
 use crate::report::Chain;
@@ -240,7 +240,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             return Ok(settle);
         }
         // 3. Already recorded: route as the first delivery did. 4–5. Else lease, execute, record, release.
-        let (record, outcome) = match view.record_at(&job.node_id, &job.instance).cloned() {
+        let batch_count = batch_count(&job, &view);
+        let (record, outcome) = match view.record_at(&job.node_id, &job.instance).filter(|r| r.is_terminal()).cloned() {
             Some(record) => (record, "duplicate"),
             None => match self.run_node(&graph, &job, view, redelivered).await.map_err(store_err)? {
                 Ran::Recorded(record, outcome) => (record, outcome),
@@ -251,7 +252,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-record");
         // 6–7. Send the arrivals, fire joins, publish, finish the run.
-        self.propagate(&graph, &job, &record).await.map_err(store_err)?;
+        match batch_count {
+            Some(count) => self.propagate_item(&graph, &job, &record, count).await.map_err(store_err)?,
+            None => self.propagate(&graph, &job, &record).await.map_err(store_err)?,
+        }
         Ok(Settle::Ack(outcome))
     }
 
@@ -367,7 +371,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await?;
             return Ok(Ran::GaveUp(reason));
         }
-        let executed = self.execute_with_lease(graph, job, &view, &token).await;
+        let gathered = match self.gathered_input(graph, job).await {
+            Ok(gathered) => gathered,
+            Err(error) => {
+                let _ = self.coord.release_lease(&job.run_id, &key, &token).await;
+                return Err(error);
+            }
+        };
+        let executed = self.execute_with_lease(graph, job, &view, gathered, &token).await;
         // Release the context snapshot first: the in-memory store then updates it without a copy.
         drop(view);
         // The lease is kept after a successful record (it expires by itself): a duplicate job that read its view
@@ -398,7 +409,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         job: &Job,
         executed: Executed,
     ) -> Result<(RecordOutcome, NodeRecord), StoreError> {
-        match self.store.record(&job.run_id, &executed.record, &executed.writes).await {
+        let is_scatter = graph.node(&job.node_id).is_some_and(|d| d.uses == batch::SCATTER);
+        let recorded = if is_scatter && executed.record.status == NodeStatus::Done {
+            self.store.record_with_items(&job.run_id, &executed.record, &executed.writes, &executed.items).await
+        } else {
+            self.store.record(&job.run_id, &executed.record, &executed.writes).await
+        };
+        match recorded {
             Ok(outcome) => Ok((outcome, executed.record)),
             Err(error @ StoreError::Rejected { .. }) => {
                 let why = Chain(&error).to_string();
@@ -415,7 +432,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     }
 
     /// Execute the node while a keeper task extends its lease and touches the run (a long node is progress).
-    async fn execute_with_lease(&self, graph: &Graph, job: &Job, view: &JobView, token: &LeaseToken) -> Executed {
+    async fn execute_with_lease(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        view: &JobView,
+        gathered: Option<Value>,
+        token: &LeaseToken,
+    ) -> Executed {
         let stop = CancellationToken::new();
         let keeper = tokio::spawn(keep_lease(
             self.coord.clone(),
@@ -426,7 +450,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         ));
         // Stops the keeper even if execution unwinds (a panic in engine code is contained by `handle`).
         let guard = stop.drop_guard();
-        let executed = execute(graph, &self.registry, &self.metrics, job, view).await;
+        let executed = execute(graph, &self.registry, &self.metrics, job, view, gathered).await;
         drop(guard);
         let _ = keeper.await;
         executed
@@ -443,6 +467,12 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if !skipped.is_empty() {
             self.store.record_skipped_at(&job.run_id, &skipped).await?;
         }
+        let mut jobs = jobs;
+        jobs.extend(
+            batch::first_items(graph, record)
+                .into_iter()
+                .map(|i| Job::new(&job.run_id, &job.blueprint_id, &job.node_id).at(i)),
+        );
         if !jobs.is_empty() {
             self.queue.publish(&jobs).await?;
         }
@@ -464,6 +494,56 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             self.forget(graph, &job.run_id).await;
         }
         Ok(())
+    }
+
+    /// Steps 6–7 for a batch item (docs/architecture.md, "Batches"): a failed item fails the run unless its batch
+    /// continues on failure; else start the item `chunkSize` further on, and arrive at the gather, which the
+    /// last item to resolve fires (a join over `count` items, once).
+    async fn propagate_item(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        record: &NodeRecord,
+        count: u64,
+    ) -> Result<(), StoreError> {
+        let Some(params) = graph.node(&job.node_id).and_then(|d| batch::ScatterParams::read(&d.params)) else {
+            return Ok(());
+        };
+        let (scope, Some(index)) = instance::split_item(&job.instance) else { return Ok(()) };
+        if record.status == NodeStatus::Failed && !params.continue_on_failure {
+            return self.fail_run_at(graph, &job.run_id, record).await;
+        }
+        let mut jobs = Vec::new();
+        if let Some(next) = params.next_after(index, count) {
+            jobs.push(Job::new(&job.run_id, &job.blueprint_id, &job.node_id).at(instance::item(scope, next)));
+        }
+        let gather = instance::scoped(&params.gather, scope);
+        let source = format!("#{index}");
+        let arrival = JoinArrival {
+            run_id: &job.run_id,
+            node_id: &gather,
+            source: &source,
+            taken: true,
+            expected: usize::try_from(count).unwrap_or(usize::MAX),
+            strategy: crate::flow::JoinStrategy::All,
+        };
+        if self.coord.arrive(&arrival).await? == JoinDecision::Fire {
+            jobs.push(Job::new(&job.run_id, &job.blueprint_id, &params.gather).at(scope));
+        }
+        if !jobs.is_empty() {
+            self.queue.publish(&jobs).await?;
+        }
+        Ok(())
+    }
+
+    /// A gather's input: its batch's item outputs in item order, read in one query (`None` for other nodes).
+    async fn gathered_input(&self, graph: &Graph, job: &Job) -> Result<Option<Value>, StoreError> {
+        if !graph.node(&job.node_id).is_some_and(|d| d.uses == batch::GATHER) {
+            return Ok(None);
+        }
+        let Some(scatter) = batch::scatter_of(graph, &job.node_id) else { return Ok(None) };
+        let items = self.store.records_under(&job.run_id, scatter, &instance::item_prefix(&job.instance)).await?;
+        Ok(Some(batch::gathered(items)))
     }
 
     /// A node failed without fallback: the run fails, naming it.
@@ -554,6 +634,12 @@ fn settle_outcome(result: &Result<Settle, WorkerError>) -> &'static str {
     }
 }
 
+/// For a batch item's job: its batch's item count, from its scatter's record (read with the job's view).
+fn batch_count(job: &Job, view: &JobView) -> Option<u64> {
+    let (scope, Some(_)) = instance::split_item(&job.instance) else { return None };
+    Some(view.record_at(&job.node_id, scope).and_then(batch::count).unwrap_or(0))
+}
+
 /// Step 1: a job from a message body, or why it is dead-lettered.
 fn decode(body: &[u8]) -> Result<Job, String> {
     let job: Job = serde_json::from_slice(body).map_err(|e| format!("undecodable job: {e}"))?;
@@ -616,33 +702,42 @@ async fn keep_lease<S: RunStore, C: Coordinator>(
 struct Executed {
     record: NodeRecord,
     writes: Map<String, Value>,
+    /// A batch scatter's items (recorded pending with it).
+    items: Vec<Value>,
 }
 
 impl Executed {
     /// The job's node failed after `attempts` attempts (its fallback, if any, takes over).
     fn failed(graph: &Graph, job: &Job, attempts: u32, error: &str) -> Self {
         let node_id = job.node_id.as_str();
-        let taken = graph.route_failure(node_id).taken;
+        // A batch item routes nothing: its batch decides what its failure does.
+        let is_item = instance::split_item(&job.instance).1.is_some();
+        let taken = if is_item { Vec::new() } else { graph.route_failure(node_id).taken };
         let record = NodeRecord::failed(node_id, &clean(error), taken, attempts).at(&job.instance);
-        Self { record, writes: Map::new() }
+        Self { record, writes: Map::new(), items: Vec::new() }
     }
 }
 
 /// Step 5: compute the input, run the attempts (timeout, retries with backoff, panics caught), route.
-async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, job: &Job, view: &JobView) -> Executed {
+async fn execute(
+    graph: &Graph,
+    registry: &Registry,
+    metrics: &WorkerMetrics,
+    job: &Job,
+    view: &JobView,
+    gathered: Option<Value>,
+) -> Executed {
     let node_id = job.node_id.as_str();
     let Some(def) = graph.node(node_id) else {
         return Executed::failed(graph, job, 0, &format!("node '{node_id}' is not in blueprint '{}'", graph.id()));
     };
-    let Some(implementation) = registry.get(&def.uses) else {
-        let error = format!("no implementation is registered for uses '{}' (node '{node_id}')", def.uses);
-        return Executed::failed(graph, job, 0, &error);
+    let (uses, params, input) = match what_runs(graph, def, job, view, gathered) {
+        Ok(runs) => runs,
+        Err(error) => return Executed::failed(graph, job, 0, &error),
     };
-    let records: HashMap<&str, &NodeRecord> = view.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
-    let input = match loops::continued_from(graph, node_id, &job.instance) {
-        // A loop's next iteration: its input is what the controller's `continue` edge gave it.
-        Some(prev) => loops::continued_input(node_id, &prev, &view.context, &records),
-        None => graph.input_for(node_id, &view.run.input, &view.context, &records, job.source.as_deref()),
+    let Some(implementation) = registry.get(&uses) else {
+        let error = format!("no implementation is registered for uses '{uses}' (node '{node_id}')");
+        return Executed::failed(graph, job, 0, &error);
     };
     let policy = graph.policy(node_id).cloned().unwrap_or_default();
     let mut attempt = 0;
@@ -655,7 +750,7 @@ async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, jo
             blueprint_id: job.blueprint_id.clone(),
             node_id: node_id.to_string(),
             input: input.clone(),
-            params: def.params.clone(),
+            params: params.clone(),
             attempt,
             context: context.clone(),
             cancel: CancellationToken::new(),
@@ -667,7 +762,7 @@ async fn execute(graph: &Graph, registry: &Registry, metrics: &WorkerMetrics, jo
         let ran = run_attempt(implementation.clone(), ctx, policy.timeout).instrument(span.clone()).await;
         telemetry::record_outcome(&span, if ran.is_ok() { "done" } else { "failed" });
         let error = match ran {
-            Ok(out) => return routed(graph, job, &input, out, &context, attempt, registry.limits().max_payload_bytes),
+            Ok(out) => return routed(graph, job, &input, out, &context, attempt, registry.limits()),
             Err(error) => error,
         };
         let more = error.retryable && attempt < policy.attempts;
@@ -723,9 +818,22 @@ fn routed(
     out: NodeOutput,
     context: &ContextHandle,
     attempt: u32,
-    max_payload: usize,
+    limits: &crate::flow::Limits,
 ) -> Executed {
     let node_id = job.node_id.as_str();
+    if instance::split_item(&job.instance).1.is_some() {
+        return item_result(job, out, context, attempt, limits.max_payload_bytes);
+    }
+    let is_scatter = graph.node(node_id).is_some_and(|d| d.uses == batch::SCATTER);
+    let (out, items) = if is_scatter {
+        match batch::items(node_id, &out.output, limits.max_batch_items) {
+            Ok(items) => (NodeOutput { output: batch::scatter_output(items.len()), ..out }, items),
+            Err(error) => return Executed::failed(graph, job, attempt, &error),
+        }
+    } else {
+        (out, Vec::new())
+    };
+    let max_payload = limits.max_payload_bytes;
     let ctx_value =
         if graph.routing_uses_context() { loops::with_output_aliases(context.to_value()) } else { Value::Null };
     let routing = match graph.route(node_id, &out.output, out.action.as_deref(), input, &ctx_value) {
@@ -751,7 +859,47 @@ fn routed(
     if let Some(why) = loops::over_limit(graph, &record) {
         return Executed::failed(graph, job, attempt, &why);
     }
-    Executed { record, writes }
+    Executed { record, writes, items }
+}
+
+/// What a job runs: the implementation key, its params and its input. A batch item runs its scatter's
+/// `workerUsesKey` with `workerParams` on its pending record's input; a gather gets its items' outputs; a loop's
+/// next iteration gets what the controller's `continue` edge gave it; any other node its usual input.
+fn what_runs(
+    graph: &Graph,
+    def: &crate::flow::NodeDef,
+    job: &Job,
+    view: &JobView,
+    gathered: Option<Value>,
+) -> Result<(String, Value, Value), String> {
+    let node_id = job.node_id.as_str();
+    if instance::split_item(&job.instance).1.is_some() {
+        let p = batch::ScatterParams::read(&def.params)
+            .ok_or_else(|| format!("node '{node_id}' has item instances but is not a batch-scatter"))?;
+        let input = view.record_at(node_id, &job.instance).map(|r| r.output.clone()).unwrap_or(Value::Null);
+        return Ok((p.worker, p.worker_params, input));
+    }
+    let records: HashMap<&str, &NodeRecord> = view.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
+    let input = match (gathered, loops::continued_from(graph, node_id, &job.instance)) {
+        (Some(items), _) => items,
+        (None, Some(prev)) => loops::continued_input(node_id, &prev, &view.context, &records),
+        (None, None) => graph.input_for(node_id, &view.run.input, &view.context, &records, job.source.as_deref()),
+    };
+    Ok((def.uses.clone(), def.params.clone(), input))
+}
+
+/// A batch item's successful attempt: its output, no routing; its context writes minus the engine's keys.
+fn item_result(job: &Job, out: NodeOutput, context: &ContextHandle, attempt: u32, max_payload: usize) -> Executed {
+    let node_id = job.node_id.as_str();
+    let mut writes = context.writes();
+    writes.retain(|key, _| !(key.starts_with("_outputs.") || key.starts_with("_inputs.")));
+    if let Err(e) = limits::check_node_result(max_payload, node_id, &out.output, &writes) {
+        let error = e.to_string();
+        let record = NodeRecord::failed(node_id, &clean(&error), Vec::new(), attempt).at(&job.instance);
+        return Executed { record, writes: Map::new(), items: Vec::new() };
+    }
+    let record = NodeRecord::done(node_id, out.output, out.action, Vec::new(), attempt).at(&job.instance);
+    Executed { record, writes, items: Vec::new() }
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -848,6 +996,18 @@ mod tests {
         }
         async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()> {
             self.inner.record_skipped_at(run_id, keys).await
+        }
+        async fn record_with_items(
+            &self,
+            run_id: &str,
+            record: &NodeRecord,
+            writes: &Map<String, Value>,
+            items: &[Value],
+        ) -> StoreResult<RecordOutcome> {
+            self.inner.record_with_items(run_id, record, writes, items).await
+        }
+        async fn records_under(&self, run_id: &str, node_id: &str, prefix: &str) -> StoreResult<Vec<NodeRecord>> {
+            self.inner.records_under(run_id, node_id, prefix).await
         }
         async fn finish_run(&self, run_id: &str, status: RunStatus, data: &Value) -> StoreResult<bool> {
             self.inner.finish_run(run_id, status, data).await

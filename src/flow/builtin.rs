@@ -25,12 +25,14 @@ pub fn register_all(registry: &mut Registry, limits: &Limits) {
         .register("sleep", Sleep)
         .register("fail", Fail)
         .register("http", http::Http::new(limits))
-        .register(crate::flow::loops::LOOP_CONTROLLER, control::LoopController::new(limits));
+        .register(crate::flow::loops::LOOP_CONTROLLER, control::LoopController::new(limits))
+        .register(crate::flow::batch::SCATTER, control::BatchScatter)
+        .register(crate::flow::batch::GATHER, control::BatchGather);
 }
 
 impl Registry {
-    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`, `loop-controller`)
-    /// and the default
+    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`, `loop-controller`,
+    /// `batch-scatter`, `batch-gather`) and the default
     /// [`Limits`].
     pub fn with_builtins() -> Self {
         Self::with_builtins_config(&Limits::default())

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::BlueprintError;
+use super::batch;
 use super::blueprint::{Blueprint, Inputs, JoinStrategy, NodeDef};
 use super::expr::{Expr, ExprError, Vars};
 use super::loops::{self, LoopInput, Loops};
@@ -174,6 +175,7 @@ impl Graph {
             max_iterations: nodes.iter().map(|n| max_iterations(&n.def)).collect(),
         })
         .map_err(invalid)?;
+        check_batches(&nodes, &checked.index, registry).map_err(invalid)?;
         let start: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].sources.is_empty()).collect();
         let uses_context = checked.edges.iter().any(|e| {
             e.condition.as_ref().is_some_and(|c| c.uses_variable("context"))
@@ -397,6 +399,7 @@ impl Graph {
     pub fn is_resolved_ok(&self, record: &NodeRecord) -> bool {
         match record.status {
             NodeStatus::Done | NodeStatus::Skipped => true,
+            NodeStatus::Pending => false,
             NodeStatus::Failed => self.fallback(&record.node_id).is_some(),
         }
     }
@@ -870,6 +873,51 @@ fn continue_edges(bp: &Blueprint, checked: &Checked) -> Result<Vec<Option<usize>
         }
     }
     if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+/// Each `batch-scatter` names a `batch-gather` node it has an edge to, and (with a registry) a registered worker.
+fn check_batches(
+    nodes: &[GNode],
+    index: &HashMap<String, usize>,
+    registry: Option<&Registry>,
+) -> Result<(), Vec<Problem>> {
+    let mut problems = Vec::new();
+    for n in nodes.iter().filter(|n| n.def.uses == batch::SCATTER) {
+        let Some(p) = batch::ScatterParams::read(&n.def.params) else { continue };
+        let id = &n.def.id;
+        match index.get(&p.gather).map(|&g| (g, &nodes[g])) {
+            None => problems.push(Problem::new(
+                "bad-batch",
+                format!("batch-scatter '{id}': params.gatherNodeId '{}' is not a node of the blueprint", p.gather),
+            )),
+            Some((g, gather)) => {
+                if gather.def.uses != batch::GATHER {
+                    problems.push(Problem::new(
+                        "bad-batch",
+                        format!(
+                            "batch-scatter '{id}': its gather node '{}' uses '{}', not 'batch-gather'",
+                            p.gather, gather.def.uses
+                        ),
+                    ));
+                }
+                if !n.targets.contains(&g) {
+                    problems.push(Problem::new(
+                        "bad-batch",
+                        format!("batch-scatter '{id}' has no edge to its gather node '{}'", p.gather),
+                    ));
+                }
+            }
+        }
+        if let Some(r) = registry
+            && !r.contains(&p.worker)
+        {
+            problems.push(Problem::new(
+                "unknown-uses",
+                format!("batch-scatter '{id}': params.workerUsesKey '{}' is not a registered node", p.worker),
+            ));
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
 }
 
 /// A loop controller's `params.maxIterations` (default [`loops::DEFAULT_MAX_ITERATIONS`]).

@@ -79,6 +79,11 @@ pub fn item(scatter_instance: &str, index: u64) -> String {
     format!("{scatter_instance}#{index}")
 }
 
+/// The prefix every item instance of a batch scattered at `scatter_instance` starts with.
+pub fn item_prefix(scatter_instance: &str) -> String {
+    format!("{scatter_instance}#")
+}
+
 /// The loop iteration components of an instance (batch item part ignored).
 pub fn components(instance: &str) -> Vec<u64> {
     let (scope, _) = split_item(instance);

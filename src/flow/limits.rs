@@ -29,6 +29,8 @@ pub struct Limits {
     pub expr: EvalLimits,
     /// The `http` node.
     pub http: HttpLimits,
+    /// The most items one batch may scatter (`FLOWCRAFT_MAX_BATCH_ITEMS`, default 10 000).
+    pub max_batch_items: usize,
 }
 
 /// The limits of the `http` node.
@@ -60,7 +62,12 @@ impl Limits {
     /// their default memory budget), so a transform can reshape an input of the largest size.
     pub fn with_max_payload(max_payload_bytes: usize) -> Self {
         let memory = EvalLimits::DEFAULT_MEMORY.max((max_payload_bytes as u64).saturating_mul(16));
-        Self { max_payload_bytes, expr: EvalLimits { memory, ..EvalLimits::default() }, http: HttpLimits::default() }
+        Self {
+            max_payload_bytes,
+            expr: EvalLimits { memory, ..EvalLimits::default() },
+            http: HttpLimits::default(),
+            max_batch_items: super::batch::DEFAULT_MAX_ITEMS,
+        }
     }
 
     /// Check that `value` fits the payload limit; `what` names it in the error ("the output of node 'a'").

@@ -302,6 +302,10 @@ pub fn arrivals(graph: &Graph, record: &NodeRecord) -> Vec<InstanceArrival> {
     let mut out = Vec::new();
     for a in graph.arrivals(record) {
         let Some(t) = graph.index_of(&a.target) else { continue };
+        if super::batch::withholds(graph, record, &a.target) {
+            // The items fire the gather.
+            continue;
+        }
         let is_continue = controlled.is_some_and(|(lp, _)| lp.start == t);
         match (is_continue, continued) {
             (true, true) => {
@@ -328,6 +332,10 @@ pub fn arrivals(graph: &Graph, record: &NodeRecord) -> Vec<InstanceArrival> {
 pub fn record_keys(graph: &Graph, node: &str, instance: &str) -> (Vec<InstanceKey>, Vec<InstanceKey>) {
     let own = InstanceKey::new(node, instance);
     let Some(v) = graph.index_of(node) else { return (vec![own], Vec::new()) };
+    if let (scope, Some(_)) = instance::split_item(instance) {
+        // A batch item reads its own pending record (its input) and its scatter's (the item count).
+        return (vec![own, InstanceKey::new(node, scope)], Vec::new());
+    }
     let loops = graph.loops();
     if let Some(prev) = continued_from(graph, node, instance) {
         return (vec![own, prev], Vec::new());

@@ -1,6 +1,7 @@
 //! The workflow engine without I/O: blueprints, validation and analysis, CEL expressions, nodes, records,
 //! routing, the join rule and retry policy.
 
+pub mod batch;
 pub mod blueprint;
 pub mod builtin;
 pub mod egress;

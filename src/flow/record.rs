@@ -17,6 +17,9 @@ pub enum NodeStatus {
     Failed,
     /// Not reached: every incoming edge was skipped.
     Skipped,
+    /// A batch item not run yet (non-terminal; its record carries the item's input as `output` until it
+    /// resolves, see docs/architecture.md, "Batches").
+    Pending,
 }
 
 impl NodeStatus {
@@ -26,6 +29,7 @@ impl NodeStatus {
             NodeStatus::Done => "done",
             NodeStatus::Failed => "failed",
             NodeStatus::Skipped => "skipped",
+            NodeStatus::Pending => "pending",
         }
     }
 
@@ -35,6 +39,7 @@ impl NodeStatus {
             "done" => NodeStatus::Done,
             "failed" => NodeStatus::Failed,
             "skipped" => NodeStatus::Skipped,
+            "pending" => NodeStatus::Pending,
             _ => return None,
         })
     }
@@ -133,6 +138,11 @@ impl NodeRecord {
         )
     }
 
+    /// Whether the record is final (done, failed or skipped): a pending batch item is not.
+    pub fn is_terminal(&self) -> bool {
+        self.status != NodeStatus::Pending
+    }
+
     /// A skipped node.
     pub fn skipped(node_id: impl Into<String>) -> Self {
         Self {
@@ -164,7 +174,7 @@ mod tests {
             (NodeStatus::Failed, Value::Null, Some("bad news"))
         );
         assert_eq!(NodeRecord::skipped("a").status, NodeStatus::Skipped);
-        for s in [NodeStatus::Done, NodeStatus::Failed, NodeStatus::Skipped] {
+        for s in [NodeStatus::Done, NodeStatus::Failed, NodeStatus::Skipped, NodeStatus::Pending] {
             assert_eq!(NodeStatus::parse(s.as_str()), Some(s));
         }
         assert_eq!(NodeStatus::parse("running"), None);

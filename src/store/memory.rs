@@ -193,6 +193,28 @@ impl RunEntry {
         self.records.insert((record.node_id.clone(), record.instance.clone()), (self.written, record));
     }
 
+    /// Insert-if-absent (or resolve a pending item) with the context writes; the engine-owned output key wins
+    /// over a context write of the same name (as in PostgreSQL).
+    fn record(&mut self, record: &NodeRecord, context_writes: &Map<String, Value>) -> RecordOutcome {
+        if self.info.status == RunStatus::Running {
+            self.info.updated_at = Utc::now();
+        }
+        if let Some(existing) = self.get(&record.node_id, &record.instance).filter(|r| r.is_terminal()) {
+            return RecordOutcome::Existing(existing.clone());
+        }
+        let mut r = record.clone();
+        r.finished_at = Some(Utc::now());
+        let context = Arc::make_mut(&mut self.context);
+        for (k, v) in context_writes {
+            context.insert(k.clone(), v.clone());
+        }
+        if r.status == NodeStatus::Done && crate::flow::instance::split_item(&r.instance).1.is_none() {
+            context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
+        }
+        self.insert(r);
+        RecordOutcome::Inserted
+    }
+
     fn get(&self, node_id: &str, instance: &str) -> Option<&NodeRecord> {
         self.records.get(&(node_id.to_string(), instance.to_string())).map(|(_, r)| r)
     }
@@ -319,26 +341,40 @@ impl RunStore for MemoryStore {
         record: &NodeRecord,
         context_writes: &Map<String, Value>,
     ) -> StoreResult<RecordOutcome> {
+        self.with_run(run_id, |e| e.record(record, context_writes))
+    }
+
+    async fn record_with_items(
+        &self,
+        run_id: &str,
+        record: &NodeRecord,
+        context_writes: &Map<String, Value>,
+        items: &[Value],
+    ) -> StoreResult<RecordOutcome> {
         self.with_run(run_id, |e| {
-            if e.info.status == RunStatus::Running {
-                e.info.updated_at = Utc::now();
+            let outcome = e.record(record, context_writes);
+            if outcome == RecordOutcome::Inserted {
+                for (i, item) in items.iter().enumerate() {
+                    let instance = crate::flow::instance::item(&record.instance, i as u64);
+                    let mut r = NodeRecord { status: NodeStatus::Pending, ..NodeRecord::skipped(&record.node_id) };
+                    r.output = item.clone();
+                    r.finished_at = Some(Utc::now());
+                    e.insert(r.at(instance));
+                }
             }
-            if let Some(existing) = e.get(&record.node_id, &record.instance) {
-                return RecordOutcome::Existing(existing.clone());
-            }
-            let mut r = record.clone();
-            r.finished_at = Some(Utc::now());
-            let context = Arc::make_mut(&mut e.context);
-            for (k, v) in context_writes {
-                context.insert(k.clone(), v.clone());
-            }
-            // The engine-owned output key wins over a context write of the same name (as in PostgreSQL).
-            if r.status == NodeStatus::Done {
-                context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
-            }
-            e.insert(r);
-            RecordOutcome::Inserted
+            outcome
         })
+    }
+
+    async fn records_under(&self, run_id: &str, node_id: &str, prefix: &str) -> StoreResult<Vec<NodeRecord>> {
+        let runs = lock(&self.runs);
+        let Some(e) = runs.get(run_id) else { return Ok(Vec::new()) };
+        let from = (node_id.to_string(), prefix.to_string());
+        Ok(e.records
+            .range(from..)
+            .take_while(|((n, i), _)| n == node_id && i.starts_with(prefix))
+            .map(|(_, (_, r))| r.clone())
+            .collect())
     }
 
     async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()> {

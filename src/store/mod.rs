@@ -404,14 +404,30 @@ pub trait RunStore: Send + Sync + 'static {
         latest: &[InstanceKey],
     ) -> StoreResult<Option<JobView>>;
 
-    /// Record a node's result if none is recorded yet; when this write wins, also merge `context_writes` into
-    /// the context. Touches the run's `updated_at` either way. One transaction.
+    /// Record a node's result if none is recorded yet (or only a `pending` batch item); when this write wins, also
+    /// merge `context_writes` into the context (and, for a done node that is not a batch item, its output as
+    /// `_outputs.<id>`). Touches the run's `updated_at` either way. One transaction.
     async fn record(
         &self,
         run_id: &str,
         record: &NodeRecord,
         context_writes: &Map<String, Value>,
     ) -> StoreResult<RecordOutcome>;
+
+    /// Record a `batch-scatter`'s result like [`RunStore::record`] and, when this write wins, its items as
+    /// `pending` records of the same node (instance `<record's instance>#<index>`, the item as their `output`), in
+    /// one transaction. A later [`RunStore::record`] of an item resolves its pending record (a guarded update: only
+    /// a `pending` record is replaced, so an item resolves once).
+    async fn record_with_items(
+        &self,
+        run_id: &str,
+        record: &NodeRecord,
+        context_writes: &Map<String, Value>,
+        items: &[Value],
+    ) -> StoreResult<RecordOutcome>;
+
+    /// The records of `node_id` whose instance starts with `prefix` (a batch's items), in one query.
+    async fn records_under(&self, run_id: &str, node_id: &str, prefix: &str) -> StoreResult<Vec<NodeRecord>>;
 
     /// Record several skipped nodes (instance `""`, insert-if-absent each) and touch `updated_at`. One statement.
     async fn record_skipped(&self, run_id: &str, node_ids: &[String]) -> StoreResult<()> {

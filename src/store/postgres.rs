@@ -328,7 +328,10 @@ const RECORD: &str = "WITH ins AS (
     INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error)
     SELECT $1::text, $2::text, $10::text, $3::text, $4::text, $5::jsonb, $6::jsonb, $7::int, $8::text
      WHERE EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text)
-    ON CONFLICT (run_id, node_id, instance) DO NOTHING
+    ON CONFLICT (run_id, node_id, instance) DO UPDATE
+       SET status = EXCLUDED.status, action = EXCLUDED.action, output = EXCLUDED.output, taken = EXCLUDED.taken,
+           attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
+     WHERE {results}.status = 'pending'
     RETURNING node_id
 ), ctx AS (
     UPDATE {contexts} SET context_data = context_data || $9::jsonb
@@ -343,6 +346,15 @@ SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
   FROM (VALUES (1)) AS one (x)
   LEFT JOIN {results} existing
     ON existing.run_id = $1::text AND existing.node_id = $2::text AND existing.instance = $10::text";
+
+// A batch scatter's items, pending, each with its element as `output` (instance `<scatter instance>#<index>`).
+const RECORD_ITEMS: &str = "INSERT INTO {results} (run_id, node_id, instance, status, output, taken, attempts)
+SELECT $1::text, $2::text, $3::text || '#' || (t.ord - 1)::text, 'pending', t.v, '[]'::jsonb, 0
+  FROM jsonb_array_elements($4::jsonb) WITH ORDINALITY AS t (v, ord)
+ON CONFLICT (run_id, node_id, instance) DO NOTHING";
+
+const RECORDS_UNDER: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at
+  FROM {results} WHERE run_id = $1::text AND node_id = $2::text AND starts_with(instance, $3::text)";
 
 const EXISTING_RECORD: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at
   FROM {results} WHERE run_id = $1::text AND node_id = $2::text AND instance = $3::text";
@@ -436,6 +448,8 @@ struct Sql {
     record: String,
     existing_record: String,
     record_skipped: String,
+    record_items: String,
+    records_under: String,
     finish_run: String,
     touch: String,
     run_info: String,
@@ -481,6 +495,8 @@ impl Sql {
             record: names.render(RECORD),
             existing_record: names.render(EXISTING_RECORD),
             record_skipped: names.render(RECORD_SKIPPED),
+            record_items: names.render(RECORD_ITEMS),
+            records_under: names.render(RECORDS_UNDER),
             finish_run: names.render(FINISH_RUN),
             touch: names.render(TOUCH),
             run_info: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}} WHERE run_id = $1::text")),
@@ -1018,7 +1034,7 @@ impl RunStore for PostgresStore {
         let op = format!("record node {} of run {run_id}", crate::flow::instance::display(node_id, instance));
         let table = self.names.results.as_str();
         let mut merge = context_writes.clone();
-        if record.status == NodeStatus::Done {
+        if record.status == NodeStatus::Done && crate::flow::instance::split_item(instance).1.is_none() {
             // The engine-owned output key wins over a context write of the same name.
             merge.insert(format!("_outputs.{node_id}"), record.output.clone());
         }
@@ -1045,14 +1061,71 @@ impl RunStore for PostgresStore {
             return Ok(RecordOutcome::Inserted);
         }
         let existing = match record_from_row(run_id, &row)? {
-            Some(existing) => existing,
-            // Committed concurrently, after this statement's snapshot: read it with a fresh one.
-            None => self.existing_record(&client, run_id, node_id, instance).await?.ok_or_else(|| {
+            Some(existing) if existing.is_terminal() => existing,
+            // Committed concurrently, after this statement's snapshot (which may still show a pending item): read
+            // it with a fresh one.
+            _ => self.existing_record(&client, run_id, node_id, instance).await?.ok_or_else(|| {
                 StoreError::database(format!("{op}: run {run_id} does not exist in table {:?}", self.names.statuses))
             })?,
         };
         tracing::debug!(run_id, node_id, status = existing.status.as_str(), "node result already recorded");
         Ok(RecordOutcome::Existing(existing))
+    }
+
+    async fn record_with_items(
+        &self,
+        run_id: &str,
+        record: &NodeRecord,
+        context_writes: &Map<String, Value>,
+        items: &[Value],
+    ) -> StoreResult<RecordOutcome> {
+        let (node_id, instance) = (record.node_id.as_str(), record.instance.as_str());
+        let op = format!("record batch {} of run {run_id}", crate::flow::instance::display(node_id, instance));
+        let table = self.names.results.as_str();
+        let err = |e| db_error(&op, table, e);
+        let mut merge = context_writes.clone();
+        if record.status == NodeStatus::Done {
+            merge.insert(format!("_outputs.{node_id}"), record.output.clone());
+        }
+        let merge = Value::Object(merge);
+        let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
+        let mut client = self.client(&op).await?;
+        let tx = client.transaction().await.map_err(err)?;
+        let stmt = tx.prepare_cached(&self.sql.record).await.map_err(err)?;
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &run_id,
+            &node_id,
+            &record.status.as_str(),
+            &record.action,
+            &record.output,
+            &Json(&record.taken),
+            &attempts,
+            &record.error,
+            &merge,
+            &instance,
+        ];
+        let row = tx.query_one(&stmt, &params).await.map_err(err)?;
+        if !column::<bool>(&row, "inserted", run_id)? {
+            // Recorded before: nothing of ours is kept; the first record is read as any duplicate's.
+            tx.rollback().await.map_err(err)?;
+            drop(client);
+            return self.record(run_id, record, context_writes).await;
+        }
+        let items_stmt = tx.prepare_cached(&self.sql.record_items).await.map_err(err)?;
+        let items_param: [&(dyn ToSql + Sync); 4] = [&run_id, &node_id, &instance, &Json(items)];
+        tx.execute(&items_stmt, &items_param).await.map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        tracing::debug!(run_id, node_id, instance, items = items.len(), "recorded batch scatter and its items");
+        Ok(RecordOutcome::Inserted)
+    }
+
+    async fn records_under(&self, run_id: &str, node_id: &str, prefix: &str) -> StoreResult<Vec<NodeRecord>> {
+        let op = format!("read instances of node {node_id} of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.records_under).await.map_err(|e| db_error(&op, table, e))?;
+        let rows = client.query(&stmt, &[&run_id, &node_id, &prefix]).await.map_err(|e| db_error(&op, table, e))?;
+        rows.iter().filter_map(|r| record_from_row(run_id, r).transpose()).collect()
     }
 
     async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()> {

@@ -270,6 +270,7 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
                 crate::store::NodeStatus::Done => NodeState::Done,
                 crate::store::NodeStatus::Skipped => NodeState::Skipped,
                 crate::store::NodeStatus::Failed => NodeState::Failed,
+                crate::store::NodeStatus::Pending => NodeState::Pending,
             };
             view(Some(&r), state)
         });

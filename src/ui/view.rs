@@ -45,6 +45,7 @@ pub fn node_states(graph: &Graph, run: RunStatus, records: &HashMap<&str, &NodeR
                 NodeStatus::Done => NodeState::Done,
                 NodeStatus::Skipped => NodeState::Skipped,
                 NodeStatus::Failed => NodeState::Failed,
+                NodeStatus::Pending => NodeState::Pending,
             },
             None if run == RunStatus::Running && can_go(graph, id, records) => NodeState::Running,
             None => NodeState::Pending,

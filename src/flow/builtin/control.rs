@@ -1,4 +1,6 @@
-//! `loop-controller` (docs/architecture.md, "Loops"): decides whether its loop runs another iteration.
+//! The control nodes of dynamic graphs (docs/architecture.md, "Node instances"): `loop-controller` decides
+//! whether its loop runs another iteration; `batch-scatter` and `batch-gather` are the two ends of a batch (the
+//! worker scatters the list into item instances and gathers their outputs, see [`crate::flow::batch`]).
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -65,6 +67,42 @@ impl Node for LoopController {
             .unwrap_or_else(|e| Err(NodeError::fatal(format!("loop-controller: the evaluation ended: {e}"))))?;
         let action = if truthy(&value) { CONTINUE } else { BREAK };
         Ok(NodeOutput::with_action(Value::Null, action))
+    }
+}
+
+/// `batch-scatter`: its output is its input, the list the worker scatters into item instances (the recorded
+/// output is `{"count": n}`).
+pub struct BatchScatter;
+
+#[async_trait]
+impl Node for BatchScatter {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        crate::flow::batch::check_scatter_params(params)
+    }
+
+    async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
+        Ok(NodeOutput::new(ctx.input))
+    }
+}
+
+/// `batch-gather`: its input is the items' outputs in item order (the worker reads them); its output is that
+/// list, also written to `context[params.outputKey]` when given.
+pub struct BatchGather;
+
+#[async_trait]
+impl Node for BatchGather {
+    fn check_params(&self, params: &Value) -> Vec<String> {
+        match params.get("outputKey").filter(|v| !v.is_null()) {
+            Some(Value::String(_)) | None => Vec::new(),
+            Some(other) => vec![format!("batch-gather: params.outputKey must be a string, not {other}")],
+        }
+    }
+
+    async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
+        if let Some(key) = ctx.params.get("outputKey").and_then(Value::as_str) {
+            ctx.context.set(key, ctx.input.clone());
+        }
+        Ok(NodeOutput::new(ctx.input))
     }
 }
 

@@ -1,0 +1,193 @@
+//! Batches (docs/architecture.md, "Batches"): the TypeScript builder's `.batch()` export runs unchanged. A
+//! `batch-scatter` node reads its input list and records one `pending` *item* instance per element
+//! (`<scatter instance>#<index>`, its input stored with it); each item runs the `workerUsesKey` implementation
+//! with `workerParams`, at most `chunkSize` at once; the `batch-gather` node fires once every item has resolved
+//! and gets the items' outputs in item order as its input.
+//!
+//! Pure decisions only: the params, the scatter's list, which item comes next, and the gather's input.
+
+use serde_json::{Value, json};
+
+use super::graph::Graph;
+use super::instance;
+use super::record::{NodeRecord, NodeStatus};
+
+/// The `uses` key of a scatter node.
+pub const SCATTER: &str = "batch-scatter";
+/// The `uses` key of a gather node.
+pub const GATHER: &str = "batch-gather";
+/// The default maximum number of items of one batch ([`crate::flow::Limits::max_batch_items`]).
+pub const DEFAULT_MAX_ITEMS: usize = 10_000;
+
+/// A scatter node's params, read from the blueprint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScatterParams {
+    /// The implementation each item runs.
+    pub worker: String,
+    /// The params each item runs with (`null` when absent).
+    pub worker_params: Value,
+    /// The gather node.
+    pub gather: String,
+    /// At most this many items in flight (`None`: all).
+    pub chunk_size: Option<u64>,
+    /// A failed item gathers `null` instead of failing the batch (Argo's `continueOn`).
+    pub continue_on_failure: bool,
+}
+
+impl ScatterParams {
+    /// The params of a scatter node, or `None` when `params` are not a scatter's.
+    pub fn read(params: &Value) -> Option<Self> {
+        Some(Self {
+            worker: params.get("workerUsesKey")?.as_str()?.to_string(),
+            worker_params: params.get("workerParams").cloned().unwrap_or(Value::Null),
+            gather: params.get("gatherNodeId")?.as_str()?.to_string(),
+            chunk_size: params.get("chunkSize").and_then(Value::as_u64).filter(|&n| n > 0),
+            continue_on_failure: params.get("continueOnFailure").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    /// How many items start at once: `chunkSize`, or all of them.
+    pub fn first_wave(&self, count: u64) -> u64 {
+        self.chunk_size.map_or(count, |c| c.min(count))
+    }
+
+    /// The item started when item `index` of `count` resolves (`index + chunkSize`), if any.
+    pub fn next_after(&self, index: u64, count: u64) -> Option<u64> {
+        let next = index.checked_add(self.chunk_size?)?;
+        (next < count).then_some(next)
+    }
+}
+
+/// The problems of a `batch-scatter` node's params (the worker implementation is checked by the graph).
+pub fn check_scatter_params(params: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    for key in ["workerUsesKey", "gatherNodeId"] {
+        if !params.get(key).is_some_and(Value::is_string) {
+            problems.push(format!("batch-scatter needs params.{key} (a string)"));
+        }
+    }
+    if let Some(c) = params.get("chunkSize").filter(|v| !v.is_null())
+        && c.as_u64().is_none_or(|n| n == 0)
+    {
+        problems.push(format!("batch-scatter: params.chunkSize must be a positive integer, not {c}"));
+    }
+    if let Some(c) = params.get("continueOnFailure").filter(|v| !v.is_null())
+        && !c.is_boolean()
+    {
+        problems.push(format!("batch-scatter: params.continueOnFailure must be true or false, not {c}"));
+    }
+    problems
+}
+
+/// Why a scatter's input cannot be scattered: not a list, or longer than `max_items`.
+pub fn items(node: &str, input: &Value, max_items: usize) -> Result<Vec<Value>, String> {
+    let Value::Array(list) = input else {
+        return Err(format!("batch-scatter '{node}': its input must be a list, not {}", kind(input)));
+    };
+    if list.len() > max_items {
+        return Err(format!(
+            "batch-scatter '{node}': the list has {} items, more than the limit of {max_items} (FLOWCRAFT_MAX_BATCH_ITEMS)",
+            list.len()
+        ));
+    }
+    Ok(list.clone())
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The scatter's own output: how many items it recorded.
+pub fn scatter_output(count: usize) -> Value {
+    json!({ "count": count })
+}
+
+/// How many items a recorded scatter has (`None` when the record is not a done scatter).
+pub fn count(record: &NodeRecord) -> Option<u64> {
+    (record.status == NodeStatus::Done).then(|| record.output.get("count").and_then(Value::as_u64)).flatten()
+}
+
+/// Whether the arrival of a scatter's record at `target` waits for the items: a done scatter with items fires
+/// its gather only through them (an empty list gathers at once; a skipped or failed scatter sends its arrival
+/// as any node does).
+pub fn withholds(graph: &Graph, record: &NodeRecord, target: &str) -> bool {
+    let Some(params) =
+        graph.node(&record.node_id).filter(|d| d.uses == SCATTER).and_then(|d| ScatterParams::read(&d.params))
+    else {
+        return false;
+    };
+    params.gather == target && count(record).is_some_and(|n| n > 0)
+}
+
+/// The scatter of a gather node: its predecessor whose `gatherNodeId` names it.
+pub fn scatter_of<'g>(graph: &'g Graph, gather: &str) -> Option<&'g str> {
+    graph.sources(gather).into_iter().find(|s| {
+        graph
+            .node(s)
+            .filter(|d| d.uses == SCATTER)
+            .and_then(|d| ScatterParams::read(&d.params))
+            .is_some_and(|p| p.gather == gather)
+    })
+}
+
+/// The item instances a done scatter starts at once: the first `chunkSize` (all without it).
+pub fn first_items(graph: &Graph, record: &NodeRecord) -> Vec<String> {
+    let Some(params) =
+        graph.node(&record.node_id).filter(|d| d.uses == SCATTER).and_then(|d| ScatterParams::read(&d.params))
+    else {
+        return Vec::new();
+    };
+    let Some(n) = count(record) else { return Vec::new() };
+    (0..params.first_wave(n)).map(|i| instance::item(&record.instance, i)).collect()
+}
+
+/// The gather's input: the items' outputs in item order; a failed item (only gathered with
+/// `continueOnFailure`) gives `null`.
+pub fn gathered(mut items: Vec<NodeRecord>) -> Value {
+    items.sort_by_key(|r| instance::split_item(&r.instance).1.unwrap_or(u64::MAX));
+    Value::Array(items.into_iter().map(|r| if r.status == NodeStatus::Done { r.output } else { Value::Null }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_and_chunks() {
+        let p = ScatterParams::read(&json!({"workerUsesKey": "w", "gatherNodeId": "g", "chunkSize": 3})).unwrap();
+        assert_eq!((p.first_wave(10), p.first_wave(2)), (3, 2));
+        assert_eq!((p.next_after(0, 10), p.next_after(7, 10)), (Some(3), None));
+        let all = ScatterParams::read(&json!({"workerUsesKey": "w", "gatherNodeId": "g"})).unwrap();
+        assert_eq!((all.first_wave(10), all.next_after(0, 10)), (10, None));
+        assert!(check_scatter_params(&json!({"workerUsesKey": "w", "gatherNodeId": "g"})).is_empty());
+        assert_eq!(check_scatter_params(&json!({"chunkSize": 0})).len(), 3);
+    }
+
+    #[test]
+    fn lists_are_checked_against_the_limit() {
+        assert_eq!(items("s", &json!([1, 2]), 2).unwrap().len(), 2);
+        assert!(items("s", &json!([1, 2, 3]), 2).unwrap_err().contains("limit of 2"));
+        assert!(items("s", &json!({"a": 1}), 2).unwrap_err().contains("must be a list, not an object"));
+    }
+
+    #[test]
+    fn gathered_in_item_order() {
+        let rec = |i: u64, out: Value, status: NodeStatus| NodeRecord {
+            status,
+            ..NodeRecord::done("s", out, None, vec![], 1).at(instance::item("", i))
+        };
+        let items = vec![
+            rec(10, json!("k"), NodeStatus::Done),
+            rec(2, json!("c"), NodeStatus::Done),
+            rec(1, json!("x"), NodeStatus::Failed),
+        ];
+        assert_eq!(gathered(items), json!([null, "c", "k"]));
+    }
+}
