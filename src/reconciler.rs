@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::flow::join::decide;
-use crate::flow::{BlueprintSet, Graph, InstanceKey, JoinDecision, JoinStrategy, loops};
+use crate::flow::{BlueprintSet, Graph, InstanceKey, JoinDecision, JoinStrategy, batch, loops};
 use crate::report::Chain;
 pub use crate::store::ReconcileStats;
 use crate::store::{
@@ -182,9 +182,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         let mut repair = RunRepair::default();
 
         // A failed node without fallback whose run status was never written (crash in between).
-        if let Some(failed) =
-            records.iter().find(|r| r.status == NodeStatus::Failed && graph.fallback(&r.node_id).is_none())
-        {
+        if let Some(failed) = records.iter().find(|r| batch::fails_run(&graph, r)) {
             let data = json!({ "error": failed.run_failure(), "node": failed.node_id });
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Failed);
@@ -300,6 +298,13 @@ pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
             ready.push(key);
         }
     }
+    // Batches: pending items and complete batches' gathers (their arrivals are items, not graph edges).
+    let batches = batch::frontier(graph, records);
+    ready.extend(batches.ready);
+    for (gather, arrived) in batches.arrivals {
+        joins.push(JoinState { node_id: gather.scoped().into_owned(), taken: arrived.clone(), arrived });
+    }
+    decided.extend(batches.decided.iter().map(|g| g.scoped().into_owned()));
     let mut units = HashSet::new();
     let resolved = records
         .iter()
@@ -397,6 +402,43 @@ mod tests {
         let mut skipped = names(&p.skipped);
         skipped.sort();
         assert_eq!(skipped, vec!["fb", "y", "y2"]);
+    }
+
+    #[test]
+    fn a_batch_re_drives_its_pending_items_by_chunk_then_its_gather() {
+        let g = graph(json!({
+            "id": "b",
+            "nodes": [
+                {"id": "s", "uses": "batch-scatter", "inputs": "items",
+                 "params": {"workerUsesKey": "noop", "gatherNodeId": "g", "chunkSize": 2}},
+                {"id": "g", "uses": "batch-gather"}
+            ],
+            "edges": [{"source": "s", "target": "g"}]
+        }));
+        let scatter = NodeRecord::done("s", json!({"count": 4}), None, vec!["g".into()], 1);
+        let item = |i: u64, status: NodeStatus| NodeRecord {
+            status,
+            ..NodeRecord::done("s", json!(i), None, vec![], 1).at(format!("#{i}"))
+        };
+        let records = vec![
+            scatter.clone(),
+            item(0, NodeStatus::Done),
+            item(1, NodeStatus::Pending),
+            item(2, NodeStatus::Pending),
+            item(3, NodeStatus::Pending),
+        ];
+        let p = plan(&g, &records);
+        assert_eq!(names(&p.ready), vec!["s[#1]", "s[#2]"]);
+        assert_eq!(
+            p.joins,
+            vec![JoinState { node_id: "g".into(), arrived: vec!["#0".into()], taken: vec!["#0".into()] }]
+        );
+        let all_done: Vec<NodeRecord> =
+            std::iter::once(scatter).chain((0..4).map(|i| item(i, NodeStatus::Done))).collect();
+        let p = plan(&g, &all_done);
+        assert_eq!(names(&p.ready), vec!["g"]);
+        assert_eq!(p.decided, vec!["g"]);
+        assert_eq!(p.resolved, vec!["s"]);
     }
 
     #[test]

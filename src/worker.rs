@@ -538,7 +538,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
 
     /// A gather's input: its batch's item outputs in item order, read in one query (`None` for other nodes).
     async fn gathered_input(&self, graph: &Graph, job: &Job) -> Result<Option<Value>, StoreError> {
-        if !graph.node(&job.node_id).is_some_and(|d| d.uses == batch::GATHER) {
+        if graph.node(&job.node_id).is_none_or(|d| d.uses != batch::GATHER) {
             return Ok(None);
         }
         let Some(scatter) = batch::scatter_of(graph, &job.node_id) else { return Ok(None) };

@@ -155,6 +155,69 @@ pub fn gathered(mut items: Vec<NodeRecord>) -> Value {
     Value::Array(items.into_iter().map(|r| if r.status == NodeStatus::Done { r.output } else { Value::Null }).collect())
 }
 
+/// What the reconciler re-drives of a run's batches: pending items (the first `chunkSize` pending of each
+/// batch, by index), complete batches whose gather is not recorded, and each gather's arrival set (the items
+/// resolved, as `#<index>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frontier {
+    /// Item and gather instances to publish.
+    pub ready: Vec<super::InstanceKey>,
+    /// Per gather instance with resolved items: its key and the items that arrived.
+    pub arrivals: Vec<(super::InstanceKey, Vec<String>)>,
+    /// Gather instances whose join has fired (every item resolved).
+    pub decided: Vec<super::InstanceKey>,
+}
+
+/// The batch frontier of a run from its records (pure, linear in the records).
+pub fn frontier(graph: &Graph, records: &[NodeRecord]) -> Frontier {
+    use std::collections::{BTreeMap, HashSet};
+    let recorded: HashSet<(&str, &str)> = records.iter().map(|r| (r.node_id.as_str(), r.instance.as_str())).collect();
+    let mut items: BTreeMap<(&str, &str), Vec<(u64, &NodeRecord)>> = BTreeMap::new();
+    for r in records {
+        if let (scope, Some(index)) = instance::split_item(&r.instance) {
+            items.entry((r.node_id.as_str(), scope)).or_default().push((index, r));
+        }
+    }
+    let mut out = Frontier::default();
+    for scatter in records.iter().filter(|r| instance::split_item(&r.instance).1.is_none()) {
+        let Some(n) = count(scatter).filter(|&n| n > 0) else { continue };
+        let Some(params) = graph.node(&scatter.node_id).and_then(|d| ScatterParams::read(&d.params)) else { continue };
+        let mut mine = items.remove(&(scatter.node_id.as_str(), scatter.instance.as_str())).unwrap_or_default();
+        mine.sort_by_key(|(i, _)| *i);
+        let (done, pending): (Vec<_>, Vec<_>) = mine.iter().partition(|(_, r)| r.is_terminal());
+        let wave = usize::try_from(params.first_wave(n)).unwrap_or(usize::MAX);
+        for (i, _) in pending.iter().take(wave) {
+            out.ready.push(super::InstanceKey::new(&scatter.node_id, instance::item(&scatter.instance, *i)));
+        }
+        let gather = super::InstanceKey::new(&params.gather, &scatter.instance);
+        if !done.is_empty() {
+            out.arrivals.push((gather.clone(), done.iter().map(|(i, _)| format!("#{i}")).collect()));
+        }
+        if done.len() as u64 >= n {
+            if !recorded.contains(&(gather.node_id.as_str(), gather.instance.as_str())) {
+                out.ready.push(gather.clone());
+            }
+            out.decided.push(gather);
+        }
+    }
+    out
+}
+
+/// Whether a failed record fails its run: a batch item unless its batch continues on failure; any other node
+/// without a fallback.
+pub fn fails_run(graph: &Graph, record: &NodeRecord) -> bool {
+    if record.status != NodeStatus::Failed {
+        return false;
+    }
+    if instance::split_item(&record.instance).1.is_some() {
+        return !graph
+            .node(&record.node_id)
+            .and_then(|d| ScatterParams::read(&d.params))
+            .is_some_and(|p| p.continue_on_failure);
+    }
+    graph.fallback(&record.node_id).is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
