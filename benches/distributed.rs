@@ -1074,6 +1074,9 @@ async fn main() {
         "  TLS          W1 again with every connection encrypted and verified: PostgreSQL directly (sslmode=verify-full, the server's certificate), RabbitMQ (amqps://) and Redis (rediss://) through TLS-terminating proxies run by this process, which add a hop and their own CPU on the same cores."
     );
     println!(
+        "  proxies      W1 again in clear text with RabbitMQ and Redis through plain forwarders run by this process (PostgreSQL direct): the TLS proxies' hop without the encryption, so TLS / proxies is the cost of TLS itself."
+    );
+    println!(
         "  Each measurement has its own queue, tables and Redis prefix, and starts with an unmeasured warm-up of 2 x workers x prefetch runs of the 5-node chain."
     );
     println!("  Everything (RabbitMQ, PostgreSQL, Redis, the workers and this process) shares the {cores} cores.");
