@@ -454,6 +454,8 @@ mod tests {
         assert_ne!(a.trace_id, RunTrace::of("run-2").trace_id);
         assert_ne!(a.trace_id, TraceId::INVALID);
         assert_ne!(a.root_span_id, SpanId::INVALID);
+        // The README's shell line: printf 'flowcraft run %s' run-1 | sha256sum | cut -c1-32
+        assert_eq!(a.trace_id.to_string(), "58a7569069d9b000d57ffcfb8829f5f8");
     }
 
     fn headers_of(context: &SpanContext) -> TraceHeaders {
