@@ -730,8 +730,8 @@ async fn raw_postgres(n: usize, concurrency: usize) -> Result<f64, String> {
             .batch_execute(&format!(
                 "INSERT INTO \"{s}\" (run_id, blueprint_id, status, input)
                      SELECT 'p-' || i, 'chain5', 'running', '{{}}'::jsonb FROM generate_series(1, {runs}) AS i;
-                 INSERT INTO \"{c}\" (run_id, context_data)
-                     SELECT 'p-' || i, '{{\"k\": 1}}'::jsonb FROM generate_series(1, {runs}) AS i;
+                 INSERT INTO \"{c}\" (run_id, key, value)
+                     SELECT 'p-' || i, 'k', '1'::jsonb FROM generate_series(1, {runs}) AS i;
                  ANALYZE \"{s}\"; ANALYZE \"{c}\";",
                 s = names.statuses,
                 c = names.contexts

@@ -134,11 +134,8 @@ async fn bench(s: &Services, total: i64, stalled: i64, batch: usize) -> Result<(
                       FROM generate_series(1::bigint, $1::bigint) AS i
                     RETURNING run_id, input, status
                  )
-                 INSERT INTO {ctx} (run_id, context_data)
-                 SELECT run_id, input || CASE WHEN status = 'completed'
-                        THEN '{{\"_outputs.n0\": null, \"_outputs.n1\": null, \"_outputs.n2\": null}}'::jsonb
-                        ELSE '{{}}'::jsonb END
-                   FROM s"
+                 INSERT INTO {ctx} (run_id, key, value)
+                 SELECT run_id, 'i', input -> 'i' FROM s"
             ),
             &[&total, &every, &stalled],
         )

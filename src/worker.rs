@@ -282,7 +282,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// exist or cannot be read is dead-lettered (the unreadable run fails).
     async fn view_for(&self, job: &Job, graph: &Graph) -> Result<Result<JobView, Settle>, StoreError> {
         let (exact, latest) = loops::record_keys(graph, &job.node_id, &job.instance);
-        match self.store.job_view_at(&job.run_id, &exact, &latest).await {
+        let context = graph.context_needs(&job.node_id);
+        match self.store.job_view_at(&job.run_id, &exact, &latest, &context).await {
             Ok(Some(view)) => Ok(Ok(view)),
             Ok(None) => Ok(Err(Settle::DeadLetter(format!("run {} does not exist", job.run_id)))),
             Err(error @ StoreError::Corrupt { .. }) => {
@@ -944,6 +945,7 @@ mod tests {
 
     use super::*;
     use crate::flow::Blueprint;
+    use crate::flow::ContextNeeds;
     use crate::store::memory::{MemoryCoordinator, MemoryQueue, MemoryStore};
     use crate::store::{NewRun, RunFilter, RunInfo, StoreResult, StoredBlueprint};
 
@@ -975,8 +977,9 @@ mod tests {
             run_id: &str,
             exact: &[InstanceKey],
             latest: &[InstanceKey],
+            context: &ContextNeeds,
         ) -> StoreResult<Option<JobView>> {
-            self.inner.job_view_at(run_id, exact, latest).await
+            self.inner.job_view_at(run_id, exact, latest, context).await
         }
         async fn record(
             &self,

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
+use flowcraft::flow::ContextNeeds;
 use flowcraft::report::Chain;
 use flowcraft::store::postgres::{PgConfig, PostgresStore, TableNames};
 use flowcraft::store::{
@@ -129,18 +130,18 @@ async fn create_run_is_idempotent_and_seeds_the_context() {
     assert_eq!(info.status, RunStatus::Running);
     assert_eq!(info.input, input);
     assert_eq!(info.status_data, json!({}));
-    let view = s.job_view("r1", &[]).await.unwrap().expect("view");
+    let view = s.job_view("r1", &[], &ContextNeeds::Whole).await.unwrap().expect("view");
     assert_eq!(Value::Object((*view.context).clone()), input);
 
     // A non-object input is stored as is and seeds an empty context.
     assert!(s.create_run(&new_run("r2", "bp", json!([1, 2]))).await.unwrap());
-    let view = s.job_view("r2", &[]).await.unwrap().unwrap();
+    let view = s.job_view("r2", &[], &ContextNeeds::Whole).await.unwrap().unwrap();
     assert!(view.context.is_empty());
     assert_eq!(view.run.input, json!([1, 2]));
     assert_eq!(view.run.blueprint_version.as_deref(), Some("v1"));
 
     assert!(s.run_info("nope").await.unwrap().is_none());
-    assert!(s.job_view("nope", &["a"]).await.unwrap().is_none());
+    assert!(s.job_view("nope", &["a"], &ContextNeeds::Whole).await.unwrap().is_none());
     s.drop_tables().await.unwrap();
 }
 
@@ -161,7 +162,8 @@ async fn instances_have_their_own_records_and_the_latest_is_found_by_prefix() {
     }
     s.record_skipped_at("r1", &[InstanceKey::new("body", "1"), InstanceKey::new("body", "1")]).await.unwrap();
     let exact = [InstanceKey::new("loop", "1"), InstanceKey::new("body", "1"), InstanceKey::new("body", "2")];
-    let view = s.job_view_at("r1", &exact, &[InstanceKey::new("loop", "")]).await.unwrap().unwrap();
+    let view =
+        s.job_view_at("r1", &exact, &[InstanceKey::new("loop", "")], &ContextNeeds::Whole).await.unwrap().unwrap();
     let got: Vec<(String, String, Value)> =
         view.records.iter().map(|r| (r.node_id.clone(), r.instance.clone(), r.output.clone())).collect();
     assert_eq!(got.len(), 3, "{got:?}");
@@ -180,13 +182,22 @@ async fn job_view_returns_context_and_only_requested_records() {
         let outcome = s.record("r1", &done(id, Some("next"), out, &["z"]), &Map::new()).await.unwrap();
         assert_eq!(outcome, RecordOutcome::Inserted);
     }
-    let view = s.job_view("r1", &["a", "c", "missing"]).await.unwrap().unwrap();
+    let view = s.job_view("r1", &["a", "c", "missing"], &ContextNeeds::Whole).await.unwrap().unwrap();
     let mut ids: Vec<&str> = view.records.iter().map(|r| r.node_id.as_str()).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["a", "c"]);
     assert!(view.record("b").is_none());
     assert_eq!(view.context.get("k"), Some(&json!("v")));
     assert_eq!(view.context.get("_outputs.b"), Some(&json!({"x": true})));
+
+    // By key: only the keys asked for, outputs from the done records.
+    s.record("r1", &NodeRecord::failed("f", "boom", Vec::new(), 1), &writes(json!({"w": 2}))).await.unwrap();
+    let needs = ContextNeeds::keys(["k", "w", "absent", "_outputs.a", "_outputs.f", "_outputs.nope"]);
+    let view = s.job_view("r1", &["a"], &needs).await.unwrap().unwrap();
+    let keys: Vec<&str> = view.context.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["_outputs.a", "k", "w"]);
+    assert_eq!(view.context.get("w"), Some(&json!(2)));
+    assert_eq!(view.records.len(), 1);
 
     // The records read through the view equal those read row by row (timestamps included).
     let all = s.records("r1").await.unwrap();
@@ -217,7 +228,7 @@ async fn record_is_insert_if_absent() {
     assert_eq!(existing.status, NodeStatus::Done);
     assert!(existing.finished_at.is_some());
 
-    let view = s.job_view("r1", &["n1"]).await.unwrap().unwrap();
+    let view = s.job_view("r1", &["n1"], &ContextNeeds::Whole).await.unwrap().unwrap();
     assert_eq!(view.context.get("w"), Some(&json!("first")));
     assert!(!view.context.contains_key("loser"));
     assert_eq!(view.context.get("_outputs.n1"), Some(&json!({"v": 1})));
@@ -227,7 +238,7 @@ async fn record_is_insert_if_absent() {
     // A JSON null output round-trips as Value::Null (context and record).
     let null = done("n2", None, Value::Null, &[]);
     assert_eq!(s.record("r1", &null, &Map::new()).await.unwrap(), RecordOutcome::Inserted);
-    let view = s.job_view("r1", &["n2"]).await.unwrap().unwrap();
+    let view = s.job_view("r1", &["n2"], &ContextNeeds::Whole).await.unwrap().unwrap();
     assert_eq!(view.context.get("_outputs.n2"), Some(&Value::Null));
     let rec = view.record("n2").unwrap();
     assert_eq!(rec.output, Value::Null);
@@ -240,7 +251,7 @@ async fn record_is_insert_if_absent() {
     let records = s.records("r1").await.unwrap();
     let rec = records.iter().find(|r| r.node_id == "n3").unwrap();
     assert_eq!((rec.status, rec.attempts, rec.error.as_deref()), (NodeStatus::Failed, 3, Some("boom")));
-    let view = s.job_view("r1", &[]).await.unwrap().unwrap();
+    let view = s.job_view("r1", &[], &ContextNeeds::Whole).await.unwrap().unwrap();
     assert!(!view.context.contains_key("_outputs.n3"));
     assert_eq!(s.count_results("r1").await.unwrap(), 3);
 
@@ -276,7 +287,7 @@ async fn concurrent_records_of_one_node_have_one_winner() {
     let stored = s.records("r1").await.unwrap();
     assert_eq!(stored.len(), 1);
     assert!(existing.iter().all(|r| r == &stored[0]));
-    let view = s.job_view("r1", &[]).await.unwrap().unwrap();
+    let view = s.job_view("r1", &[], &ContextNeeds::Whole).await.unwrap().unwrap();
     let written: Vec<&String> = view.context.keys().filter(|k| k.starts_with('w')).collect();
     assert_eq!(written.len(), 1, "only the winner's context writes are applied: {written:?}");
     s.drop_tables().await.unwrap();
@@ -325,7 +336,7 @@ async fn record_returns_a_record_committed_during_its_statement() {
     assert_eq!(existing.taken, ["t1"]);
     assert_eq!(existing.output, json!({"w": 1}));
     assert_eq!(existing.attempts, 2);
-    let view = s.job_view("r1", &[]).await.unwrap().unwrap();
+    let view = s.job_view("r1", &[], &ContextNeeds::Whole).await.unwrap().unwrap();
     assert!(!view.context.contains_key("loser"));
     drop((winner, watcher));
     s.drop_tables().await.unwrap();

@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tracing::info;
 
-use super::Registry;
-use super::expr::{EvalLimits, Expr, ExprError, Vars, check_template, render_template};
+use super::expr::{EvalLimits, Expr, ExprError, Vars, check_template, render_template, template_context_needs};
 use super::limits::Limits;
 use super::node::{Node, NodeCtx, NodeError, NodeOutput};
+use super::{ContextNeeds, Registry};
 
 /// Register every built-in node, bounded by `limits`.
 pub fn register_all(registry: &mut Registry, limits: &Limits) {
@@ -176,6 +176,10 @@ impl Node for Noop {
         check_params("noop", params)
     }
 
+    fn context_needs(&self, _params: &Value) -> ContextNeeds {
+        ContextNeeds::none()
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         Ok(NodeOutput::new(ctx.input))
     }
@@ -215,6 +219,17 @@ impl Transform {
 impl Node for Transform {
     fn check_params(&self, params: &Value) -> Vec<String> {
         check_params("transform", params)
+    }
+
+    fn context_needs(&self, params: &Value) -> ContextNeeds {
+        let mut needs = ContextNeeds::none();
+        for key in ["expr", "action"] {
+            // An expression that does not compile needs nothing: validation reports it, the node fails.
+            if let Some(Ok(expr)) = params.get(key).and_then(Value::as_str).map(|source| self.compiled(source)) {
+                needs.merge(expr.context_needs());
+            }
+        }
+        needs
     }
 
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
@@ -259,6 +274,10 @@ impl Node for Log {
         check_params("log", params)
     }
 
+    fn context_needs(&self, params: &Value) -> ContextNeeds {
+        params.get("message").map(template_context_needs).unwrap_or_default()
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         match ctx.params.get("message").filter(|m| !m.is_null()) {
             Some(Value::String(template)) => {
@@ -287,6 +306,10 @@ impl Node for Sleep {
         check_params("sleep", params)
     }
 
+    fn context_needs(&self, _params: &Value) -> ContextNeeds {
+        ContextNeeds::none()
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let Some(duration) = ctx.params.get("duration") else {
             return Err(NodeError::fatal("sleep needs params.duration"));
@@ -307,6 +330,10 @@ struct Fail;
 impl Node for Fail {
     fn check_params(&self, params: &Value) -> Vec<String> {
         check_params("fail", params)
+    }
+
+    fn context_needs(&self, _params: &Value) -> ContextNeeds {
+        ContextNeeds::none()
     }
 
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {

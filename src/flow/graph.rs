@@ -22,6 +22,7 @@ use super::batch;
 use super::blueprint::{Blueprint, Inputs, JoinStrategy, NodeDef};
 use super::expr::{Expr, ExprError, Vars};
 use super::loops::{self, LoopInput, Loops};
+use super::needs::{ContextNeeds, inputs_needs};
 use super::node::Registry;
 use super::record::{NodeRecord, NodeStatus};
 use super::retry::RetryPolicy;
@@ -106,6 +107,12 @@ struct GNode {
     sources: Vec<usize>,
     /// For a loop controller: the target of its `continue` edge (see [`crate::flow::loops`]).
     cont: Option<usize>,
+    /// The context keys its job reads to execute and route it: its params' ([`Node::context_needs`]) and its
+    /// effective edges' conditions and transforms.
+    exec_needs: ContextNeeds,
+    /// The context keys its input reads: its `inputs` mapping's, else the transformed inputs its sources'
+    /// edges store (`_inputs.<node>.<source>`).
+    input_needs: ContextNeeds,
 }
 
 /// A validated blueprint, analysed for execution. Cheap to share (`Arc` it).
@@ -126,6 +133,8 @@ struct Checked {
     edges: Vec<Edge>,
     /// Per node, its blueprint edges (content-unique).
     own: Vec<Vec<u32>>,
+    /// Per node, the context keys its params read.
+    params_needs: Vec<ContextNeeds>,
 }
 
 impl Graph {
@@ -147,6 +156,7 @@ impl Graph {
             return Err(invalid(vec![Problem::new("bad-fallback", message)]));
         }
         let continues = continue_edges(&bp, &checked).map_err(invalid)?;
+        let params_needs = checked.params_needs;
         let out = effective_edges(&fallback, checked.own, checked.edges.len())
             .map_err(|at| invalid(vec![too_many_edges(&bp.nodes[at].id)]))?;
         let mut nodes: Vec<GNode> = bp
@@ -155,7 +165,8 @@ impl Graph {
             .zip(fallback)
             .zip(out)
             .zip(continues)
-            .map(|(((def, fallback), out), cont)| GNode {
+            .zip(params_needs)
+            .map(|((((def, fallback), out), cont), exec_needs)| GNode {
                 def: def.clone(),
                 policy: RetryPolicy::from_config(&def.config),
                 join: def.config.join_strategy.unwrap_or_default(),
@@ -164,9 +175,12 @@ impl Graph {
                 targets: Vec::new(),
                 sources: Vec::new(),
                 cont,
+                exec_needs,
+                input_needs: ContextNeeds::none(),
             })
             .collect();
         let self_loops = link(&mut nodes, &checked.edges);
+        add_context_needs(&mut nodes, &checked.edges);
         check_cycles(&nodes, &self_loops).map_err(invalid)?;
         let loops = loops::analyse(&LoopInput {
             names: nodes.iter().map(|n| n.def.id.as_str()).collect(),
@@ -257,6 +271,24 @@ impl Graph {
     /// The join strategy of a node.
     pub fn join(&self, node: &str) -> JoinStrategy {
         self.idx(node).map(|i| self.nodes[i].join).unwrap_or_default()
+    }
+
+    /// The context keys a job of `node` reads: to execute and route it, and for its input (through the failed
+    /// primaries whose input a fallback takes over, transitively). `_outputs.<id>` keys are served from records.
+    pub fn context_needs(&self, node: &str) -> ContextNeeds {
+        let Some(i) = self.idx(node) else { return ContextNeeds::none() };
+        let mut needs = self.nodes[i].exec_needs.clone();
+        let mut seen = HashSet::from([i]);
+        let mut stack = vec![i];
+        while let Some(n) = stack.pop() {
+            needs.merge(&self.nodes[n].input_needs);
+            for &s in &self.nodes[n].sources {
+                if self.nodes[s].fallback == Some(n) && seen.insert(s) {
+                    stack.push(s);
+                }
+            }
+        }
+        needs
     }
 
     /// Whether conditions or transforms read `context` (so a job must load the context for routing).
@@ -562,13 +594,20 @@ fn validate(bp: &Blueprint, registry: Option<&Registry>) -> Result<Checked, Vec<
     if bp.nodes.is_empty() {
         problems.push(Problem::new("no-nodes", "the blueprint has no nodes"));
     }
-    let index = check_nodes(bp, registry, &mut problems);
+    let mut params_needs = Vec::with_capacity(bp.nodes.len());
+    let index = check_nodes(bp, registry, &mut problems, &mut params_needs);
     let (edges, own) = check_edges(bp, &index, &mut problems);
-    if problems.is_empty() { Ok(Checked { index, edges, own }) } else { Err(problems) }
+    if problems.is_empty() { Ok(Checked { index, edges, own, params_needs }) } else { Err(problems) }
 }
 
-/// Node ids, `uses`, params and config; returns the index of every node id.
-fn check_nodes(bp: &Blueprint, registry: Option<&Registry>, problems: &mut Vec<Problem>) -> HashMap<String, usize> {
+/// Node ids, `uses`, params and config; returns the index of every node id. Pushes the context keys each
+/// node's params read onto `params_needs` (the whole context for a node this registry does not know).
+fn check_nodes(
+    bp: &Blueprint,
+    registry: Option<&Registry>,
+    problems: &mut Vec<Problem>,
+    params_needs: &mut Vec<ContextNeeds>,
+) -> HashMap<String, usize> {
     let mut index = HashMap::with_capacity(bp.nodes.len());
     for (i, n) in bp.nodes.iter().enumerate() {
         if n.id.trim().is_empty() {
@@ -593,6 +632,7 @@ fn check_nodes(bp: &Blueprint, registry: Option<&Registry>, problems: &mut Vec<P
     };
     let mut known: Option<String> = None;
     for n in &bp.nodes {
+        params_needs.push(checker.get(&n.uses).map_or(ContextNeeds::Whole, |node| node.context_needs(&n.params)));
         match checker.get(&n.uses) {
             Some(node) => {
                 for p in node.check_params(&n.params) {
@@ -811,6 +851,36 @@ fn link(nodes: &mut [GNode], edges: &[Edge]) -> Vec<usize> {
         nodes[s].targets = targets;
     }
     self_loops
+}
+
+/// Step 3b of [`Graph::build`]: each node's context needs. Its effective edges' conditions and transforms
+/// join its execution needs; each transform stores `_inputs.<target>.<source>`, which the target's input reads
+/// unless an `inputs` mapping replaces it.
+fn add_context_needs(nodes: &mut [GNode], edges: &[Edge]) {
+    for s in 0..nodes.len() {
+        let mut exec = std::mem::take(&mut nodes[s].exec_needs);
+        for &e in &nodes[s].out {
+            let edge = &edges[e as usize];
+            for expr in edge.condition.iter().chain(edge.transform.iter()) {
+                exec.merge(expr.context_needs());
+            }
+        }
+        nodes[s].exec_needs = exec;
+    }
+    for s in 0..nodes.len() {
+        for &e in &nodes[s].out {
+            let edge = &edges[e as usize];
+            if edge.transform.is_some() && nodes[edge.target].def.inputs.is_none() {
+                let key = edge_input_key(&nodes[edge.target].def.id, &nodes[s].def.id);
+                nodes[edge.target].input_needs.insert(key);
+            }
+        }
+    }
+    for node in nodes.iter_mut() {
+        if let Some(inputs) = &node.def.inputs {
+            node.input_needs = inputs_needs(inputs);
+        }
+    }
 }
 
 /// Step 4 of [`Graph::build`]: no edge to itself, no cycle, at least one start node.
@@ -1265,5 +1335,37 @@ mod tests {
         assert!(m.starts_with("flowchart TD"));
         assert!(m.contains("a -->|\"go\"| b"), "{m}");
         assert!(m.contains("a -.->|fallback| f"), "{m}");
+    }
+
+    #[test]
+    fn a_job_needs_its_params_edges_and_input_keys() {
+        let g = Graph::build(
+            bp(json!({
+                "id": "n",
+                "nodes": [
+                    {"id": "s0", "uses": "noop"},
+                    {"id": "a", "uses": "transform", "params": {"expr": "context.seed"}, "config": {"fallback": "f"}},
+                    {"id": "f", "uses": "log", "params": {"message": "{{ context['m'] }}"}},
+                    {"id": "b", "uses": "noop"},
+                    {"id": "c", "uses": "noop", "inputs": {"x": "b.v"}},
+                    {"id": "d", "uses": "custom"}
+                ],
+                "edges": [
+                    {"source": "s0", "target": "a", "transform": "input"},
+                    {"source": "a", "target": "b", "condition": "context.go", "transform": "context._outputs_x"},
+                    {"source": "b", "target": "c"},
+                    {"source": "c", "target": "d"}
+                ]
+            })),
+            None,
+        )
+        .unwrap();
+        let keys = |n: &str| g.context_needs(n);
+        assert_eq!(keys("a"), ContextNeeds::keys(["seed", "go", "_outputs_x", "_inputs.a.s0"]));
+        // A fallback routes with its primary's edges and takes over its primary's input.
+        assert_eq!(keys("f"), ContextNeeds::keys(["m", "go", "_outputs_x", "_inputs.a.s0"]));
+        assert_eq!(keys("b"), ContextNeeds::keys(["_inputs.b.a", "_inputs.b.f"]));
+        assert_eq!(keys("c"), ContextNeeds::keys(["_outputs.b.v", "b.v", "_outputs.b"]));
+        assert_eq!(keys("d"), ContextNeeds::Whole, "a node the registry does not know reads everything");
     }
 }

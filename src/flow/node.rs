@@ -147,6 +147,14 @@ pub trait Node: Send + Sync + 'static {
         let _ = params;
         Vec::new()
     }
+
+    /// The run-context keys a node with these `params` reads through [`NodeCtx::context`], found when the
+    /// blueprint is compiled: a job loads only those (by primary key) besides the keys its routing and input
+    /// need. The default is the whole context (the slow path, for custom nodes that do not say).
+    fn context_needs(&self, params: &Value) -> super::ContextNeeds {
+        let _ = params;
+        super::ContextNeeds::Whole
+    }
 }
 
 struct FnNode<F>(F);

@@ -16,7 +16,9 @@ use super::{
     LeaseToken, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
     StoreResult, StoredBlueprint,
 };
+use crate::flow::ContextNeeds;
 use crate::flow::join::Join;
+use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::telemetry::TraceHeaders;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -205,11 +207,8 @@ impl RunEntry {
         let mut r = record.clone();
         r.finished_at = Some(Utc::now());
         let context = Arc::make_mut(&mut self.context);
-        for (k, v) in context_writes {
+        for (k, v) in context_writes.iter().filter(|(k, _)| !k.starts_with(OUTPUTS_PREFIX)) {
             context.insert(k.clone(), v.clone());
-        }
-        if r.status == NodeStatus::Done && crate::flow::instance::split_item(&r.instance).1.is_none() {
-            context.insert(format!("_outputs.{}", r.node_id), r.output.clone());
         }
         self.insert(r);
         RecordOutcome::Inserted
@@ -224,6 +223,17 @@ impl RunEntry {
         let mut all: Vec<&(u64, NodeRecord)> = self.records.values().collect();
         all.sort_by_key(|(seq, _)| *seq);
         all.into_iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// The most recently written done record of `node_id` (any instance but batch items).
+    fn latest_done(&self, node_id: &str) -> Option<&NodeRecord> {
+        let from = (node_id.to_string(), String::new());
+        self.records
+            .range(from..)
+            .take_while(|((n, _), _)| n == node_id)
+            .filter(|(_, (_, r))| gives_output(r))
+            .max_by_key(|(_, (seq, _))| *seq)
+            .map(|(_, (_, r))| r)
     }
 
     /// The most recently written record of `node_id` whose instance starts with `prefix`.
@@ -275,6 +285,36 @@ impl MemoryStore {
     }
 }
 
+/// Whether a record's output is its node's `_outputs.<id>`: done, and not a batch item (items are their
+/// scatter node's instances; the scatter's own record holds its output).
+fn gives_output(r: &NodeRecord) -> bool {
+    r.status == NodeStatus::Done && crate::flow::instance::split_item(&r.instance).1.is_none()
+}
+
+/// The keys `needs` asks for: stored keys from the context, `_outputs.<id>` from the latest done record of `<id>`
+/// (as in PostgreSQL: outputs are never stored as context keys).
+fn context_view(e: &RunEntry, needs: &ContextNeeds) -> Map<String, Value> {
+    let Some((outputs, stored)) = needs.split() else {
+        let mut all = (*e.context).clone();
+        for r in e.in_written_order().into_iter().filter(gives_output) {
+            all.insert(format!("{OUTPUTS_PREFIX}{}", r.node_id), r.output);
+        }
+        return all;
+    };
+    let mut view = Map::new();
+    for key in stored {
+        if let Some(v) = e.context.get(key) {
+            view.insert(key.to_string(), v.clone());
+        }
+    }
+    for node in outputs {
+        if let Some(r) = e.latest_done(node) {
+            view.insert(format!("{OUTPUTS_PREFIX}{node}"), r.output.clone());
+        }
+    }
+    view
+}
+
 #[async_trait]
 impl RunStore for MemoryStore {
     async fn save_blueprint(&self, blueprint: &StoredBlueprint) -> StoreResult<()> {
@@ -292,7 +332,9 @@ impl RunStore for MemoryStore {
         }
         let now = Utc::now();
         let context = match &run.input {
-            Value::Object(m) => m.clone(),
+            Value::Object(m) => {
+                m.iter().filter(|(k, _)| !k.starts_with(OUTPUTS_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
+            }
             _ => Map::new(),
         };
         runs.insert(
@@ -321,11 +363,12 @@ impl RunStore for MemoryStore {
         run_id: &str,
         exact: &[InstanceKey],
         latest: &[InstanceKey],
+        context: &ContextNeeds,
     ) -> StoreResult<Option<JobView>> {
         let runs = lock(&self.runs);
         Ok(runs.get(run_id).map(|e| JobView {
             run: e.info.clone(),
-            context: e.context.clone(),
+            context: Arc::new(context_view(e, context)),
             records: exact
                 .iter()
                 .filter_map(|k| e.get(&k.node_id, &k.instance))
@@ -648,9 +691,14 @@ mod tests {
             RecordOutcome::Existing(r) => assert_eq!(r.action.as_deref(), Some("x")),
             o => panic!("{o:?}"),
         }
-        let v = s.job_view("r", &["n"]).await.unwrap().unwrap();
+        let v = s.job_view("r", &["n"], &ContextNeeds::Whole).await.unwrap().unwrap();
         assert_eq!(v.context.get("w"), Some(&Value::from(1)));
         assert!(v.context.contains_key("_outputs.n"));
         assert_eq!(v.context.get("k"), Some(&Value::from(1)));
+        // Only the keys asked for; outputs come from the records.
+        let needs = ContextNeeds::keys(["w", "_outputs.n", "_outputs.missing", "missing"]);
+        let v = s.job_view("r", &[], &needs).await.unwrap().unwrap();
+        let keys: Vec<&String> = v.context.keys().collect();
+        assert_eq!(keys, ["_outputs.n", "w"]);
     }
 }

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::flow::JoinStrategy;
+use crate::flow::{ContextNeeds, JoinStrategy};
 pub use crate::flow::{InstanceKey, JoinDecision, NodeRecord, NodeStatus};
 pub use error::{BackendError, StoreError, StoreResult};
 
@@ -257,7 +257,8 @@ pub async fn trace_run_end<S: RunStore + ?Sized>(store: &S, run_id: &str) {
 pub struct JobView {
     /// The run's status row.
     pub run: RunInfo,
-    /// The run context (flat map; node outputs under `_outputs.<id>`), shared copy-on-write.
+    /// The requested keys of the run context (flat map; node outputs under `_outputs.<id>`), shared
+    /// copy-on-write.
     pub context: Arc<Map<String, Value>>,
     /// The records of the requested nodes that exist (the job's node and its predecessors).
     pub records: Vec<NodeRecord>,
@@ -387,26 +388,31 @@ pub trait RunStore: Send + Sync + 'static {
     /// returns `false` when the run already existed (nothing is changed then).
     async fn create_run(&self, run: &NewRun) -> StoreResult<bool>;
 
-    /// The run's status row, its context, and the records of `nodes` (instance `""`) that exist, in one round
-    /// trip. `None` when the run does not exist.
-    async fn job_view(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<JobView>> {
+    /// The run's status row, the context keys in `context`, and the records of `nodes` (instance `""`) that
+    /// exist, in one round trip (see [`RunStore::job_view_at`]). `None` when the run does not exist.
+    async fn job_view(&self, run_id: &str, nodes: &[&str], context: &ContextNeeds) -> StoreResult<Option<JobView>> {
         let keys: Vec<InstanceKey> = nodes.iter().map(|n| InstanceKey::top(*n)).collect();
-        self.job_view_at(run_id, &keys, &[]).await
+        self.job_view_at(run_id, &keys, &[], context).await
     }
 
-    /// The run's status row, its context, and the records that exist of the instances `exact` and, for each of
-    /// `latest`, the most recently written record of that node whose instance starts with the given prefix (the
-    /// last iteration of a loop controller), in one round trip. `None` when the run does not exist.
+    /// The run's status row, the context keys in `context`, and the records that exist of the instances `exact`
+    /// and, for each of `latest`, the most recently written record of that node whose instance starts with the
+    /// given prefix (the last iteration of a loop controller), in one round trip, each read by primary key.
+    /// `_outputs.<id>` is served from the latest done record of `<id>`, and a key `k` that does not start with `_`
+    /// brings `_outputs.k` along (the alias `context["<id>"]`, see `loops::with_output_aliases`); keys without a
+    /// value are absent. [`ContextNeeds::Whole`] reads the whole context (the slow path). `None` when the run does
+    /// not exist.
     async fn job_view_at(
         &self,
         run_id: &str,
         exact: &[InstanceKey],
         latest: &[InstanceKey],
+        context: &ContextNeeds,
     ) -> StoreResult<Option<JobView>>;
 
     /// Record a node's result if none is recorded yet (or only a `pending` batch item); when this write wins, also
-    /// merge `context_writes` into the context (and, for a done node that is not a batch item, its output as
-    /// `_outputs.<id>`). Touches the run's `updated_at` either way. One transaction.
+    /// write `context_writes` into the context, per key (`_outputs.<id>` is never stored: it is served from the
+    /// records). Touches the run's `updated_at` either way. One transaction.
     async fn record(
         &self,
         run_id: &str,

@@ -16,6 +16,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
 
 use crate::config::{DEFAULT_CONTEXTS_TABLE, DEFAULT_RESULTS_TABLE, DEFAULT_STATUSES_TABLE};
+use crate::flow::ContextNeeds;
+use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
     BackendError, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats, RecordOutcome,
@@ -259,6 +261,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../../migrations/V1__init.sql") },
     Migration { version: 2, name: "reconcile_stats", sql: include_str!("../../migrations/V2__reconcile_stats.sql") },
     Migration { version: 3, name: "console", sql: include_str!("../../migrations/V3__console.sql") },
+    Migration { version: 4, name: "context_keys", sql: include_str!("../../migrations/V4__context_keys.sql") },
     Migration { version: 6, name: "node_instances", sql: include_str!("../../migrations/V6__node_instances.sql") },
 ];
 
@@ -296,14 +299,18 @@ const CREATE_RUN: &str = "WITH s AS (
     ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
 ), c AS (
-    INSERT INTO {contexts} (run_id, context_data)
-    SELECT run_id, CASE WHEN jsonb_typeof($4::jsonb) = 'object' THEN $4::jsonb ELSE '{}'::jsonb END FROM s
-    ON CONFLICT (run_id) DO UPDATE SET context_data = EXCLUDED.context_data
+    INSERT INTO {contexts} (run_id, key, value)
+    SELECT s.run_id, e.key, e.value
+      FROM s, jsonb_each(CASE WHEN jsonb_typeof($4::jsonb) = 'object' THEN $4::jsonb ELSE '{}'::jsonb END)
+           AS e (key, value)
+     WHERE e.key NOT LIKE '\\_outputs.%'
+    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
 )
 SELECT count(*) AS created FROM s";
 
-const JOB_VIEW: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
-       s.created_at, s.updated_at, c.context_data,
+/// The status row and the records of the nodes `$2` (by primary key), shared by both job views.
+const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
+       s.created_at, s.updated_at,
        (SELECT COALESCE(jsonb_agg(jsonb_build_object(
                     'node_id', r.node_id, 'instance', r.instance, 'status', r.status, 'action', r.action,
                     'output', r.output, 'taken', r.taken, 'attempts', r.attempts, 'error', r.error,
@@ -317,9 +324,31 @@ const JOB_VIEW: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.
                  CROSS JOIN LATERAL (SELECT * FROM {results} x
                                       WHERE x.run_id = s.run_id AND x.node_id = p.node
                                         AND starts_with(x.instance, p.prefix)
-                                      ORDER BY x.finished_at DESC LIMIT 1) AS l) AS r) AS records
+                                      ORDER BY x.finished_at DESC LIMIT 1) AS l) AS r) AS records,";
+
+/// A job's view: the context keys `$6` and the outputs of the nodes `$7` (their latest done records that are
+/// not batch items: an item is an instance of its scatter node), each by primary key.
+const JOB_VIEW_KEYS: &str = "
+       (SELECT COALESCE(jsonb_object_agg(c.key, c.value), '{}'::jsonb)
+          FROM {contexts} c WHERE c.run_id = s.run_id AND c.key = ANY($6::text[])) AS context,
+       (SELECT COALESCE(jsonb_object_agg(o.node_id, o.output), '{}'::jsonb)
+          FROM unnest($7::text[]) AS n (node)
+         CROSS JOIN LATERAL (SELECT x.node_id, x.output FROM {results} x
+                              WHERE x.run_id = s.run_id AND x.node_id = n.node AND x.status = 'done'
+                                AND strpos(x.instance, '#') = 0
+                              ORDER BY x.finished_at DESC, x.instance DESC LIMIT 1) AS o) AS outputs
   FROM {statuses} s
-  LEFT JOIN {contexts} c ON c.run_id = s.run_id
+ WHERE s.run_id = $1::text";
+
+/// The slow path: every context key and the output of every node's latest done record.
+const JOB_VIEW_WHOLE: &str = "
+       (SELECT COALESCE(jsonb_object_agg(c.key, c.value), '{}'::jsonb)
+          FROM {contexts} c WHERE c.run_id = s.run_id) AS context,
+       (SELECT COALESCE(jsonb_object_agg(o.node_id, o.output), '{}'::jsonb)
+          FROM (SELECT DISTINCT ON (x.node_id) x.node_id, x.output FROM {results} x
+                 WHERE x.run_id = s.run_id AND x.status = 'done' AND strpos(x.instance, '#') = 0
+                 ORDER BY x.node_id, x.finished_at DESC, x.instance DESC) AS o) AS outputs
+  FROM {statuses} s
  WHERE s.run_id = $1::text";
 
 // All sub-statements share one snapshot, so `existing` sees a record committed before this statement; a record
@@ -334,8 +363,11 @@ const RECORD: &str = "WITH ins AS (
      WHERE {results}.status = 'pending'
     RETURNING node_id
 ), ctx AS (
-    UPDATE {contexts} SET context_data = context_data || $9::jsonb
-     WHERE run_id = $1::text AND $9::jsonb <> '{}'::jsonb AND EXISTS (SELECT 1 FROM ins)
+    INSERT INTO {contexts} (run_id, key, value)
+    SELECT $1::text, e.key, e.value FROM jsonb_each($9::jsonb) AS e (key, value)
+     WHERE EXISTS (SELECT 1 FROM ins)
+     ORDER BY e.key
+    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
 ), touched AS (
     UPDATE {statuses} SET updated_at = now()
      WHERE run_id = $1::text AND status = 'running' AND updated_at < now() - interval '1 second'
@@ -444,7 +476,8 @@ const LATEST_BLUEPRINTS: &str = "SELECT DISTINCT ON (blueprint_id) blueprint_id,
 /// Every statement, rendered once with the quoted table names (so `prepare_cached` keys are stable strings).
 struct Sql {
     create_run: String,
-    job_view: String,
+    job_view_keys: String,
+    job_view_whole: String,
     record: String,
     existing_record: String,
     record_skipped: String,
@@ -491,7 +524,8 @@ impl Sql {
         };
         Self {
             create_run: names.render(CREATE_RUN),
-            job_view: names.render(JOB_VIEW),
+            job_view_keys: names.render(&format!("{JOB_VIEW_HEAD}{JOB_VIEW_KEYS}")),
+            job_view_whole: names.render(&format!("{JOB_VIEW_HEAD}{JOB_VIEW_WHOLE}")),
             record: names.render(RECORD),
             existing_record: names.render(EXISTING_RECORD),
             record_skipped: names.render(RECORD_SKIPPED),
@@ -537,6 +571,17 @@ fn db_error(op: &str, table: &str, e: tokio_postgres::Error) -> StoreError {
 /// Stored data of a run that cannot be decoded.
 fn corrupt(run_id: &str, message: impl Into<String>, source: Option<BackendError>) -> StoreError {
     StoreError::Corrupt { run_id: run_id.to_string(), message: message.into(), source }
+}
+
+/// The context writes a record statement stores: every key but `_outputs.*` (served from the records).
+fn stored_writes(context_writes: &Map<String, Value>) -> Value {
+    Value::Object(
+        context_writes
+            .iter()
+            .filter(|(k, _)| !k.starts_with(OUTPUTS_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
 }
 
 fn clamp_i64(n: u64) -> i64 {
@@ -956,6 +1001,17 @@ impl PostgresStore {
         rows.iter().map(blueprint_from_row).collect()
     }
 
+    /// A JSON object column built by a job view (`context`, `outputs`).
+    fn json_object(&self, row: &Row, name: &str, run_id: &str) -> StoreResult<Map<String, Value>> {
+        match column::<Value>(row, name, run_id)? {
+            Value::Object(map) => Ok(map),
+            other => {
+                let message = format!("{name} read from table {:?} is not an object: {other}", self.names.contexts);
+                Err(corrupt(run_id, message, None))
+            }
+        }
+    }
+
     /// A record of a node, read in a fresh statement (after a concurrent insert won the race).
     async fn existing_record(
         &self,
@@ -995,30 +1051,33 @@ impl RunStore for PostgresStore {
         run_id: &str,
         exact: &[InstanceKey],
         latest: &[InstanceKey],
+        context: &ContextNeeds,
     ) -> StoreResult<Option<JobView>> {
         let op = format!("read job view of run {run_id}");
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.job_view).await.map_err(|e| db_error(&op, table, e))?;
         let columns = |keys: &[InstanceKey]| -> (Vec<String>, Vec<String>) {
             keys.iter().map(|k| (k.node_id.clone(), k.instance.clone())).unzip()
         };
         let ((nodes, instances), (latest_nodes, prefixes)) = (columns(exact), columns(latest));
-        let params: [&(dyn ToSql + Sync); 5] = [&run_id, &nodes, &instances, &latest_nodes, &prefixes];
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&run_id, &nodes, &instances, &latest_nodes, &prefixes];
+        let split = context.split();
+        let sql = match &split {
+            Some((outputs, keys)) => {
+                params.extend([keys as &(dyn ToSql + Sync), outputs]);
+                &self.sql.job_view_keys
+            }
+            None => &self.sql.job_view_whole,
+        };
+        let stmt = client.prepare_cached(sql).await.map_err(|e| db_error(&op, table, e))?;
         let Some(row) = client.query_opt(&stmt, &params).await.map_err(|e| db_error(&op, table, e))? else {
             return Ok(None);
         };
         let run = run_from_row(&row)?;
-        let context = match column::<Option<Value>>(&row, "context_data", run_id)? {
-            Some(Value::Object(map)) => map,
-            Some(other) => {
-                let message = format!("context in table {:?} is not an object: {other}", self.names.contexts);
-                return Err(corrupt(run_id, message, None));
-            }
-            None => {
-                return Err(corrupt(run_id, format!("context row missing from table {:?}", self.names.contexts), None));
-            }
-        };
+        let mut context = self.json_object(&row, "context", run_id)?;
+        for (node, output) in self.json_object(&row, "outputs", run_id)? {
+            context.insert(format!("{OUTPUTS_PREFIX}{node}"), output);
+        }
         let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
         Ok(Some(JobView { run, context: std::sync::Arc::new(context), records }))
     }
@@ -1033,12 +1092,7 @@ impl RunStore for PostgresStore {
         let instance = record.instance.as_str();
         let op = format!("record node {} of run {run_id}", crate::flow::instance::display(node_id, instance));
         let table = self.names.results.as_str();
-        let mut merge = context_writes.clone();
-        if record.status == NodeStatus::Done && crate::flow::instance::split_item(instance).1.is_none() {
-            // The engine-owned output key wins over a context write of the same name.
-            merge.insert(format!("_outputs.{node_id}"), record.output.clone());
-        }
-        let merge = Value::Object(merge);
+        let merge = stored_writes(context_writes);
         let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, e))?;
@@ -1083,11 +1137,7 @@ impl RunStore for PostgresStore {
         let op = format!("record batch {} of run {run_id}", crate::flow::instance::display(node_id, instance));
         let table = self.names.results.as_str();
         let err = |e| db_error(&op, table, e);
-        let mut merge = context_writes.clone();
-        if record.status == NodeStatus::Done {
-            merge.insert(format!("_outputs.{node_id}"), record.output.clone());
-        }
-        let merge = Value::Object(merge);
+        let merge = stored_writes(context_writes);
         let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
         let mut client = self.client(&op).await?;
         let tx = client.transaction().await.map_err(err)?;

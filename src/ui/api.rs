@@ -314,7 +314,7 @@ pub(super) async fn node(
     let input = match (&graph, state) {
         (Some(g), NodeState::Done | NodeState::Failed | NodeState::Running) => {
             let deps = g.input_dependencies(node_id);
-            match ui.source.node_data(run_id, &deps).await? {
+            match ui.source.node_data(run_id, &deps, &g.context_needs(node_id)).await? {
                 Some(data) => {
                     let recs: HashMap<&str, &NodeRecord> =
                         data.records.iter().map(|r| (r.node_id.as_str(), r)).collect();

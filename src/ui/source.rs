@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::client::ClientError;
 use crate::flow::BlueprintSet;
-use crate::flow::{Blueprint, Graph};
+use crate::flow::{Blueprint, ContextNeeds, Graph};
 use crate::store::postgres::PostgresStore;
 use crate::store::{
     NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
@@ -107,8 +107,9 @@ pub trait ConsoleSource: Send + Sync + 'static {
     async fn counts(&self, blueprint_id: Option<&str>) -> StoreResult<Vec<(RunStatus, u64)>>;
     /// A run and its records.
     async fn run(&self, run_id: &str) -> StoreResult<Option<RunDetail>>;
-    /// What the detail of `node` needs (`nodes`: the node and its input dependencies).
-    async fn node_data(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<NodeData>>;
+    /// What the detail of `node` needs (`nodes`: the node and its input dependencies; `context`: the context
+    /// keys its input reads).
+    async fn node_data(&self, run_id: &str, nodes: &[&str], context: &ContextNeeds) -> StoreResult<Option<NodeData>>;
     /// The blueprint a run ran (`version`: `Some(v)` for exactly that version, `None` for the latest).
     async fn blueprint(&self, blueprint_id: &str, version: Option<Option<&str>>) -> StoreResult<Lookup>;
     /// Every known blueprint (latest definitions), by id.
@@ -166,8 +167,8 @@ impl ConsoleSource for StoreSource {
         Ok(Some(RunDetail { info, records }))
     }
 
-    async fn node_data(&self, run_id: &str, nodes: &[&str]) -> StoreResult<Option<NodeData>> {
-        Ok(self.store.job_view(run_id, nodes).await?.map(|v| NodeData {
+    async fn node_data(&self, run_id: &str, nodes: &[&str], context: &ContextNeeds) -> StoreResult<Option<NodeData>> {
+        Ok(self.store.job_view(run_id, nodes, context).await?.map(|v| NodeData {
             info: v.run,
             context: v.context,
             records: v.records,

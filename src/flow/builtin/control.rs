@@ -50,6 +50,14 @@ impl Node for LoopController {
         check_params(params)
     }
 
+    fn context_needs(&self, params: &Value) -> crate::flow::ContextNeeds {
+        match params.get("condition").and_then(Value::as_str).map(Expr::compile) {
+            Some(Ok(expr)) => expr.context_needs().clone(),
+            // Validation reports it; the node fails when it runs.
+            _ => crate::flow::ContextNeeds::none(),
+        }
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let Some(source) = ctx.params.get("condition").and_then(Value::as_str) else {
             return Err(NodeError::fatal("loop-controller needs params.condition (a CEL string)"));

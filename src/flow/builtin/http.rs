@@ -147,6 +147,16 @@ impl Node for Http {
         super::check_params("http", params)
     }
 
+    fn context_needs(&self, params: &Value) -> crate::flow::ContextNeeds {
+        let mut needs = crate::flow::ContextNeeds::none();
+        for key in ["url", "headers", "body"] {
+            if let Some(value) = params.get(key) {
+                needs.merge(&crate::flow::expr::template_context_needs(value));
+            }
+        }
+        needs
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let Request { method, url, headers, body, timeout } = self.request(&ctx)?;
         let shown = redact_url(url.as_str());

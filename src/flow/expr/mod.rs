@@ -42,7 +42,7 @@ use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use cel::common::ast::{CallExpr, Expr as Ast, IdedExpr};
+use cel::common::ast::{CallExpr, EntryExpr, Expr as Ast, IdedExpr, LiteralValue, operators};
 use cel::common::types::{
     CelBool, CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt, DYN_TYPE,
 };
@@ -53,6 +53,7 @@ use cel::{Context, Env, ExecutionError, Value as CelValue};
 use serde_json::{Map, Number, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::needs::ContextNeeds;
 use crate::text::shorten;
 
 pub use bounds::{MAX_DEPTH, MAX_NESTING, MAX_SOURCE_BYTES};
@@ -144,6 +145,8 @@ pub struct Expr {
     uses_input: bool,
     uses_result: bool,
     uses_context: bool,
+    /// The context keys it reads ([`Expr::context_needs`]).
+    context_needs: ContextNeeds,
 }
 
 impl fmt::Debug for Expr {
@@ -160,12 +163,13 @@ impl Expr {
         bounds::prescan(source).map_err(error)?;
         // The parser and the checks below recurse once or more per nesting level, which `prescan` bounded.
         let stack = MAX_NESTING * bounds::STACK_PER_LEVEL;
-        let program = stacker::maybe_grow(stack, stack, || -> Result<IdedExpr, String> {
+        let (program, context_needs) = stacker::maybe_grow(stack, stack, || -> Result<_, String> {
             let mut tree = ENV.parser().parse(source).map_err(|e| e.to_string())?;
             let depth = bounds::depth(&tree);
             if depth > MAX_DEPTH {
                 return Err(format!("the expression nests {depth} levels deep; at most {MAX_DEPTH} are allowed"));
             }
+            let context_needs = context_needs_of(&tree);
             let mut next_id = u64::MAX / 2;
             bounds::instrument(&mut tree, &mut next_id);
             let cost = bounds::estimate(&tree);
@@ -176,14 +180,21 @@ impl Expr {
                     EvalLimits::DEFAULT_COST
                 ));
             }
-            Ok(tree)
+            Ok((tree, context_needs))
         })
         .map_err(error)?;
         let refs = program.references();
         let (uses_input, uses_result, uses_context) =
             (refs.has_variable("input"), refs.has_variable("result"), refs.has_variable("context"));
         let stack = (bounds::depth(&program) + 8) * bounds::STACK_PER_LEVEL / 4;
-        Ok(Self { source: source.into(), program: Arc::new(program), stack, uses_input, uses_result, uses_context })
+        let program = Arc::new(program);
+        Ok(Self { source: source.into(), program, stack, uses_input, uses_result, uses_context, context_needs })
+    }
+
+    /// The context keys the expression reads: literal `context.k` selections and `context["k"]` indexes, or the
+    /// whole context when it uses `context` any other way (found on the parsed tree when compiling).
+    pub fn context_needs(&self) -> &ContextNeeds {
+        &self.context_needs
     }
 
     /// The source text.
@@ -633,6 +644,97 @@ pub fn check_template(template: &str) -> Result<(), ExprError> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The context keys an expression reads.
+
+/// The context keys a parsed (not yet instrumented) tree reads: every use of the identifier `context` must be
+/// the operand of a field selection (`context.k`, `has(context.k)`) or indexed by a string literal
+/// (`context["k"]`, `context[?"k"]`); any other use needs the whole context.
+fn context_needs_of(tree: &IdedExpr) -> ContextNeeds {
+    let mut needs = ContextNeeds::none();
+    let mut stack = vec![tree];
+    while let Some(e) = stack.pop() {
+        if let Some(key) = context_key_at(e) {
+            needs.insert(key);
+            continue;
+        }
+        match &e.expr {
+            Ast::Ident(name) if name == "context" => return ContextNeeds::Whole,
+            Ast::Call(call) => {
+                stack.extend(call.target.as_deref());
+                stack.extend(call.args.iter());
+            }
+            Ast::Comprehension(c) => {
+                stack.extend([&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result]);
+            }
+            Ast::List(list) => stack.extend(list.elements.iter()),
+            Ast::Map(map) => {
+                for entry in &map.entries {
+                    match &entry.expr {
+                        EntryExpr::MapEntry(m) => stack.extend([&m.key, &m.value]),
+                        EntryExpr::StructField(f) => stack.push(&f.value),
+                    }
+                }
+            }
+            Ast::Struct(s) => {
+                for entry in &s.entries {
+                    match &entry.expr {
+                        EntryExpr::MapEntry(m) => stack.extend([&m.key, &m.value]),
+                        EntryExpr::StructField(f) => stack.push(&f.value),
+                    }
+                }
+            }
+            Ast::Select(select) => stack.push(&select.operand),
+            Ast::Ident(_) | Ast::Literal(_) | Ast::Unspecified => {}
+        }
+    }
+    needs
+}
+
+/// The key of `context.k` or `context["k"]` (`context[?"k"]`) at `e`, if `e` is one.
+fn context_key_at(e: &IdedExpr) -> Option<String> {
+    let is_context = |operand: &IdedExpr| matches!(&operand.expr, Ast::Ident(name) if name == "context");
+    match &e.expr {
+        Ast::Select(select) if is_context(&select.operand) => Some(select.field.clone()),
+        Ast::Call(call)
+            if (call.func_name == operators::INDEX || call.func_name == operators::OPT_INDEX)
+                && call.target.is_none()
+                && call.args.len() == 2
+                && is_context(&call.args[0]) =>
+        {
+            match &call.args[1].expr {
+                Ast::Literal(LiteralValue::String(key)) => Some(key.inner().to_string()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The context keys the `{{ expr }}` templates inside `value` read (strings in objects and arrays, recursively).
+/// A template that does not compile needs nothing (validation reports it; rendering fails the node).
+pub fn template_context_needs(value: &Value) -> ContextNeeds {
+    let mut needs = ContextNeeds::none();
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) if s.contains("{{") && s.contains("context") => {
+                for piece in pieces(s).unwrap_or_default() {
+                    if let Piece::Expr(source) = piece
+                        && let Ok(expr) = cached_expr(source)
+                    {
+                        needs.merge(expr.context_needs());
+                    }
+                }
+            }
+            Value::Array(items) => stack.extend(items.iter()),
+            Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    needs
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -1000,5 +1102,25 @@ mod tests {
         let big = json!({"l": (0..100_000).collect::<Vec<_>>()});
         let err = eval_input("input.l + 1", big).unwrap_err();
         assert!(err.to_string().len() < 1_000, "{}", err.to_string().len());
+    }
+
+    #[test]
+    fn context_keys_are_found_on_the_tree() {
+        let needs = |src: &str| Expr::compile(src).unwrap().context_needs().clone();
+        assert_eq!(needs("input.a + 1"), ContextNeeds::none());
+        assert_eq!(needs("context.a + context['_outputs.b'].n"), ContextNeeds::keys(["a", "_outputs.b"]));
+        assert_eq!(needs("has(context.x) && context[?'y'].orValue(1) > 0"), ContextNeeds::keys(["x", "y"]));
+        assert_eq!(needs("[1, 2].map(i, i + context.k)"), ContextNeeds::keys(["k"]));
+        for whole in ["context", "context[input.k]", "size(context)", "[context].size()", "'a' in context"] {
+            assert_eq!(needs(whole), ContextNeeds::Whole, "{whole}");
+        }
+    }
+
+    #[test]
+    fn template_keys_are_found_in_every_string() {
+        let v = json!({"url": "http://x/{{ context.host }}", "h": ["{{ context['t'] }}", "{{ input.a }}"], "n": 3});
+        assert_eq!(template_context_needs(&v), ContextNeeds::keys(["host", "t"]));
+        assert_eq!(template_context_needs(&json!("{{ context }}")), ContextNeeds::Whole);
+        assert_eq!(template_context_needs(&json!("{{ broken")), ContextNeeds::none());
     }
 }
