@@ -2,7 +2,8 @@
 //! PostgreSQL and Redis, driven from this process through `flowcraft::client::start_run`.
 //!
 //! Workloads (noop nodes): W1 = 200 runs of a 5-node chain, W2 = 20 runs of 1 -> 50 -> 1 (an `all` join),
-//! W3 = one run of a 50-node chain; each with 1 and then 2 worker processes, on a fresh queue, fresh tables and a
+//! W3 = one run of a 50-node chain, W4 = one run of a 10 000-node chain, W5 = one run of 1 -> 10 000 -> 1 (W4 and W5
+//! print the node executions/s of their first and last 1 000 nodes and the ratio: constant cost per job is 1); each with 1 and then 2 worker processes, on a fresh queue, fresh tables and a
 //! fresh Redis prefix per measurement (dropped afterwards). W1 is measured again with TLS to all three services
 //! (PostgreSQL directly with `sslmode=verify-full`, RabbitMQ and Redis through TLS-terminating proxies in this
 //! process, the proxies of tests/common/tls.rs) and compared with the plain figure and with W1 in clear text
@@ -14,7 +15,7 @@
 //!
 //! Run: `cargo bench --bench distributed` (options after `--`: `--quick`, `--prefetch 16`, `--workers 1,2`,
 //! `--repeat 1` (measurements per workload and worker count), `--log info` (the workers' `FLOWCRAFT_LOG`),
-//! `--no-tls` (skip the TLS measurements), `--workloads w1,w1proxy,w1tls,w2,w3` (only these)). The plain measurements
+//! `--no-tls` (skip the TLS measurements), `--workloads w1,w1proxy,w1tls,w2,w3,w4,w5` (only these)). The plain measurements
 //! connect to PostgreSQL with `sslmode=disable` unless the URL sets an `sslmode`.
 //! Service URLs: `FLOWCRAFT_TEST_DATABASE_URL`, `FLOWCRAFT_TEST_REDIS_URL`, `FLOWCRAFT_TEST_AMQP_URL` (defaults:
 //! the local services).
@@ -104,6 +105,8 @@ struct Workload {
     hops: Option<usize>,
     /// How the services are reached.
     via: Via,
+    /// Compare the rate of the first and the last this many node executions (W4, W5: one big run).
+    ends: Option<usize>,
 }
 
 /// Write the blueprint to `dir` (for the workers) and build its graph (for `start_run`).
@@ -366,6 +369,8 @@ struct Measured {
     clean_exits: usize,
     /// CPU use during the measured part.
     cpu: CpuSnapshot,
+    /// Node executions/s of the first and of the last `Workload::ends` node executions (by `finished_at`).
+    ends: Option<(f64, f64)>,
 }
 
 /// CPU ticks (`/proc/<pid>/stat` utime + stime) by class of process, and the machine's ticks (`/proc/stat`).
@@ -556,6 +561,10 @@ async fn measure_on(
         .await
         .map_err(|e| format!("count node results: {e}"))?
         .get("n");
+    let ends = match wl.ends {
+        Some(k) => Some(end_rates(&client, &names.results, k).await?),
+        None => None,
+    };
     drop(client);
     queue.close().await;
     let mut clean_exits = 0;
@@ -574,7 +583,29 @@ async fn measure_on(
         memory,
         clean_exits,
         cpu,
+        ends,
     })
+}
+
+/// Node executions/s of the first `k` and of the last `k` done records of the measured runs, by `finished_at`
+/// (the time from the first to the k-th, and from the (n-k+1)-th to the last).
+async fn end_rates(client: &tokio_postgres::Client, results: &str, k: usize) -> Result<(f64, f64), String> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT extract(epoch FROM finished_at)::float8 AS t FROM \"{results}\"
+                  WHERE run_id LIKE 'm-%' AND status = 'done' ORDER BY finished_at"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| format!("read finish times: {e}"))?;
+    let times: Vec<f64> = rows.iter().map(|r| r.get("t")).collect();
+    if times.len() < 2 * k {
+        return Err(format!("only {} node executions, fewer than twice {k}", times.len()));
+    }
+    let rate = |window: &[f64]| (window.len() - 1) as f64 / (window[window.len() - 1] - window[0]).max(1e-9);
+    Ok((rate(&times[..k]), rate(&times[times.len() - k..])))
 }
 
 /// Start every run through `client::start_run`, `concurrency` at a time.
@@ -807,6 +838,7 @@ async fn main() {
     let log = arg("--log");
     let repeat: usize = arg("--repeat").and_then(|r| r.parse().ok()).filter(|r| *r > 0).unwrap_or(1);
     let (w1_runs, w2_runs, raw_n) = if quick { (40, 5, 2_000) } else { (200, 20, 20_000) };
+    let (big, ends) = if quick { (2_000, 500) } else { (10_000, 1_000) };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
 
     let dir = tempfile::tempdir().expect("temp dir for blueprints");
@@ -820,6 +852,7 @@ async fn main() {
             runs: w1_runs,
             hops: None,
             via: Via::Direct,
+            ends: None,
         },
         Workload {
             tag: "w1proxy",
@@ -828,6 +861,7 @@ async fn main() {
             runs: w1_runs,
             hops: None,
             via: Via::Proxies,
+            ends: None,
         },
         Workload {
             tag: "w1tls",
@@ -836,6 +870,7 @@ async fn main() {
             runs: w1_runs,
             hops: None,
             via: Via::Tls,
+            ends: None,
         },
         Workload {
             tag: "w2",
@@ -844,6 +879,7 @@ async fn main() {
             runs: w2_runs,
             hops: None,
             via: Via::Direct,
+            ends: None,
         },
         Workload {
             tag: "w3",
@@ -852,6 +888,25 @@ async fn main() {
             runs: 1,
             hops: Some(49),
             via: Via::Direct,
+            ends: None,
+        },
+        Workload {
+            tag: "w4",
+            label: format!("W4 1 x {big}-node chain"),
+            graph: blueprint(dir.path(), chain("chainbig", big)),
+            runs: 1,
+            hops: None,
+            via: Via::Direct,
+            ends: Some(ends),
+        },
+        Workload {
+            tag: "w5",
+            label: format!("W5 1 x 1->{big}->1"),
+            graph: blueprint(dir.path(), fan("fanbig", big)),
+            runs: 1,
+            hops: None,
+            via: Via::Direct,
+            ends: Some(ends),
         },
     ];
     let with_tls = !flag("--no-tls");
@@ -985,6 +1040,12 @@ async fn main() {
                         mib(&m.memory)
                     );
                     println!("  {}", m.cpu.summary());
+                    if let (Some((first, last)), Some(k)) = (m.ends, wl.ends) {
+                        println!(
+                            "  first {k} nodes {first:.0}/s, last {k} nodes {last:.0}/s, ratio last/first {:.2}",
+                            last / first.max(1e-9)
+                        );
+                    }
                     if m.not_completed > 0 {
                         println!("  warning: {} of {} runs did not complete", m.not_completed, m.runs);
                     }

@@ -59,6 +59,33 @@ async fn history_versions(store: &PostgresStore) -> Vec<i32> {
     client.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
 }
 
+/// V4 turns a context document into one row per key; `_outputs.*` keys are dropped (served from the records).
+#[tokio::test]
+async fn migration_v4_explodes_context_documents_into_keys() {
+    let s = store("pg_v4").await;
+    let t = s.table_names().clone();
+    let client = s.pool().get().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DROP TABLE \"{c}\";
+             CREATE TABLE \"{c}\" (run_id TEXT PRIMARY KEY, context_data JSONB NOT NULL);
+             INSERT INTO \"{c}\" VALUES ('r1', '{{\"k\": 1, \"_outputs.a\": 2, \"_inputs.b.a\": 3}}'), ('r2', '[]');
+             DELETE FROM \"{m}\" WHERE version = 4;
+             INSERT INTO \"{st}\" (run_id, blueprint_id, status, input) VALUES ('r1', 'bp', 'running', '{{}}');",
+            c = t.contexts,
+            m = t.migrations,
+            st = t.statuses
+        ))
+        .await
+        .unwrap();
+    s.migrate().await.expect("V4 on old documents");
+    s.record("r1", &done("a", None, json!(2), &[]), &Map::new()).await.unwrap();
+    let view = s.job_view("r1", &[], &ContextNeeds::Whole).await.unwrap().unwrap();
+    assert_eq!(Value::Object((*view.context).clone()), json!({"k": 1, "_inputs.b.a": 3, "_outputs.a": 2}));
+    drop(client);
+    s.drop_tables().await.unwrap();
+}
+
 #[tokio::test]
 async fn migrate_twice_is_a_noop_and_concurrent_migrations_succeed() {
     let s = store("pg_mig").await;
@@ -190,15 +217,6 @@ async fn job_view_returns_context_and_only_requested_records() {
     assert_eq!(view.context.get("k"), Some(&json!("v")));
     assert_eq!(view.context.get("_outputs.b"), Some(&json!({"x": true})));
 
-    // By key: only the keys asked for, outputs from the done records.
-    s.record("r1", &NodeRecord::failed("f", "boom", Vec::new(), 1), &writes(json!({"w": 2}))).await.unwrap();
-    let needs = ContextNeeds::keys(["k", "w", "absent", "_outputs.a", "_outputs.f", "_outputs.nope"]);
-    let view = s.job_view("r1", &["a"], &needs).await.unwrap().unwrap();
-    let keys: Vec<&str> = view.context.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["_outputs.a", "k", "w"]);
-    assert_eq!(view.context.get("w"), Some(&json!(2)));
-    assert_eq!(view.records.len(), 1);
-
     // The records read through the view equal those read row by row (timestamps included).
     let all = s.records("r1").await.unwrap();
     assert_eq!(all.len(), 3);
@@ -207,6 +225,15 @@ async fn job_view_returns_context_and_only_requested_records() {
         assert_eq!(r, same);
         assert!(r.finished_at.is_some());
     }
+
+    // By key: only the keys asked for, outputs from the done records.
+    s.record("r1", &NodeRecord::failed("f", "boom", Vec::new(), 1), &writes(json!({"w": 2}))).await.unwrap();
+    let needs = ContextNeeds::keys(["k", "w", "absent", "_outputs.a", "_outputs.f", "_outputs.nope"]);
+    let view = s.job_view("r1", &["a"], &needs).await.unwrap().unwrap();
+    let keys: Vec<&str> = view.context.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["_outputs.a", "k", "w"]);
+    assert_eq!(view.context.get("w"), Some(&json!(2)));
+    assert_eq!(view.records.len(), 1);
     s.drop_tables().await.unwrap();
 }
 

@@ -857,15 +857,13 @@ fn link(nodes: &mut [GNode], edges: &[Edge]) -> Vec<usize> {
 /// join its execution needs; each transform stores `_inputs.<target>.<source>`, which the target's input reads
 /// unless an `inputs` mapping replaces it.
 fn add_context_needs(nodes: &mut [GNode], edges: &[Edge]) {
-    for s in 0..nodes.len() {
-        let mut exec = std::mem::take(&mut nodes[s].exec_needs);
-        for &e in &nodes[s].out {
+    for node in nodes.iter_mut() {
+        for &e in &node.out {
             let edge = &edges[e as usize];
             for expr in edge.condition.iter().chain(edge.transform.iter()) {
-                exec.merge(expr.context_needs());
+                node.exec_needs.merge(expr.context_needs());
             }
         }
-        nodes[s].exec_needs = exec;
     }
     for s in 0..nodes.len() {
         for &e in &nodes[s].out {
