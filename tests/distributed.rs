@@ -93,6 +93,63 @@ async fn hit_counter() -> (u16, Arc<std::sync::Mutex<HashMap<String, u64>>>) {
     (port, hits)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_in_the_middle_of_a_1000_item_batch_records_every_item_once() {
+    let cluster = Cluster::new("killbatch");
+    let dir = tempfile::tempdir().unwrap();
+    let bp = json!({
+        "id": "bigbatch",
+        "nodes": [
+            {"id": "gen", "uses": "transform", "params": {"expr": "lists.range(1000)"}},
+            {"id": "sc", "uses": "batch-scatter", "inputs": "gen", "config": {"maxRetries": 2},
+             "params": {"workerUsesKey": "transform", "workerParams": {"expr": "input + 1"},
+                        "outputKey": "out", "gatherNodeId": "ga", "chunkSize": 50}},
+            {"id": "ga", "uses": "batch-gather", "params": {"outputKey": "out", "gatherNodeId": "ga"}},
+            {"id": "check", "uses": "transform", "params": {"expr": "input == lists.range(1000).map(i, i + 1)"}}
+        ],
+        "edges": [
+            {"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}, {"source": "ga", "target": "check"}
+        ]
+    });
+    std::fs::write(dir.path().join("bigbatch.json"), bp.to_string()).unwrap();
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let mut victim = cluster.spawn_worker("victim", dir.path(), &[]);
+    let survivor = cluster.spawn_worker("survivor", dir.path(), &[]);
+    let graph = load(dir.path(), "bigbatch");
+    let id = format!("{}-batch", cluster.name);
+    client::start_run(&*queue, &*store, &graph, &id, json!({})).await.unwrap();
+    let table = format!("\"{}_node_results\"", cluster.name);
+    let count = |sql: String| {
+        let store = store.clone();
+        async move {
+            let client = store.pool().get().await.ok()?;
+            client.query_one(&sql, &[]).await.ok().map(|r| r.get::<_, i64>(0))
+        }
+    };
+    // A third of the way through the items: SIGKILL one worker.
+    let resolved =
+        format!("SELECT count(*) FROM {table} WHERE node_id = 'sc' AND instance LIKE '#%' AND status = 'done'");
+    common::eventually("a third of the items to resolve", Duration::from_secs(120), || async {
+        count(resolved.clone()).await.filter(|&n| n >= 330)
+    })
+    .await;
+    victim.kill();
+    let results = wait_all(&store, std::slice::from_ref(&id), Duration::from_secs(240)).await;
+    let r = &results[0];
+    assert_eq!(r.status, RunStatus::Completed, "{:?}\n{}", r.error, survivor.log_text());
+    assert_eq!(r.outputs.get("check"), Some(&json!(true)), "the gather has every item in order");
+    // Exactly once: one record per item (none left pending), one scatter, one gather.
+    let rows = count(format!("SELECT count(*) FROM {table} WHERE node_id = 'sc'")).await.unwrap();
+    assert_eq!(rows, 1001, "the scatter and one record per item");
+    let done = count(resolved.clone()).await.unwrap();
+    assert_eq!(done, 1000, "every item done");
+    let gathers = count(format!("SELECT count(*) FROM {table} WHERE node_id = 'ga'")).await.unwrap();
+    assert_eq!(gathers, 1, "the gather fired and was recorded once");
+    drop(survivor);
+    cluster.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_300_runs_in_flight_loses_nothing() {
     let cluster = Cluster::new("kill");
