@@ -15,7 +15,8 @@
 //!
 //! Run: `cargo bench --bench distributed` (options after `--`: `--quick`, `--prefetch 16`, `--workers 1,2`,
 //! `--repeat 1` (measurements per workload and worker count), `--log info` (the workers' `FLOWCRAFT_LOG`),
-//! `--no-tls` (skip the TLS measurements), `--workloads w1,w1proxy,w1tls,w2,w3,w4,w5` (only these)). The plain measurements
+//! `--no-tls` (skip the TLS measurements), `--workloads w1,w1proxy,w1tls,w2,w3,w4,w5` (only these), `--big 10000`
+//! (the size of W4 and W5)). The plain measurements
 //! connect to PostgreSQL with `sslmode=disable` unless the URL sets an `sslmode`.
 //! Service URLs: `FLOWCRAFT_TEST_DATABASE_URL`, `FLOWCRAFT_TEST_REDIS_URL`, `FLOWCRAFT_TEST_AMQP_URL` (defaults:
 //! the local services).
@@ -839,6 +840,7 @@ async fn main() {
     let repeat: usize = arg("--repeat").and_then(|r| r.parse().ok()).filter(|r| *r > 0).unwrap_or(1);
     let (w1_runs, w2_runs, raw_n) = if quick { (40, 5, 2_000) } else { (200, 20, 20_000) };
     let (big, ends) = if quick { (2_000, 500) } else { (10_000, 1_000) };
+    let big: usize = arg("--big").and_then(|b| b.parse().ok()).filter(|b| *b >= 2 * ends).unwrap_or(big);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
 
     let dir = tempfile::tempdir().expect("temp dir for blueprints");
