@@ -960,6 +960,8 @@ mod tests {
         fail_publishes: AtomicU32,
         /// Every delayed publish (job, delay), kept instead of delivered.
         delayed: Mutex<Vec<(Job, Duration)>>,
+        /// Run store calls made: each is one PostgreSQL statement (round trip) in `PostgresStore`.
+        statements: Mutex<Vec<&'static str>>,
     }
 
     struct FaultyStore {
@@ -970,6 +972,7 @@ mod tests {
     #[async_trait]
     impl RunStore for FaultyStore {
         async fn create_run(&self, run: &NewRun) -> StoreResult<bool> {
+            self.faults.statements.lock().unwrap().push("create_run");
             self.inner.create_run(run).await
         }
         async fn job_view_at(
@@ -979,6 +982,7 @@ mod tests {
             latest: &[InstanceKey],
             context: &ContextNeeds,
         ) -> StoreResult<Option<JobView>> {
+            self.faults.statements.lock().unwrap().push("job_view_at");
             self.inner.job_view_at(run_id, exact, latest, context).await
         }
         async fn record(
@@ -987,6 +991,7 @@ mod tests {
             record: &NodeRecord,
             writes: &Map<String, Value>,
         ) -> StoreResult<RecordOutcome> {
+            self.faults.statements.lock().unwrap().push("record");
             if take_one(&self.faults.reject_records) {
                 let source = serde_json::from_str::<Value>("\"\\u0000").unwrap_err().into();
                 return Err(StoreError::Rejected { op: format!("record node {}", record.node_id), source });
@@ -998,6 +1003,7 @@ mod tests {
             self.inner.record(run_id, record, writes).await
         }
         async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()> {
+            self.faults.statements.lock().unwrap().push("record_skipped_at");
             self.inner.record_skipped_at(run_id, keys).await
         }
         async fn record_with_items(
@@ -1007,30 +1013,39 @@ mod tests {
             writes: &Map<String, Value>,
             items: &[Value],
         ) -> StoreResult<RecordOutcome> {
+            self.faults.statements.lock().unwrap().push("record_with_items");
             self.inner.record_with_items(run_id, record, writes, items).await
         }
         async fn records_under(&self, run_id: &str, node_id: &str, prefix: &str) -> StoreResult<Vec<NodeRecord>> {
+            self.faults.statements.lock().unwrap().push("records_under");
             self.inner.records_under(run_id, node_id, prefix).await
         }
         async fn finish_run(&self, run_id: &str, status: RunStatus, data: &Value) -> StoreResult<bool> {
+            self.faults.statements.lock().unwrap().push("finish_run");
             self.inner.finish_run(run_id, status, data).await
         }
         async fn touch(&self, run_id: &str) -> StoreResult<()> {
+            self.faults.statements.lock().unwrap().push("touch");
             self.inner.touch(run_id).await
         }
         async fn run_info(&self, run_id: &str) -> StoreResult<Option<RunInfo>> {
+            self.faults.statements.lock().unwrap().push("run_info");
             self.inner.run_info(run_id).await
         }
         async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
+            self.faults.statements.lock().unwrap().push("records");
             self.inner.records(run_id).await
         }
         async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {
+            self.faults.statements.lock().unwrap().push("list_runs");
             self.inner.list_runs(filter).await
         }
         async fn save_blueprint(&self, blueprint: &StoredBlueprint) -> StoreResult<()> {
+            self.faults.statements.lock().unwrap().push("save_blueprint");
             self.inner.save_blueprint(blueprint).await
         }
         async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
+            self.faults.statements.lock().unwrap().push("claim_stalled");
             self.inner.claim_stalled(older_than, limit).await
         }
     }
@@ -1212,5 +1227,20 @@ mod tests {
         }
         let ghost = Job::new("ghost", "bp", "a");
         assert!(matches!(f.process(&ghost).await.unwrap(), Settle::DeadLetter(r) if r.contains("does not exist")));
+    }
+
+    /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement (the
+    /// last node adds the run's completion); reads and writes are by key, whatever the size of the run.
+    #[tokio::test]
+    async fn a_job_makes_a_fixed_number_of_run_store_statements() {
+        let f = Fixture::new("2").await;
+        let statements = |f: &Fixture| std::mem::take(&mut *f.faults.statements.lock().unwrap());
+        assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(statements(&f), ["job_view_at", "record"]);
+        assert_eq!(f.process(&job("b")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(statements(&f), ["job_view_at", "record", "finish_run"]);
+        // A redelivery routes by the record: one read.
+        assert_eq!(f.process(&job("b")).await.unwrap(), Settle::Ack("skipped"));
+        assert_eq!(statements(&f), ["job_view_at"]);
     }
 }
