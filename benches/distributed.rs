@@ -32,7 +32,7 @@ use flowcraft::flow::{Blueprint, Graph, Registry};
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
-use flowcraft::store::{NodeRecord, NodeStatus, RunStore};
+use flowcraft::store::{NodeRecord, RunStore};
 use flowcraft::tls::TlsSettings;
 use futures::{StreamExt, TryStreamExt};
 use lapin::options::{
@@ -784,17 +784,8 @@ async fn raw_postgres(n: usize, concurrency: usize) -> Result<f64, String> {
                         return Ok::<(), String>(());
                     }
                     let (run, node) = (format!("p-{}", i / 5 + 1), i % 5);
-                    let record = NodeRecord {
-                        node_id: format!("n{node}"),
-                        instance: String::new(),
-                        status: NodeStatus::Done,
-                        action: None,
-                        output: Value::Null,
-                        taken: if node < 4 { vec![format!("n{}", node + 1)] } else { Vec::new() },
-                        attempts: 1,
-                        error: None,
-                        finished_at: None,
-                    };
+                    let taken = if node < 4 { vec![format!("n{}", node + 1)] } else { Vec::new() };
+                    let record = NodeRecord::done(format!("n{node}"), Value::Null, None, taken, 1);
                     store.record(&run, &record, &empty).await.map_err(|e| format!("record: {e}"))?;
                 }
             });

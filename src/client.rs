@@ -8,11 +8,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::flow::Graph;
 use crate::flow::limits::{DEFAULT_MAX_PAYLOAD_BYTES, json_size_within};
+use crate::flow::{Graph, NodeRecord, Wait};
 use crate::run_id::{RunIdError, validate_run_id};
 use crate::store::{
-    Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint,
+    Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint, Transition,
 };
 use crate::text::{format_bytes, shorten};
 
@@ -42,6 +42,17 @@ pub enum ClientError {
     /// The run id is not acceptable (see [`crate::run_id`]).
     #[error(transparent)]
     InvalidRunId(#[from] RunIdError),
+    /// The node cannot be resumed: it is not waiting (never reached, still running, already resumed or
+    /// finished), or its run has ended.
+    #[error("run {run_id}: node '{node_id}' is not waiting ({state}); only a waiting node can be resumed, once")]
+    NotWaiting {
+        /// The run.
+        run_id: String,
+        /// The node.
+        node_id: String,
+        /// What it is instead.
+        state: String,
+    },
     /// The run input is not acceptable.
     #[error("invalid input for run {run_id}: {message}")]
     Input {
@@ -59,17 +70,21 @@ fn store_err(run_id: &str) -> impl FnOnce(StoreError) -> ClientError + '_ {
 /// One node in a run result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeSummary {
-    /// done, skipped or failed.
+    /// done, skipped, failed, waiting or resumed.
     pub status: NodeStatus,
     /// Attempts made.
     pub attempts: u32,
-    /// The error of a failed node (shown by the human summary; the JSON form is `{status, attempts}`).
+    /// The error of a failed node (shown by the human summary; the JSON form is `{status, attempts}`, plus the
+    /// wait's `reason`, `wakeAt`, `url`, `childRunId` for a waiting node).
     #[serde(skip)]
     pub error: Option<String>,
     /// For a node with instances (in a loop or a batch): how many instances have each status. `status`,
     /// `attempts` and the output are then the latest instance's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<BTreeMap<String, u64>>,
+    /// What a waiting node waits for.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<Wait>,
 }
 
 /// The state of a run, as `flowcraft run --output json` and `flowcraft status --output json` print it:
@@ -312,7 +327,9 @@ fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Op
         if r.status == NodeStatus::Done {
             outputs.insert(r.node_id.clone(), r.output.clone());
         }
-        let summary = NodeSummary { status: r.status, attempts: r.attempts, error: r.error.clone(), instances: None };
+        let wait = if r.status == NodeStatus::Waiting { r.wait.as_deref().cloned() } else { None };
+        let (status, attempts, error) = (r.status, r.attempts, r.error.clone());
+        let summary = NodeSummary { status, attempts, error, instances: None, wait };
         nodes.insert(r.node_id.clone(), summary);
     }
     for (node, by_status) in counts {
@@ -349,6 +366,56 @@ pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &
         crate::store::trace_run_end(store, run_id).await;
     }
     Ok(cancelled)
+}
+
+/// What a resume delivers to a waiting node: its output and the action that chooses its edges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resume {
+    /// The node's output (`null` when not given).
+    pub result: Value,
+    /// The action, as if the node had returned it.
+    pub action: Option<String>,
+}
+
+/// Resume a waiting node of a run: record its result exactly once (the guarded transition from `waiting`; of
+/// racing resumes one wins, the others get [`ClientError::NotWaiting`]), set an `awaiting` run running, and
+/// publish the node's job, which routes the result like any node's (docs/architecture.md, "Waiting nodes").
+pub async fn resume_node<Q, S>(
+    queue: &Q,
+    store: &S,
+    run_id: &str,
+    node_id: &str,
+    resume: Resume,
+) -> Result<(), ClientError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    validate_run_id(run_id)?;
+    let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? else {
+        return Err(ClientError::NotFound(run_id.to_string()));
+    };
+    let resumed = NodeRecord {
+        status: NodeStatus::Resumed,
+        action: resume.action,
+        output: resume.result,
+        ..NodeRecord::skipped(node_id)
+    };
+    let won = store.transition(run_id, NodeStatus::Waiting, &resumed, &serde_json::Map::new()).await;
+    match won.map_err(store_err(run_id))? {
+        Transition::Won => {}
+        Transition::Lost(record) => {
+            let state = match (record, info.status.is_terminal()) {
+                (_, true) => format!("the run is {}", info.status),
+                (Some(r), false) => r.status.as_str().to_string(),
+                (None, false) => "it has not been reached".to_string(),
+            };
+            return Err(ClientError::NotWaiting { run_id: run_id.to_string(), node_id: node_id.to_string(), state });
+        }
+    }
+    tracing::info!(run_id, node = node_id, "Node resumed.");
+    // A lost publish is healed by the reconciler (a resumed node is ready in its replay).
+    queue.publish(&[Job::new(run_id, &info.blueprint_id, node_id)]).await.map_err(store_err(run_id))
 }
 
 /// Wait until a run ends (polling with a short, growing interval), calling `progress` with (resolved, total)

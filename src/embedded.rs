@@ -10,8 +10,8 @@ use crate::client::{self, ClientError, RunResult};
 use crate::flow::BlueprintSet;
 use crate::flow::{Graph, Registry};
 use crate::metrics::WorkerMetrics;
-use crate::store::RunStore;
 use crate::store::memory::{MemoryCoordinator, MemoryQueue, MemoryStore};
+use crate::store::{RunStatus, RunStore};
 use crate::worker::{Worker, WorkerConfig};
 
 /// An embedded engine: in-memory queue, run store and coordinator plus a worker with `workers` concurrent tasks.
@@ -66,7 +66,8 @@ impl Embedded {
         Ok(run_id)
     }
 
-    /// Wait for a run to end (woken when any run finishes, so no polling delay).
+    /// Wait for a run to end, or to be `awaiting` with no armed timer (nothing but a resume can move it then);
+    /// woken when any run finishes, so no polling delay.
     pub async fn wait(&self, run_id: &str, graph: &Graph, timeout: Option<Duration>) -> Result<RunResult, ClientError> {
         let start = std::time::Instant::now();
         let signal = self.store.finish_signal();
@@ -80,7 +81,7 @@ impl Embedded {
                 .map_err(|source| ClientError::Store { run_id: run_id.to_string(), source })?;
             match info {
                 None => return Err(ClientError::NotFound(run_id.to_string())),
-                Some(i) if i.status.is_terminal() => {
+                Some(i) if i.status.is_terminal() || self.stuck(&i).await? => {
                     return client::run_result(&*self.store, run_id, Some(graph))
                         .await?
                         .ok_or_else(|| ClientError::NotFound(run_id.to_string()));
@@ -93,6 +94,42 @@ impl Embedded {
                 return Err(ClientError::Timeout { run_id: run_id.to_string(), waited: t });
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), woken).await;
+        }
+    }
+
+    /// Whether a run can never move on its own: `awaiting` with no armed timer (only a resume through
+    /// [`Embedded::resume`] can move it).
+    async fn stuck(&self, info: &crate::store::RunInfo) -> Result<bool, ClientError> {
+        if info.status != RunStatus::Awaiting {
+            return Ok(false);
+        }
+        let timer = self.store.next_timer().await;
+        Ok(timer.map_err(|source| ClientError::Store { run_id: info.run_id.clone(), source })?.is_none())
+    }
+
+    /// Resume a waiting node of a run (see [`client::resume_node`]).
+    pub async fn resume(&self, run_id: &str, node_id: &str, resume: client::Resume) -> Result<(), ClientError> {
+        client::resume_node(&*self.queue, &*self.store, run_id, node_id, resume).await
+    }
+
+    /// Wait until a run is `awaiting` or has ended (polling every 10 ms; `timeout` bounds the wait); returns its
+    /// status then.
+    pub async fn settled(&self, run_id: &str, timeout: Duration) -> Result<RunStatus, ClientError> {
+        let start = std::time::Instant::now();
+        loop {
+            let info = self
+                .store
+                .run_info(run_id)
+                .await
+                .map_err(|source| ClientError::Store { run_id: run_id.to_string(), source })?
+                .ok_or_else(|| ClientError::NotFound(run_id.to_string()))?;
+            if info.status != RunStatus::Running {
+                return Ok(info.status);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClientError::Timeout { run_id: run_id.to_string(), waited: timeout });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

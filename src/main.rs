@@ -141,9 +141,22 @@ enum Command {
         #[arg(long, default_value = "cancelled by user")]
         reason: String,
     },
+    /// Resume a waiting node (`wait`) of a run with a result: it is recorded once, then routed like any node's.
+    Resume {
+        /// The run id.
+        run_id: String,
+        /// The waiting node.
+        node_id: String,
+        /// The node's output (JSON; default null), `@FILE` to read it from a file, or `-` for standard input.
+        #[arg(long)]
+        result: Option<String>,
+        /// The action that chooses the node's edges, as if the node had returned it.
+        #[arg(long)]
+        action: Option<String>,
+    },
     /// List runs, newest first.
     Runs {
-        /// Only runs with this status (running, completed, failed, cancelled).
+        /// Only runs with this status (running, awaiting, completed, failed, cancelled).
         #[arg(long)]
         status: Option<String>,
         /// Only runs of this blueprint.
@@ -332,7 +345,7 @@ fn is_usage_error(e: &(dyn std::error::Error + 'static)) -> bool {
     let client = |c: &ClientError| match c {
         ClientError::InvalidRunId(_) | ClientError::Input { .. } => true,
         ClientError::Store { source, .. } => store(source),
-        ClientError::NotFound(_) | ClientError::Timeout { .. } => false,
+        ClientError::NotFound(_) | ClientError::Timeout { .. } | ClientError::NotWaiting { .. } => false,
     };
     if e.is::<UsageError>() || e.is::<BlueprintError>() || e.is::<RunIdError>() {
         return true;
@@ -482,11 +495,30 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Resume { run_id, node_id, result, action } => {
+            validate_run_id(&run_id)?;
+            let result: Value = match result {
+                Some(arg) => serde_json::from_str(&read_input_arg(&arg)?)
+                    .map_err(|e| UsageError(format!("--result is not valid JSON: {e}")))?,
+                None => Value::Null,
+            };
+            let never = CancellationToken::new();
+            let store = distributed::connect_store(&cli.conn, &never, policy).await?;
+            let queue = distributed::connect_queue(&cli.conn, "flowcraft-cli", &never, policy).await?;
+            let resumed =
+                client::resume_node(&queue, &store, &run_id, &node_id, client::Resume { result, action }).await;
+            queue.close().await;
+            resumed?;
+            outln!("run {run_id}: node {node_id} resumed")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Runs { status, blueprint, limit, output } => {
             let status = status
                 .map(|s| {
                     RunStatus::parse(&s).ok_or_else(|| {
-                        UsageError(format!("--status must be running, completed, failed or cancelled, not '{s}'"))
+                        UsageError(format!(
+                            "--status must be running, awaiting, completed, failed or cancelled, not '{s}'"
+                        ))
                     })
                 })
                 .transpose()?;

@@ -87,11 +87,13 @@ pub struct RunRepair {
     pub leased: Vec<String>,
     /// The terminal status written, if the run turned out finished.
     pub finished: Option<RunStatus>,
+    /// The run turned out only to wait: it was set `awaiting`.
+    pub awaiting: bool,
 }
 
 impl RunRepair {
     fn acted(&self) -> bool {
-        !self.published.is_empty() || !self.skipped.is_empty() || self.finished.is_some()
+        !self.published.is_empty() || !self.skipped.is_empty() || self.finished.is_some() || self.awaiting
     }
 }
 
@@ -208,6 +210,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             return Ok(repair);
         }
 
+        if plan.only_waits() {
+            repair.awaiting = self.store.set_awaiting(run_id).await.map_err(store_err)?;
+            return Ok(repair);
+        }
         let mut jobs = Vec::new();
         for key in &plan.ready {
             if self.coord.lease_held(run_id, &key.scoped()).await.map_err(store_err)? {
@@ -246,6 +252,16 @@ pub struct Plan {
     /// Units of the top scope resolved for the run's completion (done, skipped, failed with fallback; new skips
     /// included): top-level nodes, and every node of a top-level loop whose controller broke.
     pub resolved: Vec<String>,
+    /// Instances waiting (neither ready nor stalled: a resume, timer, webhook or child run will move them).
+    pub waiting: Vec<InstanceKey>,
+}
+
+impl Plan {
+    /// Whether the run can only wait: a node waits and nothing is ready (a resumed node is ready: its job routes
+    /// it). Such a run is `awaiting`.
+    pub fn only_waits(&self) -> bool {
+        self.ready.is_empty() && !self.waiting.is_empty()
+    }
 }
 
 /// Arrival sets per target instance, rebuilt by the replay.
@@ -259,7 +275,8 @@ struct Arrivals {
 
 /// Replay the join rule over the recorded results (pure), per node instance: arrivals from every resolved
 /// instance (into the target instance [`loops::arrivals`] gives), skip cascades, and the instances that are
-/// ready. Linear in the run's records and the graph's effective edges.
+/// ready. Waiting and resumed records send no arrivals; a resumed instance is ready (its job routes it), a
+/// waiting one is neither ready nor stalled. Linear in the run's records and the graph's effective edges.
 pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
     let mut state = Arrivals::default();
     let cascaded: Vec<NodeRecord> = skip_cascade(graph, records, &mut state);
@@ -314,7 +331,10 @@ pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
         .filter(|u| units.insert(*u))
         .map(str::to_string)
         .collect();
-    Plan { ready, skipped, joins, decided, resolved }
+    // A resumed node's job routes it; one lost between the resume and its job is published again.
+    ready.extend(records.iter().filter(|r| r.status == NodeStatus::Resumed).map(NodeRecord::key));
+    let waiting = records.iter().filter(|r| r.status == NodeStatus::Waiting).map(NodeRecord::key).collect();
+    Plan { ready, skipped, joins, decided, resolved, waiting }
 }
 
 /// Send the arrivals of every record, skipping in turn each unrecorded instance whose arrivals are all in and
@@ -377,6 +397,35 @@ mod tests {
 
     fn done(id: &str, taken: &[&str], action: Option<&str>) -> NodeRecord {
         NodeRecord::done(id, Value::Null, action.map(str::to_string), taken.iter().map(|s| s.to_string()).collect(), 1)
+    }
+
+    #[test]
+    fn a_waiting_node_is_neither_ready_nor_resolved_and_a_resumed_one_is_ready() {
+        let g = graph(json!({
+            "id": "w",
+            "nodes": [{"id": "s", "uses": "noop"}, {"id": "gate", "uses": "wait"}, {"id": "side", "uses": "noop"},
+                      {"id": "end", "uses": "noop"}],
+            "edges": [{"source": "s", "target": "gate"}, {"source": "s", "target": "side"},
+                      {"source": "gate", "target": "end"}, {"source": "side", "target": "end"}]
+        }));
+        let wait = crate::flow::Wait {
+            reason: crate::flow::WaitReason::ExternalEvent,
+            wake_at: None,
+            url: None,
+            child_run_id: None,
+        };
+        let gate = NodeRecord::waiting("gate", Value::Null, wait, 1);
+        let p = plan(&g, &[done("s", &["gate", "side"], None), gate.clone()]);
+        let key = |n: &str| crate::flow::InstanceKey::new(n, "");
+        assert_eq!((p.ready.clone(), p.waiting.clone()), (vec![key("side")], vec![key("gate")]));
+        assert!(!p.only_waits(), "the side branch still runs");
+        let p = plan(&g, &[done("s", &["gate", "side"], None), gate.clone(), done("side", &["end"], None)]);
+        assert!(p.only_waits(), "{p:?}");
+        assert!(!p.resolved.contains(&"gate".to_string()));
+        let resumed = NodeRecord { status: NodeStatus::Resumed, ..gate };
+        let p = plan(&g, &[done("s", &["gate", "side"], None), resumed, done("side", &["end"], None)]);
+        assert_eq!(p.ready, [key("gate")], "its job was lost: published again");
+        assert!(!p.only_waits());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! ([`Worker::propagate`]).
 
 mod crash;
+pub mod timers;
+mod waiting;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -107,6 +109,8 @@ pub struct Worker<Q, S, C> {
     metrics: Arc<WorkerMetrics>,
     infra_failures: AtomicU32,
     crashes: crash::CrashGuard,
+    /// Wakes the timer service when a job arms a timer.
+    timer_wake: Arc<tokio::sync::Notify>,
 }
 
 impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
@@ -121,7 +125,18 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         metrics: Arc<WorkerMetrics>,
     ) -> Self {
         let infra_failures = AtomicU32::new(0);
-        Self { queue, store, coord, registry, blueprints, config, metrics, infra_failures, crashes: Default::default() }
+        Self {
+            queue,
+            store,
+            coord,
+            registry,
+            blueprints,
+            config,
+            metrics,
+            infra_failures,
+            crashes: Default::default(),
+            timer_wake: Default::default(),
+        }
     }
 
     /// The worker's metrics.
@@ -134,6 +149,15 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
+        // The timer service lives as long as the consumer (docs/architecture.md, "Waiting nodes").
+        let timers_stop = shutdown.child_token();
+        let timers = timers::TimerService::new(
+            self.queue.clone(),
+            self.store.clone(),
+            self.timer_wake.clone(),
+            timers::TimerConfig::default(),
+        );
+        let timers = tokio::spawn(timers.run(timers_stop.clone()));
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -159,6 +183,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             }
         }
         while tasks.join_next().await.is_some() {}
+        timers_stop.cancel();
+        let _ = timers.await;
         info!("Worker stopped.");
     }
 
@@ -239,9 +265,18 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if let Some(settle) = self.admit(&job, &graph, &view).await.map_err(store_err)? {
             return Ok(settle);
         }
-        // 3. Already recorded: route as the first delivery did. 4–5. Else lease, execute, record, release.
+        // 3. Already recorded: route as the first delivery did (a resumed node is routed now, a waiting one
+        // waits; a pending batch item runs). 4–5. Else lease, execute, record, release.
         let batch_count = batch_count(&job, &view);
-        let (record, outcome) = match view.record_at(&job.node_id, &job.instance).filter(|r| r.is_terminal()).cloned() {
+        let recorded = view.record_at(&job.node_id, &job.instance).filter(|r| r.status != NodeStatus::Pending).cloned();
+        let (record, outcome) = match recorded {
+            Some(record) if record.status == NodeStatus::Waiting => return Ok(Settle::Ack("waiting")),
+            Some(record) if record.status == NodeStatus::Resumed => {
+                match self.finish_resumed(&graph, &job, &view, record).await.map_err(store_err)? {
+                    Some(record) => (record, "resumed"),
+                    None => return Ok(Settle::Ack("skipped")),
+                }
+            }
             Some(record) => (record, "duplicate"),
             None => match self.run_node(&graph, &job, view, redelivered).await.map_err(store_err)? {
                 Ran::Recorded(record, outcome) => (record, outcome),
@@ -251,10 +286,20 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         };
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-record");
+        if record.status == NodeStatus::Waiting {
+            self.began_waiting(&graph, &job, &record).await.map_err(store_err)?;
+            return Ok(Settle::Ack(outcome));
+        }
         // 6–7. Send the arrivals, fire joins, publish, finish the run.
-        match batch_count {
-            Some(count) => self.propagate_item(&graph, &job, &record, count).await.map_err(store_err)?,
+        let quiet = match batch_count {
+            Some(count) => {
+                self.propagate_item(&graph, &job, &record, count).await.map_err(store_err)?;
+                false
+            }
             None => self.propagate(&graph, &job, &record).await.map_err(store_err)?,
+        };
+        if quiet && graph.may_wait() {
+            self.maybe_await(&graph, &job.run_id).await.map_err(store_err)?;
         }
         Ok(Settle::Ack(outcome))
     }
@@ -304,7 +349,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// Whether the run may go on with this job: `Some` settles the job instead (the run ended, belongs to
     /// another blueprint, or was started with another version of it).
     async fn admit(&self, job: &Job, graph: &Graph, view: &JobView) -> Result<Option<Settle>, StoreError> {
-        if view.run.status != RunStatus::Running {
+        // An `awaiting` run still takes the job of a node resumed while it became awaiting (its job sets it running).
+        if !matches!(view.run.status, RunStatus::Running | RunStatus::Awaiting) {
             return Ok(Some(Settle::Ack("skipped")));
         }
         if view.run.blueprint_id != job.blueprint_id {
@@ -395,7 +441,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         turn.survived(&*self.coord, &job.run_id, &key).await;
         Ok(match recorded {
             (RecordOutcome::Inserted, mine) => {
-                let outcome = if mine.status == NodeStatus::Done { "done" } else { "failed" };
+                let outcome = match mine.status {
+                    NodeStatus::Done => "done",
+                    NodeStatus::Waiting => "waiting",
+                    _ => "failed",
+                };
                 Ran::Recorded(mine, outcome)
             }
             (RecordOutcome::Existing(first), _) => Ran::Recorded(first, "duplicate"),
@@ -459,10 +509,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
 
     /// Steps 6–7: fail the run for a node that failed without fallback; else send the record's arrivals (skips
     /// cascade), record the skipped nodes, publish the fired jobs (confirmed), and complete the run when every
-    /// node is resolved.
-    async fn propagate(&self, graph: &Graph, job: &Job, record: &NodeRecord) -> Result<(), StoreError> {
+    /// node is resolved. Returns whether the run goes on with nothing fired (it may only wait now).
+    async fn propagate(&self, graph: &Graph, job: &Job, record: &NodeRecord) -> Result<bool, StoreError> {
         if record.status == NodeStatus::Failed && graph.fallback(&record.node_id).is_none() {
-            return self.fail_run_at(graph, &job.run_id, record).await;
+            self.fail_run_at(graph, &job.run_id, record).await?;
+            return Ok(false);
         }
         let (jobs, skipped) = self.arrive_all(graph, job, record).await?;
         if !skipped.is_empty() {
@@ -484,7 +535,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             resolved.extend(loops::resolved_units(graph, &NodeRecord::skipped(&key.node_id).at(&key.instance)));
         }
         if resolved.is_empty() {
-            return Ok(());
+            return Ok(jobs.is_empty());
         }
         if self.coord.resolve(&job.run_id, &resolved, graph.node_count()).await? {
             if self.store.finish_run(&job.run_id, RunStatus::Completed, &json!({})).await? {
@@ -493,8 +544,9 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 crate::store::trace_run_end(&*self.store, &job.run_id).await;
             }
             self.forget(graph, &job.run_id).await;
+            return Ok(false);
         }
-        Ok(())
+        Ok(jobs.is_empty())
     }
 
     /// Steps 6–7 for a batch item (docs/architecture.md, "Batches"): a failed item fails the run unless its batch
@@ -835,21 +887,23 @@ fn routed(
         (out, Vec::new())
     };
     let max_payload = limits.max_payload_bytes;
+    if let Some(wait) = out.wait {
+        // Not routed now: its resume is (docs/architecture.md, "Waiting nodes").
+        let wait = waiting::recorded_wait(&wait, chrono::Utc::now());
+        let record = NodeRecord::waiting(node_id, out.output, wait, attempt).at(&job.instance);
+        let writes = own_writes(job, context);
+        if let Err(e) = limits::check_node_result(max_payload, node_id, &record.output, &writes) {
+            return Executed::failed(graph, job, attempt, &e.to_string());
+        }
+        return Executed { record, writes, items: Vec::new() };
+    }
     let ctx_value =
         if graph.routing_uses_context() { loops::with_output_aliases(context.to_value()) } else { Value::Null };
     let routing = match graph.route(node_id, &out.output, out.action.as_deref(), input, &ctx_value) {
         Ok(routing) => routing,
         Err(e) => return Executed::failed(graph, job, attempt, &e.to_string()),
     };
-    let mut writes = context.writes();
-    // `_outputs.*` and `_inputs.*` belong to the engine: a node cannot overwrite another's.
-    writes.retain(|key, _| {
-        let owned = key.starts_with("_outputs.") || key.starts_with("_inputs.");
-        if owned {
-            warn!(run_id = %job.run_id, node = %node_id, key = %key, "Ignoring a context write to an engine-owned key.");
-        }
-        !owned
-    });
+    let mut writes = own_writes(job, context);
     for (target, value) in routing.inputs {
         writes.insert(crate::flow::edge_input_key(&target, node_id), value);
     }
@@ -901,6 +955,20 @@ fn item_result(job: &Job, out: NodeOutput, context: &ContextHandle, attempt: u32
     }
     let record = NodeRecord::done(node_id, out.output, out.action, Vec::new(), attempt).at(&job.instance);
     Executed { record, writes, items: Vec::new() }
+}
+
+/// The node's context writes minus `_outputs.*` and `_inputs.*`: those belong to the engine (a node cannot
+/// overwrite another's).
+fn own_writes(job: &Job, context: &ContextHandle) -> Map<String, Value> {
+    let mut writes = context.writes();
+    writes.retain(|key, _| {
+        let owned = key.starts_with("_outputs.") || key.starts_with("_inputs.");
+        if owned {
+            warn!(run_id = %job.run_id, node = %job.node_id, key = %key, "Ignoring a context write to an engine-owned key.");
+        }
+        !owned
+    });
+    writes
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -1023,6 +1091,24 @@ mod tests {
         async fn finish_run(&self, run_id: &str, status: RunStatus, data: &Value) -> StoreResult<bool> {
             self.faults.statements.lock().unwrap().push("finish_run");
             self.inner.finish_run(run_id, status, data).await
+        }
+        async fn transition(
+            &self,
+            run_id: &str,
+            from: NodeStatus,
+            to: &NodeRecord,
+            writes: &Map<String, Value>,
+        ) -> StoreResult<crate::store::Transition> {
+            self.inner.transition(run_id, from, to, writes).await
+        }
+        async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool> {
+            self.inner.set_awaiting(run_id).await
+        }
+        async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<crate::store::FiredTimer>> {
+            self.inner.fire_due_timers(limit).await
+        }
+        async fn next_timer(&self) -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
+            self.inner.next_timer().await
         }
         async fn touch(&self, run_id: &str) -> StoreResult<()> {
             self.faults.statements.lock().unwrap().push("touch");

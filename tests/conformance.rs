@@ -5,14 +5,42 @@ mod common;
 
 use std::process::Command;
 
-use flowcraft::embedded::run_once;
-use flowcraft::flow::{Blueprint, Graph, Registry};
+use std::time::Duration;
 
-async fn run_case(case: &common::conformance::Case, workers: usize) -> flowcraft::client::RunResult {
+use flowcraft::client::{self, Resume, RunResult};
+use flowcraft::embedded::{Embedded, run_once};
+use flowcraft::flow::{Blueprint, BlueprintSet, Graph, Registry};
+use flowcraft::store::RunStatus;
+
+async fn run_case(case: &common::conformance::Case, workers: usize) -> RunResult {
     let path = common::conformance::blueprint_dir().join(format!("{}.yaml", case.blueprint));
     let registry = Registry::with_builtins();
     let graph = Graph::build(Blueprint::load(&path).unwrap(), Some(&registry)).unwrap();
+    if case.is_driven() {
+        return drive_case(case, graph, registry, workers).await;
+    }
     run_once(graph, registry, case.input.clone(), workers).await.unwrap()
+}
+
+/// A case with resumes or a cancel: each step once the run is `awaiting`, then the run's end.
+async fn drive_case(case: &common::conformance::Case, graph: Graph, registry: Registry, workers: usize) -> RunResult {
+    let mut set = BlueprintSet::new();
+    let graph = set.insert(graph);
+    let engine = Embedded::start(registry, set, workers);
+    let run_id = engine.start_run(&graph, case.input.clone()).await.unwrap();
+    let settle = Duration::from_secs(20);
+    for step in &case.resume {
+        assert_eq!(engine.settled(&run_id, settle).await.unwrap(), RunStatus::Awaiting, "{}", case.name);
+        let resume = Resume { result: step.result.clone(), action: step.action.clone() };
+        engine.resume(&run_id, &step.node, resume).await.unwrap();
+    }
+    if case.cancel {
+        assert_eq!(engine.settled(&run_id, settle).await.unwrap(), RunStatus::Awaiting, "{}", case.name);
+        assert!(client::cancel_run(&*engine.store, &run_id, "cancelled by the case").await.unwrap());
+    }
+    let result = engine.wait(&run_id, &graph, Some(settle)).await.unwrap();
+    engine.shutdown().await;
+    result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,9 @@ async fn conformance_suite_on_the_services_with_two_worker_processes() {
         client::start_run(&*queue, &*store, &graph, &id, case.input.clone()).await.expect("start");
         ids.push(id);
     }
+    for (case, id) in cases.iter().zip(&ids).filter(|(case, _)| case.is_driven()) {
+        drive(&*queue, &store, case, id).await;
+    }
     let results = wait_all(&store, &ids, Duration::from_secs(90)).await;
     let mut failures = Vec::new();
     for (case, r) in cases.iter().zip(&results) {
@@ -69,6 +72,84 @@ async fn conformance_suite_on_the_services_with_two_worker_processes() {
     if !failures.is_empty() {
         panic!("{}\n--- w1 log ---\n{}", failures.join("\n"), _w1.log_text());
     }
+    cluster.cleanup().await;
+}
+
+/// Wait until the run is `awaiting`.
+async fn awaiting(store: &PostgresStore, id: &str) {
+    common::eventually(&format!("run {id} to be awaiting"), Duration::from_secs(60), || async {
+        (store.run_info(id).await.ok().flatten()?.status == RunStatus::Awaiting).then_some(())
+    })
+    .await
+}
+
+/// A conformance case's resumes and cancel, each once its run is `awaiting`.
+async fn drive<Q: JobQueue>(queue: &Q, store: &PostgresStore, case: &common::conformance::Case, id: &str) {
+    for step in &case.resume {
+        awaiting(store, id).await;
+        let resume = client::Resume { result: step.result.clone(), action: step.action.clone() };
+        client::resume_node(queue, store, id, &step.node, resume).await.expect("resume");
+    }
+    if case.cancel {
+        awaiting(store, id).await;
+        assert!(client::cancel_run(store, id, "cancelled by the case").await.expect("cancel"));
+    }
+}
+
+fn flowcraft_cli(cluster: &Cluster) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowcraft"));
+    c.envs(cluster.env());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_resumes_racing_for_one_node_exactly_one_wins() {
+    let cluster = Cluster::new("resume");
+    let dir = common::conformance::blueprint_dir();
+    let (store, queue) = (cluster.store().await, cluster.queue().await);
+    let _w = cluster.spawn_worker("w1", &dir, &[]);
+    let graph = load(&dir, "wait_approval");
+    let id = format!("{}-run", cluster.name);
+    client::start_run(&*queue, &*store, &graph, &id, json!({"amount": 3})).await.expect("start");
+    awaiting(&store, &id).await;
+    let status = flowcraft_cli(&cluster).args(["status", &id, "--output", "json"]).output().unwrap();
+    let shown: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(shown["status"], "awaiting", "{shown}");
+    assert_eq!(shown["nodes"]["approval"]["status"], "waiting", "{shown}");
+    assert_eq!(shown["nodes"]["approval"]["reason"], "external_event", "{shown}");
+    assert!(shown["nodes"]["approval"]["wakeAt"].is_string(), "the timeout's due time: {shown}");
+    let listed = flowcraft_cli(&cluster).args(["runs", "--status", "awaiting", "--output", "json"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&id));
+    // Two resumes at once, with different actions: exactly one is recorded and routed.
+    let racers: Vec<std::process::Child> = ["approve", "reject"]
+        .iter()
+        .map(|action| {
+            let args = ["resume", &id, "approval", "--result", r#"{"by": "cli"}"#, "--action", action];
+            flowcraft_cli(&cluster)
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = racers.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    assert!(codes.contains(&Some(0)) && codes.contains(&Some(1)), "{codes:?}");
+    let loser = outs.iter().find(|o| o.status.code() == Some(1)).unwrap();
+    let message = String::from_utf8_lossy(&loser.stderr);
+    assert!(message.contains("approval") && message.contains("not waiting"), "{message}");
+    let r = wait_all(&store, std::slice::from_ref(&id), Duration::from_secs(60)).await.remove(0);
+    assert_eq!(r.status, RunStatus::Completed);
+    let ran: Vec<&str> = ["approved", "rejected"]
+        .into_iter()
+        .filter(|n| r.nodes.get(*n).is_some_and(|s| s.status == flowcraft::store::NodeStatus::Done))
+        .collect();
+    assert_eq!(ran.len(), 1, "exactly one branch ran: {r:?}");
+    // Resuming again is an error with exit 1.
+    let again = flowcraft_cli(&cluster).args(["resume", &id, "approval"]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not waiting"));
     cluster.cleanup().await;
 }
 

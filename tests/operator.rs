@@ -31,7 +31,7 @@ use flowcraft::operator::{flowrun, schedule, workerpool};
 use flowcraft::store::postgres::TableNames;
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
-use flowcraft::store::{NodeRecord, NodeStatus, RunStatus, RunStore};
+use flowcraft::store::{NodeRecord, RunStatus, RunStore};
 use flowcraft::store::{ReconcilePass, ReconcileStats};
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -976,17 +976,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
 
     // The workers finish it: the status mirrors Succeeded with an event.
     for node in ["fetch", "notify"] {
-        let record = NodeRecord {
-            node_id: node.into(),
-            instance: String::new(),
-            status: NodeStatus::Done,
-            action: None,
-            output: json!({"ok": true}),
-            taken: vec![],
-            attempts: 1,
-            error: None,
-            finished_at: None,
-        };
+        let record = NodeRecord::done(node, json!({"ok": true}), None, vec![], 1);
         store.record(&run_id, &record, &Default::default()).await.unwrap();
     }
     assert!(store.finish_run(&run_id, RunStatus::Completed, &json!({})).await.unwrap());

@@ -525,3 +525,84 @@ async fn reconcile_stats_round_trip() {
     assert_eq!(other.stats.failed_runs, 9);
     s.drop_tables().await.unwrap();
 }
+
+fn waiting(node_id: &str, reason: flowcraft::flow::WaitReason, wake_in_ms: Option<i64>) -> NodeRecord {
+    let wake_at = wake_in_ms.map(|ms| Utc::now() + chrono::Duration::milliseconds(ms));
+    let wait = flowcraft::flow::Wait { reason, wake_at, url: None, child_run_id: None };
+    NodeRecord::waiting(node_id, json!("kept"), wait, 1)
+}
+
+#[tokio::test]
+async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
+    use flowcraft::store::Transition;
+    let s = store("pg_wait").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let gate = waiting("gate", flowcraft::flow::WaitReason::ExternalEvent, None);
+    s.record("r1", &gate, &Map::new()).await.unwrap();
+    assert!(s.set_awaiting("r1").await.unwrap());
+    assert_eq!(s.run_info("r1").await.unwrap().unwrap().status, RunStatus::Awaiting);
+    let read = s.records("r1").await.unwrap();
+    assert_eq!(read[0].wait, gate.wait, "the wait is stored and read back");
+    let resumes = (0..8).map(|i| {
+        let s = s.clone();
+        async move {
+            let to = NodeRecord { status: NodeStatus::Resumed, output: json!(i), ..NodeRecord::skipped("gate") };
+            s.transition("r1", NodeStatus::Waiting, &to, &Map::new()).await.unwrap()
+        }
+    });
+    let outcomes = futures::future::join_all(resumes).await;
+    assert_eq!(outcomes.iter().filter(|o| **o == Transition::Won).count(), 1, "{outcomes:?}");
+    let info = s.run_info("r1").await.unwrap().unwrap();
+    assert_eq!(info.status, RunStatus::Running, "a resume sets the run running");
+    assert!(!s.set_awaiting("r1").await.unwrap(), "a resumed node keeps the run running");
+    let resumed = s.records("r1").await.unwrap().remove(0);
+    assert_eq!((resumed.status, resumed.attempts), (NodeStatus::Resumed, 1));
+    assert!(resumed.wait.is_some(), "the wait is kept");
+    // Routing it: resumed → done, once, with the context write.
+    let routed = done("gate", None, resumed.output.clone(), &[]);
+    assert_eq!(
+        s.transition("r1", NodeStatus::Resumed, &routed, &writes(json!({"k": 1}))).await.unwrap(),
+        Transition::Won
+    );
+    match s.transition("r1", NodeStatus::Resumed, &routed, &Map::new()).await.unwrap() {
+        Transition::Lost(Some(r)) => assert_eq!(r.status, NodeStatus::Done),
+        other => panic!("{other:?}"),
+    }
+    let view = s.job_view("r1", &["gate"], &flowcraft::flow::ContextNeeds::keys(["k"])).await.unwrap().unwrap();
+    assert_eq!(view.context.get("k"), Some(&json!(1)));
+    assert_eq!(view.records[0].status, NodeStatus::Done);
+    s.drop_tables().await.unwrap();
+}
+
+#[tokio::test]
+async fn due_timers_fire_once_across_concurrent_callers_and_not_for_ended_runs() {
+    use flowcraft::flow::WaitReason;
+    let s = store("pg_timer").await;
+    for i in 0..40 {
+        let run = format!("r{i}");
+        s.create_run(&new_run(&run, "bp", json!({}))).await.unwrap();
+        let reason = if i % 2 == 0 { WaitReason::Timer } else { WaitReason::ExternalEvent };
+        s.record(&run, &waiting("n", reason, Some(-10)), &Map::new()).await.unwrap();
+    }
+    s.create_run(&new_run("later", "bp", json!({}))).await.unwrap();
+    s.record("later", &waiting("n", WaitReason::Timer, Some(3_600_000)), &Map::new()).await.unwrap();
+    s.create_run(&new_run("gone", "bp", json!({}))).await.unwrap();
+    s.record("gone", &waiting("n", WaitReason::Timer, Some(-10)), &Map::new()).await.unwrap();
+    assert!(s.finish_run("gone", RunStatus::Cancelled, &json!({})).await.unwrap());
+    let (a, b) = tokio::join!(s.fire_due_timers(15), s.fire_due_timers(15));
+    let (mut a, b) = (a.unwrap(), b.unwrap());
+    a.extend(b);
+    a.extend(s.fire_due_timers(100).await.unwrap());
+    let runs: HashSet<String> = a.iter().map(|t| t.run_id.clone()).collect();
+    assert_eq!((a.len(), runs.len()), (40, 40), "each fired once");
+    assert!(!runs.contains("gone") && !runs.contains("later"));
+    let r0 = s.records("r0").await.unwrap().remove(0);
+    assert_eq!((r0.status, r0.output, r0.error), (NodeStatus::Resumed, json!("kept"), None));
+    let r1 = s.records("r1").await.unwrap().remove(0);
+    assert_eq!((r1.status, r1.output), (NodeStatus::Resumed, Value::Null));
+    assert!(r1.error.unwrap().contains("timed out"));
+    assert_eq!(s.records("gone").await.unwrap()[0].status, NodeStatus::Waiting, "an ended run's timer is disarmed");
+    let next = s.next_timer().await.unwrap().expect("the later timer");
+    assert!(next > Utc::now() + chrono::Duration::minutes(50));
+    s.drop_tables().await.unwrap();
+}

@@ -1,7 +1,10 @@
-//! Built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`), their params checks and durations.
+//! Built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`, `wait`), their params checks and durations.
 
 pub mod control;
 mod http;
+mod wait;
+
+pub use wait::{WAIT_TIMED_OUT, WAITING_KINDS};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,7 +30,8 @@ pub fn register_all(registry: &mut Registry, limits: &Limits) {
         .register("http", http::Http::new(limits))
         .register(crate::flow::loops::LOOP_CONTROLLER, control::LoopController::new(limits))
         .register(crate::flow::batch::SCATTER, control::BatchScatter)
-        .register(crate::flow::batch::GATHER, control::BatchGather);
+        .register(crate::flow::batch::GATHER, control::BatchGather)
+        .register("wait", wait::WaitNode);
 }
 
 impl Registry {
@@ -52,7 +56,7 @@ impl Registry {
 /// built-in node checked here. Each built-in's [`Node::check_params`] calls it.
 pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
     let mut problems = Vec::new();
-    if !matches!(uses, "noop" | "transform" | "log" | "sleep" | "fail" | "http") {
+    if !matches!(uses, "noop" | "transform" | "log" | "sleep" | "fail" | "http" | "wait") {
         return problems;
     }
     if !params.is_null() && !params.is_object() {
@@ -111,13 +115,20 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
             }
         }
         "http" => http::check_params(params, &mut problems),
+        "wait" => {
+            if let Some(timeout) = param("timeout")
+                && let Err(e) = parse_duration(timeout)
+            {
+                problems.push(format!("wait: params.timeout {e}"));
+            }
+        }
         _ => {}
     }
     problems
 }
 
-/// A duration: a number of milliseconds, or a string such as `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"` (a bare
-/// number in a string is milliseconds too).
+/// A duration: a number of milliseconds, or a string such as `"250ms"`, `"2s"`, `"1.5s"`, `"1m"`, `"1h"`, `"7d"` (a
+/// bare number in a string is milliseconds too).
 pub fn parse_duration(v: &Value) -> Result<Duration, String> {
     let not_a_duration = || format!("{v} is not a duration");
     let ms = match v {
@@ -135,6 +146,7 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
                 "s" => 1_000.0,
                 "m" => 60_000.0,
                 "h" => 3_600_000.0,
+                "d" => 86_400_000.0,
                 _ => return Err(not_a_duration()),
             };
             number * factor
@@ -257,7 +269,7 @@ impl Node for Transform {
                     )));
                 }
             };
-            Ok(NodeOutput { output, action })
+            Ok(NodeOutput { output, action, wait: None })
         };
         tokio::task::spawn_blocking(evaluate)
             .await
@@ -368,7 +380,7 @@ mod tests {
     fn every_builtin_is_registered() {
         let mut r = Registry::empty();
         register_all(&mut r, &Limits::default());
-        for key in ["noop", "transform", "log", "sleep", "fail", "http"] {
+        for key in ["noop", "transform", "log", "sleep", "fail", "http", "wait"] {
             assert!(r.contains(key), "{key}");
         }
     }

@@ -125,6 +125,8 @@ pub struct Graph {
     start: Vec<usize>,
     uses_context: bool,
     loops: Loops,
+    /// Some node is a waiting kind ([`crate::flow::builtin::WAITING_KINDS`]).
+    may_wait: bool,
 }
 
 /// The blueprint's own structure, checked: node indices, and each node's blueprint edges.
@@ -195,7 +197,9 @@ impl Graph {
             e.condition.as_ref().is_some_and(|c| c.uses_variable("context"))
                 || e.transform.as_ref().is_some_and(|t| t.uses_variable("context"))
         });
-        Ok(Self { bp: Arc::new(bp), nodes, edges: checked.edges, index: checked.index, start, uses_context, loops })
+        let may_wait = bp.nodes.iter().any(|n| crate::flow::builtin::WAITING_KINDS.contains(&n.uses.as_str()));
+        let (edges, index) = (checked.edges, checked.index);
+        Ok(Self { bp: Arc::new(bp), nodes, edges, index, start, uses_context, loops, may_wait })
     }
 
     /// The blueprint.
@@ -289,6 +293,12 @@ impl Graph {
             }
         }
         needs
+    }
+
+    /// Whether a node of the blueprint is a waiting kind: its runs may become `awaiting`, which a job that fires
+    /// nothing then checks (docs/architecture.md, "Waiting nodes").
+    pub fn may_wait(&self) -> bool {
+        self.may_wait
     }
 
     /// Whether conditions or transforms read `context` (so a job must load the context for routing).
@@ -407,10 +417,10 @@ impl Graph {
     }
 
     /// The arrivals a resolved node sends: one per effective target, taken when the record took it.
-    /// A failed node without fallback sends none (the run fails).
+    /// A failed node without fallback sends none (the run fails), nor does a waiting or resumed one (not resolved).
     pub fn arrivals(&self, record: &NodeRecord) -> Vec<Arrival> {
         let Some(i) = self.idx(&record.node_id) else { return Vec::new() };
-        if record.status == NodeStatus::Failed && self.nodes[i].fallback.is_none() {
+        if (record.status == NodeStatus::Failed && self.nodes[i].fallback.is_none()) || !record.status.is_terminal() {
             return Vec::new();
         }
         let taken: HashSet<&str> = match record.status {
@@ -433,6 +443,7 @@ impl Graph {
             NodeStatus::Done | NodeStatus::Skipped => true,
             NodeStatus::Pending => false,
             NodeStatus::Failed => self.fallback(&record.node_id).is_some(),
+            NodeStatus::Waiting | NodeStatus::Resumed => false,
         }
     }
 

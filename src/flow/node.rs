@@ -29,25 +29,43 @@ pub struct NodeCtx {
     pub cancel: CancellationToken,
 }
 
-/// A node's successful result: its output and an optional action for routing.
+/// A node's successful result: its output and an optional action for routing, or a request to wait.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeOutput {
-    /// The output (JSON `null` is a valid output).
+    /// The output (JSON `null` is a valid output). For a node that waits: the output it resumes with when its
+    /// timer falls due (a `sleep`'s input).
     pub output: Value,
     /// The action that selects action-routed edges.
     pub action: Option<String>,
+    /// The node does not finish now: it waits (docs/architecture.md, "Waiting nodes"); its job ends without
+    /// holding a worker slot.
+    pub wait: Option<WaitRequest>,
 }
 
 impl NodeOutput {
     /// An output without action.
     pub fn new(output: Value) -> Self {
-        Self { output, action: None }
+        Self { output, action: None, wait: None }
     }
 
     /// An output with an action.
     pub fn with_action(output: Value, action: impl Into<String>) -> Self {
-        Self { output, action: Some(action.into()) }
+        Self { output, action: Some(action.into()), wait: None }
     }
+
+    /// The node waits (`output`: what it resumes with when its timer falls due).
+    pub fn waiting(output: Value, wait: WaitRequest) -> Self {
+        Self { output, action: None, wait: Some(wait) }
+    }
+}
+
+/// What a waiting node waits for, as the node asks it; the worker records it as a [`crate::flow::Wait`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitRequest {
+    /// Why.
+    pub reason: crate::flow::WaitReason,
+    /// Its timer: a `sleep`'s duration (resumes with the output), a `wait`'s timeout (fails the node).
+    pub after: Option<std::time::Duration>,
 }
 
 /// A failed attempt. Retryable errors are retried up to `maxRetries` attempts; others fail at once.

@@ -20,6 +20,12 @@ pub enum NodeStatus {
     /// A batch item not run yet (non-terminal; its record carries the item's input as `output` until it
     /// resolves, see docs/architecture.md, "Batches").
     Pending,
+    /// Waiting for something outside the job (non-terminal, see [`Wait`]): a resume, a timer, a webhook request,
+    /// a child run. Sends no arrivals until it becomes terminal.
+    Waiting,
+    /// A waiting node whose result was delivered (output, action, or an error) but not yet routed: its job, sent
+    /// by the resumer, routes it and makes it `done` or `failed` (non-terminal).
+    Resumed,
 }
 
 impl NodeStatus {
@@ -30,6 +36,8 @@ impl NodeStatus {
             NodeStatus::Failed => "failed",
             NodeStatus::Skipped => "skipped",
             NodeStatus::Pending => "pending",
+            NodeStatus::Waiting => "waiting",
+            NodeStatus::Resumed => "resumed",
         }
     }
 
@@ -40,8 +48,65 @@ impl NodeStatus {
             "failed" => NodeStatus::Failed,
             "skipped" => NodeStatus::Skipped,
             "pending" => NodeStatus::Pending,
+            "waiting" => NodeStatus::Waiting,
+            "resumed" => NodeStatus::Resumed,
             _ => return None,
         })
+    }
+
+    /// Whether the node is resolved for good (done, failed or skipped); `pending`, `waiting` and `resumed` are not.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, NodeStatus::Done | NodeStatus::Failed | NodeStatus::Skipped)
+    }
+}
+
+/// Why a node waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitReason {
+    /// `wait`: resumed by `flowcraft resume` or the library API.
+    ExternalEvent,
+    /// `sleep`: resumed by the timer service at `wakeAt`.
+    Timer,
+    /// `webhook`: resumed by a request to its URL.
+    Webhook,
+    /// `subflow`: resumed by its child run's end.
+    Subflow,
+}
+
+impl WaitReason {
+    /// The name shown in `status` (`external_event`, `timer`, `webhook`, `subflow`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitReason::ExternalEvent => "external_event",
+            WaitReason::Timer => "timer",
+            WaitReason::Webhook => "webhook",
+            WaitReason::Subflow => "subflow",
+        }
+    }
+}
+
+/// What a waiting node waits for, kept with its record (the `wait` column) and shown by `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Wait {
+    /// Why.
+    pub reason: WaitReason,
+    /// When its timer falls due: the end of a `sleep`, or the `timeout` of a `wait` (after which it fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_at: Option<DateTime<Utc>>,
+    /// The URL a `webhook` node waits on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The child run of a `subflow` node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_run_id: Option<String>,
+}
+
+impl Wait {
+    /// Whether the node fails when its timer falls due (a `wait` timeout) rather than resuming with its output.
+    pub fn times_out(&self) -> bool {
+        self.reason != WaitReason::Timer
     }
 }
 
@@ -77,6 +142,9 @@ pub struct NodeRecord {
     /// When it was recorded (set by the store).
     #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
+    /// What a `waiting` node waits for (kept after it is resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<Box<Wait>>,
 }
 
 impl NodeRecord {
@@ -98,6 +166,7 @@ impl NodeRecord {
             attempts,
             error: None,
             finished_at: None,
+            wait: None,
         }
     }
 
@@ -114,6 +183,24 @@ impl NodeRecord {
             attempts,
             error: Some(error.replace('\0', "")),
             finished_at: None,
+            wait: None,
+        }
+    }
+
+    /// A node that waits (see [`Wait`]); `output` is what it resumes with when its timer falls due (a `sleep`'s
+    /// input), else `null` until a resume delivers one.
+    pub fn waiting(node_id: impl Into<String>, output: Value, wait: Wait, attempts: u32) -> Self {
+        Self {
+            node_id: node_id.into(),
+            instance: String::new(),
+            status: NodeStatus::Waiting,
+            action: None,
+            output,
+            taken: Vec::new(),
+            attempts,
+            error: None,
+            finished_at: None,
+            wait: Some(Box::new(wait)),
         }
     }
 
@@ -140,7 +227,7 @@ impl NodeRecord {
 
     /// Whether the record is final (done, failed or skipped): a pending batch item is not.
     pub fn is_terminal(&self) -> bool {
-        self.status != NodeStatus::Pending
+        self.status.is_terminal()
     }
 
     /// A skipped node.
@@ -155,6 +242,7 @@ impl NodeRecord {
             attempts: 0,
             error: None,
             finished_at: None,
+            wait: None,
         }
     }
 }
@@ -174,9 +262,22 @@ mod tests {
             (NodeStatus::Failed, Value::Null, Some("bad news"))
         );
         assert_eq!(NodeRecord::skipped("a").status, NodeStatus::Skipped);
-        for s in [NodeStatus::Done, NodeStatus::Failed, NodeStatus::Skipped, NodeStatus::Pending] {
+        for s in [
+            NodeStatus::Done,
+            NodeStatus::Failed,
+            NodeStatus::Skipped,
+            NodeStatus::Pending,
+            NodeStatus::Waiting,
+            NodeStatus::Resumed,
+        ] {
             assert_eq!(NodeStatus::parse(s.as_str()), Some(s));
+            assert_eq!(s.is_terminal(), !matches!(s, NodeStatus::Pending | NodeStatus::Waiting | NodeStatus::Resumed));
         }
+        let wait = Wait { reason: WaitReason::Timer, wake_at: None, url: None, child_run_id: None };
+        assert_eq!(serde_json::to_value(&wait).unwrap(), json!({"reason": "timer"}));
+        assert!(!wait.times_out());
+        let waiting = NodeRecord::waiting("w", json!(1), wait, 1);
+        assert_eq!((waiting.status, waiting.output), (NodeStatus::Waiting, json!(1)));
         assert_eq!(NodeStatus::parse("running"), None);
     }
 }

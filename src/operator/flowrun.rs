@@ -208,7 +208,7 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
 pub fn mirror(run: &FlowRun, prev: &FlowRunStatus, run_id: &str, result: &RunResult, total: usize) -> FlowRunStatus {
     let generation = run.meta().generation;
     let phase = match result.status {
-        RunStatus::Running => FlowRunPhase::Running,
+        RunStatus::Running | RunStatus::Awaiting => FlowRunPhase::Running,
         RunStatus::Completed => FlowRunPhase::Succeeded,
         RunStatus::Failed => FlowRunPhase::Failed,
         RunStatus::Cancelled => FlowRunPhase::Cancelled,
@@ -364,7 +364,9 @@ mod tests {
             outputs: BTreeMap::new(),
             nodes: nodes
                 .iter()
-                .map(|(id, s)| (id.to_string(), NodeSummary { status: *s, attempts: 1, error: None, instances: None }))
+                .map(|(id, s)| {
+                    (id.to_string(), NodeSummary { status: *s, attempts: 1, error: None, instances: None, wait: None })
+                })
                 .collect(),
             error: error.map(str::to_string),
             blueprint_id: "order".into(),

@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use super::{
-    Acker, Coordinator, Delivery, InstanceKey, Job, JobQueue, JobView, JoinArrival, JoinDecision, JoinState,
-    LeaseToken, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
-    StoreResult, StoredBlueprint,
+    Acker, Coordinator, Delivery, FiredTimer, InstanceKey, Job, JobQueue, JobView, JoinArrival, JoinDecision,
+    JoinState, LeaseToken, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore,
+    StoreError, StoreResult, StoredBlueprint, Transition,
 };
 use crate::flow::ContextNeeds;
 use crate::flow::join::Join;
@@ -201,7 +201,9 @@ impl RunEntry {
         if self.info.status == RunStatus::Running {
             self.info.updated_at = Utc::now();
         }
-        if let Some(existing) = self.get(&record.node_id, &record.instance).filter(|r| r.is_terminal()) {
+        // Only a pending batch item is written over (as PostgreSQL's `ON CONFLICT … WHERE status = 'pending'`).
+        if let Some(existing) = self.get(&record.node_id, &record.instance).filter(|r| r.status != NodeStatus::Pending)
+        {
             return RecordOutcome::Existing(existing.clone());
         }
         let mut r = record.clone();
@@ -437,7 +439,7 @@ impl RunStore for MemoryStore {
 
     async fn finish_run(&self, run_id: &str, status: RunStatus, status_data: &Value) -> StoreResult<bool> {
         self.with_run(run_id, |e| {
-            if e.info.status != RunStatus::Running {
+            if e.info.status.is_terminal() {
                 return false;
             }
             e.info.status = status;
@@ -450,6 +452,90 @@ impl RunStore for MemoryStore {
                 self.finished.notify_waiters();
             }
         })
+    }
+
+    async fn transition(
+        &self,
+        run_id: &str,
+        from: NodeStatus,
+        to: &NodeRecord,
+        context_writes: &Map<String, Value>,
+    ) -> StoreResult<Transition> {
+        let mut runs = lock(&self.runs);
+        let Some(e) = runs.get_mut(run_id) else { return Ok(Transition::Lost(None)) };
+        let key = (to.node_id.clone(), to.instance.clone());
+        let current = e.records.get(&key).map(|(_, r)| r);
+        if e.info.status.is_terminal() || current.is_none_or(|r| r.status != from) {
+            return Ok(Transition::Lost(current.cloned()));
+        }
+        let mut r = to.clone();
+        r.finished_at = Some(Utc::now());
+        r.attempts = r.attempts.max(current.map_or(0, |c| c.attempts));
+        if r.wait.is_none() {
+            r.wait = current.and_then(|c| c.wait.clone());
+        }
+        let context = Arc::make_mut(&mut e.context);
+        for (k, v) in context_writes.iter().filter(|(k, _)| !k.starts_with(OUTPUTS_PREFIX)) {
+            context.insert(k.clone(), v.clone());
+        }
+        // The record keeps its place in the written order (PostgreSQL's `seq` is set once, at insert).
+        if let Some(slot) = e.records.get_mut(&key) {
+            slot.1 = r;
+        }
+        e.info.status = RunStatus::Running;
+        e.info.updated_at = Utc::now();
+        Ok(Transition::Won)
+    }
+
+    async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool> {
+        self.with_run(run_id, |e| {
+            let waits = e.records.values().any(|(_, r)| r.status == NodeStatus::Waiting);
+            let resumed = e.records.values().any(|(_, r)| r.status == NodeStatus::Resumed);
+            if e.info.status != RunStatus::Running || !waits || resumed {
+                return false;
+            }
+            e.info.status = RunStatus::Awaiting;
+            e.info.updated_at = Utc::now();
+            true
+        })
+    }
+
+    async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<FiredTimer>> {
+        let now = Utc::now();
+        let mut runs = lock(&self.runs);
+        let mut due: Vec<(chrono::DateTime<Utc>, String, (String, String))> = runs
+            .values()
+            .filter(|e| !e.info.status.is_terminal())
+            .flat_map(|e| e.records.iter().map(move |(key, (_, r))| (e, key, r)))
+            .filter_map(|(e, key, r)| {
+                let at = r.wait.as_ref().and_then(|w| w.wake_at).filter(|at| *at <= now)?;
+                (r.status == NodeStatus::Waiting).then(|| (at, e.info.run_id.clone(), key.clone()))
+            })
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        let mut fired = Vec::with_capacity(due.len());
+        for (_, run_id, key) in due {
+            let Some(e) = runs.get_mut(&run_id) else { continue };
+            let Some((_, r)) = e.records.get_mut(&key) else { continue };
+            fire(r, now);
+            e.info.status = RunStatus::Running;
+            e.info.updated_at = now;
+            let (node_id, instance) = key;
+            fired.push(FiredTimer { run_id, blueprint_id: e.info.blueprint_id.clone(), node_id, instance });
+        }
+        Ok(fired)
+    }
+
+    async fn next_timer(&self) -> StoreResult<Option<chrono::DateTime<Utc>>> {
+        let runs = lock(&self.runs);
+        Ok(runs
+            .values()
+            .filter(|e| !e.info.status.is_terminal())
+            .flat_map(|e| e.records.values().map(|(_, r)| r))
+            .filter(|r| r.status == NodeStatus::Waiting)
+            .filter_map(|r| r.wait.as_ref().and_then(|w| w.wake_at))
+            .min())
     }
 
     async fn touch(&self, run_id: &str) -> StoreResult<()> {
@@ -496,6 +582,17 @@ impl RunStore for MemoryStore {
                 e.info.clone()
             })
             .collect())
+    }
+}
+
+/// A due timer fires: the waiting record becomes `resumed`, with its output (a `sleep`) or the timeout error (a
+/// `wait`), as the PostgreSQL store's `FIRE_DUE_TIMERS` does.
+fn fire(r: &mut NodeRecord, now: chrono::DateTime<Utc>) {
+    r.status = NodeStatus::Resumed;
+    r.finished_at = Some(now);
+    if r.wait.as_ref().is_some_and(|w| w.times_out()) {
+        r.output = Value::Null;
+        r.error = Some(crate::flow::builtin::WAIT_TIMED_OUT.to_string());
     }
 }
 

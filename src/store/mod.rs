@@ -151,6 +151,8 @@ pub trait JobQueue: Send + Sync + 'static {
 pub enum RunStatus {
     /// Jobs may still run.
     Running,
+    /// Nothing can run until a waiting node is resumed (a resume, a timer, a webhook request, a child run's end).
+    Awaiting,
     /// Every node is done or skipped.
     Completed,
     /// A node failed without fallback.
@@ -164,6 +166,7 @@ impl RunStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
+            RunStatus::Awaiting => "awaiting",
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
@@ -174,6 +177,7 @@ impl RunStatus {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "running" => RunStatus::Running,
+            "awaiting" => RunStatus::Awaiting,
             "completed" => RunStatus::Completed,
             "failed" => RunStatus::Failed,
             "cancelled" => RunStatus::Cancelled,
@@ -183,7 +187,7 @@ impl RunStatus {
 
     /// Whether no further job will run.
     pub fn is_terminal(self) -> bool {
-        self != RunStatus::Running
+        !matches!(self, RunStatus::Running | RunStatus::Awaiting)
     }
 }
 
@@ -276,6 +280,15 @@ impl JobView {
     }
 }
 
+/// The outcome of [`RunStore::transition`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// This write won.
+    Won,
+    /// The record was not in the expected status (or the run has ended): the record as it is, if any.
+    Lost(Option<NodeRecord>),
+}
+
 /// The outcome of recording a node result.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordOutcome {
@@ -283,6 +296,26 @@ pub enum RecordOutcome {
     Inserted,
     /// Another delivery recorded the node first; this is its record (route by it, discard ours).
     Existing(NodeRecord),
+}
+
+/// A due timer the run store fired: its node is now `resumed` and needs its job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FiredTimer {
+    /// The run.
+    pub run_id: String,
+    /// The run's blueprint.
+    pub blueprint_id: String,
+    /// The node.
+    pub node_id: String,
+    /// Its instance.
+    pub instance: String,
+}
+
+impl FiredTimer {
+    /// The job that routes the resumed node.
+    pub fn job(&self) -> Job {
+        Job::new(&self.run_id, &self.blueprint_id, &self.node_id).at(&self.instance)
+    }
 }
 
 /// What one reconciler pass did: `{"stalledRuns", "reconciledRuns", "failedRuns"}` (the output of
@@ -444,9 +477,36 @@ pub trait RunStore: Send + Sync + 'static {
     /// Record several skipped instances (insert-if-absent each) and touch `updated_at`. One statement.
     async fn record_skipped_at(&self, run_id: &str, keys: &[InstanceKey]) -> StoreResult<()>;
 
-    /// Move a `running` run to a terminal status with its data. Returns `false` when the run was no longer
-    /// `running` (the first terminal state wins).
+    /// Move a `running` or `awaiting` run to a terminal status with its data, and disarm the timers of its waiting
+    /// nodes. Returns `false` when the run had already ended (the first terminal state wins).
     async fn finish_run(&self, run_id: &str, status: RunStatus, status_data: &Value) -> StoreResult<bool>;
+
+    /// Replace the record of a node whose status is `from` (a non-terminal one: `waiting`, `resumed`) by `to`,
+    /// only while the run is `running` or `awaiting`; when this write wins, also merge `context_writes` (and a
+    /// done node's `_outputs.<id>`), and set an `awaiting` run back to `running`. The record keeps its `wait` and
+    /// the larger of both attempt counts; its timer is disarmed. Exactly one of concurrent
+    /// transitions of a record wins (a guarded `UPDATE … WHERE status = from`); the others get `Lost` with the
+    /// record as it is (`None` when there is none). One statement.
+    async fn transition(
+        &self,
+        run_id: &str,
+        from: NodeStatus,
+        to: &NodeRecord,
+        context_writes: &Map<String, Value>,
+    ) -> StoreResult<Transition>;
+
+    /// Move a `running` run to `awaiting` when it has a waiting record and no resumed one (checked under the
+    /// run's row lock, so a resume committed concurrently keeps it running). The caller has replayed the run and
+    /// found nothing else runnable. Returns whether the status changed.
+    async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool>;
+
+    /// Fire up to `limit` due timers of runs that are `running` or `awaiting`, oldest first (`FOR UPDATE SKIP
+    /// LOCKED`, so concurrent callers share them and each fires once): a `sleep` resumes with its output, a
+    /// `wait` past its timeout resumes with an error; their runs are set `running`. One transaction.
+    async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<FiredTimer>>;
+
+    /// When the earliest armed timer falls due, if any.
+    async fn next_timer(&self) -> StoreResult<Option<DateTime<Utc>>>;
 
     /// Set `updated_at` to now.
     async fn touch(&self, run_id: &str) -> StoreResult<()>;

@@ -20,8 +20,9 @@ use crate::flow::ContextNeeds;
 use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
-    BackendError, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats, RecordOutcome,
-    RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
+    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats,
+    RecordOutcome, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult,
+    StoredBlueprint, Transition,
 };
 use crate::tls::TlsSettings;
 
@@ -262,6 +263,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, name: "reconcile_stats", sql: include_str!("../../migrations/V2__reconcile_stats.sql") },
     Migration { version: 3, name: "console", sql: include_str!("../../migrations/V3__console.sql") },
     Migration { version: 4, name: "context_keys", sql: include_str!("../../migrations/V4__context_keys.sql") },
+    Migration { version: 5, name: "waiting", sql: include_str!("../../migrations/V5__waiting.sql") },
     Migration { version: 6, name: "node_instances", sql: include_str!("../../migrations/V6__node_instances.sql") },
 ];
 
@@ -313,7 +315,7 @@ const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_versio
        s.created_at, s.updated_at,
        (SELECT COALESCE(jsonb_agg(jsonb_build_object(
                     'node_id', r.node_id, 'instance', r.instance, 'status', r.status, 'action', r.action,
-                    'output', r.output, 'taken', r.taken, 'attempts', r.attempts, 'error', r.error,
+                    'output', r.output, 'taken', r.taken, 'attempts', r.attempts, 'error', r.error, 'wait', r.wait,
                     'finished_us', (extract(epoch FROM r.finished_at) * 1000000)::bigint)
                 ORDER BY r.finished_at, r.node_id, r.instance), '[]'::jsonb)
           FROM (SELECT e.* FROM {results} e
@@ -354,8 +356,9 @@ const JOB_VIEW_WHOLE: &str = "
 // All sub-statements share one snapshot, so `existing` sees a record committed before this statement; a record
 // committed concurrently (the ON CONFLICT waited for it) is invisible here and read by a follow-up query.
 const RECORD: &str = "WITH ins AS (
-    INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error)
-    SELECT $1::text, $2::text, $10::text, $3::text, $4::text, $5::jsonb, $6::jsonb, $7::int, $8::text
+    INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error, wait, wake_at)
+    SELECT $1::text, $2::text, $10::text, $3::text, $4::text, $5::jsonb, $6::jsonb, $7::int, $8::text, $11::jsonb,
+           $12::timestamptz
      WHERE EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text)
     ON CONFLICT (run_id, node_id, instance) DO UPDATE
        SET status = EXCLUDED.status, action = EXCLUDED.action, output = EXCLUDED.output, taken = EXCLUDED.taken,
@@ -374,7 +377,7 @@ const RECORD: &str = "WITH ins AS (
 )
 SELECT EXISTS (SELECT 1 FROM ins) AS inserted,
        existing.node_id, existing.instance, existing.status, existing.action, existing.output, existing.taken,
-       existing.attempts, existing.error, existing.finished_at
+       existing.attempts, existing.error, existing.finished_at, existing.wait
   FROM (VALUES (1)) AS one (x)
   LEFT JOIN {results} existing
     ON existing.run_id = $1::text AND existing.node_id = $2::text AND existing.instance = $10::text";
@@ -385,10 +388,12 @@ SELECT $1::text, $2::text, $3::text || '#' || (t.ord - 1)::text, 'pending', t.v,
   FROM jsonb_array_elements($4::jsonb) WITH ORDINALITY AS t (v, ord)
 ON CONFLICT (run_id, node_id, instance) DO NOTHING";
 
-const RECORDS_UNDER: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at
+const RECORDS_UNDER: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at,
+       wait
   FROM {results} WHERE run_id = $1::text AND node_id = $2::text AND starts_with(instance, $3::text)";
 
-const EXISTING_RECORD: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at
+const EXISTING_RECORD: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at,
+       wait
   FROM {results} WHERE run_id = $1::text AND node_id = $2::text AND instance = $3::text";
 
 // Nodes are inserted in sorted order so two overlapping batches take their index locks in the same order (no
@@ -405,8 +410,67 @@ const RECORD_SKIPPED: &str = "WITH ins AS (
 )
 SELECT count(*) AS inserted FROM ins";
 
+// Timers of the run's waiting nodes are disarmed by the timer service when it finds them due on an ended run (it
+// locks records before run rows, this statement would lock them the other way round).
 const FINISH_RUN: &str = "UPDATE {statuses} SET status = $2::text, status_data = $3::jsonb, updated_at = now()
- WHERE run_id = $1::text AND status = 'running'";
+ WHERE run_id = $1::text AND status IN ('running', 'awaiting')";
+
+// The guarded transition of a non-terminal record ($10 = the expected status): exactly one concurrent writer
+// matches it. An `awaiting` run is set back to `running` in the same statement (it locks the run row after the
+// record, like FIRE_DUE_TIMERS, so `SET_AWAITING`, which locks the run row first, sees it or is undone by it).
+const TRANSITION: &str = "WITH upd AS (
+    UPDATE {results} SET status = $3::text, action = $4::text, output = $5::jsonb, taken = $6::jsonb,
+           attempts = GREATEST(attempts, $7::int), error = $8::text, finished_at = now(), wake_at = NULL
+     WHERE run_id = $1::text AND node_id = $2::text AND instance = $11::text AND status = $10::text
+       AND EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text AND status IN ('running', 'awaiting'))
+    RETURNING node_id
+), ctx AS (
+    INSERT INTO {contexts} (run_id, key, value)
+    SELECT $1::text, e.key, e.value FROM jsonb_each($9::jsonb) AS e (key, value)
+     WHERE EXISTS (SELECT 1 FROM upd)
+     ORDER BY e.key
+    ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value
+), run AS (
+    UPDATE {statuses} SET status = 'running', updated_at = now()
+     WHERE run_id = $1::text AND status IN ('running', 'awaiting') AND EXISTS (SELECT 1 FROM upd)
+)
+SELECT EXISTS (SELECT 1 FROM upd) AS changed";
+
+// Run after `SELECT … FOR UPDATE` of the run row in the same transaction: this statement's snapshot then sees
+// every resume committed before the lock was granted.
+const LOCK_RUN: &str = "SELECT status FROM {statuses} WHERE run_id = $1::text FOR UPDATE";
+const SET_AWAITING: &str = "UPDATE {statuses} SET status = 'awaiting', updated_at = now()
+ WHERE run_id = $1::text AND status = 'running'
+   AND EXISTS (SELECT 1 FROM {results} WHERE run_id = $1::text AND status = 'waiting')
+   AND NOT EXISTS (SELECT 1 FROM {results} WHERE run_id = $1::text AND status = 'resumed')";
+
+// Due timers, earliest first, claimed with SKIP LOCKED (timer services of several workers share them). On a live
+// run a `sleep` resumes with its output and any other waiting kind (a `wait` timeout) with the error $2; its run
+// is set `running`. On an ended run the timer is only disarmed.
+const FIRE_DUE_TIMERS: &str = "WITH due AS (
+    SELECT r.run_id, r.node_id, r.instance, s.status IN ('running', 'awaiting') AS live
+      FROM {results} r JOIN {statuses} s ON s.run_id = r.run_id
+     WHERE r.status = 'waiting' AND r.wake_at <= now()
+     ORDER BY r.wake_at
+     LIMIT $1::bigint
+       FOR UPDATE OF r SKIP LOCKED
+), disarmed AS (
+    UPDATE {results} r SET wake_at = NULL
+      FROM due WHERE r.run_id = due.run_id AND r.node_id = due.node_id AND r.instance = due.instance AND NOT due.live
+), fired AS (
+    UPDATE {results} r SET status = 'resumed', finished_at = now(), wake_at = NULL,
+           output = CASE WHEN r.wait ->> 'reason' = 'timer' THEN r.output END,
+           error = CASE WHEN r.wait ->> 'reason' = 'timer' THEN NULL ELSE $2::text END
+      FROM due WHERE r.run_id = due.run_id AND r.node_id = due.node_id AND r.instance = due.instance AND due.live
+    RETURNING r.run_id, r.node_id, r.instance
+), runs AS (
+    UPDATE {statuses} s SET status = 'running', updated_at = now()
+     WHERE s.run_id IN (SELECT run_id FROM fired) AND s.status IN ('running', 'awaiting')
+    RETURNING s.run_id, s.blueprint_id
+)
+SELECT fired.run_id, fired.node_id, fired.instance, runs.blueprint_id FROM fired JOIN runs ON runs.run_id = fired.run_id";
+
+const NEXT_TIMER: &str = "SELECT min(wake_at) AS at FROM {results} WHERE status = 'waiting' AND wake_at IS NOT NULL";
 
 /// The heartbeat. `updated_at` is indexed (the reconciler's stalled scan), so every write of it costs a new tuple
 /// and index entries; a heartbeat needs only second precision (stalled thresholds are minutes), so a run touched
@@ -414,7 +478,7 @@ const FINISH_RUN: &str = "UPDATE {statuses} SET status = $2::text, status_data =
 const TOUCH: &str = "UPDATE {statuses} SET updated_at = now()
      WHERE run_id = $1::text AND status = 'running' AND updated_at < now() - interval '1 second'";
 
-const RECORDS: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at
+const RECORDS: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at, wait
   FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
 
 const CLAIM_STALLED: &str = "UPDATE {statuses} SET updated_at = now()
@@ -484,6 +548,11 @@ struct Sql {
     record_items: String,
     records_under: String,
     finish_run: String,
+    transition: String,
+    lock_run: String,
+    set_awaiting: String,
+    fire_due_timers: String,
+    next_timer: String,
     touch: String,
     run_info: String,
     records: String,
@@ -532,6 +601,11 @@ impl Sql {
             record_items: names.render(RECORD_ITEMS),
             records_under: names.render(RECORDS_UNDER),
             finish_run: names.render(FINISH_RUN),
+            transition: names.render(TRANSITION),
+            lock_run: names.render(LOCK_RUN),
+            set_awaiting: names.render(SET_AWAITING),
+            fire_due_timers: names.render(FIRE_DUE_TIMERS),
+            next_timer: names.render(NEXT_TIMER),
             touch: names.render(TOUCH),
             run_info: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}} WHERE run_id = $1::text")),
             records: names.render(RECORDS),
@@ -645,6 +719,7 @@ fn record_from_row(run_id: &str, row: &Row) -> StoreResult<Option<NodeRecord>> {
         error: column(row, "error", run_id)?,
         finished_at: Some(column(row, "finished_at", run_id)?),
         instance: column(row, "instance", run_id)?,
+        wait: parse_wait(run_id, &node_id, column(row, "wait", run_id)?)?,
         node_id,
     }))
 }
@@ -677,7 +752,19 @@ struct RecordJson {
     attempts: i64,
     #[serde(default)]
     error: Option<String>,
+    #[serde(default)]
+    wait: Option<Value>,
     finished_us: i64,
+}
+
+/// The `wait` column of a record.
+fn parse_wait(run_id: &str, node_id: &str, wait: Option<Value>) -> StoreResult<Option<Box<crate::flow::Wait>>> {
+    match wait {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| corrupt(run_id, format!("node {node_id}: column wait"), Some(e.into()))),
+    }
 }
 
 fn records_from_json(run_id: &str, value: Value) -> StoreResult<Vec<NodeRecord>> {
@@ -695,6 +782,7 @@ fn records_from_json(run_id: &str, value: Value) -> StoreResult<Vec<NodeRecord>>
                 attempts: parse_attempts(run_id, &r.node_id, r.attempts)?,
                 error: r.error,
                 finished_at: Some(finished_at),
+                wait: parse_wait(run_id, &r.node_id, r.wait)?,
                 node_id: r.node_id,
                 instance: r.instance,
             })
@@ -1094,9 +1182,11 @@ impl RunStore for PostgresStore {
         let table = self.names.results.as_str();
         let merge = stored_writes(context_writes);
         let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
+        let wait = record.wait.as_ref().map(Json);
+        let wake_at = record.wait.as_ref().and_then(|w| w.wake_at);
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, e))?;
-        let params: [&(dyn ToSql + Sync); 10] = [
+        let params: [&(dyn ToSql + Sync); 12] = [
             &run_id,
             &node_id,
             &record.status.as_str(),
@@ -1107,6 +1197,8 @@ impl RunStore for PostgresStore {
             &record.error,
             &merge,
             &instance,
+            &wait,
+            &wake_at,
         ];
         let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
         let inserted: bool = column(&row, "inserted", run_id)?;
@@ -1142,7 +1234,7 @@ impl RunStore for PostgresStore {
         let mut client = self.client(&op).await?;
         let tx = client.transaction().await.map_err(err)?;
         let stmt = tx.prepare_cached(&self.sql.record).await.map_err(err)?;
-        let params: [&(dyn ToSql + Sync); 10] = [
+        let params: [&(dyn ToSql + Sync); 12] = [
             &run_id,
             &node_id,
             &record.status.as_str(),
@@ -1153,6 +1245,8 @@ impl RunStore for PostgresStore {
             &record.error,
             &merge,
             &instance,
+            &None::<Json<&crate::flow::Wait>>,
+            &None::<DateTime<Utc>>,
         ];
         let row = tx.query_one(&stmt, &params).await.map_err(err)?;
         if !column::<bool>(&row, "inserted", run_id)? {
@@ -1200,12 +1294,97 @@ impl RunStore for PostgresStore {
         let table = self.names.statuses.as_str();
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.finish_run).await.map_err(|e| db_error(&op, table, e))?;
+
         let changed = client
             .execute(&stmt, &[&run_id, &status.as_str(), status_data])
             .await
             .map_err(|e| db_error(&op, table, e))?;
         tracing::debug!(run_id, status = status.as_str(), changed = changed > 0, "finish run");
         Ok(changed > 0)
+    }
+
+    async fn transition(
+        &self,
+        run_id: &str,
+        from: NodeStatus,
+        to: &NodeRecord,
+        context_writes: &Map<String, Value>,
+    ) -> StoreResult<Transition> {
+        let (node_id, instance) = (to.node_id.as_str(), to.instance.as_str());
+        let shown = crate::flow::instance::display(node_id, instance);
+        let op = format!("move node {shown} of run {run_id} from {} to {}", from.as_str(), to.status.as_str());
+        let table = self.names.results.as_str();
+        let merge = stored_writes(context_writes);
+        let attempts = i32::try_from(to.attempts).unwrap_or(i32::MAX);
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.transition).await.map_err(|e| db_error(&op, table, e))?;
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &run_id,
+            &node_id,
+            &to.status.as_str(),
+            &to.action,
+            &to.output,
+            &Json(&to.taken),
+            &attempts,
+            &to.error,
+            &merge,
+            &from.as_str(),
+            &instance,
+        ];
+        let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
+        let changed: bool = column(&row, "changed", run_id)?;
+        tracing::debug!(run_id, node_id, from = from.as_str(), to = to.status.as_str(), changed, "transition");
+        if changed {
+            return Ok(Transition::Won);
+        }
+        Ok(Transition::Lost(self.existing_record(&client, run_id, node_id, instance).await?))
+    }
+
+    async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool> {
+        let op = format!("set run {run_id} awaiting");
+        let table = self.names.statuses.as_str();
+        let err = |e| db_error(&op, table, e);
+        let mut client = self.client(&op).await?;
+        let tx = client.transaction().await.map_err(err)?;
+        let lock = tx.prepare_cached(&self.sql.lock_run).await.map_err(err)?;
+        tx.query_opt(&lock, &[&run_id]).await.map_err(err)?;
+        let stmt = tx.prepare_cached(&self.sql.set_awaiting).await.map_err(err)?;
+        let changed = tx.execute(&stmt, &[&run_id]).await.map_err(err)? > 0;
+        tx.commit().await.map_err(err)?;
+        tracing::debug!(run_id, changed, "set awaiting");
+        Ok(changed)
+    }
+
+    async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<FiredTimer>> {
+        let op = "fire due timers";
+        let table = self.names.results.as_str();
+        let limit = clamp_i64(limit as u64);
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.fire_due_timers).await.map_err(|e| db_error(op, table, e))?;
+        let rows = client
+            .query(&stmt, &[&limit, &crate::flow::builtin::WAIT_TIMED_OUT])
+            .await
+            .map_err(|e| db_error(op, table, e))?;
+        rows.iter()
+            .map(|row| {
+                let run_id: String = column(row, "run_id", "*")?;
+                Ok(FiredTimer {
+                    blueprint_id: column(row, "blueprint_id", &run_id)?,
+                    node_id: column(row, "node_id", &run_id)?,
+                    instance: column(row, "instance", &run_id)?,
+                    run_id,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_timer(&self) -> StoreResult<Option<DateTime<Utc>>> {
+        let op = "read the next timer";
+        let table = self.names.results.as_str();
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.next_timer).await.map_err(|e| db_error(op, table, e))?;
+        let row = client.query_one(&stmt, &[]).await.map_err(|e| db_error(op, table, e))?;
+        column(&row, "at", "*")
     }
 
     async fn touch(&self, run_id: &str) -> StoreResult<()> {

@@ -266,12 +266,7 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
     // Records of nodes the shown definition does not have (another version) are listed too.
     for r in &detail.records {
         nodes.entry(r.node_id.clone()).or_insert_with(|| {
-            let state = match r.status {
-                crate::store::NodeStatus::Done => NodeState::Done,
-                crate::store::NodeStatus::Skipped => NodeState::Skipped,
-                crate::store::NodeStatus::Failed => NodeState::Failed,
-                crate::store::NodeStatus::Pending => NodeState::Pending,
-            };
+            let state = crate::ui::view::recorded_state(r.status);
             view(Some(&r), state)
         });
     }

@@ -26,7 +26,7 @@ pub enum NodeState {
     Pending,
     /// Queued or executing.
     Running,
-    /// Waiting for an outside event (reserved).
+    /// Waiting for a resume, a timer, a webhook request or a child run.
     Waiting,
     /// Executed successfully.
     Done,
@@ -41,16 +41,23 @@ pub fn node_states(graph: &Graph, run: RunStatus, records: &HashMap<&str, &NodeR
     graph
         .node_ids()
         .map(|id| match records.get(id) {
-            Some(r) => match r.status {
-                NodeStatus::Done => NodeState::Done,
-                NodeStatus::Skipped => NodeState::Skipped,
-                NodeStatus::Failed => NodeState::Failed,
-                NodeStatus::Pending => NodeState::Pending,
-            },
+            Some(r) => recorded_state(r.status),
             None if run == RunStatus::Running && can_go(graph, id, records) => NodeState::Running,
             None => NodeState::Pending,
         })
         .collect()
+}
+
+/// The state a record shows: its status; a resumed node's job is queued or routing it (running).
+pub fn recorded_state(status: NodeStatus) -> NodeState {
+    match status {
+        NodeStatus::Done => NodeState::Done,
+        NodeStatus::Skipped => NodeState::Skipped,
+        NodeStatus::Failed => NodeState::Failed,
+        NodeStatus::Waiting => NodeState::Waiting,
+        NodeStatus::Resumed => NodeState::Running,
+        NodeStatus::Pending => NodeState::Pending,
+    }
 }
 
 /// Whether a node without a record has been (or is about to be) sent to a worker.

@@ -24,6 +24,29 @@ pub struct Case {
     /// Per node with instances (loops, batches): how many instances have each status.
     #[serde(default)]
     pub instances: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Resumes, in order, each once the run is `awaiting`.
+    #[serde(default)]
+    pub resume: Vec<ResumeStep>,
+    /// Cancel the run once it is `awaiting` (after the resumes).
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// A resume of a waiting node (`flowcraft resume RUN NODE --result … --action …`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResumeStep {
+    pub node: String,
+    #[serde(default)]
+    pub result: Value,
+    #[serde(default)]
+    pub action: Option<String>,
+}
+
+impl Case {
+    /// Whether the case drives its run from outside (resumes, cancel).
+    pub fn is_driven(&self) -> bool {
+        !self.resume.is_empty() || self.cancel
+    }
 }
 
 /// Directory of the case blueprints.

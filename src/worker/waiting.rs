@@ -1,0 +1,108 @@
+//! The job path's hooks for waiting nodes (docs/architecture.md, "Waiting nodes"): a job that ends waiting, the
+//! job of a resumed node (routed here, then propagated like any record), and the check that makes a run
+//! `awaiting` when it can only wait.
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, info};
+
+use super::{Executed, Worker, routed, what_runs};
+use crate::flow::{ContextHandle, Graph, Limits, NodeOutput, NodeRecord, NodeStatus, Wait, WaitRequest};
+use crate::reconciler::plan;
+use crate::store::{Coordinator, Job, JobQueue, JobView, RunStore, StoreError, Transition};
+
+/// The wait a node asked for, as recorded at `now` (its timer becomes a due time).
+pub(super) fn recorded_wait(request: &WaitRequest, now: DateTime<Utc>) -> Wait {
+    let wake_at =
+        request.after.and_then(|d| chrono::Duration::from_std(d).ok()).and_then(|d| now.checked_add_signed(d));
+    Wait { reason: request.reason, wake_at, url: None, child_run_id: None }
+}
+
+/// How a resumed record is routed: its error fails the node (a timeout: no retry, its fallback takes over), else
+/// its output and action are routed as a returned result would be.
+fn resumed_outcome(graph: &Graph, job: &Job, view: &JobView, resumed: NodeRecord, limits: &Limits) -> Executed {
+    if let Some(error) = &resumed.error {
+        return Executed::failed(graph, job, resumed.attempts, error);
+    }
+    let Some(def) = graph.node(&job.node_id) else {
+        return Executed::failed(
+            graph,
+            job,
+            resumed.attempts,
+            &format!("node '{}' is not in blueprint '{}'", job.node_id, graph.id()),
+        );
+    };
+    let input = match what_runs(graph, def, job, view, None) {
+        Ok((_, _, input)) => input,
+        Err(error) => return Executed::failed(graph, job, resumed.attempts, &error),
+    };
+    let out = NodeOutput { output: resumed.output, action: resumed.action, wait: None };
+    routed(graph, job, &input, out, &ContextHandle::shared(view.context.clone()), resumed.attempts, limits)
+}
+
+impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
+    /// The job of a resumed node: route its delivered result and make it terminal (the guarded transition from
+    /// `resumed`: one delivery wins, the others route by the winner's record). `None` when the run has ended.
+    pub(super) async fn finish_resumed(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        view: &JobView,
+        resumed: NodeRecord,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        let executed = resumed_outcome(graph, job, view, resumed, self.registry.limits());
+        match self.store.transition(&job.run_id, NodeStatus::Resumed, &executed.record, &executed.writes).await? {
+            Transition::Won => {
+                info!(run_id = %job.run_id, node = %job.node_id, status = executed.record.status.as_str(), "Resumed node recorded.");
+                Ok(Some(executed.record))
+            }
+            Transition::Lost(Some(first)) if first.status.is_terminal() => Ok(Some(first)),
+            Transition::Lost(_) => Ok(None),
+        }
+    }
+
+    /// A job ended with its node waiting: wake the timer service for a new timer, and check whether the run can
+    /// only wait now.
+    pub(super) async fn began_waiting(&self, graph: &Graph, job: &Job, record: &NodeRecord) -> Result<(), StoreError> {
+        let wait = record.wait.as_ref();
+        info!(run_id = %job.run_id, node = %job.node_id, reason = wait.map(|w| w.reason.as_str()), wake_at = ?wait.and_then(|w| w.wake_at), "Node waiting.");
+        if wait.is_some_and(|w| w.wake_at.is_some()) {
+            self.timer_wake.notify_one();
+        }
+        self.maybe_await(graph, &job.run_id).await
+    }
+
+    /// After a job that fired nothing in a run that may wait: replay the run from its records (exact) and set it
+    /// `awaiting` when a node waits and nothing is ready.
+    pub(super) async fn maybe_await(&self, graph: &Graph, run_id: &str) -> Result<(), StoreError> {
+        let records = self.store.records(run_id).await?;
+        if !plan(graph, &records).only_waits() {
+            return Ok(());
+        }
+        if self.store.set_awaiting(run_id).await? {
+            info!(run_id, "Run awaiting.");
+        } else {
+            debug!(run_id, "Run not set awaiting (resumed meanwhile, or no longer running).");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::flow::WaitReason;
+
+    #[test]
+    fn a_requested_timer_becomes_a_due_time() {
+        let now = Utc::now();
+        let request = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::from_secs(90)) };
+        let wait = recorded_wait(&request, now);
+        assert_eq!((wait.reason, wait.wake_at), (WaitReason::Timer, Some(now + chrono::Duration::seconds(90))));
+        let external = WaitRequest { reason: WaitReason::ExternalEvent, after: None };
+        assert_eq!(recorded_wait(&external, now).wake_at, None);
+        let forever = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::MAX) };
+        assert_eq!(recorded_wait(&forever, now).wake_at, None, "out of range: no timer rather than a panic");
+    }
+}
