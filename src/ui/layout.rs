@@ -83,20 +83,20 @@ pub fn layout(n: usize, edges: &[(usize, usize)]) -> Layout {
     Layout { width, height, nodes: nodes_and_dummies[..n].to_vec(), ranks, edges }
 }
 
-/// Rank of each node: the length of the longest path reaching it (Kahn's order). Nodes on a cycle (never in a
-/// validated blueprint) are put after everything else rather than looping.
+/// Rank of each node: the length of the longest path reaching it through forward edges (Kahn's order). Edges
+/// that close a cycle (a loop's `continue` edge back to its start) are left out of the ranking, so a loop's body
+/// is drawn left to right and its back edge returns leftwards.
 fn longest_path_ranks(n: usize, edges: &[(usize, usize)]) -> Vec<usize> {
+    let forward = forward_edges(n, edges);
     let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut indegree = vec![0usize; n];
-    for &(s, t) in edges {
+    for (&(s, t), _) in edges.iter().zip(&forward).filter(|(_, f)| **f) {
         out[s].push(t);
         indegree[t] += 1;
     }
     let mut rank = vec![0usize; n];
     let mut queue: std::collections::VecDeque<usize> = (0..n).filter(|&v| indegree[v] == 0).collect();
-    let mut seen = 0;
     while let Some(v) = queue.pop_front() {
-        seen += 1;
         for &t in &out[v] {
             rank[t] = rank[t].max(rank[v] + 1);
             indegree[t] -= 1;
@@ -105,13 +105,48 @@ fn longest_path_ranks(n: usize, edges: &[(usize, usize)]) -> Vec<usize> {
             }
         }
     }
-    if seen < n {
-        let max = rank.iter().copied().max().unwrap_or(0);
-        for v in (0..n).filter(|&v| indegree[v] > 0) {
-            rank[v] = max + 1;
+    rank
+}
+
+/// Which edges are forward (`true`) and which close a cycle (`false`: the edge reaches a node still on the
+/// depth-first path). Roots (no incoming edge) are explored first, so a loop's entry is its start node and the
+/// edge back to it is the one left out. Iterative, so deep graphs cannot overflow the stack.
+fn forward_edges(n: usize, edges: &[(usize, usize)]) -> Vec<bool> {
+    let mut out: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
+    let mut has_in = vec![false; n];
+    for (i, &(s, t)) in edges.iter().enumerate() {
+        out[s].push((t, i));
+        has_in[t] = true;
+    }
+    // 0 = unvisited, 1 = on the current path, 2 = finished.
+    let mut state = vec![0u8; n];
+    let mut forward = vec![true; edges.len()];
+    let roots = (0..n).filter(|&v| !has_in[v]).chain((0..n).filter(|&v| has_in[v]));
+    for root in roots {
+        if state[root] != 0 {
+            continue;
+        }
+        state[root] = 1;
+        let mut stack = vec![(root, 0usize)];
+        while let Some(top) = stack.last_mut() {
+            let (v, next) = *top;
+            let Some(&(t, i)) = out[v].get(next) else {
+                state[v] = 2;
+                stack.pop();
+                continue;
+            };
+            top.1 += 1;
+            match state[t] {
+                0 => {
+                    state[t] = 1;
+                    stack.push((t, 0));
+                }
+                1 => forward[i] = false,
+                _ => {}
+            }
         }
     }
-    rank
+    forward
 }
 
 /// Nodes and dummy points arranged in ranks.
@@ -246,10 +281,32 @@ mod tests {
         for (s, t) in edges {
             assert!(l.ranks[*t] > l.ranks[*s], "edge {s}->{t} does not go right");
         }
-        for e in &l.edges {
+        for e in l.edges.iter().filter(|e| edges.contains(&(e.source, e.target))) {
             assert!(e.points.len() >= 2);
             assert!(e.points.windows(2).all(|w| w[1].x > w[0].x), "edge {}->{} turns back", e.source, e.target);
         }
+    }
+
+    /// A loop as the TypeScript builder exports it: in -> start -> body -> controller, controller -> start
+    /// (`continue`), controller -> out (`break`). The body goes right; only the back edge returns left.
+    #[test]
+    fn a_loop_is_drawn_left_to_right_with_its_back_edge_returning() {
+        let forward = [(0, 1), (1, 2), (2, 3), (3, 4)];
+        let mut edges = forward.to_vec();
+        edges.push((3, 1));
+        let l = layout(5, &edges);
+        check(&l, 5, &forward);
+        assert_eq!(l.ranks, vec![0, 1, 2, 3, 4]);
+        let back = l.edges.iter().find(|e| (e.source, e.target) == (3, 1)).expect("back edge drawn");
+        assert!(back.points.first().map(|p| p.x) > back.points.last().map(|p| p.x), "{back:?}");
+        assert_eq!(forward_edges(5, &edges), vec![true, true, true, true, false]);
+    }
+
+    /// A cycle with no root (never valid, but the console must still draw it) ranks without looping.
+    #[test]
+    fn a_cycle_without_a_root_still_gets_ranks() {
+        let l = layout(3, &[(0, 1), (1, 2), (2, 0)]);
+        assert_eq!(l.ranks, vec![0, 1, 2]);
     }
 
     /// The quick-start blueprint's shape: greet -> short|long -> done, count -> done.
