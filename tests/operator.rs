@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
+use flowcraft::flow::record::{Wait, WaitReason};
 use flowcraft::operator::OperatorError;
 use flowcraft::operator::admin::Health;
 use flowcraft::operator::backends::{
@@ -31,7 +32,7 @@ use flowcraft::operator::{flowrun, schedule, workerpool};
 use flowcraft::store::postgres::TableNames;
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue, queue_depth};
-use flowcraft::store::{NodeRecord, RunStatus, RunStore};
+use flowcraft::store::{NodeRecord, NodeStatus, RunStatus, RunStore, Transition};
 use flowcraft::store::{ReconcilePass, ReconcileStats};
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -974,11 +975,43 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
     .unwrap();
     assert_eq!(store.list_runs(&Default::default()).await.unwrap().len(), 1, "the run was created once");
 
+    // `notify` waits for an external event: the run is awaiting and the FlowRun shows phase Waiting with the
+    // node it waits on (no event: waiting is not a finished phase).
+    let fetched = NodeRecord::done("fetch", json!({"ok": true}), None, vec![], 1);
+    store.record(&run_id, &fetched, &Default::default()).await.unwrap();
+    let wait = Wait { reason: WaitReason::ExternalEvent, wake_at: None, url: None, child_run_id: None };
+    let waiting = NodeRecord::waiting("notify", json!({"ok": true}), wait, 1);
+    store.record(&run_id, &waiting, &Default::default()).await.unwrap();
+    assert!(store.set_awaiting(&run_id).await.unwrap(), "running -> awaiting");
+    let running = run_with_status(&run, &status);
+    let (ctx, server) = env.context();
+    let (p, r) = (pool.clone(), running.clone());
+    let action = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path("order-42"))).await;
+            let status = call.body["status"].clone();
+            assert_eq!(status["phase"], "Waiting", "{status}");
+            assert_eq!(status["progress"], "1/2");
+            assert_eq!(status["nodes"]["waiting"], 1);
+            assert_eq!(status["waiting"], json!([{"node": "notify", "reason": "external_event"}]));
+            assert_eq!(condition(&status, "Ready")["reason"], "Waiting");
+            call.reply(200, &with_status(&r, &status));
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(running), ctx).await,
+    )
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)), "a waiting run is still polled");
+
     // The workers finish it: the status mirrors Succeeded with an event.
-    for node in ["fetch", "notify"] {
-        let record = NodeRecord::done(node, json!({"ok": true}), None, vec![], 1);
-        store.record(&run_id, &record, &Default::default()).await.unwrap();
-    }
+    let resumed = NodeRecord::done("notify", json!({"ok": true}), None, vec![], 1);
+    let won = store.transition(&run_id, NodeStatus::Waiting, &resumed, &Default::default()).await.unwrap();
+    assert_eq!(won, Transition::Won);
     assert!(store.finish_run(&run_id, RunStatus::Completed, &json!({})).await.unwrap());
     let running = run_with_status(&run, &status);
     let (ctx, server) = env.context();

@@ -470,6 +470,8 @@ pub enum FlowRunPhase {
     Pending,
     /// Started; jobs may still run.
     Running,
+    /// Nothing is runnable: the run waits for a resume, a timer, a webhook or a child run (its `waiting` nodes).
+    Waiting,
     /// Every node is done or skipped.
     Succeeded,
     /// A node failed without fallback.
@@ -489,6 +491,7 @@ impl FlowRunPhase {
         match self {
             FlowRunPhase::Pending => "Pending",
             FlowRunPhase::Running => "Running",
+            FlowRunPhase::Waiting => "Waiting",
             FlowRunPhase::Succeeded => "Succeeded",
             FlowRunPhase::Failed => "Failed",
             FlowRunPhase::Cancelled => "Cancelled",
@@ -512,9 +515,28 @@ pub struct FlowRunNodeCounts {
     /// Nodes skipped (no taken incoming edge).
     #[serde(default)]
     pub skipped: i64,
-    /// Nodes not resolved yet.
+    /// Nodes not resolved yet (waiting nodes included).
     #[serde(default)]
     pub pending: i64,
+    /// Nodes waiting for a resume, a timer, a webhook or a child run.
+    #[serde(default)]
+    pub waiting: i64,
+}
+
+/// A node a FlowRun waits on (the webhook URL is left out: its token is the credential).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowRunWaitingNode {
+    /// The node id.
+    pub node: String,
+    /// external_event, timer, webhook or subflow.
+    pub reason: String,
+    /// When its timer falls due (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_at: Option<String>,
+    /// The child run of a `subflow` node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_run_id: Option<String>,
 }
 
 /// Observed state of a FlowRun.
@@ -524,7 +546,7 @@ pub struct FlowRunStatus {
     /// The generation last reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Pending, Running, Succeeded, Failed or Cancelled.
+    /// Pending, Running, Waiting, Succeeded, Failed or Cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<FlowRunPhase>,
     /// Resolved nodes out of all nodes, `done/total`.
@@ -545,6 +567,9 @@ pub struct FlowRunStatus {
     /// Node counts by state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<FlowRunNodeCounts>,
+    /// The nodes the run waits on (at most `MAX_WAITING_SHOWN`, in node id order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<FlowRunWaitingNode>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]

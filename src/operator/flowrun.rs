@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::backends::{BackendError, RunStores, RunTarget, StartedRun};
 use super::context::{Context, object_key};
-use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus};
+use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus, FlowRunWaitingNode};
 use super::events::Note;
 use super::limits::{CONDITION_MESSAGE_MAX, fit};
 use super::refs::{pool_graphs, read_configmap, read_pool, run_target};
@@ -187,7 +187,7 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
             FlowRunPhase::Succeeded => Some(Note::RunSucceeded { run_id: &run_id, progress: &progress }),
             FlowRunPhase::Failed => Some(Note::RunFailed { run_id: &run_id, message: &message }),
             FlowRunPhase::Cancelled => Some(Note::RunCancelled { run_id: &run_id, message: &message }),
-            FlowRunPhase::Pending | FlowRunPhase::Running => None,
+            FlowRunPhase::Pending | FlowRunPhase::Running | FlowRunPhase::Waiting => None,
         };
         if let Some(note) = note {
             ctx.publish(run, note).await;
@@ -208,52 +208,22 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
 pub fn mirror(run: &FlowRun, prev: &FlowRunStatus, run_id: &str, result: &RunResult, total: usize) -> FlowRunStatus {
     let generation = run.meta().generation;
     let phase = match result.status {
-        RunStatus::Running | RunStatus::Awaiting => FlowRunPhase::Running,
+        RunStatus::Running => FlowRunPhase::Running,
+        RunStatus::Awaiting => FlowRunPhase::Waiting,
         RunStatus::Completed => FlowRunPhase::Succeeded,
         RunStatus::Failed => FlowRunPhase::Failed,
         RunStatus::Cancelled => FlowRunPhase::Cancelled,
     };
-    let count = |s: NodeStatus| result.nodes.values().filter(|n| n.status == s).count();
-    let resolved = result.nodes.len();
-    let total = total.max(resolved);
-    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-    let nodes = FlowRunNodeCounts {
-        total: as_i64(total),
-        done: as_i64(count(NodeStatus::Done)),
-        failed: as_i64(count(NodeStatus::Failed)),
-        skipped: as_i64(count(NodeStatus::Skipped)),
-        pending: as_i64(total - resolved),
-    };
-    let progress = format!("{resolved}/{total}");
+    let nodes = node_counts(result, total);
+    let progress = format!("{}/{}", nodes.total - nodes.pending, nodes.total);
     let message = match phase {
         FlowRunPhase::Failed | FlowRunPhase::Cancelled => {
             result.error.as_deref().map(|e| fit(&crate::redact::redact_text(e), CONDITION_MESSAGE_MAX))
         }
         _ => None,
     };
-    let conds = match phase {
-        FlowRunPhase::Running | FlowRunPhase::Pending => [
-            Cond::new(READY, false, "Running", format!("run {run_id} is running")),
-            Cond::new(PROGRESSING, true, "Running", format!("{progress} nodes resolved")),
-        ],
-        FlowRunPhase::Succeeded => [
-            Cond::new(READY, true, "Succeeded", format!("run {run_id} succeeded")),
-            Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved")),
-        ],
-        FlowRunPhase::Failed => [
-            Cond::new(READY, false, "Failed", message.clone().unwrap_or_else(|| format!("run {run_id} failed"))),
-            Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved")),
-        ],
-        FlowRunPhase::Cancelled => [
-            Cond::new(
-                READY,
-                false,
-                "Cancelled",
-                message.clone().unwrap_or_else(|| format!("run {run_id} was cancelled")),
-            ),
-            Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved")),
-        ],
-    };
+    let waiting = waiting_nodes(result);
+    let [ready, progressing] = phase_conditions(phase, run_id, &progress, message.as_deref(), &waiting);
     let degraded = Cond::new(DEGRADED, false, "AsExpected", format!("run {run_id} is mirrored from PostgreSQL"));
     FlowRunStatus {
         observed_generation: generation,
@@ -264,7 +234,83 @@ pub fn mirror(run: &FlowRun, prev: &FlowRunStatus, run_id: &str, result: &RunRes
         finished_at: if phase.is_finished() { result.finished_at.map(to_time) } else { None },
         message,
         nodes: Some(nodes),
-        conditions: merge_conditions(&prev.conditions, &[conds[0].clone(), conds[1].clone(), degraded], generation),
+        waiting,
+        conditions: merge_conditions(&prev.conditions, &[ready, progressing, degraded], generation),
+    }
+}
+
+/// Node counts by state: a node is resolved once its latest record is terminal (waiting nodes are pending).
+fn node_counts(result: &RunResult, total: usize) -> FlowRunNodeCounts {
+    let count = |s: NodeStatus| result.nodes.values().filter(|n| n.status == s).count();
+    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let (done, failed, skipped) = (count(NodeStatus::Done), count(NodeStatus::Failed), count(NodeStatus::Skipped));
+    let resolved = done + failed + skipped;
+    let total = total.max(result.nodes.len());
+    FlowRunNodeCounts {
+        total: as_i64(total),
+        done: as_i64(done),
+        failed: as_i64(failed),
+        skipped: as_i64(skipped),
+        pending: as_i64(total.saturating_sub(resolved)),
+        waiting: as_i64(count(NodeStatus::Waiting)),
+    }
+}
+
+/// Most waiting nodes listed in a FlowRun's status (the count is in `nodes.waiting`).
+pub const MAX_WAITING_SHOWN: usize = 20;
+
+/// The nodes a run waits on, in node id order, at most `MAX_WAITING_SHOWN`; never a webhook's URL (its token).
+fn waiting_nodes(result: &RunResult) -> Vec<FlowRunWaitingNode> {
+    result
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.status == NodeStatus::Waiting)
+        .take(MAX_WAITING_SHOWN)
+        .map(|(id, n)| FlowRunWaitingNode {
+            node: id.clone(),
+            reason: n.wait.as_ref().map_or("external_event", |w| w.reason.as_str()).to_string(),
+            wake_at: n.wait.as_ref().and_then(|w| w.wake_at).map(|t| t.to_rfc3339()),
+            child_run_id: n.wait.as_ref().and_then(|w| w.child_run_id.clone()),
+        })
+        .collect()
+}
+
+/// The Ready and Progressing conditions of a phase.
+fn phase_conditions(
+    phase: FlowRunPhase,
+    run_id: &str,
+    progress: &str,
+    message: Option<&str>,
+    waiting: &[FlowRunWaitingNode],
+) -> [Cond; 2] {
+    let finished = || Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved"));
+    match phase {
+        FlowRunPhase::Running | FlowRunPhase::Pending => [
+            Cond::new(READY, false, "Running", format!("run {run_id} is running")),
+            Cond::new(PROGRESSING, true, "Running", format!("{progress} nodes resolved")),
+        ],
+        FlowRunPhase::Waiting => {
+            let on: Vec<String> = waiting.iter().map(|w| format!("{} ({})", w.node, w.reason)).collect();
+            let text = fit(&format!("run {run_id} is waiting on {}", on.join(", ")), CONDITION_MESSAGE_MAX);
+            [
+                Cond::new(READY, false, "Waiting", text),
+                Cond::new(PROGRESSING, true, "Waiting", format!("{progress} nodes resolved")),
+            ]
+        }
+        FlowRunPhase::Succeeded => [Cond::new(READY, true, "Succeeded", format!("run {run_id} succeeded")), finished()],
+        FlowRunPhase::Failed => [
+            Cond::new(READY, false, "Failed", message.map_or_else(|| format!("run {run_id} failed"), str::to_string)),
+            finished(),
+        ],
+        FlowRunPhase::Cancelled => [
+            Cond::new(
+                READY,
+                false,
+                "Cancelled",
+                message.map_or_else(|| format!("run {run_id} was cancelled"), str::to_string),
+            ),
+            finished(),
+        ],
     }
 }
 
@@ -403,6 +449,49 @@ mod tests {
         assert_eq!(progressing.status, "True");
         // Mirroring the same state again gives the same status (no status patch, no hot loop).
         assert_eq!(mirror(&flowrun(), &s, "fr-1234", &r, 4), s);
+    }
+
+    #[test]
+    fn mirrors_an_awaiting_run_as_waiting_with_its_waiting_nodes_and_no_webhook_url() {
+        use crate::flow::record::{Wait, WaitReason};
+        let mut r = result(
+            RunStatus::Awaiting,
+            &[("a", NodeStatus::Done), ("approve", NodeStatus::Waiting), ("hook", NodeStatus::Waiting)],
+            None,
+        );
+        let wake = DateTime::<Utc>::from_timestamp(1_700_000_100, 0).unwrap();
+        let wait = |reason, url: Option<&str>| Wait {
+            reason,
+            wake_at: Some(wake),
+            url: url.map(str::to_string),
+            child_run_id: None,
+        };
+        r.nodes.get_mut("approve").unwrap().wait = Some(wait(WaitReason::ExternalEvent, None));
+        r.nodes.get_mut("hook").unwrap().wait = Some(wait(WaitReason::Webhook, Some("https://x/webhooks/SECRET")));
+        let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &r, 4);
+        assert_eq!(s.phase, Some(FlowRunPhase::Waiting));
+        assert!(!FlowRunPhase::Waiting.is_finished());
+        assert_eq!(s.progress.as_deref(), Some("1/4"), "waiting nodes are not resolved");
+        let n = s.nodes.clone().unwrap();
+        assert_eq!((n.total, n.done, n.pending, n.waiting), (4, 1, 3, 2));
+        let nodes: Vec<(&str, &str)> = s.waiting.iter().map(|w| (w.node.as_str(), w.reason.as_str())).collect();
+        assert_eq!(nodes, [("approve", "external_event"), ("hook", "webhook")]);
+        assert_eq!(s.waiting[0].wake_at.as_deref(), Some(wake.to_rfc3339().as_str()));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Waiting"));
+        assert!(ready.message.contains("approve (external_event)"), "{}", ready.message);
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(!text.contains("SECRET"), "the webhook token is a credential: {text}");
+        assert_eq!(mirror(&flowrun(), &s, "fr-1234", &r, 4), s, "stable");
+    }
+
+    #[test]
+    fn lists_at_most_max_waiting_shown_nodes() {
+        let ids: Vec<String> = (0..MAX_WAITING_SHOWN + 5).map(|i| format!("w{i:02}")).collect();
+        let nodes: Vec<(&str, NodeStatus)> = ids.iter().map(|i| (i.as_str(), NodeStatus::Waiting)).collect();
+        let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &result(RunStatus::Awaiting, &nodes, None), 0);
+        assert_eq!(s.waiting.len(), MAX_WAITING_SHOWN);
+        assert_eq!(s.nodes.unwrap().waiting, i64::try_from(ids.len()).unwrap());
     }
 
     #[test]
