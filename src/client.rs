@@ -443,8 +443,9 @@ pub async fn wait_for_run<S: RunStore + ?Sized>(
             progress(p.0, p.1);
             return Ok(r);
         }
-        // (The heartbeat `updated_at` has one-second granularity, so progress is read from the records.)
-        let n = store.records(run_id).await.map_err(store_err(run_id))?.len();
+        // (The heartbeat `updated_at` has one-second granularity, so progress is counted from the records: one
+        // aggregate per poll, never the outputs.)
+        let n = store.record_count(run_id).await.map_err(store_err(run_id))?;
         if last != Some(n) {
             last = Some(n);
             progress(n, graph.map(Graph::node_count).unwrap_or(n));

@@ -198,6 +198,8 @@ async fn instances_have_their_own_records_and_the_latest_is_found_by_prefix() {
     assert!(got.contains(&("body".into(), "1".into(), Value::Null)));
     assert!(got.contains(&("loop".into(), "2".into(), json!(3))), "the latest loop record: {got:?}");
     assert_eq!(s.records("r1").await.unwrap().len(), 4);
+    assert_eq!(s.record_count("r1").await.unwrap(), 4, "the aggregate counts what records() reads");
+    assert_eq!(s.record_count("no-such-run").await.unwrap(), 0);
     s.drop_tables().await.unwrap();
 }
 

@@ -517,6 +517,12 @@ pub trait RunStore: Send + Sync + 'static {
     /// Every record of a run.
     async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>>;
 
+    /// How many records a run has (`records(run_id).len()`), without reading them: progress polling of a big run
+    /// costs one count, not every output. Stores override the default with an aggregate.
+    async fn record_count(&self, run_id: &str) -> StoreResult<usize> {
+        Ok(self.records(run_id).await?.len())
+    }
+
     /// Status rows, newest first.
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>>;
 

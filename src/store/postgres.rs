@@ -481,6 +481,8 @@ const TOUCH: &str = "UPDATE {statuses} SET updated_at = now()
 const RECORDS: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at, wait
   FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
 
+const RECORD_COUNT: &str = "SELECT count(*) AS n FROM {results} WHERE run_id = $1::text";
+
 const CLAIM_STALLED: &str = "UPDATE {statuses} SET updated_at = now()
  WHERE run_id IN (
     SELECT run_id FROM {statuses}
@@ -556,6 +558,7 @@ struct Sql {
     touch: String,
     run_info: String,
     records: String,
+    record_count: String,
     /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
     list_runs: [String; 4],
     claim_stalled: String,
@@ -609,6 +612,7 @@ impl Sql {
             touch: names.render(TOUCH),
             run_info: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}} WHERE run_id = $1::text")),
             records: names.render(RECORDS),
+            record_count: names.render(RECORD_COUNT),
             list_runs: [list_runs(false, false), list_runs(true, false), list_runs(false, true), list_runs(true, true)],
             claim_stalled: names.render(CLAIM_STALLED),
             count_results: names.render(COUNT_RESULTS),
@@ -1420,6 +1424,16 @@ impl RunStore for PostgresStore {
             }
         }
         Ok(records)
+    }
+
+    async fn record_count(&self, run_id: &str) -> StoreResult<usize> {
+        let op = format!("count records of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.record_count).await.map_err(|e| db_error(&op, table, e))?;
+        let row = client.query_one(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
+        let n: i64 = column(&row, "n", run_id)?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunInfo>> {
