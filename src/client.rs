@@ -311,6 +311,18 @@ pub async fn run_result<S: RunStore + ?Sized>(
     Ok(Some(build_result(info, records, graph)))
 }
 
+/// The state of a run without its outputs (`outputs` is empty): what the operator mirrors into a FlowRun every
+/// few seconds, without reading every output of a big run.
+pub async fn run_states<S: RunStore + ?Sized>(store: &S, run_id: &str) -> Result<Option<RunResult>, ClientError> {
+    let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? else {
+        return Ok(None);
+    };
+    let records = store.record_states(run_id).await.map_err(store_err(run_id))?;
+    let mut result = build_result(info, records, None);
+    result.outputs.clear();
+    Ok(Some(result))
+}
+
 fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Option<&Graph>) -> RunResult {
     let mut outputs = BTreeMap::new();
     let mut nodes = BTreeMap::new();

@@ -200,6 +200,13 @@ async fn instances_have_their_own_records_and_the_latest_is_found_by_prefix() {
     assert_eq!(s.records("r1").await.unwrap().len(), 4);
     assert_eq!(s.record_count("r1").await.unwrap(), 4, "the aggregate counts what records() reads");
     assert_eq!(s.record_count("no-such-run").await.unwrap(), 0);
+    let states = s.record_states("r1").await.unwrap();
+    let all = s.records("r1").await.unwrap();
+    assert_eq!(states.len(), all.len());
+    for (state, record) in states.iter().zip(&all) {
+        assert_eq!((&state.node_id, &state.instance, state.status), (&record.node_id, &record.instance, record.status));
+        assert_eq!(state.output, Value::Null, "states leave outputs out");
+    }
     s.drop_tables().await.unwrap();
 }
 

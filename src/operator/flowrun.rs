@@ -20,7 +20,7 @@ use super::limits::{CONDITION_MESSAGE_MAX, fit};
 use super::refs::{pool_graphs, read_configmap, read_pool, run_target};
 use super::status::{Cond, DEGRADED, PROGRESSING, READY, apply_status, merge_conditions, report_failure, to_time};
 use super::{OperatorError, object_name};
-use crate::client::{ClientError, RunResult, cancel_run, run_result, start_run};
+use crate::client::{ClientError, RunResult, cancel_run, run_states, start_run};
 use crate::report::Chain;
 use crate::store::{NodeStatus, RunStatus};
 
@@ -163,7 +163,7 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
     };
     let target = &started.target;
     let stores = stores(ctx, run, target).await?;
-    let result = run_result(stores.store.as_ref(), &run_id, None)
+    let result = run_states(stores.store.as_ref(), &run_id)
         .await
         .map_err(|e| client_error(ctx, run, target, format!("cannot read run {run_id}"), e))?
         .ok_or_else(|| {

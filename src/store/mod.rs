@@ -517,6 +517,16 @@ pub trait RunStore: Send + Sync + 'static {
     /// Every record of a run.
     async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>>;
 
+    /// Every record of a run without its output (`Value::Null`): what mirroring a run's state needs, without
+    /// reading every output of a big run. Stores override the default with a query that leaves outputs out.
+    async fn record_states(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
+        let mut records = self.records(run_id).await?;
+        for r in &mut records {
+            r.output = Value::Null;
+        }
+        Ok(records)
+    }
+
     /// How many records a run has (`records(run_id).len()`), without reading them: progress polling of a big run
     /// costs one count, not every output. Stores override the default with an aggregate.
     async fn record_count(&self, run_id: &str) -> StoreResult<usize> {

@@ -481,6 +481,10 @@ const TOUCH: &str = "UPDATE {statuses} SET updated_at = now()
 const RECORDS: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at, wait
   FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
 
+const RECORD_STATES: &str = "SELECT node_id, instance, status, action, NULL::jsonb AS output, taken, attempts, error,
+       finished_at, wait
+  FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
+
 const RECORD_COUNT: &str = "SELECT count(*) AS n FROM {results} WHERE run_id = $1::text";
 
 const CLAIM_STALLED: &str = "UPDATE {statuses} SET updated_at = now()
@@ -559,6 +563,7 @@ struct Sql {
     run_info: String,
     records: String,
     record_count: String,
+    record_states: String,
     /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
     list_runs: [String; 4],
     claim_stalled: String,
@@ -613,6 +618,7 @@ impl Sql {
             run_info: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}} WHERE run_id = $1::text")),
             records: names.render(RECORDS),
             record_count: names.render(RECORD_COUNT),
+            record_states: names.render(RECORD_STATES),
             list_runs: [list_runs(false, false), list_runs(true, false), list_runs(false, true), list_runs(true, true)],
             claim_stalled: names.render(CLAIM_STALLED),
             count_results: names.render(COUNT_RESULTS),
@@ -815,6 +821,22 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
+    /// The records of a run read by `sql` (`RECORDS` or `RECORD_STATES`), in the order they were written.
+    async fn read_records(&self, run_id: &str, sql: &str, what: &str) -> StoreResult<Vec<NodeRecord>> {
+        let op = format!("{what} of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(sql).await.map_err(|e| db_error(&op, table, e))?;
+        let rows = client.query(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(record) = record_from_row(run_id, row)? {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
     /// Validate the table names, build the connection pool and check that one connection can be made.
     pub async fn connect(cfg: PgConfig) -> StoreResult<Self> {
         let names = Tables::resolve(&cfg.tables)?;
@@ -1412,18 +1434,11 @@ impl RunStore for PostgresStore {
     }
 
     async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
-        let op = format!("read records of run {run_id}");
-        let table = self.names.results.as_str();
-        let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.records).await.map_err(|e| db_error(&op, table, e))?;
-        let rows = client.query(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
-        let mut records = Vec::with_capacity(rows.len());
-        for row in &rows {
-            if let Some(record) = record_from_row(run_id, row)? {
-                records.push(record);
-            }
-        }
-        Ok(records)
+        self.read_records(run_id, &self.sql.records, "read records").await
+    }
+
+    async fn record_states(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
+        self.read_records(run_id, &self.sql.record_states, "read record states").await
     }
 
     async fn record_count(&self, run_id: &str) -> StoreResult<usize> {
