@@ -323,15 +323,21 @@ pub async fn run_states<S: RunStore + ?Sized>(store: &S, run_id: &str) -> Result
     Ok(Some(result))
 }
 
+/// For every node with instances (in a loop or a batch): how many of its instances have each status.
+pub fn instance_counts(records: &[crate::store::NodeRecord]) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for r in records.iter().filter(|r| !r.instance.is_empty()) {
+        *counts.entry(r.node_id.clone()).or_default().entry(r.status.as_str().to_string()).or_default() += 1;
+    }
+    counts
+}
+
 fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Option<&Graph>) -> RunResult {
     let mut outputs = BTreeMap::new();
     let mut nodes = BTreeMap::new();
-    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let counts = instance_counts(&records);
     // Records come in the order they were written: the last one of a node is its latest instance.
     for r in records {
-        if !r.instance.is_empty() {
-            *counts.entry(r.node_id.clone()).or_default().entry(r.status.as_str().to_string()).or_default() += 1;
-        }
         if crate::flow::instance::split_item(&r.instance).1.is_some() {
             // A batch item: counted above; the scatter node shows its own record.
             continue;

@@ -605,8 +605,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let config = flowcraft::ui::UiConfig::new(token.as_deref()).map_err(|e| UsageError(e.to_string()))?;
             let shutdown = distributed::shutdown_signal();
             let store = distributed::connect_store(&cli.conn, &shutdown, ConnectPolicy::Forever).await?;
-            let source = flowcraft::ui::StoreSource::new(store, blueprints.as_deref())?;
-            flowcraft::ui::serve(addr, Arc::new(source), config, shutdown).await?;
+            let source = Arc::new(flowcraft::ui::StoreSource::new(store, blueprints.as_deref())?);
+            if config.actions_enabled() && cli.conn.amqp_url.is_some() {
+                // Resuming a waiting node publishes its job: the queue is connected beside serving (until it is,
+                // a resume answers 503); without FLOWCRAFT_AMQP_URL the console only cancels.
+                let (source, conn, shutdown) = (source.clone(), cli.conn.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    match distributed::connect_queue(&conn, "flowcraft-ui", &shutdown, ConnectPolicy::Forever).await {
+                        Ok(queue) => source.set_queue(Arc::new(queue)),
+                        Err(e) => tracing::warn!(error = %e, "The console could not connect the job queue."),
+                    }
+                });
+            }
+            flowcraft::ui::serve(addr, source, config, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crd => {

@@ -83,6 +83,8 @@ fn default_values_render_no_console_and_no_dashboard() {
     assert!(docs.iter().all(|d| d["kind"] != "Ingress"));
     let c = &find(&docs, "Deployment", "flowcraft-ui").expect("ui")["spec"]["template"]["spec"]["containers"][0];
     assert!(env(c, "FLOWCRAFT_UI_TOKEN").is_none(), "read-only without a token Secret");
+    // A read-only console reads PostgreSQL only: no broker or Redis credentials in its pod.
+    assert!(env(c, "FLOWCRAFT_AMQP_URL").is_none() && env(c, "FLOWCRAFT_REDIS_URL").is_none());
     assert_eq!(
         env(c, "FLOWCRAFT_DATABASE_URL").expect("db")["valueFrom"]["secretKeyRef"]["name"],
         "flowcraft-connection"
@@ -105,8 +107,10 @@ fn console_deployment_service_ingress_and_dashboard() {
     assert_eq!(env(c, "FLOWCRAFT_UI_ADDR").expect("addr")["value"], "0.0.0.0:8090");
     let token = &env(c, "FLOWCRAFT_UI_TOKEN").expect("token")["valueFrom"]["secretKeyRef"];
     assert_eq!((token["name"].as_str(), token["key"].as_str()), (Some("flowcraft-ui-token"), Some("token")));
-    // The console reads PostgreSQL only: no broker or Redis credentials in its pod.
-    assert!(env(c, "FLOWCRAFT_AMQP_URL").is_none() && env(c, "FLOWCRAFT_REDIS_URL").is_none());
+    // With actions, the broker URL too (a resume publishes the node's job), never Redis.
+    let amqp = &env(c, "FLOWCRAFT_AMQP_URL").expect("amqp")["valueFrom"]["secretKeyRef"];
+    assert_eq!((amqp["key"].as_str(), amqp["optional"].as_bool()), (Some("amqpUrl"), Some(true)));
+    assert!(env(c, "FLOWCRAFT_REDIS_URL").is_none());
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(pod["volumes"][0]["configMap"]["name"], "flowcraft-blueprints");
 

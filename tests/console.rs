@@ -1,5 +1,6 @@
 //! The console's store queries and HTTP API on the real PostgreSQL (the test's own tables): paging, filters,
-//! counts, blueprint definitions, validation of what comes in, the token-gated cancel and the security headers.
+//! counts, blueprint definitions, validation of what comes in, the token-gated cancel and resume, instance counts
+//! and the security headers.
 //! The browser test is `tests/console_browser.rs`.
 
 mod common;
@@ -7,11 +8,13 @@ mod common;
 use std::sync::Arc;
 
 use flowcraft::client;
-use flowcraft::flow::{Blueprint, Graph};
-use flowcraft::store::memory::MemoryQueue;
+use flowcraft::flow::{Blueprint, BlueprintSet, Graph, Registry};
+use flowcraft::metrics::WorkerMetrics;
+use flowcraft::store::memory::{MemoryCoordinator, MemoryQueue};
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::{RunPageQuery, RunStatus, RunStore, StoredBlueprint};
 use flowcraft::ui::{StoreSource, UiConfig};
+use flowcraft::worker::{Worker, WorkerConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -91,9 +94,14 @@ async fn runs_page_blueprints_and_counts() {
 
 /// Serve the console on a free port; returns its base URL.
 async fn serve(s: &PostgresStore, token: Option<&str>, shutdown: &CancellationToken) -> String {
+    serve_source(StoreSource::new(s.clone(), None).expect("source"), token, shutdown).await
+}
+
+/// Serve the console on `source` on a free port; returns its base URL.
+async fn serve_source(source: StoreSource, token: Option<&str>, shutdown: &CancellationToken) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let source = Arc::new(StoreSource::new(s.clone(), None).expect("source"));
+    let source = Arc::new(source);
     let config = UiConfig::new(token).expect("config");
     tokio::spawn(flowcraft::ui::serve_on(listener, source, config, shutdown.clone()));
     base
@@ -180,6 +188,106 @@ async fn api_validates_input_and_gates_actions() {
     let missing = http.post(cancel(&gated, "nope")).bearer_auth(TOKEN).send().await.expect("post");
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     assert_eq!(s.run_info("r2").await.expect("info").expect("r2").status, RunStatus::Running);
+
+    shutdown.cancel();
+    s.drop_tables().await.expect("drop");
+}
+
+/// A worker in this process on the test's tables and an in-memory queue, serving the conformance blueprints named.
+fn worker(
+    store: &PostgresStore,
+    queue: &Arc<MemoryQueue>,
+    names: &[&str],
+    shutdown: &CancellationToken,
+) -> Vec<Arc<Graph>> {
+    let registry = Registry::with_builtins();
+    let mut set = BlueprintSet::new();
+    let graphs: Vec<Arc<Graph>> = names
+        .iter()
+        .map(|name| {
+            let path = common::conformance::blueprint_dir().join(format!("{name}.yaml"));
+            set.insert(Graph::build(Blueprint::load(&path).expect("load"), Some(&registry)).expect("graph"))
+        })
+        .collect();
+    let config = WorkerConfig { lease_retry_delay: std::time::Duration::from_millis(50), ..WorkerConfig::default() };
+    let worker = Arc::new(Worker::new(
+        queue.clone(),
+        Arc::new(store.clone()),
+        Arc::new(MemoryCoordinator::new()),
+        Arc::new(registry),
+        Arc::new(set),
+        config,
+        Arc::new(WorkerMetrics::default()),
+    ));
+    tokio::spawn(worker.run(shutdown.clone()));
+    graphs
+}
+
+async fn settled(s: &PostgresStore, run_id: &str, want: RunStatus) {
+    let what = format!("run {run_id} {want}");
+    common::eventually(&what, std::time::Duration::from_secs(20), || async {
+        let status = s.run_info(run_id).await.expect("info").map(|i| i.status);
+        (status == Some(want)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_a_waiting_node_and_count_instances() {
+    flowcraft::install_crypto_provider();
+    let s = store("ui_resume").await;
+    let queue = Arc::new(MemoryQueue::new());
+    let shutdown = CancellationToken::new();
+    let graphs = worker(&s, &queue, &["wait_approval", "batch_partial"], &shutdown);
+    client::start_run(&*queue, &s, &graphs[0], "w1", json!({"amount": 12})).await.expect("start w1");
+    client::start_run(&*queue, &s, &graphs[1], "b1", json!({"items": [{"v": 1}, {"w": 2}, {"v": 3}]}))
+        .await
+        .expect("start b1");
+    let source = || StoreSource::new(s.clone(), None).expect("source").with_queue(queue.clone());
+    let open = serve_source(source(), None, &shutdown).await;
+    let gated = serve_source(source(), Some(TOKEN), &shutdown).await;
+    let no_queue = serve(&s, Some(TOKEN), &shutdown).await;
+    let http = reqwest::Client::new();
+    let resume = |base: &str, node: &str| format!("{base}/api/runs/w1/nodes/{node}/resume");
+    let body = json!({"result": {"by": "ann"}, "action": "approve"});
+
+    settled(&s, "w1", RunStatus::Awaiting).await;
+    let run: Value = http.get(format!("{open}/api/runs/w1")).send().await.expect("run").json().await.expect("json");
+    assert_eq!(run["nodes"]["approval"]["state"], "waiting");
+
+    // Refused without a token configured, without the header, and when the console has no queue.
+    let res = http.post(resume(&open, "approval")).bearer_auth(TOKEN).json(&body).send().await.expect("post");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let res = http.post(resume(&gated, "approval")).json(&body).send().await.expect("post");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = http.post(resume(&no_queue, "approval")).bearer_auth(TOKEN).json(&body).send().await.expect("post");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let res =
+        http.post(resume(&gated, "approval")).bearer_auth(TOKEN).body("{\"nope\": 1}").send().await.expect("post");
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    // A node that is not waiting: 409 with the reason.
+    let res = http.post(resume(&gated, "submit")).bearer_auth(TOKEN).send().await.expect("post");
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    let err: Value = res.json().await.expect("json");
+    assert!(err["error"].as_str().unwrap_or_default().contains("not waiting"), "{err}");
+    assert_eq!(s.run_info("w1").await.expect("info").expect("w1").status, RunStatus::Awaiting);
+
+    // Resumed with a result and an action: the run completes on the approve branch.
+    let res = http.post(resume(&gated, "approval")).bearer_auth(TOKEN).json(&body).send().await.expect("post");
+    assert_eq!(res.status(), StatusCode::OK);
+    settled(&s, "w1", RunStatus::Completed).await;
+    let result = client::run_result(&s, "w1", Some(&graphs[0])).await.expect("result").expect("w1");
+    assert_eq!(result.outputs.get("approved"), Some(&json!("paid ann")));
+    let again = http.post(resume(&gated, "approval")).bearer_auth(TOKEN).json(&body).send().await.expect("post");
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let missing = http.post(format!("{gated}/api/runs/nope/nodes/x/resume")).bearer_auth(TOKEN).send().await;
+    assert_eq!(missing.expect("post").status(), StatusCode::NOT_FOUND);
+
+    // The batch's scatter node carries its instance counts.
+    settled(&s, "b1", RunStatus::Completed).await;
+    let run: Value = http.get(format!("{open}/api/runs/b1")).send().await.expect("run").json().await.expect("json");
+    assert_eq!(run["nodes"]["p_scatter"]["instances"], json!({"done": 2, "failed": 1}), "{run}");
+    assert!(run["nodes"]["p_gather"].get("instances").is_none(), "{run}");
 
     shutdown.cancel();
     s.drop_tables().await.expect("drop");

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::source::{CancelOutcome, DefinitionSource, KnownBlueprint, Lookup};
+use super::source::{CancelOutcome, DefinitionSource, KnownBlueprint, Lookup, ResumeOutcome};
 use super::view::{DrawnGraph, NodeState, ValueView, node_states};
 use super::{ApiError, Ui};
 use crate::store::{NodeRecord, RunCursor, RunInfo, RunPageQuery, RunStatus, RunSummary};
@@ -166,6 +166,9 @@ struct NodeView {
     finished_at: Option<DateTime<Utc>>,
     action: Option<String>,
     error: Option<String>,
+    /// For a node with instances (loop or batch): how many instances have each status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instances: Option<BTreeMap<String, u64>>,
 }
 
 /// The blueprint of a run or page, as found.
@@ -253,6 +256,7 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
         finished_at: r.and_then(|r| r.finished_at),
         action: r.and_then(|r| r.action.clone()),
         error: r.and_then(|r| r.error.as_deref()).map(|e| cut(e, ERROR_CHARS)),
+        instances: None,
     };
     let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
     let mut graph = None;
@@ -269,6 +273,11 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
             let state = crate::ui::view::recorded_state(r.status);
             view(Some(&r), state)
         });
+    }
+    for (node, counts) in crate::client::instance_counts(&detail.records) {
+        if let Some(n) = nodes.get_mut(&node) {
+            n.instances = Some(counts);
+        }
     }
     let total = known.as_ref().map(|k| k.graph.node_count() as u64);
     let run = RunView::new(&detail.info, detail.records.len() as u64, total);
@@ -395,6 +404,52 @@ pub(super) async fn cancel(State(ui): State<Ui>, Path(run_id): Path<String>) -> 
     }
 }
 
+/// The body of a resume: the node's output and the action choosing its edges, both optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeBody {
+    #[serde(default)]
+    result: Value,
+    action: Option<String>,
+}
+
+/// A resume body from the outside: empty (nothing given) or a JSON object with `result` and/or `action`.
+fn parse_resume(body: &[u8]) -> Result<crate::client::Resume, ApiError> {
+    let parsed: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ResumeBody::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid resume body: {e}")))?
+    };
+    let action = parsed.action.filter(|a| !a.is_empty());
+    if let Some(a) = &action {
+        id("action", a)?;
+    }
+    Ok(crate::client::Resume { result: parsed.result, action })
+}
+
+/// `POST /api/runs/{run}/nodes/{node}/resume` (behind the token check).
+pub(super) async fn resume(
+    State(ui): State<Ui>,
+    Path((run_id, node_id)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let run_id = id("run id", &run_id)?;
+    let node_id = id("node id", &node_id)?;
+    let resume = parse_resume(&body)?;
+    match ui.source.resume(run_id, node_id, resume).await? {
+        ResumeOutcome::Resumed => {
+            tracing::info!(run_id, node = node_id, "Node resumed from the console.");
+            Ok(Json(json!({ "runId": run_id, "nodeId": node_id, "resumed": true })))
+        }
+        ResumeOutcome::NotWaiting(message) => Err(ApiError::new(StatusCode::CONFLICT, message)),
+        ResumeOutcome::NotFound => Err(ApiError::not_found(format!("run {run_id} not found"))),
+        ResumeOutcome::NoQueue => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot resume node {node_id} of run {run_id}: this console has no job queue"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +498,19 @@ mod tests {
         assert_eq!((c.created_at, c.run_id.as_str()), (info.created_at, "a~b"));
         assert!(id("x", "").is_err() && id("x", "\n").is_err() && id("x", "ok-id").is_ok());
         assert_eq!(cut("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn resume_bodies_are_validated() {
+        assert_eq!(parse_resume(b"").unwrap(), crate::client::Resume::default());
+        assert_eq!(parse_resume(b" \n").unwrap(), crate::client::Resume::default());
+        let r = parse_resume(br#"{"result": {"ok": 1}, "action": "approve"}"#).unwrap();
+        assert_eq!((r.result, r.action.as_deref()), (json!({"ok": 1}), Some("approve")));
+        assert_eq!(parse_resume(br#"{"action": ""}"#).unwrap().action, None);
+        for bad in [&b"nope"[..], br#"{"other": 1}"#, br#"{"action": 5}"#, br#"[1]"#, br#"{"action": "a\nb"}"#] {
+            assert_eq!(parse_resume(bad).unwrap_err().status, StatusCode::BAD_REQUEST);
+        }
+        let long = format!(r#"{{"action": "{}"}}"#, "a".repeat(MAX_ID + 1));
+        assert_eq!(parse_resume(long.as_bytes()).unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 }

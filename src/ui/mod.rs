@@ -5,9 +5,11 @@
 //! - `GET /api/runs/{run}`: a run, its drawn graph and the state of every node;
 //! - `GET /api/runs/{run}/nodes/{node}?full=1`: a node's input, output, error, attempts and timings;
 //! - `GET /api/blueprints`, `GET /api/blueprints/{id}`: blueprints and their graphs;
-//! - `POST /api/runs/{run}/cancel`: the actions, only with a bearer token configured (`FLOWCRAFT_UI_TOKEN`):
-//!   403 without one, 401 for a missing or wrong `Authorization: Bearer` header. Every action is a `POST` under
-//!   the `actions` router, behind one authorisation layer: adding one (resume a waiting node) is one handler.
+//! - `POST /api/runs/{run}/cancel`, `POST /api/runs/{run}/nodes/{node}/resume` (optional JSON body
+//!   `{"result"?: any, "action"?: string}`): the actions, only with a bearer token configured
+//!   (`FLOWCRAFT_UI_TOKEN`): 403 without one, 401 for a missing or wrong `Authorization: Bearer` header. Every
+//!   action is a `POST` under the `actions` router, behind one authorisation layer. The token travels in a
+//!   header the page sets from script (never a cookie), so another site cannot forge an action (CSRF).
 //!
 //! Everything that comes in is untrusted: path segments and query parameters are bounded and validated, values
 //! are sent as JSON and put in the page as text (never as HTML); the Content-Security-Policy forbids inline
@@ -32,7 +34,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
-pub use source::{ConsoleSource, StoreSource};
+pub use source::{ConsoleSource, ResumeOutcome, StoreSource};
 
 /// Shortest accepted action token (bytes).
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -161,6 +163,7 @@ pub fn router(source: Arc<dyn ConsoleSource>, config: UiConfig) -> Router {
     let state = Ui { source, config, drawn: Arc::default() };
     let actions = Router::new()
         .route("/api/runs/{run}/cancel", post(api::cancel))
+        .route("/api/runs/{run}/nodes/{node}/resume", post(api::resume))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(page))

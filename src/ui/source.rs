@@ -1,22 +1,23 @@
 //! Where the console reads from: one small trait ([`ConsoleSource`]), so that a change of the engine's data model
 //! is adapted here and nowhere else in the console. [`StoreSource`] reads the PostgreSQL run store (read-only but
-//! for cancelling a run) and falls back to a directory of blueprint files for blueprints the store has no
+//! for cancelling a run and resuming a waiting node) and falls back to a directory of blueprint files for blueprints the store has no
 //! definition of.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::client::ClientError;
+use crate::client::{ClientError, Resume};
 use crate::flow::BlueprintSet;
 use crate::flow::{Blueprint, ContextNeeds, Graph};
 use crate::store::postgres::PostgresStore;
 use crate::store::{
-    NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult, StoredBlueprint,
+    JobQueue, NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult,
+    StoredBlueprint,
 };
 
 /// Graphs kept built (and laid out by the caller) at most; the cache is cleared past it.
@@ -98,7 +99,20 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-/// What the console reads (and the one thing it writes: a cancel).
+/// How a resume ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeOutcome {
+    /// The node was waiting; its result is recorded and its job published.
+    Resumed,
+    /// The node is not waiting (the message says what it is instead), or its run has ended.
+    NotWaiting(String),
+    /// No such run.
+    NotFound,
+    /// The console has no job queue to publish the resumed node's job on.
+    NoQueue,
+}
+
+/// What the console reads (and the two things it writes: a cancel and a resume).
 #[async_trait]
 pub trait ConsoleSource: Send + Sync + 'static {
     /// A page of runs, newest first.
@@ -116,12 +130,15 @@ pub trait ConsoleSource: Send + Sync + 'static {
     async fn blueprints(&self) -> StoreResult<Vec<(StoredBlueprint, DefinitionSource)>>;
     /// Cancel a running run.
     async fn cancel(&self, run_id: &str, reason: &str) -> StoreResult<CancelOutcome>;
+    /// Resume a waiting node (docs/architecture.md, "Waiting nodes").
+    async fn resume(&self, run_id: &str, node_id: &str, resume: Resume) -> StoreResult<ResumeOutcome>;
 }
 
 /// The console's source on the PostgreSQL run store, with a directory of blueprint files as fallback.
 pub struct StoreSource {
     store: PostgresStore,
     directory: BlueprintSet,
+    queue: OnceLock<Arc<dyn JobQueue>>,
     graphs: Mutex<HashMap<String, Arc<Graph>>>,
 }
 
@@ -132,7 +149,20 @@ impl StoreSource {
             Some(dir) => BlueprintSet::load_dir(dir, None)?,
             None => BlueprintSet::new(),
         };
-        Ok(Self { store, directory, graphs: Mutex::new(HashMap::new()) })
+        Ok(Self { store, directory, queue: OnceLock::new(), graphs: Mutex::new(HashMap::new()) })
+    }
+
+    /// The job queue a resume publishes the resumed node's job on (without one, resumes are refused).
+    pub fn with_queue(self, queue: Arc<dyn JobQueue>) -> Self {
+        self.set_queue(queue);
+        self
+    }
+
+    /// Set the job queue once it is connected (the console serves before; a second call is ignored).
+    pub fn set_queue(&self, queue: Arc<dyn JobQueue>) {
+        if self.queue.set(queue).is_err() {
+            tracing::debug!("The console's job queue was already set.");
+        }
     }
 
     fn build(&self, stored: &StoredBlueprint) -> Result<Arc<Graph>, String> {
@@ -226,6 +256,17 @@ impl ConsoleSource for StoreSource {
                 Ok(status.map_or(CancelOutcome::NotFound, CancelOutcome::AlreadyEnded))
             }
             Err(ClientError::NotFound(_)) => Ok(CancelOutcome::NotFound),
+            Err(ClientError::Store { source, .. }) => Err(source),
+            Err(other) => Err(StoreError::database(other.to_string())),
+        }
+    }
+
+    async fn resume(&self, run_id: &str, node_id: &str, resume: Resume) -> StoreResult<ResumeOutcome> {
+        let Some(queue) = self.queue.get() else { return Ok(ResumeOutcome::NoQueue) };
+        match crate::client::resume_node(&**queue, &self.store, run_id, node_id, resume).await {
+            Ok(()) => Ok(ResumeOutcome::Resumed),
+            Err(e @ ClientError::NotWaiting { .. }) => Ok(ResumeOutcome::NotWaiting(e.to_string())),
+            Err(ClientError::NotFound(_)) => Ok(ResumeOutcome::NotFound),
             Err(ClientError::Store { source, .. }) => Err(source),
             Err(other) => Err(StoreError::database(other.to_string())),
         }

@@ -185,7 +185,8 @@ function drawGraph(graph, nodes, onSelect) {
     const name = svg("text", { x: 10, y: 17 });
     name.textContent = n.id.length > 22 ? n.id.slice(0, 21) + "…" : n.id;
     const uses = svg("text", { class: "uses", x: 10, y: 31 });
-    uses.textContent = n.uses + (info && info.attempts > 1 ? " · " + info.attempts + " attempts" : "");
+    g.setAttribute("data-uses", n.uses);
+    uses.textContent = usesLine(n.uses, info);
     const title = svg("title");
     title.textContent = n.id + " (" + n.uses + ")" + (info ? ": " + info.state : "");
     g.append(name, uses, title);
@@ -196,6 +197,21 @@ function drawGraph(graph, nodes, onSelect) {
     s.append(g);
   }
   return s;
+}
+
+// "×5 · 3 done 2 running" for a node with instances (a loop's or a batch's), from the run API's counts.
+function instanceText(instances) {
+  if (!instances) return "";
+  const entries = Object.entries(instances);
+  const total = entries.reduce((sum, [, n]) => sum + n, 0);
+  return "×" + total + " · " + entries.map(([status, n]) => n + " " + status).join(" ");
+}
+
+function usesLine(uses, info) {
+  const parts = [uses];
+  if (info && info.instances) parts.push(instanceText(info.instances));
+  else if (info && info.attempts > 1) parts.push(info.attempts + " attempts");
+  return parts.join(" · ");
 }
 
 function graphBox(graph, nodes, onSelect) {
@@ -235,6 +251,8 @@ function updateGraph(nodes) {
     const selected = g.classList.contains("selected");
     g.setAttribute("class", "node " + info.state + (selected ? " selected" : ""));
     g.setAttribute("data-state", info.state);
+    const uses = g.querySelector("text.uses");
+    if (uses) uses.textContent = usesLine(g.getAttribute("data-uses") || "", info);
   }
 }
 
@@ -291,7 +309,8 @@ async function runPage(runId, refresh) {
 function nodeTable(runId, nodes) {
   return el("table", {}, el("tbody", {}, Object.entries(nodes).map(([id, n]) =>
     el("tr", {}, el("td", {}, el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showNode(runId, id, false); }, text: id })),
-      el("td", {}, badge(n.state)), el("td", { text: "attempts " + n.attempts })))));
+      el("td", {}, badge(n.state)), el("td", { text: "attempts " + n.attempts }),
+      el("td", { class: "instances", text: instanceText(n.instances) })))));
 }
 
 const state = { selected: null };
@@ -335,7 +354,36 @@ async function showNode(runId, nodeId, full, quiet) {
     dl,
     n.error ? [el("div", { class: "section", text: "Error" }), el("pre", { id: "detail-error", text: n.error })] : [],
     valueBlock("Input (recomputed from the recorded predecessors)", n.input, runId, nodeId, "detail-input"),
-    valueBlock("Output", n.output, runId, nodeId, "detail-output")].flat());
+    valueBlock("Output", n.output, runId, nodeId, "detail-output"),
+    n.state === "waiting" ? resumeForm(runId, nodeId) : []].flat());
+}
+
+// The resume form of a waiting node: an optional result (JSON) and action, sent with the action token.
+function resumeForm(runId, nodeId) {
+  const result = el("textarea", { id: "resume-result", rows: 3, placeholder: "result (JSON, optional)" });
+  const action = el("input", { id: "resume-action", type: "text", placeholder: "action (optional)" });
+  const button = el("button", { id: "resume", type: "button",
+    title: config.actions ? "resume this waiting node (needs the action token)" : "actions are disabled on this console",
+    onclick: () => resumeNode(runId, nodeId, result.value, action.value) }, "Resume node");
+  return [el("div", { class: "section", text: "Resume" }), el("div", { class: "resume-form" }, result, action, button)];
+}
+
+async function resumeNode(runId, nodeId, resultText, action) {
+  if (!config.actions) { toast("Refused: actions are disabled on this console (no FLOWCRAFT_UI_TOKEN).", true); return; }
+  const body = {};
+  if (resultText.trim()) {
+    try { body.result = JSON.parse(resultText); } catch (e) { toast("The result is not valid JSON: " + e.message, true); return; }
+  }
+  if (action.trim()) body.action = action.trim();
+  try {
+    await api("/api/runs/" + encodeURIComponent(runId) + "/nodes/" + encodeURIComponent(nodeId) + "/resume",
+      { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    toast("Node resumed.");
+  } catch (e) {
+    toast("Refused (" + (e.status || "error") + "): " + e.message, true);
+  }
+  stopPolling();
+  route(true);
 }
 
 async function cancelRun(runId) {
