@@ -167,6 +167,8 @@ async fn console_in_a_real_browser() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/hello.yaml");
     std::fs::copy(&examples, dir.path().join("hello.yaml")).expect("copy hello");
     std::fs::write(dir.path().join("slow.json"), SLOW).expect("write slow");
+    let wait_bp = common::conformance::blueprint_dir().join("wait_approval.yaml");
+    std::fs::copy(&wait_bp, dir.path().join("wait_approval.yaml")).expect("copy wait_approval");
     let set = BlueprintSet::load_dir(dir.path(), None).expect("blueprints");
     let graph = |id: &str| -> Graph { (*set.get(id).expect("blueprint")).clone() };
 
@@ -178,7 +180,7 @@ async fn console_in_a_real_browser() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    let source = Arc::new(StoreSource::new((*store).clone(), None).expect("source"));
+    let source = Arc::new(StoreSource::new((*store).clone(), None).expect("source").with_queue(queue.clone()));
     let server = tokio::spawn(flowcraft::ui::serve_on(
         listener,
         source,
@@ -262,6 +264,31 @@ async fn console_in_a_real_browser() {
     until("the cancelled badge", || async { text_of(&c, "#run-status .badge").await.filter(|t| t == "cancelled") })
         .await;
     shot(&c, "run-cancelled.png").await;
+
+    // A waiting node, resumed from its detail with a result and an action: the run completes on that branch.
+    let wait_id = format!("{}-wait", cluster.name);
+    client::start_run(&*queue, &*store, &graph("wait_approval"), &wait_id, json!({"amount": 12}))
+        .await
+        .expect("start C");
+    wait_status(&store, &wait_id, RunStatus::Awaiting).await;
+    c.goto(&format!("{base}/runs/{wait_id}")).await.expect("goto run C");
+    let waiting = [("approval", "waiting"), ("approved", "pending"), ("rejected", "pending"), ("submit", "done")];
+    expect_states(&c, &waiting).await;
+    click(&c, "g.node[data-node-id='approval']").await;
+    until("the resume form", || async { c.find(Locator::Css("#resume-result")).await.ok() })
+        .await
+        .send_keys(r#"{"by": "ann"}"#)
+        .await
+        .expect("type");
+    c.find(Locator::Css("#resume-action")).await.expect("action").send_keys("approve").await.expect("type");
+    shot(&c, "run-waiting.png").await;
+    click(&c, "#resume").await;
+    until("the resume confirmation", || async { text_of(&c, "#toast").await.filter(|t| t.contains("Node resumed")) })
+        .await;
+    wait_status(&store, &wait_id, RunStatus::Completed).await;
+    let resumed = [("approval", "done"), ("approved", "done"), ("rejected", "skipped"), ("submit", "done")];
+    expect_states(&c, &resumed).await;
+    shot(&c, "run-resumed.png").await;
 
     // A blueprint page: its graph and its runs.
     c.goto(&format!("{base}/blueprints/hello")).await.expect("goto blueprint");

@@ -316,7 +316,7 @@ pub(super) async fn node(
         None => NodeState::Done,
     };
     let input = match (&graph, state) {
-        (Some(g), NodeState::Done | NodeState::Failed | NodeState::Running) => {
+        (Some(g), NodeState::Done | NodeState::Failed | NodeState::Running | NodeState::Waiting) => {
             let deps = g.input_dependencies(node_id);
             match ui.source.node_data(run_id, &deps, &g.context_needs(node_id)).await? {
                 Some(data) => {

@@ -11,7 +11,9 @@ const STATE_HELP = {
   waiting: "waiting for an outside event",
   done: "executed", skipped: "not reached: every incoming edge was skipped", failed: "failed after all attempts",
 };
-const RUN_STATUSES = ["running", "completed", "failed", "cancelled"];
+const RUN_STATUSES = ["running", "awaiting", "completed", "failed", "cancelled"];
+// A run that can still change: polled, and cancellable.
+function live(status) { return status === "running" || status === "awaiting"; }
 let timer = null;
 let config = { actions: false };
 
@@ -281,10 +283,10 @@ async function runPage(runId, refresh) {
     err.hidden = !run.error;
     err.textContent = run.error || "";
     const cancel = document.getElementById("cancel");
-    if (cancel) cancel.hidden = run.status !== "running";
+    if (cancel) cancel.hidden = !live(run.status);
     if (state.selected) showNode(runId, state.selected, false, true);
   } else {
-    const cancel = el("button", { id: "cancel", class: "danger", type: "button", hidden: run.status !== "running",
+    const cancel = el("button", { id: "cancel", class: "danger", type: "button", hidden: !live(run.status),
       title: config.actions ? "cancel this run (needs the action token)" : "actions are disabled on this console",
       onclick: () => cancelRun(runId) }, "Cancel run");
     const head = el("h1", {}, el("span", { text: "Run " }), el("span", { class: "mono", text: runId }),
@@ -303,7 +305,7 @@ async function runPage(runId, refresh) {
     state.selected = null;
     setMain(page);
   }
-  if (run.status === "running") timer = setTimeout(() => route(true), 1000);
+  if (live(run.status)) timer = setTimeout(() => route(true), 1000);
 }
 
 function nodeTable(runId, nodes) {
@@ -339,6 +341,8 @@ async function showNode(runId, nodeId, full, quiet) {
     return;
   }
   if (quiet && panel.dataset.full === "1" && panel.dataset.node === nodeId) return;
+  // A refresh keeps an open resume form (and what is typed in it) while its node still waits.
+  if (quiet && n.state === "waiting" && panel.dataset.node === nodeId && document.getElementById("resume")) return;
   panel.dataset.full = full ? "1" : "";
   panel.dataset.node = nodeId;
   const dl = el("dl", {},
