@@ -103,7 +103,7 @@ fn parse_runs_params(p: RunsParams) -> Result<RunPageQuery, ApiError> {
     let status = match p.status.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request("status must be running, completed, failed or cancelled".to_string())
+            ApiError::bad_request("status must be running, awaiting, completed, failed or cancelled".to_string())
         })?),
     };
     let blueprint_id = match p.blueprint.as_deref().filter(|s| !s.is_empty()) {
