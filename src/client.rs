@@ -12,7 +12,8 @@ use crate::flow::limits::{DEFAULT_MAX_PAYLOAD_BYTES, json_size_within};
 use crate::flow::{Graph, NodeRecord, Wait};
 use crate::run_id::{RunIdError, validate_run_id};
 use crate::store::{
-    Job, JobQueue, NewRun, NodeStatus, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint, Transition,
+    Job, JobQueue, NewRun, NodeStatus, RunCursor, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint,
+    Transition,
 };
 use crate::text::{format_bytes, shorten};
 
@@ -481,6 +482,14 @@ pub async fn wait_for_run<S: RunStore + ?Sized>(
 /// List runs, newest first.
 pub async fn list_runs<S: RunStore + ?Sized>(store: &S, filter: &RunFilter) -> Result<Vec<RunInfo>, ClientError> {
     store.list_runs(filter).await.map_err(store_err("*"))
+}
+
+/// The cursor after `run_id` for the next page of `list_runs` (`RunFilter::before`).
+pub async fn run_cursor<S: RunStore + ?Sized>(store: &S, run_id: &str) -> Result<RunCursor, ClientError> {
+    match store.run_info(run_id).await.map_err(store_err(run_id))? {
+        Some(info) => Ok(RunCursor::after(&info)),
+        None => Err(ClientError::NotFound(run_id.to_string())),
+    }
 }
 
 /// A new random run id.

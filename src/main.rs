@@ -165,6 +165,9 @@ enum Command {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// The next page: only runs older than this run (the last run id of the previous page).
+        #[arg(long, value_name = "RUN_ID")]
+        before: Option<String>,
         /// Output format.
         #[arg(long, default_value = "text")]
         output: Output,
@@ -512,7 +515,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             outln!("run {run_id}: node {node_id} resumed")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Runs { status, blueprint, limit, output } => {
+        Command::Runs { status, blueprint, limit, before, output } => {
             let status = status
                 .map(|s| {
                     RunStatus::parse(&s).ok_or_else(|| {
@@ -523,7 +526,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 })
                 .transpose()?;
             let store = connect_store(&cli.conn, policy).await?;
-            let runs = client::list_runs(&store, &RunFilter { status, blueprint_id: blueprint, limit }).await?;
+            let before = match before {
+                Some(run_id) => Some(client::run_cursor(&store, &run_id).await?),
+                None => None,
+            };
+            let filter = RunFilter { status, blueprint_id: blueprint, limit, before };
+            let runs = client::list_runs(&store, &filter).await?;
+            if runs.len() == limit
+                && let Some(last) = runs.last()
+            {
+                eprintln!("more runs: flowcraft runs --before {} (with the same filters)", last.run_id);
+            }
             match output {
                 Output::Json => outln!("{}", serde_json::to_string(&runs)?)?,
                 Output::Text => {

@@ -512,6 +512,15 @@ async fn list_runs_filters_newest_first() {
     assert_eq!(ids(s.list_runs(&completed).await.unwrap()), ["r3"]);
     let limited = RunFilter { limit: 2, ..RunFilter::default() };
     assert_eq!(ids(s.list_runs(&limited).await.unwrap()), ["r4", "r3"]);
+    // Keyset paging: the page after r3 starts at r2, whatever was inserted since.
+    let page = s.list_runs(&limited).await.unwrap();
+    let next = RunFilter { before: page.last().map(flowcraft::store::RunCursor::after), ..limited.clone() };
+    assert_eq!(ids(s.list_runs(&next).await.unwrap()), ["r2", "r1"]);
+    let after_r2 = RunFilter {
+        before: Some(flowcraft::store::RunCursor::after(&s.run_info("r2").await.unwrap().unwrap())),
+        ..alpha.clone()
+    };
+    assert_eq!(ids(s.list_runs(&after_r2).await.unwrap()), ["r1"], "paging keeps the other filters");
     drop(client);
     s.drop_tables().await.unwrap();
 }

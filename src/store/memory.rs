@@ -561,8 +561,9 @@ impl RunStore for MemoryStore {
             .map(|e| e.info.clone())
             .filter(|i| filter.status.is_none_or(|s| s == i.status))
             .filter(|i| filter.blueprint_id.as_ref().is_none_or(|b| b == &i.blueprint_id))
+            .filter(|i| filter.before.as_ref().is_none_or(|c| c.precedes(i)))
             .collect();
-        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.run_id.cmp(&b.run_id)));
+        v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.run_id.cmp(&a.run_id)));
         v.truncate(if filter.limit == 0 { 100 } else { filter.limit });
         Ok(v)
     }
@@ -763,6 +764,31 @@ mod tests {
         assert!(!c.extend_lease("r", "n", &LeaseToken("x".into()), Duration::from_secs(1)).await.unwrap());
         c.release_lease("r", "n", &t).await.unwrap();
         assert!(!c.lease_held("r", "n").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn runs_page_by_cursor_newest_first_without_gaps_or_repeats() {
+        let s = MemoryStore::new();
+        for id in ["a", "b", "c", "d", "e"] {
+            let run = NewRun {
+                run_id: id.into(),
+                blueprint_id: "b".into(),
+                blueprint_version: None,
+                input: serde_json::json!({}),
+            };
+            assert!(s.create_run(&run).await.unwrap());
+        }
+        let all: Vec<String> =
+            s.list_runs(&RunFilter::default()).await.unwrap().into_iter().map(|r| r.run_id).collect();
+        let mut paged = Vec::new();
+        let mut filter = RunFilter { limit: 2, ..RunFilter::default() };
+        loop {
+            let page = s.list_runs(&filter).await.unwrap();
+            let Some(last) = page.last() else { break };
+            filter.before = Some(crate::store::RunCursor::after(last));
+            paged.extend(page.into_iter().map(|r| r.run_id));
+        }
+        assert_eq!(paged, all, "runs created in the same instant are ordered by id, so pages neither skip nor repeat");
     }
 
     #[tokio::test]

@@ -351,6 +351,20 @@ pub struct RunFilter {
     pub blueprint_id: Option<String>,
     /// At most this many (newest first); 0 means a default of 100.
     pub limit: usize,
+    /// Only runs older than this one (keyset paging: the last run of the previous page).
+    pub before: Option<RunCursor>,
+}
+
+impl RunCursor {
+    /// The cursor after `run` (pure): the next page lists runs created before it.
+    pub fn after(run: &RunInfo) -> Self {
+        Self { created_at: run.created_at, run_id: run.run_id.clone() }
+    }
+
+    /// Whether `run` comes after this cursor in the newest-first order (what the next page holds).
+    pub fn precedes(&self, run: &RunInfo) -> bool {
+        (run.created_at, run.run_id.as_str()) < (self.created_at, self.run_id.as_str())
+    }
 }
 
 /// A blueprint definition as the run store keeps it for the console: one row per distinct content of a blueprint

@@ -2,7 +2,6 @@
 //! reconciler's per-schedule statistics. Table names are configurable: they are validated, always double-quoted,
 //! and every value is bound as a parameter.
 
-use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -518,6 +517,14 @@ ON CONFLICT (blueprint_id, content_hash) DO NOTHING";
 
 /// Runs newest first with their progress: the resolved count and the node count of the latest stored definition of
 /// their blueprint id and version. NULL parameters disable their filter; `$3, $4` is the keyset cursor.
+/// The filter and order of `list_runs`: optional status and blueprint, then keyset paging on
+/// `(created_at, run_id)` (`$3`, `$4`: the last run of the previous page), newest first.
+const LIST_RUNS_WHERE: &str = " WHERE ($1::text IS NULL OR status = $1::text)
+   AND ($2::text IS NULL OR blueprint_id = $2::text)
+   AND ($3::timestamptz IS NULL OR (created_at, run_id) < ($3::timestamptz, $4::text))
+ ORDER BY created_at DESC, run_id DESC
+ LIMIT $5::bigint";
+
 const RUNS_PAGE: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
        s.created_at, s.updated_at,
        (SELECT count(*) FROM {results} r WHERE r.run_id = s.run_id AND r.instance = '') AS resolved,
@@ -565,7 +572,7 @@ struct Sql {
     record_count: String,
     record_states: String,
     /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
-    list_runs: [String; 4],
+    list_runs: String,
     claim_stalled: String,
     count_results: String,
     record_reconcile: String,
@@ -581,24 +588,6 @@ struct Sql {
 
 impl Sql {
     fn new(names: &Tables) -> Self {
-        let list_runs = |status: bool, blueprint: bool| {
-            let mut sql = format!("SELECT {RUN_COLUMNS} FROM {{statuses}}");
-            let mut conditions = Vec::new();
-            let mut n = 0;
-            if status {
-                n += 1;
-                conditions.push(format!("status = ${n}::text"));
-            }
-            if blueprint {
-                n += 1;
-                conditions.push(format!("blueprint_id = ${n}::text"));
-            }
-            if !conditions.is_empty() {
-                let _ = write!(sql, " WHERE {}", conditions.join(" AND "));
-            }
-            let _ = write!(sql, " ORDER BY created_at DESC, run_id DESC LIMIT ${}::bigint", n + 1);
-            names.render(&sql)
-        };
         Self {
             create_run: names.render(CREATE_RUN),
             job_view_keys: names.render(&format!("{JOB_VIEW_HEAD}{JOB_VIEW_KEYS}")),
@@ -619,7 +608,7 @@ impl Sql {
             records: names.render(RECORDS),
             record_count: names.render(RECORD_COUNT),
             record_states: names.render(RECORD_STATES),
-            list_runs: [list_runs(false, false), list_runs(true, false), list_runs(false, true), list_runs(true, true)],
+            list_runs: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}}{LIST_RUNS_WHERE}")),
             claim_stalled: names.render(CLAIM_STALLED),
             count_results: names.render(COUNT_RESULTS),
             record_reconcile: names.render(RECORD_RECONCILE),
@@ -1456,19 +1445,13 @@ impl RunStore for PostgresStore {
         let table = self.names.statuses.as_str();
         let limit = clamp_i64(if filter.limit == 0 { DEFAULT_LIST_LIMIT } else { filter.limit } as u64);
         let status = filter.status.map(RunStatus::as_str);
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(3);
-        let mut variant = 0;
-        if let Some(status) = &status {
-            params.push(status);
-            variant |= 1;
-        }
-        if let Some(blueprint_id) = &filter.blueprint_id {
-            params.push(blueprint_id);
-            variant |= 2;
-        }
-        params.push(&limit);
+        let (after_time, after_id) = match &filter.before {
+            Some(c) => (Some(c.created_at), Some(c.run_id.as_str())),
+            None => (None, None),
+        };
         let client = self.client(op).await?;
-        let stmt = client.prepare_cached(&self.sql.list_runs[variant]).await.map_err(|e| db_error(op, table, e))?;
+        let stmt = client.prepare_cached(&self.sql.list_runs).await.map_err(|e| db_error(op, table, e))?;
+        let params: [&(dyn ToSql + Sync); 5] = [&status, &filter.blueprint_id, &after_time, &after_id, &limit];
         let rows = client.query(&stmt, &params).await.map_err(|e| db_error(op, table, e))?;
         rows.iter().map(run_from_row).collect()
     }
