@@ -249,7 +249,14 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
     let run_id = id("run id", &run_id)?;
     let detail = ui.source.run(run_id).await?.ok_or_else(|| ApiError::not_found(format!("run {run_id} not found")))?;
     let (known, blueprint) = ui.run_blueprint(&detail.info).await?;
-    let records: HashMap<&str, &NodeRecord> = detail.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
+    // A node's latest record (records come in write order); batch items are counted below, never the
+    // scatter node's own state.
+    let records: HashMap<&str, &NodeRecord> = detail
+        .records
+        .iter()
+        .filter(|r| crate::flow::instance::split_item(&r.instance).1.is_none())
+        .map(|r| (r.node_id.as_str(), r))
+        .collect();
     let view = |r: Option<&&NodeRecord>, state| NodeView {
         state,
         attempts: r.map_or(0, |r| r.attempts),
@@ -268,10 +275,10 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
         graph = Some(ui.drawn(k));
     }
     // Records of nodes the shown definition does not have (another version) are listed too.
-    for r in &detail.records {
+    for r in records.values() {
         nodes.entry(r.node_id.clone()).or_insert_with(|| {
             let state = crate::ui::view::recorded_state(r.status);
-            view(Some(&r), state)
+            view(Some(r), state)
         });
     }
     for (node, counts) in crate::client::instance_counts(&detail.records) {
