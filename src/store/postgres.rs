@@ -646,6 +646,52 @@ fn corrupt(run_id: &str, message: impl Into<String>, source: Option<BackendError
     StoreError::Corrupt { run_id: run_id.to_string(), message: message.into(), source }
 }
 
+/// The `RECORD` statement's parameters for one record (`$1` … `$12`), converted once: written in one place for
+/// every statement that records a node (`record`, `record_with_items`).
+struct RecordParams<'a> {
+    run_id: &'a str,
+    record: &'a NodeRecord,
+    status: &'static str,
+    taken: Json<&'a Vec<String>>,
+    attempts: i32,
+    merge: Value,
+    wait: Option<Json<&'a crate::flow::Wait>>,
+    wake_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> RecordParams<'a> {
+    fn new(run_id: &'a str, record: &'a NodeRecord, context_writes: &Map<String, Value>) -> Self {
+        Self {
+            run_id,
+            record,
+            status: record.status.as_str(),
+            taken: Json(&record.taken),
+            attempts: i32::try_from(record.attempts).unwrap_or(i32::MAX),
+            merge: stored_writes(context_writes),
+            wait: record.wait.as_deref().map(Json),
+            wake_at: record.wait.as_ref().and_then(|w| w.wake_at),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        let r = self.record;
+        [
+            &self.run_id,
+            &r.node_id,
+            &self.status,
+            &r.action,
+            &r.output,
+            &self.taken,
+            &self.attempts,
+            &r.error,
+            &self.merge,
+            &r.instance,
+            &self.wait,
+            &self.wake_at,
+        ]
+    }
+}
+
 /// The context writes a record statement stores: every key but `_outputs.*` (served from the records).
 fn stored_writes(context_writes: &Map<String, Value>) -> Value {
     Value::Object(
@@ -1195,27 +1241,10 @@ impl RunStore for PostgresStore {
         let instance = record.instance.as_str();
         let op = format!("record node {} of run {run_id}", crate::flow::instance::display(node_id, instance));
         let table = self.names.results.as_str();
-        let merge = stored_writes(context_writes);
-        let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
-        let wait = record.wait.as_ref().map(Json);
-        let wake_at = record.wait.as_ref().and_then(|w| w.wake_at);
+        let values = RecordParams::new(run_id, record, context_writes);
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, e))?;
-        let params: [&(dyn ToSql + Sync); 12] = [
-            &run_id,
-            &node_id,
-            &record.status.as_str(),
-            &record.action,
-            &record.output,
-            &Json(&record.taken),
-            &attempts,
-            &record.error,
-            &merge,
-            &instance,
-            &wait,
-            &wake_at,
-        ];
-        let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
+        let row = client.query_one(&stmt, &values.params()).await.map_err(|e| db_error(&op, table, e))?;
         let inserted: bool = column(&row, "inserted", run_id)?;
         if inserted {
             tracing::debug!(run_id, node_id, status = record.status.as_str(), "recorded node result");
@@ -1244,26 +1273,11 @@ impl RunStore for PostgresStore {
         let op = format!("record batch {} of run {run_id}", crate::flow::instance::display(node_id, instance));
         let table = self.names.results.as_str();
         let err = |e| db_error(&op, table, e);
-        let merge = stored_writes(context_writes);
-        let attempts = i32::try_from(record.attempts).unwrap_or(i32::MAX);
+        let values = RecordParams::new(run_id, record, context_writes);
         let mut client = self.client(&op).await?;
         let tx = client.transaction().await.map_err(err)?;
         let stmt = tx.prepare_cached(&self.sql.record).await.map_err(err)?;
-        let params: [&(dyn ToSql + Sync); 12] = [
-            &run_id,
-            &node_id,
-            &record.status.as_str(),
-            &record.action,
-            &record.output,
-            &Json(&record.taken),
-            &attempts,
-            &record.error,
-            &merge,
-            &instance,
-            &None::<Json<&crate::flow::Wait>>,
-            &None::<DateTime<Utc>>,
-        ];
-        let row = tx.query_one(&stmt, &params).await.map_err(err)?;
+        let row = tx.query_one(&stmt, &values.params()).await.map_err(err)?;
         if !column::<bool>(&row, "inserted", run_id)? {
             // Recorded before: nothing of ours is kept; the first record is read as any duplicate's.
             tx.rollback().await.map_err(err)?;
