@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use flowcraft::client;
 use flowcraft::flow::{Blueprint, Graph, Registry};
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
-use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
+use flowcraft::store::rabbitmq::RabbitQueue;
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{RunStatus, RunStore};
 use serde_json::json;
@@ -76,16 +76,7 @@ async fn measure(items: usize, workers: usize, dir: &Path, graph: &Graph) -> Res
         PostgresStore::connect(PgConfig::with_prefix(database_url(), &name)).await.map_err(|e| e.to_string())?,
     );
     store.migrate().await.map_err(|e| e.to_string())?;
-    let queue = RabbitQueue::connect(AmqpConfig {
-        url: amqp_url(),
-        queue: format!("{name}_q"),
-        queue_type: QueueType::Quorum,
-        prefetch: 16,
-        connection_name: format!("{name}-bench"),
-        ..AmqpConfig::default()
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let queue = RabbitQueue::connect(common::queue_config(&name)).await.map_err(|e| e.to_string())?;
     let procs: Vec<Proc> = (0..workers).map(|_| spawn(&name, dir)).collect::<Result<_, _>>()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     for p in &procs {

@@ -14,12 +14,12 @@ use flowcraft::flow::BlueprintSet;
 use flowcraft::flow::{Blueprint, Graph, Registry};
 use flowcraft::reconciler::{ReconcileConfig, Reconciler, plan};
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
-use flowcraft::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
+use flowcraft::store::rabbitmq::RabbitQueue;
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
 use flowcraft::store::{Coordinator, Job, JobQueue, RunStore};
 
 mod common;
-use common::{amqp_url, arg, chain, database_url, redis_url};
+use common::{arg, chain, database_url, redis_url};
 
 const THRESHOLD: Duration = Duration::from_secs(300);
 
@@ -59,16 +59,7 @@ async fn main() {
             .join(" ")
     );
     let store = PostgresStore::connect(PgConfig::with_prefix(database_url(), &name)).await.expect("connect PostgreSQL");
-    let queue = RabbitQueue::connect(AmqpConfig {
-        url: amqp_url(),
-        queue: format!("{name}_q"),
-        queue_type: QueueType::Quorum,
-        prefetch: 16,
-        connection_name: format!("{name}-bench"),
-        ..AmqpConfig::default()
-    })
-    .await
-    .expect("connect RabbitMQ");
+    let queue = RabbitQueue::connect(common::queue_config(&name)).await.expect("connect RabbitMQ");
     let coord =
         RedisCoordinator::connect(RedisConfig { url: redis_url(), prefix: name.clone(), ..RedisConfig::default() })
             .await

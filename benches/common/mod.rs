@@ -18,6 +18,19 @@ pub fn amqp_url() -> String {
     std::env::var("FLOWCRAFT_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The work queue of benchmark `name` (`<name>_q`, quorum, prefetch 16) on the local broker.
+pub fn queue_config(name: &str) -> flowcraft::store::rabbitmq::AmqpConfig {
+    use flowcraft::store::rabbitmq::{AmqpConfig, QueueType};
+    AmqpConfig {
+        url: amqp_url(),
+        queue: format!("{name}_q"),
+        queue_type: QueueType::Quorum,
+        prefetch: 16,
+        connection_name: format!("{name}-bench"),
+        ..AmqpConfig::default()
+    }
+}
+
 /// The value following `--name` on the command line.
 pub fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
