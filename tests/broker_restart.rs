@@ -41,7 +41,7 @@ async fn workers_reconnect_after_a_broker_restart_and_every_run_completes() {
     let cluster = Cluster::new("restart");
     let dir = tempfile::tempdir().unwrap();
     let nodes: Vec<_> =
-        (0..6).map(|i| json!({"id": format!("n{i}"), "uses": "sleep", "params": {"duration": "30ms"}})).collect();
+        (0..6).map(|i| json!({"id": format!("n{i}"), "uses": "delay", "params": {"duration": "30ms"}})).collect();
     let edges: Vec<_> = (1..6).map(|i| json!({"source": format!("n{}", i - 1), "target": format!("n{i}")})).collect();
     let bp = json!({"id": "slow_chain", "nodes": nodes, "edges": edges});
     std::fs::write(dir.path().join("slow_chain.json"), bp.to_string()).unwrap();

@@ -30,7 +30,7 @@ const INSTALL_HEADER: &str = "\
 #   FLOWCRAFT_UPDATE_MANIFESTS=1 cargo test --test chart install_manifests
 # (tests/chart.rs fails when this file no longer matches the chart). See README.md beside this file.
 ";
-const BUILTIN_NODES: &[&str] = &["http", "transform", "log", "noop", "sleep", "fail", "subflow", "wait"];
+const BUILTIN_NODES: &[&str] = &["http", "transform", "log", "noop", "delay", "sleep", "fail", "subflow", "wait"];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

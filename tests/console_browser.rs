@@ -29,7 +29,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 const SLOW: &str = r#"{"id": "slow", "metadata": {"version": "1"},
   "nodes": [{"id": "prep", "uses": "noop"},
-            {"id": "wait", "uses": "sleep", "params": {"duration": "60s"}},
+            {"id": "wait", "uses": "delay", "params": {"duration": "60s"}},
             {"id": "after", "uses": "noop"}],
   "edges": [{"source": "prep", "target": "wait"}, {"source": "wait", "target": "after"}]}"#;
 
@@ -188,7 +188,7 @@ async fn console_in_a_real_browser() {
         shutdown.clone(),
     ));
 
-    // Run A completes; run B stays in its 60 s sleep.
+    // Run A completes; run B stays in its 60 s delay (a running node, holding its job).
     let done_id = format!("{}-hello", cluster.name);
     client::start_run(&*queue, &*store, &graph("hello"), &done_id, json!({"name": "world"})).await.expect("start A");
     wait_status(&store, &done_id, RunStatus::Completed).await;

@@ -236,13 +236,13 @@ async fn a_worker_killed_with_300_runs_in_flight_loses_nothing() {
     let cluster = Cluster::new("kill");
     let (port, hits) = hit_counter().await;
     let dir = tempfile::tempdir().unwrap();
-    // 1 -> 3 -> join(all, http side effect) -> end, with short sleeps so runs overlap the kill.
+    // 1 -> 3 -> join(all, http side effect) -> end, with short delays (nodes holding their job) so runs overlap the kill.
     let bp = json!({
         "id": "diamond",
         "nodes": [
-            {"id": "start", "uses": "sleep", "params": {"duration": "5ms"}},
+            {"id": "start", "uses": "delay", "params": {"duration": "5ms"}},
             {"id": "a", "uses": "transform", "params": {"expr": "1"}},
-            {"id": "b", "uses": "sleep", "params": {"duration": "10ms"}},
+            {"id": "b", "uses": "delay", "params": {"duration": "10ms"}},
             {"id": "c", "uses": "transform", "params": {"expr": "3"}},
             {"id": "join", "uses": "http", "params": {"method": "POST", "url": format!("http://127.0.0.1:{port}/hit/{{{{context.tag}}}}")}},
             {"id": "end", "uses": "noop"}
@@ -497,7 +497,7 @@ async fn a_cancelled_run_starts_no_further_jobs() {
 async fn sigterm_finishes_in_flight_jobs_and_exits_cleanly() {
     let cluster = Cluster::new("term");
     let dir = tempfile::tempdir().unwrap();
-    let bp = json!({"id": "nap", "nodes": [{"id": "n", "uses": "sleep", "params": {"duration": "800ms"}}, {"id": "m", "uses": "noop"}], "edges": [{"source": "n", "target": "m"}]});
+    let bp = json!({"id": "nap", "nodes": [{"id": "n", "uses": "delay", "params": {"duration": "800ms"}}, {"id": "m", "uses": "noop"}], "edges": [{"source": "n", "target": "m"}]});
     std::fs::write(dir.path().join("nap.json"), bp.to_string()).unwrap();
     let store = cluster.store().await;
     let queue = cluster.queue().await;
@@ -550,7 +550,7 @@ async fn a_worker_past_its_shutdown_deadline_abandons_a_stuck_job_to_another_wor
     let cluster = Cluster::new("deadline");
     let dir = tempfile::tempdir().unwrap();
     // A node that never ends (an hour, far beyond every deadline here), then a successor.
-    let bp = json!({"id": "stuck", "nodes": [{"id": "n", "uses": "sleep", "params": {"duration": "1h"}}, {"id": "m", "uses": "noop"}], "edges": [{"source": "n", "target": "m"}]});
+    let bp = json!({"id": "stuck", "nodes": [{"id": "n", "uses": "delay", "params": {"duration": "1h"}}, {"id": "m", "uses": "noop"}], "edges": [{"source": "n", "target": "m"}]});
     std::fs::write(dir.path().join("stuck.json"), bp.to_string()).unwrap();
     let store = cluster.store().await;
     let queue = cluster.queue().await;
@@ -571,9 +571,9 @@ async fn a_worker_past_its_shutdown_deadline_abandons_a_stuck_job_to_another_wor
     assert!(took >= Duration::from_secs(2), "the deadline was not waited for: {took:?}");
     assert!(w.log_text().contains("Shutdown deadline reached"), "{}", w.log_text());
     assert!(client::run_result(&*store, "stuck-run", None).await.unwrap().unwrap().nodes.is_empty());
-    // The abandoned job comes back to another worker (here one whose `sleep` returns at once).
+    // The abandoned job comes back to another worker (here one whose `delay` returns at once).
     let mut registry = Registry::with_builtins();
-    registry.register_fn("sleep", |ctx| async move { Ok(NodeOutput::new(ctx.input)) });
+    registry.register_fn("delay", |ctx| async move { Ok(NodeOutput::new(ctx.input)) });
     let mut set = BlueprintSet::new();
     set.insert(g.clone());
     let (metrics, stop, task) = in_process_worker(&cluster, set, registry).await;

@@ -1,4 +1,5 @@
-//! Built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`, `wait`), their params checks and durations.
+//! Built-in nodes (`noop`, `transform`, `log`, `delay`, `fail`, `http`, and the waiting `wait` and `sleep`), their
+//! params checks and durations.
 
 pub mod control;
 mod http;
@@ -25,19 +26,19 @@ pub fn register_all(registry: &mut Registry, limits: &Limits) {
         .register("noop", Noop)
         .register("transform", Transform::new(limits))
         .register("log", Log)
-        .register("sleep", Sleep)
+        .register("delay", Delay)
         .register("fail", Fail)
         .register("http", http::Http::new(limits))
         .register(crate::flow::loops::LOOP_CONTROLLER, control::LoopController::new(limits))
         .register(crate::flow::batch::SCATTER, control::BatchScatter)
         .register(crate::flow::batch::GATHER, control::BatchGather)
-        .register("wait", wait::WaitNode);
+        .register("wait", wait::WaitNode)
+        .register("sleep", wait::SleepNode);
 }
 
 impl Registry {
-    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `sleep`, `fail`, `http`, `loop-controller`,
-    /// `batch-scatter`, `batch-gather`) and the default
-    /// [`Limits`].
+    /// A registry with the built-in nodes (`noop`, `transform`, `log`, `delay`, `fail`, `http`, `loop-controller`,
+    /// `batch-scatter`, `batch-gather`, `wait`, `sleep`) and the default [`Limits`].
     pub fn with_builtins() -> Self {
         Self::with_builtins_config(&Limits::default())
     }
@@ -56,7 +57,7 @@ impl Registry {
 /// built-in node checked here. Each built-in's [`Node::check_params`] calls it.
 pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
     let mut problems = Vec::new();
-    if !matches!(uses, "noop" | "transform" | "log" | "sleep" | "fail" | "http" | "wait") {
+    if !matches!(uses, "noop" | "transform" | "log" | "delay" | "sleep" | "fail" | "http" | "wait") {
         return problems;
     }
     if !params.is_null() && !params.is_object() {
@@ -94,14 +95,16 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
             }
             Some(other) => problems.push(format!("log: params.message must be a string, not {other}")),
         },
-        "sleep" => match param("duration") {
-            None => problems.push("sleep needs params.duration".into()),
-            Some(d) => {
-                if let Err(e) = parse_duration(d) {
-                    problems.push(format!("sleep: params.duration {e}"));
-                }
+        "delay" => {
+            if let Err(e) = delay_duration(params) {
+                problems.push(e);
             }
-        },
+        }
+        "sleep" => {
+            if let Err(e) = wait::sleep_duration(params) {
+                problems.push(e);
+            }
+        }
         "fail" => {
             if let Some(times) = param("times")
                 && times.as_u64().is_none()
@@ -309,13 +312,22 @@ impl Node for Log {
     }
 }
 
-/// `sleep`: waits `params.duration` (cancellable); the output is the input.
-struct Sleep;
+/// `params.duration` of a `delay`, or the problem with it (named as `validate` prints it).
+fn delay_duration(params: &Value) -> Result<Duration, String> {
+    let Some(duration) = params.get("duration").filter(|d| !d.is_null()) else {
+        return Err("delay needs params.duration".into());
+    };
+    parse_duration(duration).map_err(|e| format!("delay: params.duration {e}"))
+}
+
+/// `delay`: holds its job (and the worker slot) for `params.duration`, cancellable; the output is the input. For
+/// short pauses and tests (a node that is busy for a while); `sleep` is the durable wait that holds no worker.
+struct Delay;
 
 #[async_trait]
-impl Node for Sleep {
+impl Node for Delay {
     fn check_params(&self, params: &Value) -> Vec<String> {
-        check_params("sleep", params)
+        check_params("delay", params)
     }
 
     fn context_needs(&self, _params: &Value) -> ContextNeeds {
@@ -323,10 +335,7 @@ impl Node for Sleep {
     }
 
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
-        let Some(duration) = ctx.params.get("duration") else {
-            return Err(NodeError::fatal("sleep needs params.duration"));
-        };
-        let duration = parse_duration(duration).map_err(|e| NodeError::fatal(format!("sleep: params.duration {e}")))?;
+        let duration = delay_duration(&ctx.params).map_err(NodeError::fatal)?;
         tokio::select! {
             () = tokio::time::sleep(duration) => Ok(NodeOutput::new(ctx.input)),
             () = ctx.cancel.cancelled() => Err(NodeError::retryable("cancelled")),
@@ -380,7 +389,7 @@ mod tests {
     fn every_builtin_is_registered() {
         let mut r = Registry::empty();
         register_all(&mut r, &Limits::default());
-        for key in ["noop", "transform", "log", "sleep", "fail", "http", "wait"] {
+        for key in ["noop", "transform", "log", "delay", "sleep", "fail", "http", "wait"] {
             assert!(r.contains(key), "{key}");
         }
     }
@@ -416,11 +425,11 @@ mod tests {
         );
         assert!(check_params("transform", &json!({"expr": "input.items.size() * 10"})).is_empty());
         assert_eq!(
-            check_params("sleep", &json!({"duration": "2x"})),
-            ["sleep: params.duration \"2x\" is not a duration"]
+            check_params("delay", &json!({"duration": "2x"})),
+            ["delay: params.duration \"2x\" is not a duration"]
         );
-        assert_eq!(check_params("sleep", &json!({})), ["sleep needs params.duration"]);
-        assert!(check_params("sleep", &json!({"duration": "1.5s"})).is_empty());
+        assert_eq!(check_params("delay", &json!({})), ["delay needs params.duration"]);
+        assert!(check_params("delay", &json!({"duration": "1.5s"})).is_empty());
         assert_eq!(check_params("http", &json!({})), ["http needs params.url"]);
         assert!(check_params("http", &json!({"url": "http://shop/api/orders/{{input.id}}"})).is_empty());
         let p = check_params(
@@ -481,9 +490,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sleep_waits_and_honours_cancel() {
+    async fn delay_holds_its_job_and_honours_cancel() {
         let started = std::time::Instant::now();
-        let out = run("sleep", ctx(json!({"duration": "20ms"}), json!("x"))).await.unwrap();
+        let out = run("delay", ctx(json!({"duration": "20ms"}), json!("x"))).await.unwrap();
         assert_eq!(out.output, json!("x"));
         assert!(started.elapsed() >= Duration::from_millis(20));
 
@@ -493,10 +502,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             cancel.cancel();
         });
-        let err = tokio::time::timeout(Duration::from_secs(5), run("sleep", c)).await.unwrap().unwrap_err();
+        let err = tokio::time::timeout(Duration::from_secs(5), run("delay", c)).await.unwrap().unwrap_err();
         assert_eq!(err, NodeError::retryable("cancelled"));
 
-        let err = run("sleep", ctx(json!({"duration": "2x"}), json!("x"))).await.unwrap_err();
+        let err = run("delay", ctx(json!({"duration": "2x"}), json!("x"))).await.unwrap_err();
         assert!(!err.retryable && err.message.contains("\"2x\" is not a duration"), "{err:?}");
     }
 

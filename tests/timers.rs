@@ -1,0 +1,173 @@
+//! Durable timers on the real RabbitMQ, PostgreSQL and Redis: 500 runs sleeping while one of two worker processes
+//! is SIGKILLed. Every run wakes once, on the surviving worker; lateness is printed, never asserted (tests do not
+//! depend on timing). Own queue, tables and Redis prefix.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use flowcraft::client;
+use flowcraft::flow::BlueprintSet;
+use flowcraft::store::{RunFilter, RunStatus, RunStore};
+use serde_json::json;
+
+const RUNS: usize = 500;
+
+/// A tiny HTTP server counting POSTs per path (`/hit/<tag>`): the side effect of the node after the sleep.
+async fn hit_counter() -> (u16, Arc<std::sync::Mutex<HashMap<String, u64>>>) {
+    use axum::{Router, extract::Path as P, routing::post};
+    let hits: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/hit/{tag}",
+        post(move |P(tag): P<String>| {
+            let h = h.clone();
+            async move {
+                *h.lock().unwrap().entry(tag).or_default() += 1;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, hits)
+}
+
+/// Percentile (0..=100) of sorted values.
+fn percentile(sorted: &[f64], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) * p) / 100]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_500_runs_sleep_loses_no_timer_and_each_fires_once() {
+    let cluster = Cluster::new("timers");
+    let (port, hits) = hit_counter().await;
+    let dir = tempfile::tempdir().unwrap();
+    // start -> nap (a durable sleep) -> call (a side effect per run): the sleep is long enough for every run to
+    // be asleep before the kill; the kill waits for that state rather than for a time.
+    let bp = json!({
+        "id": "nap",
+        "nodes": [
+            {"id": "start", "uses": "noop"},
+            {"id": "nap", "uses": "sleep", "params": {"duration": "15s"}},
+            {"id": "call", "uses": "http", "params": {"method": "POST", "url": format!("http://127.0.0.1:{port}/hit/{{{{input.tag}}}}")}}
+        ],
+        "edges": [{"source": "start", "target": "nap"}, {"source": "nap", "target": "call"}]
+    });
+    std::fs::write(dir.path().join("nap.json"), bp.to_string()).unwrap();
+    let store = cluster.store().await;
+    let queue = cluster.queue().await;
+    let mut victim = cluster.spawn_worker("victim", dir.path(), &[]);
+    let survivor = cluster.spawn_worker("survivor", dir.path(), &[]);
+    let set = BlueprintSet::load_dir(dir.path(), None).unwrap();
+    let graph = set.get("nap").unwrap();
+    let mut ids = Vec::new();
+    for i in 0..RUNS {
+        let id = format!("{}-{i}", cluster.name);
+        client::start_run(&*queue, &*store, &graph, &id, json!({"tag": format!("t{i}")})).await.unwrap();
+        ids.push(id);
+    }
+    let table = format!("\"{}_node_results\"", cluster.name);
+    let count = |sql: String| {
+        let store = store.clone();
+        async move {
+            let client = store.pool().get().await.ok()?;
+            client.query_one(&sql, &[]).await.ok().map(|r| r.get::<_, i64>(0))
+        }
+    };
+    // Every run's sleep recorded (armed, or already fired if the machine was slow): SIGKILL one worker.
+    let recorded = format!("SELECT count(*) FROM {table} WHERE node_id = 'nap'");
+    common::eventually("every run to be asleep", Duration::from_secs(120), || async {
+        count(recorded.clone()).await.filter(|&n| n >= RUNS as i64)
+    })
+    .await;
+    let armed = count(format!("SELECT count(*) FROM {table} WHERE node_id = 'nap' AND status = 'waiting'")).await;
+    victim.kill();
+    let killed_at = chrono::Utc::now();
+    println!("SIGKILLed the victim with {armed:?} of {RUNS} timers armed");
+
+    common::eventually("every run to complete", Duration::from_secs(180), || async {
+        let filter = RunFilter { status: Some(RunStatus::Completed), limit: 1000, ..Default::default() };
+        (store.list_runs(&filter).await.ok()?.len() >= RUNS).then_some(())
+    })
+    .await;
+    for id in &ids {
+        let r = client::run_result(&*store, id, None).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Completed, "run {id}: {:?}\n{}", r.error, survivor.log_text());
+    }
+
+    // Exactly once: one record per node per run (the primary key forbids more: count them), every sleep done
+    // after one attempt, its output its input.
+    let client = store.pool().get().await.unwrap();
+    let row = client
+        .query_one(&format!("SELECT count(*), count(DISTINCT (run_id, node_id)) FROM {table}"), &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (3 * RUNS as i64, 3 * RUNS as i64));
+    let naps = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {table} WHERE node_id = 'nap' AND status = 'done' AND attempts = 1
+                    AND output ->> 'tag' IS NOT NULL AND wait ->> 'reason' = 'timer' AND wake_at IS NULL"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(naps.get::<_, i64>(0), RUNS as i64, "every sleep resumed once with its input");
+    // The successor's side effect: once per run, plus at most a redelivery of calls in flight on the victim.
+    let hits = hits.lock().unwrap().clone();
+    assert_eq!(hits.len(), RUNS, "every run's successor called out");
+    let extra: u64 = hits.values().map(|n| n - 1).sum();
+    assert!(extra <= 16, "{extra} duplicate successor calls (more than the killed worker's prefetch)");
+
+    // Timers due after the kill were fired, and their nodes routed, by the survivor.
+    let late_rows = client
+        .query(
+            &format!(
+                "SELECT run_id FROM {table} WHERE node_id = 'nap' AND (wait ->> 'wakeAt')::timestamptz > $1::timestamptz"
+            ),
+            &[&killed_at],
+        )
+        .await
+        .unwrap();
+    let due_after_kill: BTreeSet<String> = late_rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    let log = survivor.log_text();
+    let resumed_by_survivor: BTreeSet<String> = log
+        .lines()
+        .filter(|l| l.contains("Resumed node recorded"))
+        .flat_map(|l| due_after_kill.iter().filter(|id| l.contains(&format!("{id} "))).cloned().collect::<Vec<_>>())
+        .collect();
+    assert_eq!(resumed_by_survivor, due_after_kill, "the survivor resumed every timer due after the kill");
+    println!("{} of {RUNS} timers fell due after the kill; the survivor resumed all of them", due_after_kill.len());
+
+    // Lateness (recorded done time of the sleep minus its wake time): printed only.
+    let rows = client
+        .query(
+            &format!(
+                "SELECT extract(epoch FROM finished_at - (wait ->> 'wakeAt')::timestamptz)::float8 FROM {table}
+                  WHERE node_id = 'nap'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut late: Vec<f64> = rows.iter().map(|r| r.get::<_, f64>(0)).collect();
+    late.sort_by(f64::total_cmp);
+    println!(
+        "lateness of {} sleeps (wake time to recorded done): p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        late.len(),
+        percentile(&late, 50),
+        percentile(&late, 99),
+        late.last().copied().unwrap_or(f64::NAN)
+    );
+    drop(survivor);
+    cluster.cleanup().await;
+}
