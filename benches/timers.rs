@@ -29,7 +29,7 @@ use flowcraft::flow::{NodeRecord, Wait, WaitReason};
 use flowcraft::store::postgres::{PgConfig, PostgresStore};
 use flowcraft::store::rabbitmq::RabbitQueue;
 use flowcraft::store::redis::{RedisConfig, RedisCoordinator};
-use flowcraft::store::{JobQueue, NewRun, RunStore};
+use flowcraft::store::{NewRun, RunStore};
 
 mod common;
 use common::{amqp_url, arg, database_url, flag, redis_url};
