@@ -410,6 +410,21 @@ where
     Q: JobQueue + ?Sized,
     S: RunStore + ?Sized,
 {
+    resume_instance(queue, store, run_id, &crate::flow::InstanceKey::top(node_id), resume).await
+}
+
+/// [`resume_node`] for one instance of a node (a waiting node inside a loop): what a webhook request resumes.
+pub async fn resume_instance<Q, S>(
+    queue: &Q,
+    store: &S,
+    run_id: &str,
+    key: &crate::flow::InstanceKey,
+    resume: Resume,
+) -> Result<(), ClientError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
     validate_run_id(run_id)?;
     let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? else {
         return Err(ClientError::NotFound(run_id.to_string()));
@@ -418,23 +433,32 @@ where
         status: NodeStatus::Resumed,
         action: resume.action,
         output: resume.result,
-        ..NodeRecord::skipped(node_id)
+        ..NodeRecord::skipped(&key.node_id).at(&key.instance)
     };
     let won = store.transition(run_id, NodeStatus::Waiting, &resumed, &serde_json::Map::new()).await;
+    let shown = key.to_string();
     match won.map_err(store_err(run_id))? {
         Transition::Won => {}
         Transition::Lost(record) => {
-            let state = match (record, info.status.is_terminal()) {
-                (_, true) => format!("the run is {}", info.status),
-                (Some(r), false) => r.status.as_str().to_string(),
-                (None, false) => "it has not been reached".to_string(),
-            };
-            return Err(ClientError::NotWaiting { run_id: run_id.to_string(), node_id: node_id.to_string(), state });
+            // Read again: the run may have ended since `info` (a cancel racing this resume).
+            let now = store.run_info(run_id).await.map_err(store_err(run_id))?.map_or(info.status, |i| i.status);
+            let state = not_waiting_state(record.as_ref(), now);
+            return Err(ClientError::NotWaiting { run_id: run_id.to_string(), node_id: shown, state });
         }
     }
-    tracing::info!(run_id, node = node_id, "Node resumed.");
+    tracing::info!(run_id, node = %shown, "Node resumed.");
     // A lost publish is healed by the reconciler (a resumed node is ready in its replay).
-    queue.publish(&[Job::new(run_id, &info.blueprint_id, node_id)]).await.map_err(store_err(run_id))
+    let job = Job::new(run_id, &info.blueprint_id, &key.node_id).at(&key.instance);
+    queue.publish(&[job]).await.map_err(store_err(run_id))
+}
+
+/// Why a resume lost: the run has ended, or the node's record is in another state (or absent).
+fn not_waiting_state(record: Option<&NodeRecord>, run: RunStatus) -> String {
+    match record {
+        _ if run.is_terminal() => format!("the run is {run}"),
+        Some(r) => r.status.as_str().to_string(),
+        None => "it has not been reached".to_string(),
+    }
 }
 
 /// Wait until a run ends (polling with a short, growing interval), calling `progress` with (resolved, total)
@@ -504,6 +528,14 @@ mod tests {
     use crate::store::memory::{MemoryQueue, MemoryStore};
     use crate::store::{Delivery, StoreResult};
     use async_trait::async_trait;
+
+    #[test]
+    fn a_lost_resume_says_why() {
+        let waiting = NodeRecord { status: NodeStatus::Waiting, ..NodeRecord::skipped("w") };
+        assert_eq!(not_waiting_state(Some(&waiting), RunStatus::Cancelled), "the run is cancelled");
+        assert_eq!(not_waiting_state(Some(&NodeRecord::skipped("w")), RunStatus::Running), "skipped");
+        assert_eq!(not_waiting_state(None, RunStatus::Awaiting), "it has not been reached");
+    }
 
     /// A queue whose publishes always fail (the broker refused or is gone).
     struct BrokenQueue;

@@ -326,6 +326,10 @@ pub struct WorkerOptions {
     pub blueprints: PathBuf,
     /// Admin server address (`/healthz`, `/readyz`, `/metrics`); `None` disables it.
     pub admin_addr: Option<SocketAddr>,
+    /// Webhook server address (`POST /webhooks/<token>`, docs/architecture.md, "Webhooks"); `None` disables it.
+    pub webhook_addr: Option<SocketAddr>,
+    /// The largest webhook request body (`FLOWCRAFT_MAX_PAYLOAD_BYTES`).
+    pub max_payload_bytes: usize,
     /// Execution lease TTL.
     pub lease_ttl: Duration,
     /// Delay before a job that met a held lease comes back.
@@ -348,6 +352,8 @@ impl Default for WorkerOptions {
         Self {
             blueprints: PathBuf::from("/etc/flowcraft/blueprints"),
             admin_addr: None,
+            webhook_addr: None,
+            max_payload_bytes: crate::flow::limits::DEFAULT_MAX_PAYLOAD_BYTES,
             lease_ttl: w.lease_ttl,
             lease_retry_delay: w.lease_retry_delay,
             connection_name: format!("flowcraft-worker-{}", std::process::id()),
@@ -400,6 +406,14 @@ pub async fn run_worker(
     save_blueprints(&*store, &blueprints).await;
     let coord = Arc::new(connect_coordinator(conn, &shutdown, policy).await?);
     let queue = Arc::new(connect_queue(conn, &options.connection_name, &shutdown, policy).await?);
+    // Bound before consuming: a webhook node this worker runs has a URL that answers.
+    let webhook_task = match options.webhook_addr {
+        Some(addr) => {
+            let router = crate::webhook::router(queue.clone(), store.clone(), options.max_payload_bytes);
+            spawn_webhook_server(addr, router, shutdown.clone()).await
+        }
+        None => None,
+    };
     queue.start_consuming().await?;
 
     let health = {
@@ -452,7 +466,31 @@ pub async fn run_worker(
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    if let Some(t) = webhook_task {
+        let _ = t.await;
+    }
     Ok::<(), Error>(())
+}
+
+/// Bind `addr` and serve webhooks there until `shutdown` fires. A worker whose webhook port is taken keeps
+/// working (its other jobs do not need it): the failure is logged and no server runs.
+async fn spawn_webhook_server(
+    addr: SocketAddr,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            warn!(addr = %addr, error = %error, "Cannot listen for webhooks; this worker serves none.");
+            return None;
+        }
+    };
+    Some(tokio::spawn(async move {
+        if let Err(error) = crate::webhook::serve_on(listener, router, shutdown).await {
+            warn!(addr = %addr, error = %error, "Webhook server failed.");
+        }
+    }))
 }
 
 #[cfg(test)]

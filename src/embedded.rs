@@ -112,6 +112,18 @@ impl Embedded {
         client::resume_node(&*self.queue, &*self.store, run_id, node_id, resume).await
     }
 
+    /// Deliver a webhook request to the node waiting on `token` (the last segment of its URL), as a worker's
+    /// webhook server does for `POST /webhooks/<token>?action=…` with `body` (see [`crate::webhook::deliver`]:
+    /// the same checks, errors and exactly-once resume).
+    pub async fn deliver_webhook(
+        &self,
+        token: &str,
+        body: &[u8],
+        action: Option<String>,
+    ) -> Result<crate::webhook::Delivered, crate::webhook::WebhookError> {
+        crate::webhook::deliver(&*self.queue, &*self.store, token, body, action, self.max_input_bytes).await
+    }
+
     /// Wait until a run is `awaiting` or has ended (polling every 10 ms; `timeout` bounds the wait); returns its
     /// status then.
     pub async fn settled(&self, run_id: &str, timeout: Duration) -> Result<RunStatus, ClientError> {

@@ -34,6 +34,7 @@ pub mod telemetry;
 pub mod text;
 pub mod tls;
 pub mod ui;
+pub mod webhook;
 pub mod worker;
 
 pub use crypto::install_crypto_provider;

@@ -180,6 +180,12 @@ enum Command {
         /// Admin server address (/healthz, /readyz, /metrics).
         #[arg(long, env = "FLOWCRAFT_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
         admin_addr: std::net::SocketAddr,
+        /// Webhook server address (POST /webhooks/<token> resumes the webhook node waiting on that token).
+        #[arg(long, env = "FLOWCRAFT_WEBHOOK_ADDR", default_value = flowcraft::webhook::DEFAULT_WEBHOOK_ADDR)]
+        webhook_addr: std::net::SocketAddr,
+        /// Public base URL of the webhook server: a webhook node's URL is this + /webhooks/<token>.
+        #[arg(long, env = "FLOWCRAFT_WEBHOOK_BASE_URL", default_value = flowcraft::flow::builtin::DEFAULT_WEBHOOK_BASE_URL)]
+        webhook_base_url: String,
         /// Execution lease TTL (extended while a node runs).
         #[arg(long, env = "FLOWCRAFT_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
         lease_ttl: Duration,
@@ -555,11 +561,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Worker { blueprints, admin_addr, lease_ttl, shutdown_timeout } => {
-            let registry = Registry::with_builtins_config(&cli.limits.limits().map_err(UsageError)?);
+        Command::Worker { blueprints, admin_addr, webhook_addr, webhook_base_url, lease_ttl, shutdown_timeout } => {
+            let mut registry = Registry::with_builtins_config(&cli.limits.limits().map_err(UsageError)?);
+            registry.set_webhook_base_url(&webhook_base_url);
             let options = WorkerOptions {
                 blueprints,
                 admin_addr: Some(admin_addr),
+                webhook_addr: Some(webhook_addr),
+                max_payload_bytes: cli.limits.max_payload_bytes,
                 lease_ttl,
                 shutdown_timeout,
                 ..WorkerOptions::default()

@@ -1110,6 +1110,9 @@ mod tests {
         async fn next_timer(&self) -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
             self.inner.next_timer().await
         }
+        async fn webhook_node(&self, token_hash: &str) -> StoreResult<Option<(String, crate::flow::InstanceKey)>> {
+            self.inner.webhook_node(token_hash).await
+        }
         async fn touch(&self, run_id: &str) -> StoreResult<()> {
             self.faults.statements.lock().unwrap().push("touch");
             self.inner.touch(run_id).await

@@ -215,6 +215,8 @@ fn expected_rules(leader_election: bool) -> BTreeMap<(String, String), BTreeSet<
     );
     add("apps", &["deployments"], &["get", "list", "watch", "create", "patch"]);
     add("batch", &["cronjobs"], &["get", "list", "watch", "create", "patch"]);
+    add("", &["services"], &["get", "create", "patch", "delete"]);
+    add("networking.k8s.io", &["ingresses"], &["get", "create", "patch", "delete"]);
     add("", &["configmaps"], &["get", "list", "watch"]);
     add("", &["secrets"], &["get", "list", "watch"]);
     add("events.k8s.io", &["events"], &["create", "patch"]);
@@ -441,8 +443,11 @@ fn rbac_is_exactly_the_least_privilege_set() {
         let rules = rbac_rules(&docs);
         assert_eq!(rules, expected_rules(leader), "values {values:?}");
         for ((group, resource), verbs) in &rules {
-            // The only delete: FlowRuns past ttlSecondsAfterFinished (no owner reference does that).
-            let may_delete = group == "flowcraft.io" && resource == "flowruns";
+            // The only deletes: FlowRuns past ttlSecondsAfterFinished (no owner reference does that), a pool's
+            // webhook Service and Ingress once the pool disables them.
+            let may_delete = (group == "flowcraft.io" && resource == "flowruns")
+                || (group.is_empty() && resource == "services")
+                || (group == "networking.k8s.io" && resource == "ingresses");
             assert!(
                 may_delete || (!verbs.contains("delete") && !verbs.contains("deletecollection")),
                 "{group}/{resource}: {verbs:?}"

@@ -10,7 +10,7 @@ use std::time::Duration;
 use flowcraft::client::{self, Resume, RunResult};
 use flowcraft::embedded::{Embedded, run_once};
 use flowcraft::flow::{Blueprint, BlueprintSet, Graph, Registry};
-use flowcraft::store::RunStatus;
+use flowcraft::store::{RunStatus, RunStore};
 
 async fn run_case(case: &common::conformance::Case, workers: usize) -> RunResult {
     let path = common::conformance::blueprint_dir().join(format!("{}.yaml", case.blueprint));
@@ -31,6 +31,12 @@ async fn drive_case(case: &common::conformance::Case, graph: Graph, registry: Re
     let settle = Duration::from_secs(20);
     for step in &case.resume {
         assert_eq!(engine.settled(&run_id, settle).await.unwrap(), RunStatus::Awaiting, "{}", case.name);
+        if step.webhook {
+            let records = engine.store.records(&run_id).await.unwrap();
+            let (token, _) = common::conformance::webhook_url(&records, &step.node).expect("a webhook URL");
+            engine.deliver_webhook(&token, &step.webhook_body(), step.action.clone()).await.unwrap();
+            continue;
+        }
         let resume = Resume { result: step.result.clone(), action: step.action.clone() };
         engine.resume(&run_id, &step.node, resume).await.unwrap();
     }

@@ -49,8 +49,10 @@ async fn conformance_suite_on_the_services_with_two_worker_processes() {
     let dir = common::conformance::blueprint_dir();
     let store = cluster.store().await;
     let queue = cluster.queue().await;
-    let _w1 = cluster.spawn_worker("w1", &dir, &[]);
-    let _w2 = cluster.spawn_worker("w2", &dir, &[]);
+    // Each worker serves webhooks on its own port; a webhook node's URL points at the worker that ran it.
+    let (hooks1, hooks2) = (common::webhook_env(common::free_port()), common::webhook_env(common::free_port()));
+    let _w1 = cluster.spawn_worker("w1", &dir, &env_refs(&hooks1));
+    let _w2 = cluster.spawn_worker("w2", &dir, &env_refs(&hooks2));
     let cases = common::conformance::cases();
     let mut ids = Vec::new();
     for (i, case) in cases.iter().enumerate() {
@@ -83,10 +85,22 @@ async fn awaiting(store: &PostgresStore, id: &str) {
     .await
 }
 
-/// A conformance case's resumes and cancel, each once its run is `awaiting`.
+fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// A conformance case's resumes and cancel, each once its run is `awaiting`; a webhook step is a request to the
+/// node's URL (served by the worker that ran it).
 async fn drive<Q: JobQueue>(queue: &Q, store: &PostgresStore, case: &common::conformance::Case, id: &str) {
     for step in &case.resume {
         awaiting(store, id).await;
+        if step.webhook {
+            let records = store.records(id).await.expect("records");
+            let (_, url) = common::conformance::webhook_url(&records, &step.node).expect("a webhook URL");
+            let (status, body) = common::post_webhook(&url, step.webhook_body(), step.action.as_deref()).await;
+            assert_eq!(status, 202, "{body}");
+            continue;
+        }
         let resume = client::Resume { result: step.result.clone(), action: step.action.clone() };
         client::resume_node(queue, store, id, &step.node, resume).await.expect("resume");
     }

@@ -23,6 +23,7 @@ use flowcraft::operator::controllers::error_policy;
 use flowcraft::operator::crd::{
     AutoscalingSpec, FlowRun, FlowRunPhase, FlowRunSpec, FlowRunStatus, FlowcraftReconcileSchedule,
     FlowcraftReconcileScheduleSpec, FlowcraftWorkerPool, FlowcraftWorkerPoolSpec, QueueSpec, TablesSpec,
+    WebhookIngressSpec, WebhooksSpec,
 };
 use flowcraft::operator::leader::LeaderElector;
 use flowcraft::operator::metrics::Metrics;
@@ -329,6 +330,12 @@ async fn serve_pool_reconcile(
     events: &[&str],
     expect_status: bool,
 ) -> (Value, Option<Value>) {
+    let applied = serve_pool_apply(server, cm).await;
+    (applied, serve_pool_finish(server, pool, events, expect_status).await)
+}
+
+/// The first half of a pool reconcile: Secret, ConfigMap, Deployment apply; returns the applied Deployment.
+async fn serve_pool_apply(server: &mut ApiServer, cm: &ConfigMap) -> Value {
     server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
     server.expect(Method::GET, CM_PATH).await.reply(200, &serde_json::to_value(cm).unwrap());
     server.expect(Method::GET, DEPLOY_PATH).await.not_found("deployments.apps", "orders-worker");
@@ -337,11 +344,21 @@ async fn serve_pool_reconcile(
     let applied = call.body.clone();
     let desired = applied["spec"]["replicas"].as_i64().unwrap();
     call.reply(200, &deployment_response(&applied, desired, desired));
+    applied
+}
+
+/// The second half of a pool reconcile: events, then the status patch when expected; returns the status.
+async fn serve_pool_finish(
+    server: &mut ApiServer,
+    pool: &FlowcraftWorkerPool,
+    events: &[&str],
+    expect_status: bool,
+) -> Option<Value> {
     for reason in events {
         server.expect_event("Normal", reason, "orders").await;
     }
     if !expect_status {
-        return (applied, None);
+        return None;
     }
     let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
     call.assert_ssa();
@@ -349,7 +366,7 @@ async fn serve_pool_reconcile(
     assert_eq!(call.body["kind"], "FlowcraftWorkerPool");
     let status = call.body["status"].clone();
     call.reply(200, &with_status(pool, &status));
-    (applied, Some(status))
+    Some(status)
 }
 
 #[tokio::test]
@@ -662,6 +679,153 @@ async fn pool_being_deleted_makes_no_request() {
 
 const CRONJOB_PATH: &str = "/apis/batch/v1/namespaces/shop/cronjobs/orders-reconcile";
 const SCHEDULE_PATH: &str = "/apis/flowcraft.io/v1alpha1/namespaces/shop/flowcraftreconcileschedules/orders-reconcile";
+
+const WEBHOOK_SERVICE_PATH: &str = "/api/v1/namespaces/shop/services/orders-webhooks";
+const WEBHOOK_INGRESS_PATH: &str = "/apis/networking.k8s.io/v1/namespaces/shop/ingresses/orders-webhooks";
+
+/// Serve the apply of a webhook object that does not exist yet; returns the applied body.
+async fn serve_owned_apply(server: &mut ApiServer, path: &str, resource: &str) -> Value {
+    server.expect(Method::GET, path).await.not_found(resource, "orders-webhooks");
+    let call = server.expect(Method::PATCH, path).await;
+    call.assert_ssa();
+    let applied = call.body.clone();
+    call.reply(200, &applied);
+    applied
+}
+
+/// Serve the removal of a webhook object the pool owns (read, then deleted).
+async fn serve_owned_delete(server: &mut ApiServer, path: &str, owned: &Value) {
+    server.expect(Method::GET, path).await.reply(200, owned);
+    let call = server.expect(Method::DELETE, path).await;
+    assert_eq!(call.body["propagationPolicy"], "Background", "{}", call.body);
+    call.reply(200, owned);
+}
+
+#[tokio::test]
+async fn pool_webhooks_get_a_service_and_ingress_removed_when_disabled() {
+    let cm = configmap(BLUEPRINT);
+    let mut p = pool();
+    p.spec.webhooks = Some(WebhooksSpec {
+        enabled: true,
+        port: 8081,
+        base_url: None,
+        ingress: Some(WebhookIngressSpec {
+            host: "hooks.example.com".into(),
+            class_name: Some("nginx".into()),
+            tls_secret_name: Some("hooks-tls".into()),
+        }),
+    });
+    let (ctx, server) = test_context();
+    let (p2, cm2) = (p.clone(), cm.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let deployment = serve_pool_apply(&mut server, &cm2).await;
+            let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+            let env = container["env"].as_array().unwrap();
+            let value = |n: &str| env.iter().find(|e| e["name"] == n).map(|e| e["value"].clone());
+            assert_eq!(value("FLOWCRAFT_WEBHOOK_ADDR"), Some(json!("0.0.0.0:8081")));
+            assert_eq!(value("FLOWCRAFT_WEBHOOK_BASE_URL"), Some(json!("https://hooks.example.com")));
+            assert!(container["ports"].as_array().unwrap().iter().any(|port| port["name"] == "webhooks"));
+            let service = serve_owned_apply(&mut server, WEBHOOK_SERVICE_PATH, "services").await;
+            assert_eq!((service["apiVersion"].clone(), service["kind"].clone()), (json!("v1"), json!("Service")));
+            assert_eq!(service["metadata"]["ownerReferences"][0]["uid"], "pool-uid-1");
+            assert_eq!(service["spec"]["selector"]["flowcraft.io/pool"], "orders");
+            assert_eq!(service["spec"]["ports"][0]["targetPort"], "webhooks");
+            let ingress = serve_owned_apply(&mut server, WEBHOOK_INGRESS_PATH, "ingresses.networking.k8s.io").await;
+            assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
+            assert_eq!(ingress["spec"]["rules"][0]["host"], "hooks.example.com");
+            assert_eq!(ingress["spec"]["rules"][0]["http"]["paths"][0]["path"], "/webhooks/");
+            assert_eq!(ingress["spec"]["tls"][0]["secretName"], "hooks-tls");
+            let status = serve_pool_finish(&mut server, &p2, &["Applied"], true).await.unwrap();
+            assert_eq!(
+                status["webhooks"],
+                json!({"service": "orders-webhooks", "ingress": "orders-webhooks",
+                       "baseUrl": "https://hooks.example.com"})
+            );
+            tx.send((status, service, ingress)).unwrap();
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await
+    .unwrap();
+    let (status, service, ingress) = rx.await.unwrap();
+
+    // Disabled: the Ingress and the Service the status recorded are deleted; the workers lose the env.
+    let mut p = pool_with_status(&status);
+    p.spec.webhooks = Some(WebhooksSpec::default());
+    p.metadata.generation = Some(2);
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            let deployment = serve_pool_apply(&mut server, &cm).await;
+            let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+            assert!(!env.contains("FLOWCRAFT_WEBHOOK"), "{env}");
+            serve_owned_delete(&mut server, WEBHOOK_INGRESS_PATH, &ingress).await;
+            serve_owned_delete(&mut server, WEBHOOK_SERVICE_PATH, &service).await;
+            let status = serve_pool_finish(&mut server, &p2, &["Applied"], true).await.unwrap();
+            assert!(status.get("webhooks").is_none_or(Value::is_null), "{status}");
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn pool_webhooks_never_take_over_or_delete_a_service_the_pool_does_not_own() {
+    let cm = configmap(BLUEPRINT);
+    let mut p = pool();
+    p.spec.webhooks = Some(WebhooksSpec { enabled: true, ..WebhooksSpec::default() });
+    let foreign = json!({"apiVersion": "v1", "kind": "Service",
+                         "metadata": {"name": "orders-webhooks", "namespace": NS, "uid": "other"}});
+    let (ctx, server) = test_context();
+    let (p2, cm2, foreign2) = (p.clone(), cm.clone(), foreign.clone());
+    let result = run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            serve_pool_apply(&mut server, &cm2).await;
+            server.expect(Method::GET, WEBHOOK_SERVICE_PATH).await.reply(200, &foreign2);
+            let note = server.expect_event("Warning", "NameInUse", "orders").await;
+            assert!(note.contains("Service shop/orders-webhooks"), "{note}");
+            let call = server.expect(Method::PATCH, &format!("{POOL_PATH}/status")).await;
+            let status = call.body["status"].clone();
+            assert_eq!(condition(&status, "Degraded")["reason"], "NameInUse");
+            call.reply(200, &with_status(&p2, &status));
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await;
+    assert!(result.is_err());
+
+    // Disabled while the status records a Service that someone else now controls: read, left alone.
+    let mut p = pool_with_status(&json!({"webhooks": {"service": "orders-webhooks", "baseUrl": "http://x"}}));
+    p.spec.webhooks = None;
+    let (ctx, server) = test_context();
+    let p2 = p.clone();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            serve_pool_apply(&mut server, &cm).await;
+            server.expect(Method::GET, WEBHOOK_SERVICE_PATH).await.reply(200, &foreign);
+            serve_pool_finish(&mut server, &p2, &["Applied"], true).await;
+            server
+        },
+        async |ctx| workerpool::reconcile(Arc::new(p), ctx).await,
+    )
+    .await
+    .unwrap();
+}
 
 fn reconcile_schedule(cron: &str) -> FlowcraftReconcileSchedule {
     let mut s = FlowcraftReconcileSchedule::new(

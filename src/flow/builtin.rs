@@ -1,11 +1,13 @@
-//! Built-in nodes (`noop`, `transform`, `log`, `delay`, `fail`, `http`, and the waiting `wait` and `sleep`), their
-//! params checks and durations.
+//! Built-in nodes (`noop`, `transform`, `log`, `delay`, `fail`, `http`, and the waiting `wait`, `sleep` and
+//! `webhook`), their params checks and durations.
 
 pub mod control;
 mod http;
 mod wait;
+mod webhook;
 
 pub use wait::{WAIT_TIMED_OUT, WAITING_KINDS};
+pub use webhook::{DEFAULT_WEBHOOK_BASE_URL, WEBHOOK_PATH, new_token, stored_token, token_hash, webhook_url};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,12 +35,13 @@ pub fn register_all(registry: &mut Registry, limits: &Limits) {
         .register(crate::flow::batch::SCATTER, control::BatchScatter)
         .register(crate::flow::batch::GATHER, control::BatchGather)
         .register("wait", wait::WaitNode)
-        .register("sleep", wait::SleepNode);
+        .register("sleep", wait::SleepNode)
+        .register("webhook", webhook::WebhookNode::new(DEFAULT_WEBHOOK_BASE_URL));
 }
 
 impl Registry {
     /// A registry with the built-in nodes (`noop`, `transform`, `log`, `delay`, `fail`, `http`, `loop-controller`,
-    /// `batch-scatter`, `batch-gather`, `wait`, `sleep`) and the default [`Limits`].
+    /// `batch-scatter`, `batch-gather`, `wait`, `sleep`, `webhook`) and the default [`Limits`].
     pub fn with_builtins() -> Self {
         Self::with_builtins_config(&Limits::default())
     }
@@ -51,13 +54,19 @@ impl Registry {
         register_all(&mut r, limits);
         r
     }
+
+    /// Make the `webhook` node's URLs start with `base_url` (`FLOWCRAFT_WEBHOOK_BASE_URL`, the public address of
+    /// the workers' webhook server; default [`DEFAULT_WEBHOOK_BASE_URL`]).
+    pub fn set_webhook_base_url(&mut self, base_url: &str) -> &mut Self {
+        self.register("webhook", webhook::WebhookNode::new(base_url))
+    }
 }
 
 /// The problems of a built-in node's params, human-readable; empty when they are fine or `uses` is not a
 /// built-in node checked here. Each built-in's [`Node::check_params`] calls it.
 pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
     let mut problems = Vec::new();
-    if !matches!(uses, "noop" | "transform" | "log" | "delay" | "sleep" | "fail" | "http" | "wait") {
+    if !matches!(uses, "noop" | "transform" | "log" | "delay" | "sleep" | "fail" | "http" | "wait" | "webhook") {
         return problems;
     }
     if !params.is_null() && !params.is_object() {
@@ -118,11 +127,11 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
             }
         }
         "http" => http::check_params(params, &mut problems),
-        "wait" => {
+        "wait" | "webhook" => {
             if let Some(timeout) = param("timeout")
                 && let Err(e) = parse_duration(timeout)
             {
-                problems.push(format!("wait: params.timeout {e}"));
+                problems.push(format!("{uses}: params.timeout {e}"));
             }
         }
         _ => {}

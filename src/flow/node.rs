@@ -66,6 +66,8 @@ pub struct WaitRequest {
     pub reason: crate::flow::WaitReason,
     /// Its timer: a `sleep`'s duration (resumes with the output), a `wait`'s timeout (fails the node).
     pub after: Option<std::time::Duration>,
+    /// The URL a `webhook` node waits on (a bearer secret: shown by `status` only).
+    pub url: Option<String>,
 }
 
 /// A failed attempt. Retryable errors are retried up to `maxRetries` attempts; others fail at once.

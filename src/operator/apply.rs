@@ -1,11 +1,11 @@
-//! Server-side apply of the objects the operator owns (worker Deployments, reconcile CronJobs), never taking
-//! over an object someone else owns: an existing object without the owner's controller reference is left
-//! untouched and the owner is told the name is in use.
+//! Server-side apply of the objects the operator owns (worker Deployments, reconcile CronJobs, webhook Services
+//! and Ingresses) and their removal, never taking over an object someone else owns: an existing object without
+//! the owner's controller reference is left untouched and the owner is told the name is in use.
 
 use std::fmt::Debug;
 
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -54,6 +54,33 @@ where
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired))
         .await
         .map_err(|e| kube_error("apply", e))
+}
+
+/// Delete the object `name` (in `owner`'s namespace) when `owner` controls it; an object it does not control, or
+/// none, is left alone. Returns whether a delete was sent.
+pub async fn delete_owned<O, K>(ctx: &Context, owner: &O, name: &str) -> Result<bool, OperatorError>
+where
+    O: Resource<DynamicType = ()>,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Debug + DeserializeOwned,
+{
+    let namespace = owner.namespace().unwrap_or_default();
+    let what = format!("{} {namespace}/{name}", K::kind(&()));
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let kube_error = |action: &str, source| OperatorError::Kube {
+        object: object_name(owner),
+        action: format!("{action} {what}"),
+        source,
+    };
+    let owner_uid = owner.meta().uid.clone().unwrap_or_default();
+    match api.get_opt(name).await.map_err(|e| kube_error("get", e))? {
+        Some(existing) if is_controlled_by(&existing, &owner_uid) => {}
+        _ => return Ok(false),
+    }
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(kube_error("delete", e)),
+    }
 }
 
 #[cfg(test)]

@@ -130,6 +130,58 @@ pub struct FlowcraftWorkerPoolSpec {
     #[serde(default = "default_grace")]
     #[x_kube(validation = Rule::new("self >= 2 && self <= 86400").message("terminationGracePeriodSeconds must be in 2..86400"))]
     pub termination_grace_period_seconds: i64,
+    /// The workers' webhook server (`POST /webhooks/<token>` resumes a `webhook` node): a Service for the pool's
+    /// workers, and an Ingress when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<WebhooksSpec>,
+}
+
+/// Default port of the workers' webhook server (`FLOWCRAFT_WEBHOOK_ADDR`).
+pub const DEFAULT_WEBHOOK_PORT: i32 = 8081;
+
+fn default_webhook_port() -> i32 {
+    DEFAULT_WEBHOOK_PORT
+}
+
+/// The webhooks of a pool's workers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhooksSpec {
+    /// Serve webhooks: the workers listen on `port` and get a Service `<pool>-webhooks` (removed when disabled).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Port of the workers' webhook server and of the Service (default 8081; the admin port 8080 is taken).
+    #[serde(default = "default_webhook_port")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535 && self != 8080").message("port must be in 1..65535 and not 8080 (the admin port)"))]
+    pub port: i32,
+    /// The public base URL of webhook URLs (`FLOWCRAFT_WEBHOOK_BASE_URL`); default: `https://<ingress.host>`
+    /// (`http://` without `tlsSecretName`), else the Service's in-cluster address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// An Ingress `<pool>-webhooks` routing `/webhooks/` on `host` to the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<WebhookIngressSpec>,
+}
+
+impl Default for WebhooksSpec {
+    fn default() -> Self {
+        Self { enabled: false, port: DEFAULT_WEBHOOK_PORT, base_url: None, ingress: None }
+    }
+}
+
+/// The Ingress of a pool's webhooks.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookIngressSpec {
+    /// The public host name.
+    #[x_kube(validation = Rule::new("self != ''").message("ingress host must not be empty"))]
+    pub host: String,
+    /// The IngressClass (`spec.ingressClassName`); default: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    /// A `kubernetes.io/tls` Secret for `host`: the Ingress terminates TLS with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
 }
 
 fn default_grace() -> i64 {
@@ -218,6 +270,7 @@ impl FlowcraftWorkerPoolSpec {
             tls: None,
             http: None,
             termination_grace_period_seconds: DEFAULT_TERMINATION_GRACE_SECONDS,
+            webhooks: None,
         }
     }
 }
@@ -327,10 +380,26 @@ pub struct FlowcraftWorkerPoolStatus {
     /// run once the rollout is complete, see the Progressing condition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The webhook Service and Ingress the operator applied for the pool (removed when webhooks are disabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<PoolWebhooksStatus>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// The webhook objects of a pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolWebhooksStatus {
+    /// Name of the Service.
+    pub service: String,
+    /// Name of the Ingress, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<String>,
+    /// The base URL of the workers' webhook URLs (`FLOWCRAFT_WEBHOOK_BASE_URL`).
+    pub base_url: String,
 }
 
 // ------------------------------------------------------------------------------------------------

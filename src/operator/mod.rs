@@ -16,6 +16,7 @@ pub mod policy;
 pub mod refs;
 pub mod schedule;
 pub mod status;
+pub mod webhooks;
 pub mod workerpool;
 
 pub use crd::{crds_yaml, write_crds};

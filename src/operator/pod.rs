@@ -157,6 +157,7 @@ pub fn pool_env(pool: &FlowcraftWorkerPool, tables: &TableNames) -> Vec<EnvVar> 
     out.push(env("FLOWCRAFT_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")));
     out.push(env_from_field("POD_NAME", "metadata.name"));
     out.push(env_from_field("POD_NAMESPACE", "metadata.namespace"));
+    out.extend(super::webhooks::worker_env(pool));
     out.extend(spec.env.iter().cloned());
     out
 }

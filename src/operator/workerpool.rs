@@ -24,6 +24,7 @@ use super::refs::{pool_connection, pool_graphs, pool_tables, read_configmap};
 use super::status::{
     Cond, DEGRADED, PROGRESSING, READY, apply_status, condition, is_true, merge_conditions, report_failure,
 };
+use super::webhooks;
 use super::{OperatorError, object_name};
 use crate::store::postgres::TableNames;
 
@@ -88,6 +89,17 @@ pub fn worker_image(deployment: &Deployment) -> Option<String> {
     pod.containers.iter().find(|c| c.name == WORKER_CONTAINER)?.image.clone()
 }
 
+/// The worker container's ports: admin, and webhooks when the pool has them.
+fn worker_ports(pool: &FlowcraftWorkerPool) -> Vec<ContainerPort> {
+    let admin = ContainerPort {
+        name: Some(ADMIN_PORT_NAME.to_string()),
+        container_port: ADMIN_PORT,
+        protocol: Some("TCP".to_string()),
+        ..ContainerPort::default()
+    };
+    std::iter::once(admin).chain(webhooks::worker_port(pool)).collect()
+}
+
 /// The worker Deployment of a pool (pure): owned by the pool, labelled, running `flowcraft worker` with the
 /// Secret's URLs, the blueprints mounted, probes on the admin port and a locked-down security context.
 pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Result<Deployment, OperatorError> {
@@ -136,12 +148,7 @@ pub fn desired_deployment(pool: &FlowcraftWorkerPool, ctx: &BuildContext) -> Res
         image_pull_policy: spec.image_pull_policy.clone(),
         args: Some(vec!["worker".to_string()]),
         env: Some(pod::pool_env(pool, &tables)),
-        ports: Some(vec![ContainerPort {
-            name: Some(ADMIN_PORT_NAME.to_string()),
-            container_port: ADMIN_PORT,
-            protocol: Some("TCP".to_string()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(worker_ports(pool)),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
         resources: spec.resources.clone(),
@@ -209,6 +216,8 @@ pub struct Observed {
     pub status: DeploymentStatus,
     /// The image of its worker container.
     pub image: Option<String>,
+    /// The webhook objects applied (see [`webhooks::reconcile`]).
+    pub webhooks: Option<crate::operator::crd::PoolWebhooksStatus>,
 }
 
 /// Replicas to ask for: `spec.replicas`, or computed from the queue depth; without a reading the last
@@ -282,6 +291,7 @@ pub fn pool_status(pool: &FlowcraftWorkerPool, o: &Observed) -> FlowcraftWorkerP
         selector: Some(pod::worker_selector_string(&pool.name_any())),
         blueprints_hash: Some(o.blueprints_hash.clone()),
         image: o.image.clone(),
+        webhooks: o.webhooks.clone(),
         conditions: merge_conditions(&prev.conditions, &[ready_cond, progressing_cond, degraded_cond], generation),
     }
 }
@@ -384,6 +394,7 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
     let desired = desired_deployment(pool, &build)?;
     let hint = "set spec.deploymentName to a free name, or delete that object";
     let applied = apply_owned(ctx, pool, &desired, hint).await?;
+    let webhooks = webhooks::reconcile(ctx, pool).await?;
     let observed = Observed {
         deployment: format!("{namespace}/{}", deployment_name(pool)),
         replicas,
@@ -393,6 +404,7 @@ async fn apply(pool: &FlowcraftWorkerPool, ctx: &Context, key: &str) -> Result<A
         generation: applied.metadata.generation,
         image: worker_image(&applied),
         status: applied.status.unwrap_or_default(),
+        webhooks,
     };
     let status = pool_status(pool, &observed);
     for note in pool_events(pool, &observed, &status) {
@@ -654,6 +666,7 @@ mod tests {
                 ..Default::default()
             },
             image: Some("ghcr.io/flowcraft/flowcraft:1.0".into()),
+            webhooks: None,
         }
     }
 

@@ -538,6 +538,16 @@ impl RunStore for MemoryStore {
             .min())
     }
 
+    async fn webhook_node(&self, token_hash: &str) -> StoreResult<Option<(String, InstanceKey)>> {
+        let runs = lock(&self.runs);
+        Ok(runs.iter().find_map(|(run_id, e)| {
+            e.records.values().map(|(_, r)| r).find_map(|r| {
+                let stored = r.wait.as_deref().and_then(crate::flow::builtin::stored_token);
+                (stored.as_deref() == Some(token_hash)).then(|| (run_id.clone(), r.key()))
+            })
+        }))
+    }
+
     async fn touch(&self, run_id: &str) -> StoreResult<()> {
         self.with_run(run_id, |e| {
             if e.info.status == RunStatus::Running {

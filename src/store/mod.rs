@@ -522,6 +522,11 @@ pub trait RunStore: Send + Sync + 'static {
     /// When the earliest armed timer falls due, if any.
     async fn next_timer(&self) -> StoreResult<Option<DateTime<Utc>>>;
 
+    /// The run and node instance of the `webhook` record whose token hashes to `token_hash` (see
+    /// [`crate::flow::builtin::token_hash`]), whatever its status now; `None` when no record has it. An indexed
+    /// lookup by the hash: the token itself is never compared.
+    async fn webhook_node(&self, token_hash: &str) -> StoreResult<Option<(String, InstanceKey)>>;
+
     /// Set `updated_at` to now.
     async fn touch(&self, run_id: &str) -> StoreResult<()>;
 

@@ -355,9 +355,10 @@ const JOB_VIEW_WHOLE: &str = "
 // All sub-statements share one snapshot, so `existing` sees a record committed before this statement; a record
 // committed concurrently (the ON CONFLICT waited for it) is invisible here and read by a follow-up query.
 const RECORD: &str = "WITH ins AS (
-    INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error, wait, wake_at)
+    INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error, wait, wake_at,
+                           token)
     SELECT $1::text, $2::text, $10::text, $3::text, $4::text, $5::jsonb, $6::jsonb, $7::int, $8::text, $11::jsonb,
-           $12::timestamptz
+           $12::timestamptz, $13::text
      WHERE EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text)
     ON CONFLICT (run_id, node_id, instance) DO UPDATE
        SET status = EXCLUDED.status, action = EXCLUDED.action, output = EXCLUDED.output, taken = EXCLUDED.taken,
@@ -471,6 +472,9 @@ SELECT fired.run_id, fired.node_id, fired.instance, runs.blueprint_id FROM fired
 
 const NEXT_TIMER: &str = "SELECT min(wake_at) AS at FROM {results} WHERE status = 'waiting' AND wake_at IS NOT NULL";
 
+// A webhook request's node, by the hash of its token (unique index on `token`).
+const WEBHOOK_NODE: &str = "SELECT run_id, node_id, instance FROM {results} WHERE token = $1::text";
+
 /// The heartbeat. `updated_at` is indexed (the reconciler's stalled scan), so every write of it costs a new tuple
 /// and index entries; a heartbeat needs only second precision (stalled thresholds are minutes), so a run touched
 /// within the last second is left alone. Most jobs of a fast run then write nothing here.
@@ -566,6 +570,7 @@ struct Sql {
     set_awaiting: String,
     fire_due_timers: String,
     next_timer: String,
+    webhook_node: String,
     touch: String,
     run_info: String,
     records: String,
@@ -603,6 +608,7 @@ impl Sql {
             set_awaiting: names.render(SET_AWAITING),
             fire_due_timers: names.render(FIRE_DUE_TIMERS),
             next_timer: names.render(NEXT_TIMER),
+            webhook_node: names.render(WEBHOOK_NODE),
             touch: names.render(TOUCH),
             run_info: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}} WHERE run_id = $1::text")),
             records: names.render(RECORDS),
@@ -646,7 +652,7 @@ fn corrupt(run_id: &str, message: impl Into<String>, source: Option<BackendError
     StoreError::Corrupt { run_id: run_id.to_string(), message: message.into(), source }
 }
 
-/// The `RECORD` statement's parameters for one record (`$1` … `$12`), converted once: written in one place for
+/// The `RECORD` statement's parameters for one record (`$1` … `$13`), converted once: written in one place for
 /// every statement that records a node (`record`, `record_with_items`).
 struct RecordParams<'a> {
     run_id: &'a str,
@@ -657,6 +663,7 @@ struct RecordParams<'a> {
     merge: Value,
     wait: Option<Json<&'a crate::flow::Wait>>,
     wake_at: Option<DateTime<Utc>>,
+    token: Option<String>,
 }
 
 impl<'a> RecordParams<'a> {
@@ -670,10 +677,11 @@ impl<'a> RecordParams<'a> {
             merge: stored_writes(context_writes),
             wait: record.wait.as_deref().map(Json),
             wake_at: record.wait.as_ref().and_then(|w| w.wake_at),
+            token: record.wait.as_deref().and_then(crate::flow::builtin::stored_token),
         }
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
         let r = self.record;
         [
             &self.run_id,
@@ -688,6 +696,7 @@ impl<'a> RecordParams<'a> {
             &r.instance,
             &self.wait,
             &self.wake_at,
+            &self.token,
         ]
     }
 }
@@ -1414,6 +1423,20 @@ impl RunStore for PostgresStore {
         let stmt = client.prepare_cached(&self.sql.next_timer).await.map_err(|e| db_error(op, table, e))?;
         let row = client.query_one(&stmt, &[]).await.map_err(|e| db_error(op, table, e))?;
         column(&row, "at", "*")
+    }
+
+    async fn webhook_node(&self, token_hash: &str) -> StoreResult<Option<(String, InstanceKey)>> {
+        let op = "find a webhook's node";
+        let table = self.names.results.as_str();
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.webhook_node).await.map_err(|e| db_error(op, table, e))?;
+        let Some(row) = client.query_opt(&stmt, &[&token_hash]).await.map_err(|e| db_error(op, table, e))? else {
+            return Ok(None);
+        };
+        let run_id: String = column(&row, "run_id", "*")?;
+        let key =
+            InstanceKey::new(column::<String>(&row, "node_id", &run_id)?, column::<String>(&row, "instance", &run_id)?);
+        Ok(Some((run_id, key)))
     }
 
     async fn touch(&self, run_id: &str) -> StoreResult<()> {

@@ -14,7 +14,7 @@ use crate::store::{Coordinator, Job, JobQueue, JobView, RunStore, StoreError, Tr
 pub(super) fn recorded_wait(request: &WaitRequest, now: DateTime<Utc>) -> Wait {
     let wake_at =
         request.after.and_then(|d| chrono::Duration::from_std(d).ok()).and_then(|d| now.checked_add_signed(d));
-    Wait { reason: request.reason, wake_at, url: None, child_run_id: None }
+    Wait { reason: request.reason, wake_at, url: request.url.clone(), child_run_id: None }
 }
 
 /// How a resumed record is routed: its error fails the node (a timeout: no retry, its fallback takes over), else
@@ -97,12 +97,14 @@ mod tests {
     #[test]
     fn a_requested_timer_becomes_a_due_time() {
         let now = Utc::now();
-        let request = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::from_secs(90)) };
+        let request = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::from_secs(90)), url: None };
         let wait = recorded_wait(&request, now);
         assert_eq!((wait.reason, wait.wake_at), (WaitReason::Timer, Some(now + chrono::Duration::seconds(90))));
-        let external = WaitRequest { reason: WaitReason::ExternalEvent, after: None };
+        let external = WaitRequest { reason: WaitReason::ExternalEvent, after: None, url: None };
         assert_eq!(recorded_wait(&external, now).wake_at, None);
-        let forever = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::MAX) };
+        let forever = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::MAX), url: None };
         assert_eq!(recorded_wait(&forever, now).wake_at, None, "out of range: no timer rather than a panic");
+        let hook = WaitRequest { reason: WaitReason::Webhook, after: None, url: Some("http://h/webhooks/t".into()) };
+        assert_eq!(recorded_wait(&hook, now).url.as_deref(), Some("http://h/webhooks/t"));
     }
 }

@@ -40,6 +40,23 @@ pub struct ResumeStep {
     pub result: Value,
     #[serde(default)]
     pub action: Option<String>,
+    /// Deliver it as a request to the node's webhook URL (body: `result`, empty when null; `?action=`).
+    #[serde(default)]
+    pub webhook: bool,
+}
+
+/// The token of a waiting webhook node of `records` (the last segment of its URL), and its URL.
+pub fn webhook_url(records: &[flowcraft::flow::NodeRecord], node: &str) -> Option<(String, String)> {
+    let url = records.iter().find(|r| r.node_id == node)?.wait.as_ref()?.url.clone()?;
+    let token = url.rsplit_once("/webhooks/")?.1.to_string();
+    Some((token, url))
+}
+
+impl ResumeStep {
+    /// The webhook request body of this step: `result` as JSON, empty when null.
+    pub fn webhook_body(&self) -> Vec<u8> {
+        if self.result.is_null() { Vec::new() } else { serde_json::to_vec(&self.result).unwrap_or_default() }
+    }
 }
 
 impl Case {

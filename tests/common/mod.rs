@@ -33,6 +33,33 @@ pub fn unique(tag: &str) -> String {
     format!("t_{tag}_{}_{n}_{nanos:x}", std::process::id())
 }
 
+/// A loopback port free at the time of the call (bound, then released), for a server a spawned process opens.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// The env of a worker process serving webhooks on `port` of loopback, with URLs pointing there.
+pub fn webhook_env(port: u16) -> [(String, String); 2] {
+    [
+        ("FLOWCRAFT_WEBHOOK_ADDR".to_string(), format!("127.0.0.1:{port}")),
+        ("FLOWCRAFT_WEBHOOK_BASE_URL".to_string(), format!("http://127.0.0.1:{port}")),
+    ]
+}
+
+/// POST `body` to a webhook URL (with `?action=` when given); the answer's status and JSON body (`null` when
+/// not JSON).
+pub async fn post_webhook(url: &str, body: impl Into<reqwest::Body>, action: Option<&str>) -> (u16, serde_json::Value) {
+    flowcraft::crypto::install_crypto_provider();
+    let mut target = url::Url::parse(url).expect("a webhook URL");
+    if let Some(action) = action {
+        target.query_pairs_mut().append_pair("action", action);
+    }
+    let response = reqwest::Client::new().post(target).body(body).send().await.expect("webhook request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// Await a condition with a deadline (no sleeps as synchronisation): polls `check` until it returns `Some`.
 pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
@@ -131,6 +158,7 @@ pub mod cluster {
                 ("FLOWCRAFT_RESULTS_TABLE".into(), c.results_table.clone()),
                 ("FLOWCRAFT_REDIS_PREFIX".into(), c.redis_prefix.clone()),
                 ("FLOWCRAFT_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
+                ("FLOWCRAFT_WEBHOOK_ADDR".into(), "127.0.0.1:0".into()),
                 ("FLOWCRAFT_LEASE_TTL".into(), "2s".into()),
                 // The tests' own HTTP servers listen on loopback, which the http node denies by default.
                 ("FLOWCRAFT_HTTP_ALLOW".into(), "127.0.0.1".into()),

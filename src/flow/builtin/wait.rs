@@ -37,7 +37,7 @@ impl Node for WaitNode {
             Some(t) => Some(parse_duration(t).map_err(|e| NodeError::fatal(format!("wait: params.timeout {e}")))?),
             None => None,
         };
-        Ok(NodeOutput::waiting(Value::Null, WaitRequest { reason: WaitReason::ExternalEvent, after }))
+        Ok(NodeOutput::waiting(Value::Null, WaitRequest { reason: WaitReason::ExternalEvent, after, url: None }))
     }
 }
 
@@ -73,7 +73,7 @@ impl Node for SleepNode {
 
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         let after = sleep_duration(&ctx.params).map_err(NodeError::fatal)?;
-        Ok(NodeOutput::waiting(ctx.input, WaitRequest { reason: WaitReason::Timer, after: Some(after) }))
+        Ok(NodeOutput::waiting(ctx.input, WaitRequest { reason: WaitReason::Timer, after: Some(after), url: None }))
     }
 }
 
