@@ -995,6 +995,17 @@ fn check_batches(
                 format!("batch-scatter '{id}': params.workerUsesKey '{}' is not a registered node", p.worker),
             ));
         }
+        if crate::flow::builtin::WAITING_KINDS.contains(&p.worker.as_str()) {
+            // An item's result is recorded as it returns: an item cannot wait (docs/architecture.md, "Waiting nodes").
+            problems.push(Problem::new(
+                "bad-batch",
+                format!(
+                    "batch-scatter '{id}': params.workerUsesKey '{}' is a waiting node, and batch items cannot wait \
+                     (use `delay` for a pause per item)",
+                    p.worker
+                ),
+            ));
+        }
     }
     if problems.is_empty() { Ok(()) } else { Err(problems) }
 }
@@ -1123,6 +1134,27 @@ mod tests {
         for id in ["'a'", "'nope'", "'ghost'", "'zzz'", "'yyy'"] {
             assert!(text.contains(id), "{id} not named in {text}");
         }
+    }
+
+    #[test]
+    fn batch_items_cannot_wait() {
+        let batch = |worker: &str| {
+            json!({
+                "id": "b",
+                "nodes": [
+                    {"id": "sc", "uses": "batch-scatter",
+                     "params": {"workerUsesKey": worker, "gatherNodeId": "ga", "workerParams": {"duration": 1}}},
+                    {"id": "ga", "uses": "batch-gather"}
+                ],
+                "edges": [{"source": "sc", "target": "ga"}]
+            })
+        };
+        let p = problems(batch("sleep"));
+        assert!(
+            p.iter().any(|p| p.code == "bad-batch" && p.to_string().contains("'sleep' is a waiting node")),
+            "{p:?}"
+        );
+        graph(batch("delay"));
     }
 
     #[test]
