@@ -54,6 +54,19 @@ pub enum ClientError {
         /// What it is instead.
         state: String,
     },
+    /// A resume names no instance and several instances of the node wait (a `wait` in a loop body or as a batch
+    /// worker): it must say which one.
+    #[error("run {run_id}: {count} instances of node '{node_id}' are waiting ({listed}); name one with --instance")]
+    SeveralWaiting {
+        /// The run.
+        run_id: String,
+        /// The node.
+        node_id: String,
+        /// How many wait (at least; counted up to a small bound).
+        count: String,
+        /// Some of them, comma-separated.
+        listed: String,
+    },
     /// The run input is not acceptable.
     #[error("invalid input for run {run_id}: {message}")]
     Input {
@@ -312,6 +325,98 @@ pub async fn run_result<S: RunStore + ?Sized>(
     Ok(Some(build_result(info, records, graph)))
 }
 
+/// One instance of a node, as `status --instances` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceSummary {
+    /// The instance (`""` outside loops and batches, `"3"` an iteration, `"#7"` a batch item).
+    pub instance: String,
+    /// Its status.
+    pub status: NodeStatus,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The error of a failed instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its output, when asked for (`--outputs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+}
+
+/// One page of a node's instances (`flowcraft status RUN --instances NODE [--after I] [--limit N]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstancePage {
+    /// The run.
+    pub run_id: String,
+    /// The node.
+    pub node_id: String,
+    /// The instances, in [`crate::flow::instance::listing_key`] order.
+    pub instances: Vec<InstanceSummary>,
+    /// What to pass as `--after` for the next page; absent on the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+impl InstancePage {
+    /// The page as text: one line per instance, then how to get the next page.
+    pub fn human(&self, full: bool) -> String {
+        let cut = |text: String, max: usize| if full { text } else { shorten(&text, max) };
+        let mut s = format!("run {}: node {}, {} instances shown\n", self.run_id, self.node_id, self.instances.len());
+        for i in &self.instances {
+            let shown = if i.instance.is_empty() { "''" } else { i.instance.as_str() };
+            let mut line = format!("  {shown:<16} {:<8} attempts={}", i.status.as_str(), i.attempts);
+            if let Some(out) = &i.output {
+                let out = if full { out.to_string() } else { abridged(out).to_string() };
+                line.push_str(&format!("  output={}", cut(out, 80)));
+            }
+            if let Some(e) = &i.error {
+                line.push_str(&format!("  error={}", cut(e.clone(), SHOWN_ERROR_CHARS)));
+            }
+            s.push_str(&line);
+            s.push('\n');
+        }
+        if let Some(next) = &self.next {
+            s.push_str(&format!("more: --after '{next}'\n"));
+        }
+        s
+    }
+}
+
+/// The most instances one page lists.
+pub const MAX_INSTANCES_PAGE: usize = 1_000;
+
+/// One page of a node's instances, at most `limit` (≤ [`MAX_INSTANCES_PAGE`]) after `after`, with their outputs
+/// when `outputs` (one bounded query: a batch of 10 000 items is listed page by page). `None`: no such run.
+pub async fn instance_page<S: RunStore + ?Sized>(
+    store: &S,
+    run_id: &str,
+    node_id: &str,
+    after: Option<&str>,
+    (limit, outputs): (usize, bool),
+) -> Result<Option<InstancePage>, ClientError> {
+    validate_run_id(run_id)?;
+    if store.run_info(run_id).await.map_err(store_err(run_id))?.is_none() {
+        return Ok(None);
+    }
+    let limit = limit.clamp(1, MAX_INSTANCES_PAGE);
+    let mut records =
+        store.instances_page(run_id, node_id, after, limit.saturating_add(1)).await.map_err(store_err(run_id))?;
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let next = if more { records.last().map(|r| r.instance.clone()) } else { None };
+    let instances = records
+        .into_iter()
+        .map(|r| InstanceSummary {
+            output: outputs.then_some(r.output),
+            instance: r.instance,
+            status: r.status,
+            attempts: r.attempts,
+            error: r.error,
+        })
+        .collect();
+    Ok(Some(InstancePage { run_id: run_id.to_string(), node_id: node_id.to_string(), instances, next }))
+}
+
 /// The state of a run without its outputs (`outputs` is empty): what the operator mirrors into a FlowRun every
 /// few seconds, without reading every output of a big run.
 pub async fn run_states<S: RunStore + ?Sized>(store: &S, run_id: &str) -> Result<Option<RunResult>, ClientError> {
@@ -394,6 +499,53 @@ pub struct Resume {
     pub result: Value,
     /// The action, as if the node had returned it.
     pub action: Option<String>,
+    /// Which instance of the node (a `wait` in a loop body or as a batch worker); `None`: the only waiting one.
+    /// Read by [`resume_node`]; [`resume_instance`] is given its instance.
+    pub instance: Option<String>,
+}
+
+/// How many waiting instances a resume without `instance` looks at: enough to name a few in its error.
+const WAITING_SHOWN: usize = 3;
+
+/// The instance a resume that names none is for (pure): the only waiting one; the node itself (`""`) when none
+/// waits, so that the guarded transition says why; an error naming a few when several wait.
+fn only_waiting(run_id: &str, node_id: &str, waiting: &[String]) -> Result<String, ClientError> {
+    match waiting {
+        [] => Ok(String::new()),
+        [one] => Ok(one.clone()),
+        several => {
+            let shown = &several[..several.len().min(WAITING_SHOWN)];
+            let more = several.len() > WAITING_SHOWN;
+            Err(ClientError::SeveralWaiting {
+                run_id: run_id.to_string(),
+                node_id: node_id.to_string(),
+                count: if more { format!("more than {WAITING_SHOWN}") } else { several.len().to_string() },
+                listed: format!("{}{}", shown.join(", "), if more { ", …" } else { "" }),
+            })
+        }
+    }
+}
+
+/// The instance a resume is for: the one it names (checked), else [`only_waiting`] over the node's waiting
+/// instances (one bounded query).
+async fn instance_to_resume<S: RunStore + ?Sized>(
+    store: &S,
+    run_id: &str,
+    node_id: &str,
+    named: Option<&str>,
+) -> Result<String, ClientError> {
+    if let Some(instance) = named {
+        if !crate::flow::instance::is_valid(instance) {
+            return Err(ClientError::NotWaiting {
+                run_id: run_id.to_string(),
+                node_id: node_id.to_string(),
+                state: format!("'{}' is not an instance", shorten(instance, 40)),
+            });
+        }
+        return Ok(instance.to_string());
+    }
+    let waiting = store.waiting_instances(run_id, node_id, WAITING_SHOWN + 1).await.map_err(store_err(run_id))?;
+    only_waiting(run_id, node_id, &waiting)
 }
 
 /// Resume a waiting node of a run: record its result exactly once (the guarded transition from `waiting`; of
@@ -410,7 +562,9 @@ where
     Q: JobQueue + ?Sized,
     S: RunStore + ?Sized,
 {
-    resume_instance(queue, store, run_id, &crate::flow::InstanceKey::top(node_id), resume).await
+    validate_run_id(run_id)?;
+    let instance = instance_to_resume(store, run_id, node_id, resume.instance.as_deref()).await?;
+    resume_instance(queue, store, run_id, &crate::flow::InstanceKey::new(node_id, instance), resume).await
 }
 
 /// [`resume_node`] for one instance of a node (a waiting node inside a loop): what a webhook request resumes.
@@ -537,6 +691,17 @@ mod tests {
         assert_eq!(not_waiting_state(None, RunStatus::Awaiting), "it has not been reached");
     }
 
+    #[test]
+    fn a_resume_without_instance_takes_the_only_waiting_one_or_names_several() {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(only_waiting("r", "gate", &[]).unwrap(), "");
+        assert_eq!(only_waiting("r", "gate", &strings(&["3"])).unwrap(), "3");
+        let two = only_waiting("r", "w", &strings(&["#0", "#1"])).unwrap_err().to_string();
+        assert_eq!(two, "run r: 2 instances of node 'w' are waiting (#0, #1); name one with --instance");
+        let many = only_waiting("r", "w", &strings(&["#0", "#1", "#2", "#3"])).unwrap_err().to_string();
+        assert!(many.contains("more than 3 instances") && many.contains("(#0, #1, #2, …)"), "{many}");
+    }
+
     /// A queue whose publishes always fail (the broker refused or is gone).
     struct BrokenQueue;
 
@@ -574,6 +739,31 @@ mod tests {
         let info = store.run_info("r1").await.unwrap().expect("run exists");
         assert_eq!(info.status, RunStatus::Failed);
         assert!(info.status_data["error"].as_str().unwrap().contains("could not be published"), "{info:?}");
+    }
+
+    #[tokio::test]
+    async fn instances_are_listed_page_by_page_in_listing_order() {
+        let (queue, store) = (MemoryQueue::new(), MemoryStore::new());
+        assert!(start_run(&queue, &store, &graph(), "r-page", json!({})).await.unwrap());
+        let scatter = NodeRecord::done("a", json!({"count": 12}), None, vec![], 1);
+        let items: Vec<Value> = (0..12).map(|i| json!(i * 10)).collect();
+        store.record_with_items("r-page", &scatter, &serde_json::Map::new(), &items).await.unwrap();
+        let page = |after: Option<&'static str>, limit, outputs| {
+            let store = &store;
+            async move { instance_page(store, "r-page", "a", after, (limit, outputs)).await.unwrap().unwrap() }
+        };
+        let first = page(None, 5, false).await;
+        let names = |p: &InstancePage| p.instances.iter().map(|i| i.instance.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&first), ["", "#0", "#1", "#2", "#3"]);
+        assert_eq!(first.next.as_deref(), Some("#3"));
+        assert!(first.instances.iter().all(|i| i.output.is_none()), "outputs only when asked");
+        let second = page(Some("#8"), 5, true).await;
+        assert_eq!(names(&second), ["#9", "#10", "#11"], "#9 before #10");
+        assert_eq!(second.next, None);
+        assert_eq!(second.instances[0].output, Some(json!(90)));
+        assert_eq!(second.instances[0].status, NodeStatus::Pending);
+        assert!(first.human(false).ends_with("more: --after '#3'\n"), "{}", first.human(false));
+        assert!(instance_page(&store, "nope", "a", None, (5, false)).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -132,6 +132,18 @@ enum Command {
         /// Print outputs and errors in full (else large ones are abridged).
         #[arg(long)]
         full: bool,
+        /// List the instances of this node (loop iterations, batch items) instead, one page at a time.
+        #[arg(long, value_name = "NODE")]
+        instances: Option<String>,
+        /// With --instances: the instances after this one (the `more: --after` of the previous page).
+        #[arg(long, requires = "instances")]
+        after: Option<String>,
+        /// With --instances: at most this many (1 to 1000).
+        #[arg(long, default_value_t = 100, requires = "instances")]
+        limit: usize,
+        /// With --instances: show each instance's output.
+        #[arg(long, requires = "instances")]
+        outputs: bool,
     },
     /// Cancel a running run: no further job starts; jobs in flight finish.
     Cancel {
@@ -153,6 +165,10 @@ enum Command {
         /// The action that chooses the node's edges, as if the node had returned it.
         #[arg(long)]
         action: Option<String>,
+        /// Which instance of the node (a `wait` in a loop body or as a batch worker: `status --instances` lists
+        /// them); without it, the only waiting instance (an error names them when several wait).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// List runs, newest first.
     Runs {
@@ -354,7 +370,10 @@ fn is_usage_error(e: &(dyn std::error::Error + 'static)) -> bool {
     let client = |c: &ClientError| match c {
         ClientError::InvalidRunId(_) | ClientError::Input { .. } => true,
         ClientError::Store { source, .. } => store(source),
-        ClientError::NotFound(_) | ClientError::Timeout { .. } | ClientError::NotWaiting { .. } => false,
+        ClientError::NotFound(_)
+        | ClientError::Timeout { .. }
+        | ClientError::NotWaiting { .. }
+        | ClientError::SeveralWaiting { .. } => false,
     };
     if e.is::<UsageError>() || e.is::<BlueprintError>() || e.is::<RunIdError>() {
         return true;
@@ -477,7 +496,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             emit(&graph.mermaid())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { run_id, output, blueprints, full } => {
+        Command::Status { run_id, output, full, instances: Some(node), after, limit, outputs, .. } => {
+            validate_run_id(&run_id)?;
+            let store = connect_store(&cli.conn, policy).await?;
+            let page = client::instance_page(&store, &run_id, &node, after.as_deref(), (limit, outputs)).await?;
+            let Some(page) = page else { return Err(ClientError::NotFound(run_id).into()) };
+            match output {
+                Output::Json => outln!("{}", serde_json::to_string(&page)?)?,
+                Output::Text => emit(&page.human(full))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { run_id, output, blueprints, full, .. } => {
             validate_run_id(&run_id)?;
             let store = connect_store(&cli.conn, policy).await?;
             let info = store.run_info(&run_id).await?;
@@ -504,7 +534,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Resume { run_id, node_id, result, action } => {
+        Command::Resume { run_id, node_id, result, action, instance } => {
             validate_run_id(&run_id)?;
             let result: Value = match result {
                 Some(arg) => serde_json::from_str(&read_input_arg(&arg)?)
@@ -514,8 +544,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let never = CancellationToken::new();
             let store = distributed::connect_store(&cli.conn, &never, policy).await?;
             let queue = distributed::connect_queue(&cli.conn, "flowcraft-cli", &never, policy).await?;
-            let resumed =
-                client::resume_node(&queue, &store, &run_id, &node_id, client::Resume { result, action }).await;
+            let resume = client::Resume { result, action, instance };
+            let resumed = client::resume_node(&queue, &store, &run_id, &node_id, resume).await;
             queue.close().await;
             resumed?;
             outln!("run {run_id}: node {node_id} resumed")?;

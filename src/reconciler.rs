@@ -200,7 +200,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         }
         self.coord.repair(run_id, &plan.joins, &plan.decided, &plan.resolved).await.map_err(store_err)?;
 
-        if plan.resolved.len() >= graph.node_count() {
+        if plan.complete(graph.node_count()) {
             if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Completed);
                 crate::store::trace_run_end(&*self.store, run_id).await;
@@ -261,6 +261,13 @@ impl Plan {
     /// it). Such a run is `awaiting`.
     pub fn only_waits(&self) -> bool {
         self.ready.is_empty() && !self.waiting.is_empty()
+    }
+
+    /// Whether the run is complete: its `units` top-scope units are resolved and no instance is ready or waiting
+    /// (a loop's controller can break while a side branch of its body still runs; docs/architecture.md,
+    /// "Completion").
+    pub fn complete(&self, units: usize) -> bool {
+        self.resolved.len() >= units && self.ready.is_empty() && self.waiting.is_empty()
     }
 }
 
@@ -429,6 +436,39 @@ mod tests {
     }
 
     #[test]
+    fn a_loop_is_not_complete_while_a_side_branch_of_its_body_runs() {
+        // s -> {fast, slow}; fast -> L (any); slow -> L; L breaks after fast, slow still runs.
+        let g = graph(json!({
+            "id": "side",
+            "nodes": [{"id": "init", "uses": "noop"}, {"id": "s", "uses": "noop"}, {"id": "fast", "uses": "noop"},
+                      {"id": "slow", "uses": "noop"},
+                      {"id": "L", "uses": "loop-controller", "params": {"condition": "false"},
+                       "config": {"joinStrategy": "any"}},
+                      {"id": "end", "uses": "noop"}],
+            "edges": [{"source": "init", "target": "s"}, {"source": "s", "target": "fast"},
+                      {"source": "s", "target": "slow"}, {"source": "fast", "target": "L"},
+                      {"source": "slow", "target": "L"},
+                      {"source": "L", "target": "s", "action": "continue"},
+                      {"source": "L", "target": "end", "action": "break"}]
+        }));
+        let at0 = |id: &str, taken: &[&str], action: Option<&str>| done(id, taken, action).at("0");
+        let mut records = vec![
+            done("init", &["s"], None),
+            at0("s", &["fast", "slow"], None),
+            at0("fast", &["L"], None),
+            at0("L", &["end"], Some("break")),
+            done("end", &[], None),
+        ];
+        let p = plan(&g, &records);
+        assert_eq!(p.resolved.len(), g.node_count(), "the top scope is full: {p:?}");
+        assert_eq!(names(&p.ready), vec!["slow[0]"]);
+        assert!(!p.complete(g.node_count()), "slow[0] has not run");
+        records.push(at0("slow", &["L"], None));
+        let p = plan(&g, &records);
+        assert!(p.complete(g.node_count()), "{p:?}");
+    }
+
+    #[test]
     fn untaken_branch_and_unused_fallback_are_never_ready() {
         let g = graph(json!({
             "id": "r",
@@ -488,6 +528,43 @@ mod tests {
         assert_eq!(names(&p.ready), vec!["g"]);
         assert_eq!(p.decided, vec!["g"]);
         assert_eq!(p.resolved, vec!["s"]);
+    }
+
+    #[test]
+    fn waiting_items_are_not_ready_and_hold_their_place_in_the_chunk() {
+        let g = graph(json!({
+            "id": "bw",
+            "nodes": [
+                {"id": "s", "uses": "batch-scatter", "inputs": "items",
+                 "params": {"workerUsesKey": "wait", "gatherNodeId": "g", "chunkSize": 2}},
+                {"id": "g", "uses": "batch-gather"}
+            ],
+            "edges": [{"source": "s", "target": "g"}]
+        }));
+        let wait = crate::flow::Wait {
+            reason: crate::flow::WaitReason::ExternalEvent,
+            wake_at: None,
+            url: None,
+            child_run_id: None,
+        };
+        let item = |i: u64, status: NodeStatus| NodeRecord {
+            status,
+            ..NodeRecord::waiting("s", json!(i), wait.clone(), 1).at(format!("#{i}"))
+        };
+        let scatter = NodeRecord::done("s", json!({"count": 3}), None, vec!["g".into()], 1);
+        let records = vec![
+            scatter.clone(),
+            item(0, NodeStatus::Waiting),
+            item(1, NodeStatus::Waiting),
+            item(2, NodeStatus::Pending),
+        ];
+        let p = plan(&g, &records);
+        assert!(p.ready.is_empty(), "two items wait: the chunk of 2 is full: {p:?}");
+        assert_eq!(names(&p.waiting), vec!["s[#0]", "s[#1]"]);
+        assert!(p.only_waits());
+        let records =
+            vec![scatter, item(0, NodeStatus::Done), item(1, NodeStatus::Waiting), item(2, NodeStatus::Pending)];
+        assert_eq!(names(&plan(&g, &records).ready), vec!["s[#2]"]);
     }
 
     #[test]

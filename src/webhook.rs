@@ -108,7 +108,7 @@ where
     let (run_id, node) = found
         .map_err(|source| ClientError::Store { run_id: "(webhook lookup)".into(), source })?
         .ok_or(WebhookError::UnknownToken)?;
-    client::resume_instance(queue, store, &run_id, &node, Resume { result, action }).await?;
+    client::resume_instance(queue, store, &run_id, &node, Resume { result, action, instance: None }).await?;
     info!(run_id = %run_id, node = %node, "Webhook delivered.");
     Ok(Delivered { run_id, node })
 }

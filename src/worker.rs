@@ -30,9 +30,10 @@ use crate::flow::join::decide;
 use crate::flow::limits;
 use crate::flow::{
     BlueprintError, BlueprintSet, ContextHandle, Graph, InstanceKey, Node, NodeCtx, NodeError, NodeOutput, Registry,
-    batch, instance, loops,
+    WaitRequest, batch, instance, loops,
 };
 use crate::metrics::WorkerMetrics;
+use crate::reconciler::plan;
 use crate::report::Chain;
 use crate::store::{
     Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, LeaseToken, NodeRecord, NodeStatus,
@@ -292,9 +293,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         }
         // 6–7. Send the arrivals, fire joins, publish, finish the run.
         let quiet = match batch_count {
+            // Only a resumed item can leave its run waiting again (its siblings wait): checking after every item
+            // would replay the run once per item.
             Some(count) => {
-                self.propagate_item(&graph, &job, &record, count).await.map_err(store_err)?;
-                false
+                let fired_nothing = self.propagate_item(&graph, &job, &record, count).await.map_err(store_err)?;
+                fired_nothing && outcome == "resumed"
             }
             None => self.propagate(&graph, &job, &record).await.map_err(store_err)?,
         };
@@ -534,37 +537,56 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         for key in &skipped {
             resolved.extend(loops::resolved_units(graph, &NodeRecord::skipped(&key.node_id).at(&key.instance)));
         }
-        if resolved.is_empty() {
+        // An instance inside a loop that fired nothing may be the last of its body to end after its controller
+        // broke: it re-checks whether the top scope is full (docs/architecture.md, "Completion").
+        let recheck = resolved.is_empty() && jobs.is_empty() && !record.instance.is_empty();
+        if resolved.is_empty() && !recheck {
             return Ok(jobs.is_empty());
         }
-        if self.coord.resolve(&job.run_id, &resolved, graph.node_count()).await? {
-            if self.store.finish_run(&job.run_id, RunStatus::Completed, &json!({})).await? {
-                self.metrics.run_finished(RunStatus::Completed);
-                info!(run_id = %job.run_id, blueprint = %job.blueprint_id, "Run completed.");
-                crate::store::trace_run_end(&*self.store, &job.run_id).await;
-            }
-            self.forget(graph, &job.run_id).await;
+        if self.coord.resolve(&job.run_id, &resolved, graph.node_count()).await? && self.complete(graph, job).await? {
             return Ok(false);
         }
         Ok(jobs.is_empty())
     }
 
+    /// The top scope of the run is full: complete it. A run with loops confirms it first by replaying its records
+    /// (a body instance may still run or wait after its controller broke); a plain DAG completes at once (O(1)).
+    /// Returns whether the run is complete.
+    async fn complete(&self, graph: &Graph, job: &Job) -> Result<bool, StoreError> {
+        if !graph.loops().is_empty() {
+            let records = self.store.records(&job.run_id).await?;
+            if !plan(graph, &records).complete(graph.node_count()) {
+                debug!(run_id = %job.run_id, node = %job.node_id, "Top scope resolved; instances of a loop body still run.");
+                return Ok(false);
+            }
+        }
+        if self.store.finish_run(&job.run_id, RunStatus::Completed, &json!({})).await? {
+            self.metrics.run_finished(RunStatus::Completed);
+            info!(run_id = %job.run_id, blueprint = %job.blueprint_id, "Run completed.");
+            crate::store::trace_run_end(&*self.store, &job.run_id).await;
+        }
+        self.forget(graph, &job.run_id).await;
+        Ok(true)
+    }
+
     /// Steps 6–7 for a batch item (docs/architecture.md, "Batches"): a failed item fails the run unless its batch
     /// continues on failure; else start the item `chunkSize` further on, and arrive at the gather, which the
-    /// last item to resolve fires (a join over `count` items, once).
+    /// last item to resolve fires (a join over `count` items, once). Returns whether the run goes on with nothing
+    /// fired.
     async fn propagate_item(
         &self,
         graph: &Graph,
         job: &Job,
         record: &NodeRecord,
         count: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let Some(params) = graph.node(&job.node_id).and_then(|d| batch::ScatterParams::read(&d.params)) else {
-            return Ok(());
+            return Ok(false);
         };
-        let (scope, Some(index)) = instance::split_item(&job.instance) else { return Ok(()) };
+        let (scope, Some(index)) = instance::split_item(&job.instance) else { return Ok(false) };
         if record.status == NodeStatus::Failed && !params.continue_on_failure {
-            return self.fail_run_at(graph, &job.run_id, record).await;
+            self.fail_run_at(graph, &job.run_id, record).await?;
+            return Ok(false);
         }
         let mut jobs = Vec::new();
         if let Some(next) = params.next_after(index, count) {
@@ -586,7 +608,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if !jobs.is_empty() {
             self.queue.publish(&jobs).await?;
         }
-        Ok(())
+        Ok(jobs.is_empty())
     }
 
     /// A gather's input: its batch's item outputs in item order, read in one query (`None` for other nodes).
@@ -874,6 +896,10 @@ fn routed(
     limits: &crate::flow::Limits,
 ) -> Executed {
     let node_id = job.node_id.as_str();
+    let mut out = out;
+    if let Some(wait) = out.wait.take() {
+        return waiting_result(graph, job, out.output, &wait, context, attempt, limits.max_payload_bytes);
+    }
     if instance::split_item(&job.instance).1.is_some() {
         return item_result(job, out, context, attempt, limits.max_payload_bytes);
     }
@@ -887,16 +913,6 @@ fn routed(
         (out, Vec::new())
     };
     let max_payload = limits.max_payload_bytes;
-    if let Some(wait) = out.wait {
-        // Not routed now: its resume is (docs/architecture.md, "Waiting nodes").
-        let wait = waiting::recorded_wait(&wait, chrono::Utc::now());
-        let record = NodeRecord::waiting(node_id, out.output, wait, attempt).at(&job.instance);
-        let writes = own_writes(job, context);
-        if let Err(e) = limits::check_node_result(max_payload, node_id, &record.output, &writes) {
-            return Executed::failed(graph, job, attempt, &e.to_string());
-        }
-        return Executed { record, writes, items: Vec::new() };
-    }
     let ctx_value =
         if graph.routing_uses_context() { loops::with_output_aliases(context.to_value()) } else { Value::Null };
     let routing = match graph.route(node_id, &out.output, out.action.as_deref(), input, &ctx_value) {
@@ -915,6 +931,26 @@ fn routed(
         return Executed::failed(graph, job, attempt, &why);
     }
     Executed { record, writes, items }
+}
+
+/// A node (or batch item) that asked to wait: recorded waiting, not routed now — its resume is (docs/architecture.md,
+/// "Waiting nodes").
+fn waiting_result(
+    graph: &Graph,
+    job: &Job,
+    output: Value,
+    wait: &WaitRequest,
+    context: &ContextHandle,
+    attempt: u32,
+    max_payload: usize,
+) -> Executed {
+    let wait = waiting::recorded_wait(wait, chrono::Utc::now());
+    let record = NodeRecord::waiting(&job.node_id, output, wait, attempt).at(&job.instance);
+    let writes = own_writes(job, context);
+    if let Err(e) = limits::check_node_result(max_payload, &job.node_id, &record.output, &writes) {
+        return Executed::failed(graph, job, attempt, &e.to_string());
+    }
+    Executed { record, writes, items: Vec::new() }
 }
 
 /// What a job runs: the implementation key, its params and its input. A batch item runs its scatter's

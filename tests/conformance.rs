@@ -30,21 +30,25 @@ async fn drive_case(case: &common::conformance::Case, graph: Graph, registry: Re
     let run_id = engine.start_run(&graph, case.input.clone()).await.unwrap();
     let settle = Duration::from_secs(20);
     for step in &case.resume {
-        assert_eq!(engine.settled(&run_id, settle).await.unwrap(), RunStatus::Awaiting, "{}", case.name);
+        let settled = engine.settled(&run_id, settle).await;
+        let settled = settled.unwrap_or_else(|e| panic!("{}: before resuming {}: {e}", case.name, step.node));
+        assert_eq!(settled, RunStatus::Awaiting, "{}", case.name);
         if step.webhook {
             let records = engine.store.records(&run_id).await.unwrap();
             let (token, _) = common::conformance::webhook_url(&records, &step.node).expect("a webhook URL");
             engine.deliver_webhook(&token, &step.webhook_body(), step.action.clone()).await.unwrap();
             continue;
         }
-        let resume = Resume { result: step.result.clone(), action: step.action.clone() };
+        let resume =
+            Resume { result: step.result.clone(), action: step.action.clone(), instance: step.instance.clone() };
         engine.resume(&run_id, &step.node, resume).await.unwrap();
     }
     if case.cancel {
         assert_eq!(engine.settled(&run_id, settle).await.unwrap(), RunStatus::Awaiting, "{}", case.name);
         assert!(client::cancel_run(&*engine.store, &run_id, "cancelled by the case").await.unwrap());
     }
-    let result = engine.wait(&run_id, &graph, Some(settle)).await.unwrap();
+    let result = engine.wait(&run_id, &graph, Some(settle)).await;
+    let result = result.unwrap_or_else(|e| panic!("{}: {e}", case.name));
     engine.shutdown().await;
     result
 }

@@ -101,7 +101,11 @@ async fn drive<Q: JobQueue>(queue: &Q, store: &PostgresStore, case: &common::con
             assert_eq!(status, 202, "{body}");
             continue;
         }
-        let resume = client::Resume { result: step.result.clone(), action: step.action.clone() };
+        let resume = client::Resume {
+            result: step.result.clone(),
+            action: step.action.clone(),
+            instance: step.instance.clone(),
+        };
         client::resume_node(queue, store, id, &step.node, resume).await.expect("resume");
     }
     if case.cancel {

@@ -624,3 +624,26 @@ async fn due_timers_fire_once_across_concurrent_callers_and_not_for_ended_runs()
     assert!(next > Utc::now() + chrono::Duration::minutes(50));
     s.drop_tables().await.unwrap();
 }
+
+#[tokio::test]
+async fn instances_are_paged_in_listing_order_and_waiting_ones_found_without_outputs() {
+    let s = store("pg_page").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let scatter = done("sc", None, json!({"count": 12}), &[]);
+    let items: Vec<Value> = (0..12).map(|i| json!(i)).collect();
+    s.record_with_items("r1", &scatter, &Map::new(), &items).await.unwrap();
+    for i in [3, 10] {
+        let item = waiting("sc", flowcraft::flow::WaitReason::ExternalEvent, None).at(format!("#{i}"));
+        s.record("r1", &item, &Map::new()).await.unwrap();
+    }
+    let names = |records: Vec<NodeRecord>| records.into_iter().map(|r| r.instance).collect::<Vec<_>>();
+    assert_eq!(names(s.instances_page("r1", "sc", None, 4).await.unwrap()), ["", "#0", "#1", "#2"]);
+    let page = s.instances_page("r1", "sc", Some("#8"), 10).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.output.clone()).collect::<Vec<_>>(), [json!(9), json!("kept"), json!(11)]);
+    assert_eq!(names(page), ["#9", "#10", "#11"], "#9 before #10, as instance::listing_key orders them");
+    assert!(s.instances_page("r1", "sc", Some("#11"), 10).await.unwrap().is_empty());
+    assert_eq!(s.waiting_instances("r1", "sc", 4).await.unwrap(), ["#10", "#3"]);
+    assert_eq!(s.waiting_instances("r1", "sc", 1).await.unwrap().len(), 1, "bounded");
+    assert!(s.waiting_instances("r1", "other", 4).await.unwrap().is_empty());
+    s.drop_tables().await.unwrap();
+}

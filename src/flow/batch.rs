@@ -184,8 +184,10 @@ pub fn frontier(graph: &Graph, records: &[NodeRecord]) -> Frontier {
         let Some(params) = graph.node(&scatter.node_id).and_then(|d| ScatterParams::read(&d.params)) else { continue };
         let mut mine = items.remove(&(scatter.node_id.as_str(), scatter.instance.as_str())).unwrap_or_default();
         mine.sort_by_key(|(i, _)| *i);
-        let (done, pending): (Vec<_>, Vec<_>) = mine.iter().partition(|(_, r)| r.is_terminal());
-        let wave = usize::try_from(params.first_wave(n)).unwrap_or(usize::MAX);
+        let (done, open): (Vec<_>, Vec<_>) = mine.iter().partition(|(_, r)| r.is_terminal());
+        // A waiting (or resumed) item is not ready here, and holds its place in the chunk until it resolves.
+        let (pending, held): (Vec<_>, Vec<_>) = open.into_iter().partition(|(_, r)| r.status == NodeStatus::Pending);
+        let wave = usize::try_from(params.first_wave(n)).unwrap_or(usize::MAX).saturating_sub(held.len());
         for (i, _) in pending.iter().take(wave) {
             out.ready.push(super::InstanceKey::new(&scatter.node_id, instance::item(&scatter.instance, *i)));
         }

@@ -125,7 +125,7 @@ pub struct Graph {
     start: Vec<usize>,
     uses_context: bool,
     loops: Loops,
-    /// Some node is a waiting kind ([`crate::flow::builtin::WAITING_KINDS`]).
+    /// Some node, or some batch's items, run a waiting kind ([`crate::flow::builtin::WAITING_KINDS`]).
     may_wait: bool,
 }
 
@@ -197,7 +197,12 @@ impl Graph {
             e.condition.as_ref().is_some_and(|c| c.uses_variable("context"))
                 || e.transform.as_ref().is_some_and(|t| t.uses_variable("context"))
         });
-        let may_wait = bp.nodes.iter().any(|n| crate::flow::builtin::WAITING_KINDS.contains(&n.uses.as_str()));
+        // A batch whose items run a waiting kind waits too.
+        let waits = |uses: &str| crate::flow::builtin::WAITING_KINDS.contains(&uses);
+        let may_wait = bp.nodes.iter().any(|n| {
+            let worker = (n.uses == batch::SCATTER).then(|| n.params.get("workerUsesKey")).flatten();
+            waits(&n.uses) || worker.and_then(Value::as_str).is_some_and(waits)
+        });
         let (edges, index) = (checked.edges, checked.index);
         Ok(Self { bp: Arc::new(bp), nodes, edges, index, start, uses_context, loops, may_wait })
     }
@@ -295,7 +300,7 @@ impl Graph {
         needs
     }
 
-    /// Whether a node of the blueprint is a waiting kind: its runs may become `awaiting`, which a job that fires
+    /// Whether a node of the blueprint (or a batch's items) is a waiting kind: its runs may become `awaiting`, which a job that fires
     /// nothing then checks (docs/architecture.md, "Waiting nodes").
     pub fn may_wait(&self) -> bool {
         self.may_wait
@@ -544,39 +549,10 @@ impl Graph {
         }
     }
 
-    /// Mermaid flowchart of the blueprint (fallback edges dashed).
+    /// Mermaid flowchart of the blueprint: loops and batches as subgraphs, waiting kinds marked, fallback edges
+    /// dashed ([`super::mermaid::mermaid`]).
     pub fn mermaid(&self) -> String {
-        let mut out = String::from("flowchart TD\n");
-        let esc = |s: &str| s.replace('"', "#quot;");
-        for n in &self.nodes {
-            let mut label = format!("{}<br/><small>{}</small>", n.def.id, n.def.uses);
-            if n.join == JoinStrategy::Any && n.sources.len() > 1 {
-                label.push_str(" (any)");
-            }
-            out.push_str(&format!("    {}[\"{}\"]\n", mermaid_id(&n.def.id), esc(&label)));
-        }
-        for e in &self.bp.edges {
-            let mut label = Vec::new();
-            if let Some(a) = &e.action {
-                label.push(a.clone());
-            }
-            if let Some(c) = &e.condition {
-                label.push(c.clone());
-            }
-            let arrow =
-                if label.is_empty() { "-->".to_string() } else { format!("-->|\"{}\"|", esc(&label.join(": "))) };
-            out.push_str(&format!("    {} {} {}\n", mermaid_id(&e.source), arrow, mermaid_id(&e.target)));
-        }
-        for n in &self.nodes {
-            if let Some(f) = n.fallback {
-                out.push_str(&format!(
-                    "    {} -.->|fallback| {}\n",
-                    mermaid_id(&n.def.id),
-                    mermaid_id(&self.nodes[f].def.id)
-                ));
-            }
-        }
-        out
+        super::mermaid::mermaid(self)
     }
 }
 
@@ -590,10 +566,6 @@ pub struct RouteError {
     pub target: String,
     /// The CEL error.
     pub error: ExprError,
-}
-
-fn mermaid_id(id: &str) -> String {
-    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
 }
 
 /// Step 1 of [`Graph::build`]: every problem of the blueprint's nodes and edges, or its structure.
@@ -1363,19 +1335,6 @@ mod tests {
             p.iter().any(|p| p.code == "bad-fallback" && p.message.starts_with("fallbacks form a cycle: n0 -> n1")),
             "{p:?}"
         );
-    }
-
-    #[test]
-    fn mermaid_names_every_node_and_edge() {
-        let g = graph(json!({
-            "id": "m",
-            "nodes": [{"id": "a", "uses": "noop", "config": {"fallback": "f"}}, {"id": "f", "uses": "noop"}, {"id": "b", "uses": "noop"}],
-            "edges": [{"source": "a", "target": "b", "action": "go"}]
-        }));
-        let m = g.mermaid();
-        assert!(m.starts_with("flowchart TD"));
-        assert!(m.contains("a -->|\"go\"| b"), "{m}");
-        assert!(m.contains("a -.->|fallback| f"), "{m}");
     }
 
     #[test]

@@ -128,6 +128,12 @@ pub fn first(depth: usize) -> String {
     rescope("", 0, depth)
 }
 
+/// The order instances are listed in (`status --instances`): shorter first, then byte order, so `#9` comes before
+/// `#10` within a batch and `9` before `10` within a loop. Paging is keyed by it.
+pub fn listing_key(instance: &str) -> (usize, &str) {
+    (instance.len(), instance)
+}
+
 /// Whether an instance is syntactically valid: loop components (decimal, `.`-separated) optionally followed by
 /// `#` and an item index. The worker dead-letters a job whose instance is not.
 pub fn is_valid(instance: &str) -> bool {

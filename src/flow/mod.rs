@@ -11,6 +11,7 @@ pub mod instance;
 pub mod join;
 pub mod limits;
 pub mod loops;
+pub mod mermaid;
 pub mod needs;
 pub mod node;
 pub mod record;

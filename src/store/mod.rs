@@ -546,6 +546,32 @@ pub trait RunStore: Send + Sync + 'static {
         Ok(records)
     }
 
+    /// Up to `limit` instances of `node_id` that are `waiting`, in instance order: what a resume that names no
+    /// instance chooses from. Stores override the default with a query that reads no output.
+    async fn waiting_instances(&self, run_id: &str, node_id: &str, limit: usize) -> StoreResult<Vec<String>> {
+        let records = self.records_under(run_id, node_id, "").await?;
+        let waiting = records.into_iter().filter(|r| r.status == NodeStatus::Waiting);
+        Ok(waiting.map(|r| r.instance).take(limit).collect())
+    }
+
+    /// One page of the instances of `node_id` ('' included), in [`crate::flow::instance::listing_key`] order,
+    /// those after `after` (keyset paging), at most `limit`: `status --instances`, bounded for a batch of 10 000
+    /// items. Stores override the default with a query that reads only the page.
+    async fn instances_page(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<NodeRecord>> {
+        use crate::flow::instance::listing_key;
+        let mut records = self.records_under(run_id, node_id, "").await?;
+        records.retain(|r| after.is_none_or(|a| listing_key(&r.instance) > listing_key(a)));
+        records.sort_by(|a, b| listing_key(&a.instance).cmp(&listing_key(&b.instance)));
+        records.truncate(limit);
+        Ok(records)
+    }
+
     /// How many records a run has (`records(run_id).len()`), without reading them: progress polling of a big run
     /// costs one count, not every output. Stores override the default with an aggregate.
     async fn record_count(&self, run_id: &str) -> StoreResult<usize> {

@@ -488,6 +488,18 @@ const RECORD_STATES: &str = "SELECT node_id, instance, status, action, NULL::jso
        finished_at, wait
   FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
 
+const WAITING_INSTANCES: &str = "SELECT instance FROM {results}
+ WHERE run_id = $1::text AND node_id = $2::text AND status = 'waiting' ORDER BY instance COLLATE \"C\" LIMIT $3::bigint";
+
+// The order of `instance::listing_key` (length, then bytes: COLLATE "C"), keyset-paged.
+const INSTANCES_PAGE: &str = "SELECT node_id, instance, status, action, output, taken, attempts, error, finished_at,
+       wait
+  FROM {results}
+ WHERE run_id = $1::text AND node_id = $2::text
+   AND ($3::text IS NULL
+        OR (octet_length(instance), instance COLLATE \"C\") > (octet_length($3::text), $3::text COLLATE \"C\"))
+ ORDER BY octet_length(instance), instance COLLATE \"C\" LIMIT $4::bigint";
+
 const RECORD_COUNT: &str = "SELECT count(*) AS n FROM {results} WHERE run_id = $1::text";
 
 const CLAIM_STALLED: &str = "UPDATE {statuses} SET updated_at = now()
@@ -575,6 +587,8 @@ struct Sql {
     run_info: String,
     records: String,
     record_count: String,
+    waiting_instances: String,
+    instances_page: String,
     record_states: String,
     /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
     list_runs: String,
@@ -613,6 +627,8 @@ impl Sql {
             run_info: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}} WHERE run_id = $1::text")),
             records: names.render(RECORDS),
             record_count: names.render(RECORD_COUNT),
+            waiting_instances: names.render(WAITING_INSTANCES),
+            instances_page: names.render(INSTANCES_PAGE),
             record_states: names.render(RECORD_STATES),
             list_runs: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}}{LIST_RUNS_WHERE}")),
             claim_stalled: names.render(CLAIM_STALLED),
@@ -1465,6 +1481,33 @@ impl RunStore for PostgresStore {
 
     async fn record_states(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
         self.read_records(run_id, &self.sql.record_states, "read record states").await
+    }
+
+    async fn waiting_instances(&self, run_id: &str, node_id: &str, limit: usize) -> StoreResult<Vec<String>> {
+        let op = format!("read waiting instances of node {node_id} of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.waiting_instances).await.map_err(|e| db_error(&op, table, e))?;
+        let limit = clamp_i64(limit as u64);
+        let rows = client.query(&stmt, &[&run_id, &node_id, &limit]).await.map_err(|e| db_error(&op, table, e))?;
+        rows.iter().map(|r| column(r, "instance", run_id)).collect()
+    }
+
+    async fn instances_page(
+        &self,
+        run_id: &str,
+        node_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<NodeRecord>> {
+        let op = format!("read instances of node {node_id} of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.instances_page).await.map_err(|e| db_error(&op, table, e))?;
+        let limit = clamp_i64(limit as u64);
+        let params: [&(dyn ToSql + Sync); 4] = [&run_id, &node_id, &after, &limit];
+        let rows = client.query(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
+        rows.iter().filter_map(|r| record_from_row(run_id, r).transpose()).collect()
     }
 
     async fn record_count(&self, run_id: &str) -> StoreResult<usize> {

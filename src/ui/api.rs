@@ -431,7 +431,7 @@ fn parse_resume(body: &[u8]) -> Result<crate::client::Resume, ApiError> {
     if let Some(a) = &action {
         id("action", a)?;
     }
-    Ok(crate::client::Resume { result: parsed.result, action })
+    Ok(crate::client::Resume { result: parsed.result, action, instance: None })
 }
 
 /// `POST /api/runs/{run}/nodes/{node}/resume` (behind the token check).

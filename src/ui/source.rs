@@ -265,7 +265,9 @@ impl ConsoleSource for StoreSource {
         let Some(queue) = self.queue.get() else { return Ok(ResumeOutcome::NoQueue) };
         match crate::client::resume_node(&**queue, &self.store, run_id, node_id, resume).await {
             Ok(()) => Ok(ResumeOutcome::Resumed),
-            Err(e @ ClientError::NotWaiting { .. }) => Ok(ResumeOutcome::NotWaiting(e.to_string())),
+            Err(e @ (ClientError::NotWaiting { .. } | ClientError::SeveralWaiting { .. })) => {
+                Ok(ResumeOutcome::NotWaiting(e.to_string()))
+            }
             Err(ClientError::NotFound(_)) => Ok(ResumeOutcome::NotFound),
             Err(ClientError::Store { source, .. }) => Err(source),
             Err(other) => Err(StoreError::database(other.to_string())),

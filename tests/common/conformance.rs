@@ -43,6 +43,9 @@ pub struct ResumeStep {
     /// Deliver it as a request to the node's webhook URL (body: `result`, empty when null; `?action=`).
     #[serde(default)]
     pub webhook: bool,
+    /// Which instance (`--instance`); without it, the only waiting one.
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// The token of a waiting webhook node of `records` (the last segment of its URL), and its URL.
