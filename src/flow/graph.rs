@@ -967,13 +967,14 @@ fn check_batches(
                 format!("batch-scatter '{id}': params.workerUsesKey '{}' is not a registered node", p.worker),
             ));
         }
-        if crate::flow::builtin::WAITING_KINDS.contains(&p.worker.as_str()) {
-            // An item's result is recorded as it returns: an item cannot wait (docs/architecture.md, "Waiting nodes").
+        if p.worker != "wait" && crate::flow::builtin::WAITING_KINDS.contains(&p.worker.as_str()) {
+            // Only `wait` is supported as a waiting batch worker (resumed per item instance); docs/architecture.md,
+            // "Waiting nodes".
             problems.push(Problem::new(
                 "bad-batch",
                 format!(
-                    "batch-scatter '{id}': params.workerUsesKey '{}' is a waiting node, and batch items cannot wait \
-                     (use `delay` for a pause per item)",
+                    "batch-scatter '{id}': params.workerUsesKey '{}' is a waiting node, and batch items can only wait \
+                     with `wait` (use `delay` for a pause per item)",
                     p.worker
                 ),
             ));
@@ -1127,6 +1128,7 @@ mod tests {
             "{p:?}"
         );
         graph(batch("delay"));
+        graph(batch("wait"));
     }
 
     #[test]
