@@ -409,8 +409,9 @@ pub async fn run_worker(
     // Bound before consuming: a webhook node this worker runs has a URL that answers.
     let webhook_task = match options.webhook_addr {
         Some(addr) => {
-            let router = crate::webhook::router(queue.clone(), store.clone(), options.max_payload_bytes);
-            spawn_webhook_server(addr, router, shutdown.clone()).await
+            let limits = crate::webhook::ServerLimits::new(options.max_payload_bytes);
+            let router = crate::webhook::router(queue.clone(), store.clone(), &limits);
+            spawn_webhook_server(addr, router, limits, shutdown.clone()).await
         }
         None => None,
     };
@@ -477,6 +478,7 @@ pub async fn run_worker(
 async fn spawn_webhook_server(
     addr: SocketAddr,
     router: axum::Router,
+    limits: crate::webhook::ServerLimits,
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -487,7 +489,7 @@ async fn spawn_webhook_server(
         }
     };
     Some(tokio::spawn(async move {
-        if let Err(error) = crate::webhook::serve_on(listener, router, shutdown).await {
+        if let Err(error) = crate::webhook::serve_on(listener, router, &limits, shutdown).await {
             warn!(addr = %addr, error = %error, "Webhook server failed.");
         }
     }))

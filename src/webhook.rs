@@ -5,18 +5,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::{self, ClientError, Resume};
 use crate::flow::InstanceKey;
@@ -25,6 +26,32 @@ use crate::store::{JobQueue, RunStore};
 
 /// Default address of the workers' webhook server (`--webhook-addr`, `FLOWCRAFT_WEBHOOK_ADDR`).
 pub const DEFAULT_WEBHOOK_ADDR: &str = "0.0.0.0:8081";
+
+/// What the webhook server grants one client (docs/architecture.md, "Webhooks"): its requests come from outside,
+/// so none can hold a connection, a body or the server for long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// The largest request body (`FLOWCRAFT_MAX_PAYLOAD_BYTES`); a larger one is refused (413) while it streams.
+    pub max_body_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time to receive a request's headers, from the connection's start; then the connection is closed.
+    pub header_timeout: Duration,
+    /// Time to receive a request's body, once its headers are in; then 408.
+    pub body_timeout: Duration,
+}
+
+impl ServerLimits {
+    /// The defaults with bodies up to `max_body_bytes`: 256 connections, 10 s for headers, 30 s for a body.
+    pub fn new(max_body_bytes: usize) -> Self {
+        Self {
+            max_body_bytes,
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Why a webhook request was refused; [`WebhookError::status`] is its HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -122,46 +149,57 @@ struct ActionQuery {
 struct Hooks<Q, S> {
     queue: Arc<Q>,
     store: Arc<S>,
-    limit: usize,
+    limits: ServerLimits,
 }
 
 impl<Q, S> Clone for Hooks<Q, S> {
     fn clone(&self) -> Self {
-        Self { queue: self.queue.clone(), store: self.store.clone(), limit: self.limit }
+        Self { queue: self.queue.clone(), store: self.store.clone(), limits: self.limits }
     }
 }
 
-/// The webhook router: `POST /webhooks/{token}`; bodies over `limit` bytes are refused before being read whole.
-pub fn router<Q, S>(queue: Arc<Q>, store: Arc<S>, limit: usize) -> Router
+/// The webhook router: `POST /webhooks/{token}`; bodies over `limits.max_body_bytes` are refused before being
+/// read whole, bodies slower than `limits.body_timeout` are answered 408.
+pub fn router<Q, S>(queue: Arc<Q>, store: Arc<S>, limits: &ServerLimits) -> Router
 where
     Q: JobQueue + 'static,
     S: RunStore + 'static,
 {
     Router::new()
         .route("/webhooks/{token}", post(receive::<Q, S>))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(Hooks { queue, store, limit })
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(Hooks { queue, store, limits: *limits })
+}
+
+/// A refused request's answer: `status` and `{"error": message}`.
+fn error_response(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
 }
 
 async fn receive<Q, S>(
     State(hooks): State<Hooks<Q, S>>,
     Path(token): Path<String>,
     Query(query): Query<ActionQuery>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response
 where
     Q: JobQueue + 'static,
     S: RunStore + 'static,
 {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            let error = format!("the request body is larger than the limit of {} bytes", hooks.limit);
-            return (StatusCode::PAYLOAD_TOO_LARGE, axum::Json(json!({ "error": error }))).into_response();
+    let limit = hooks.limits.max_body_bytes;
+    let body = match tokio::time::timeout(hooks.limits.body_timeout, Bytes::from_request(request, &())).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let error = format!("the request body is larger than the limit of {limit} bytes");
+            return error_response(StatusCode::PAYLOAD_TOO_LARGE, error);
         }
-        Err(rejection) => return rejection.into_response(),
+        Ok(Err(rejection)) => return rejection.into_response(),
+        Err(_) => {
+            let error = format!("the request body did not arrive within {:?}", hooks.limits.body_timeout);
+            return error_response(StatusCode::REQUEST_TIMEOUT, error);
+        }
     };
-    match deliver(&*hooks.queue, &*hooks.store, &token, &body, query.action, hooks.limit).await {
+    match deliver(&*hooks.queue, &*hooks.store, &token, &body, query.action, limit).await {
         Ok(delivered) => (StatusCode::ACCEPTED, axum::Json(json!({ "status": "resumed", "runId": delivered.run_id })))
             .into_response(),
         Err(error) => refused(&error),
@@ -178,18 +216,80 @@ fn refused(error: &WebhookError) -> Response {
     } else {
         error.to_string()
     };
-    (status, axum::Json(json!({ "error": message }))).into_response()
+    error_response(status, message)
 }
 
-/// Serve webhooks on a bound listener until `shutdown` fires.
+/// Serve webhooks on a bound listener until `shutdown` fires, within `limits`: at most `max_connections` at once,
+/// one request per connection (no idle keep-alive), headers within `header_timeout`. Returns once the
+/// connections open at shutdown are done.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: &ServerLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
-    info!(addr = %addr, "Webhook server listening.");
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    info!(addr = %addr, max_connections = limits.max_connections, "Webhook server listening.");
+    let connections = u32::try_from(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+    let slots = Arc::new(Semaphore::new(connections as usize));
+    loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let connection =
+                    serve_connection(stream, router.clone(), limits.header_timeout, slot, shutdown.clone());
+                tokio::spawn(connection);
+            }
+            // Out of file descriptors and the like: wait a little rather than spin (as axum::serve does).
+            Err(error) => {
+                warn!(addr = %addr, error = %error, "Cannot accept a webhook connection.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    // Every slot back: the connections open at shutdown have answered (or timed out).
+    let _ = slots.acquire_many(connections).await;
+    Ok(())
+}
+
+/// One connection: a single HTTP/1.1 request, its headers within `header_timeout`; `slot` is released when the
+/// connection ends. At shutdown, the request in progress is answered, then the connection closes.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    header_timeout: Duration,
+    slot: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let _slot = slot;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(false);
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut connection = std::pin::pin!(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+    let mut stopping = std::pin::pin!(shutdown.cancelled());
+    let mut stopped = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    debug!(error = %error, "Webhook connection ended with an error.");
+                }
+                return;
+            }
+            () = stopping.as_mut(), if !stopped => {
+                stopped = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -211,5 +311,48 @@ mod tests {
         assert_eq!(WebhookError::from(not_waiting).status(), StatusCode::CONFLICT);
         let store = ClientError::Store { run_id: "r".into(), source: crate::store::StoreError::queue("down") };
         assert_eq!(WebhookError::from(store).status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    /// Read what the server sends until it closes the connection; `None` when it is still open after 10 s.
+    async fn answer(stream: &mut tokio::net::TcpStream) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+        read.ok().map(|_| String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    #[tokio::test]
+    async fn slow_clients_are_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let ms = std::time::Duration::from_millis(200);
+        let limits =
+            ServerLimits { max_connections: 4, header_timeout: ms, body_timeout: ms, ..ServerLimits::new(100) };
+        let hooks = router(Arc::new(crate::store::memory::MemoryQueue::new()), store, &limits);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let server = tokio::spawn(async move { serve_on(listener, hooks, &limits, stop).await });
+
+        // A connection that sends nothing, and headers that never end (slow loris): both are closed.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(answer(&mut silent).await.is_some(), "a silent connection is cut off");
+        let mut headers = tokio::net::TcpStream::connect(addr).await.unwrap();
+        headers.write_all(b"POST /webhooks/abc HTTP/1.1\r\nHost: h\r\n").await.unwrap();
+        assert!(answer(&mut headers).await.is_some(), "a request whose headers never end is cut off");
+        // A body that never ends: answered 408 and closed.
+        let mut body = tokio::net::TcpStream::connect(addr).await.unwrap();
+        body.write_all(b"POST /webhooks/abc HTTP/1.1\r\nHost: h\r\nContent-Length: 50\r\n\r\n{\"a\"").await.unwrap();
+        let answered = answer(&mut body).await.expect("a request whose body never ends is cut off");
+        assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+        // An idle connection after a request is not kept open either.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"POST /webhooks/abc HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n{}").await.unwrap();
+        let answered = answer(&mut idle).await.expect("an idle connection is closed");
+        assert!(answered.starts_with("HTTP/1.1 404"), "{answered}");
+
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
     }
 }
