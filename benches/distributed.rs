@@ -468,6 +468,21 @@ impl CpuSnapshot {
         parts.push(format!("iowait {:.0}%", pct(self.iowait)));
         format!("cpu of all cores: {}", parts.join(", "))
     }
+
+    /// "workers 310 µs, postgres 420 µs, ..." : the CPU time each class of process spent per node execution
+    /// (`nodes` executions in the measured part; ticks of `CLK_TCK` = 100 per second, the Linux default).
+    fn per_node(&self, nodes: i64) -> String {
+        if nodes <= 0 {
+            return "cpu per node execution: no node executed".into();
+        }
+        let us = |t: u64| t as f64 * 10_000.0 / nodes as f64;
+        let classes = &CPU_CLASSES[..4];
+        let mut parts: Vec<String> =
+            classes.iter().zip(self.by_class).map(|(name, t)| format!("{name} {:.0} µs", us(t))).collect();
+        let services: u64 = self.by_class[..4].iter().sum();
+        parts.push(format!("sum {:.0} µs (+ irq {:.0} µs)", us(services), us(self.irq)));
+        format!("cpu per node execution: {}", parts.join(", "))
+    }
 }
 
 struct Ctx {
@@ -750,8 +765,13 @@ async fn relay(conn: &Connection, queue: &str, n: usize, inflight: u16, queue_ty
 async fn raw_postgres(n: usize, concurrency: usize) -> Result<f64, String> {
     let slice = Slice::new("pg", 16);
     let result = async {
-        // One pooled connection per task, as each worker has a pool of `prefetch` connections.
-        let cfg = PgConfig { pool_size: concurrency.max(1), ..PgConfig::with_prefix(database_url(), &slice.name) };
+        // One pooled connection per task, as each worker has a pool of `prefetch` connections; one commit per
+        // write (no group commit): the one-write-per-job limit.
+        let cfg = PgConfig {
+            pool_size: concurrency.max(1),
+            group_commit: false,
+            ..PgConfig::with_prefix(database_url(), &slice.name)
+        };
         let store = PostgresStore::connect(cfg).await.map_err(|e| format!("connect PostgreSQL: {e}"))?;
         store.migrate().await.map_err(|e| format!("migrate {}: {e}", slice.name))?;
         let store = Arc::new(store);
@@ -977,6 +997,19 @@ async fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // The worker processes inherit this environment: the allocator and runtime settings they ran with.
+    let tuning: Vec<String> = ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "TOKIO_WORKER_THREADS"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .collect();
+    println!(
+        "worker allocator and runtime settings: {}",
+        if tuning.is_empty() {
+            "defaults (glibc malloc, one tokio thread per core)".to_string()
+        } else {
+            tuning.join(" ")
+        }
+    );
     // The raw limits at the engine's concurrency: prefetch x workers jobs in flight.
     let mut levels: Vec<u16> =
         worker_counts.iter().map(|w| u16::try_from(usize::from(prefetch) * w).unwrap_or(u16::MAX)).collect();
@@ -1033,6 +1066,7 @@ async fn main() {
                         mib(&m.memory)
                     );
                     println!("  {}", m.cpu.summary());
+                    println!("  {}", m.cpu.per_node(m.nodes));
                     if let (Some((first, last)), Some(k)) = (m.ends, wl.ends) {
                         println!(
                             "  first {k} nodes {first:.0}/s, last {k} nodes {last:.0}/s, ratio last/first {:.2}",

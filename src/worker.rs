@@ -1066,6 +1066,9 @@ mod tests {
         delayed: Mutex<Vec<(Job, Duration)>>,
         /// Run store calls made: each is one PostgreSQL statement (round trip) in `PostgresStore`.
         statements: Mutex<Vec<&'static str>>,
+        /// Coordinator calls made: each is one Redis round trip (a command, a script or a pipeline) in
+        /// `RedisCoordinator`.
+        redis_calls: Mutex<Vec<&'static str>>,
     }
 
     struct FaultyStore {
@@ -1206,6 +1209,77 @@ mod tests {
         }
     }
 
+    /// The in-memory coordinator, counting the calls.
+    struct CountingCoordinator {
+        inner: MemoryCoordinator,
+        faults: Arc<Faults>,
+    }
+
+    impl CountingCoordinator {
+        fn count(&self, call: &'static str) {
+            self.faults.redis_calls.lock().unwrap().push(call);
+        }
+    }
+
+    #[async_trait]
+    impl Coordinator for CountingCoordinator {
+        async fn arrive(&self, arrival: &JoinArrival<'_>) -> StoreResult<JoinDecision> {
+            self.count("arrive");
+            self.inner.arrive(arrival).await
+        }
+        async fn acquire_lease(&self, run_id: &str, node_id: &str, ttl: Duration) -> StoreResult<Option<LeaseToken>> {
+            self.count("acquire_lease");
+            self.inner.acquire_lease(run_id, node_id, ttl).await
+        }
+        async fn extend_lease(
+            &self,
+            run_id: &str,
+            node_id: &str,
+            token: &LeaseToken,
+            ttl: Duration,
+        ) -> StoreResult<bool> {
+            self.count("extend_lease");
+            self.inner.extend_lease(run_id, node_id, token, ttl).await
+        }
+        async fn release_lease(&self, run_id: &str, node_id: &str, token: &LeaseToken) -> StoreResult<()> {
+            self.count("release_lease");
+            self.inner.release_lease(run_id, node_id, token).await
+        }
+        async fn lease_held(&self, run_id: &str, node_id: &str) -> StoreResult<bool> {
+            self.count("lease_held");
+            self.inner.lease_held(run_id, node_id).await
+        }
+        async fn count_execution(&self, run_id: &str, node_id: &str) -> StoreResult<u32> {
+            self.count("count_execution");
+            self.inner.count_execution(run_id, node_id).await
+        }
+        async fn clear_executions(&self, run_id: &str, node_id: &str) -> StoreResult<()> {
+            self.count("clear_executions");
+            self.inner.clear_executions(run_id, node_id).await
+        }
+        async fn resolve(&self, run_id: &str, node_ids: &[&str], total: usize) -> StoreResult<bool> {
+            self.count("resolve");
+            self.inner.resolve(run_id, node_ids, total).await
+        }
+        async fn repair(
+            &self,
+            run_id: &str,
+            joins: &[crate::store::JoinState],
+            decided: &[String],
+            resolved: &[String],
+        ) -> StoreResult<()> {
+            self.count("repair");
+            self.inner.repair(run_id, joins, decided, resolved).await
+        }
+        async fn forget(&self, run_id: &str, node_ids: &[&str]) -> StoreResult<()> {
+            self.count("forget");
+            self.inner.forget(run_id, node_ids).await
+        }
+        async fn ping(&self) -> StoreResult<()> {
+            self.inner.ping().await
+        }
+    }
+
     fn take_one(counter: &AtomicU32) -> bool {
         counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
@@ -1213,7 +1287,7 @@ mod tests {
     /// A worker serving `a -> b` (version 2) on faulty in-memory stores, and a run `r` of it started with
     /// `version`.
     struct Fixture {
-        worker: Worker<FaultyQueue, FaultyStore, MemoryCoordinator>,
+        worker: Worker<FaultyQueue, FaultyStore, CountingCoordinator>,
         faults: Arc<Faults>,
         queue: MemoryQueue,
         store: MemoryStore,
@@ -1222,13 +1296,21 @@ mod tests {
 
     impl Fixture {
         async fn new(version: &str) -> Self {
-            let bp: Blueprint = serde_json::from_value(json!({
-                "id": "bp",
-                "metadata": {"version": "2"},
-                "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}],
-                "edges": [{"source": "a", "target": "b"}]
-            }))
-            .unwrap();
+            Self::of(
+                json!({
+                    "id": "bp",
+                    "metadata": {"version": "2"},
+                    "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}],
+                    "edges": [{"source": "a", "target": "b"}]
+                }),
+                version,
+            )
+            .await
+        }
+
+        /// A worker serving the blueprint `bp` (id `bp`, version 2) and a run `r` of it started with `version`.
+        async fn of(bp: Value, version: &str) -> Self {
+            let bp: Blueprint = serde_json::from_value(bp).unwrap();
             let mut set = BlueprintSet::new();
             set.insert(Graph::build(bp, None).unwrap());
             let (faults, queue, store, coord) =
@@ -1243,7 +1325,7 @@ mod tests {
             let worker = Worker::new(
                 Arc::new(FaultyQueue { inner: queue.clone(), faults: faults.clone() }),
                 Arc::new(FaultyStore { inner: store.clone(), faults: faults.clone() }),
-                Arc::new(coord.clone()),
+                Arc::new(CountingCoordinator { inner: coord.clone(), faults: faults.clone() }),
                 Arc::new(Registry::with_builtins()),
                 Arc::new(set),
                 WorkerConfig { max_version_requeues: 2, ..WorkerConfig::default() },
@@ -1354,18 +1436,49 @@ mod tests {
         assert!(matches!(f.process(&ghost).await.unwrap(), Settle::DeadLetter(r) if r.contains("does not exist")));
     }
 
-    /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement (the
-    /// last node adds the run's completion); reads and writes are by key, whatever the size of the run.
+    /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on
+    /// PostgreSQL (the last node adds the run's completion) and two Redis calls (its lease, its resolution); a
+    /// join's predecessor adds one Redis call (its arrival), the join's own job is a chain node's; reads and
+    /// writes are by key, whatever the size of the run.
     #[tokio::test]
-    async fn a_job_makes_a_fixed_number_of_run_store_statements() {
-        let f = Fixture::new("2").await;
-        let statements = |f: &Fixture| std::mem::take(&mut *f.faults.statements.lock().unwrap());
+    async fn a_job_makes_a_fixed_number_of_statements_and_redis_calls() {
+        // a -> b -> j and a -> c -> j: `b` is a chain node (one predecessor) arriving at the join `j`; `c` fires it.
+        let f = Fixture::of(
+            json!({
+                "id": "bp",
+                "metadata": {"version": "2"},
+                "nodes": [{"id": "a", "uses": "noop"}, {"id": "b", "uses": "noop"}, {"id": "c", "uses": "noop"},
+                          {"id": "j", "uses": "noop"}],
+                "edges": [{"source": "a", "target": "b"}, {"source": "a", "target": "c"},
+                          {"source": "b", "target": "j"}, {"source": "c", "target": "j"}]
+            }),
+            "2",
+        )
+        .await;
+        let calls = |f: &Fixture| {
+            let pg = std::mem::take(&mut *f.faults.statements.lock().unwrap());
+            let redis = std::mem::take(&mut *f.faults.redis_calls.lock().unwrap());
+            (pg, redis)
+        };
         assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(statements(&f), ["job_view_at", "record"]);
+        assert_eq!(calls(&f), (vec!["job_view_at", "record"], vec!["acquire_lease", "resolve"]));
+        assert_eq!(f.queue.depth(), 2, "b and c published");
         assert_eq!(f.process(&job("b")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(statements(&f), ["job_view_at", "record", "finish_run"]);
-        // A redelivery routes by the record: one read.
-        assert_eq!(f.process(&job("b")).await.unwrap(), Settle::Ack("skipped"));
-        assert_eq!(statements(&f), ["job_view_at"]);
+        assert_eq!(calls(&f), (vec!["job_view_at", "record"], vec!["acquire_lease", "arrive", "resolve"]));
+        assert_eq!(f.queue.depth(), 2, "j waits for c");
+        assert_eq!(f.process(&job("c")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(calls(&f), (vec!["job_view_at", "record"], vec!["acquire_lease", "arrive", "resolve"]));
+        assert_eq!(f.queue.depth(), 3, "c's arrival fired j");
+        // The join reads its predecessors' records in its one view statement; the last node completes the run
+        // (one statement) and forgets the run's coordination keys (one Redis call).
+        assert_eq!(f.process(&job("j")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(
+            calls(&f),
+            (vec!["job_view_at", "record", "finish_run"], vec!["acquire_lease", "resolve", "forget"])
+        );
+        assert_eq!(f.status().await, RunStatus::Completed);
+        // A redelivery routes by the record: one read, no Redis call.
+        assert_eq!(f.process(&job("j")).await.unwrap(), Settle::Ack("skipped"));
+        assert_eq!(calls(&f), (vec!["job_view_at"], vec![]));
     }
 }

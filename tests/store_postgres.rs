@@ -329,6 +329,97 @@ async fn concurrent_records_of_one_node_have_one_winner() {
     s.drop_tables().await.unwrap();
 }
 
+/// Hold both committers of `s` on uncommitted records of run `r1` (nodes `b1`, `b2`) in the returned connection's
+/// transaction: records sent meanwhile wait, and are committed together once it commits.
+async fn hold_committers(
+    s: &PostgresStore,
+) -> (deadpool_postgres::Client, Vec<tokio::task::JoinHandle<RecordOutcome>>) {
+    let results = s.table_names().results.clone();
+    let holder = s.pool().get().await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let insert = format!(
+        "INSERT INTO \"{results}\" (run_id, node_id, status, output, taken, attempts) \
+         VALUES ('r1', 'b1', 'done', '1', '[]', 1), ('r1', 'b2', 'done', '2', '[]', 1)"
+    );
+    holder.execute(&insert, &[]).await.unwrap();
+    let watcher = s.pool().get().await.unwrap();
+    let pattern = format!("%INSERT INTO \"{results}\"%ON CONFLICT%");
+    let mut blocked = Vec::new();
+    for (i, node) in ["b1", "b2"].into_iter().enumerate() {
+        let s2 = s.clone();
+        blocked.push(tokio::spawn(async move {
+            s2.record("r1", &done(node, None, json!(0), &[]), &Map::new()).await.unwrap()
+        }));
+        common::eventually("a committer blocked on the uncommitted record", Duration::from_secs(10), || async {
+            let row = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                    &[&pattern],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i64>(0) > i as i64).then_some(())
+        })
+        .await;
+    }
+    (holder, blocked)
+}
+
+/// Group commit: records that arrive while the committers are busy are committed in one transaction, each caller
+/// getting its own outcome (a duplicate in the same transaction gets the first record); a value the database
+/// rejects fails only its own caller (the transaction is rolled back and its records are written alone).
+#[tokio::test]
+async fn records_waiting_for_a_committer_are_committed_together_exactly_once() {
+    let s = store("pg_group").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    for round in 0..2 {
+        let (holder, blocked) = hold_committers(&s).await;
+        let before = s.group_commits();
+        let mut records: Vec<NodeRecord> =
+            (0..10).map(|i| done(&format!("n{round}{i}"), None, json!(i), &[])).collect();
+        records.push(done(&format!("n{round}0"), Some("second"), json!("dup"), &[]));
+        if round == 1 {
+            records.push(done("bad", None, json!("nul \u{0} char"), &[]));
+        }
+        let context_writes: Vec<Map<String, Value>> =
+            records.iter().map(|r| writes(json!({ format!("w{}", r.node_id): 1 }))).collect();
+        let sends = futures::future::join_all(records.iter().zip(&context_writes).map(|(r, w)| s.record("r1", r, w)));
+        // The records are queued on the first poll of `sends`; then the held transaction commits.
+        let (outcomes, committed) = futures::join!(sends, holder.batch_execute("COMMIT"));
+        committed.unwrap();
+        for b in blocked {
+            assert!(matches!(b.await.unwrap(), RecordOutcome::Existing(_)), "b1 and b2 were recorded by the holder");
+        }
+        let stats = s.group_commits();
+        for (i, outcome) in outcomes.iter().take(10).enumerate() {
+            assert_eq!(outcome.as_ref().unwrap(), &RecordOutcome::Inserted, "round {round} node {i}");
+        }
+        match &outcomes[10] {
+            Ok(RecordOutcome::Existing(first)) => assert_eq!(first.output, json!(0), "the first record of n{round}0"),
+            other => panic!("a duplicate gets the first record: {other:?}"),
+        }
+        if round == 0 {
+            assert_eq!(stats.transactions - before.transactions, 1, "{stats:?}");
+            assert_eq!(stats.records - before.records, 11, "{stats:?}");
+        } else {
+            assert_eq!(stats.failed - before.failed, 1, "{stats:?}");
+            let err = outcomes[11].as_ref().unwrap_err();
+            assert!(matches!(err, StoreError::Rejected { .. }) && err.to_string().contains("bad"), "{err:?}");
+        }
+        drop(holder);
+        // The next round inserts b1 and b2 again.
+        let client = s.pool().get().await.unwrap();
+        let results = s.table_names().results.clone();
+        client.execute(&format!("DELETE FROM \"{results}\" WHERE node_id IN ('b1', 'b2')"), &[]).await.unwrap();
+    }
+    let stored = s.records("r1").await.unwrap();
+    assert_eq!(stored.len(), 20, "10 nodes per round, each once: {stored:?}");
+    let view = s.job_view("r1", &[], &ContextNeeds::Whole).await.unwrap().unwrap();
+    assert!(view.context.contains_key("wn00") && view.context.contains_key("wn19"));
+    assert!(!view.context.contains_key("wbad"), "a rejected record writes nothing");
+    s.drop_tables().await.unwrap();
+}
+
 /// The loser of a race whose winner commits after the loser's statement began (so its snapshot cannot see the
 /// winner) still gets the winner's record.
 #[tokio::test]

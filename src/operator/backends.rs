@@ -452,6 +452,7 @@ impl PoolBackends {
             tables: tables.clone(),
             pool_size: self.pg_pool_size,
             tls: conn.tls.clone(),
+            group_commit: false,
         })
         .await
         .map_err(|e| BackendError::database(conn, tables, e))?;
@@ -556,8 +557,13 @@ fn no_answer(service: &str) -> String {
 
 /// Connect to the pool's PostgreSQL (one connection, no migration).
 async fn check_database(conn: &Connection, tables: &TableNames) -> Option<BackendError> {
-    let config =
-        PgConfig { url: conn.database_url.clone(), tables: tables.clone(), pool_size: 1, tls: conn.tls.clone() };
+    let config = PgConfig {
+        url: conn.database_url.clone(),
+        tables: tables.clone(),
+        pool_size: 1,
+        tls: conn.tls.clone(),
+        group_commit: false,
+    };
     match tokio::time::timeout(CHECK_TIMEOUT, PostgresStore::connect(config)).await {
         Ok(Ok(_)) => None,
         Ok(Err(e)) => Some(BackendError::database(conn, tables, e)),

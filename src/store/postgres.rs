@@ -25,6 +25,10 @@ use crate::store::{
 };
 use crate::tls::TlsSettings;
 
+mod group;
+
+pub use group::GroupCommitStats;
+
 /// Default number of runs returned by [`RunStore::list_runs`] when the filter's limit is 0.
 const DEFAULT_LIST_LIMIT: usize = 100;
 /// Most rows one page of [`PostgresStore::runs_page`] or [`PostgresStore::latest_blueprints`] returns.
@@ -48,6 +52,9 @@ pub struct PgConfig {
     pub pool_size: usize,
     /// Extra CAs and the default client certificate.
     pub tls: TlsSettings,
+    /// Commit the records of jobs that complete close together in one transaction (one round trip, one WAL
+    /// flush; docs/architecture.md, "Group commit"). Off, every record is its own statement and commit.
+    pub group_commit: bool,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -57,6 +64,7 @@ impl std::fmt::Debug for PgConfig {
             .field("tables", &self.tables)
             .field("pool_size", &self.pool_size)
             .field("tls", &self.tls)
+            .field("group_commit", &self.group_commit)
             .finish()
     }
 }
@@ -68,6 +76,7 @@ impl Default for PgConfig {
             tables: TableNames::default(),
             pool_size: 16,
             tls: TlsSettings::none(),
+            group_commit: true,
         }
     }
 }
@@ -676,7 +685,7 @@ struct RecordParams<'a> {
     status: &'static str,
     taken: Json<&'a Vec<String>>,
     attempts: i32,
-    merge: Value,
+    merge: std::borrow::Cow<'a, Value>,
     wait: Option<Json<&'a crate::flow::Wait>>,
     wake_at: Option<DateTime<Utc>>,
     token: Option<String>,
@@ -684,13 +693,18 @@ struct RecordParams<'a> {
 
 impl<'a> RecordParams<'a> {
     fn new(run_id: &'a str, record: &'a NodeRecord, context_writes: &Map<String, Value>) -> Self {
+        Self::stored(run_id, record, std::borrow::Cow::Owned(stored_writes(context_writes)))
+    }
+
+    /// With the context writes already in their stored form ([`stored_writes`]).
+    fn stored(run_id: &'a str, record: &'a NodeRecord, merge: std::borrow::Cow<'a, Value>) -> Self {
         Self {
             run_id,
             record,
             status: record.status.as_str(),
             taken: Json(&record.taken),
             attempts: i32::try_from(record.attempts).unwrap_or(i32::MAX),
-            merge: stored_writes(context_writes),
+            merge,
             wait: record.wait.as_deref().map(Json),
             wake_at: record.wait.as_ref().and_then(|w| w.wake_at),
             token: record.wait.as_deref().and_then(crate::flow::builtin::stored_token),
@@ -708,7 +722,7 @@ impl<'a> RecordParams<'a> {
             &self.taken,
             &self.attempts,
             &r.error,
-            &self.merge,
+            self.merge.as_ref() as &(dyn ToSql + Sync),
             &r.instance,
             &self.wait,
             &self.wake_at,
@@ -726,6 +740,11 @@ fn stored_writes(context_writes: &Map<String, Value>) -> Value {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     )
+}
+
+/// `record node <node> of run <run>`: what a record statement is called in errors.
+fn record_op(run_id: &str, record: &NodeRecord) -> String {
+    format!("record node {} of run {run_id}", crate::flow::instance::display(&record.node_id, &record.instance))
 }
 
 fn clamp_i64(n: u64) -> i64 {
@@ -872,6 +891,8 @@ pub struct PostgresStore {
     sql: Arc<Sql>,
     /// Hosts and database, for messages (never the URL: it may carry a password).
     target: Arc<str>,
+    /// Where records go when group commit is on.
+    group: Option<group::GroupCommit>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -926,9 +947,18 @@ impl PostgresStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::config(format!("PostgreSQL pool: {e}")))?;
-        let store = Self { sql: Arc::new(Sql::new(&names)), names: Arc::new(names), pool, target: Arc::from(target) };
+        let mut store = Self {
+            sql: Arc::new(Sql::new(&names)),
+            names: Arc::new(names),
+            pool,
+            target: Arc::from(target),
+            group: None,
+        };
         let client = store.pool.get().await.map_err(|e| store.pool_error("connect", e))?;
         drop(client);
+        if cfg.group_commit {
+            store.group = Some(group::GroupCommit::start(store.clone()));
+        }
         tracing::info!(
             target = %store.target,
             tls = ?libpq.mode,
@@ -944,6 +974,11 @@ impl PostgresStore {
     /// The connection pool (for tests and ad-hoc SQL).
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// What group commit did so far (all zero when it is off).
+    pub fn group_commits(&self) -> GroupCommitStats {
+        self.group.as_ref().map(group::GroupCommit::stats).unwrap_or_default()
     }
 
     /// The tables this store uses.
@@ -1187,6 +1222,50 @@ impl PostgresStore {
     }
 
     /// A record of a node, read in a fresh statement (after a concurrent insert won the race).
+    /// Record one node in its own statement (and commit): [`RunStore::record`] without group commit.
+    async fn record_alone(
+        &self,
+        run_id: &str,
+        record: &NodeRecord,
+        merge: std::borrow::Cow<'_, Value>,
+    ) -> StoreResult<RecordOutcome> {
+        let op = record_op(run_id, record);
+        let table = self.names.results.as_str();
+        let values = RecordParams::stored(run_id, record, merge);
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, e))?;
+        let row = client.query_one(&stmt, &values.params()).await.map_err(|e| db_error(&op, table, e))?;
+        self.record_outcome(&client, run_id, record, &row).await
+    }
+
+    /// What the row of a committed `RECORD` statement says: inserted, or the record that was there first (read
+    /// again when it was committed concurrently, after the statement's snapshot).
+    async fn record_outcome(
+        &self,
+        client: &deadpool_postgres::Client,
+        run_id: &str,
+        record: &NodeRecord,
+        row: &Row,
+    ) -> StoreResult<RecordOutcome> {
+        let (node_id, instance) = (record.node_id.as_str(), record.instance.as_str());
+        let inserted: bool = column(row, "inserted", run_id)?;
+        if inserted {
+            tracing::debug!(run_id, node_id, status = record.status.as_str(), "recorded node result");
+            return Ok(RecordOutcome::Inserted);
+        }
+        let existing = match record_from_row(run_id, row)? {
+            Some(existing) if existing.is_terminal() => existing,
+            // Committed concurrently, after this statement's snapshot (which may still show a pending item): read
+            // it with a fresh one.
+            _ => self.existing_record(client, run_id, node_id, instance).await?.ok_or_else(|| {
+                let op = record_op(run_id, record);
+                StoreError::database(format!("{op}: run {run_id} does not exist in table {:?}", self.names.statuses))
+            })?,
+        };
+        tracing::debug!(run_id, node_id, status = existing.status.as_str(), "node result already recorded");
+        Ok(RecordOutcome::Existing(existing))
+    }
+
     async fn existing_record(
         &self,
         client: &deadpool_postgres::Client,
@@ -1262,29 +1341,10 @@ impl RunStore for PostgresStore {
         record: &NodeRecord,
         context_writes: &Map<String, Value>,
     ) -> StoreResult<RecordOutcome> {
-        let node_id = record.node_id.as_str();
-        let instance = record.instance.as_str();
-        let op = format!("record node {} of run {run_id}", crate::flow::instance::display(node_id, instance));
-        let table = self.names.results.as_str();
-        let values = RecordParams::new(run_id, record, context_writes);
-        let client = self.client(&op).await?;
-        let stmt = client.prepare_cached(&self.sql.record).await.map_err(|e| db_error(&op, table, e))?;
-        let row = client.query_one(&stmt, &values.params()).await.map_err(|e| db_error(&op, table, e))?;
-        let inserted: bool = column(&row, "inserted", run_id)?;
-        if inserted {
-            tracing::debug!(run_id, node_id, status = record.status.as_str(), "recorded node result");
-            return Ok(RecordOutcome::Inserted);
+        match &self.group {
+            Some(group) => group.record(run_id, record, stored_writes(context_writes)).await,
+            None => self.record_alone(run_id, record, std::borrow::Cow::Owned(stored_writes(context_writes))).await,
         }
-        let existing = match record_from_row(run_id, &row)? {
-            Some(existing) if existing.is_terminal() => existing,
-            // Committed concurrently, after this statement's snapshot (which may still show a pending item): read
-            // it with a fresh one.
-            _ => self.existing_record(&client, run_id, node_id, instance).await?.ok_or_else(|| {
-                StoreError::database(format!("{op}: run {run_id} does not exist in table {:?}", self.names.statuses))
-            })?,
-        };
-        tracing::debug!(run_id, node_id, status = existing.status.as_str(), "node result already recorded");
-        Ok(RecordOutcome::Existing(existing))
     }
 
     async fn record_with_items(

@@ -336,6 +336,11 @@ pub(super) async fn node(
         }
         _ => None,
     };
+    // The run's records come without outputs: the shown one is read alone.
+    let output = match record.filter(|r| r.status == crate::store::NodeStatus::Done) {
+        Some(r) => ui.source.node_record(run_id, node_id, &r.instance).await?.map(|r| r.output),
+        None => None,
+    };
     let finished_at = record.and_then(|r| r.finished_at);
     Ok(Json(json!({
         "runId": run_id,
@@ -350,7 +355,7 @@ pub(super) async fn node(
         "finishedAt": finished_at,
         "sinceRunStartMs": finished_at.map(|f| (f - detail.info.created_at).num_milliseconds()),
         "input": input.map(|v| ValueView::new(v, full)),
-        "output": record.filter(|r| r.status == crate::store::NodeStatus::Done).map(|r| ValueView::new(r.output.clone(), full)),
+        "output": output.map(|o| ValueView::new(o, full)),
     })))
 }
 

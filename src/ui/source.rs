@@ -16,7 +16,7 @@ use crate::flow::BlueprintSet;
 use crate::flow::{Blueprint, ContextNeeds, Graph};
 use crate::store::postgres::PostgresStore;
 use crate::store::{
-    JobQueue, NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult,
+    InstanceKey, JobQueue, NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult,
     StoredBlueprint,
 };
 
@@ -73,7 +73,8 @@ pub enum Lookup {
 pub struct RunDetail {
     /// The status row.
     pub info: RunInfo,
-    /// Every record of the run.
+    /// Every record of the run, without its output (the page polls it: a big run's outputs are not read; a
+    /// node's output is read with [`ConsoleSource::node_record`]).
     pub records: Vec<NodeRecord>,
 }
 
@@ -119,8 +120,10 @@ pub trait ConsoleSource: Send + Sync + 'static {
     async fn runs(&self, query: &RunPageQuery) -> StoreResult<Vec<RunSummary>>;
     /// Runs per status (of one blueprint, or of all).
     async fn counts(&self, blueprint_id: Option<&str>) -> StoreResult<Vec<(RunStatus, u64)>>;
-    /// A run and its records.
+    /// A run and its records' states (outputs left out).
     async fn run(&self, run_id: &str) -> StoreResult<Option<RunDetail>>;
+    /// One record of a run, with its output.
+    async fn node_record(&self, run_id: &str, node_id: &str, instance: &str) -> StoreResult<Option<NodeRecord>>;
     /// What the detail of `node` needs (`nodes`: the node and its input dependencies; `context`: the context
     /// keys its input reads).
     async fn node_data(&self, run_id: &str, nodes: &[&str], context: &ContextNeeds) -> StoreResult<Option<NodeData>>;
@@ -193,8 +196,14 @@ impl ConsoleSource for StoreSource {
 
     async fn run(&self, run_id: &str) -> StoreResult<Option<RunDetail>> {
         let Some(info) = self.store.run_info(run_id).await? else { return Ok(None) };
-        let records = self.store.records(run_id).await?;
+        let records = self.store.record_states(run_id).await?;
         Ok(Some(RunDetail { info, records }))
+    }
+
+    async fn node_record(&self, run_id: &str, node_id: &str, instance: &str) -> StoreResult<Option<NodeRecord>> {
+        let key = [InstanceKey::new(node_id, instance)];
+        let view = self.store.job_view_at(run_id, &key, &[], &ContextNeeds::none()).await?;
+        Ok(view.and_then(|v| v.records.into_iter().find(|r| r.node_id == node_id && r.instance == instance)))
     }
 
     async fn node_data(&self, run_id: &str, nodes: &[&str], context: &ContextNeeds) -> StoreResult<Option<NodeData>> {
