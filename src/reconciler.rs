@@ -211,7 +211,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         }
 
         if plan.only_waits() {
-            repair.awaiting = self.store.set_awaiting(run_id).await.map_err(store_err)?;
+            let seen = crate::store::RecordTally::of(&records);
+            repair.awaiting = self.store.set_awaiting(run_id, seen).await.map_err(store_err)?;
             return Ok(repair);
         }
         let mut jobs = Vec::new();

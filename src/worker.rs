@@ -271,7 +271,12 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let batch_count = batch_count(&job, &view);
         let recorded = view.record_at(&job.node_id, &job.instance).filter(|r| r.status != NodeStatus::Pending).cloned();
         let (record, outcome) = match recorded {
-            Some(record) if record.status == NodeStatus::Waiting => return Ok(Settle::Ack("waiting")),
+            Some(record) if record.status == NodeStatus::Waiting => {
+                // A redelivery (the first delivery may have died between its record and the awaiting check):
+                // arm and check again, so the run does not stay `running` until the reconciler finds it.
+                self.began_waiting(&graph, &job, &record).await.map_err(store_err)?;
+                return Ok(Settle::Ack("waiting"));
+            }
             Some(record) if record.status == NodeStatus::Resumed => {
                 match self.finish_resumed(&graph, &job, &view, record).await.map_err(store_err)? {
                     Some(record) => (record, "resumed"),
@@ -1140,8 +1145,8 @@ mod tests {
         ) -> StoreResult<crate::store::Transition> {
             self.inner.transition(run_id, from, to, writes).await
         }
-        async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool> {
-            self.inner.set_awaiting(run_id).await
+        async fn set_awaiting(&self, run_id: &str, seen: crate::store::RecordTally) -> StoreResult<bool> {
+            self.inner.set_awaiting(run_id, seen).await
         }
         async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<crate::store::FiredTimer>> {
             self.inner.fire_due_timers(limit).await

@@ -7,10 +7,9 @@ use std::process::Command;
 
 use std::time::Duration;
 
-use flowcraft::client::{self, Resume, RunResult};
+use flowcraft::client::RunResult;
 use flowcraft::embedded::{Embedded, run_once};
 use flowcraft::flow::{Blueprint, BlueprintSet, Graph, Registry};
-use flowcraft::store::{RunStatus, RunStore};
 
 async fn run_case(case: &common::conformance::Case, workers: usize) -> RunResult {
     let path = common::conformance::blueprint_dir().join(format!("{}.yaml", case.blueprint));
@@ -22,33 +21,21 @@ async fn run_case(case: &common::conformance::Case, workers: usize) -> RunResult
     run_once(graph, registry, case.input.clone(), workers).await.unwrap()
 }
 
-/// A case with resumes or a cancel: each step once the run is `awaiting`, then the run's end.
+/// A case with resumes or a cancel: the shared driver (tests/common/conformance.rs), then the run's end.
 async fn drive_case(case: &common::conformance::Case, graph: Graph, registry: Registry, workers: usize) -> RunResult {
     let mut set = BlueprintSet::new();
     let graph = set.insert(graph);
     let engine = Embedded::start(registry, set, workers);
     let run_id = engine.start_run(&graph, case.input.clone()).await.unwrap();
-    let settle = Duration::from_secs(20);
-    for step in &case.resume {
-        let settled = engine.settled(&run_id, settle).await;
-        let settled = settled.unwrap_or_else(|e| panic!("{}: before resuming {}: {e}", case.name, step.node));
-        assert_eq!(settled, RunStatus::Awaiting, "{}", case.name);
-        if step.webhook {
-            let records = engine.store.records(&run_id).await.unwrap();
-            let (token, _) = common::conformance::webhook_url(&records, &step.node).expect("a webhook URL");
-            engine.deliver_webhook(&token, &step.webhook_body(), step.action.clone()).await.unwrap();
-            continue;
-        }
-        let resume =
-            Resume { result: step.result.clone(), action: step.action.clone(), instance: step.instance.clone() };
-        engine.resume(&run_id, &step.node, resume).await.unwrap();
+    let webhooks = async |step: &common::conformance::ResumeStep, records: &[flowcraft::flow::NodeRecord]| {
+        let (token, _) = common::conformance::webhook_url(records, &step.node).ok_or("no webhook URL")?;
+        let delivered = engine.deliver_webhook(&token, &step.webhook_body(), step.action.clone()).await;
+        delivered.map(|_| ()).map_err(|e| e.to_string())
+    };
+    if let Err(e) = common::conformance::drive(&*engine.queue, &*engine.store, &webhooks, case, &run_id).await {
+        panic!("[workers={workers}] {e}");
     }
-    if case.cancel {
-        assert_eq!(engine.settled(&run_id, settle).await.unwrap(), RunStatus::Awaiting, "{}", case.name);
-        assert!(client::cancel_run(&*engine.store, &run_id, "cancelled by the case").await.unwrap());
-    }
-    let result = engine.wait(&run_id, &graph, Some(settle)).await;
-    let result = result.unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let result = engine.wait(&run_id, &graph, Some(Duration::from_secs(20))).await.unwrap();
     engine.shutdown().await;
     result
 }

@@ -62,7 +62,9 @@ async fn conformance_suite_on_the_services_with_two_worker_processes() {
         ids.push(id);
     }
     for (case, id) in cases.iter().zip(&ids).filter(|(case, _)| case.is_driven()) {
-        drive(&*queue, &store, case, id).await;
+        if let Err(e) = common::conformance::drive(&*queue, &*store, &post_webhook, case, id).await {
+            panic!("{e}\n--- w1 log ---\n{}\n--- w2 log ---\n{}", _w1.log_text(), _w2.log_text());
+        }
     }
     let results = wait_all(&store, &ids, Duration::from_secs(90)).await;
     let mut failures = Vec::new();
@@ -89,29 +91,14 @@ fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-/// A conformance case's resumes and cancel, each once its run is `awaiting`; a webhook step is a request to the
-/// node's URL (served by the worker that ran it).
-async fn drive<Q: JobQueue>(queue: &Q, store: &PostgresStore, case: &common::conformance::Case, id: &str) {
-    for step in &case.resume {
-        awaiting(store, id).await;
-        if step.webhook {
-            let records = store.records(id).await.expect("records");
-            let (_, url) = common::conformance::webhook_url(&records, &step.node).expect("a webhook URL");
-            let (status, body) = common::post_webhook(&url, step.webhook_body(), step.action.as_deref()).await;
-            assert_eq!(status, 202, "{body}");
-            continue;
-        }
-        let resume = client::Resume {
-            result: step.result.clone(),
-            action: step.action.clone(),
-            instance: step.instance.clone(),
-        };
-        client::resume_node(queue, store, id, &step.node, resume).await.expect("resume");
-    }
-    if case.cancel {
-        awaiting(store, id).await;
-        assert!(client::cancel_run(store, id, "cancelled by the case").await.expect("cancel"));
-    }
+/// A conformance webhook step on the services: a request to the node's URL (served by the worker that ran it).
+async fn post_webhook(
+    step: &common::conformance::ResumeStep,
+    records: &[flowcraft::flow::NodeRecord],
+) -> Result<(), String> {
+    let (_, url) = common::conformance::webhook_url(records, &step.node).ok_or("no webhook URL")?;
+    let (status, body) = common::post_webhook(&url, step.webhook_body(), step.action.as_deref()).await;
+    if status == 202 { Ok(()) } else { Err(format!("{status} {body}")) }
 }
 
 fn flowcraft_cli(cluster: &Cluster) -> std::process::Command {

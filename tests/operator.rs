@@ -1146,7 +1146,8 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
     let wait = Wait { reason: WaitReason::ExternalEvent, wake_at: None, url: None, child_run_id: None };
     let waiting = NodeRecord::waiting("notify", json!({"ok": true}), wait, 1);
     store.record(&run_id, &waiting, &Default::default()).await.unwrap();
-    assert!(store.set_awaiting(&run_id).await.unwrap(), "running -> awaiting");
+    let seen = flowcraft::store::RecordTally::of(&store.records(&run_id).await.unwrap());
+    assert!(store.set_awaiting(&run_id, seen).await.unwrap(), "running -> awaiting");
     let running = run_with_status(&run, &status);
     let (ctx, server) = env.context();
     let (p, r) = (pool.clone(), running.clone());

@@ -641,6 +641,11 @@ fn waiting(node_id: &str, reason: flowcraft::flow::WaitReason, wake_in_ms: Optio
     NodeRecord::waiting(node_id, json!("kept"), wait, 1)
 }
 
+/// The tally of a run's records as they are now (a replay that just read them).
+async fn seen(s: &PostgresStore, run_id: &str) -> flowcraft::store::RecordTally {
+    flowcraft::store::RecordTally::of(&s.records(run_id).await.unwrap())
+}
+
 #[tokio::test]
 async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
     use flowcraft::store::Transition;
@@ -648,7 +653,7 @@ async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
     s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
     let gate = waiting("gate", flowcraft::flow::WaitReason::ExternalEvent, None);
     s.record("r1", &gate, &Map::new()).await.unwrap();
-    assert!(s.set_awaiting("r1").await.unwrap());
+    assert!(s.set_awaiting("r1", seen(&s, "r1").await).await.unwrap());
     assert_eq!(s.run_info("r1").await.unwrap().unwrap().status, RunStatus::Awaiting);
     let read = s.records("r1").await.unwrap();
     assert_eq!(read[0].wait, gate.wait, "the wait is stored and read back");
@@ -663,7 +668,7 @@ async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
     assert_eq!(outcomes.iter().filter(|o| **o == Transition::Won).count(), 1, "{outcomes:?}");
     let info = s.run_info("r1").await.unwrap().unwrap();
     assert_eq!(info.status, RunStatus::Running, "a resume sets the run running");
-    assert!(!s.set_awaiting("r1").await.unwrap(), "a resumed node keeps the run running");
+    assert!(!s.set_awaiting("r1", seen(&s, "r1").await).await.unwrap(), "a resumed node keeps the run running");
     let resumed = s.records("r1").await.unwrap().remove(0);
     assert_eq!((resumed.status, resumed.attempts), (NodeStatus::Resumed, 1));
     assert!(resumed.wait.is_some(), "the wait is kept");
@@ -680,6 +685,30 @@ async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
     let view = s.job_view("r1", &["gate"], &flowcraft::flow::ContextNeeds::keys(["k"])).await.unwrap().unwrap();
     assert_eq!(view.context.get("k"), Some(&json!(1)));
     assert_eq!(view.records[0].status, NodeStatus::Done);
+    s.drop_tables().await.unwrap();
+}
+
+/// A replay that found only waits (g1, g2) is stale once g1 was resumed and routed (its successor may be running):
+/// the run must not be set `awaiting` from it, else it would sit `awaiting` while a job runs (and a lost job would
+/// never be re-driven: the reconciler leaves awaiting runs alone).
+#[tokio::test]
+async fn a_stale_replay_does_not_set_the_run_awaiting() {
+    use flowcraft::flow::WaitReason;
+    let s = store("pg_stale").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    for node in ["g1", "g2"] {
+        s.record("r1", &waiting(node, WaitReason::ExternalEvent, None), &Map::new()).await.unwrap();
+    }
+    let replayed = seen(&s, "r1").await;
+    let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g1") };
+    s.transition("r1", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
+    s.transition("r1", NodeStatus::Resumed, &done("g1", None, json!(1), &[]), &Map::new()).await.unwrap();
+    assert!(!s.set_awaiting("r1", replayed).await.unwrap(), "a node left waiting since the replay");
+    let after_resume = seen(&s, "r1").await;
+    s.record("r1", &done("next", None, json!(2), &[]), &Map::new()).await.unwrap();
+    assert!(!s.set_awaiting("r1", after_resume).await.unwrap(), "a record was added since the replay");
+    assert_eq!(s.run_info("r1").await.unwrap().unwrap().status, RunStatus::Running);
+    assert!(s.set_awaiting("r1", seen(&s, "r1").await).await.unwrap(), "a fresh replay sets it awaiting");
     s.drop_tables().await.unwrap();
 }
 

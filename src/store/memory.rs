@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 
 use super::{
     Acker, Coordinator, Delivery, FiredTimer, InstanceKey, Job, JobQueue, JobView, JoinArrival, JoinDecision,
-    JoinState, LeaseToken, NewRun, NodeRecord, NodeStatus, RecordOutcome, RunFilter, RunInfo, RunStatus, RunStore,
-    StoreError, StoreResult, StoredBlueprint, Transition,
+    JoinState, LeaseToken, NewRun, NodeRecord, NodeStatus, RecordOutcome, RecordTally, RunFilter, RunInfo, RunStatus,
+    RunStore, StoreError, StoreResult, StoredBlueprint, Transition,
 };
 use crate::flow::ContextNeeds;
 use crate::flow::join::Join;
@@ -487,11 +487,12 @@ impl RunStore for MemoryStore {
         Ok(Transition::Won)
     }
 
-    async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool> {
+    async fn set_awaiting(&self, run_id: &str, seen: RecordTally) -> StoreResult<bool> {
         self.with_run(run_id, |e| {
-            let waits = e.records.values().any(|(_, r)| r.status == NodeStatus::Waiting);
+            let waiting = e.records.values().filter(|(_, r)| r.status == NodeStatus::Waiting).count();
             let resumed = e.records.values().any(|(_, r)| r.status == NodeStatus::Resumed);
-            if e.info.status != RunStatus::Running || !waits || resumed {
+            let now = RecordTally { records: e.records.len(), waiting };
+            if e.info.status != RunStatus::Running || waiting == 0 || resumed || now != seen {
                 return false;
             }
             e.info.status = RunStatus::Awaiting;
@@ -764,6 +765,32 @@ mod tests {
                 assert_eq!(c.arrive(&a).await.unwrap(), want, "{}: arrival #{} ({source})", case.name, i + 1);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_stale_replay_does_not_set_the_run_awaiting() {
+        let s = MemoryStore::new();
+        let run = NewRun { run_id: "r".into(), blueprint_id: "b".into(), blueprint_version: None, input: Value::Null };
+        s.create_run(&run).await.unwrap();
+        let wait = crate::flow::Wait {
+            reason: crate::flow::WaitReason::ExternalEvent,
+            wake_at: None,
+            url: None,
+            child_run_id: None,
+        };
+        for node in ["g1", "g2"] {
+            s.record("r", &NodeRecord::waiting(node, Value::Null, wait.clone(), 1), &Map::new()).await.unwrap();
+        }
+        let replayed = RecordTally::of(&s.records("r").await.unwrap());
+        assert_eq!(replayed, RecordTally { records: 2, waiting: 2 });
+        let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g1") };
+        s.transition("r", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
+        let routed = NodeRecord { status: NodeStatus::Done, ..NodeRecord::skipped("g1") };
+        s.transition("r", NodeStatus::Resumed, &routed, &Map::new()).await.unwrap();
+        assert!(!s.set_awaiting("r", replayed).await.unwrap(), "g1 left waiting since the replay");
+        let fresh = RecordTally::of(&s.records("r").await.unwrap());
+        assert!(s.set_awaiting("r", fresh).await.unwrap());
+        assert_eq!(s.run_info("r").await.unwrap().unwrap().status, RunStatus::Awaiting);
     }
 
     #[tokio::test]

@@ -289,6 +289,25 @@ pub enum Transition {
     Lost(Option<NodeRecord>),
 }
 
+/// What a replay of a run saw of its records, for [`RunStore::set_awaiting`]: how many records, and how many of
+/// them `waiting`. Records are only added, and a record leaves `waiting` but never comes back, so while both counts
+/// are unchanged no record was added and none left `waiting`: the replay still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecordTally {
+    /// Every record of the run (every node instance, batch items included).
+    pub records: usize,
+    /// The records in status `waiting`.
+    pub waiting: usize,
+}
+
+impl RecordTally {
+    /// The tally of records read by [`RunStore::records`].
+    pub fn of(records: &[NodeRecord]) -> Self {
+        let waiting = records.iter().filter(|r| r.status == NodeStatus::Waiting).count();
+        Self { records: records.len(), waiting }
+    }
+}
+
 /// The outcome of recording a node result.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordOutcome {
@@ -509,10 +528,11 @@ pub trait RunStore: Send + Sync + 'static {
         context_writes: &Map<String, Value>,
     ) -> StoreResult<Transition>;
 
-    /// Move a `running` run to `awaiting` when it has a waiting record and no resumed one (checked under the
-    /// run's row lock, so a resume committed concurrently keeps it running). The caller has replayed the run and
-    /// found nothing else runnable. Returns whether the status changed.
-    async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool>;
+    /// Move a `running` run to `awaiting` when it has a waiting record, no resumed one, and its records are still
+    /// those the caller replayed (`seen`: nothing recorded, resumed or timed out since; checked under the run's
+    /// row lock, so a resume committed concurrently keeps it running). The caller has replayed the run and found
+    /// nothing else runnable. Returns whether the status changed.
+    async fn set_awaiting(&self, run_id: &str, seen: RecordTally) -> StoreResult<bool>;
 
     /// Fire up to `limit` due timers of runs that are `running` or `awaiting`, oldest first (`FOR UPDATE SKIP
     /// LOCKED`, so concurrent callers share them and each fires once): a `sleep` resumes with its output, a

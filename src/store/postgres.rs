@@ -20,8 +20,8 @@ use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
     BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats,
-    RecordOutcome, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult,
-    StoredBlueprint, Transition,
+    RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError,
+    StoreResult, StoredBlueprint, Transition,
 };
 use crate::tls::TlsSettings;
 
@@ -451,7 +451,9 @@ const LOCK_RUN: &str = "SELECT status FROM {statuses} WHERE run_id = $1::text FO
 const SET_AWAITING: &str = "UPDATE {statuses} SET status = 'awaiting', updated_at = now()
  WHERE run_id = $1::text AND status = 'running'
    AND EXISTS (SELECT 1 FROM {results} WHERE run_id = $1::text AND status = 'waiting')
-   AND NOT EXISTS (SELECT 1 FROM {results} WHERE run_id = $1::text AND status = 'resumed')";
+   AND NOT EXISTS (SELECT 1 FROM {results} WHERE run_id = $1::text AND status = 'resumed')
+   AND (SELECT ROW(count(*), count(*) FILTER (WHERE status = 'waiting')) FROM {results} WHERE run_id = $1::text)
+       = ROW($2::bigint, $3::bigint)";
 
 // Due timers, earliest first, claimed with SKIP LOCKED (timer services of several workers share them). On a live
 // run a `sleep` resumes with its output and any other waiting kind (a `wait` timeout) with the error $2; its run
@@ -1454,8 +1456,9 @@ impl RunStore for PostgresStore {
         Ok(Transition::Lost(self.existing_record(&client, run_id, node_id, instance).await?))
     }
 
-    async fn set_awaiting(&self, run_id: &str) -> StoreResult<bool> {
+    async fn set_awaiting(&self, run_id: &str, seen: RecordTally) -> StoreResult<bool> {
         let op = format!("set run {run_id} awaiting");
+        let (records, waiting) = (clamp_i64(seen.records as u64), clamp_i64(seen.waiting as u64));
         let table = self.names.statuses.as_str();
         let err = |e| db_error(&op, table, e);
         let mut client = self.client(&op).await?;
@@ -1463,7 +1466,7 @@ impl RunStore for PostgresStore {
         let lock = tx.prepare_cached(&self.sql.lock_run).await.map_err(err)?;
         tx.query_opt(&lock, &[&run_id]).await.map_err(err)?;
         let stmt = tx.prepare_cached(&self.sql.set_awaiting).await.map_err(err)?;
-        let changed = tx.execute(&stmt, &[&run_id]).await.map_err(err)? > 0;
+        let changed = tx.execute(&stmt, &[&run_id, &records, &waiting]).await.map_err(err)? > 0;
         tx.commit().await.map_err(err)?;
         tracing::debug!(run_id, changed, "set awaiting");
         Ok(changed)

@@ -2,9 +2,10 @@
 //! `wait` timeouts) from the run store and publishes the jobs that route the resumed nodes.
 //!
 //! Firing is one store transaction that claims due timers with `FOR UPDATE SKIP LOCKED` and resumes their nodes
-//! (so any number of workers share the timers, and each fires once); publishing follows. A crash between the
-//! two leaves resumed records whose runs are `running`: the reconciler publishes their jobs (`reconciler::plan`
-//! counts a resumed node as ready). Nothing is held in memory: a killed worker loses no timer.
+//! (so any number of workers share the timers, and each fires once); publishing follows. Jobs whose publish failed
+//! (a broker outage) are kept and published again before any further timer fires. A crash between the firing and
+//! the publish leaves resumed records whose runs are `running`: the reconciler publishes their jobs
+//! (`reconciler::plan` counts a resumed node as ready). A killed worker loses no timer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,12 +39,14 @@ pub struct TimerService<Q, S> {
     /// Notified when this worker arms a timer (it may fall due before the next look).
     wake: Arc<Notify>,
     config: TimerConfig,
+    /// Jobs of fired timers not published yet (their publish failed): published before anything else fires.
+    unpublished: tokio::sync::Mutex<Vec<Job>>,
 }
 
 impl<Q: JobQueue, S: RunStore> TimerService<Q, S> {
     /// A timer service over the queue and the run store, woken early by `wake`.
     pub fn new(queue: Arc<Q>, store: Arc<S>, wake: Arc<Notify>, config: TimerConfig) -> Self {
-        Self { queue, store, wake, config }
+        Self { queue, store, wake, config, unpublished: tokio::sync::Mutex::default() }
     }
 
     /// Fire due timers, then sleep until the earliest armed one (at most `poll`, woken early by `wake`), until
@@ -71,15 +74,26 @@ impl<Q: JobQueue, S: RunStore> TimerService<Q, S> {
         }
     }
 
-    /// Fire one batch of due timers and publish their jobs; returns how many fired.
+    /// Publish the jobs a failed publish left, then fire one batch of due timers and publish their jobs; returns
+    /// how many fired. When a publish fails its jobs are kept for the next tick (the timers have fired: nothing
+    /// else would publish them before the reconciler).
     pub async fn tick(&self) -> Result<usize, StoreError> {
+        let mut unpublished = self.unpublished.lock().await;
+        if !unpublished.is_empty() {
+            self.queue.publish(&unpublished).await?;
+            debug!(jobs = unpublished.len(), "Jobs of fired timers published after a failed publish.");
+            unpublished.clear();
+        }
         let fired = self.store.fire_due_timers(self.config.batch).await?;
         if fired.is_empty() {
             return Ok(0);
         }
         let jobs: Vec<Job> = fired.iter().map(FiredTimer::job).collect();
         debug!(fired = jobs.len(), "Timers fired.");
-        self.queue.publish(&jobs).await?;
+        if let Err(error) = self.queue.publish(&jobs).await {
+            *unpublished = jobs;
+            return Err(error);
+        }
         Ok(jobs.len())
     }
 
@@ -126,7 +140,8 @@ mod tests {
         run_with(&store, "r1", "nap", WaitReason::Timer, -1).await;
         run_with(&store, "r2", "gate", WaitReason::ExternalEvent, -1).await;
         run_with(&store, "r3", "later", WaitReason::Timer, 3600).await;
-        store.set_awaiting("r1").await.unwrap();
+        let seen = crate::store::RecordTally::of(&store.records("r1").await.unwrap());
+        store.set_awaiting("r1", seen).await.unwrap();
         let service = TimerService::new(queue.clone(), store.clone(), Arc::default(), TimerConfig::default());
         assert_eq!(service.tick().await.unwrap(), 2);
         assert_eq!(service.tick().await.unwrap(), 0, "a timer fires once");
@@ -142,6 +157,54 @@ mod tests {
         let next = store.next_timer().await.unwrap().unwrap();
         assert!(next > chrono::Utc::now() + chrono::Duration::seconds(3500));
         assert!(service.until_next().await <= TimerConfig::default().poll);
+    }
+
+    /// A queue whose publishes fail while `down` is set (a broker outage).
+    #[derive(Default)]
+    struct FlakyQueue {
+        inner: MemoryQueue,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl JobQueue for FlakyQueue {
+        async fn publish(&self, jobs: &[Job]) -> crate::store::StoreResult<()> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::coordination("the broker is down"));
+            }
+            self.inner.publish(jobs).await
+        }
+        async fn publish_delayed(&self, job: &Job, delay: Duration) -> crate::store::StoreResult<()> {
+            self.inner.publish_delayed(job, delay).await
+        }
+        async fn dead_letter(&self, body: &[u8], reason: &str) -> crate::store::StoreResult<()> {
+            self.inner.dead_letter(body, reason).await
+        }
+        async fn next_delivery(&self) -> Option<crate::store::Delivery> {
+            self.inner.next_delivery().await
+        }
+        async fn stop_consuming(&self) {
+            self.inner.stop_consuming().await
+        }
+        fn is_ready(&self) -> bool {
+            self.inner.is_ready()
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_of_timers_fired_during_a_broker_outage_are_published_once_it_is_back() {
+        let (queue, store) = (Arc::new(FlakyQueue::default()), Arc::new(MemoryStore::new()));
+        run_with(&store, "r1", "nap", WaitReason::Timer, -1).await;
+        queue.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let service = TimerService::new(queue.clone(), store.clone(), Arc::default(), TimerConfig::default());
+        assert!(service.tick().await.is_err(), "the publish fails");
+        assert_eq!(store.records("r1").await.unwrap()[0].status, NodeStatus::Resumed, "the timer has fired");
+        assert!(service.tick().await.is_err(), "still down: the job is kept");
+        queue.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(service.tick().await.unwrap(), 0, "no timer fires twice");
+        assert_eq!(queue.inner.depth(), 1, "the fired timer's job is published once the broker is back");
+        assert_eq!(service.tick().await.unwrap(), 0);
+        assert_eq!(queue.inner.depth(), 1, "and only once");
     }
 
     #[tokio::test]

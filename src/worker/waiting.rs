@@ -8,7 +8,7 @@ use tracing::{debug, info};
 use super::{Executed, Worker, routed, what_runs};
 use crate::flow::{ContextHandle, Graph, Limits, NodeOutput, NodeRecord, NodeStatus, Wait, WaitRequest};
 use crate::reconciler::plan;
-use crate::store::{Coordinator, Job, JobQueue, JobView, RunStore, StoreError, Transition};
+use crate::store::{Coordinator, Job, JobQueue, JobView, RecordTally, RunStore, StoreError, Transition};
 
 /// The wait a node asked for, as recorded at `now` (its timer becomes a due time).
 pub(super) fn recorded_wait(request: &WaitRequest, now: DateTime<Utc>) -> Wait {
@@ -72,13 +72,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     }
 
     /// After a job that fired nothing in a run that may wait: replay the run from its records (exact) and set it
-    /// `awaiting` when a node waits and nothing is ready.
+    /// `awaiting` when a node waits and nothing is ready, unless its records changed since they were read (a
+    /// resume routed meanwhile may have made a successor runnable).
     pub(super) async fn maybe_await(&self, graph: &Graph, run_id: &str) -> Result<(), StoreError> {
         let records = self.store.records(run_id).await?;
         if !plan(graph, &records).only_waits() {
             return Ok(());
         }
-        if self.store.set_awaiting(run_id).await? {
+        if self.store.set_awaiting(run_id, RecordTally::of(&records)).await? {
             info!(run_id, "Run awaiting.");
         } else {
             debug!(run_id, "Run not set awaiting (resumed meanwhile, or no longer running).");

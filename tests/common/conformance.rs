@@ -4,7 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use flowcraft::client::RunResult;
+use std::time::{Duration, Instant};
+
+use flowcraft::client::{self, RunResult};
+use flowcraft::flow::NodeRecord;
+use flowcraft::store::{JobQueue, RunStatus, RunStore};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -24,12 +28,19 @@ pub struct Case {
     /// Per node with instances (loops, batches): how many instances have each status.
     #[serde(default)]
     pub instances: BTreeMap<String, BTreeMap<String, u64>>,
-    /// Resumes, in order, each once the run is `awaiting`.
+    /// Resumes, in order, each once the run is `awaiting` (a step expecting an error is tried at once).
     #[serde(default)]
     pub resume: Vec<ResumeStep>,
     /// Cancel the run once it is `awaiting` (after the resumes).
     #[serde(default)]
     pub cancel: bool,
+    /// Resumes tried after the cancel (each must fail with its `error`).
+    #[serde(default)]
+    pub after_cancel: Vec<ResumeStep>,
+    /// node id → status, checked whenever the run is seen `awaiting`: what must have ended before the run may
+    /// wait (a run is `awaiting` only while nothing else is runnable).
+    #[serde(default)]
+    pub at_awaiting: BTreeMap<String, String>,
 }
 
 /// A resume of a waiting node (`flowcraft resume RUN NODE --result … --action …`).
@@ -46,6 +57,10 @@ pub struct ResumeStep {
     /// Which instance (`--instance`); without it, the only waiting one.
     #[serde(default)]
     pub instance: Option<String>,
+    /// The resume must fail with an error containing this (`flowcraft resume` exits 1); tried without waiting
+    /// for the run to be `awaiting`.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// The token of a waiting webhook node of `records` (the last segment of its URL), and its URL.
@@ -67,6 +82,92 @@ impl Case {
     pub fn is_driven(&self) -> bool {
         !self.resume.is_empty() || self.cancel
     }
+}
+
+/// Wait until the run is `awaiting` (a deadline, no fixed sleep), then check the case's `at_awaiting` statuses
+/// on records read after the status.
+async fn awaiting<S: RunStore + ?Sized>(store: &S, case: &Case, run_id: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = store.run_info(run_id).await.map_err(|e| e.to_string())?.ok_or("no run")?;
+        if info.status == RunStatus::Awaiting {
+            break;
+        }
+        if info.status.is_terminal() || Instant::now() > deadline {
+            return Err(format!("case '{}': run {run_id} is {}, expected awaiting", case.name, info.status));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let records = store.records(run_id).await.map_err(|e| e.to_string())?;
+    for (node, want) in &case.at_awaiting {
+        let got = records.iter().find(|r| &r.node_id == node).map(|r| r.status.as_str());
+        if got != Some(want.as_str()) {
+            return Err(format!("case '{}': awaiting while node {node} is {got:?}, expected {want}", case.name));
+        }
+    }
+    Ok(())
+}
+
+/// Delivers a webhook step to the node's URL (the records have its waiting entry), as the mode under test serves it.
+pub trait Webhooks: AsyncFn(&ResumeStep, &[NodeRecord]) -> Result<(), String> {}
+impl<F: AsyncFn(&ResumeStep, &[NodeRecord]) -> Result<(), String>> Webhooks for F {}
+
+/// One resume step: once the run is `awaiting`, or at once when it must fail with its `error`; a webhook step is
+/// a request to the node's webhook URL.
+async fn resume_step<Q, S>(
+    (queue, store, webhooks): (&Q, &S, &impl Webhooks),
+    case: &Case,
+    run_id: &str,
+    step: &ResumeStep,
+) -> Result<(), String>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    if step.error.is_none() {
+        awaiting(store, case, run_id).await?;
+    }
+    if step.webhook {
+        let records = store.records(run_id).await.map_err(|e| e.to_string())?;
+        return webhooks(step, &records).await.map_err(|e| format!("case '{}': webhook {}: {e}", case.name, step.node));
+    }
+    let resume =
+        client::Resume { result: step.result.clone(), action: step.action.clone(), instance: step.instance.clone() };
+    let outcome = client::resume_node(queue, store, run_id, &step.node, resume).await;
+    match (&step.error, outcome) {
+        (None, Ok(())) => Ok(()),
+        (Some(want), Err(e)) if e.to_string().contains(want.as_str()) => Ok(()),
+        (want, got) => Err(format!("case '{}': resume of {}: {got:?}, expected {want:?}", case.name, step.node)),
+    }
+}
+
+/// Drive a case's run from outside: its resumes (webhook steps through `webhooks`), its cancel once it is
+/// `awaiting`, its resumes after the cancel.
+pub async fn drive<Q, S>(
+    queue: &Q,
+    store: &S,
+    webhooks: &impl Webhooks,
+    case: &Case,
+    run_id: &str,
+) -> Result<(), String>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    for step in &case.resume {
+        resume_step((queue, store, webhooks), case, run_id, step).await?;
+    }
+    if case.cancel {
+        awaiting(store, case, run_id).await?;
+        let cancelled = client::cancel_run(store, run_id, "cancelled by the case").await.map_err(|e| e.to_string())?;
+        if !cancelled {
+            return Err(format!("case '{}': run {run_id} was not cancelled", case.name));
+        }
+    }
+    for step in &case.after_cancel {
+        resume_step((queue, store, webhooks), case, run_id, step).await?;
+    }
+    Ok(())
 }
 
 /// Directory of the case blueprints.
