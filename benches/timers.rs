@@ -215,7 +215,8 @@ async fn arm(store: &Arc<PostgresStore>, prefix: &str, n: usize) -> Result<(), S
                 let wait = Wait { reason: WaitReason::Timer, wake_at, url: None, child_run_id: None };
                 let record = NodeRecord::waiting("nap", json!({"i": i}), wait, 1);
                 store.record(&run_id, &record, &Map::new()).await.map_err(e)?;
-                store.set_awaiting(&run_id).await.map_err(e)?;
+                let seen = flowcraft::store::RecordTally { records: 1, waiting: 1 };
+                store.set_awaiting(&run_id, seen).await.map_err(e)?;
                 Ok(())
             }
         })
