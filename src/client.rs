@@ -12,8 +12,8 @@ use crate::flow::limits::{DEFAULT_MAX_PAYLOAD_BYTES, json_size_within};
 use crate::flow::{Graph, NodeRecord, Wait};
 use crate::run_id::{RunIdError, validate_run_id};
 use crate::store::{
-    Job, JobQueue, NewRun, NodeStatus, RunCursor, RunFilter, RunInfo, RunStatus, RunStore, StoreError, StoredBlueprint,
-    Transition,
+    Job, JobQueue, NewRun, NodeStatus, ParentRef, RunCursor, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
+    StoredBlueprint, Transition,
 };
 use crate::text::{format_bytes, shorten};
 
@@ -102,7 +102,8 @@ pub struct NodeSummary {
 }
 
 /// The state of a run, as `flowcraft run --output json` and `flowcraft status --output json` print it:
-/// `{"runId", "status", "outputs", "nodes", "error"?}` (the other fields are not serialized).
+/// `{"runId", "status", "outputs", "nodes", "error"?, "parentRunId"?, "parentNodeId"?}` (the other fields are not
+/// serialized).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunResult {
@@ -117,6 +118,12 @@ pub struct RunResult {
     /// Why the run failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a child run of a `subflow` node: the parent run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<String>,
+    /// For a child run: the `subflow` node of the parent run that waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_node_id: Option<String>,
     /// The blueprint.
     #[serde(skip)]
     pub blueprint_id: String,
@@ -253,6 +260,40 @@ where
     Q: JobQueue + ?Sized,
     S: RunStore + ?Sized,
 {
+    start(queue, store, graph, NewRun::of(graph, run_id, input, None), max_input_bytes).await
+}
+
+/// [`start_run_within`] for the child run of a `subflow` node (docs/architecture.md, "Subflows"): its status row
+/// names the parent node instance, whose resume its end triggers.
+pub async fn start_child_run<Q, S>(
+    queue: &Q,
+    store: &S,
+    graph: &Graph,
+    run_id: &str,
+    input: Value,
+    parent: ParentRef,
+    max_input_bytes: usize,
+) -> Result<bool, ClientError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    start(queue, store, graph, NewRun::of(graph, run_id, input, Some(parent)), max_input_bytes).await
+}
+
+async fn start<Q, S>(
+    queue: &Q,
+    store: &S,
+    graph: &Graph,
+    run: NewRun,
+    max_input_bytes: usize,
+) -> Result<bool, ClientError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    let run_id = run.run_id.as_str();
+    let input = run.input.clone();
     let refuse = |message: String| ClientError::Input { run_id: run_id.to_string(), message };
     validate_run_id(run_id)?;
     if !(input.is_object() || input.is_null()) {
@@ -264,15 +305,7 @@ where
     }
     let input = if input.is_null() { json!({}) } else { input };
     store.save_blueprint(&stored_blueprint(graph)).await.map_err(store_err(run_id))?;
-    let created = store
-        .create_run(&NewRun {
-            run_id: run_id.to_string(),
-            blueprint_id: graph.id().to_string(),
-            blueprint_version: graph.version().map(str::to_string),
-            input,
-        })
-        .await
-        .map_err(store_err(run_id))?;
+    let created = store.create_run(&NewRun { input, ..run.clone() }).await.map_err(store_err(run_id))?;
     let publish = if created {
         true
     } else {
@@ -464,6 +497,8 @@ fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Op
     let error =
         ["error", "reason"].iter().find_map(|k| info.status_data.get(*k).and_then(Value::as_str)).map(str::to_string);
     RunResult {
+        parent_run_id: info.parent.as_ref().map(|p| p.run_id.clone()),
+        parent_node_id: info.parent.as_ref().map(|p| p.node_id.clone()),
         run_id: info.run_id,
         status: info.status,
         outputs,
@@ -476,8 +511,9 @@ fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Op
     }
 }
 
-/// Cancel a running run: no further job starts (jobs in flight finish). Returns `false` when the run had
-/// already ended.
+/// Cancel a running run: no further job starts (jobs in flight finish), and its child runs (of `subflow` nodes)
+/// are cancelled with it, recursively. Returns `false` when the run had already ended. A cancelled child's parent
+/// node fails: the reconciler resumes it (docs/architecture.md, "Subflows").
 pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &str) -> Result<bool, ClientError> {
     if store.run_info(run_id).await.map_err(store_err(run_id))?.is_none() {
         return Err(ClientError::NotFound(run_id.to_string()));
@@ -488,6 +524,7 @@ pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &
         .map_err(store_err(run_id))?;
     if cancelled {
         crate::store::trace_run_end(store, run_id).await;
+        crate::subflow::cancel_children(store, run_id, "cancelled with its parent").await.map_err(store_err(run_id))?;
     }
     Ok(cancelled)
 }

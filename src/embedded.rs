@@ -97,14 +97,37 @@ impl Embedded {
         }
     }
 
-    /// Whether a run can never move on its own: `awaiting` with no armed timer (only a resume through
-    /// [`Embedded::resume`] can move it).
+    /// Whether a run can never move on its own: `awaiting` with no armed timer, and every child run its
+    /// `subflow` nodes wait for (recursively) stuck too (only a resume through [`Embedded::resume`] can move it).
     async fn stuck(&self, info: &crate::store::RunInfo) -> Result<bool, ClientError> {
         if info.status != RunStatus::Awaiting {
             return Ok(false);
         }
-        let timer = self.store.next_timer().await;
-        Ok(timer.map_err(|source| ClientError::Store { run_id: info.run_id.clone(), source })?.is_none())
+        let err = |source| ClientError::Store { run_id: info.run_id.clone(), source };
+        if self.store.next_timer().await.map_err(err)?.is_some() {
+            return Ok(false);
+        }
+        let mut runs = vec![info.run_id.clone()];
+        let mut seen = Vec::new();
+        while let Some(run) = runs.pop() {
+            let records = self.store.records(&run).await.map_err(err)?;
+            let waiting = records.iter().filter(|r| r.status == crate::store::NodeStatus::Waiting);
+            for child in waiting.filter_map(crate::subflow::child_of) {
+                // A child not created yet, running, or ended (its parent's resume is under way) moves on its own.
+                match self.store.run_info(child).await.map_err(err)? {
+                    Some(c) if c.status == RunStatus::Awaiting => runs.push(c.run_id),
+                    _ => return Ok(false),
+                }
+            }
+            seen.push(run);
+        }
+        // A resume between reading a run's status and its records set it running: look again.
+        for run in seen {
+            if self.store.run_info(&run).await.map_err(err)?.is_none_or(|i| i.status != RunStatus::Awaiting) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Resume a waiting node of a run (see [`client::resume_node`]).
@@ -161,6 +184,18 @@ pub async fn run_once(
 ) -> Result<RunResult, ClientError> {
     let mut set = BlueprintSet::new();
     let graph = set.insert(graph);
+    run_in(set, graph, registry, input, workers).await
+}
+
+/// Run `graph`, one blueprint of `set`, embedded and wait for its result; its `subflow` nodes may start the
+/// set's other blueprints.
+pub async fn run_in(
+    set: BlueprintSet,
+    graph: Arc<Graph>,
+    registry: Registry,
+    input: Value,
+    workers: usize,
+) -> Result<RunResult, ClientError> {
     let engine = Embedded::start(registry, set, workers);
     let run_id = engine.start_run(&graph, input).await?;
     let result = engine.wait(&run_id, &graph, None).await;

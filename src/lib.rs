@@ -30,6 +30,7 @@ pub mod redact;
 pub mod report;
 pub mod run_id;
 pub mod store;
+pub mod subflow;
 pub mod telemetry;
 pub mod text;
 pub mod tls;

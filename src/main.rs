@@ -98,7 +98,8 @@ enum Command {
         /// Run id (default: a random UUID).
         #[arg(long)]
         run_id: Option<String>,
-        /// Directory of blueprint files (to resolve a blueprint id).
+        /// Directory of blueprint files: resolves a blueprint id, and embedded, serves them all (the blueprints
+        /// `subflow` nodes start).
         #[arg(long, env = "FLOWCRAFT_BLUEPRINTS")]
         blueprints: Option<PathBuf>,
         /// Print outputs and errors in full (else large ones are abridged).
@@ -487,7 +488,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 let run = DistributedRun { target, input, shown, wait, timeout, run_id, blueprints, limits };
                 run_distributed(&cli.conn, policy, run).await
             } else {
-                run_embedded(&target, input, workers, shown, &limits).await
+                run_embedded(&target, blueprints.as_deref(), input, (workers, shown), &limits).await
             }
         }
         Command::Validate { files, allow_custom_nodes } => validate(&files, allow_custom_nodes),
@@ -747,16 +748,33 @@ fn print_result(result: &RunResult, shown: Shown) -> Result<()> {
     }
 }
 
-async fn run_embedded(target: &str, input: Value, workers: usize, shown: Shown, limits: &Limits) -> Result<ExitCode> {
+/// Run a blueprint embedded: a file, or with `--blueprints DIR` a file or an id of DIR; every blueprint of DIR is
+/// served too (subflows start them).
+async fn run_embedded(
+    target: &str,
+    blueprints: Option<&Path>,
+    input: Value,
+    (workers, shown): (usize, Shown),
+    limits: &Limits,
+) -> Result<ExitCode> {
     let registry = Registry::with_builtins_config(limits);
-    let graph = Graph::build(Blueprint::load(Path::new(target))?, Some(&registry))?;
+    let mut set = match blueprints {
+        Some(dir) => BlueprintSet::load_dir(dir, Some(&registry))?,
+        None => BlueprintSet::new(),
+    };
+    let graph = match (Path::new(target).is_file(), blueprints) {
+        (false, Some(dir)) => set.get(target).ok_or_else(|| {
+            UsageError(format!("{target} is neither a blueprint file nor a blueprint id of {}", dir.display()))
+        })?,
+        _ => set.insert(Graph::build(Blueprint::load(Path::new(target))?, Some(&registry))?),
+    };
     tokio::select! {
         biased;
         signal = distributed::termination_signal() => {
             eprintln!("{}: interrupted (an embedded run lives in this process only)", signal_name(signal));
             Ok(ExitCode::from(signal.exit_code()))
         }
-        result = flowcraft::embedded::run_once(graph, registry, input, workers) => {
+        result = flowcraft::embedded::run_in(set, graph, registry, input, workers) => {
             let result = result?;
             print_result(&result, shown)?;
             Ok(exit_for(&result))

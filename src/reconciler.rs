@@ -161,7 +161,40 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
                 break;
             }
         }
+        self.heal_subflows(config, &mut stats).await?;
         Ok(stats)
+    }
+
+    /// Resume the parent nodes still waiting for child runs that ended more than the stalled threshold ago (a
+    /// crash between the child's end and the parent's resume; docs/architecture.md, "Subflows"). Each is counted
+    /// as a stalled run, reconciled when this pass resumed it.
+    async fn heal_subflows(&self, config: &ReconcileConfig, stats: &mut ReconcileStats) -> Result<(), StoreError> {
+        let children = self.store.ended_children(config.stalled_threshold, config.batch_size.max(1)).await?;
+        for child in children {
+            stats.stalled_runs += 1;
+            let resumed = crate::subflow::resume_parent(&*self.queue, &*self.store, &self.blueprints, &child).await;
+            match resumed {
+                Ok(resumed) => {
+                    stats.reconciled_runs += u64::from(resumed);
+                    let parent = child.parent.as_ref().map(|p| p.run_id.as_str());
+                    info!(run_id = %child.run_id, parent_run_id = ?parent, resumed, "Resumed the parent of an ended child run.");
+                }
+                Err(error) => {
+                    stats.failed_runs += 1;
+                    warn!(run_id = %child.run_id, error = %Chain(&error), "Cannot resume the parent of an ended child run.");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This reconciler ended a child run: resume its parent node.
+    async fn ended(&self, run: &RunInfo, status: RunStatus, data: serde_json::Value) -> Result<(), StoreError> {
+        if run.parent.is_none() {
+            return Ok(());
+        }
+        let ended = RunInfo { status, status_data: data, ..run.clone() };
+        crate::subflow::resume_parent(&*self.queue, &*self.store, &self.blueprints, &ended).await.map(drop)
     }
 
     /// Rebuild one run's frontier from its records and re-drive it.
@@ -189,6 +222,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Failed);
                 crate::store::trace_run_end(&*self.store, run_id).await;
+                self.ended(run, RunStatus::Failed, data).await.map_err(store_err)?;
             }
             return Ok(repair);
         }
@@ -204,6 +238,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             if self.store.finish_run(run_id, RunStatus::Completed, &json!({})).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Completed);
                 crate::store::trace_run_end(&*self.store, run_id).await;
+                self.ended(run, RunStatus::Completed, json!({})).await.map_err(store_err)?;
             }
             let nodes: Vec<&str> = graph.node_ids().collect();
             let _ = self.coord.forget(run_id, &nodes).await;

@@ -37,7 +37,7 @@ use crate::reconciler::plan;
 use crate::report::Chain;
 use crate::store::{
     Coordinator, Delivery, Job, JobQueue, JobView, JoinArrival, JoinDecision, LeaseToken, NodeRecord, NodeStatus,
-    RecordOutcome, RunStatus, RunStore, StoreError,
+    RecordOutcome, RunInfo, RunStatus, RunStore, StoreError,
 };
 use crate::telemetry;
 
@@ -269,6 +269,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         // 3. Already recorded: route as the first delivery did (a resumed node is routed now, a waiting one
         // waits; a pending batch item runs). 4–5. Else lease, execute, record, release.
         let batch_count = batch_count(&job, &view);
+        let is_child = view.run.parent.is_some();
         let recorded = view.record_at(&job.node_id, &job.instance).filter(|r| r.status != NodeStatus::Pending).cloned();
         let (record, outcome) = match recorded {
             Some(record) if record.status == NodeStatus::Waiting => {
@@ -301,10 +302,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             // Only a resumed item can leave its run waiting again (its siblings wait): checking after every item
             // would replay the run once per item.
             Some(count) => {
-                let fired_nothing = self.propagate_item(&graph, &job, &record, count).await.map_err(store_err)?;
+                let item = self.propagate_item(&graph, &job, &record, count, is_child);
+                let fired_nothing = item.await.map_err(store_err)?;
                 fired_nothing && outcome == "resumed"
             }
-            None => self.propagate(&graph, &job, &record).await.map_err(store_err)?,
+            None => self.propagate(&graph, &job, &record, is_child).await.map_err(store_err)?,
         };
         if quiet && graph.may_wait() {
             self.maybe_await(&graph, &job.run_id).await.map_err(store_err)?;
@@ -394,12 +396,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     }
 
     async fn fail_run(&self, run_id: &str, reason: &str, node: Option<&str>) -> Result<(), StoreError> {
-        if self.store.run_info(run_id).await?.is_some() {
+        if let Some(info) = self.store.run_info(run_id).await? {
             let data = json!({ "error": reason, "node": node });
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await? {
                 self.metrics.run_finished(RunStatus::Failed);
                 warn!(run_id, error = %reason, "Run failed.");
                 crate::store::trace_run_end(&*self.store, run_id).await;
+                let ended = RunInfo { status: RunStatus::Failed, status_data: data, ..info };
+                crate::subflow::resume_parent(&*self.queue, &*self.store, &self.blueprints, &ended).await?;
             }
         }
         Ok(())
@@ -434,6 +438,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             }
         };
         let executed = self.execute_with_lease(graph, job, &view, gathered, &token).await;
+        let executed = self.child_known(graph, job, executed);
         // Release the context snapshot first: the in-memory store then updates it without a copy.
         drop(view);
         // The lease is kept after a successful record (it expires by itself): a duplicate job that read its view
@@ -517,10 +522,17 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
 
     /// Steps 6–7: fail the run for a node that failed without fallback; else send the record's arrivals (skips
     /// cascade), record the skipped nodes, publish the fired jobs (confirmed), and complete the run when every
-    /// node is resolved. Returns whether the run goes on with nothing fired (it may only wait now).
-    async fn propagate(&self, graph: &Graph, job: &Job, record: &NodeRecord) -> Result<bool, StoreError> {
+    /// node is resolved (`is_child`: the run is a child run, whose end resumes its parent node). Returns whether
+    /// the run goes on with nothing fired (it may only wait now).
+    async fn propagate(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        record: &NodeRecord,
+        is_child: bool,
+    ) -> Result<bool, StoreError> {
         if record.status == NodeStatus::Failed && graph.fallback(&record.node_id).is_none() {
-            self.fail_run_at(graph, &job.run_id, record).await?;
+            self.fail_run_at(graph, &job.run_id, record, is_child).await?;
             return Ok(false);
         }
         let (jobs, skipped) = self.arrive_all(graph, job, record).await?;
@@ -548,7 +560,9 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if resolved.is_empty() && !recheck {
             return Ok(jobs.is_empty());
         }
-        if self.coord.resolve(&job.run_id, &resolved, graph.node_count()).await? && self.complete(graph, job).await? {
+        if self.coord.resolve(&job.run_id, &resolved, graph.node_count()).await?
+            && self.complete(graph, job, is_child).await?
+        {
             return Ok(false);
         }
         Ok(jobs.is_empty())
@@ -557,7 +571,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// The top scope of the run is full: complete it. A run with loops confirms it first by replaying its records
     /// (a body instance may still run or wait after its controller broke); a plain DAG completes at once (O(1)).
     /// Returns whether the run is complete.
-    async fn complete(&self, graph: &Graph, job: &Job) -> Result<bool, StoreError> {
+    async fn complete(&self, graph: &Graph, job: &Job, is_child: bool) -> Result<bool, StoreError> {
         if !graph.loops().is_empty() {
             let records = self.store.records(&job.run_id).await?;
             if !plan(graph, &records).complete(graph.node_count()) {
@@ -569,6 +583,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             self.metrics.run_finished(RunStatus::Completed);
             info!(run_id = %job.run_id, blueprint = %job.blueprint_id, "Run completed.");
             crate::store::trace_run_end(&*self.store, &job.run_id).await;
+            if is_child {
+                // This job ended a child run: it resumes the parent node (docs/architecture.md, "Subflows").
+                self.child_ended(&job.run_id).await?;
+            }
         }
         self.forget(graph, &job.run_id).await;
         Ok(true)
@@ -584,13 +602,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         job: &Job,
         record: &NodeRecord,
         count: u64,
+        is_child: bool,
     ) -> Result<bool, StoreError> {
         let Some(params) = graph.node(&job.node_id).and_then(|d| batch::ScatterParams::read(&d.params)) else {
             return Ok(false);
         };
         let (scope, Some(index)) = instance::split_item(&job.instance) else { return Ok(false) };
         if record.status == NodeStatus::Failed && !params.continue_on_failure {
-            self.fail_run_at(graph, &job.run_id, record).await?;
+            self.fail_run_at(graph, &job.run_id, record, is_child).await?;
             return Ok(false);
         }
         let mut jobs = Vec::new();
@@ -626,8 +645,15 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         Ok(Some(batch::gathered(items)))
     }
 
-    /// A node failed without fallback: the run fails, naming it.
-    async fn fail_run_at(&self, graph: &Graph, run_id: &str, record: &NodeRecord) -> Result<(), StoreError> {
+    /// A node failed without fallback: the run fails, naming it, and its child runs are cancelled; a child run's
+    /// failure resumes its parent node (`is_child`).
+    async fn fail_run_at(
+        &self,
+        graph: &Graph,
+        run_id: &str,
+        record: &NodeRecord,
+        is_child: bool,
+    ) -> Result<(), StoreError> {
         let reason = record.run_failure();
         let data = if record.instance.is_empty() {
             json!({ "error": reason, "node": record.node_id })
@@ -639,6 +665,12 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
             crate::store::trace_run_end(&*self.store, run_id).await;
             self.forget(graph, run_id).await;
+            if graph.starts_subflows() {
+                crate::subflow::cancel_children(&*self.store, run_id, "its parent run failed").await?;
+            }
+            if is_child {
+                self.child_ended(run_id).await?;
+            }
         }
         Ok(())
     }
@@ -949,7 +981,7 @@ fn waiting_result(
     attempt: u32,
     max_payload: usize,
 ) -> Executed {
-    let wait = waiting::recorded_wait(wait, chrono::Utc::now());
+    let wait = waiting::recorded_wait(wait, chrono::Utc::now(), job);
     let record = NodeRecord::waiting(&job.node_id, output, wait, attempt).at(&job.instance);
     let writes = own_writes(job, context);
     if let Err(e) = limits::check_node_result(max_payload, &job.node_id, &record.output, &writes) {
@@ -1181,6 +1213,9 @@ mod tests {
             self.faults.statements.lock().unwrap().push("claim_stalled");
             self.inner.claim_stalled(older_than, limit).await
         }
+        async fn ended_children(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
+            self.inner.ended_children(older_than, limit).await
+        }
     }
 
     struct FaultyQueue {
@@ -1325,6 +1360,7 @@ mod tests {
                 blueprint_id: "bp".into(),
                 blueprint_version: Some(version.into()),
                 input: json!({"n": 1}),
+                parent: None,
             };
             store.create_run(&run).await.unwrap();
             let worker = Worker::new(
@@ -1439,6 +1475,82 @@ mod tests {
         }
         let ghost = Job::new("ghost", "bp", "a");
         assert!(matches!(f.process(&ghost).await.unwrap(), Settle::DeadLetter(r) if r.contains("does not exist")));
+    }
+
+    /// A worker serving `parent` (a `subflow` node `sub` starting `child`, or `ghost` for `sub_ghost`) and
+    /// `child`, on plain in-memory stores, with a run `p` of `parent`.
+    async fn subflow_fixture() -> (Worker<MemoryQueue, MemoryStore, MemoryCoordinator>, MemoryQueue, MemoryStore) {
+        let parent: Blueprint = serde_json::from_value(json!({
+            "id": "parent",
+            "nodes": [{"id": "sub", "uses": "subflow", "params": {"blueprintId": "child"}},
+                      {"id": "sub_ghost", "uses": "subflow", "params": {"blueprintId": "ghost"}}]
+        }))
+        .unwrap();
+        let child: Blueprint =
+            serde_json::from_value(json!({"id": "child", "nodes": [{"id": "c", "uses": "noop"}]})).unwrap();
+        let mut set = BlueprintSet::new();
+        let parent = set.insert(Graph::build(parent, None).unwrap());
+        set.insert(Graph::build(child, None).unwrap());
+        let (queue, store) = (MemoryQueue::new(), MemoryStore::new());
+        store.create_run(&NewRun::of(&parent, "p", json!({"n": 1}), None)).await.unwrap();
+        let worker = Worker::new(
+            Arc::new(queue.clone()),
+            Arc::new(store.clone()),
+            Arc::new(MemoryCoordinator::new()),
+            Arc::new(Registry::with_builtins()),
+            Arc::new(set),
+            WorkerConfig::default(),
+            Arc::new(WorkerMetrics::default()),
+        );
+        (worker, queue, store)
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_subflow_job_starts_one_child() {
+        let (worker, queue, store) = subflow_fixture().await;
+        let body = serde_json::to_vec(&Job::new("p", "parent", "sub")).unwrap();
+        assert_eq!(worker.process(&body, false).await.unwrap(), Settle::Ack("waiting"));
+        assert_eq!(worker.process(&body, true).await.unwrap(), Settle::Ack("waiting"));
+        let runs = store.list_runs(&RunFilter::default()).await.unwrap();
+        let child = crate::flow::builtin::subflow::child_run_id("p", "sub", "");
+        let mut ids: Vec<&str> = runs.iter().map(|r| r.run_id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["p", child.as_str()], "one child run");
+        let info = store.run_info(&child).await.unwrap().unwrap();
+        let parent = info.parent.unwrap();
+        assert_eq!((parent.run_id.as_str(), parent.node_id.as_str(), info.input), ("p", "sub", json!({"n": 1})));
+        let sub = store.records("p").await.unwrap().remove(0);
+        assert_eq!(sub.wait.unwrap().child_run_id.as_deref(), Some(child.as_str()));
+        assert!(queue.depth() >= 1, "the child's start job");
+    }
+
+    #[tokio::test]
+    async fn a_child_not_started_before_a_crash_is_started_by_the_redelivery() {
+        let (worker, _queue, store) = subflow_fixture().await;
+        // The first delivery recorded the waiting node and died before starting the child.
+        let child = crate::flow::builtin::subflow::child_run_id("p", "sub", "");
+        let wait = crate::flow::Wait {
+            reason: crate::flow::WaitReason::Subflow,
+            wake_at: None,
+            url: None,
+            child_run_id: Some(child.clone()),
+        };
+        let waiting = NodeRecord::waiting("sub", json!({"n": 2}), wait, 1);
+        store.record("p", &waiting, &Map::new()).await.unwrap();
+        let body = serde_json::to_vec(&Job::new("p", "parent", "sub")).unwrap();
+        assert_eq!(worker.process(&body, true).await.unwrap(), Settle::Ack("waiting"));
+        assert_eq!(store.run_info(&child).await.unwrap().unwrap().input, json!({"n": 2}));
+    }
+
+    #[tokio::test]
+    async fn a_subflow_of_an_unknown_blueprint_fails_its_node_clearly() {
+        let (worker, _queue, store) = subflow_fixture().await;
+        let body = serde_json::to_vec(&Job::new("p", "parent", "sub_ghost")).unwrap();
+        assert_eq!(worker.process(&body, false).await.unwrap(), Settle::Ack("failed"));
+        let ghost = store.records("p").await.unwrap().into_iter().find(|r| r.node_id == "sub_ghost").unwrap();
+        let error = ghost.error.unwrap();
+        assert!(error.contains("unknown blueprint 'ghost'") && error.contains("child, parent"), "{error}");
+        assert_eq!(store.list_runs(&RunFilter::default()).await.unwrap().len(), 1, "no child run");
     }
 
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on

@@ -103,6 +103,7 @@ async fn runs_piped_into_a_closed_reader_ends_quietly() {
             blueprint_id: "hello".into(),
             blueprint_version: None,
             input: json!({}),
+            parent: None,
         };
         store.create_run(&run).await.unwrap();
     }

@@ -11,20 +11,12 @@ use flowcraft::client::RunResult;
 use flowcraft::embedded::{Embedded, run_once};
 use flowcraft::flow::{Blueprint, BlueprintSet, Graph, Registry};
 
-async fn run_case(case: &common::conformance::Case, workers: usize) -> RunResult {
-    let path = common::conformance::blueprint_dir().join(format!("{}.yaml", case.blueprint));
+/// A case on an embedded engine serving every case blueprint (subflows start the others): its resumes and cancel
+/// through the shared driver (tests/common/conformance.rs), then the run's end and its child runs' check.
+async fn run_case(case: &common::conformance::Case, workers: usize) -> (RunResult, Result<(), String>) {
     let registry = Registry::with_builtins();
-    let graph = Graph::build(Blueprint::load(&path).unwrap(), Some(&registry)).unwrap();
-    if case.is_driven() {
-        return drive_case(case, graph, registry, workers).await;
-    }
-    run_once(graph, registry, case.input.clone(), workers).await.unwrap()
-}
-
-/// A case with resumes or a cancel: the shared driver (tests/common/conformance.rs), then the run's end.
-async fn drive_case(case: &common::conformance::Case, graph: Graph, registry: Registry, workers: usize) -> RunResult {
-    let mut set = BlueprintSet::new();
-    let graph = set.insert(graph);
+    let set = BlueprintSet::load_dir(&common::conformance::blueprint_dir(), Some(&registry)).unwrap();
+    let graph = set.get(&case.blueprint).unwrap();
     let engine = Embedded::start(registry, set, workers);
     let run_id = engine.start_run(&graph, case.input.clone()).await.unwrap();
     let webhooks = async |step: &common::conformance::ResumeStep, records: &[flowcraft::flow::NodeRecord]| {
@@ -35,9 +27,11 @@ async fn drive_case(case: &common::conformance::Case, graph: Graph, registry: Re
     if let Err(e) = common::conformance::drive(&*engine.queue, &*engine.store, &webhooks, case, &run_id).await {
         panic!("[workers={workers}] {e}");
     }
-    let result = engine.wait(&run_id, &graph, Some(Duration::from_secs(20))).await.unwrap();
+    let result = engine.wait(&run_id, &graph, Some(Duration::from_secs(20))).await;
+    let result = result.unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let children = common::conformance::check_children(case, &*engine.store, &run_id).await;
     engine.shutdown().await;
-    result
+    (result, children)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,8 +39,8 @@ async fn every_case_passes_embedded() {
     let mut failures = Vec::new();
     for case in common::conformance::cases() {
         for workers in [1, 4] {
-            let r = run_case(&case, workers).await;
-            if let Err(e) = common::conformance::check(&case, &r) {
+            let (r, children) = run_case(&case, workers).await;
+            for e in [common::conformance::check(&case, &r), children].into_iter().filter_map(Result::err) {
                 failures.push(format!("[workers={workers}] {e}"));
             }
         }

@@ -68,8 +68,11 @@ async fn conformance_suite_on_the_services_with_two_worker_processes() {
     }
     let results = wait_all(&store, &ids, Duration::from_secs(90)).await;
     let mut failures = Vec::new();
-    for (case, r) in cases.iter().zip(&results) {
+    for ((case, r), id) in cases.iter().zip(&results).zip(&ids) {
         if let Err(e) = common::conformance::check(case, r) {
+            failures.push(e);
+        }
+        if let Err(e) = common::conformance::check_children(case, &*store, id).await {
             failures.push(e);
         }
     }
@@ -387,6 +390,7 @@ async fn poison_input_is_dead_lettered_or_fails_its_run_and_the_worker_carries_o
             blueprint_id: "ok".into(),
             blueprint_version: None,
             input: json!({}),
+            parent: None,
         })
         .await
         .unwrap();

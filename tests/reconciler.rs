@@ -139,6 +139,7 @@ impl Fixture {
             blueprint_id: g.id().into(),
             blueprint_version: g.version().map(str::to_string),
             input: json!({}),
+            parent: None,
         };
         assert!(self.store.create_run(&run).await.unwrap());
     }
@@ -417,6 +418,7 @@ async fn finished_runs_are_completed_and_broken_runs_are_counted_as_failed() {
         blueprint_id: "nobody-knows".into(),
         blueprint_version: None,
         input: json!({}),
+        parent: None,
     };
     f.store.create_run(&run).await.unwrap();
     f.age(&[done.clone(), failed.clone(), unknown.clone()]).await;
@@ -427,5 +429,54 @@ async fn finished_runs_are_completed_and_broken_runs_are_counted_as_failed() {
     assert_eq!(info.status, RunStatus::Failed);
     assert!(info.status_data["error"].as_str().unwrap().contains("boom"));
     assert_eq!(f.queue.queue_depth().await.unwrap(), 0, "finished runs are not re-driven");
+    f.cluster.cleanup().await;
+}
+
+/// A child run ended but its parent node's resume was lost (a crash between the two): the reconciler finds the
+/// awaiting parent's subflow node waiting for an ended child, resumes it once with the child's output and
+/// publishes its job; a child that ended recently, or whose parent is resumed already, is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subflow_resume_is_healed_once() {
+    let parent =
+        json!({"id": "parent", "nodes": [{"id": "sub", "uses": "subflow", "params": {"blueprintId": "child"}}]});
+    let child =
+        json!({"id": "child", "nodes": [{"id": "double", "uses": "transform", "params": {"expr": "input.n * 2"}}]});
+    let f = Fixture::new("subheal", vec![parent, child], Registry::with_builtins()).await;
+    let (p_old, p_new) = (format!("{}-p-old", f.cluster.name), format!("{}-p-new", f.cluster.name));
+    let mut children = Vec::new();
+    for p in [&p_old, &p_new] {
+        f.create(p, "parent").await;
+        let child_id = flowcraft::flow::builtin::subflow::child_run_id(p, "sub", "");
+        let wait = flowcraft::flow::Wait {
+            reason: flowcraft::flow::WaitReason::Subflow,
+            wake_at: None,
+            url: None,
+            child_run_id: Some(child_id.clone()),
+        };
+        let waiting = NodeRecord::waiting("sub", json!({"n": 4}), wait, 1);
+        f.store.record(p, &waiting, &Default::default()).await.unwrap();
+        assert!(f.store.set_awaiting(p).await.unwrap());
+        let g = f.graph("child");
+        let parent_ref =
+            flowcraft::store::ParentRef { run_id: p.clone(), node_id: "sub".into(), instance: String::new() };
+        let run = flowcraft::store::NewRun::of(&g, &child_id, json!({"n": 4}), Some(parent_ref));
+        assert!(f.store.create_run(&run).await.unwrap());
+        let done = NodeRecord::done("double", json!(8), None, Vec::new(), 1);
+        f.store.record(&child_id, &done, &Default::default()).await.unwrap();
+        assert!(f.store.finish_run(&child_id, RunStatus::Completed, &json!({})).await.unwrap());
+        children.push(child_id);
+    }
+    // Only the first child ended long ago; the other may still be resumed by the worker that ended it.
+    f.age(&children[..1]).await;
+    let stats = f.reconcile(100).await;
+    assert_eq!(stats, ReconcileStats { stalled_runs: 1, reconciled_runs: 1, failed_runs: 0 });
+    let sub = f.store.records(&p_old).await.unwrap().remove(0);
+    assert_eq!((sub.status, sub.output), (NodeStatus::Resumed, json!(8)));
+    assert_eq!(f.store.run_info(&p_old).await.unwrap().unwrap().status, RunStatus::Running, "awaiting → running");
+    assert_eq!(f.store.records(&p_new).await.unwrap()[0].status, NodeStatus::Waiting);
+    assert_eq!(f.drain_jobs().await, ["sub"], "the resumed node's job");
+    // Healed once: the resumed node is no longer waiting for its child.
+    let stats = f.reconcile(100).await;
+    assert_eq!(stats, ReconcileStats::default());
     f.cluster.cleanup().await;
 }

@@ -28,6 +28,7 @@ fn new_run(run_id: &str, blueprint_id: &str, input: Value) -> NewRun {
         blueprint_id: blueprint_id.to_string(),
         blueprint_version: Some("v1".to_string()),
         input,
+        parent: None,
     }
 }
 

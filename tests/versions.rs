@@ -70,6 +70,7 @@ async fn future_schema(cluster: &Cluster) -> (PostgresStore, i32) {
         blueprint_id: "bp".into(),
         blueprint_version: None,
         input: serde_json::json!({"a": 1}),
+        parent: None,
     };
     use flowcraft::store::RunStore;
     assert!(store.create_run(&run).await.unwrap());

@@ -93,7 +93,8 @@ pub fn items(node: &str, input: &Value, max_items: usize) -> Result<Vec<Value>, 
     Ok(list.clone())
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for messages ("a number", "an object", ...).
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -1,8 +1,9 @@
-//! Built-in nodes (`noop`, `transform`, `log`, `delay`, `fail`, `http`, and the waiting `wait`, `sleep` and
-//! `webhook`), their params checks and durations.
+//! Built-in nodes (`noop`, `transform`, `log`, `delay`, `fail`, `http`, `subflow`, and the waiting `wait`, `sleep`
+//! and `webhook`), their params checks and durations.
 
 pub mod control;
 mod http;
+pub mod subflow;
 mod wait;
 mod webhook;
 
@@ -36,7 +37,8 @@ pub fn register_all(registry: &mut Registry, limits: &Limits) {
         .register(crate::flow::batch::GATHER, control::BatchGather)
         .register("wait", wait::WaitNode)
         .register("sleep", wait::SleepNode)
-        .register("webhook", webhook::WebhookNode::new(DEFAULT_WEBHOOK_BASE_URL));
+        .register("webhook", webhook::WebhookNode::new(DEFAULT_WEBHOOK_BASE_URL))
+        .register(subflow::SUBFLOW, subflow::SubflowNode);
 }
 
 impl Registry {
@@ -398,7 +400,7 @@ mod tests {
     fn every_builtin_is_registered() {
         let mut r = Registry::empty();
         register_all(&mut r, &Limits::default());
-        for key in ["noop", "transform", "log", "delay", "sleep", "fail", "http", "wait"] {
+        for key in ["noop", "transform", "log", "delay", "sleep", "fail", "http", "wait", "subflow"] {
             assert!(r.contains(key), "{key}");
         }
     }

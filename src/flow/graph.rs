@@ -306,6 +306,11 @@ impl Graph {
         self.may_wait
     }
 
+    /// Whether a node is a `subflow` (its runs may have child runs).
+    pub fn starts_subflows(&self) -> bool {
+        self.nodes.iter().any(|n| n.def.uses == crate::flow::builtin::subflow::SUBFLOW)
+    }
+
     /// Whether conditions or transforms read `context` (so a job must load the context for routing).
     pub fn routing_uses_context(&self) -> bool {
         self.uses_context

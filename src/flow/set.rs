@@ -1,13 +1,14 @@
 //! A set of validated blueprints, by id, and its one loader: named sources (the files of a directory, the keys of
 //! a ConfigMap, the files given to `flowcraft validate`) parsed and validated together, every failure reported.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use super::BlueprintError;
 use super::blueprint::{Blueprint, is_blueprint_file};
-use super::graph::Graph;
+use super::builtin::subflow;
+use super::graph::{Graph, Problem};
 use super::node::Registry;
 
 /// A blueprint's text and where it comes from (a file path, `ConfigMap ns/name key k`, ...), for messages.
@@ -40,9 +41,10 @@ impl BlueprintSet {
     }
 
     /// Parse and validate every source (JSON or YAML) against `registry` (see [`Graph::build`]), keeping the
-    /// valid ones. Returns the set and every failure: a source that does not parse or validate, and a blueprint
-    /// id defined by two sources (the first one is kept). Each failure names its source
-    /// ([`BlueprintError::source_name`]).
+    /// valid ones. Returns the set and every failure: a source that does not parse or validate, a blueprint
+    /// id defined by two sources (the first one is kept), and the blueprints whose `subflow` nodes name a blueprint
+    /// the set does not hold or start each other in a cycle (see [`BlueprintSet::check_subflows`]). Each failure
+    /// names its source ([`BlueprintError::source_name`]).
     pub fn collect(
         sources: impl IntoIterator<Item = BlueprintSource>,
         registry: Option<&Registry>,
@@ -63,7 +65,42 @@ impl BlueprintSet {
                 Err(error) => failures.push(error),
             }
         }
+        failures.extend(set.check_subflows());
         (set, failures)
+    }
+
+    /// The subflow references across the set (docs/architecture.md, "Subflows"): a `subflow` node naming a
+    /// blueprint the set does not hold, and blueprints starting each other as subflows in a cycle (`a → b → a`),
+    /// are failures of their blueprints, which are removed from the set.
+    fn check_subflows(&mut self) -> Vec<BlueprintError> {
+        let mut problems: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
+        let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for graph in self.graphs.values() {
+            for (node, child) in subflow::subflows(graph) {
+                if !self.graphs.contains_key(&child) {
+                    let known = self.ids().join(", ");
+                    let message =
+                        format!("node '{node}' starts blueprint '{child}', which is not in this set ({known})");
+                    problems.entry(graph.id().to_string()).or_default().push(Problem::new("unknown-subflow", message));
+                }
+                edges.entry(graph.id().to_string()).or_default().insert(child);
+            }
+        }
+        while let Some(cycle) = subflow::find_cycle(&edges) {
+            let message = format!("blueprints start each other as subflows in a cycle: {}", cycle.join(" -> "));
+            for id in cycle.iter().collect::<BTreeSet<_>>() {
+                problems.entry(id.clone()).or_default().push(Problem::new("subflow-cycle", message.clone()));
+                edges.remove(id.as_str());
+            }
+        }
+        let mut failures = Vec::new();
+        for (id, problems) in problems {
+            self.graphs.remove(&id);
+            let origin = self.sources.remove(&id).unwrap_or_else(|| format!("blueprint '{id}'"));
+            let error = Box::new(BlueprintError::Invalid { id, problems });
+            failures.push(BlueprintError::InSource { origin, error });
+        }
+        failures
     }
 
     /// [`BlueprintSet::collect`], failing with every failure at once ([`BlueprintError::Sources`]).
@@ -180,6 +217,27 @@ mod tests {
         let (set, failures) = BlueprintSet::collect(sources, None);
         assert_eq!((set.ids(), failures.len()), (vec!["a".to_string()], 3));
         assert_eq!(set.source_of("a"), Some("a.yaml"));
+    }
+
+    #[test]
+    fn subflows_to_unknown_blueprints_and_cycles_fail_their_blueprints() {
+        let sub = |id: &str, child: &str| {
+            format!("id: {id}\nnodes: [{{id: s, uses: subflow, params: {{blueprintId: {child}}}}}]\n")
+        };
+        let sources = [
+            BlueprintSource::new("a.yaml", sub("a", "b")),
+            BlueprintSource::new("b.yaml", sub("b", "a")),
+            BlueprintSource::new("c.yaml", sub("c", "leaf")),
+            BlueprintSource::new("leaf.yaml", A.replace("id: a", "id: leaf")),
+            BlueprintSource::new("d.yaml", sub("d", "nowhere")),
+        ];
+        let (set, failures) = BlueprintSet::collect(sources, Some(&Registry::with_builtins()));
+        assert_eq!(set.ids(), ["c", "leaf"]);
+        let named: Vec<_> = failures.iter().map(|f| f.source_name().unwrap()).collect();
+        assert_eq!(named, ["a.yaml", "b.yaml", "d.yaml"]);
+        let text: Vec<String> = failures.iter().map(ToString::to_string).collect();
+        assert!(text[0].contains("subflow-cycle") && text[0].contains("a -> b -> a"), "{}", text[0]);
+        assert!(text[2].contains("unknown-subflow") && text[2].contains("'nowhere'"), "{}", text[2]);
     }
 
     #[test]

@@ -415,6 +415,8 @@ mod tests {
                 })
                 .collect(),
             error: error.map(str::to_string),
+            parent_run_id: None,
+            parent_node_id: None,
             blueprint_id: "order".into(),
             total_nodes: None,
             created_at: Some(t(1_700_000_000)),

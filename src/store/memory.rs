@@ -351,6 +351,7 @@ impl RunStore for MemoryStore {
                     input: run.input.clone(),
                     created_at: now,
                     updated_at: now,
+                    parent: run.parent.clone(),
                 },
                 context: Arc::new(context),
                 records: BTreeMap::new(),
@@ -577,6 +578,25 @@ impl RunStore for MemoryStore {
         v.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.run_id.cmp(&a.run_id)));
         v.truncate(if filter.limit == 0 { 100 } else { filter.limit });
         Ok(v)
+    }
+
+    async fn ended_children(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
+        let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+        let runs = lock(&self.runs);
+        let waiting = runs.values().filter(|p| !p.info.status.is_terminal()).flat_map(|p| {
+            p.records
+                .values()
+                .filter(|(_, r)| r.status == NodeStatus::Waiting)
+                .filter_map(|(_, r)| crate::subflow::child_of(r))
+        });
+        let mut ended: Vec<RunInfo> = waiting
+            .filter_map(|child| runs.get(child))
+            .filter(|c| c.info.status.is_terminal() && c.info.updated_at < cutoff)
+            .map(|c| c.info.clone())
+            .collect();
+        ended.sort_by_key(|c| c.updated_at);
+        ended.truncate(limit);
+        Ok(ended)
     }
 
     async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
@@ -812,6 +832,7 @@ mod tests {
                 blueprint_id: "b".into(),
                 blueprint_version: None,
                 input: serde_json::json!({}),
+                parent: None,
             };
             assert!(s.create_run(&run).await.unwrap());
         }
@@ -836,6 +857,7 @@ mod tests {
             blueprint_id: "b".into(),
             blueprint_version: None,
             input: serde_json::json!({"k": 1}),
+            parent: None,
         };
         assert!(s.create_run(&run).await.unwrap());
         assert!(!s.create_run(&run).await.unwrap());

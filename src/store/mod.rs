@@ -208,6 +208,35 @@ pub struct NewRun {
     pub blueprint_version: Option<String>,
     /// The run input; it seeds the context (its top-level keys) and is the input of every start node.
     pub input: Value,
+    /// For a child run of a `subflow` node: the node instance that waits for it.
+    pub parent: Option<ParentRef>,
+}
+
+impl NewRun {
+    /// A run of `graph` (its id and version) with this id and input.
+    pub fn of(graph: &crate::flow::Graph, run_id: &str, input: Value, parent: Option<ParentRef>) -> Self {
+        Self {
+            run_id: run_id.to_string(),
+            blueprint_id: graph.id().to_string(),
+            blueprint_version: graph.version().map(str::to_string),
+            input,
+            parent,
+        }
+    }
+}
+
+/// The node instance a child run belongs to: the `subflow` node that started it and waits for its end
+/// (docs/architecture.md, "Subflows").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    /// The parent run.
+    pub run_id: String,
+    /// The `subflow` node of the parent run.
+    pub node_id: String,
+    /// Its instance (`""` outside loops and batches).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
 }
 
 /// The status row of a run.
@@ -230,6 +259,9 @@ pub struct RunInfo {
     pub created_at: DateTime<Utc>,
     /// Last activity.
     pub updated_at: DateTime<Utc>,
+    /// For a child run of a `subflow` node: the node instance that waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
 }
 
 impl RunInfo {
@@ -609,6 +641,12 @@ pub trait RunStore: Send + Sync + 'static {
     /// `updated_at` is set to now in the same statement (`FOR UPDATE SKIP LOCKED`), so concurrent callers never
     /// claim the same run.
     async fn claim_stalled(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>>;
+
+    /// Up to `limit` child runs (of `subflow` nodes) that ended more than `older_than` ago while their parent node
+    /// still waits for them on a live parent run (the resume was lost: a crash between the child's end and the
+    /// parent's resume), oldest first. Found from the waiting `subflow` records (a partial index), so the cost
+    /// follows the number of waiting subflow nodes, not of runs.
+    async fn ended_children(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>>;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ use crate::flow::ContextNeeds;
 use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
-    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ReconcilePass, ReconcileStats,
-    RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError,
+    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ParentRef, ReconcilePass,
+    ReconcileStats, RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary,
+    StoreError,
     StoreResult, StoredBlueprint, Transition,
 };
 use crate::tls::TlsSettings;
@@ -273,6 +274,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 4, name: "context_keys", sql: include_str!("../../migrations/V4__context_keys.sql") },
     Migration { version: 5, name: "waiting", sql: include_str!("../../migrations/V5__waiting.sql") },
     Migration { version: 6, name: "node_instances", sql: include_str!("../../migrations/V6__node_instances.sql") },
+    Migration { version: 7, name: "subflows", sql: include_str!("../../migrations/V7__subflows.sql") },
 ];
 
 /// The newest schema version this binary knows (the last embedded migration).
@@ -301,11 +303,13 @@ const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS {migrations} (
 // ------------------------------------------------------------------------------------------------
 
 /// The columns of a status row, in the order [`run_from_row`] reads them by name.
-const RUN_COLUMNS: &str = "run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at";
+const RUN_COLUMNS: &str = "run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at,
+       parent_run_id, parent_node_id, parent_instance";
 
 const CREATE_RUN: &str = "WITH s AS (
-    INSERT INTO {statuses} (run_id, blueprint_id, blueprint_version, status, status_data, input)
-    VALUES ($1::text, $2::text, $3::text, 'running', '{}'::jsonb, $4::jsonb)
+    INSERT INTO {statuses} (run_id, blueprint_id, blueprint_version, status, status_data, input, parent_run_id,
+                            parent_node_id, parent_instance)
+    VALUES ($1::text, $2::text, $3::text, 'running', '{}'::jsonb, $4::jsonb, $5::text, $6::text, $7::text)
     ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
 ), c AS (
@@ -320,7 +324,7 @@ SELECT count(*) AS created FROM s";
 
 /// The status row and the records of the nodes `$2` (by primary key), shared by both job views.
 const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
-       s.created_at, s.updated_at,
+       s.created_at, s.updated_at, s.parent_run_id, s.parent_node_id, s.parent_instance,
        (SELECT COALESCE(jsonb_agg(jsonb_build_object(
                     'node_id', r.node_id, 'instance', r.instance, 'status', r.status, 'action', r.action,
                     'output', r.output, 'taken', r.taken, 'attempts', r.attempts, 'error', r.error, 'wait', r.wait,
@@ -520,7 +524,22 @@ const CLAIM_STALLED: &str = "UPDATE {statuses} SET updated_at = now()
      ORDER BY updated_at
      LIMIT $2::bigint
      FOR UPDATE SKIP LOCKED)
-RETURNING run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at";
+RETURNING run_id, blueprint_id, blueprint_version, status, status_data, input, created_at, updated_at, parent_run_id,
+          parent_node_id, parent_instance";
+
+// Ended children whose parent node still waits, from the waiting `subflow` records (partial index of V7), each
+// child by primary key.
+const ENDED_CHILDREN: &str = "SELECT c.run_id, c.blueprint_id, c.blueprint_version, c.status, c.status_data, c.input,
+       c.created_at, c.updated_at, c.parent_run_id, c.parent_node_id, c.parent_instance
+  FROM {results} r
+  JOIN {statuses} p ON p.run_id = r.run_id
+  JOIN {statuses} c ON c.run_id = r.wait ->> 'childRunId'
+ WHERE r.status = 'waiting' AND r.wait ->> 'reason' = 'subflow'
+   AND p.status IN ('running', 'awaiting')
+   AND c.status IN ('completed', 'failed', 'cancelled')
+   AND c.updated_at < now() - ($1::bigint * interval '1 millisecond')
+ ORDER BY c.updated_at
+ LIMIT $2::bigint";
 
 const COUNT_RESULTS: &str = "SELECT count(*) AS n FROM {results} WHERE run_id = $1::text";
 
@@ -553,7 +572,7 @@ const LIST_RUNS_WHERE: &str = " WHERE ($1::text IS NULL OR status = $1::text)
  LIMIT $5::bigint";
 
 const RUNS_PAGE: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
-       s.created_at, s.updated_at,
+       s.created_at, s.updated_at, s.parent_run_id, s.parent_node_id, s.parent_instance,
        (SELECT count(*) FROM {results} r WHERE r.run_id = s.run_id AND r.instance = '') AS resolved,
        (SELECT jsonb_array_length(b.definition -> 'nodes') FROM {blueprints} b
          WHERE b.blueprint_id = s.blueprint_id AND b.version IS NOT DISTINCT FROM s.blueprint_version
@@ -604,6 +623,7 @@ struct Sql {
     /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
     list_runs: String,
     claim_stalled: String,
+    ended_children: String,
     count_results: String,
     record_reconcile: String,
     last_reconcile: String,
@@ -643,6 +663,7 @@ impl Sql {
             record_states: names.render(RECORD_STATES),
             list_runs: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}}{LIST_RUNS_WHERE}")),
             claim_stalled: names.render(CLAIM_STALLED),
+            ended_children: names.render(ENDED_CHILDREN),
             count_results: names.render(COUNT_RESULTS),
             record_reconcile: names.render(RECORD_RECONCILE),
             last_reconcile: names.render(LAST_RECONCILE),
@@ -774,8 +795,19 @@ fn run_from_row(row: &Row) -> StoreResult<RunInfo> {
         input: column(row, "input", &run_id)?,
         created_at: column(row, "created_at", &run_id)?,
         updated_at: column(row, "updated_at", &run_id)?,
+        parent: parent_from_row(row, &run_id)?,
         run_id,
     })
+}
+
+/// The parent of a child run, from the `parent_*` columns of its status row.
+fn parent_from_row(row: &Row, run_id: &str) -> StoreResult<Option<ParentRef>> {
+    let Some(parent_run) = column::<Option<String>>(row, "parent_run_id", run_id)? else { return Ok(None) };
+    Ok(Some(ParentRef {
+        run_id: parent_run,
+        node_id: column::<Option<String>>(row, "parent_node_id", run_id)?.unwrap_or_default(),
+        instance: column::<Option<String>>(row, "parent_instance", run_id)?.unwrap_or_default(),
+    }))
 }
 
 fn parse_node_status(run_id: &str, node_id: &str, status: &str) -> StoreResult<NodeStatus> {
@@ -1293,7 +1325,18 @@ impl RunStore for PostgresStore {
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.create_run).await.map_err(|e| db_error(&op, table, e))?;
         let row = client
-            .query_one(&stmt, &[&run.run_id, &run.blueprint_id, &run.blueprint_version, &run.input])
+            .query_one(
+                &stmt,
+                &[
+                    &run.run_id,
+                    &run.blueprint_id,
+                    &run.blueprint_version,
+                    &run.input,
+                    &run.parent.as_ref().map(|p| p.run_id.as_str()),
+                    &run.parent.as_ref().map(|p| p.node_id.as_str()),
+                    &run.parent.as_ref().map(|p| p.instance.as_str()),
+                ],
+            )
             .await
             .map_err(|e| db_error(&op, table, e))?;
         let created: i64 = column(&row, "created", &run.run_id)?;
@@ -1630,6 +1673,17 @@ impl RunStore for PostgresStore {
             tracing::info!(claimed = runs.len(), threshold_ms, "claimed stalled runs");
         }
         Ok(runs)
+    }
+
+    async fn ended_children(&self, older_than: Duration, limit: usize) -> StoreResult<Vec<RunInfo>> {
+        let op = "read ended child runs";
+        let table = self.names.statuses.as_str();
+        let threshold_ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX).min(MAX_THRESHOLD_MS);
+        let limit = clamp_i64(limit as u64);
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.ended_children).await.map_err(|e| db_error(op, table, e))?;
+        let rows = client.query(&stmt, &[&threshold_ms, &limit]).await.map_err(|e| db_error(op, table, e))?;
+        rows.iter().map(run_from_row).collect()
     }
 }
 

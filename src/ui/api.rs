@@ -505,6 +505,7 @@ mod tests {
             input: json!({}),
             created_at: DateTime::<Utc>::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
             updated_at: Utc::now(),
+            parent: None,
         };
         let c = parse_cursor(&cursor_of(&info)).unwrap();
         assert_eq!((c.created_at, c.run_id.as_str()), (info.created_at, "a~b"));

@@ -125,8 +125,13 @@ mod tests {
     use crate::store::{NewRun, NodeStatus, RunStatus};
 
     async fn run_with(store: &MemoryStore, run_id: &str, node: &str, reason: WaitReason, seconds: i64) {
-        let run =
-            NewRun { run_id: run_id.into(), blueprint_id: "bp".into(), blueprint_version: None, input: json!({}) };
+        let run = NewRun {
+            run_id: run_id.into(),
+            blueprint_id: "bp".into(),
+            blueprint_version: None,
+            input: json!({}),
+            parent: None,
+        };
         store.create_run(&run).await.unwrap();
         let wake_at = Some(chrono::Utc::now() + chrono::Duration::seconds(seconds));
         let wait = Wait { reason, wake_at, url: None, child_run_id: None };

@@ -6,15 +6,19 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, info};
 
 use super::{Executed, Worker, routed, what_runs};
-use crate::flow::{ContextHandle, Graph, Limits, NodeOutput, NodeRecord, NodeStatus, Wait, WaitRequest};
+use crate::flow::builtin::subflow;
+use crate::flow::{ContextHandle, Graph, Limits, NodeOutput, NodeRecord, NodeStatus, Wait, WaitReason, WaitRequest};
 use crate::reconciler::plan;
 use crate::store::{Coordinator, Job, JobQueue, JobView, RecordTally, RunStore, StoreError, Transition};
 
-/// The wait a node asked for, as recorded at `now` (its timer becomes a due time).
-pub(super) fn recorded_wait(request: &WaitRequest, now: DateTime<Utc>) -> Wait {
+/// The wait a node of `job` asked for, as recorded at `now` (its timer becomes a due time; a `subflow` node gets
+/// the id of its child run, derived from the job's run, node and instance).
+pub(super) fn recorded_wait(request: &WaitRequest, now: DateTime<Utc>, job: &Job) -> Wait {
     let wake_at =
         request.after.and_then(|d| chrono::Duration::from_std(d).ok()).and_then(|d| now.checked_add_signed(d));
-    Wait { reason: request.reason, wake_at, url: request.url.clone(), child_run_id: None }
+    let child_run_id = (request.reason == WaitReason::Subflow)
+        .then(|| subflow::child_run_id(&job.run_id, &job.node_id, &job.instance));
+    Wait { reason: request.reason, wake_at, url: request.url.clone(), child_run_id }
 }
 
 /// How a resumed record is routed: its error fails the node (a timeout: no retry, its fallback takes over), else
@@ -68,7 +72,38 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if wait.is_some_and(|w| w.wake_at.is_some()) {
             self.timer_wake.notify_one();
         }
+        self.start_child(job, record).await?;
         self.maybe_await(graph, &job.run_id).await
+    }
+
+    /// Start the child run a waiting `subflow` record waits for (a no-op for other records; idempotent).
+    pub(super) async fn start_child(&self, job: &Job, record: &NodeRecord) -> Result<(), StoreError> {
+        let max_input = self.registry.limits().max_payload_bytes;
+        let parent = (job.run_id.as_str(), job.blueprint_id.as_str());
+        crate::subflow::start_child(&*self.queue, &*self.store, &self.blueprints, parent, record, max_input).await
+    }
+
+    /// A `subflow` node that asks to wait for a blueprint this worker does not serve fails instead (a clear error;
+    /// its fallback applies). Other results pass unchanged.
+    pub(super) fn child_known(&self, graph: &Graph, job: &Job, executed: Executed) -> Executed {
+        if executed.record.wait.as_ref().is_none_or(|w| w.reason != WaitReason::Subflow) {
+            return executed;
+        }
+        let child = graph.node(&job.node_id).and_then(|d| subflow::blueprint_id(&d.params)).unwrap_or_default();
+        if self.blueprints.get(child).is_some() {
+            return executed;
+        }
+        let error =
+            format!("subflow: unknown blueprint '{child}' (this worker serves: {})", self.blueprints.ids().join(", "));
+        Executed::failed(graph, job, executed.record.attempts, &error)
+    }
+
+    /// A job ended its run, a child run: resume the parent node (docs/architecture.md, "Subflows").
+    pub(super) async fn child_ended(&self, run_id: &str) -> Result<(), StoreError> {
+        if let Some(info) = self.store.run_info(run_id).await? {
+            crate::subflow::resume_parent(&*self.queue, &*self.store, &self.blueprints, &info).await?;
+        }
+        Ok(())
     }
 
     /// After a job that fired nothing in a run that may wait: replay the run from its records (exact) and set it
@@ -98,14 +133,25 @@ mod tests {
     #[test]
     fn a_requested_timer_becomes_a_due_time() {
         let now = Utc::now();
+        let job = Job::new("r", "bp", "n");
         let request = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::from_secs(90)), url: None };
-        let wait = recorded_wait(&request, now);
+        let wait = recorded_wait(&request, now, &job);
         assert_eq!((wait.reason, wait.wake_at), (WaitReason::Timer, Some(now + chrono::Duration::seconds(90))));
+        assert_eq!(wait.child_run_id, None);
         let external = WaitRequest { reason: WaitReason::ExternalEvent, after: None, url: None };
-        assert_eq!(recorded_wait(&external, now).wake_at, None);
+        assert_eq!(recorded_wait(&external, now, &job).wake_at, None);
         let forever = WaitRequest { reason: WaitReason::Timer, after: Some(Duration::MAX), url: None };
-        assert_eq!(recorded_wait(&forever, now).wake_at, None, "out of range: no timer rather than a panic");
+        assert_eq!(recorded_wait(&forever, now, &job).wake_at, None, "out of range: no timer rather than a panic");
         let hook = WaitRequest { reason: WaitReason::Webhook, after: None, url: Some("http://h/webhooks/t".into()) };
-        assert_eq!(recorded_wait(&hook, now).url.as_deref(), Some("http://h/webhooks/t"));
+        assert_eq!(recorded_wait(&hook, now, &job).url.as_deref(), Some("http://h/webhooks/t"));
+    }
+
+    #[test]
+    fn a_subflow_wait_names_its_derived_child_run() {
+        let request = WaitRequest { reason: WaitReason::Subflow, after: None, url: None };
+        let job = Job::new("r", "bp", "sub").at("3");
+        let wait = recorded_wait(&request, Utc::now(), &job);
+        assert_eq!(wait.child_run_id, Some(subflow::child_run_id("r", "sub", "3")));
+        assert_eq!(wait.wake_at, None);
     }
 }

@@ -41,12 +41,19 @@ pub struct Case {
     /// wait (a run is `awaiting` only while nothing else is runnable).
     #[serde(default)]
     pub at_awaiting: BTreeMap<String, String>,
+    /// Child runs of `subflow` nodes (`node`, or `node/inner` for a grandchild) → their expected status; each
+    /// must name its parent run.
+    #[serde(default)]
+    pub children: BTreeMap<String, String>,
 }
 
 /// A resume of a waiting node (`flowcraft resume RUN NODE --result … --action …`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ResumeStep {
     pub node: String,
+    /// The node is in a child run: the `subflow` nodes leading to it from the case's run, outermost first.
+    #[serde(default)]
+    pub within: Vec<String>,
     #[serde(default)]
     pub result: Value,
     #[serde(default)]
@@ -84,20 +91,24 @@ impl Case {
     }
 }
 
-/// Wait until the run is `awaiting` (a deadline, no fixed sleep), then check the case's `at_awaiting` statuses
-/// on records read after the status.
-async fn awaiting<S: RunStore + ?Sized>(store: &S, case: &Case, run_id: &str) -> Result<(), String> {
+/// Wait until the run is `awaiting` (a deadline, no fixed sleep).
+async fn until_awaiting<S: RunStore + ?Sized>(store: &S, case: &Case, run_id: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let info = store.run_info(run_id).await.map_err(|e| e.to_string())?.ok_or("no run")?;
         if info.status == RunStatus::Awaiting {
-            break;
+            return Ok(());
         }
         if info.status.is_terminal() || Instant::now() > deadline {
             return Err(format!("case '{}': run {run_id} is {}, expected awaiting", case.name, info.status));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Wait until the run is `awaiting`, then check the case's `at_awaiting` statuses on records read after the status.
+async fn awaiting<S: RunStore + ?Sized>(store: &S, case: &Case, run_id: &str) -> Result<(), String> {
+    until_awaiting(store, case, run_id).await?;
     let records = store.records(run_id).await.map_err(|e| e.to_string())?;
     for (node, want) in &case.at_awaiting {
         let got = records.iter().find(|r| &r.node_id == node).map(|r| r.status.as_str());
@@ -124,16 +135,22 @@ where
     Q: JobQueue + ?Sized,
     S: RunStore + ?Sized,
 {
+    // A node in a child run (`within`): the case's run and each run down to the node's must be awaiting.
+    let runs = runs_within(run_id, &step.within);
+    let run = runs.last().map_or(run_id, String::as_str);
     if step.error.is_none() {
         awaiting(store, case, run_id).await?;
+        for child in runs.iter().skip(1) {
+            until_awaiting(store, case, child).await?;
+        }
     }
     if step.webhook {
-        let records = store.records(run_id).await.map_err(|e| e.to_string())?;
+        let records = store.records(run).await.map_err(|e| e.to_string())?;
         return webhooks(step, &records).await.map_err(|e| format!("case '{}': webhook {}: {e}", case.name, step.node));
     }
     let resume =
         client::Resume { result: step.result.clone(), action: step.action.clone(), instance: step.instance.clone() };
-    let outcome = client::resume_node(queue, store, run_id, &step.node, resume).await;
+    let outcome = client::resume_node(queue, store, run, &step.node, resume).await;
     match (&step.error, outcome) {
         (None, Ok(())) => Ok(()),
         (Some(want), Err(e)) if e.to_string().contains(want.as_str()) => Ok(()),
@@ -169,6 +186,35 @@ where
     }
     Ok(())
 }
+
+/// The runs leading to a child run: the case's run, then the child run of each `subflow` node of `within` in
+/// turn (their ids are derived from the parent run and node).
+pub fn runs_within(top: &str, within: &[String]) -> Vec<String> {
+    let mut runs = vec![top.to_string()];
+    for node in within {
+        let parent = runs.last().cloned().unwrap_or_default();
+        runs.push(flowcraft::flow::builtin::subflow::child_run_id(&parent, node, ""));
+    }
+    runs
+}
+
+/// Check the child runs of a case (`children`): each has the expected status and names its parent run.
+pub async fn check_children<S: flowcraft::store::RunStore>(case: &Case, store: &S, top: &str) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for (path, want) in &case.children {
+        let within: Vec<String> = path.split('/').map(str::to_string).collect();
+        let runs = runs_within(top, &within);
+        let (parent, child) = (&runs[runs.len() - 2], &runs[runs.len() - 1]);
+        match flowcraft::client::run_result(store, child, None).await {
+            Ok(Some(r)) if r.status.as_str() == want && r.parent_run_id.as_deref() == Some(parent.as_str()) => {}
+            Ok(Some(r)) => errors.push(format!(
+                "child {path}: {} of parent {:?}, expected {want} of {parent}",
+                r.status, r.parent_run_id
+            )),
+            other => errors.push(format!("child {path} ({child}): {other:?}")),
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(format!("case '{}':\n  {}", case.name, errors.join("\n  "))) }
 
 /// Directory of the case blueprints.
 pub fn blueprint_dir() -> PathBuf {

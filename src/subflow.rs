@@ -1,0 +1,233 @@
+//! Child runs of `subflow` nodes (docs/architecture.md, "Subflows"), generic over the store traits: starting the
+//! child of a waiting node (idempotent: its id is derived from the parent node instance), resuming the parent
+//! node when the child ends (whoever records the child's end does it; the guarded transition from `waiting`
+//! makes it happen once), and cancelling a run's children with it. The worker, the reconciler and the client
+//! share these; the pure rules are in [`crate::flow::builtin::subflow`].
+
+use serde_json::{Map, Value};
+use tracing::{debug, info, warn};
+
+use crate::flow::builtin::subflow::{blueprint_id, default_output, mapped_outputs, output_keys};
+use crate::flow::{BlueprintSet, NodeRecord, WaitReason};
+use crate::store::{Job, JobQueue, NodeStatus, ParentRef, RunInfo, RunStatus, RunStore, StoreError, Transition};
+
+/// The child run a record waits for, if it is a `subflow` node's waiting record.
+pub fn child_of(record: &NodeRecord) -> Option<&str> {
+    let wait = record.wait.as_deref().filter(|w| w.reason == WaitReason::Subflow)?;
+    wait.child_run_id.as_deref()
+}
+
+/// Start the child run of a waiting `subflow` record of run `parent_run` (of blueprint `parent_blueprint`), with
+/// the input recorded as its output. Idempotent: a redelivered job finds the child created and starts nothing
+/// (the start jobs are published again only while the child has recorded nothing). A child that cannot start
+/// (unknown blueprint, refused input) resumes the node with the reason as its error.
+pub async fn start_child<Q, S>(
+    queue: &Q,
+    store: &S,
+    blueprints: &BlueprintSet,
+    (parent_run, parent_blueprint): (&str, &str),
+    record: &NodeRecord,
+    max_input_bytes: usize,
+) -> Result<(), StoreError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    let Some(child_id) = child_of(record) else { return Ok(()) };
+    let parent =
+        ParentRef { run_id: parent_run.into(), node_id: record.node_id.clone(), instance: record.instance.clone() };
+    let child_blueprint = blueprints
+        .get(parent_blueprint)
+        .and_then(|g| g.node(&record.node_id).and_then(|d| blueprint_id(&d.params).map(str::to_string)));
+    let Some(graph) = child_blueprint.as_deref().and_then(|id| blueprints.get(id)) else {
+        let why = format!(
+            "subflow: blueprint '{}' is not served by this worker (it serves: {})",
+            child_blueprint.unwrap_or_default(),
+            blueprints.ids().join(", ")
+        );
+        return resume_with(queue, store, &parent, parent_blueprint, Resumed::failed(why)).await.map(drop);
+    };
+    let input = record.output.clone();
+    match crate::client::start_child_run(queue, store, &graph, child_id, input, parent.clone(), max_input_bytes).await {
+        Ok(created) => {
+            info!(run_id = parent_run, node = %record.node_id, child_run_id = child_id, created, "Child run started.");
+            Ok(())
+        }
+        Err(crate::client::ClientError::Store { source, .. }) => Err(source),
+        Err(refused) => {
+            let why = format!("subflow: the child run {child_id} cannot start: {refused}");
+            resume_with(queue, store, &parent, parent_blueprint, Resumed::failed(why)).await.map(drop)
+        }
+    }
+}
+
+/// What a parent node resumes with.
+struct Resumed {
+    output: Value,
+    writes: Map<String, Value>,
+    error: Option<String>,
+}
+
+impl Resumed {
+    fn failed(error: String) -> Self {
+        Self { output: Value::Null, writes: Map::new(), error: Some(error) }
+    }
+}
+
+/// A child run ended (`child` is its status row, terminal): resume its parent node with the child's mapped
+/// output (completed) or an error naming the child (failed, cancelled), then publish the node's job. Returns
+/// whether this call resumed it: `false` when the run has no parent, the parent ended, or the node was resumed
+/// already (the guarded transition lets one resume win).
+pub async fn resume_parent<Q, S>(
+    queue: &Q,
+    store: &S,
+    blueprints: &BlueprintSet,
+    child: &RunInfo,
+) -> Result<bool, StoreError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    let Some(parent) = child.parent.as_ref().filter(|_| child.status.is_terminal()) else { return Ok(false) };
+    let Some(parent_run) = store.run_info(&parent.run_id).await?.filter(|p| !p.status.is_terminal()) else {
+        debug!(run_id = %child.run_id, parent_run_id = %parent.run_id, "The parent run has ended; nothing to resume.");
+        return Ok(false);
+    };
+    let params = blueprints
+        .get(&parent_run.blueprint_id)
+        .and_then(|g| g.node(&parent.node_id).map(|d| d.params.clone()))
+        .unwrap_or(Value::Null);
+    let resumed = match child.status {
+        RunStatus::Completed => child_result(store, blueprints, child, &params).await?,
+        _ => Resumed::failed(child_failure(child)),
+    };
+    resume_with(queue, store, parent, &parent_run.blueprint_id, resumed).await
+}
+
+/// The guarded resume of a parent node and its job.
+async fn resume_with<Q, S>(
+    queue: &Q,
+    store: &S,
+    parent: &ParentRef,
+    parent_blueprint: &str,
+    resumed: Resumed,
+) -> Result<bool, StoreError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    let record = NodeRecord {
+        status: NodeStatus::Resumed,
+        output: resumed.output,
+        error: resumed.error,
+        ..NodeRecord::skipped(&parent.node_id)
+    }
+    .at(&parent.instance);
+    match store.transition(&parent.run_id, NodeStatus::Waiting, &record, &resumed.writes).await? {
+        Transition::Won => {}
+        Transition::Lost(now) => {
+            debug!(run_id = %parent.run_id, node = %parent.node_id, status = ?now.map(|r| r.status), "Parent node not waiting; not resumed.");
+            return Ok(false);
+        }
+    }
+    info!(run_id = %parent.run_id, node = %parent.node_id, failed = record.error.is_some(), "Subflow node resumed.");
+    // A lost publish is healed by the reconciler (a resumed node is ready in its replay).
+    let job = Job::new(&parent.run_id, parent_blueprint, &parent.node_id).at(&parent.instance);
+    queue.publish(&[job]).await?;
+    Ok(true)
+}
+
+/// A completed child's result: with `params.outputs`, the mapped keys (also written into the parent's context);
+/// else its terminal nodes' output ([`default_output`]).
+async fn child_result<S: RunStore + ?Sized>(
+    store: &S,
+    blueprints: &BlueprintSet,
+    child: &RunInfo,
+    params: &Value,
+) -> Result<Resumed, StoreError> {
+    if let Some(needs) = output_keys(params) {
+        let view = store.job_view_at(&child.run_id, &[], &[], &needs).await?;
+        let writes = view.map(|v| mapped_outputs(params, &v.context)).unwrap_or_default();
+        return Ok(Resumed { output: Value::Object(writes.clone()), writes, error: None });
+    }
+    let Some(graph) = blueprints.get(&child.blueprint_id) else {
+        warn!(run_id = %child.run_id, blueprint = %child.blueprint_id, "The child's blueprint is not served here; its output is null.");
+        return Ok(Resumed { output: Value::Null, writes: Map::new(), error: None });
+    };
+    let records = store.records(&child.run_id).await?;
+    Ok(Resumed { output: default_output(&graph, &records), writes: Map::new(), error: None })
+}
+
+/// The error of a parent node whose child failed or was cancelled.
+fn child_failure(child: &RunInfo) -> String {
+    let why = ["error", "reason"].iter().find_map(|k| child.status_data.get(*k).and_then(Value::as_str));
+    format!("child run {} {}: {}", child.run_id, child.status, why.unwrap_or("no reason given"))
+}
+
+/// Cancel the children of an ended run (`why`: the reason they get), and theirs in turn: every child run its
+/// waiting `subflow` nodes wait for. Returns the runs cancelled.
+pub async fn cancel_children<S: RunStore + ?Sized>(
+    store: &S,
+    run_id: &str,
+    why: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut cancelled = Vec::new();
+    let mut parents = vec![run_id.to_string()];
+    while let Some(parent) = parents.pop() {
+        let records = store.records(&parent).await?;
+        for child in records.iter().filter(|r| r.status == NodeStatus::Waiting).filter_map(child_of) {
+            let data = serde_json::json!({ "reason": format!("{why} (parent run {parent})") });
+            if store.finish_run(child, RunStatus::Cancelled, &data).await? {
+                info!(run_id = child, parent_run_id = %parent, "Child run cancelled with its parent.");
+                crate::store::trace_run_end(store, child).await;
+                cancelled.push(child.to_string());
+                parents.push(child.to_string());
+            }
+        }
+    }
+    Ok(cancelled)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use serde_json::json;
+
+    use super::*;
+
+    fn child(status: RunStatus, data: Value) -> RunInfo {
+        RunInfo {
+            run_id: "p.sub-1".into(),
+            blueprint_id: "c".into(),
+            blueprint_version: None,
+            status,
+            status_data: data,
+            input: json!({}),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            parent: None,
+        }
+    }
+
+    #[test]
+    fn a_child_failure_names_the_child_and_its_reason() {
+        let failed = child_failure(&child(RunStatus::Failed, json!({"error": "node 'x' failed"})));
+        assert_eq!(failed, "child run p.sub-1 failed: node 'x' failed");
+        let cancelled = child_failure(&child(RunStatus::Cancelled, json!({"reason": "by hand"})));
+        assert_eq!(cancelled, "child run p.sub-1 cancelled: by hand");
+    }
+
+    #[test]
+    fn only_subflow_waits_have_a_child() {
+        let wait = |reason, child: Option<&str>| crate::flow::Wait {
+            reason,
+            wake_at: None,
+            url: None,
+            child_run_id: child.map(str::to_string),
+        };
+        let sub = NodeRecord::waiting("s", json!({}), wait(WaitReason::Subflow, Some("c1")), 1);
+        assert_eq!(child_of(&sub), Some("c1"));
+        let gate = NodeRecord::waiting("g", json!({}), wait(WaitReason::ExternalEvent, Some("c1")), 1);
+        assert_eq!(child_of(&gate), None);
+    }
+}
