@@ -208,7 +208,13 @@ async fn arm(store: &Arc<PostgresStore>, prefix: &str, n: usize) -> Result<(), S
             async move {
                 let run_id = format!("{prefix}-{i}");
                 let input = json!({"i": i});
-                let run = NewRun { run_id: run_id.clone(), blueprint_id: "nap".into(), blueprint_version: None, input };
+                let run = NewRun {
+                    run_id: run_id.clone(),
+                    blueprint_id: "nap".into(),
+                    blueprint_version: None,
+                    input,
+                    parent: None,
+                };
                 let e = |e: flowcraft::store::StoreError| format!("arm {run_id}: {e}");
                 store.create_run(&run).await.map_err(e)?;
                 let wake_at = Some(Utc::now() + chrono::Duration::hours(1));
