@@ -455,7 +455,8 @@ async fn a_lost_subflow_resume_is_healed_once() {
         };
         let waiting = NodeRecord::waiting("sub", json!({"n": 4}), wait, 1);
         f.store.record(p, &waiting, &Default::default()).await.unwrap();
-        assert!(f.store.set_awaiting(p).await.unwrap());
+        let seen = flowcraft::store::RecordTally::of(&f.store.records(p).await.unwrap());
+        assert!(f.store.set_awaiting(p, seen).await.unwrap());
         let g = f.graph("child");
         let parent_ref =
             flowcraft::store::ParentRef { run_id: p.clone(), node_id: "sub".into(), instance: String::new() };

@@ -790,7 +790,13 @@ mod tests {
     #[tokio::test]
     async fn a_stale_replay_does_not_set_the_run_awaiting() {
         let s = MemoryStore::new();
-        let run = NewRun { run_id: "r".into(), blueprint_id: "b".into(), blueprint_version: None, input: Value::Null };
+        let run = NewRun {
+            run_id: "r".into(),
+            blueprint_id: "b".into(),
+            blueprint_version: None,
+            input: Value::Null,
+            parent: None,
+        };
         s.create_run(&run).await.unwrap();
         let wait = crate::flow::Wait {
             reason: crate::flow::WaitReason::ExternalEvent,

@@ -21,8 +21,7 @@ use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
     BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ParentRef, ReconcilePass,
     ReconcileStats, RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary,
-    StoreError,
-    StoreResult, StoredBlueprint, Transition,
+    StoreError, StoreResult, StoredBlueprint, Transition,
 };
 use crate::tls::TlsSettings;
 

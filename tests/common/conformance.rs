@@ -215,6 +215,7 @@ pub async fn check_children<S: flowcraft::store::RunStore>(case: &Case, store: &
         }
     }
     if errors.is_empty() { Ok(()) } else { Err(format!("case '{}':\n  {}", case.name, errors.join("\n  "))) }
+}
 
 /// Directory of the case blueprints.
 pub fn blueprint_dir() -> PathBuf {
