@@ -590,6 +590,28 @@ pub struct FlowRunNodeCounts {
     /// Nodes waiting for a resume, a timer, a webhook or a child run.
     #[serde(default)]
     pub waiting: i64,
+    /// Node instances (loop iterations, batch items) recorded so far; absent for a run without any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<FlowRunInstanceCounts>,
+}
+
+/// How many node instances (loop iterations, batch items) a run has recorded, by state. Their total is not known
+/// in advance (a batch's size comes from its input, a loop's from its condition).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowRunInstanceCounts {
+    /// Instances recorded (in any state).
+    #[serde(default)]
+    pub recorded: i64,
+    /// Instances resolved: done, failed or skipped.
+    #[serde(default)]
+    pub resolved: i64,
+    /// Instances that failed.
+    #[serde(default)]
+    pub failed: i64,
+    /// Instances waiting for a resume, a timer, a webhook or a child run.
+    #[serde(default)]
+    pub waiting: i64,
 }
 
 /// A node a FlowRun waits on (the webhook URL is left out: its token is the credential).
@@ -618,7 +640,8 @@ pub struct FlowRunStatus {
     /// Pending, Running, Waiting, Succeeded, Failed or Cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<FlowRunPhase>,
-    /// Resolved nodes out of all nodes, `done/total`.
+    /// Resolved nodes out of all nodes, `resolved/total`, then resolved out of recorded node instances when the run
+    /// has loops or batches: `resolved/total (resolved/recorded instances)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
     /// The run id in PostgreSQL (`fr-<uid>`).

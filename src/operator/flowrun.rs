@@ -2,6 +2,7 @@
 //! (run id `fr-<uid>`), mirror its state into the status, cancel it when the FlowRun is deleted (finalizer),
 //! and delete finished FlowRuns after `ttlSecondsAfterFinished`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use serde_json::json;
 
 use super::backends::{BackendError, RunStores, RunTarget, StartedRun};
 use super::context::{Context, object_key};
-use super::crd::{FlowRun, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus, FlowRunWaitingNode};
+use super::crd::{FlowRun, FlowRunInstanceCounts, FlowRunNodeCounts, FlowRunPhase, FlowRunStatus, FlowRunWaitingNode};
 use super::events::Note;
 use super::limits::{CONDITION_MESSAGE_MAX, fit};
 use super::refs::{pool_graphs, read_configmap, read_pool, run_target};
@@ -215,7 +216,7 @@ pub fn mirror(run: &FlowRun, prev: &FlowRunStatus, run_id: &str, result: &RunRes
         RunStatus::Cancelled => FlowRunPhase::Cancelled,
     };
     let nodes = node_counts(result, total);
-    let progress = format!("{}/{}", nodes.total - nodes.pending, nodes.total);
+    let progress = progress_text(&nodes);
     let message = match phase {
         FlowRunPhase::Failed | FlowRunPhase::Cancelled => {
             result.error.as_deref().map(|e| fit(&crate::redact::redact_text(e), CONDITION_MESSAGE_MAX))
@@ -253,6 +254,37 @@ fn node_counts(result: &RunResult, total: usize) -> FlowRunNodeCounts {
         skipped: as_i64(skipped),
         pending: as_i64(total.saturating_sub(resolved)),
         waiting: as_i64(count(NodeStatus::Waiting)),
+        instances: instance_counts(result),
+    }
+}
+
+/// The instance counts of a run's nodes with instances (loops, batches), or `None` when it has none.
+fn instance_counts(result: &RunResult) -> Option<FlowRunInstanceCounts> {
+    let mut by_status: BTreeMap<&str, u64> = BTreeMap::new();
+    for counts in result.nodes.values().filter_map(|n| n.instances.as_ref()) {
+        for (status, n) in counts {
+            *by_status.entry(status.as_str()).or_default() += n;
+        }
+    }
+    if by_status.is_empty() {
+        return None;
+    }
+    let of = |keys: &[&str]| keys.iter().map(|k| by_status.get(k).copied().unwrap_or(0)).sum::<u64>();
+    let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    Some(FlowRunInstanceCounts {
+        recorded: as_i64(by_status.values().sum()),
+        resolved: as_i64(of(&["done", "failed", "skipped"])),
+        failed: as_i64(of(&["failed"])),
+        waiting: as_i64(of(&["waiting"])),
+    })
+}
+
+/// `resolved/total` nodes, then `(resolved/recorded instances)` for a run with instances.
+fn progress_text(nodes: &FlowRunNodeCounts) -> String {
+    let resolved = format!("{}/{}", nodes.total - nodes.pending, nodes.total);
+    match &nodes.instances {
+        Some(i) => format!("{resolved} ({}/{} instances)", i.resolved, i.recorded),
+        None => resolved,
     }
 }
 
@@ -283,18 +315,18 @@ fn phase_conditions(
     message: Option<&str>,
     waiting: &[FlowRunWaitingNode],
 ) -> [Cond; 2] {
-    let finished = || Cond::new(PROGRESSING, false, "Finished", format!("{progress} nodes resolved"));
+    let finished = || Cond::new(PROGRESSING, false, "Finished", format!("resolved: {progress}"));
     match phase {
         FlowRunPhase::Running | FlowRunPhase::Pending => [
             Cond::new(READY, false, "Running", format!("run {run_id} is running")),
-            Cond::new(PROGRESSING, true, "Running", format!("{progress} nodes resolved")),
+            Cond::new(PROGRESSING, true, "Running", format!("resolved: {progress}")),
         ],
         FlowRunPhase::Waiting => {
             let on: Vec<String> = waiting.iter().map(|w| format!("{} ({})", w.node, w.reason)).collect();
             let text = fit(&format!("run {run_id} is waiting on {}", on.join(", ")), CONDITION_MESSAGE_MAX);
             [
                 Cond::new(READY, false, "Waiting", text),
-                Cond::new(PROGRESSING, true, "Waiting", format!("{progress} nodes resolved")),
+                Cond::new(PROGRESSING, true, "Waiting", format!("resolved: {progress}")),
             ]
         }
         FlowRunPhase::Succeeded => [Cond::new(READY, true, "Succeeded", format!("run {run_id} succeeded")), finished()],
@@ -485,6 +517,23 @@ mod tests {
         let text = serde_json::to_string(&s).unwrap();
         assert!(!text.contains("SECRET"), "the webhook token is a credential: {text}");
         assert_eq!(mirror(&flowrun(), &s, "fr-1234", &r, 4), s, "stable");
+    }
+
+    #[test]
+    fn progress_counts_the_instances_of_loops_and_batches() {
+        let mut r = result(RunStatus::Running, &[("scatter", NodeStatus::Done), ("body", NodeStatus::Done)], None);
+        let counts = |pairs: &[(&str, u64)]| Some(pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect());
+        r.nodes.get_mut("scatter").unwrap().instances = counts(&[("done", 997), ("failed", 1), ("waiting", 2)]);
+        r.nodes.get_mut("body").unwrap().instances = counts(&[("done", 3), ("skipped", 1)]);
+        let s = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &r, 4);
+        let i = s.nodes.clone().unwrap().instances.unwrap();
+        assert_eq!((i.recorded, i.resolved, i.failed, i.waiting), (1004, 1002, 1, 2));
+        assert_eq!(s.progress.as_deref(), Some("2/4 (1002/1004 instances)"));
+        let progressing = s.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
+        assert_eq!(progressing.message, "resolved: 2/4 (1002/1004 instances)");
+        // A run without instances keeps the plain form and no instance counts.
+        let plain = mirror(&flowrun(), &FlowRunStatus::default(), "fr-1234", &result(RunStatus::Running, &[], None), 4);
+        assert_eq!((plain.progress.as_deref(), plain.nodes.unwrap().instances), (Some("0/4"), None));
     }
 
     #[test]
