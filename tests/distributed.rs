@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,27 +160,6 @@ async fn two_resumes_racing_for_one_node_exactly_one_wins() {
     cluster.cleanup().await;
 }
 
-/// A tiny HTTP server counting POSTs per path (`/hit/<tag>`): the join node's side effect.
-async fn hit_counter() -> (u16, Arc<std::sync::Mutex<HashMap<String, u64>>>) {
-    use axum::{Router, extract::Path as P, routing::post};
-    let hits: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
-    let h = hits.clone();
-    let app = Router::new().route(
-        "/hit/{tag}",
-        post(move |P(tag): P<String>| {
-            let h = h.clone();
-            async move {
-                *h.lock().unwrap().entry(tag).or_default() += 1;
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (port, hits)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_in_the_middle_of_a_1000_item_batch_records_every_item_once() {
     let cluster = Cluster::new("killbatch");
@@ -242,7 +220,7 @@ async fn a_worker_killed_in_the_middle_of_a_1000_item_batch_records_every_item_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_300_runs_in_flight_loses_nothing() {
     let cluster = Cluster::new("kill");
-    let (port, hits) = hit_counter().await;
+    let (port, hits) = common::hit_counter().await;
     let dir = tempfile::tempdir().unwrap();
     // 1 -> 3 -> join(all, http side effect) -> end, with short delays (nodes holding their job) so runs overlap the kill.
     let bp = json!({

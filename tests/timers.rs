@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,27 +17,6 @@ use flowcraft::store::{RunFilter, RunStatus, RunStore};
 use serde_json::json;
 
 const RUNS: usize = 500;
-
-/// A tiny HTTP server counting POSTs per path (`/hit/<tag>`): the side effect of the node after the sleep.
-async fn hit_counter() -> (u16, Arc<std::sync::Mutex<HashMap<String, u64>>>) {
-    use axum::{Router, extract::Path as P, routing::post};
-    let hits: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
-    let h = hits.clone();
-    let app = Router::new().route(
-        "/hit/{tag}",
-        post(move |P(tag): P<String>| {
-            let h = h.clone();
-            async move {
-                *h.lock().unwrap().entry(tag).or_default() += 1;
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (port, hits)
-}
 
 /// Percentile (0..=100) of sorted values.
 fn percentile(sorted: &[f64], p: usize) -> f64 {
@@ -75,7 +54,7 @@ async fn show_a_sleeping_run(cluster: &Cluster, store: &flowcraft::store::postgr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_500_runs_sleep_loses_no_timer_and_each_fires_once() {
     let cluster = Cluster::new("timers");
-    let (port, hits) = hit_counter().await;
+    let (port, hits) = common::hit_counter().await;
     let dir = tempfile::tempdir().unwrap();
     // start -> nap (a durable sleep) -> call (a side effect per run): the sleep is long enough for every run to
     // be asleep before the kill; the kill waits for that state rather than for a time.

@@ -8,7 +8,6 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::cluster::Cluster;
@@ -40,31 +39,10 @@ async fn all_reach(store: &PostgresStore, ids: &[String], want: RunStatus, deadl
     }
 }
 
-/// A tiny HTTP server counting POSTs per path (`/hit/<tag>`): a node's side effect, to count its executions.
-async fn hit_counter() -> (u16, Arc<std::sync::Mutex<HashMap<String, u64>>>) {
-    use axum::{Router, extract::Path as P, routing::post};
-    let hits: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
-    let h = hits.clone();
-    let app = Router::new().route(
-        "/hit/{tag}",
-        post(move |P(tag): P<String>| {
-            let h = h.clone();
-            async move {
-                *h.lock().unwrap().entry(tag).or_default() += 1;
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (port, hits)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_resumes_racing_for_one_node_one_wins_and_its_successor_runs_once() {
     let cluster = Cluster::new("race");
-    let (port, hits) = hit_counter().await;
+    let (port, hits) = common::hit_counter().await;
     let dir = tempfile::tempdir().unwrap();
     let graph = write_blueprint(
         dir.path(),

@@ -247,3 +247,25 @@ pub mod cluster {
         }
     }
 }
+
+/// A tiny HTTP server counting POSTs per path (`/hit/<tag>`): a node's side effect, to count its executions.
+/// Returns its port and the counts by tag.
+pub async fn hit_counter() -> (u16, std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>) {
+    use axum::{Router, extract::Path as P, routing::post};
+    let hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>> = Default::default();
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/hit/{tag}",
+        post(move |P(tag): P<String>| {
+            let h = h.clone();
+            async move {
+                *h.lock().unwrap().entry(tag).or_default() += 1;
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, hits)
+}
