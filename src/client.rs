@@ -148,23 +148,14 @@ impl RunResult {
     /// A human-readable summary: one line per node, outputs cut to 80 characters and errors to 300 unless
     /// `full`.
     pub fn human(&self, full: bool) -> String {
-        let cut = |text: String, max: usize| if full { text } else { shorten(&text, max) };
         let (done, total) = self.progress();
         let mut s = format!("run {} {} ({done}/{total} nodes resolved)\n", self.run_id, self.status);
         for (id, n) in &self.nodes {
-            let mut line = format!("  {id:<24} {:<8} attempts={}", n.status.as_str(), n.attempts);
-            if let Some(out) = self.outputs.get(id) {
-                let shown = if full { out.to_string() } else { abridged(out).to_string() };
-                line.push_str(&format!("  output={}", cut(shown, 80)));
-            }
-            if let Some(e) = &n.error {
-                line.push_str(&format!("  error={}", cut(e.clone(), SHOWN_ERROR_CHARS)));
-            }
-            s.push_str(&line);
-            s.push('\n');
+            let head = format!("{id:<24} {:<8} attempts={}", n.status.as_str(), n.attempts);
+            s.push_str(&node_line(head, self.outputs.get(id), n.error.as_deref(), full));
         }
         if let Some(e) = &self.error {
-            s.push_str(&format!("error: {}\n", cut(e.clone(), SHOWN_ERROR_CHARS)));
+            s.push_str(&format!("error: {}\n", if full { e.clone() } else { shorten(e, SHOWN_ERROR_CHARS) }));
         }
         s
     }
@@ -393,26 +384,33 @@ pub struct InstancePage {
 impl InstancePage {
     /// The page as text: one line per instance, then how to get the next page.
     pub fn human(&self, full: bool) -> String {
-        let cut = |text: String, max: usize| if full { text } else { shorten(&text, max) };
         let mut s = format!("run {}: node {}, {} instances shown\n", self.run_id, self.node_id, self.instances.len());
         for i in &self.instances {
             let shown = if i.instance.is_empty() { "''" } else { i.instance.as_str() };
-            let mut line = format!("  {shown:<16} {:<8} attempts={}", i.status.as_str(), i.attempts);
-            if let Some(out) = &i.output {
-                let out = if full { out.to_string() } else { abridged(out).to_string() };
-                line.push_str(&format!("  output={}", cut(out, 80)));
-            }
-            if let Some(e) = &i.error {
-                line.push_str(&format!("  error={}", cut(e.clone(), SHOWN_ERROR_CHARS)));
-            }
-            s.push_str(&line);
-            s.push('\n');
+            let head = format!("{shown:<16} {:<8} attempts={}", i.status.as_str(), i.attempts);
+            s.push_str(&node_line(head, i.output.as_ref(), i.error.as_deref(), full));
         }
         if let Some(next) = &self.next {
             s.push_str(&format!("more: --after '{next}'\n"));
         }
         s
     }
+}
+
+/// One line of `status` for a node or an instance: `head`, then its output (abridged to 80 characters unless
+/// `full`) and its error (cut to [`SHOWN_ERROR_CHARS`] unless `full`).
+fn node_line(head: String, output: Option<&Value>, error: Option<&str>, full: bool) -> String {
+    let cut = |text: String, max: usize| if full { text } else { shorten(&text, max) };
+    let mut line = format!("  {head}");
+    if let Some(out) = output {
+        let shown = if full { out.to_string() } else { abridged(out).to_string() };
+        line.push_str(&format!("  output={}", cut(shown, 80)));
+    }
+    if let Some(e) = error {
+        line.push_str(&format!("  error={}", cut(e.to_string(), SHOWN_ERROR_CHARS)));
+    }
+    line.push('\n');
+    line
 }
 
 /// The most instances one page lists.

@@ -30,8 +30,6 @@ const INSTALL_HEADER: &str = "\
 #   FLOWCRAFT_UPDATE_MANIFESTS=1 cargo test --test chart install_manifests
 # (tests/chart.rs fails when this file no longer matches the chart). See README.md beside this file.
 ";
-const BUILTIN_NODES: &[&str] = &["http", "transform", "log", "noop", "delay", "sleep", "fail", "subflow", "wait"];
-
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -813,6 +811,7 @@ fn example_blueprints_parse_and_are_consistent() {
     for required in ["hello.yaml", "order.yaml", "fanout.json"] {
         assert!(names.contains(required), "deploy/examples/{required} missing");
     }
+    let builtins = flowcraft::flow::Registry::with_builtins();
     let mut ids = BTreeSet::new();
     for file in &files {
         let bp = Blueprint::load(file).unwrap_or_else(|e| panic!("{e}"));
@@ -826,7 +825,7 @@ fn example_blueprints_parse_and_are_consistent() {
         let nodes: BTreeSet<&str> = bp.nodes.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(nodes.len(), bp.nodes.len(), "{what}: duplicate node ids");
         for node in &bp.nodes {
-            assert!(BUILTIN_NODES.contains(&node.uses.as_str()), "{what}: node {} uses {}", node.id, node.uses);
+            assert!(builtins.contains(&node.uses), "{what}: node {} uses {}", node.id, node.uses);
             assert_ne!(node.uses, "http", "{what}: examples run without network access");
             if let Some(fallback) = &node.config.fallback {
                 assert!(nodes.contains(fallback.as_str()), "{what}: unknown fallback {fallback}");

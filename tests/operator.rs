@@ -1740,6 +1740,35 @@ impl Team {
         self.cluster.queue().await.delete_queues().await.ok();
         let _ = self.cluster.coord().await.flush_prefix().await;
     }
+
+    /// One reconcile of `run` in this team's namespace against the mocked API server (`start`: the run is new and
+    /// is started), expecting the one Normal event `reason`; returns the status the operator patched.
+    async fn reconcile_flowrun(
+        &self,
+        backends: &Arc<PoolBackends>,
+        run: &FlowRun,
+        start: bool,
+        reason: &'static str,
+    ) -> Value {
+        let b = backends.clone();
+        let (ctx, server) = context_with(move |c| c.with_runs(b));
+        let t = (self.ns, self.pool.clone(), self.secret.clone(), run.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        run_scenario(
+            ctx,
+            server,
+            move |mut server| async move {
+                let (ns, pool, secret, run) = t;
+                tx.send(serve_flowrun(&mut server, ns, &pool, &secret, &run, start, &[("Normal", reason)]).await)
+                    .unwrap();
+                server
+            },
+            async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
+        )
+        .await
+        .unwrap();
+        rx.await.unwrap()
+    }
 }
 
 /// Two teams, two namespaces, two Secrets pointing at two databases (`test` and `root`) and two queues: each
@@ -1759,23 +1788,7 @@ async fn two_pools_in_two_namespaces_use_their_own_secrets() {
         let uid = uuid::Uuid::new_v4().to_string();
         let mut run = flowrun("order-1", &uid);
         run.metadata.namespace = Some(team.ns.into());
-        let (b, t) = (backends.clone(), (team.ns, team.pool.clone(), team.secret.clone(), run.clone()));
-        let (ctx, server) = context_with(move |c| c.with_runs(b));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        run_scenario(
-            ctx,
-            server,
-            move |mut server| async move {
-                let (ns, pool, secret, run) = t;
-                tx.send(serve_flowrun(&mut server, ns, &pool, &secret, &run, true, &[("Normal", "Started")]).await)
-                    .unwrap();
-                server
-            },
-            async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
-        )
-        .await
-        .unwrap();
-        let status = rx.await.unwrap();
+        let status = team.reconcile_flowrun(&backends, &run, true, "Started").await;
         assert_eq!(status["phase"], "Running");
         runs.push((run, format!("fr-{uid}"), status));
     }
@@ -1798,24 +1811,7 @@ async fn two_pools_in_two_namespaces_use_their_own_secrets() {
     // Mirrored from each pool's own database.
     for (team, (run, _, status)) in teams.iter().zip(&runs) {
         let running = run_with_status(run, status);
-        let b = backends.clone();
-        let (ctx, server) = context_with(move |c| c.with_runs(b));
-        let t = (team.ns, team.pool.clone(), team.secret.clone(), running.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        run_scenario(
-            ctx,
-            server,
-            move |mut server| async move {
-                let (ns, pool, secret, run) = t;
-                tx.send(serve_flowrun(&mut server, ns, &pool, &secret, &run, false, &[("Normal", "Succeeded")]).await)
-                    .unwrap();
-                server
-            },
-            async |ctx| flowrun::reconcile(Arc::new(running.clone()), ctx).await,
-        )
-        .await
-        .unwrap();
-        let status = rx.await.unwrap();
+        let status = team.reconcile_flowrun(&backends, &running, false, "Succeeded").await;
         assert_eq!((status["phase"].as_str(), status["progress"].as_str()), (Some("Succeeded"), Some("2/2")));
     }
     drop(_workers);
