@@ -338,7 +338,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     async fn view_for(&self, job: &Job, graph: &Graph) -> Result<Result<JobView, Settle>, StoreError> {
         let (exact, latest) = loops::record_keys(graph, &job.node_id, &job.instance);
         let context = graph.context_needs(&job.node_id);
-        match self.store.job_view_at(&job.run_id, &exact, &latest, &context).await {
+        let targets = graph.input_targets(&job.node_id);
+        match self.store.job_view_for(&job.run_id, (&exact, &latest), &targets, &context).await {
             Ok(Some(view)) => Ok(Ok(view)),
             Ok(None) => Ok(Err(Settle::DeadLetter(format!("run {} does not exist", job.run_id)))),
             Err(error @ StoreError::Corrupt { .. }) => {
@@ -1129,6 +1130,16 @@ mod tests {
             self.faults.statements.lock().unwrap().push("job_view_at");
             self.inner.job_view_at(run_id, exact, latest, context).await
         }
+        async fn job_view_for(
+            &self,
+            run_id: &str,
+            keys: (&[InstanceKey], &[InstanceKey]),
+            targets: &[&str],
+            context: &ContextNeeds,
+        ) -> StoreResult<Option<JobView>> {
+            self.faults.statements.lock().unwrap().push("job_view_for");
+            self.inner.job_view_for(run_id, keys, targets, context).await
+        }
         async fn record(
             &self,
             run_id: &str,
@@ -1578,24 +1589,24 @@ mod tests {
             (pg, redis)
         };
         assert_eq!(f.process(&job("a")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(calls(&f), (vec!["job_view_at", "record"], vec!["acquire_lease", "resolve"]));
+        assert_eq!(calls(&f), (vec!["job_view_for", "record"], vec!["acquire_lease", "resolve"]));
         assert_eq!(f.queue.depth(), 2, "b and c published");
         assert_eq!(f.process(&job("b")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(calls(&f), (vec!["job_view_at", "record"], vec!["acquire_lease", "arrive", "resolve"]));
+        assert_eq!(calls(&f), (vec!["job_view_for", "record"], vec!["acquire_lease", "arrive", "resolve"]));
         assert_eq!(f.queue.depth(), 2, "j waits for c");
         assert_eq!(f.process(&job("c")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(calls(&f), (vec!["job_view_at", "record"], vec!["acquire_lease", "arrive", "resolve"]));
+        assert_eq!(calls(&f), (vec!["job_view_for", "record"], vec!["acquire_lease", "arrive", "resolve"]));
         assert_eq!(f.queue.depth(), 3, "c's arrival fired j");
         // The join reads its predecessors' records in its one view statement; the last node completes the run
         // (one statement) and forgets the run's coordination keys (one Redis call).
         assert_eq!(f.process(&job("j")).await.unwrap(), Settle::Ack("done"));
         assert_eq!(
             calls(&f),
-            (vec!["job_view_at", "record", "finish_run"], vec!["acquire_lease", "resolve", "forget"])
+            (vec!["job_view_for", "record", "finish_run"], vec!["acquire_lease", "resolve", "forget"])
         );
         assert_eq!(f.status().await, RunStatus::Completed);
         // A redelivery routes by the record: one read, no Redis call.
         assert_eq!(f.process(&job("j")).await.unwrap(), Settle::Ack("skipped"));
-        assert_eq!(calls(&f), (vec!["job_view_at"], vec![]));
+        assert_eq!(calls(&f), (vec!["job_view_for"], vec![]));
     }
 }

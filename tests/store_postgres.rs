@@ -7,11 +7,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
-use flowcraft::flow::ContextNeeds;
+use flowcraft::flow::{ContextNeeds, InstanceKey};
 use flowcraft::report::Chain;
 use flowcraft::store::postgres::{PgConfig, PostgresStore, TableNames};
 use flowcraft::store::{
-    NewRun, NodeRecord, NodeStatus, ReconcileStats, RecordOutcome, RunFilter, RunStatus, RunStore, StoreError,
+    NewRun, NodeRecord, NodeStatus, ReconcileStats, RecordOutcome, RunFilter, RunStatus, RunStore,
+    StoreError,
 };
 use serde_json::{Map, Value, json};
 
@@ -244,6 +245,39 @@ async fn job_view_returns_context_and_only_requested_records() {
     assert_eq!(keys, ["_outputs.a", "k", "w"]);
     assert_eq!(view.context.get("w"), Some(&json!(2)));
     assert_eq!(view.records.len(), 1);
+    s.drop_tables().await.unwrap();
+}
+
+/// A job's view asks its predecessors only whether they took the edge to it: a split that fanned out to 3 000
+/// nodes costs each of them one target, not 3 000. The job's own record (the first key) comes whole.
+#[tokio::test]
+async fn job_view_for_narrows_the_predecessors_taken_to_the_targets() {
+    let s = store("pg_view_for").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let fan: Vec<String> = (0..3_000).map(|i| format!("w{i}")).collect();
+    let fan: Vec<&str> = fan.iter().map(String::as_str).collect();
+    s.record("r1", &done("split", None, json!(1), &fan), &Map::new()).await.unwrap();
+    s.record("r1", &done("w7", None, json!(2), &["join", "other"]), &Map::new()).await.unwrap();
+    s.record("r1", &done("side", None, json!(3), &["w9"]), &Map::new()).await.unwrap();
+    let key = |n: &str| InstanceKey::new(n, "");
+    let taken = |view: &flowcraft::store::JobView, node: &str| view.record(node).map(|r| r.taken.clone());
+
+    let exact = [key("w7"), key("split"), key("side")];
+    let view = s.job_view_for("r1", (&exact, &[]), &["w7"], &ContextNeeds::none()).await.unwrap().unwrap();
+    assert_eq!(taken(&view, "split"), Some(vec!["w7".to_string()]));
+    assert_eq!(taken(&view, "side"), Some(Vec::new()), "side did not take the edge to w7");
+    assert_eq!(taken(&view, "w7"), Some(vec!["join".to_string(), "other".to_string()]), "the own record is whole");
+    // The same as narrowing the whole view (the default every store inherits).
+    let whole = s.job_view_at("r1", &exact, &[], &ContextNeeds::none()).await.unwrap().unwrap();
+    assert_eq!(taken(&whole, "split").map(|t| t.len()), Some(3_000));
+    let narrowed = whole.narrow_taken(exact.first(), &["w7"]);
+    assert_eq!(narrowed.records, view.records);
+
+    // Not recorded yet: every record read is narrowed, to the targets in their order.
+    let exact = [key("w9"), key("split"), key("side")];
+    let view = s.job_view_for("r1", (&exact, &[]), &["w9", "w8"], &ContextNeeds::none()).await.unwrap().unwrap();
+    assert_eq!(taken(&view, "split"), Some(vec!["w9".to_string(), "w8".to_string()]));
+    assert_eq!(taken(&view, "side"), Some(vec!["w9".to_string()]));
     s.drop_tables().await.unwrap();
 }
 

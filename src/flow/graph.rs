@@ -300,6 +300,25 @@ impl Graph {
         needs
     }
 
+    /// The nodes whose input a job of `node` computes: the node and the failed primaries whose input it takes
+    /// over, transitively (`input_for` asks each predecessor record only whether it took its edge to one of
+    /// these, so a job's view narrows its predecessors' `taken` to them: [`crate::store::RunStore::job_view_for`]).
+    pub fn input_targets(&self, node: &str) -> Vec<&str> {
+        let Some(i) = self.idx(node) else { return Vec::new() };
+        let mut seen = HashSet::from([i]);
+        let mut stack = vec![i];
+        let mut out = Vec::new();
+        while let Some(n) = stack.pop() {
+            out.push(self.nodes[n].def.id.as_str());
+            for &s in &self.nodes[n].sources {
+                if self.nodes[s].fallback == Some(n) && seen.insert(s) {
+                    stack.push(s);
+                }
+            }
+        }
+        out
+    }
+
     /// Whether a node of the blueprint (or a batch's items) is a waiting kind: its runs may become `awaiting`, which a job that fires
     /// nothing then checks (docs/architecture.md, "Waiting nodes").
     pub fn may_wait(&self) -> bool {
@@ -1279,6 +1298,41 @@ mod tests {
         assert_eq!(g.input_dependencies(&last).len(), n);
         assert_eq!(g.input_for(&last, &json!({"order": 7}), &Map::new(), &by_id, None), json!({"order": 7}));
         assert!(g.mermaid().lines().count() > 3 * n);
+    }
+
+    #[test]
+    fn input_targets_are_the_node_and_the_failed_primaries_it_takes_over() {
+        let g = Graph::build(fallback_chain(4), None).unwrap();
+        let mut t = g.input_targets("n3");
+        t.sort_unstable();
+        assert_eq!(t, ["n0", "n1", "n2", "n3"]);
+        assert_eq!(g.input_targets("end"), ["end"]);
+        assert!(g.input_targets("missing").is_empty());
+        // `a` fans out to p, x, y; p fails into its fallback f: f's input is a's output. Narrowing every
+        // record's `taken` to f's input targets leaves the input unchanged.
+        let g = Graph::build(
+            bp(json!({"id": "f", "nodes": [{"id": "a", "uses": "noop"}, {"id": "x", "uses": "noop"},
+                      {"id": "y", "uses": "noop"}, {"id": "p", "uses": "noop", "config": {"fallback": "f"}},
+                      {"id": "f", "uses": "noop"}],
+                      "edges": [{"source": "a", "target": "p"}, {"source": "a", "target": "x"},
+                                {"source": "a", "target": "y"}]})),
+            None,
+        )
+        .unwrap();
+        let a = NodeRecord::done("a", json!(7), None, vec!["p".into(), "x".into(), "y".into()], 1);
+        let p = NodeRecord::failed("p", "boom", vec!["f".into()], 1);
+        let targets = g.input_targets("f");
+        let narrow = |r: &NodeRecord| NodeRecord {
+            taken: r.taken.iter().filter(|t| targets.contains(&t.as_str())).cloned().collect(),
+            ..r.clone()
+        };
+        let (na, np) = (narrow(&a), narrow(&p));
+        assert_eq!(na.taken, ["p"]);
+        let full: HashMap<&str, &NodeRecord> = HashMap::from([("a", &a), ("p", &p)]);
+        let narrowed: HashMap<&str, &NodeRecord> = HashMap::from([("a", &na), ("p", &np)]);
+        let input = |r: &HashMap<&str, &NodeRecord>| g.input_for("f", &Value::Null, &Map::new(), r, None);
+        assert_eq!(input(&full), json!(7));
+        assert_eq!(input(&narrowed), json!(7));
     }
 
     #[test]

@@ -889,4 +889,29 @@ mod tests {
         let keys: Vec<&String> = v.context.keys().collect();
         assert_eq!(keys, ["_outputs.n", "w"]);
     }
+
+    /// A job's view narrows its predecessors' `taken` to its input targets; its own record comes whole.
+    #[tokio::test]
+    async fn job_view_for_narrows_every_record_but_the_jobs_own() {
+        let s = MemoryStore::new();
+        let run = NewRun {
+            run_id: "r".into(),
+            blueprint_id: "b".into(),
+            blueprint_version: None,
+            input: Value::Null,
+            parent: None,
+        };
+        s.create_run(&run).await.unwrap();
+        let fan: Vec<String> = (0..100).map(|i| format!("w{i}")).collect();
+        let split = NodeRecord::done("split", Value::Null, None, fan, 1);
+        let own = NodeRecord::done("w3", Value::Null, None, vec!["join".into(), "x".into()], 1);
+        for r in [&split, &own] {
+            s.record("r", r, &Map::new()).await.unwrap();
+        }
+        let exact = [InstanceKey::new("w3", ""), InstanceKey::new("split", "")];
+        let v =
+            s.job_view_for("r", (&exact, &[]), &["w3", "w99", "nope"], &ContextNeeds::none()).await.unwrap().unwrap();
+        assert_eq!(v.record("split").unwrap().taken, ["w3", "w99"]);
+        assert_eq!(v.record("w3").unwrap().taken, ["join", "x"]);
+    }
 }

@@ -312,6 +312,20 @@ impl JobView {
     }
 }
 
+impl JobView {
+    /// The view with every record but `own`'s narrowed to the targets among `targets` it took (pure; see
+    /// [`RunStore::job_view_for`]).
+    pub fn narrow_taken(mut self, own: Option<&InstanceKey>, targets: &[&str]) -> Self {
+        for r in &mut self.records {
+            if own.is_some_and(|k| k.node_id == r.node_id && k.instance == r.instance) {
+                continue;
+            }
+            r.taken.retain(|t| targets.contains(&t.as_str()));
+        }
+        self
+    }
+}
+
 /// The outcome of [`RunStore::transition`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
@@ -507,6 +521,22 @@ pub trait RunStore: Send + Sync + 'static {
         latest: &[InstanceKey],
         context: &ContextNeeds,
     ) -> StoreResult<Option<JobView>>;
+
+    /// A job's view: [`RunStore::job_view_at`], except that every record but the job's own (the first of `exact`,
+    /// which routes a redelivery and comes whole) carries in `taken` only those of `targets` it took
+    /// ([`JobView::narrow_taken`]): a job asks its predecessors only whether they took the edge to it (or to a
+    /// failed primary whose input it takes over, `Graph::input_targets`). A predecessor that fanned out to
+    /// 10 000 nodes then costs each of them O(1) instead of its whole target list.
+    async fn job_view_for(
+        &self,
+        run_id: &str,
+        (exact, latest): (&[InstanceKey], &[InstanceKey]),
+        targets: &[&str],
+        context: &ContextNeeds,
+    ) -> StoreResult<Option<JobView>> {
+        let view = self.job_view_at(run_id, exact, latest, context).await?;
+        Ok(view.map(|v| v.narrow_taken(exact.first(), targets)))
+    }
 
     /// Record a node's result if none is recorded yet (or only a `pending` batch item); when this write wins, also
     /// write `context_writes` into the context, per key (`_outputs.<id>` is never stored: it is served from the

@@ -19,9 +19,9 @@ use crate::flow::ContextNeeds;
 use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
-    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ParentRef, ReconcilePass,
-    ReconcileStats, RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary,
-    StoreError, StoreResult, StoredBlueprint, Transition,
+    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ParentRef,
+    ReconcilePass, ReconcileStats, RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore,
+    RunSummary, StoreError, StoreResult, StoredBlueprint, Transition,
 };
 use crate::tls::TlsSettings;
 
@@ -321,12 +321,19 @@ const CREATE_RUN: &str = "WITH s AS (
 )
 SELECT count(*) AS created FROM s";
 
-/// The status row and the records of the nodes `$2` (by primary key), shared by both job views.
+/// The status row and the records of the nodes `$2` (by primary key), shared by both job views. With targets
+/// `$6` (not NULL), every record but the first key's carries in `taken` only those of `$6` it took: a job reads
+/// whether its predecessors took the edge to it, not their whole target lists (`RunStore::job_view_for`).
 const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
        s.created_at, s.updated_at, s.parent_run_id, s.parent_node_id, s.parent_instance,
        (SELECT COALESCE(jsonb_agg(jsonb_build_object(
                     'node_id', r.node_id, 'instance', r.instance, 'status', r.status, 'action', r.action,
-                    'output', r.output, 'taken', r.taken, 'attempts', r.attempts, 'error', r.error, 'wait', r.wait,
+                    'output', r.output,
+                    'taken', CASE WHEN $6::text[] IS NULL OR (r.node_id = $2[1] AND r.instance = $3[1]) THEN r.taken
+                                  ELSE (SELECT COALESCE(jsonb_agg(t.n ORDER BY t.o), '[]'::jsonb)
+                                          FROM unnest($6::text[]) WITH ORDINALITY AS t (n, o)
+                                         WHERE r.taken ? t.n) END,
+                    'attempts', r.attempts, 'error', r.error, 'wait', r.wait,
                     'finished_us', (extract(epoch FROM r.finished_at) * 1000000)::bigint)
                 ORDER BY r.finished_at, r.node_id, r.instance), '[]'::jsonb)
           FROM (SELECT e.* FROM {results} e
@@ -339,13 +346,13 @@ const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_versio
                                         AND starts_with(x.instance, p.prefix)
                                       ORDER BY x.finished_at DESC LIMIT 1) AS l) AS r) AS records,";
 
-/// A job's view: the context keys `$6` and the outputs of the nodes `$7` (their latest done records that are
+/// A job's view: the context keys `$7` and the outputs of the nodes `$8` (their latest done records that are
 /// not batch items: an item is an instance of its scatter node), each by primary key.
 const JOB_VIEW_KEYS: &str = "
        (SELECT COALESCE(jsonb_object_agg(c.key, c.value), '{}'::jsonb)
-          FROM {contexts} c WHERE c.run_id = s.run_id AND c.key = ANY($6::text[])) AS context,
+          FROM {contexts} c WHERE c.run_id = s.run_id AND c.key = ANY($7::text[])) AS context,
        (SELECT COALESCE(jsonb_object_agg(o.node_id, o.output), '{}'::jsonb)
-          FROM unnest($7::text[]) AS n (node)
+          FROM unnest($8::text[]) AS n (node)
          CROSS JOIN LATERAL (SELECT x.node_id, x.output FROM {results} x
                               WHERE x.run_id = s.run_id AND x.node_id = n.node AND x.status = 'done'
                                 AND strpos(x.instance, '#') = 0
@@ -951,6 +958,45 @@ impl PostgresStore {
         Ok(records)
     }
 
+    /// The job view, with the predecessors' `taken` narrowed to `targets` when given (see `JOB_VIEW_HEAD`).
+    async fn view(
+        &self,
+        run_id: &str,
+        (exact, latest): (&[InstanceKey], &[InstanceKey]),
+        targets: Option<&[&str]>,
+        context: &ContextNeeds,
+    ) -> StoreResult<Option<JobView>> {
+        let op = format!("read job view of run {run_id}");
+        let table = self.names.statuses.as_str();
+        let client = self.client(&op).await?;
+        let columns = |keys: &[InstanceKey]| -> (Vec<String>, Vec<String>) {
+            keys.iter().map(|k| (k.node_id.clone(), k.instance.clone())).unzip()
+        };
+        let ((nodes, instances), (latest_nodes, prefixes)) = (columns(exact), columns(latest));
+        let targets: Option<Vec<&str>> = targets.map(<[&str]>::to_vec);
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            vec![&run_id, &nodes, &instances, &latest_nodes, &prefixes, &targets];
+        let split = context.split();
+        let sql = match &split {
+            Some((outputs, keys)) => {
+                params.extend([keys as &(dyn ToSql + Sync), outputs]);
+                &self.sql.job_view_keys
+            }
+            None => &self.sql.job_view_whole,
+        };
+        let stmt = client.prepare_cached(sql).await.map_err(|e| db_error(&op, table, e))?;
+        let Some(row) = client.query_opt(&stmt, &params).await.map_err(|e| db_error(&op, table, e))? else {
+            return Ok(None);
+        };
+        let run = run_from_row(&row)?;
+        let mut context = self.json_object(&row, "context", run_id)?;
+        for (node, output) in self.json_object(&row, "outputs", run_id)? {
+            context.insert(format!("{OUTPUTS_PREFIX}{node}"), output);
+        }
+        let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
+        Ok(Some(JobView { run, context: std::sync::Arc::new(context), records }))
+    }
+
     /// Validate the table names, build the connection pool and check that one connection can be made.
     pub async fn connect(cfg: PgConfig) -> StoreResult<Self> {
         let names = Tables::resolve(&cfg.tables)?;
@@ -1350,33 +1396,17 @@ impl RunStore for PostgresStore {
         latest: &[InstanceKey],
         context: &ContextNeeds,
     ) -> StoreResult<Option<JobView>> {
-        let op = format!("read job view of run {run_id}");
-        let table = self.names.statuses.as_str();
-        let client = self.client(&op).await?;
-        let columns = |keys: &[InstanceKey]| -> (Vec<String>, Vec<String>) {
-            keys.iter().map(|k| (k.node_id.clone(), k.instance.clone())).unzip()
-        };
-        let ((nodes, instances), (latest_nodes, prefixes)) = (columns(exact), columns(latest));
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&run_id, &nodes, &instances, &latest_nodes, &prefixes];
-        let split = context.split();
-        let sql = match &split {
-            Some((outputs, keys)) => {
-                params.extend([keys as &(dyn ToSql + Sync), outputs]);
-                &self.sql.job_view_keys
-            }
-            None => &self.sql.job_view_whole,
-        };
-        let stmt = client.prepare_cached(sql).await.map_err(|e| db_error(&op, table, e))?;
-        let Some(row) = client.query_opt(&stmt, &params).await.map_err(|e| db_error(&op, table, e))? else {
-            return Ok(None);
-        };
-        let run = run_from_row(&row)?;
-        let mut context = self.json_object(&row, "context", run_id)?;
-        for (node, output) in self.json_object(&row, "outputs", run_id)? {
-            context.insert(format!("{OUTPUTS_PREFIX}{node}"), output);
-        }
-        let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
-        Ok(Some(JobView { run, context: std::sync::Arc::new(context), records }))
+        self.view(run_id, (exact, latest), None, context).await
+    }
+
+    async fn job_view_for(
+        &self,
+        run_id: &str,
+        (exact, latest): (&[InstanceKey], &[InstanceKey]),
+        targets: &[&str],
+        context: &ContextNeeds,
+    ) -> StoreResult<Option<JobView>> {
+        self.view(run_id, (exact, latest), Some(targets), context).await
     }
 
     async fn record(
