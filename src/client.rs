@@ -12,8 +12,8 @@ use crate::flow::limits::{DEFAULT_MAX_PAYLOAD_BYTES, json_size_within};
 use crate::flow::{Graph, NodeRecord, Wait};
 use crate::run_id::{RunIdError, validate_run_id};
 use crate::store::{
-    Job, JobQueue, NewRun, NodeStatus, ParentRef, RunCursor, RunFilter, RunInfo, RunStatus, RunStore, StoreError,
-    StoredBlueprint, Transition,
+    Job, JobQueue, NewRun, NodeStates, NodeStatus, ParentRef, RunCursor, RunFilter, RunInfo, RunStatus, RunStore,
+    StoreError, StoredBlueprint, Transition,
 };
 use crate::text::{format_bytes, shorten};
 
@@ -448,46 +448,45 @@ pub async fn instance_page<S: RunStore + ?Sized>(
     Ok(Some(InstancePage { run_id: run_id.to_string(), node_id: node_id.to_string(), instances, next }))
 }
 
-/// The state of a run without its outputs (`outputs` is empty): what the operator mirrors into a FlowRun every
-/// few seconds, without reading every output of a big run.
-pub async fn run_states<S: RunStore + ?Sized>(store: &S, run_id: &str) -> Result<Option<RunResult>, ClientError> {
+/// The state of a run without its outputs (`outputs` is empty), from aggregates of its records
+/// ([`RunStore::node_states`]): what `status` shows unless asked for outputs and what the operator mirrors into a
+/// FlowRun every few seconds, bounded by the blueprint's nodes however big the run; `graph` adds the total node
+/// count.
+pub async fn run_states<S: RunStore + ?Sized>(
+    store: &S,
+    run_id: &str,
+    graph: Option<&Graph>,
+) -> Result<Option<RunResult>, ClientError> {
     let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? else {
         return Ok(None);
     };
-    let records = store.record_states(run_id).await.map_err(store_err(run_id))?;
-    let mut result = build_result(info, records, None);
-    result.outputs.clear();
-    Ok(Some(result))
+    let states = store.node_states(run_id).await.map_err(store_err(run_id))?;
+    Ok(Some(summarize(info, states, BTreeMap::new(), graph)))
 }
 
 /// For every node with instances (in a loop or a batch): how many of its instances have each status.
-pub fn instance_counts(records: &[crate::store::NodeRecord]) -> BTreeMap<String, BTreeMap<String, u64>> {
-    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    for r in records.iter().filter(|r| !r.instance.is_empty()) {
-        *counts.entry(r.node_id.clone()).or_default().entry(r.status.as_str().to_string()).or_default() += 1;
-    }
-    counts
-}
+pub use crate::store::instance_counts;
 
 fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Option<&Graph>) -> RunResult {
     let mut outputs = BTreeMap::new();
-    let mut nodes = BTreeMap::new();
-    let counts = instance_counts(&records);
-    // Records come in the order they were written: the last one of a node is its latest instance.
-    for r in records {
-        if crate::flow::instance::split_item(&r.instance).1.is_some() {
-            // A batch item: counted above; the scatter node shows its own record.
-            continue;
-        }
+    // Records come in the order they were written: the last done one of a node is its latest output.
+    for r in records.iter().filter(|r| crate::flow::instance::split_item(&r.instance).1.is_none()) {
         if r.status == NodeStatus::Done {
             outputs.insert(r.node_id.clone(), r.output.clone());
         }
-        let wait = if r.status == NodeStatus::Waiting { r.wait.as_deref().cloned() } else { None };
-        let (status, attempts, error) = (r.status, r.attempts, r.error.clone());
-        let summary = NodeSummary { status, attempts, error, instances: None, wait };
-        nodes.insert(r.node_id.clone(), summary);
     }
-    for (node, by_status) in counts {
+    summarize(info, NodeStates::of(records), outputs, graph)
+}
+
+/// The run result of a run's node states and the outputs read (none unless asked for).
+fn summarize(info: RunInfo, states: NodeStates, outputs: BTreeMap<String, Value>, graph: Option<&Graph>) -> RunResult {
+    let mut nodes = BTreeMap::new();
+    for r in states.latest {
+        let wait = if r.status == NodeStatus::Waiting { r.wait.as_deref().cloned() } else { None };
+        let summary = NodeSummary { status: r.status, attempts: r.attempts, error: r.error, instances: None, wait };
+        nodes.insert(r.node_id, summary);
+    }
+    for (node, by_status) in states.instances {
         if let Some(n) = nodes.get_mut(&node) {
             n.instances = Some(by_status);
         }

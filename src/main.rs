@@ -142,8 +142,9 @@ enum Command {
         /// With --instances: at most this many (1 to 1000).
         #[arg(long, default_value_t = 100, requires = "instances")]
         limit: usize,
-        /// With --instances: show each instance's output.
-        #[arg(long, requires = "instances")]
+        /// Show the nodes' outputs (with --instances: each instance's). Without it only states and counts are
+        /// read, however big the run.
+        #[arg(long)]
         outputs: bool,
     },
     /// Cancel a running run: no further job starts; jobs in flight finish.
@@ -508,7 +509,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { run_id, output, blueprints, full, .. } => {
+        Command::Status { run_id, output, blueprints, full, outputs, .. } => {
             validate_run_id(&run_id)?;
             let store = connect_store(&cli.conn, policy).await?;
             let info = store.run_info(&run_id).await?;
@@ -516,7 +517,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 (Some(i), Some(dir)) => BlueprintSet::load_dir(dir, None)?.get(&i.blueprint_id),
                 _ => None,
             };
-            match client::run_result(&store, &run_id, graph.as_deref()).await? {
+            let result = if outputs {
+                client::run_result(&store, &run_id, graph.as_deref()).await?
+            } else {
+                client::run_states(&store, &run_id, graph.as_deref()).await?
+            };
+            match result {
                 Some(r) => {
                     print_result(&r, Shown { output, full })?;
                     Ok(ExitCode::SUCCESS)

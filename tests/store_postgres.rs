@@ -11,7 +11,7 @@ use flowcraft::flow::{ContextNeeds, InstanceKey};
 use flowcraft::report::Chain;
 use flowcraft::store::postgres::{PgConfig, PostgresStore, TableNames};
 use flowcraft::store::{
-    NewRun, NodeRecord, NodeStatus, ReconcileStats, RecordOutcome, RunFilter, RunStatus, RunStore,
+    NewRun, NodeRecord, NodeStates, NodeStatus, ReconcileStats, RecordOutcome, RunFilter, RunStatus, RunStore,
     StoreError,
 };
 use serde_json::{Map, Value, json};
@@ -278,6 +278,64 @@ async fn job_view_for_narrows_the_predecessors_taken_to_the_targets() {
     let view = s.job_view_for("r1", (&exact, &[]), &["w9", "w8"], &ContextNeeds::none()).await.unwrap().unwrap();
     assert_eq!(taken(&view, "split"), Some(vec!["w9".to_string(), "w8".to_string()]));
     assert_eq!(taken(&view, "side"), Some(vec!["w9".to_string()]));
+    s.drop_tables().await.unwrap();
+}
+
+/// `status` and FlowRun mirroring read a run's node states as aggregates. A run of 10 000 nodes with 2 KiB outputs,
+/// a split with 10 000 targets, a batch of 10 000 items and a loop node with two iterations: the read returns one
+/// record per node without output or targets, and counts for the instances, a few dozen bytes per node whatever
+/// the outputs, targets and items (about 45 MB for the whole run).
+#[tokio::test]
+async fn node_states_of_a_big_run_are_bounded() {
+    let s = store("pg_states").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let n: usize = 10_000;
+    let fan: Vec<String> = (0..n).map(|i| format!("w{i}")).collect();
+    let fan: Vec<&str> = fan.iter().map(String::as_str).collect();
+    s.record("r1", &done("split", None, json!(1), &fan), &Map::new()).await.unwrap();
+    let client = s.pool().get().await.unwrap();
+    let sql = format!(
+        "INSERT INTO \"{}\" (run_id, node_id, instance, status, output, taken, attempts)
+         SELECT 'r1', 'w' || i, '', 'done', to_jsonb(repeat('x', 2048)), '[\"join\"]'::jsonb, 1
+           FROM generate_series(0, $1::int - 1) AS i",
+        s.table_names().results
+    );
+    client.execute(&sql, &[&i32::try_from(n).unwrap()]).await.unwrap();
+    drop(client);
+    let items: Vec<Value> = (0..n).map(|i| json!({"item": i, "pad": "y".repeat(2048)})).collect();
+    let scatter = done("scatter", None, json!({"count": n}), &[]);
+    s.record_with_items("r1", &scatter, &Map::new(), &items).await.unwrap();
+    for i in ["0", "1"] {
+        s.record("r1", &done("body", None, json!(i), &[]).at(i), &Map::new()).await.unwrap();
+    }
+
+    let states = s.node_states("r1").await.unwrap();
+    assert_eq!(states.latest.len(), n + 3, "one record per node: split, the fan, scatter, body");
+    assert!(states.latest.iter().all(|r| r.output.is_null() && r.taken.is_empty()), "no output, no targets");
+    assert_eq!(states.latest.iter().find(|r| r.node_id == "body").map(|r| r.instance.as_str()), Some("1"));
+    let counts = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    assert_eq!(states.instances.get("scatter"), Some(&counts(&[("pending", n as u64)])));
+    assert_eq!(states.instances.get("body"), Some(&counts(&[("done", 2)])));
+    assert_eq!(states.instances.len(), 2);
+    let bytes = serde_json::to_vec(&states.latest).unwrap().len();
+    assert!(bytes < 200 * (n + 3), "{bytes} bytes of node states for {} nodes", n + 3);
+
+    // The same as the default, computed from every record (which reads the outputs and items).
+    let mut all = NodeStates::of(s.records("r1").await.unwrap());
+    let mut latest = states.latest.clone();
+    for v in [&mut all.latest, &mut latest] {
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    }
+    assert_eq!(latest, all.latest);
+    assert_eq!(states.instances, all.instances);
+
+    // What `status` shows without `--outputs` and what a FlowRun mirrors: no output, a few bytes per node.
+    let result = flowcraft::client::run_states(&s, "r1", None).await.unwrap().unwrap();
+    assert!(result.outputs.is_empty());
+    assert_eq!(result.nodes.len(), n + 3);
+    assert_eq!(result.nodes["scatter"].instances, Some(counts(&[("pending", n as u64)])));
+    let shown = serde_json::to_vec(&result).unwrap().len();
+    assert!(shown < 100 * (n + 3), "{shown} bytes of status for {} nodes", n + 3);
     s.drop_tables().await.unwrap();
 }
 

@@ -164,7 +164,7 @@ async fn apply(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> {
     };
     let target = &started.target;
     let stores = stores(ctx, run, target).await?;
-    let result = run_states(stores.store.as_ref(), &run_id)
+    let result = run_states(stores.store.as_ref(), &run_id, None)
         .await
         .map_err(|e| client_error(ctx, run, target, format!("cannot read run {run_id}"), e))?
         .ok_or_else(|| {

@@ -8,6 +8,7 @@ pub mod postgres;
 pub mod rabbitmq;
 pub mod redis;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -326,6 +327,50 @@ impl JobView {
     }
 }
 
+/// A run's state without outputs, as aggregates of its records ([`RunStore::node_states`]): what `status` and
+/// FlowRun mirroring show, bounded by the blueprint's nodes whatever the run's size.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeStates {
+    /// Per node, its latest record that is not a batch item, without `output` (`Null`) and `taken` (empty).
+    pub latest: Vec<NodeRecord>,
+    /// For every node with instances (in a loop or a batch): how many of its instances have each status.
+    pub instances: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl NodeStates {
+    /// The states of every record of a run, given in the order they were written (pure; the default of
+    /// [`RunStore::node_states`]).
+    pub fn of(records: Vec<NodeRecord>) -> Self {
+        let instances = instance_counts(&records);
+        let mut at: HashMap<String, usize> = HashMap::new();
+        let mut latest: Vec<NodeRecord> = Vec::new();
+        for mut r in records {
+            if crate::flow::instance::split_item(&r.instance).1.is_some() {
+                continue;
+            }
+            r.output = Value::Null;
+            r.taken = Vec::new();
+            match at.get(&r.node_id) {
+                Some(&i) => latest[i] = r,
+                None => {
+                    at.insert(r.node_id.clone(), latest.len());
+                    latest.push(r);
+                }
+            }
+        }
+        Self { latest, instances }
+    }
+}
+
+/// For every node with instances (in a loop or a batch): how many of its instances have each status.
+pub fn instance_counts(records: &[NodeRecord]) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for r in records.iter().filter(|r| !r.instance.is_empty()) {
+        *counts.entry(r.node_id.clone()).or_default().entry(r.status.as_str().to_string()).or_default() += 1;
+    }
+    counts
+}
+
 /// The outcome of [`RunStore::transition`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
@@ -626,6 +671,14 @@ pub trait RunStore: Send + Sync + 'static {
             r.output = Value::Null;
         }
         Ok(records)
+    }
+
+    /// A run's state as aggregates of its records: per node its latest record (no output, no targets) and per
+    /// node with instances the count of each status. What `status` and FlowRun mirroring read: one row per node
+    /// and per node and status, never an output or a record per batch item. Stores override the default (which
+    /// reads every record) with aggregates.
+    async fn node_states(&self, run_id: &str) -> StoreResult<NodeStates> {
+        Ok(NodeStates::of(self.record_states(run_id).await?))
     }
 
     /// Up to `limit` instances of `node_id` that are `waiting`, in instance order: what a resume that names no

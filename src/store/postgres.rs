@@ -2,6 +2,7 @@
 //! reconciler's per-schedule statistics. Table names are configurable: they are validated, always double-quoted,
 //! and every value is bound as a parameter.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use crate::flow::ContextNeeds;
 use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
-    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStatus, ParentRef,
+    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStates, NodeStatus, ParentRef,
     ReconcilePass, ReconcileStats, RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore,
     RunSummary, StoreError, StoreResult, StoredBlueprint, Transition,
 };
@@ -509,6 +510,17 @@ const RECORD_STATES: &str = "SELECT node_id, instance, status, action, NULL::jso
        finished_at, wait
   FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
 
+// A run's node states: per node its latest record that is not a batch item (no output, no targets), and the
+// instance counts by status (`RunStore::node_states`). One row per node and per node and status.
+const NODE_STATES: &str = "SELECT node_id, instance, status, action, NULL::jsonb AS output, '[]'::jsonb AS taken,
+       attempts, error, finished_at, wait
+  FROM (SELECT DISTINCT ON (node_id) node_id, instance, status, action, attempts, error, finished_at, wait
+          FROM {results} WHERE run_id = $1::text AND strpos(instance, '#') = 0
+         ORDER BY node_id, finished_at DESC, instance DESC) AS latest
+ ORDER BY finished_at, node_id, instance";
+const INSTANCE_COUNTS: &str = "SELECT node_id, status, count(*) AS n FROM {results}
+ WHERE run_id = $1::text AND instance <> '' GROUP BY node_id, status";
+
 const WAITING_INSTANCES: &str = "SELECT instance FROM {results}
  WHERE run_id = $1::text AND node_id = $2::text AND status = 'waiting' ORDER BY instance COLLATE \"C\" LIMIT $3::bigint";
 
@@ -626,6 +638,8 @@ struct Sql {
     waiting_instances: String,
     instances_page: String,
     record_states: String,
+    node_states: String,
+    instance_counts: String,
     /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
     list_runs: String,
     claim_stalled: String,
@@ -667,6 +681,8 @@ impl Sql {
             waiting_instances: names.render(WAITING_INSTANCES),
             instances_page: names.render(INSTANCES_PAGE),
             record_states: names.render(RECORD_STATES),
+            node_states: names.render(NODE_STATES),
+            instance_counts: names.render(INSTANCE_COUNTS),
             list_runs: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}}{LIST_RUNS_WHERE}")),
             claim_stalled: names.render(CLAIM_STALLED),
             ended_children: names.render(ENDED_CHILDREN),
@@ -995,6 +1011,23 @@ impl PostgresStore {
         }
         let records = records_from_json(run_id, column(&row, "records", run_id)?)?;
         Ok(Some(JobView { run, context: std::sync::Arc::new(context), records }))
+    }
+
+    /// Per node with instances, how many have each status (`INSTANCE_COUNTS`).
+    async fn instance_counts(&self, run_id: &str) -> StoreResult<BTreeMap<String, BTreeMap<String, u64>>> {
+        let op = format!("count the instances of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.instance_counts).await.map_err(|e| db_error(&op, table, e))?;
+        let rows = client.query(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
+        let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for row in &rows {
+            let node: String = column(row, "node_id", run_id)?;
+            let status: String = column(row, "status", run_id)?;
+            let n: i64 = column(row, "n", run_id)?;
+            counts.entry(node).or_default().insert(status, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(counts)
     }
 
     /// Validate the table names, build the connection pool and check that one connection can be made.
@@ -1616,6 +1649,12 @@ impl RunStore for PostgresStore {
 
     async fn record_states(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
         self.read_records(run_id, &self.sql.record_states, "read record states").await
+    }
+
+    async fn node_states(&self, run_id: &str) -> StoreResult<NodeStates> {
+        let latest = self.read_records(run_id, &self.sql.node_states, "read node states");
+        let (latest, instances) = tokio::try_join!(latest, self.instance_counts(run_id))?;
+        Ok(NodeStates { latest, instances })
     }
 
     async fn waiting_instances(&self, run_id: &str, node_id: &str, limit: usize) -> StoreResult<Vec<String>> {
