@@ -15,8 +15,9 @@
 //!
 //! Run: `cargo bench --bench distributed` (options after `--`: `--quick`, `--prefetch 16`, `--workers 1,2`,
 //! `--repeat 1` (measurements per workload and worker count), `--log info` (the workers' `FLOWCRAFT_LOG`),
-//! `--no-tls` (skip the TLS measurements), `--workloads w1,w1proxy,w1tls,w2,w3,w4,w5` (only these), `--big 10000`
-//! (the size of W4 and W5)). The plain measurements
+//! `--no-tls` (skip the TLS measurements), `--workloads w1,w1nogc,w1proxy,w1tls,w2,w3,w4,w5` (only these), `--big
+//! 10000` (the size of W4 and W5)). `w1nogc` is W1 with the workers' group commit off (`FLOWCRAFT_PG_GROUP_COMMIT=false`),
+//! printed as the group-commit gain next to W1. The plain measurements
 //! connect to PostgreSQL with `sslmode=disable` unless the URL sets an `sslmode`.
 //! Service URLs: `FLOWCRAFT_TEST_DATABASE_URL`, `FLOWCRAFT_TEST_REDIS_URL`, `FLOWCRAFT_TEST_AMQP_URL` (defaults:
 //! the local services).
@@ -108,6 +109,8 @@ struct Workload {
     via: Via,
     /// Compare the rate of the first and the last this many node executions (W4, W5: one big run).
     ends: Option<usize>,
+    /// The workers commit records in groups (`FLOWCRAFT_PG_GROUP_COMMIT`, on by default).
+    group_commit: bool,
 }
 
 /// Write the blueprint to `dir` (for the workers) and build its graph (for `start_run`).
@@ -127,6 +130,8 @@ struct Slice {
     name: String,
     prefetch: u16,
     endpoints: Option<Arc<Endpoints>>,
+    /// The workers' `FLOWCRAFT_PG_GROUP_COMMIT`.
+    group_commit: bool,
 }
 
 /// The PostgreSQL URL in clear text (libpq's default `prefer` would encrypt when the server offers TLS), unless
@@ -142,7 +147,7 @@ fn plain_database_url() -> String {
 
 impl Slice {
     fn new(tag: &str, prefetch: u16) -> Self {
-        Self { name: unique(tag), prefetch, endpoints: None }
+        Self { name: unique(tag), prefetch, endpoints: None, group_commit: true }
     }
 
     fn urls(&self) -> (String, String, String) {
@@ -204,6 +209,7 @@ impl Slice {
             ("FLOWCRAFT_RESULTS_TABLE".to_string(), format!("{}_node_results", self.name)),
             ("FLOWCRAFT_REDIS_PREFIX".to_string(), self.name.clone()),
             ("FLOWCRAFT_ADMIN_ADDR".to_string(), format!("127.0.0.1:{admin_port}")),
+            ("FLOWCRAFT_PG_GROUP_COMMIT".to_string(), self.group_commit.to_string()),
         ];
         if let Some(log) = log {
             env.push(("FLOWCRAFT_LOG".to_string(), log.to_string()));
@@ -497,6 +503,7 @@ struct Ctx {
 
 async fn measure(ctx: &Ctx, wl: &Workload, workers: usize) -> Result<Measured, String> {
     let mut slice = Slice::new(wl.tag, ctx.prefetch);
+    slice.group_commit = wl.group_commit;
     slice.endpoints = match wl.via {
         Via::Direct => None,
         Via::Proxies => Some(ctx.proxied.clone().ok_or("no proxies")?),
@@ -866,6 +873,17 @@ async fn main() {
             hops: None,
             via: Via::Direct,
             ends: None,
+            group_commit: true,
+        },
+        Workload {
+            tag: "w1nogc",
+            label: format!("W1 {w1_runs} x 5-node, no group"),
+            graph: w1.clone(),
+            runs: w1_runs,
+            hops: None,
+            via: Via::Direct,
+            ends: None,
+            group_commit: false,
         },
         Workload {
             tag: "w1proxy",
@@ -875,6 +893,7 @@ async fn main() {
             hops: None,
             via: Via::Proxies,
             ends: None,
+            group_commit: true,
         },
         Workload {
             tag: "w1tls",
@@ -884,6 +903,7 @@ async fn main() {
             hops: None,
             via: Via::Tls,
             ends: None,
+            group_commit: true,
         },
         Workload {
             tag: "w2",
@@ -893,6 +913,7 @@ async fn main() {
             hops: None,
             via: Via::Direct,
             ends: None,
+            group_commit: true,
         },
         Workload {
             tag: "w3",
@@ -902,6 +923,7 @@ async fn main() {
             hops: Some(49),
             via: Via::Direct,
             ends: None,
+            group_commit: true,
         },
         Workload {
             tag: "w4",
@@ -911,6 +933,7 @@ async fn main() {
             hops: None,
             via: Via::Direct,
             ends: Some(ends),
+            group_commit: true,
         },
         Workload {
             tag: "w5",
@@ -920,6 +943,7 @@ async fn main() {
             hops: None,
             via: Via::Direct,
             ends: Some(ends),
+            group_commit: true,
         },
     ];
     let with_tls = !flag("--no-tls");
@@ -1044,6 +1068,7 @@ async fn main() {
     let mut w1_rates: Vec<(usize, f64)> = Vec::new();
     let mut w1_tls_rates: Vec<(usize, f64)> = Vec::new();
     let mut w1_proxy_rates: Vec<(usize, f64)> = Vec::new();
+    let mut w1_nogc_rates: Vec<(usize, f64)> = Vec::new();
     for wl in &workloads {
         for &workers in worker_counts.iter().flat_map(|w| std::iter::repeat_n(w, repeat)) {
             match measure(&ctx, wl, workers).await {
@@ -1091,6 +1116,9 @@ async fn main() {
                     if wl.tag == "w1proxy" {
                         w1_proxy_rates.push((workers, rate));
                     }
+                    if wl.tag == "w1nogc" {
+                        w1_nogc_rates.push((workers, rate));
+                    }
                 }
                 Err(e) => println!("{:<26} {workers:>7}  failed: {e}", wl.label),
             }
@@ -1123,6 +1151,12 @@ async fn main() {
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
     for &workers in &worker_counts {
+        if let (Some(on), Some(off)) = (mean(&w1_rates, workers), mean(&w1_nogc_rates, workers)) {
+            println!(
+                "W1 group commit on {workers} worker(s): {on:.0} node exec/s on, {off:.0} off (each record alone): gain {:.2}x",
+                on / off.max(1e-9)
+            );
+        }
         if let (Some(plain), Some(tls)) = (mean(&w1_rates, workers), mean(&w1_tls_rates, workers)) {
             let proxied = mean(&w1_proxy_rates, workers)
                 .map(|p| format!(", {:.0}% of clear text through the same proxies ({p:.0}/s)", 100.0 * tls / p))
@@ -1158,6 +1192,9 @@ async fn main() {
         "  cpu          share of all cores' time during the measured part, from /proc/<pid>/stat and /proc/stat (10 ms ticks: coarse for short runs); 'other' is everything else busy (other processes, kernel threads); irq = irq + softirq (loopback traffic included), steal = taken by the hypervisor."
     );
     println!("  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status.");
+    println!(
+        "  no group     W1 again with the workers' group commit off (FLOWCRAFT_PG_GROUP_COMMIT=false: each record its own round trip and commit); W1 / no group is the gain of group commit."
+    );
     println!(
         "  TLS          W1 again with every connection encrypted and verified: PostgreSQL directly (sslmode=verify-full, the server's certificate), RabbitMQ (amqps://) and Redis (rediss://) through TLS-terminating proxies run by this process, which add a hop and their own CPU on the same cores."
     );

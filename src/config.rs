@@ -68,6 +68,10 @@ pub struct ConnectionArgs {
     /// operator retry forever.
     #[arg(long, env = "FLOWCRAFT_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
     pub connect_timeout: Duration,
+    /// Commit the records of jobs that complete together in one PostgreSQL round trip (group commit, see
+    /// docs/architecture.md); `false` writes each record alone (to compare).
+    #[arg(long, env = "FLOWCRAFT_PG_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub pg_group_commit: bool,
 }
 
 /// A duration flag: seconds (`300`) or a humantime duration (`300s`, `5m`), at least one second.
@@ -100,6 +104,7 @@ impl Default for ConnectionArgs {
             tls_cert_file: None,
             tls_key_file: None,
             connect_timeout: Duration::from_secs(30),
+            pg_group_commit: true,
         }
     }
 }

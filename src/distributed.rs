@@ -60,6 +60,7 @@ impl ConnectionArgs {
             tls: self.tls_settings()?,
             url: Self::require(&self.database_url, "--database-url", "FLOWCRAFT_DATABASE_URL")?.to_string(),
             tables: self.tables(),
+            group_commit: self.pg_group_commit,
             ..PgConfig::default()
         })
     }
@@ -499,6 +500,23 @@ async fn spawn_webhook_server(
 mod tests {
     use super::*;
     use tokio::time::Instant;
+
+    /// `--pg-group-commit false` turns the store's group commit off; it is on by default.
+    #[test]
+    fn group_commit_is_on_unless_switched_off() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            conn: ConnectionArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let args = [&["flowcraft", "--database-url", "postgres://u@h/db"][..], extra].concat();
+            <Cli as clap::Parser>::try_parse_from(args).unwrap().conn.pg_config().unwrap()
+        };
+        assert!(ConnectionArgs::default().pg_group_commit);
+        assert!(parse(&["--pg-group-commit", "true"]).group_commit);
+        assert!(!parse(&["--pg-group-commit", "false"]).group_commit);
+    }
 
     #[tokio::test]
     async fn one_shot_commands_fail_fast_on_permanent_errors_and_give_up_at_the_deadline() {
