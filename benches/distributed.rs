@@ -377,7 +377,7 @@ struct Measured {
     /// CPU use during the measured part.
     cpu: CpuSnapshot,
     /// Node executions/s of the first and of the last `Workload::ends` node executions (by `finished_at`).
-    ends: Option<(f64, f64)>,
+    ends: Option<EndRates>,
 }
 
 /// CPU ticks (`/proc/<pid>/stat` utime + stime) by class of process, and the machine's ticks (`/proc/stat`).
@@ -610,9 +610,21 @@ async fn measure_on(
     })
 }
 
+/// The rates at both ends of one big run.
+#[derive(Clone, Copy)]
+struct EndRates {
+    /// Node executions/s of the first `k` done records.
+    first: f64,
+    /// Node executions/s of the last `k`.
+    last: f64,
+    /// Seconds between the last two records: the last node's job (W5: the join, which reads every
+    /// predecessor's output once), which falls into the last window.
+    last_gap: f64,
+}
+
 /// Node executions/s of the first `k` and of the last `k` done records of the measured runs, by `finished_at`
 /// (the time from the first to the k-th, and from the (n-k+1)-th to the last).
-async fn end_rates(client: &tokio_postgres::Client, results: &str, k: usize) -> Result<(f64, f64), String> {
+async fn end_rates(client: &tokio_postgres::Client, results: &str, k: usize) -> Result<EndRates, String> {
     let rows = client
         .query(
             &format!(
@@ -628,7 +640,8 @@ async fn end_rates(client: &tokio_postgres::Client, results: &str, k: usize) -> 
         return Err(format!("only {} node executions, fewer than twice {k}", times.len()));
     }
     let rate = |window: &[f64]| (window.len() - 1) as f64 / (window[window.len() - 1] - window[0]).max(1e-9);
-    Ok((rate(&times[..k]), rate(&times[times.len() - k..])))
+    let n = times.len();
+    Ok(EndRates { first: rate(&times[..k]), last: rate(&times[n - k..]), last_gap: times[n - 1] - times[n - 2] })
 }
 
 /// Start every run through `client::start_run`, `concurrency` at a time.
@@ -1092,10 +1105,13 @@ async fn main() {
                     );
                     println!("  {}", m.cpu.summary());
                     println!("  {}", m.cpu.per_node(m.nodes));
-                    if let (Some((first, last)), Some(k)) = (m.ends, wl.ends) {
+                    if let (Some(e), Some(k)) = (m.ends, wl.ends) {
                         println!(
-                            "  first {k} nodes {first:.0}/s, last {k} nodes {last:.0}/s, ratio last/first {:.2}",
-                            last / first.max(1e-9)
+                            "  first {k} nodes {:.0}/s, last {k} nodes {:.0}/s, ratio last/first {:.2} (the last node's job: {:.0} ms after the one before)",
+                            e.first,
+                            e.last,
+                            e.last / e.first.max(1e-9),
+                            e.last_gap * 1000.0
                         );
                     }
                     if m.not_completed > 0 {
