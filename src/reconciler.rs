@@ -386,9 +386,14 @@ fn skip_cascade(graph: &Graph, records: &[NodeRecord], state: &mut Arrivals) -> 
     let mut resolved: HashSet<InstanceKey> = records.iter().map(NodeRecord::key).collect();
     let mut skipped: Vec<NodeRecord> = Vec::new();
     let mut pending: VecDeque<NodeRecord> = records.iter().cloned().collect();
+    // Gathers of scatters with items count only their items (`batch::frontier`), not their fallback's skip.
+    let withheld: HashSet<InstanceKey> = records.iter().filter_map(|r| batch::withheld_gather(graph, r)).collect();
     while let Some(rec) = pending.pop_front() {
         for a in loops::arrivals(graph, &rec) {
             let key = InstanceKey::new(a.target, a.instance);
+            if withheld.contains(&key) {
+                continue;
+            }
             if a.next_iteration {
                 state.continued.insert(key);
                 continue;
@@ -564,6 +569,43 @@ mod tests {
         assert_eq!(names(&p.ready), vec!["g"]);
         assert_eq!(p.decided, vec!["g"]);
         assert_eq!(p.resolved, vec!["s"]);
+    }
+
+    #[test]
+    fn a_gather_counts_only_its_items_not_the_skip_of_its_scatters_fallback() {
+        // The fallback inherits the scatter's edge to the gather; when the scatter has items, its skip there
+        // must not join the items' arrivals (the gather would fire one item early).
+        let g = graph(json!({
+            "id": "bf",
+            "nodes": [
+                {"id": "s", "uses": "batch-scatter", "inputs": "items", "config": {"fallback": "fb"},
+                 "params": {"workerUsesKey": "noop", "gatherNodeId": "g"}},
+                {"id": "fb", "uses": "noop"},
+                {"id": "g", "uses": "batch-gather"}
+            ],
+            "edges": [{"source": "s", "target": "g"}]
+        }));
+        let scatter = NodeRecord::done("s", json!({"count": 2}), None, vec!["g".into()], 1);
+        let item = |i: u64, status: NodeStatus| NodeRecord {
+            status,
+            ..NodeRecord::done("s", json!(i), None, vec![], 1).at(format!("#{i}"))
+        };
+        for records in [
+            vec![scatter.clone(), item(0, NodeStatus::Done), item(1, NodeStatus::Pending)],
+            vec![scatter.clone(), NodeRecord::skipped("fb"), item(0, NodeStatus::Done), item(1, NodeStatus::Pending)],
+        ] {
+            let p = plan(&g, &records);
+            assert_eq!(names(&p.ready), vec!["s[#1]"]);
+            assert_eq!(
+                p.joins,
+                vec![JoinState { node_id: "g".into(), arrived: vec!["#0".into()], taken: vec!["#0".into()] }]
+            );
+            assert!(p.decided.is_empty(), "{:?}", p.decided);
+        }
+        // An empty list: the scatter's own arrival and the fallback's skip fire the gather.
+        let empty = NodeRecord::done("s", json!({"count": 0}), None, vec!["g".into()], 1);
+        let p = plan(&g, &[empty, NodeRecord::skipped("fb")]);
+        assert_eq!(names(&p.ready), vec!["g"]);
     }
 
     #[test]

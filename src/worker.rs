@@ -694,8 +694,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let mut skipped = Vec::new();
         let mut seen = HashSet::new();
         let mut queue = VecDeque::from([record.clone()]);
+        // A scatter with items: its gather counts only the items, so the skip its fallback sends there is dropped.
+        let withheld = batch::withheld_gather(graph, record);
         while let Some(rec) = queue.pop_front() {
             for arrival in loops::arrivals(graph, &rec) {
+                if withheld.as_ref().is_some_and(|g| g.node_id == arrival.target && g.instance == arrival.instance) {
+                    continue;
+                }
                 let (expected, strategy) = (graph.source_count(&arrival.target), graph.join(&arrival.target));
                 let decision = if arrival.next_iteration {
                     JoinDecision::Fire
@@ -831,7 +836,8 @@ impl Executed {
     }
 }
 
-/// Step 5: compute the input, run the attempts (timeout, retries with backoff, panics caught), route.
+/// Step 5: compute the input, run the attempts (timeout, retries with backoff, panics caught), route. A batch
+/// item whose worker still fails runs its scatter's fallback chain (`item_fallback`).
 async fn execute(
     graph: &Graph,
     registry: &Registry,
@@ -848,44 +854,113 @@ async fn execute(
         Ok(runs) => runs,
         Err(error) => return Executed::failed(graph, job, 0, &error),
     };
-    let Some(implementation) = registry.get(&uses) else {
-        let error = format!("no implementation is registered for uses '{uses}' (node '{node_id}')");
-        return Executed::failed(graph, job, 0, &error);
-    };
     let policy = graph.policy(node_id).cloned().unwrap_or_default();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        // A fresh handle per attempt: a timed-out attempt that still writes cannot leak into the next one.
-        let context = ContextHandle::shared(view.context.clone());
-        let ctx = NodeCtx {
-            run_id: job.run_id.clone(),
-            blueprint_id: job.blueprint_id.clone(),
-            node_id: node_id.to_string(),
-            input: input.clone(),
-            params: params.clone(),
-            attempt,
-            context: context.clone(),
-            cancel: CancellationToken::new(),
-        };
-        metrics.executions.inc();
-        #[cfg(any(debug_assertions, feature = "failpoints"))]
-        failpoint_at("execute", node_id);
-        let span = telemetry::attempt_span(&job.run_id, node_id, attempt);
-        let ran = run_attempt(implementation.clone(), ctx, policy.timeout).instrument(span.clone()).await;
-        telemetry::record_outcome(&span, if ran.is_ok() { "done" } else { "failed" });
-        let error = match ran {
-            Ok(out) => return routed(graph, job, &input, out, &context, attempt, registry.limits()),
-            Err(error) => error,
-        };
-        let more = error.retryable && attempt < policy.attempts;
-        warn!(run_id = %job.run_id, node = %node_id, attempt, retry = more, error = %clean(&error.to_string()), "Node attempt failed.");
-        if !more {
-            return Executed::failed(graph, job, attempt, &error.message);
+    let runs = Runs { uses: &uses, params, input, policy };
+    let exec = Execution { registry, metrics, job, view };
+    match exec.attempts(&runs).await {
+        Ok((out, context, attempt)) => routed(graph, job, &runs.input, out, &context, attempt, registry.limits()),
+        Err(failure) if instance::split_item(&job.instance).1.is_some() => {
+            item_fallback(graph, &exec, &runs.input, failure).await
         }
-        metrics.retries.inc();
-        tokio::time::sleep(policy.delay(attempt)).await;
+        Err(failure) => Executed::failed(graph, job, failure.attempts, &failure.message),
     }
+}
+
+/// What one execution runs: an implementation with its params and input, under a retry policy.
+struct Runs<'a> {
+    uses: &'a str,
+    params: Value,
+    input: Value,
+    policy: crate::flow::RetryPolicy,
+}
+
+/// Why an execution failed: the last error and the attempts it made.
+struct Failure {
+    message: String,
+    attempts: u32,
+}
+
+/// What every attempt of a job shares.
+struct Execution<'a> {
+    registry: &'a Registry,
+    metrics: &'a WorkerMetrics,
+    job: &'a Job,
+    view: &'a JobView,
+}
+
+impl Execution<'_> {
+    /// Run up to the policy's attempts of `runs` (each on its own task: timeout, panics caught; retryable errors
+    /// wait the policy's delay): the first success with its context handle and attempt number, else the last
+    /// error.
+    async fn attempts(&self, runs: &Runs<'_>) -> Result<(NodeOutput, ContextHandle, u32), Failure> {
+        let (job, node_id) = (self.job, self.job.node_id.as_str());
+        let Some(implementation) = self.registry.get(runs.uses) else {
+            let message = format!("no implementation is registered for uses '{}' (node '{node_id}')", runs.uses);
+            return Err(Failure { message, attempts: 0 });
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A fresh handle per attempt: a timed-out attempt that still writes cannot leak into the next one.
+            let context = ContextHandle::shared(self.view.context.clone());
+            let ctx = NodeCtx {
+                run_id: job.run_id.clone(),
+                blueprint_id: job.blueprint_id.clone(),
+                node_id: node_id.to_string(),
+                input: runs.input.clone(),
+                params: runs.params.clone(),
+                attempt,
+                context: context.clone(),
+                cancel: CancellationToken::new(),
+            };
+            self.metrics.executions.inc();
+            #[cfg(any(debug_assertions, feature = "failpoints"))]
+            failpoint_at("execute", node_id);
+            let span = telemetry::attempt_span(&job.run_id, node_id, attempt);
+            let ran = run_attempt(implementation.clone(), ctx, runs.policy.timeout).instrument(span.clone()).await;
+            telemetry::record_outcome(&span, if ran.is_ok() { "done" } else { "failed" });
+            let error = match ran {
+                Ok(out) => return Ok((out, context, attempt)),
+                Err(error) => error,
+            };
+            let more = error.retryable && attempt < runs.policy.attempts;
+            warn!(run_id = %job.run_id, node = %node_id, instance = %job.instance, uses = %runs.uses, attempt, retry = more, error = %clean(&error.to_string()), "Node attempt failed.");
+            if !more {
+                return Err(Failure { message: error.message, attempts: attempt });
+            }
+            self.metrics.retries.inc();
+            tokio::time::sleep(runs.policy.delay(attempt)).await;
+        }
+    }
+}
+
+/// A batch item whose worker failed after its retries (docs/architecture.md, "Batches"): its scatter's
+/// `config.fallback` runs for it, as the item's own instance — that node's implementation, params and retry
+/// policy, on the item's input — and then that node's fallback, and so on; the first success is the item's
+/// result (gathered at its index). Attempts add up over the chain. When the chain fails too, the item fails.
+async fn item_fallback(graph: &Graph, exec: &Execution<'_>, input: &Value, failure: Failure) -> Executed {
+    let job = exec.job;
+    let Failure { mut message, attempts: mut made } = failure;
+    let mut current = job.node_id.as_str();
+    // Validation rejects fallback cycles; the bound only keeps a bug from looping.
+    for _ in 0..graph.node_count() {
+        let Some(fallback) = graph.fallback(current).and_then(|f| graph.node(f)) else { break };
+        warn!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, fallback = %fallback.id, error = %clean(&message), "Batch item failed; its fallback runs for it.");
+        let policy = graph.policy(&fallback.id).cloned().unwrap_or_default();
+        let runs = Runs { uses: &fallback.uses, params: fallback.params.clone(), input: input.clone(), policy };
+        match exec.attempts(&runs).await {
+            Ok((out, context, n)) => {
+                let limits = exec.registry.limits();
+                return routed(graph, job, input, out, &context, made.saturating_add(n), limits);
+            }
+            Err(failed) => {
+                made = made.saturating_add(failed.attempts);
+                message = format!("{message}; its fallback '{}' failed too: {}", fallback.id, failed.message);
+            }
+        }
+        current = fallback.id.as_str();
+    }
+    Executed::failed(graph, job, made, &message)
 }
 
 /// At most this many characters of a job's body go into a log line.

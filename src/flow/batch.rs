@@ -8,6 +8,7 @@
 
 use serde_json::{Value, json};
 
+use super::InstanceKey;
 use super::graph::Graph;
 use super::instance;
 use super::record::{NodeRecord, NodeStatus};
@@ -119,12 +120,20 @@ pub fn count(record: &NodeRecord) -> Option<u64> {
 /// its gather only through them (an empty list gathers at once; a skipped or failed scatter sends its arrival
 /// as any node does).
 pub fn withholds(graph: &Graph, record: &NodeRecord, target: &str) -> bool {
-    let Some(params) =
-        graph.node(&record.node_id).filter(|d| d.uses == SCATTER).and_then(|d| ScatterParams::read(&d.params))
-    else {
-        return false;
-    };
-    params.gather == target && count(record).is_some_and(|n| n > 0)
+    withheld_gather(graph, record).is_some_and(|g| g.node_id == target)
+}
+
+/// The gather instance a done scatter with items fires only through its items (see [`withholds`]). Its join
+/// counts the items alone: any other arrival there — the skip of the scatter's fallback, which inherits the
+/// scatter's edge to the gather — is dropped by the cascade that starts from this record (worker and
+/// reconciler alike), else the gather would fire one item early.
+pub fn withheld_gather(graph: &Graph, record: &NodeRecord) -> Option<InstanceKey> {
+    if instance::split_item(&record.instance).1.is_some() {
+        return None;
+    }
+    let params =
+        graph.node(&record.node_id).filter(|d| d.uses == SCATTER).and_then(|d| ScatterParams::read(&d.params))?;
+    count(record).is_some_and(|n| n > 0).then(|| InstanceKey::new(params.gather, &record.instance))
 }
 
 /// The scatter of a gather node: its predecessor whose `gatherNodeId` names it.
@@ -162,11 +171,11 @@ pub fn gathered(mut items: Vec<NodeRecord>) -> Value {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Frontier {
     /// Item and gather instances to publish.
-    pub ready: Vec<super::InstanceKey>,
+    pub ready: Vec<InstanceKey>,
     /// Per gather instance with resolved items: its key and the items that arrived.
-    pub arrivals: Vec<(super::InstanceKey, Vec<String>)>,
+    pub arrivals: Vec<(InstanceKey, Vec<String>)>,
     /// Gather instances whose join has fired (every item resolved).
-    pub decided: Vec<super::InstanceKey>,
+    pub decided: Vec<InstanceKey>,
 }
 
 /// The batch frontier of a run from its records (pure, linear in the records).
@@ -190,9 +199,9 @@ pub fn frontier(graph: &Graph, records: &[NodeRecord]) -> Frontier {
         let (pending, held): (Vec<_>, Vec<_>) = open.into_iter().partition(|(_, r)| r.status == NodeStatus::Pending);
         let wave = usize::try_from(params.first_wave(n)).unwrap_or(usize::MAX).saturating_sub(held.len());
         for (i, _) in pending.iter().take(wave) {
-            out.ready.push(super::InstanceKey::new(&scatter.node_id, instance::item(&scatter.instance, *i)));
+            out.ready.push(InstanceKey::new(&scatter.node_id, instance::item(&scatter.instance, *i)));
         }
-        let gather = super::InstanceKey::new(&params.gather, &scatter.instance);
+        let gather = InstanceKey::new(&params.gather, &scatter.instance);
         if !done.is_empty() {
             out.arrivals.push((gather.clone(), done.iter().map(|(i, _)| format!("#{i}")).collect()));
         }

@@ -1003,8 +1003,31 @@ fn check_batches(
                 ),
             ));
         }
+        problems.extend(waiting_item_fallback(nodes, n));
     }
     if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
+/// A failed batch item runs its scatter's fallback chain (docs/architecture.md, "Batches"): like the worker, a
+/// node of that chain may wait only with `wait`.
+fn waiting_item_fallback(nodes: &[GNode], scatter: &GNode) -> Option<Problem> {
+    let mut current = scatter.fallback;
+    // Fallback cycles are rejected before; the bound only keeps this loop finite.
+    for _ in 0..nodes.len() {
+        let f = &nodes[current?];
+        if f.def.uses != "wait" && crate::flow::builtin::WAITING_KINDS.contains(&f.def.uses.as_str()) {
+            return Some(Problem::new(
+                "bad-batch",
+                format!(
+                    "batch-scatter '{}': its fallback '{}' runs for failed items and uses the waiting node '{}'; \
+                     batch items can only wait with `wait`",
+                    scatter.def.id, f.def.id, f.def.uses
+                ),
+            ));
+        }
+        current = f.fallback;
+    }
+    None
 }
 
 /// A loop controller's `params.maxIterations` (default [`loops::DEFAULT_MAX_ITERATIONS`]).
@@ -1149,6 +1172,30 @@ mod tests {
         let p = problems(batch("sleep"));
         assert!(
             p.iter().any(|p| p.code == "bad-batch" && p.to_string().contains("'sleep' is a waiting node")),
+            "{p:?}"
+        );
+        graph(batch("delay"));
+        graph(batch("wait"));
+    }
+
+    #[test]
+    fn a_scatters_fallback_chain_may_wait_only_with_wait() {
+        let batch = |fallback_uses: &str| {
+            json!({
+                "id": "b",
+                "nodes": [
+                    {"id": "sc", "uses": "batch-scatter", "config": {"fallback": "fb"},
+                     "params": {"workerUsesKey": "transform", "gatherNodeId": "ga", "workerParams": {"expr": "1"}}},
+                    {"id": "fb", "uses": "transform", "params": {"expr": "0"}, "config": {"fallback": "last"}},
+                    {"id": "last", "uses": fallback_uses, "params": {"duration": 1}},
+                    {"id": "ga", "uses": "batch-gather"}
+                ],
+                "edges": [{"source": "sc", "target": "ga"}]
+            })
+        };
+        let p = problems(batch("sleep"));
+        assert!(
+            p.iter().any(|p| p.code == "bad-batch" && p.to_string().contains("fallback 'last' runs for failed items")),
             "{p:?}"
         );
         graph(batch("delay"));
