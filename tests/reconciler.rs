@@ -74,6 +74,15 @@ impl Fixture {
 
     /// A worker in this process.
     async fn worker(&self, concurrency: usize) -> (Arc<WorkerMetrics>, CancellationToken, tokio::task::JoinHandle<()>) {
+        self.worker_until(concurrency, CancellationToken::new()).await
+    }
+
+    /// A worker in this process that stops when `stop` fires.
+    async fn worker_until(
+        &self,
+        concurrency: usize,
+        stop: CancellationToken,
+    ) -> (Arc<WorkerMetrics>, CancellationToken, tokio::task::JoinHandle<()>) {
         let queue = self.cluster.queue().await;
         queue.start_consuming().await.unwrap();
         let metrics = Arc::new(WorkerMetrics::default());
@@ -87,7 +96,6 @@ impl Fixture {
             config,
             metrics.clone(),
         ));
-        let stop = CancellationToken::new();
         let task = tokio::spawn(worker.run(stop.clone()));
         (metrics, stop, task)
     }
@@ -479,5 +487,87 @@ async fn a_lost_subflow_resume_is_healed_once() {
     // Healed once: the resumed node is no longer waiting for its child.
     let stats = f.reconcile(100).await;
     assert_eq!(stats, ReconcileStats::default());
+    f.cluster.cleanup().await;
+}
+
+/// A 200-item batch (chunks of 20) whose queue is purged mid-way: the worker stops after 100 item executions, the
+/// item jobs in the queue are lost, the reconciler re-drives the batch, a new worker finishes it. Item 3 is held
+/// until the stop, so items resolve out of order: its slot is behind the others (the reconciler must re-drive
+/// each chunk slot's next item, not the first 20 pending ones, or some slots are never re-driven and the run
+/// stalls). Every item runs and is recorded once, the gather fires once, the run completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_queue_was_purged_is_re_driven_slot_by_slot() {
+    const ITEMS: i64 = 200;
+    const CHUNK: u32 = 20;
+    const STOP_AT: u64 = 100;
+    let stop_first = CancellationToken::new();
+    let executions: Arc<std::sync::Mutex<std::collections::HashMap<i64, u64>>> = Arc::default();
+    let gathers = Arc::new(AtomicU64::new(0));
+    let mut registry = Registry::with_builtins();
+    let (stop, runs) = (stop_first.clone(), executions.clone());
+    registry.register_fn("item", move |ctx| {
+        let i = ctx.input.as_i64().unwrap_or(-1);
+        let total = {
+            let mut runs = runs.lock().unwrap();
+            *runs.entry(i).or_default() += 1;
+            runs.values().sum::<u64>()
+        };
+        if total == STOP_AT {
+            stop.cancel();
+        }
+        let stop = stop.clone();
+        async move {
+            if i == 3 {
+                // Held until the first worker stops: item 3's slot falls behind the others.
+                stop.cancelled().await;
+            }
+            Ok(NodeOutput::new(Value::from(i * 2)))
+        }
+    });
+    let counter = gathers.clone();
+    registry.register_fn("count", move |_ctx| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Ok(NodeOutput::new(Value::from("counted"))) }
+    });
+    let bp = json!({
+        "id": "purged_batch",
+        "nodes": [
+            {"id": "gen", "uses": "transform", "params": {"expr": format!("lists.range({ITEMS})")}},
+            {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
+             "params": {"workerUsesKey": "item", "outputKey": "out", "gatherNodeId": "ga", "chunkSize": CHUNK}},
+            {"id": "ga", "uses": "batch-gather", "params": {"outputKey": "out", "gatherNodeId": "ga"}},
+            {"id": "after", "uses": "count"}
+        ],
+        "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}, {"source": "ga", "target": "after"}]
+    });
+    let f = Fixture::new("purgebatch", vec![bp], registry).await;
+    let id = format!("{}-run", f.cluster.name);
+    let (_m, _stop, first) = f.worker_until(8, stop_first.clone()).await;
+    client::start_run(&*f.queue, &*f.store, &f.graph("purged_batch"), &id, json!({})).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), first).await.expect("the first worker stops at item 100").unwrap();
+    let pending = |recs: &[NodeRecord]| recs.iter().filter(|r| r.status == NodeStatus::Pending).count();
+    let before = f.store.records(&id).await.unwrap();
+    assert!(pending(&before) > 0, "the batch is mid-way");
+    assert!(f.queue.purge().await.unwrap() > 0, "item jobs were lost");
+    f.age(std::slice::from_ref(&id)).await;
+    assert_eq!(f.reconcile(100).await, ReconcileStats { stalled_runs: 1, reconciled_runs: 1, failed_runs: 0 });
+    let republished = f.queue.queue_depth().await.unwrap();
+    assert!(republished > 0 && republished <= CHUNK, "at most one item per chunk slot: {republished}");
+    let (_m, stop, task) = f.worker(8).await;
+    f.wait_terminal(std::slice::from_ref(&id)).await;
+    let result = client::run_result(&*f.store, &id, None).await.unwrap().unwrap();
+    assert_eq!(result.status, RunStatus::Completed, "{:?}", result.error);
+    let expected: Vec<i64> = (0..ITEMS).map(|i| i * 2).collect();
+    assert_eq!(result.outputs.get("ga"), Some(&json!(expected)), "every item gathered in order");
+    let recs = f.store.records(&id).await.unwrap();
+    let items = recs.iter().filter(|r| r.node_id == "sc" && r.instance.starts_with('#'));
+    assert_eq!(items.filter(|r| r.status == NodeStatus::Done).count(), ITEMS as usize, "every item recorded done");
+    assert_eq!(f.count_records(&id).await, (ITEMS + 4, 4), "one record per item, scatter, gen, gather and after");
+    let runs = executions.lock().unwrap().clone();
+    assert_eq!(runs.len(), ITEMS as usize);
+    assert!(runs.values().all(|&n| n == 1), "every item executed once: {runs:?}");
+    assert_eq!(gathers.load(Ordering::SeqCst), 1, "the gather fired once");
+    stop.cancel();
+    task.await.unwrap();
     f.cluster.cleanup().await;
 }

@@ -165,8 +165,8 @@ pub fn gathered(mut items: Vec<NodeRecord>) -> Value {
     Value::Array(items.into_iter().map(|r| if r.status == NodeStatus::Done { r.output } else { Value::Null }).collect())
 }
 
-/// What the reconciler re-drives of a run's batches: pending items (the first `chunkSize` pending of each
-/// batch, by index), complete batches whose gather is not recorded, and each gather's arrival set (the items
+/// What the reconciler re-drives of a run's batches: pending items (per chunk slot, the next item of the slot —
+/// see [`slot_heads`]), complete batches whose gather is not recorded, and each gather's arrival set (the items
 /// resolved, as `#<index>`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Frontier {
@@ -194,16 +194,13 @@ pub fn frontier(graph: &Graph, records: &[NodeRecord]) -> Frontier {
         let Some(params) = graph.node(&scatter.node_id).and_then(|d| ScatterParams::read(&d.params)) else { continue };
         let mut mine = items.remove(&(scatter.node_id.as_str(), scatter.instance.as_str())).unwrap_or_default();
         mine.sort_by_key(|(i, _)| *i);
-        let (done, open): (Vec<_>, Vec<_>) = mine.iter().partition(|(_, r)| r.is_terminal());
-        // A waiting (or resumed) item is not ready here, and holds its place in the chunk until it resolves.
-        let (pending, held): (Vec<_>, Vec<_>) = open.into_iter().partition(|(_, r)| r.status == NodeStatus::Pending);
-        let wave = usize::try_from(params.first_wave(n)).unwrap_or(usize::MAX).saturating_sub(held.len());
-        for (i, _) in pending.iter().take(wave) {
-            out.ready.push(InstanceKey::new(&scatter.node_id, instance::item(&scatter.instance, *i)));
+        for i in slot_heads(params.first_wave(n), &mine) {
+            out.ready.push(InstanceKey::new(&scatter.node_id, instance::item(&scatter.instance, i)));
         }
+        let done: Vec<u64> = mine.iter().filter(|(_, r)| r.is_terminal()).map(|(i, _)| *i).collect();
         let gather = InstanceKey::new(&params.gather, &scatter.instance);
         if !done.is_empty() {
-            out.arrivals.push((gather.clone(), done.iter().map(|(i, _)| format!("#{i}")).collect()));
+            out.arrivals.push((gather.clone(), done.iter().map(|i| format!("#{i}")).collect()));
         }
         if done.len() as u64 >= n {
             if !recorded.contains(&(gather.node_id.as_str(), gather.instance.as_str())) {
@@ -213,6 +210,24 @@ pub fn frontier(graph: &Graph, records: &[NodeRecord]) -> Frontier {
         }
     }
     out
+}
+
+/// The pending items to re-drive, in index order. Items run in `wave` chains (slots): the scatter starts items
+/// `0..wave`, and item `i` starts item `i + wave` when it resolves, so slot `i mod wave` has one item in flight
+/// at a time. A slot's next item is its lowest unresolved one: ready when `pending`; a waiting or resumed item
+/// holds its slot. Re-driving "the first `wave` pending items" instead would, once items resolved out of order
+/// and their successors' jobs were lost, publish some slot twice and never the slot of a resolved item whose
+/// successor was lost (the batch would stall). `items` are sorted by index.
+pub fn slot_heads(wave: u64, items: &[(u64, &NodeRecord)]) -> Vec<u64> {
+    use std::collections::BTreeMap;
+    let mut heads: BTreeMap<u64, (u64, NodeStatus)> = BTreeMap::new();
+    for (i, r) in items.iter().filter(|(_, r)| !r.is_terminal()) {
+        heads.entry(i.checked_rem(wave).unwrap_or(*i)).or_insert((*i, r.status));
+    }
+    let mut ready: Vec<u64> =
+        heads.into_values().filter(|(_, status)| *status == NodeStatus::Pending).map(|(i, _)| i).collect();
+    ready.sort_unstable();
+    ready
 }
 
 /// Whether a failed record fails its run: a batch item unless its batch continues on failure; any other node
@@ -250,6 +265,27 @@ mod tests {
         assert_eq!(items("s", &json!([1, 2]), 2).unwrap().len(), 2);
         assert!(items("s", &json!([1, 2, 3]), 2).unwrap_err().contains("limit of 2"));
         assert!(items("s", &json!({"a": 1}), 2).unwrap_err().contains("must be a list, not an object"));
+    }
+
+    #[test]
+    fn each_chunk_slot_re_drives_its_lowest_unresolved_item() {
+        let rec = |i: u64, status: NodeStatus| NodeRecord {
+            status,
+            ..NodeRecord::done("s", json!(i), None, vec![], 1).at(instance::item("", i))
+        };
+        use NodeStatus::{Done, Pending, Waiting};
+        // Chunk 3 over 9 items; items resolved out of order: 0, 1, 2, 4 done, so slot 0 runs 3, slot 1 runs 7
+        // (4's successor, its job lost), slot 2 runs 5. Not "the first 3 pending" (3, 5, 6: slot 0 twice).
+        let statuses = [Done, Done, Done, Pending, Done, Pending, Pending, Pending, Pending];
+        let records: Vec<NodeRecord> = statuses.iter().enumerate().map(|(i, s)| rec(i as u64, *s)).collect();
+        let items: Vec<(u64, &NodeRecord)> = records.iter().enumerate().map(|(i, r)| (i as u64, r)).collect();
+        assert_eq!(slot_heads(3, &items), vec![3, 5, 7]);
+        // A waiting item holds its slot.
+        let records = [rec(0, Waiting), rec(1, Done), rec(2, Pending), rec(3, Pending), rec(4, Pending)];
+        let items: Vec<(u64, &NodeRecord)> = records.iter().enumerate().map(|(i, r)| (i as u64, r)).collect();
+        assert_eq!(slot_heads(2, &items), vec![3]);
+        // Without a chunk every pending item is its own slot.
+        assert_eq!(slot_heads(5, &items), vec![2, 3, 4]);
     }
 
     #[test]
