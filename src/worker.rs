@@ -275,7 +275,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             Some(record) if record.status == NodeStatus::Waiting => {
                 // A redelivery (the first delivery may have died between its record and the awaiting check):
                 // arm and check again, so the run does not stay `running` until the reconciler finds it.
-                self.began_waiting(&graph, &job, &record).await.map_err(store_err)?;
+                self.began_waiting(&graph, &job, &record, batch_count).await.map_err(store_err)?;
                 return Ok(Settle::Ack("waiting"));
             }
             Some(record) if record.status == NodeStatus::Resumed => {
@@ -294,17 +294,20 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-record");
         if record.status == NodeStatus::Waiting {
-            self.began_waiting(&graph, &job, &record).await.map_err(store_err)?;
+            self.began_waiting(&graph, &job, &record, batch_count).await.map_err(store_err)?;
             return Ok(Settle::Ack(outcome));
         }
         // 6–7. Send the arrivals, fire joins, publish, finish the run.
         let quiet = match batch_count {
-            // Only a resumed item can leave its run waiting again (its siblings wait): checking after every item
-            // would replay the run once per item.
+            // A resumed item checks (its siblings may still wait); another only when it is the last of its batch
+            // to settle (`item_settled_last`): checking after every item would replay the run once per item.
             Some(count) => {
                 let item = self.propagate_item(&graph, &job, &record, count, is_child);
                 let fired_nothing = item.await.map_err(store_err)?;
-                fired_nothing && outcome == "resumed"
+                let check = fired_nothing && (outcome == "resumed" || graph.may_wait());
+                check
+                    && (outcome == "resumed"
+                        || self.item_settled_last(&graph, &job, count, false).await.map_err(store_err)?)
             }
             None => self.propagate(&graph, &job, &record, is_child).await.map_err(store_err)?,
         };
@@ -1637,6 +1640,40 @@ mod tests {
         let error = ghost.error.unwrap();
         assert!(error.contains("unknown blueprint 'ghost'") && error.contains("child, parent"), "{error}");
         assert_eq!(store.list_runs(&RunFilter::default()).await.unwrap().len(), 1, "no child run");
+    }
+
+    /// N items waiting (`wait` as the worker of a batch without chunks) replay the run once, not once per item:
+    /// only the last item to settle checks whether the run can only wait (O(N) in all, not O(N²)).
+    #[tokio::test]
+    async fn waiting_batch_items_replay_the_run_once_not_once_per_item() {
+        const N: u64 = 20;
+        let f = Fixture::of(
+            json!({
+                "id": "bp",
+                "metadata": {"version": "2"},
+                "nodes": [
+                    {"id": "gen", "uses": "transform", "params": {"expr": format!("lists.range({N})")}},
+                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
+                     "params": {"workerUsesKey": "wait", "gatherNodeId": "ga"}},
+                    {"id": "ga", "uses": "batch-gather"}
+                ],
+                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
+            }),
+            "2",
+        )
+        .await;
+        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
+        f.faults.statements.lock().unwrap().clear();
+        for i in 0..N {
+            let item = job("sc").at(instance::item("", i));
+            assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"), "item {i}");
+            let status = f.status().await;
+            assert_eq!(status == RunStatus::Awaiting, i == N - 1, "item {i}: {status:?}");
+        }
+        let statements = f.faults.statements.lock().unwrap().clone();
+        let replays = statements.iter().filter(|s| **s == "records").count();
+        assert_eq!(replays, 1, "one replay of the run for {N} waiting items: {statements:?}");
     }
 
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on

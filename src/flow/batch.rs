@@ -59,6 +59,19 @@ impl ScatterParams {
     }
 }
 
+/// Whether every item of a batch of `count` starts at once (no `chunkSize`, or one as large as the batch).
+pub fn starts_all_at_once(params: &ScatterParams, count: u64) -> bool {
+    params.first_wave(count) >= count
+}
+
+/// The coordinator key of the join at which the items of the batch scattered by `scatter` at `scope` arrive when
+/// they settle (begin waiting, or resolve): the item that completes it is the last to settle, and checks
+/// whether its run can only wait. Not a node instance (`#settled` is no item index), so it shares no key with
+/// one; it expires with the run's other instance keys.
+pub fn settled_key(scatter: &str, scope: &str) -> String {
+    instance::scoped(scatter, &format!("{scope}#settled")).into_owned()
+}
+
 /// The problems of a `batch-scatter` node's params (the worker implementation is checked by the graph).
 pub fn check_scatter_params(params: &Value) -> Vec<String> {
     let mut problems = Vec::new();

@@ -7,9 +7,14 @@ use tracing::{debug, info};
 
 use super::{Executed, Worker, routed, what_runs};
 use crate::flow::builtin::subflow;
-use crate::flow::{ContextHandle, Graph, Limits, NodeOutput, NodeRecord, NodeStatus, Wait, WaitReason, WaitRequest};
+use crate::flow::{
+    ContextHandle, Graph, JoinStrategy, Limits, NodeOutput, NodeRecord, NodeStatus, Wait, WaitReason, WaitRequest,
+    batch, instance,
+};
 use crate::reconciler::plan;
-use crate::store::{Coordinator, Job, JobQueue, JobView, RecordTally, RunStore, StoreError, Transition};
+use crate::store::{
+    Coordinator, Job, JobQueue, JobView, JoinArrival, JoinDecision, RecordTally, RunStore, StoreError, Transition,
+};
 
 /// The wait a node of `job` asked for, as recorded at `now` (its timer becomes a due time; a `subflow` node gets
 /// the id of its child run, derived from the job's run, node and instance).
@@ -66,14 +71,59 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
 
     /// A job ended with its node waiting: wake the timer service for a new timer, and check whether the run can
     /// only wait now.
-    pub(super) async fn began_waiting(&self, graph: &Graph, job: &Job, record: &NodeRecord) -> Result<(), StoreError> {
+    /// `batch_count`: for a batch item, its batch's item count.
+    pub(super) async fn began_waiting(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        record: &NodeRecord,
+        batch_count: Option<u64>,
+    ) -> Result<(), StoreError> {
         let wait = record.wait.as_ref();
-        info!(run_id = %job.run_id, node = %job.node_id, reason = wait.map(|w| w.reason.as_str()), wake_at = ?wait.and_then(|w| w.wake_at), "Node waiting.");
+        info!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, reason = wait.map(|w| w.reason.as_str()), wake_at = ?wait.and_then(|w| w.wake_at), "Node waiting.");
         if wait.is_some_and(|w| w.wake_at.is_some()) {
             self.timer_wake.notify_one();
         }
         self.start_child(job, record).await?;
+        if let Some(count) = batch_count
+            && !self.item_settled_last(graph, job, count, true).await?
+        {
+            debug!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, "Other items of the batch still run; the last to settle checks.");
+            return Ok(());
+        }
         self.maybe_await(graph, &job.run_id).await
+    }
+
+    /// Whether the job of a batch item that settled (`waiting`: it began waiting; else it resolved) checks if its
+    /// run can only wait now (docs/architecture.md, "Batches"). The items of a batch without chunks all start at
+    /// once: only the last of them to settle checks — each arrives, once per item, at a fire-once join over the
+    /// item count keyed per batch ([`batch::settled_key`]), and the arrival that completes it checks — else N
+    /// waiting items would replay the run N times (O(N²)). In a chunked batch a waiting item checks (at most
+    /// `chunkSize` wait before a resume) and a resolved one does not (the next item of its slot runs).
+    pub(super) async fn item_settled_last(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        count: u64,
+        waiting: bool,
+    ) -> Result<bool, StoreError> {
+        let params = graph.node(&job.node_id).and_then(|d| batch::ScatterParams::read(&d.params));
+        let (scope, index) = instance::split_item(&job.instance);
+        let (Some(params), Some(index)) = (params, index) else { return Ok(waiting) };
+        if !batch::starts_all_at_once(&params, count) {
+            return Ok(waiting);
+        }
+        let key = batch::settled_key(&job.node_id, scope);
+        let source = format!("#{index}");
+        let arrival = JoinArrival {
+            run_id: &job.run_id,
+            node_id: &key,
+            source: &source,
+            taken: true,
+            expected: usize::try_from(count).unwrap_or(usize::MAX),
+            strategy: JoinStrategy::All,
+        };
+        Ok(self.coord.arrive(&arrival).await? == JoinDecision::Fire)
     }
 
     /// Start the child run a waiting `subflow` record waits for (a no-op for other records; idempotent).
