@@ -1206,6 +1206,121 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
     env.cleanup().await;
 }
 
+/// One mirror-only reconcile of an already started FlowRun (pool and Secret read, no ConfigMap): the status
+/// patch it sends, answered as the API server does (the applied status replaces the field manager's), and the
+/// FlowRun as the next watch event gives it. Without `patch` the mocked API server fails the test on a patch
+/// (nothing changed since the last one).
+async fn serve_mirror(env: &Env, run: &FlowRun, patch: bool, event: Option<&'static str>) -> (Option<Value>, FlowRun) {
+    let (ctx, server) = env.context();
+    let (p, r) = (env.pool(), run.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run_scenario(
+        ctx,
+        server,
+        move |mut server| async move {
+            server.expect(Method::GET, POOL_PATH).await.reply(200, &serde_json::to_value(&p).unwrap());
+            server.expect(Method::GET, SECRET_PATH).await.reply(200, &secret(&["amqpUrl", "databaseUrl", "redisUrl"]));
+            if let Some(reason) = event {
+                server.expect_event("Normal", reason, &r.metadata.name.clone().unwrap()).await;
+            }
+            if patch {
+                let call = server.expect(Method::PATCH, &format!("{}/status", flowrun_path("order-44"))).await;
+                call.assert_ssa();
+                let stored = with_status(&r, &call.body["status"]);
+                call.reply(200, &stored);
+                tx.send(Some(stored)).unwrap();
+            } else {
+                tx.send(None).unwrap();
+            }
+            server
+        },
+        async |ctx| flowrun::reconcile(Arc::new(run.clone()), ctx).await,
+    )
+    .await
+    .unwrap();
+    match rx.await.unwrap() {
+        Some(stored) => (Some(stored["status"].clone()), serde_json::from_value(stored).unwrap()),
+        None => (None, run.clone()),
+    }
+}
+
+/// A run with a batch: `status.nodes.instances` counts the items by state and `progress` reads `resolved/total
+/// (resolved/recorded instances)`; the status is patched again only when a count changed.
+#[tokio::test]
+async fn flowrun_progress_counts_batch_instances() {
+    let env = Env::new();
+    let uid = uuid::Uuid::new_v4().to_string();
+    let run_id = format!("fr-{uid}");
+    // Started earlier (its status names the run and its two nodes): a reconcile only mirrors it.
+    let mut run = flowrun("order-44", &uid);
+    run.status = Some(
+        serde_json::from_value(json!({"phase": "Running", "runId": run_id, "progress": "0/2",
+                                      "nodes": {"total": 2, "pending": 2}}))
+        .unwrap(),
+    );
+    let store = env.store().await;
+    let new_run = flowcraft::store::NewRun {
+        run_id: run_id.clone(),
+        blueprint_id: "order".into(),
+        blueprint_version: Some("1".into()),
+        input: json!({"items": [1, 2, 3, 4]}),
+        parent: None,
+    };
+    assert!(store.create_run(&new_run).await.unwrap());
+    // The scatter recorded four pending items; item 0 is done, 1 failed, 2 waits, 3 is still pending.
+    let scatter = NodeRecord::done("sc", json!({"count": 4}), None, vec!["ga".into()], 1);
+    let items = [json!(1), json!(2), json!(3), json!(4)];
+    store.record_with_items(&run_id, &scatter, &Default::default(), &items).await.unwrap();
+    let wait = Wait { reason: WaitReason::ExternalEvent, wake_at: None, url: None, child_run_id: None };
+    for item in [
+        NodeRecord::done("sc", json!(10), None, vec![], 1).at("#0"),
+        NodeRecord::failed("sc", "boom", vec![], 2).at("#1"),
+        NodeRecord::waiting("sc", json!(3), wait, 1).at("#2"),
+    ] {
+        store.record(&run_id, &item, &Default::default()).await.unwrap();
+    }
+
+    let (status, run) = serve_mirror(&env, &run, true, None).await;
+    let status = status.expect("the first mirror patches the status");
+    assert_eq!(status["phase"], "Running", "{status}");
+    assert_eq!(status["progress"], "1/2 (2/4 instances)");
+    assert_eq!(status["nodes"]["done"], 1);
+    assert_eq!(status["nodes"]["pending"], 1);
+    assert_eq!(status["nodes"]["waiting"], 0, "the scatter node is done; only an item waits");
+    assert_eq!(status["nodes"]["instances"], json!({"recorded": 4, "resolved": 2, "failed": 1, "waiting": 1}));
+    assert_eq!(condition(&status, "Progressing")["message"], "resolved: 1/2 (2/4 instances)");
+
+    // Nothing changed: the FlowRun as the API stored it equals what the operator would apply, so no patch.
+    let (status, run) = serve_mirror(&env, &run, false, None).await;
+    assert_eq!(status, None, "an unchanged run is not patched again");
+
+    // The waiting item is resumed and done, and item 3 is done: the counts move.
+    let resumed = NodeRecord::done("sc", json!(30), None, vec![], 1).at("#2");
+    let won = store.transition(&run_id, NodeStatus::Waiting, &resumed, &Default::default()).await.unwrap();
+    assert_eq!(won, Transition::Won);
+    store
+        .record(&run_id, &NodeRecord::done("sc", json!(40), None, vec![], 1).at("#3"), &Default::default())
+        .await
+        .unwrap();
+    let (status, run) = serve_mirror(&env, &run, true, None).await;
+    let status = status.expect("changed counts are patched");
+    assert_eq!(status["progress"], "1/2 (4/4 instances)");
+    assert_eq!(status["nodes"]["instances"], json!({"recorded": 4, "resolved": 4, "failed": 1, "waiting": 0}));
+
+    // The gather ran and the run completed: Succeeded with the final counts.
+    store
+        .record(&run_id, &NodeRecord::done("ga", json!([10, null, 30, 40]), None, vec![], 1), &Default::default())
+        .await
+        .unwrap();
+    assert!(store.finish_run(&run_id, RunStatus::Completed, &json!({})).await.unwrap());
+    let (status, _) = serve_mirror(&env, &run, true, Some("Succeeded")).await;
+    let status = status.expect("the end is patched");
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(status["progress"], "2/2 (4/4 instances)");
+    assert_eq!(status["nodes"]["instances"], json!({"recorded": 4, "resolved": 4, "failed": 1, "waiting": 0}));
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn flowrun_delete_cancels_the_running_run() {
     let env = Env::new();
