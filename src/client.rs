@@ -635,7 +635,7 @@ where
         }
     }
     tracing::info!(run_id, node = %shown, "Node resumed.");
-    // A lost publish is healed by the reconciler (a resumed node is ready in its replay).
+    // A lost publish is healed by the timer service, which republishes the jobs of nodes left resumed.
     let job = Job::new(run_id, &info.blueprint_id, &key.node_id).at(&key.instance);
     queue.publish(&[job]).await.map_err(store_err(run_id))
 }

@@ -36,6 +36,7 @@ use crate::store::rabbitmq::{AmqpConfig, QueueType, RabbitQueue};
 use crate::store::redis::{RedisConfig, RedisCoordinator};
 use crate::store::{Coordinator, JobQueue, RunStore, StoreError};
 use crate::tls::TlsSettings;
+use crate::worker::timers::TimerConfig;
 use crate::worker::{Worker, WorkerConfig, WorkerError};
 use crate::{Error, Result};
 
@@ -335,6 +336,8 @@ pub struct WorkerOptions {
     pub lease_ttl: Duration,
     /// Delay before a job that met a held lease comes back.
     pub lease_retry_delay: Duration,
+    /// After how long a node still `resumed` has its job published again (a resume's publish was lost).
+    pub republish_resumed_after: Duration,
     /// The broker's connection name.
     pub connection_name: String,
     /// After shutdown is requested, how long the jobs in flight may take to finish; the ones still running then
@@ -357,6 +360,7 @@ impl Default for WorkerOptions {
             max_payload_bytes: crate::flow::limits::DEFAULT_MAX_PAYLOAD_BYTES,
             lease_ttl: w.lease_ttl,
             lease_retry_delay: w.lease_retry_delay,
+            republish_resumed_after: w.timers.republish_after,
             connection_name: format!("flowcraft-worker-{}", std::process::id()),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
@@ -443,6 +447,7 @@ pub async fn run_worker(
         concurrency: usize::from(conn.prefetch.max(1)),
         lease_ttl: options.lease_ttl,
         lease_retry_delay: options.lease_retry_delay,
+        timers: TimerConfig { republish_after: options.republish_resumed_after, ..TimerConfig::default() },
         ..WorkerConfig::default()
     };
     let worker =

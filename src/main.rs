@@ -207,6 +207,10 @@ enum Command {
         /// Execution lease TTL (extended while a node runs).
         #[arg(long, env = "FLOWCRAFT_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
         lease_ttl: Duration,
+        /// A node still resumed this long after its resume (its job was lost: a crash between a resume's commit
+        /// and its publish) has its job published again by the timer service.
+        #[arg(long, env = "FLOWCRAFT_REPUBLISH_RESUMED_AFTER", default_value = "30s", value_parser = parse_duration)]
+        republish_resumed_after: Duration,
         /// On SIGTERM, how long jobs in flight may take to finish; the ones still running then are abandoned
         /// unacknowledged (redelivered to another worker). Keep it below the pod's terminationGracePeriodSeconds.
         #[arg(long, env = "FLOWCRAFT_SHUTDOWN_TIMEOUT", default_value = "50s", value_parser = parse_duration)]
@@ -598,7 +602,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Worker { blueprints, admin_addr, webhook_addr, webhook_base_url, lease_ttl, shutdown_timeout } => {
+        Command::Worker {
+            blueprints,
+            admin_addr,
+            webhook_addr,
+            webhook_base_url,
+            lease_ttl,
+            republish_resumed_after,
+            shutdown_timeout,
+        } => {
             let mut registry = Registry::with_builtins_config(&cli.limits.limits().map_err(UsageError)?);
             registry.set_webhook_base_url(&webhook_base_url);
             let options = WorkerOptions {
@@ -607,6 +619,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 webhook_addr: Some(webhook_addr),
                 max_payload_bytes: cli.limits.max_payload_bytes,
                 lease_ttl,
+                republish_resumed_after,
                 shutdown_timeout,
                 ..WorkerOptions::default()
             };

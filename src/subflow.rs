@@ -131,7 +131,7 @@ where
         }
     }
     info!(run_id = %parent.run_id, node = %parent.node_id, failed = record.error.is_some(), "Subflow node resumed.");
-    // A lost publish is healed by the reconciler (a resumed node is ready in its replay).
+    // A lost publish is healed by the timer service, which republishes the jobs of nodes left resumed.
     let job = Job::new(&parent.run_id, parent_blueprint, &parent.node_id).at(&parent.instance);
     queue.publish(&[job]).await?;
     Ok(true)

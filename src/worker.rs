@@ -69,6 +69,8 @@ pub struct WorkerConfig {
     pub lease_retry_delay: Duration,
     /// How many times a job of a run started with another blueprint version is sent back before the run fails.
     pub max_version_requeues: u32,
+    /// The timer service's tuning.
+    pub timers: timers::TimerConfig,
 }
 
 impl Default for WorkerConfig {
@@ -78,6 +80,7 @@ impl Default for WorkerConfig {
             lease_ttl: Duration::from_secs(30),
             lease_retry_delay: Duration::from_secs(2),
             max_version_requeues: 30,
+            timers: timers::TimerConfig::default(),
         }
     }
 }
@@ -156,7 +159,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             self.queue.clone(),
             self.store.clone(),
             self.timer_wake.clone(),
-            timers::TimerConfig::default(),
+            self.config.timers.clone(),
         );
         let timers = tokio::spawn(timers.run(timers_stop.clone()));
         loop {
@@ -1271,6 +1274,9 @@ mod tests {
         }
         async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<crate::store::FiredTimer>> {
             self.inner.fire_due_timers(limit).await
+        }
+        async fn stranded_resumes(&self, grace: Duration, limit: usize) -> StoreResult<Vec<crate::store::FiredTimer>> {
+            self.inner.stranded_resumes(grace, limit).await
         }
         async fn next_timer(&self) -> StoreResult<Option<chrono::DateTime<chrono::Utc>>> {
             self.inner.next_timer().await

@@ -326,6 +326,7 @@ async fn in_process_worker(
         lease_ttl: Duration::from_secs(2),
         lease_retry_delay: Duration::from_millis(50),
         max_version_requeues: 3,
+        ..WorkerConfig::default()
     };
     let worker =
         Arc::new(Worker::new(queue, store, coord, Arc::new(registry), Arc::new(blueprints), config, metrics.clone()));

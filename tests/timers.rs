@@ -1,7 +1,8 @@
 //! Durable timers on the real RabbitMQ, PostgreSQL and Redis: 500 runs sleeping while one of two worker processes
 //! is SIGKILLed. Every run wakes once, on the surviving worker (a reconciler re-drives timers the victim fired but
-//! did not publish); lateness is printed, never asserted (tests do not depend on timing). Own queue, tables and
-//! Redis prefix.
+//! did not publish); lateness is printed, never asserted (tests do not depend on timing). A node left resumed
+//! without its job is republished by the timer service, without a reconciler. Own queue, tables and Redis prefix
+//! per test.
 
 mod common;
 
@@ -12,8 +13,9 @@ use std::time::Duration;
 use common::cluster::Cluster;
 use flowcraft::client;
 use flowcraft::flow::BlueprintSet;
+use flowcraft::flow::NodeRecord;
 use flowcraft::reconciler::{ReconcileConfig, Reconciler};
-use flowcraft::store::{RunFilter, RunStatus, RunStore};
+use flowcraft::store::{NodeStatus, RunFilter, RunStatus, RunStore, Transition};
 use serde_json::json;
 
 const RUNS: usize = 500;
@@ -195,5 +197,53 @@ async fn a_worker_killed_while_500_runs_sleep_loses_no_timer_and_each_fires_once
         late.last().copied().unwrap_or(f64::NAN)
     );
     drop(survivor);
+    cluster.cleanup().await;
+}
+
+/// A crash between a resume's commit and its publish (of the timer service, a CLI resume, a webhook, a child's
+/// end) leaves the node `resumed` with no job: the timer service publishes its job again once it has been resumed
+/// longer than the grace (1 s here), with no reconciler running, and the node and its successor run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_left_resumed_without_its_job_completes_once_without_the_reconciler() {
+    let cluster = Cluster::new("stranded");
+    let (port, hits) = common::hit_counter().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bp = json!({
+        "id": "gated",
+        "nodes": [
+            {"id": "gate", "uses": "wait"},
+            {"id": "call", "uses": "http", "params": {"method": "POST", "url": format!("http://127.0.0.1:{port}/hit/{{{{context.tag}}}}")}}
+        ],
+        "edges": [{"source": "gate", "target": "call"}]
+    });
+    std::fs::write(dir.path().join("gated.json"), bp.to_string()).unwrap();
+    let (store, queue) = (cluster.store().await, cluster.queue().await);
+    let worker = cluster.spawn_worker("w", dir.path(), &[("FLOWCRAFT_REPUBLISH_RESUMED_AFTER", "1s")]);
+    let set = BlueprintSet::load_dir(dir.path(), None).unwrap();
+    let id = format!("{}-0", cluster.name);
+    client::start_run(&*queue, &*store, &set.get("gated").unwrap(), &id, json!({"tag": "t0"})).await.unwrap();
+    common::eventually("the run to await", Duration::from_secs(60), || async {
+        let status = store.run_info(&id).await.ok().flatten()?.status;
+        (status == RunStatus::Awaiting).then_some(())
+    })
+    .await;
+
+    // The resume's commit, as `client::resume_node` makes it, and no publish: its resumer died.
+    let resumed =
+        NodeRecord { status: NodeStatus::Resumed, output: json!({"by": "lost"}), ..NodeRecord::skipped("gate") };
+    let won = store.transition(&id, NodeStatus::Waiting, &resumed, &serde_json::Map::new()).await.unwrap();
+    assert_eq!(won, Transition::Won);
+
+    let result = common::eventually("the run to end", Duration::from_secs(60), || async {
+        client::run_result(&*store, &id, None).await.ok().flatten().filter(|r| r.status.is_terminal())
+    })
+    .await;
+    assert_eq!(result.status, RunStatus::Completed, "{:?}\n{}", result.error, worker.log_text());
+    let records = store.records(&id).await.unwrap();
+    let gate = records.iter().find(|r| r.node_id == "gate").unwrap();
+    assert_eq!((gate.status, &gate.output), (NodeStatus::Done, &json!({"by": "lost"})), "the delivered result");
+    assert_eq!(hits.lock().unwrap().get("t0"), Some(&1), "the successor ran once");
+    assert!(worker.log_text().contains("Republishing the jobs of nodes left resumed"), "{}", worker.log_text());
+    drop(worker);
     cluster.cleanup().await;
 }

@@ -529,6 +529,33 @@ impl RunStore for MemoryStore {
         Ok(fired)
     }
 
+    async fn stranded_resumes(&self, grace: std::time::Duration, limit: usize) -> StoreResult<Vec<FiredTimer>> {
+        let now = Utc::now();
+        let before = chrono::Duration::from_std(grace).ok().and_then(|g| now.checked_sub_signed(g)).unwrap_or(now);
+        let mut runs = lock(&self.runs);
+        let mut stranded: Vec<(chrono::DateTime<Utc>, String, (String, String))> = runs
+            .values()
+            .filter(|e| !e.info.status.is_terminal())
+            .flat_map(|e| e.records.iter().map(move |(key, (_, r))| (e, key, r)))
+            .filter(|(_, _, r)| r.status == NodeStatus::Resumed)
+            .filter_map(|(e, key, r)| {
+                let at = r.finished_at.filter(|at| *at <= before)?;
+                Some((at, e.info.run_id.clone(), key.clone()))
+            })
+            .collect();
+        stranded.sort();
+        stranded.truncate(limit);
+        let mut found = Vec::with_capacity(stranded.len());
+        for (_, run_id, key) in stranded {
+            let Some(e) = runs.get_mut(&run_id) else { continue };
+            let Some((_, r)) = e.records.get_mut(&key) else { continue };
+            r.finished_at = Some(now);
+            let (node_id, instance) = key;
+            found.push(FiredTimer { run_id, blueprint_id: e.info.blueprint_id.clone(), node_id, instance });
+        }
+        Ok(found)
+    }
+
     async fn next_timer(&self) -> StoreResult<Option<chrono::DateTime<Utc>>> {
         let runs = lock(&self.runs);
         Ok(runs

@@ -408,7 +408,8 @@ pub enum RecordOutcome {
     Existing(NodeRecord),
 }
 
-/// A due timer the run store fired: its node is now `resumed` and needs its job.
+/// A `resumed` node instance that needs its job: a due timer the run store fired, or a record whose job may have
+/// been lost (`RunStore::stranded_resumes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FiredTimer {
     /// The run.
@@ -645,6 +646,13 @@ pub trait RunStore: Send + Sync + 'static {
     /// LOCKED`, so concurrent callers share them and each fires once): a `sleep` resumes with its output, a
     /// `wait` past its timeout resumes with an error; their runs are set `running`. One transaction.
     async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<FiredTimer>>;
+
+    /// Up to `limit` records of `running` or `awaiting` runs that were resumed more than `grace` ago and are
+    /// still `resumed`, oldest first: their job may have been lost (a crash between a resume's commit and its
+    /// publish). Each is claimed with `FOR UPDATE SKIP LOCKED` and its resume time set to now, so concurrent
+    /// callers share them and a record is returned again only after another `grace`. Publishing their jobs is
+    /// safe: the job of a resumed node is idempotent (its guarded transition routes it once).
+    async fn stranded_resumes(&self, grace: std::time::Duration, limit: usize) -> StoreResult<Vec<FiredTimer>>;
 
     /// When the earliest armed timer falls due, if any.
     async fn next_timer(&self) -> StoreResult<Option<DateTime<Utc>>>;

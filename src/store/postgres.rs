@@ -275,6 +275,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 5, name: "waiting", sql: include_str!("../../migrations/V5__waiting.sql") },
     Migration { version: 6, name: "node_instances", sql: include_str!("../../migrations/V6__node_instances.sql") },
     Migration { version: 7, name: "subflows", sql: include_str!("../../migrations/V7__subflows.sql") },
+    Migration { version: 8, name: "resumed", sql: include_str!("../../migrations/V8__resumed.sql") },
 ];
 
 /// The newest schema version this binary knows (the last embedded migration).
@@ -492,6 +493,23 @@ const FIRE_DUE_TIMERS: &str = "WITH due AS (
 )
 SELECT fired.run_id, fired.node_id, fired.instance, runs.blueprint_id FROM fired JOIN runs ON runs.run_id = fired.run_id";
 
+// Resumed records of live runs resumed more than $2 seconds ago (their job may have been lost: a crash between
+// the resume's commit and its publish), oldest first, claimed with SKIP LOCKED (a transition routing one meanwhile
+// wins or is waited for) and stamped with now, so each is handed out at most once per grace (partial index V8).
+const STRANDED_RESUMES: &str = "WITH stranded AS (
+    SELECT r.run_id, r.node_id, r.instance, s.blueprint_id
+      FROM {results} r JOIN {statuses} s ON s.run_id = r.run_id
+     WHERE r.status = 'resumed' AND r.finished_at <= now() - $2::float8 * interval '1 second'
+       AND s.status IN ('running', 'awaiting')
+     ORDER BY r.finished_at
+     LIMIT $1::bigint
+       FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE {results} r SET finished_at = now()
+  FROM stranded
+ WHERE r.run_id = stranded.run_id AND r.node_id = stranded.node_id AND r.instance = stranded.instance
+RETURNING r.run_id, r.node_id, r.instance, stranded.blueprint_id";
+
 const NEXT_TIMER: &str = "SELECT min(wake_at) AS at FROM {results} WHERE status = 'waiting' AND wake_at IS NOT NULL";
 
 // A webhook request's node, by the hash of its token (unique index on `token`).
@@ -629,6 +647,7 @@ struct Sql {
     lock_run: String,
     set_awaiting: String,
     fire_due_timers: String,
+    stranded_resumes: String,
     next_timer: String,
     webhook_node: String,
     touch: String,
@@ -672,6 +691,7 @@ impl Sql {
             lock_run: names.render(LOCK_RUN),
             set_awaiting: names.render(SET_AWAITING),
             fire_due_timers: names.render(FIRE_DUE_TIMERS),
+            stranded_resumes: names.render(STRANDED_RESUMES),
             next_timer: names.render(NEXT_TIMER),
             webhook_node: names.render(WEBHOOK_NODE),
             touch: names.render(TOUCH),
@@ -802,6 +822,17 @@ fn clamp_i64(n: u64) -> i64 {
 
 fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, name: &str, run_id: &str) -> StoreResult<T> {
     row.try_get(name).map_err(|e| corrupt(run_id, format!("column {name}"), Some(e.into())))
+}
+
+/// A resumed node instance and its run's blueprint (`fire_due_timers`, `stranded_resumes`).
+fn fired_timer(row: &Row) -> StoreResult<FiredTimer> {
+    let run_id: String = column(row, "run_id", "*")?;
+    Ok(FiredTimer {
+        blueprint_id: column(row, "blueprint_id", &run_id)?,
+        node_id: column(row, "node_id", &run_id)?,
+        instance: column(row, "instance", &run_id)?,
+        run_id,
+    })
 }
 
 fn run_from_row(row: &Row) -> StoreResult<RunInfo> {
@@ -1587,17 +1618,17 @@ impl RunStore for PostgresStore {
             .query(&stmt, &[&limit, &crate::flow::builtin::WAIT_TIMED_OUT])
             .await
             .map_err(|e| db_error(op, table, e))?;
-        rows.iter()
-            .map(|row| {
-                let run_id: String = column(row, "run_id", "*")?;
-                Ok(FiredTimer {
-                    blueprint_id: column(row, "blueprint_id", &run_id)?,
-                    node_id: column(row, "node_id", &run_id)?,
-                    instance: column(row, "instance", &run_id)?,
-                    run_id,
-                })
-            })
-            .collect()
+        rows.iter().map(fired_timer).collect()
+    }
+
+    async fn stranded_resumes(&self, grace: Duration, limit: usize) -> StoreResult<Vec<FiredTimer>> {
+        let op = "claim resumed records whose job may be lost";
+        let table = self.names.results.as_str();
+        let (limit, grace) = (clamp_i64(limit as u64), grace.as_secs_f64());
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(&self.sql.stranded_resumes).await.map_err(|e| db_error(op, table, e))?;
+        let rows = client.query(&stmt, &[&limit, &grace]).await.map_err(|e| db_error(op, table, e))?;
+        rows.iter().map(fired_timer).collect()
     }
 
     async fn next_timer(&self) -> StoreResult<Option<DateTime<Utc>>> {
