@@ -509,9 +509,14 @@ fn summarize(info: RunInfo, states: NodeStates, outputs: BTreeMap<String, Value>
 }
 
 /// Cancel a running run: no further job starts (jobs in flight finish), and its child runs (of `subflow` nodes)
-/// are cancelled with it, recursively. Returns `false` when the run had already ended. A cancelled child's parent
-/// node fails: the reconciler resumes it (docs/architecture.md, "Subflows").
-pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &str) -> Result<bool, ClientError> {
+/// are cancelled with it, recursively. Returns `false` when the run had already ended. A run that is itself a
+/// child fails its parent's `subflow` node (its fallback applies), whose job goes on `queue`; without a queue the
+/// node is resumed and the timer service publishes its job (docs/architecture.md, "Subflows").
+pub async fn cancel_run<Q, S>(queue: Option<&Q>, store: &S, run_id: &str, reason: &str) -> Result<bool, ClientError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
     if store.run_info(run_id).await.map_err(store_err(run_id))?.is_none() {
         return Err(ClientError::NotFound(run_id.to_string()));
     }
@@ -522,6 +527,9 @@ pub async fn cancel_run<S: RunStore + ?Sized>(store: &S, run_id: &str, reason: &
     if cancelled {
         crate::store::trace_run_end(store, run_id).await;
         crate::subflow::cancel_children(store, run_id, "cancelled with its parent").await.map_err(store_err(run_id))?;
+        if let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? {
+            crate::subflow::cancelled_child(queue, store, &info).await.map_err(store_err(run_id))?;
+        }
     }
     Ok(cancelled)
 }

@@ -537,7 +537,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Cancel { run_id, reason } => {
             validate_run_id(&run_id)?;
             let store = connect_store(&cli.conn, policy).await?;
-            if client::cancel_run(&store, &run_id, &reason).await? {
+            // A child run's parent node fails with it: its job needs the broker (only then connected).
+            let queue = match store.run_info(&run_id).await?.and_then(|i| i.parent) {
+                Some(_) => {
+                    let never = CancellationToken::new();
+                    Some(distributed::connect_queue(&cli.conn, "flowcraft-cli", &never, policy).await?)
+                }
+                None => None,
+            };
+            let cancelled = client::cancel_run(queue.as_ref(), &store, &run_id, &reason).await;
+            if let Some(queue) = queue {
+                queue.close().await;
+            }
+            if cancelled? {
                 outln!("run {run_id} cancelled")?;
             } else {
                 let status = store.run_info(&run_id).await?.map(|i| i.status.to_string()).unwrap_or_default();

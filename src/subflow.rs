@@ -1,7 +1,7 @@
 //! Child runs of `subflow` nodes (docs/architecture.md, "Subflows"), generic over the store traits: starting the
 //! child of a waiting node (idempotent: its id is derived from the parent node instance), resuming the parent
-//! node when the child ends (whoever records the child's end does it; the guarded transition from `waiting`
-//! makes it happen once), and cancelling a run's children with it. The worker, the reconciler and the client
+//! node when the child ends (whoever records the child's end does it, a cancel of the child included; the guarded
+//! transition from `waiting` makes it happen once), and cancelling a run's children with it. The worker, the reconciler and the client
 //! share these; the pure rules are in [`crate::flow::builtin::subflow`].
 
 use serde_json::{Map, Value};
@@ -45,7 +45,7 @@ where
             child_blueprint.unwrap_or_default(),
             blueprints.ids().join(", ")
         );
-        return resume_with(queue, store, &parent, parent_blueprint, Resumed::failed(why)).await.map(drop);
+        return resume_with(Some(queue), store, &parent, parent_blueprint, Resumed::failed(why)).await.map(drop);
     };
     let input = record.output.clone();
     match crate::client::start_child_run(queue, store, &graph, child_id, input, parent.clone(), max_input_bytes).await {
@@ -56,7 +56,7 @@ where
         Err(crate::client::ClientError::Store { source, .. }) => Err(source),
         Err(refused) => {
             let why = format!("subflow: the child run {child_id} cannot start: {refused}");
-            resume_with(queue, store, &parent, parent_blueprint, Resumed::failed(why)).await.map(drop)
+            resume_with(Some(queue), store, &parent, parent_blueprint, Resumed::failed(why)).await.map(drop)
         }
     }
 }
@@ -88,25 +88,53 @@ where
     Q: JobQueue + ?Sized,
     S: RunStore + ?Sized,
 {
-    let Some(parent) = child.parent.as_ref().filter(|_| child.status.is_terminal()) else { return Ok(false) };
-    let Some(parent_run) = store.run_info(&parent.run_id).await?.filter(|p| !p.status.is_terminal()) else {
-        debug!(run_id = %child.run_id, parent_run_id = %parent.run_id, "The parent run has ended; nothing to resume.");
-        return Ok(false);
-    };
-    let params = blueprints
-        .get(&parent_run.blueprint_id)
-        .and_then(|g| g.node(&parent.node_id).map(|d| d.params.clone()))
-        .unwrap_or(Value::Null);
+    let Some((parent, parent_blueprint)) = live_parent(store, child).await? else { return Ok(false) };
     let resumed = match child.status {
-        RunStatus::Completed => child_result(store, blueprints, child, &params).await?,
+        RunStatus::Completed => {
+            let params = blueprints
+                .get(&parent_blueprint)
+                .and_then(|g| g.node(&parent.node_id).map(|d| d.params.clone()))
+                .unwrap_or(Value::Null);
+            child_result(store, blueprints, child, &params).await?
+        }
         _ => Resumed::failed(child_failure(child)),
     };
-    resume_with(queue, store, parent, &parent_run.blueprint_id, resumed).await
+    resume_with(Some(queue), store, parent, &parent_blueprint, resumed).await
 }
 
-/// The guarded resume of a parent node and its job.
+/// A run that was cancelled on its own (not with its parent, which `cancel_children` does): when it is a child
+/// run, fail its parent node as a child's failure does (its fallback applies), and publish the node's job on
+/// `queue`. Without a queue (the console before its broker is connected) the node is only resumed: the timer
+/// service publishes the job of a node left resumed (docs/architecture.md, "Timer service"). Returns whether
+/// this call resumed the parent node.
+pub async fn cancelled_child<Q, S>(queue: Option<&Q>, store: &S, child: &RunInfo) -> Result<bool, StoreError>
+where
+    Q: JobQueue + ?Sized,
+    S: RunStore + ?Sized,
+{
+    if child.status != RunStatus::Cancelled {
+        return Ok(false);
+    }
+    let Some((parent, parent_blueprint)) = live_parent(store, child).await? else { return Ok(false) };
+    resume_with(queue, store, parent, &parent_blueprint, Resumed::failed(child_failure(child))).await
+}
+
+/// The parent node of an ended child run and the parent run's blueprint, while the parent run is live.
+async fn live_parent<'c, S: RunStore + ?Sized>(
+    store: &S,
+    child: &'c RunInfo,
+) -> Result<Option<(&'c ParentRef, String)>, StoreError> {
+    let Some(parent) = child.parent.as_ref().filter(|_| child.status.is_terminal()) else { return Ok(None) };
+    let Some(parent_run) = store.run_info(&parent.run_id).await?.filter(|p| !p.status.is_terminal()) else {
+        debug!(run_id = %child.run_id, parent_run_id = %parent.run_id, "The parent run has ended; nothing to resume.");
+        return Ok(None);
+    };
+    Ok(Some((parent, parent_run.blueprint_id)))
+}
+
+/// The guarded resume of a parent node, then its job (on `queue`; without one, the timer service publishes it).
 async fn resume_with<Q, S>(
-    queue: &Q,
+    queue: Option<&Q>,
     store: &S,
     parent: &ParentRef,
     parent_blueprint: &str,
@@ -132,8 +160,10 @@ where
     }
     info!(run_id = %parent.run_id, node = %parent.node_id, failed = record.error.is_some(), "Subflow node resumed.");
     // A lost publish is healed by the timer service, which republishes the jobs of nodes left resumed.
-    let job = Job::new(&parent.run_id, parent_blueprint, &parent.node_id).at(&parent.instance);
-    queue.publish(&[job]).await?;
+    if let Some(queue) = queue {
+        let job = Job::new(&parent.run_id, parent_blueprint, &parent.node_id).at(&parent.instance);
+        queue.publish(&[job]).await?;
+    }
     Ok(true)
 }
 

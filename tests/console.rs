@@ -51,7 +51,7 @@ async fn runs_page_blueprints_and_counts() {
         client::start_run(&queue, &s, g, &id, json!({"i": i})).await.expect("start");
         ids.push(id);
     }
-    client::cancel_run(&s, "a0", "test").await.expect("cancel");
+    client::cancel_run(Some(&queue), &s, "a0", "test").await.expect("cancel");
 
     // start_run stored each definition once (insert-if-absent).
     let list = s.latest_blueprints(10).await.expect("blueprints");

@@ -462,7 +462,7 @@ async fn a_cancelled_run_starts_no_further_jobs() {
         (started.load(Ordering::SeqCst) > 0).then_some(())
     })
     .await;
-    assert!(client::cancel_run(&*store, "c-run", "test").await.unwrap());
+    assert!(client::cancel_run(Some(&*queue), &*store, "c-run", "test").await.unwrap());
     // a finishes (in flight); b's job is consumed and skipped without running.
     common::eventually("b's job to be skipped", Duration::from_secs(20), || async {
         (metrics.outcome_count("skipped") >= 1).then_some(())
@@ -473,7 +473,7 @@ async fn a_cancelled_run_starts_no_further_jobs() {
     assert_eq!(r.error.as_deref(), Some("test"));
     assert!(!r.nodes.contains_key("b") && !r.nodes.contains_key("c"), "{:?}", r.nodes);
     assert!(
-        !client::cancel_run(&*store, "c-run", "again").await.unwrap(),
+        !client::cancel_run(Some(&*queue), &*store, "c-run", "again").await.unwrap(),
         "a second cancel reports the run already ended"
     );
     stop.cancel();

@@ -114,7 +114,7 @@ async fn a_request_racing_a_cancel_exactly_one_wins() {
         let url = hook_record(&records).wait.as_ref().and_then(|w| w.url.clone()).expect("url");
         let (hook, cancel) = tokio::join!(
             common::post_webhook(&url, r#"{"by": "race"}"#, Some("approve")),
-            client::cancel_run(&*store, id, "race")
+            client::cancel_run(Some(&*queue), &*store, id, "race")
         );
         outcomes.push((id.clone(), hook, cancel.expect("cancel")));
     }

@@ -397,7 +397,7 @@ async fn cleanup(run: &FlowRun, ctx: &Context) -> Result<Action, OperatorError> 
     };
     let stores = stores(ctx, run, &target).await?;
     let reason = format!("FlowRun {}/{} was deleted", run.namespace().unwrap_or_default(), run.name_any());
-    match cancel_run(stores.store.as_ref(), &run_id, &reason).await {
+    match cancel_run(Some(stores.queue.as_ref()), stores.store.as_ref(), &run_id, &reason).await {
         Ok(true) => ctx.publish(run, Note::RunCancelledOnDelete { run_id: &run_id }).await,
         Ok(false) => tracing::debug!(%run_id, "The run had already ended."),
         Err(ClientError::NotFound(_)) => tracing::debug!(%run_id, "The run was never started."),

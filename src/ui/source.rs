@@ -258,7 +258,9 @@ impl ConsoleSource for StoreSource {
     }
 
     async fn cancel(&self, run_id: &str, reason: &str) -> StoreResult<CancelOutcome> {
-        match crate::client::cancel_run(&self.store, run_id, reason).await {
+        // Without a queue yet, the parent node of a cancelled child run is published by the timer service.
+        let queue = self.queue.get().map(|q| &**q);
+        match crate::client::cancel_run(queue, &self.store, run_id, reason).await {
             Ok(true) => Ok(CancelOutcome::Cancelled),
             Ok(false) => {
                 let status = self.store.run_info(run_id).await?.map(|i| i.status);

@@ -34,6 +34,10 @@ pub struct Case {
     /// Cancel the run once it is `awaiting` (after the resumes).
     #[serde(default)]
     pub cancel: bool,
+    /// With `cancel`: cancel this child run instead (the `subflow` nodes leading to it, outermost first), once
+    /// it and every run above it are `awaiting`.
+    #[serde(default)]
+    pub cancel_within: Vec<String>,
     /// Resumes tried after the cancel (each must fail with its `error`).
     #[serde(default)]
     pub after_cancel: Vec<ResumeStep>,
@@ -176,9 +180,14 @@ where
     }
     if case.cancel {
         awaiting(store, case, run_id).await?;
-        let cancelled = client::cancel_run(store, run_id, "cancelled by the case").await.map_err(|e| e.to_string())?;
-        if !cancelled {
-            return Err(format!("case '{}': run {run_id} was not cancelled", case.name));
+        let runs = runs_within(run_id, &case.cancel_within);
+        for child in runs.iter().skip(1) {
+            until_awaiting(store, case, child).await?;
+        }
+        let target = runs.last().map_or(run_id, String::as_str);
+        let cancelled = client::cancel_run(Some(queue), store, target, "cancelled by the case").await;
+        if !cancelled.map_err(|e| e.to_string())? {
+            return Err(format!("case '{}': run {target} was not cancelled", case.name));
         }
     }
     for step in &case.after_cancel {
