@@ -130,10 +130,8 @@ pub fn check_params(uses: &str, params: &Value) -> Vec<String> {
         }
         "http" => http::check_params(params, &mut problems),
         "wait" | "webhook" => {
-            if let Some(timeout) = param("timeout")
-                && let Err(e) = parse_duration(timeout)
-            {
-                problems.push(format!("{uses}: params.timeout {e}"));
+            if let Err(e) = wait::wait_timeout(uses, params) {
+                problems.push(e);
             }
         }
         _ => {}

@@ -33,16 +33,25 @@ impl Node for WaitNode {
     }
 
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
-        let after = match ctx.params.get("timeout").filter(|t| !t.is_null()) {
-            Some(t) => Some(parse_duration(t).map_err(|e| NodeError::fatal(format!("wait: params.timeout {e}")))?),
-            None => None,
-        };
+        let after = wait_timeout("wait", &ctx.params).map_err(NodeError::fatal)?;
         Ok(NodeOutput::waiting(Value::Null, WaitRequest { reason: WaitReason::ExternalEvent, after, url: None }))
     }
 }
 
-/// The longest `sleep`: 100 years (its wake time must stay a representable timestamp).
+/// The longest `sleep`, and the longest `params.timeout` of a `wait` or `webhook`: 100 years (a wake time must stay
+/// a representable timestamp).
 pub const MAX_SLEEP: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// `params.timeout` of a `wait` or `webhook` (`uses`): none when unset, or the problem with it (named as
+/// `validate` prints it). A timeout too long for a wake time is an error, not "no timeout".
+pub(super) fn wait_timeout(uses: &str, params: &Value) -> Result<Option<Duration>, String> {
+    let Some(timeout) = params.get("timeout").filter(|t| !t.is_null()) else { return Ok(None) };
+    let parsed = parse_duration(timeout).map_err(|e| format!("{uses}: params.timeout {e}"))?;
+    if parsed > MAX_SLEEP {
+        return Err(format!("{uses}: params.timeout {timeout} is longer than 100 years"));
+    }
+    Ok(Some(parsed))
+}
 
 /// `params.duration` of a `sleep`, or the problem with it (named as `validate` prints it).
 pub(super) fn sleep_duration(params: &Value) -> Result<Duration, String> {
@@ -97,6 +106,25 @@ mod tests {
             ["wait: params.timeout \"soon\" is not a duration"]
         );
         assert!(check_params("wait", &json!({"timeout": "7d"})).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_timeout_out_of_range_is_an_error_not_no_timeout() {
+        for uses in ["wait", "webhook"] {
+            assert_eq!(
+                check_params(uses, &json!({"timeout": "40000d"})),
+                [format!("{uses}: params.timeout \"40000d\" is longer than 100 years")]
+            );
+            // Past a timestamp's range: recorded as no timer at all before this was checked.
+            assert_eq!(
+                check_params(uses, &json!({"timeout": "1000000000d"})),
+                [format!("{uses}: params.timeout \"1000000000d\" is longer than 100 years")]
+            );
+        }
+        let err = WaitNode.run(test_ctx(json!({"timeout": "40000d"}), json!(1))).await.unwrap_err();
+        assert!(!err.retryable && err.to_string().contains("longer than 100 years"), "{err:?}");
+        assert_eq!(wait_timeout("wait", &json!({"timeout": "36500d"})).unwrap(), Some(MAX_SLEEP));
+        assert_eq!(wait_timeout("wait", &json!({"timeout": null})).unwrap(), None);
     }
 
     #[tokio::test]

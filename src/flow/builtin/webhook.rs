@@ -9,7 +9,7 @@ use rand::RngCore;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{check_params, parse_duration};
+use super::check_params;
 use crate::flow::node::{Node, NodeCtx, NodeError, NodeOutput, WaitRequest};
 use crate::flow::{Wait, WaitReason};
 
@@ -47,10 +47,7 @@ impl Node for WebhookNode {
     }
 
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
-        let after = match ctx.params.get("timeout").filter(|t| !t.is_null()) {
-            Some(t) => Some(parse_duration(t).map_err(|e| NodeError::fatal(format!("webhook: params.timeout {e}")))?),
-            None => None,
-        };
+        let after = super::wait::wait_timeout("webhook", &ctx.params).map_err(NodeError::fatal)?;
         let url = webhook_url(&self.base_url, &new_token());
         Ok(NodeOutput::waiting(Value::Null, WaitRequest { reason: WaitReason::Webhook, after, url: Some(url) }))
     }
