@@ -109,6 +109,21 @@ fn flowcraft_cli(cluster: &Cluster) -> std::process::Command {
     c
 }
 
+/// The JSON a read-only CLI command prints. A command that fails (under load, PostgreSQL may refuse or time out a
+/// connection: not what these tests check) is tried again until a deadline; each failure's stderr is printed.
+async fn cli_json(cluster: &Cluster, args: &[&str]) -> Value {
+    let what = format!("flowcraft {} to succeed", args.join(" "));
+    common::eventually(&what, Duration::from_secs(60), || async {
+        let out = flowcraft_cli(cluster).args(args).output().ok()?;
+        if !out.status.success() {
+            eprintln!("flowcraft {}: {}: {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        serde_json::from_slice::<Value>(&out.stdout).ok()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_resumes_racing_for_one_node_exactly_one_wins() {
     let cluster = Cluster::new("resume");
@@ -119,14 +134,15 @@ async fn two_resumes_racing_for_one_node_exactly_one_wins() {
     let id = format!("{}-run", cluster.name);
     client::start_run(&*queue, &*store, &graph, &id, json!({"amount": 3})).await.expect("start");
     awaiting(&store, &id).await;
-    let status = flowcraft_cli(&cluster).args(["status", &id, "--output", "json"]).output().unwrap();
-    let shown: Value = serde_json::from_slice(&status.stdout).unwrap();
+    // Nothing changes an awaiting run until a resume: both reads must see it awaiting.
+    let shown = cli_json(&cluster, &["status", &id, "--output", "json"]).await;
     assert_eq!(shown["status"], "awaiting", "{shown}");
     assert_eq!(shown["nodes"]["approval"]["status"], "waiting", "{shown}");
     assert_eq!(shown["nodes"]["approval"]["reason"], "external_event", "{shown}");
     assert!(shown["nodes"]["approval"]["wakeAt"].is_string(), "the timeout's due time: {shown}");
-    let listed = flowcraft_cli(&cluster).args(["runs", "--status", "awaiting", "--output", "json"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&listed.stdout).contains(&id));
+    let listed = cli_json(&cluster, &["runs", "--status", "awaiting", "--output", "json"]).await;
+    let ids: Vec<&str> = listed.as_array().into_iter().flatten().filter_map(|r| r["runId"].as_str()).collect();
+    assert_eq!(ids, [id.as_str()], "{listed}");
     // Two resumes at once, with different actions: exactly one is recorded and routed.
     let racers: Vec<std::process::Child> = ["approve", "reject"]
         .iter()
