@@ -20,7 +20,7 @@ async fn run_case(case: &common::conformance::Case, workers: usize) -> (RunResul
     let engine = Embedded::start(registry, set, workers);
     let run_id = engine.start_run(&graph, case.input.clone()).await.unwrap();
     let webhooks = async |step: &common::conformance::ResumeStep, records: &[flowcraft::flow::NodeRecord]| {
-        let (token, _) = common::conformance::webhook_url(records, &step.node).ok_or("no webhook URL")?;
+        let (token, _) = common::conformance::webhook_url(records, step).ok_or("no webhook URL")?;
         let delivered = engine.deliver_webhook(&token, &step.webhook_body(), step.action.clone()).await;
         delivered.map(|_| ()).map_err(|e| e.to_string())
     };

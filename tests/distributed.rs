@@ -98,7 +98,7 @@ async fn post_webhook(
     step: &common::conformance::ResumeStep,
     records: &[flowcraft::flow::NodeRecord],
 ) -> Result<(), String> {
-    let (_, url) = common::conformance::webhook_url(records, &step.node).ok_or("no webhook URL")?;
+    let (_, url) = common::conformance::webhook_url(records, step).ok_or("no webhook URL")?;
     let (status, body) = common::post_webhook(&url, step.webhook_body(), step.action.as_deref()).await;
     if status == 202 { Ok(()) } else { Err(format!("{status} {body}")) }
 }

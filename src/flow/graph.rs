@@ -991,15 +991,14 @@ fn check_batches(
                 format!("batch-scatter '{id}': params.workerUsesKey '{}' is not a registered node", p.worker),
             ));
         }
-        if p.worker != "wait" && crate::flow::builtin::WAITING_KINDS.contains(&p.worker.as_str()) {
-            // Only `wait` is supported as a waiting batch worker (resumed per item instance); docs/architecture.md,
-            // "Waiting nodes".
+        if p.worker == "subflow" {
+            // `wait`, `sleep` and `webhook` items wait at their own instance; a child run per item is not
+            // supported (docs/architecture.md, "Waiting nodes").
             problems.push(Problem::new(
                 "bad-batch",
                 format!(
-                    "batch-scatter '{id}': params.workerUsesKey '{}' is a waiting node, and batch items can only wait \
-                     with `wait` (use `delay` for a pause per item)",
-                    p.worker
+                    "batch-scatter '{id}': params.workerUsesKey 'subflow' is not supported: batch items cannot start \
+                     child runs (items may wait with `wait`, `sleep` or `webhook`)"
                 ),
             ));
         }
@@ -1157,7 +1156,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_items_cannot_wait() {
+    fn batch_items_wait_except_as_subflows() {
         let batch = |worker: &str| {
             json!({
                 "id": "b",
@@ -1169,13 +1168,14 @@ mod tests {
                 "edges": [{"source": "sc", "target": "ga"}]
             })
         };
-        let p = problems(batch("sleep"));
+        let p = problems(batch("subflow"));
         assert!(
-            p.iter().any(|p| p.code == "bad-batch" && p.to_string().contains("'sleep' is a waiting node")),
+            p.iter().any(|p| p.code == "bad-batch" && p.to_string().contains("'subflow' is not supported")),
             "{p:?}"
         );
-        graph(batch("delay"));
-        graph(batch("wait"));
+        for worker in ["delay", "wait", "sleep", "webhook"] {
+            assert!(graph(batch(worker)).may_wait() == (worker != "delay"), "{worker}");
+        }
     }
 
     #[test]

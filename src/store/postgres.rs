@@ -374,7 +374,9 @@ const JOB_VIEW_WHOLE: &str = "
  WHERE s.run_id = $1::text";
 
 // All sub-statements share one snapshot, so `existing` sees a record committed before this statement; a record
-// committed concurrently (the ON CONFLICT waited for it) is invisible here and read by a follow-up query.
+// committed concurrently (the ON CONFLICT waited for it) is invisible here and read by a follow-up query. Over a
+// pending batch item the whole record is written, its waiting details too (a `wait`, `sleep` or `webhook` item's
+// timer and token).
 const RECORD: &str = "WITH ins AS (
     INSERT INTO {results} (run_id, node_id, instance, status, action, output, taken, attempts, error, wait, wake_at,
                            token)
@@ -383,7 +385,8 @@ const RECORD: &str = "WITH ins AS (
      WHERE EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text)
     ON CONFLICT (run_id, node_id, instance) DO UPDATE
        SET status = EXCLUDED.status, action = EXCLUDED.action, output = EXCLUDED.output, taken = EXCLUDED.taken,
-           attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
+           attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now(), wait = EXCLUDED.wait,
+           wake_at = EXCLUDED.wake_at, token = EXCLUDED.token
      WHERE {results}.status = 'pending'
     RETURNING node_id
 ), ctx AS (

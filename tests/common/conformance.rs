@@ -74,9 +74,12 @@ pub struct ResumeStep {
     pub error: Option<String>,
 }
 
-/// The token of a waiting webhook node of `records` (the last segment of its URL), and its URL.
-pub fn webhook_url(records: &[flowcraft::flow::NodeRecord], node: &str) -> Option<(String, String)> {
-    let url = records.iter().find(|r| r.node_id == node)?.wait.as_ref()?.url.clone()?;
+/// The token of a waiting webhook node of `records` (the last segment of its URL), and its URL: the step's node
+/// at its `instance` (a batch item), else the node itself.
+pub fn webhook_url(records: &[flowcraft::flow::NodeRecord], step: &ResumeStep) -> Option<(String, String)> {
+    let instance = step.instance.as_deref().unwrap_or("");
+    let record = records.iter().find(|r| r.node_id == step.node && r.instance == instance)?;
+    let url = record.wait.as_ref()?.url.clone()?;
     let token = url.rsplit_once("/webhooks/")?.1.to_string();
     Some((token, url))
 }
