@@ -364,6 +364,9 @@ pub struct InstanceSummary {
     /// Its output, when asked for (`--outputs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+    /// What a waiting instance waits for (`reason`, `wakeAt`, `url` of a `webhook` batch item, `childRunId`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<Wait>,
 }
 
 /// One page of a node's instances (`flowcraft status RUN --instances NODE [--after I] [--limit N]`).
@@ -443,6 +446,7 @@ pub async fn instance_page<S: RunStore + ?Sized>(
             status: r.status,
             attempts: r.attempts,
             error: r.error,
+            wait: r.wait.filter(|_| r.status == NodeStatus::Waiting).map(|w| *w),
         })
         .collect();
     Ok(Some(InstancePage { run_id: run_id.to_string(), node_id: node_id.to_string(), instances, next }))
@@ -806,6 +810,20 @@ mod tests {
         assert_eq!(second.instances[0].status, NodeStatus::Pending);
         assert!(first.human(false).ends_with("more: --after '#3'\n"), "{}", first.human(false));
         assert!(instance_page(&store, "nope", "a", None, (5, false)).await.unwrap().is_none());
+        // A waiting item (a `webhook` batch worker) shows what it waits for: its URL is listed nowhere else.
+        let wait = Wait {
+            reason: crate::flow::WaitReason::Webhook,
+            wake_at: None,
+            url: Some("https://hooks.example.com/webhooks/t1".into()),
+            child_run_id: None,
+        };
+        let waiting = NodeRecord::waiting("a", json!(20), wait, 1).at("#2");
+        store.record("r-page", &waiting, &serde_json::Map::new()).await.unwrap();
+        let listed = serde_json::to_value(page(Some("#1"), 2, false).await).unwrap();
+        assert_eq!(listed["instances"][0]["status"], "waiting", "{listed}");
+        assert_eq!(listed["instances"][0]["reason"], "webhook", "{listed}");
+        assert_eq!(listed["instances"][0]["url"], "https://hooks.example.com/webhooks/t1", "{listed}");
+        assert!(listed["instances"][1].get("reason").is_none(), "a pending item waits for nothing: {listed}");
     }
 
     #[tokio::test]

@@ -538,10 +538,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             validate_run_id(&run_id)?;
             let store = connect_store(&cli.conn, policy).await?;
             // A child run's parent node fails with it: its job needs the broker (only then connected).
+            // Without the broker the node is resumed all the same and the workers' timer service publishes its job.
             let queue = match store.run_info(&run_id).await?.and_then(|i| i.parent) {
                 Some(_) => {
                     let never = CancellationToken::new();
-                    Some(distributed::connect_queue(&cli.conn, "flowcraft-cli", &never, policy).await?)
+                    match distributed::connect_queue(&cli.conn, "flowcraft-cli", &never, policy).await {
+                        Ok(queue) => Some(queue),
+                        Err(e) => {
+                            tracing::warn!(run_id = %run_id, error = %e, "No job queue: the parent's subflow node is resumed and the timer service publishes its job.");
+                            None
+                        }
+                    }
                 }
                 None => None,
             };

@@ -159,10 +159,13 @@ where
         }
     }
     info!(run_id = %parent.run_id, node = %parent.node_id, failed = record.error.is_some(), "Subflow node resumed.");
-    // A lost publish is healed by the timer service, which republishes the jobs of nodes left resumed.
+    // A lost publish is healed by the timer service, which republishes the jobs of nodes left resumed: the
+    // resume is committed, so a failed publish is not this call's failure.
     if let Some(queue) = queue {
         let job = Job::new(&parent.run_id, parent_blueprint, &parent.node_id).at(&parent.instance);
-        queue.publish(&[job]).await?;
+        if let Err(e) = queue.publish(&[job]).await {
+            warn!(run_id = %parent.run_id, node = %parent.node_id, error = %e, "The resumed subflow node's job was not published; the timer service republishes it.");
+        }
     }
     Ok(true)
 }

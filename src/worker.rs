@@ -1292,6 +1292,10 @@ mod tests {
             self.faults.statements.lock().unwrap().push("run_info");
             self.inner.run_info(run_id).await
         }
+        async fn has_resumed(&self, run_id: &str) -> StoreResult<bool> {
+            self.faults.statements.lock().unwrap().push("has_resumed");
+            self.inner.has_resumed(run_id).await
+        }
         async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
             self.faults.statements.lock().unwrap().push("records");
             self.inner.records(run_id).await
@@ -1680,6 +1684,34 @@ mod tests {
         let statements = f.faults.statements.lock().unwrap().clone();
         let replays = statements.iter().filter(|s| **s == "records").count();
         assert_eq!(replays, 1, "one replay of the run for {N} waiting items: {statements:?}");
+        // Resumed together (timers falling due at once): while a sibling is still resumed its job checks, so only
+        // the last of a group replays; the last of all fires the gather and replays nothing.
+        let resume = |i: u64| {
+            let record = NodeRecord { status: NodeStatus::Resumed, output: json!(i), ..NodeRecord::skipped("sc") };
+            let f = &f;
+            async move {
+                let record = record.at(instance::item("", i));
+                let won = f.store.transition("r", NodeStatus::Waiting, &record, &Map::new()).await.unwrap();
+                assert!(matches!(won, crate::store::Transition::Won), "item {i}");
+            }
+        };
+        for group in [0..5, 5..N] {
+            f.faults.statements.lock().unwrap().clear();
+            for i in group.clone() {
+                resume(i).await;
+            }
+            for i in group.clone() {
+                let item = job("sc").at(instance::item("", i));
+                assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("resumed"), "item {i}");
+            }
+            let statements = f.faults.statements.lock().unwrap().clone();
+            let replays = statements.iter().filter(|s| **s == "records").count();
+            let last_group = group.end == N;
+            assert_eq!(replays, usize::from(!last_group), "items {group:?} resumed together: {statements:?}");
+            let expected = if last_group { RunStatus::Running } else { RunStatus::Awaiting };
+            assert_eq!(f.status().await, expected, "after items {group:?}");
+        }
+        assert!(f.queue.depth() >= 1, "the gather's job");
     }
 
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on

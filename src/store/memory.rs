@@ -589,6 +589,12 @@ impl RunStore for MemoryStore {
         Ok(lock(&self.runs).get(run_id).map(|e| e.info.clone()))
     }
 
+    async fn has_resumed(&self, run_id: &str) -> StoreResult<bool> {
+        let runs = lock(&self.runs);
+        let resumed = |e: &RunEntry| e.records.values().any(|(_, r)| r.status == NodeStatus::Resumed);
+        Ok(runs.get(run_id).is_some_and(resumed))
+    }
+
     async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
         Ok(lock(&self.runs).get(run_id).map(|e| e.in_written_order()).unwrap_or_default())
     }

@@ -689,6 +689,13 @@ pub trait RunStore: Send + Sync + 'static {
         Ok(NodeStates::of(self.record_states(run_id).await?))
     }
 
+    /// Whether a record of the run is `resumed` (its job has not routed it yet): such a job checks, once it has
+    /// routed, whether the run can only wait, so another job need not replay the run for it. Stores override the
+    /// default with a query on the index of resumed records.
+    async fn has_resumed(&self, run_id: &str) -> StoreResult<bool> {
+        Ok(self.records(run_id).await?.iter().any(|r| r.status == NodeStatus::Resumed))
+    }
+
     /// Up to `limit` instances of `node_id` that are `waiting`, in instance order: what a resume that names no
     /// instance chooses from. Stores override the default with a query that reads no output.
     async fn waiting_instances(&self, run_id: &str, node_id: &str, limit: usize) -> StoreResult<Vec<String>> {

@@ -276,6 +276,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 6, name: "node_instances", sql: include_str!("../../migrations/V6__node_instances.sql") },
     Migration { version: 7, name: "subflows", sql: include_str!("../../migrations/V7__subflows.sql") },
     Migration { version: 8, name: "resumed", sql: include_str!("../../migrations/V8__resumed.sql") },
+    Migration { version: 9, name: "resumed_by_run", sql: include_str!("../../migrations/V9__resumed_by_run.sql") },
 ];
 
 /// The newest schema version this binary knows (the last embedded migration).
@@ -542,6 +543,9 @@ const NODE_STATES: &str = "SELECT node_id, instance, status, action, NULL::jsonb
 const INSTANCE_COUNTS: &str = "SELECT node_id, status, count(*) AS n FROM {results}
  WHERE run_id = $1::text AND instance <> '' GROUP BY node_id, status";
 
+const HAS_RESUMED: &str =
+    "SELECT EXISTS (SELECT 1 FROM {results} WHERE run_id = $1::text AND status = 'resumed') AS found";
+
 const WAITING_INSTANCES: &str = "SELECT instance FROM {results}
  WHERE run_id = $1::text AND node_id = $2::text AND status = 'waiting' ORDER BY instance COLLATE \"C\" LIMIT $3::bigint";
 
@@ -658,6 +662,7 @@ struct Sql {
     records: String,
     record_count: String,
     waiting_instances: String,
+    has_resumed: String,
     instances_page: String,
     record_states: String,
     node_states: String,
@@ -702,6 +707,7 @@ impl Sql {
             records: names.render(RECORDS),
             record_count: names.render(RECORD_COUNT),
             waiting_instances: names.render(WAITING_INSTANCES),
+            has_resumed: names.render(HAS_RESUMED),
             instances_page: names.render(INSTANCES_PAGE),
             record_states: names.render(RECORD_STATES),
             node_states: names.render(NODE_STATES),
@@ -1689,6 +1695,15 @@ impl RunStore for PostgresStore {
         let latest = self.read_records(run_id, &self.sql.node_states, "read node states");
         let (latest, instances) = tokio::try_join!(latest, self.instance_counts(run_id))?;
         Ok(NodeStates { latest, instances })
+    }
+
+    async fn has_resumed(&self, run_id: &str) -> StoreResult<bool> {
+        let op = format!("look for resumed nodes of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.has_resumed).await.map_err(|e| db_error(&op, table, e))?;
+        let row = client.query_one(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
+        column(&row, "found", run_id)
     }
 
     async fn waiting_instances(&self, run_id: &str, node_id: &str, limit: usize) -> StoreResult<Vec<String>> {

@@ -158,8 +158,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
 
     /// After a job that fired nothing in a run that may wait: replay the run from its records (exact) and set it
     /// `awaiting` when a node waits and nothing is ready, unless its records changed since they were read (a
-    /// resume routed meanwhile may have made a successor runnable).
+    /// resume routed meanwhile may have made a successor runnable). While another node is resumed its own job
+    /// checks after routing it, so this one does not replay (N items resumed together replay the run once).
     pub(super) async fn maybe_await(&self, graph: &Graph, run_id: &str) -> Result<(), StoreError> {
+        if self.store.has_resumed(run_id).await? {
+            debug!(run_id, "A resumed node's job checks the run; no replay here.");
+            return Ok(());
+        }
         let records = self.store.records(run_id).await?;
         if !plan(graph, &records).only_waits() {
             return Ok(());
