@@ -764,6 +764,8 @@ async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
     assert!(!s.set_awaiting("r1", seen(&s, "r1").await).await.unwrap(), "a resumed node keeps the run running");
     let resumed = s.records("r1").await.unwrap().remove(0);
     assert_eq!((resumed.status, resumed.attempts), (NodeStatus::Resumed, 1));
+    assert!(s.has_resumed("r1").await.unwrap(), "a resumed node not yet routed");
+    assert!(!s.has_resumed("r2").await.unwrap(), "no such run");
     assert!(resumed.wait.is_some(), "the wait is kept");
     // Routing it: resumed → done, once, with the context write.
     let routed = done("gate", None, resumed.output.clone(), &[]);
@@ -775,6 +777,7 @@ async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
         Transition::Lost(Some(r)) => assert_eq!(r.status, NodeStatus::Done),
         other => panic!("{other:?}"),
     }
+    assert!(!s.has_resumed("r1").await.unwrap(), "routed: nothing resumed");
     let view = s.job_view("r1", &["gate"], &flowcraft::flow::ContextNeeds::keys(["k"])).await.unwrap().unwrap();
     assert_eq!(view.context.get("k"), Some(&json!(1)));
     assert_eq!(view.records[0].status, NodeStatus::Done);
