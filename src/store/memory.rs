@@ -801,6 +801,11 @@ impl Coordinator for MemoryCoordinator {
 mod tests {
     use super::*;
 
+    /// A run `id` of blueprint `b` with this input.
+    fn new_run(id: &str, input: Value) -> NewRun {
+        NewRun { run_id: id.into(), blueprint_id: "b".into(), blueprint_version: None, input, parent: None }
+    }
+
     #[tokio::test]
     async fn every_join_case_holds() {
         for (k, case) in crate::flow::join::CASES.iter().enumerate() {
@@ -823,13 +828,7 @@ mod tests {
     #[tokio::test]
     async fn a_stale_replay_does_not_set_the_run_awaiting() {
         let s = MemoryStore::new();
-        let run = NewRun {
-            run_id: "r".into(),
-            blueprint_id: "b".into(),
-            blueprint_version: None,
-            input: Value::Null,
-            parent: None,
-        };
+        let run = new_run("r", Value::Null);
         s.create_run(&run).await.unwrap();
         let wait = crate::flow::Wait {
             reason: crate::flow::WaitReason::ExternalEvent,
@@ -866,13 +865,7 @@ mod tests {
     async fn runs_page_by_cursor_newest_first_without_gaps_or_repeats() {
         let s = MemoryStore::new();
         for id in ["a", "b", "c", "d", "e"] {
-            let run = NewRun {
-                run_id: id.into(),
-                blueprint_id: "b".into(),
-                blueprint_version: None,
-                input: serde_json::json!({}),
-                parent: None,
-            };
+            let run = new_run(id, serde_json::json!({}));
             assert!(s.create_run(&run).await.unwrap());
         }
         let all: Vec<String> =
@@ -891,13 +884,7 @@ mod tests {
     #[tokio::test]
     async fn record_is_insert_if_absent() {
         let s = MemoryStore::new();
-        let run = NewRun {
-            run_id: "r".into(),
-            blueprint_id: "b".into(),
-            blueprint_version: None,
-            input: serde_json::json!({"k": 1}),
-            parent: None,
-        };
+        let run = new_run("r", serde_json::json!({"k": 1}));
         assert!(s.create_run(&run).await.unwrap());
         assert!(!s.create_run(&run).await.unwrap());
         let mut rec = NodeRecord::skipped("n");
@@ -927,13 +914,7 @@ mod tests {
     #[tokio::test]
     async fn job_view_for_narrows_every_record_but_the_jobs_own() {
         let s = MemoryStore::new();
-        let run = NewRun {
-            run_id: "r".into(),
-            blueprint_id: "b".into(),
-            blueprint_version: None,
-            input: Value::Null,
-            parent: None,
-        };
+        let run = new_run("r", Value::Null);
         s.create_run(&run).await.unwrap();
         let fan: Vec<String> = (0..100).map(|i| format!("w{i}")).collect();
         let split = NodeRecord::done("split", Value::Null, None, fan, 1);
