@@ -13,7 +13,7 @@ use crate::flow::{Graph, NodeRecord, Wait};
 use crate::run_id::{RunIdError, validate_run_id};
 use crate::store::{
     Job, JobQueue, NewRun, NodeStates, NodeStatus, ParentRef, RunCursor, RunFilter, RunInfo, RunStatus, RunStore,
-    StoreError, StoredBlueprint, Transition,
+    StoreError, StoredBlueprint, Targets, Transition,
 };
 use crate::text::{format_bytes, shorten};
 
@@ -464,7 +464,7 @@ pub async fn run_states<S: RunStore + ?Sized>(
     let Some(info) = store.run_info(run_id).await.map_err(store_err(run_id))? else {
         return Ok(None);
     };
-    let states = store.node_states(run_id).await.map_err(store_err(run_id))?;
+    let states = store.node_states(run_id, Targets::Dropped).await.map_err(store_err(run_id))?;
     Ok(Some(summarize(info, states, BTreeMap::new(), graph)))
 }
 
@@ -479,7 +479,7 @@ fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Op
             outputs.insert(r.node_id.clone(), r.output.clone());
         }
     }
-    summarize(info, NodeStates::of(records), outputs, graph)
+    summarize(info, NodeStates::of(records, Targets::Dropped), outputs, graph)
 }
 
 /// The run result of a run's node states and the outputs read (none unless asked for).

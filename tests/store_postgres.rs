@@ -12,7 +12,7 @@ use flowcraft::report::Chain;
 use flowcraft::store::postgres::{PgConfig, PostgresStore, TableNames};
 use flowcraft::store::{
     NewRun, NodeRecord, NodeStates, NodeStatus, ReconcileStats, RecordOutcome, RunFilter, RunStatus, RunStore,
-    StoreError,
+    StoreError, Targets,
 };
 use serde_json::{Map, Value, json};
 
@@ -309,7 +309,7 @@ async fn node_states_of_a_big_run_are_bounded() {
         s.record("r1", &done("body", None, json!(i), &[]).at(i), &Map::new()).await.unwrap();
     }
 
-    let states = s.node_states("r1").await.unwrap();
+    let states = s.node_states("r1", Targets::Dropped).await.unwrap();
     assert_eq!(states.latest.len(), n + 3, "one record per node: split, the fan, scatter, body");
     assert!(states.latest.iter().all(|r| r.output.is_null() && r.taken.is_empty()), "no output, no targets");
     assert_eq!(states.latest.iter().find(|r| r.node_id == "body").map(|r| r.instance.as_str()), Some("1"));
@@ -321,13 +321,28 @@ async fn node_states_of_a_big_run_are_bounded() {
     assert!(bytes < 200 * (n + 3), "{bytes} bytes of node states for {} nodes", n + 3);
 
     // The same as the default, computed from every record (which reads the outputs and items).
-    let mut all = NodeStates::of(s.records("r1").await.unwrap());
+    let mut all = NodeStates::of(s.records("r1").await.unwrap(), Targets::Dropped);
     let mut latest = states.latest.clone();
     for v in [&mut all.latest, &mut latest] {
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     }
     assert_eq!(latest, all.latest);
     assert_eq!(states.instances, all.instances);
+
+    // What the console's run page reads: the same with the latest records' targets (bounded by the blueprint's
+    // edges: the split's 10 000 and one per fan node), still no output and no item.
+    let kept = s.node_states("r1", Targets::Kept).await.unwrap();
+    assert_eq!(kept.latest.len(), n + 3);
+    assert_eq!(kept.latest.iter().find(|r| r.node_id == "split").map(|r| r.taken.len()), Some(n));
+    assert_eq!(kept.latest.iter().find(|r| r.node_id == "w7").map(|r| r.taken.clone()), Some(vec!["join".into()]));
+    assert!(kept.latest.iter().all(|r| r.output.is_null()));
+    assert_eq!(kept.instances, states.instances);
+    let mut all_kept = NodeStates::of(s.records("r1").await.unwrap(), Targets::Kept);
+    let mut latest_kept = kept.latest.clone();
+    for v in [&mut all_kept.latest, &mut latest_kept] {
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    }
+    assert_eq!(latest_kept, all_kept.latest);
 
     // What `status` shows without `--outputs` and what a FlowRun mirrors: no output, a few bytes per node.
     let result = flowcraft::client::run_states(&s, "r1", None).await.unwrap().unwrap();

@@ -331,16 +331,28 @@ impl JobView {
 /// FlowRun mirroring show, bounded by the blueprint's nodes whatever the run's size.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeStates {
-    /// Per node, its latest record that is not a batch item, without `output` (`Null`) and `taken` (empty).
+    /// Per node, its latest record that is not a batch item, without `output` (`Null`), and with `taken` only
+    /// when asked for ([`Targets::Kept`]; else empty).
     pub latest: Vec<NodeRecord>,
     /// For every node with instances (in a loop or a batch): how many of its instances have each status.
     pub instances: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
+/// Whether [`RunStore::node_states`] keeps the latest records' taken targets: the console's run page needs them
+/// (which node's job is queued), `status` and FlowRun mirroring do not. Kept, they are bounded by the blueprint's
+/// edges (one latest record per node; batch items are counted, never read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Targets {
+    /// `taken` is left empty.
+    Dropped,
+    /// `taken` is read.
+    Kept,
+}
+
 impl NodeStates {
     /// The states of every record of a run, given in the order they were written (pure; the default of
     /// [`RunStore::node_states`]).
-    pub fn of(records: Vec<NodeRecord>) -> Self {
+    pub fn of(records: Vec<NodeRecord>, targets: Targets) -> Self {
         let instances = instance_counts(&records);
         let mut at: HashMap<String, usize> = HashMap::new();
         let mut latest: Vec<NodeRecord> = Vec::new();
@@ -349,7 +361,9 @@ impl NodeStates {
                 continue;
             }
             r.output = Value::Null;
-            r.taken = Vec::new();
+            if targets == Targets::Dropped {
+                r.taken = Vec::new();
+            }
             match at.get(&r.node_id) {
                 Some(&i) => latest[i] = r,
                 None => {
@@ -681,12 +695,12 @@ pub trait RunStore: Send + Sync + 'static {
         Ok(records)
     }
 
-    /// A run's state as aggregates of its records: per node its latest record (no output, no targets) and per
-    /// node with instances the count of each status. What `status` and FlowRun mirroring read: one row per node
-    /// and per node and status, never an output or a record per batch item. Stores override the default (which
-    /// reads every record) with aggregates.
-    async fn node_states(&self, run_id: &str) -> StoreResult<NodeStates> {
-        Ok(NodeStates::of(self.record_states(run_id).await?))
+    /// A run's state as aggregates of its records: per node its latest record (no output; its targets when
+    /// `targets` keeps them) and per node with instances the count of each status. What `status`, FlowRun
+    /// mirroring and the console's run page read: one row per node and per node and status, never an output or a
+    /// record per batch item. Stores override the default (which reads every record) with aggregates.
+    async fn node_states(&self, run_id: &str, targets: Targets) -> StoreResult<NodeStates> {
+        Ok(NodeStates::of(self.record_states(run_id).await?, targets))
     }
 
     /// Whether a record of the run is `resumed` (its job has not routed it yet): such a job checks, once it has

@@ -22,7 +22,7 @@ use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
     BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStates, NodeStatus, ParentRef,
     ReconcilePass, ReconcileStats, RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore,
-    RunSummary, StoreError, StoreResult, StoredBlueprint, Transition,
+    RunSummary, StoreError, StoreResult, StoredBlueprint, Targets, Transition,
 };
 use crate::tls::TlsSettings;
 
@@ -532,11 +532,12 @@ const RECORD_STATES: &str = "SELECT node_id, instance, status, action, NULL::jso
        finished_at, wait
   FROM {results} WHERE run_id = $1::text ORDER BY finished_at, node_id, instance";
 
-// A run's node states: per node its latest record that is not a batch item (no output, no targets), and the
-// instance counts by status (`RunStore::node_states`). One row per node and per node and status.
-const NODE_STATES: &str = "SELECT node_id, instance, status, action, NULL::jsonb AS output, '[]'::jsonb AS taken,
+// A run's node states: per node its latest record that is not a batch item (no output; `{taken}` is its targets
+// or an empty array), and the instance counts by status (`RunStore::node_states`). One row per node and per node
+// and status.
+const NODE_STATES: &str = "SELECT node_id, instance, status, action, NULL::jsonb AS output, {taken},
        attempts, error, finished_at, wait
-  FROM (SELECT DISTINCT ON (node_id) node_id, instance, status, action, attempts, error, finished_at, wait
+  FROM (SELECT DISTINCT ON (node_id) node_id, instance, status, action, taken, attempts, error, finished_at, wait
           FROM {results} WHERE run_id = $1::text AND strpos(instance, '#') = 0
          ORDER BY node_id, finished_at DESC, instance DESC) AS latest
  ORDER BY finished_at, node_id, instance";
@@ -616,7 +617,8 @@ const LIST_RUNS_WHERE: &str = " WHERE ($1::text IS NULL OR status = $1::text)
 
 const RUNS_PAGE: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
        s.created_at, s.updated_at, s.parent_run_id, s.parent_node_id, s.parent_instance,
-       (SELECT count(*) FROM {results} r WHERE r.run_id = s.run_id AND r.instance = '') AS resolved,
+       (SELECT count(DISTINCT r.node_id) FROM {results} r
+         WHERE r.run_id = s.run_id AND strpos(r.instance, '#') = 0) AS resolved,
        (SELECT jsonb_array_length(b.definition -> 'nodes') FROM {blueprints} b
          WHERE b.blueprint_id = s.blueprint_id AND b.version IS NOT DISTINCT FROM s.blueprint_version
            AND jsonb_typeof(b.definition -> 'nodes') = 'array'
@@ -666,6 +668,7 @@ struct Sql {
     instances_page: String,
     record_states: String,
     node_states: String,
+    node_states_taken: String,
     instance_counts: String,
     /// Indexed by `status filter as bit 0 | blueprint filter as bit 1`.
     list_runs: String,
@@ -710,7 +713,8 @@ impl Sql {
             has_resumed: names.render(HAS_RESUMED),
             instances_page: names.render(INSTANCES_PAGE),
             record_states: names.render(RECORD_STATES),
-            node_states: names.render(NODE_STATES),
+            node_states: names.render(&NODE_STATES.replace("{taken}", "'[]'::jsonb AS taken")),
+            node_states_taken: names.render(&NODE_STATES.replace("{taken}", "taken")),
             instance_counts: names.render(INSTANCE_COUNTS),
             list_runs: names.render(&format!("SELECT {RUN_COLUMNS} FROM {{statuses}}{LIST_RUNS_WHERE}")),
             claim_stalled: names.render(CLAIM_STALLED),
@@ -1691,8 +1695,12 @@ impl RunStore for PostgresStore {
         self.read_records(run_id, &self.sql.record_states, "read record states").await
     }
 
-    async fn node_states(&self, run_id: &str) -> StoreResult<NodeStates> {
-        let latest = self.read_records(run_id, &self.sql.node_states, "read node states");
+    async fn node_states(&self, run_id: &str, targets: Targets) -> StoreResult<NodeStates> {
+        let sql = match targets {
+            Targets::Dropped => &self.sql.node_states,
+            Targets::Kept => &self.sql.node_states_taken,
+        };
+        let latest = self.read_records(run_id, sql, "read node states");
         let (latest, instances) = tokio::try_join!(latest, self.instance_counts(run_id))?;
         Ok(NodeStates { latest, instances })
     }

@@ -249,14 +249,8 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
     let run_id = id("run id", &run_id)?;
     let detail = ui.source.run(run_id).await?.ok_or_else(|| ApiError::not_found(format!("run {run_id} not found")))?;
     let (known, blueprint) = ui.run_blueprint(&detail.info).await?;
-    // A node's latest record (records come in write order); batch items are counted below, never the
-    // scatter node's own state.
-    let records: HashMap<&str, &NodeRecord> = detail
-        .records
-        .iter()
-        .filter(|r| crate::flow::instance::split_item(&r.instance).1.is_none())
-        .map(|r| (r.node_id.as_str(), r))
-        .collect();
+    // A node's latest record; batch items are counted below, never the scatter node's own state.
+    let records: HashMap<&str, &NodeRecord> = detail.states.latest.iter().map(|r| (r.node_id.as_str(), r)).collect();
     let view = |r: Option<&&NodeRecord>, state| NodeView {
         state,
         attempts: r.map_or(0, |r| r.attempts),
@@ -281,13 +275,13 @@ pub(super) async fn run(State(ui): State<Ui>, Path(run_id): Path<String>) -> Api
             view(Some(r), state)
         });
     }
-    for (node, counts) in crate::client::instance_counts(&detail.records) {
-        if let Some(n) = nodes.get_mut(&node) {
-            n.instances = Some(counts);
+    for (node, counts) in &detail.states.instances {
+        if let Some(n) = nodes.get_mut(node) {
+            n.instances = Some(counts.clone());
         }
     }
     let total = known.as_ref().map(|k| k.graph.node_count() as u64);
-    let run = RunView::new(&detail.info, detail.records.len() as u64, total);
+    let run = RunView::new(&detail.info, detail.states.latest.len() as u64, total);
     Ok(Json(json!({ "run": run, "blueprint": blueprint, "graph": graph.as_deref(), "nodes": nodes })))
 }
 
@@ -309,7 +303,7 @@ pub(super) async fn node(
     let node_id = id("node id", &node_id)?;
     let detail = ui.source.run(run_id).await?.ok_or_else(|| ApiError::not_found(format!("run {run_id} not found")))?;
     let (known, _) = ui.run_blueprint(&detail.info).await?;
-    let records: HashMap<&str, &NodeRecord> = detail.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
+    let records: HashMap<&str, &NodeRecord> = detail.states.latest.iter().map(|r| (r.node_id.as_str(), r)).collect();
     let record = records.get(node_id).copied();
     let graph = known.as_ref().map(|k| k.graph.clone()).filter(|g| g.contains(node_id));
     if graph.is_none() && record.is_none() {

@@ -16,8 +16,8 @@ use crate::flow::BlueprintSet;
 use crate::flow::{Blueprint, ContextNeeds, Graph};
 use crate::store::postgres::PostgresStore;
 use crate::store::{
-    InstanceKey, JobQueue, NodeRecord, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError, StoreResult,
-    StoredBlueprint,
+    InstanceKey, JobQueue, NodeRecord, NodeStates, RunInfo, RunPageQuery, RunStatus, RunStore, RunSummary, StoreError,
+    StoreResult, StoredBlueprint, Targets,
 };
 
 /// Graphs kept built (and laid out by the caller) at most; the cache is cleared past it.
@@ -73,9 +73,10 @@ pub enum Lookup {
 pub struct RunDetail {
     /// The status row.
     pub info: RunInfo,
-    /// Every record of the run, without its output (the page polls it: a big run's outputs are not read; a
-    /// node's output is read with [`ConsoleSource::node_record`]).
-    pub records: Vec<NodeRecord>,
+    /// Per node its latest record (no output, with its taken targets) and per node with instances the count of
+    /// each status: the page polls it, so neither a big run's outputs nor its batch items are read; a node's
+    /// output is read with [`ConsoleSource::node_record`].
+    pub states: NodeStates,
 }
 
 /// A run's data for one node's detail: its status row, context and the records of the node's dependencies.
@@ -196,8 +197,8 @@ impl ConsoleSource for StoreSource {
 
     async fn run(&self, run_id: &str) -> StoreResult<Option<RunDetail>> {
         let Some(info) = self.store.run_info(run_id).await? else { return Ok(None) };
-        let records = self.store.record_states(run_id).await?;
-        Ok(Some(RunDetail { info, records }))
+        let states = self.store.node_states(run_id, Targets::Kept).await?;
+        Ok(Some(RunDetail { info, states }))
     }
 
     async fn node_record(&self, run_id: &str, node_id: &str, instance: &str) -> StoreResult<Option<NodeRecord>> {
