@@ -248,6 +248,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
         if plan.only_waits() {
             let seen = crate::store::RecordTally::of(&records);
             repair.awaiting = self.store.set_awaiting(run_id, seen).await.map_err(store_err)?;
+            if repair.awaiting {
+                // The awaited tally (docs/architecture.md, "Waiting nodes"), rebuilt from the records: its resumed
+                // items need not replay the run. Losing it only costs them that replay.
+                if let Err(error) = self.coord.note_awaited(run_id, seen).await {
+                    warn!(run_id, error = %crate::report::Chain(&error), "Cannot note the awaited tally.");
+                }
+            }
             return Ok(repair);
         }
         let mut jobs = Vec::new();

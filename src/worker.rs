@@ -274,6 +274,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let batch_count = batch_count(&job, &view);
         let is_child = view.run.parent.is_some();
         let recorded = view.record_at(&job.node_id, &job.instance).filter(|r| r.status != NodeStatus::Pending).cloned();
+        let mut awaited_epoch = None;
         let (record, outcome) = match recorded {
             Some(record) if record.status == NodeStatus::Waiting => {
                 // A redelivery (the first delivery may have died between its record and the awaiting check):
@@ -283,7 +284,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             }
             Some(record) if record.status == NodeStatus::Resumed => {
                 match self.finish_resumed(&graph, &job, &view, record).await.map_err(store_err)? {
-                    Some(record) => (record, "resumed"),
+                    Some(finished) => {
+                        awaited_epoch = finished.epoch;
+                        (finished.record, "resumed")
+                    }
                     None => return Ok(Settle::Ack("skipped")),
                 }
             }
@@ -302,15 +306,20 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         }
         // 6–7. Send the arrivals, fire joins, publish, finish the run.
         let quiet = match batch_count {
-            // A resumed item checks (its siblings may still wait); another only when it is the last of its batch
-            // to settle (`item_settled_last`): checking after every item would replay the run once per item.
+            // A resumed item checks (its siblings may still wait), without a replay while its run's awaited tally
+            // accounts for it (`resumed_item_settled`); another only when it is the last of its batch to settle
+            // (`item_settled_last`): checking after every item would replay the run once per item.
             Some(count) => {
                 let item = self.propagate_item(&graph, &job, &record, count, is_child);
                 let fired_nothing = item.await.map_err(store_err)?;
-                let check = fired_nothing && (outcome == "resumed" || graph.may_wait());
-                check
-                    && (outcome == "resumed"
-                        || self.item_settled_last(&graph, &job, count, false).await.map_err(store_err)?)
+                if fired_nothing && outcome == "resumed" {
+                    let epoch = awaited_epoch.as_deref();
+                    self.resumed_item_settled(&graph, &job, epoch).await.map_err(store_err)?;
+                    return Ok(Settle::Ack(outcome));
+                }
+                fired_nothing
+                    && graph.may_wait()
+                    && self.item_settled_last(&graph, &job, count, false).await.map_err(store_err)?
             }
             None => self.propagate(&graph, &job, &record, is_child).await.map_err(store_err)?,
         };
@@ -1179,6 +1188,8 @@ mod tests {
         reject_records: AtomicU32,
         /// Before the next `record`, another delivery records this one first.
         competing_record: Mutex<Option<NodeRecord>>,
+        /// Before the next `transition`, another delivery makes this one first.
+        competing_transition: Mutex<Option<NodeRecord>>,
         /// Fail this many `publish` calls.
         fail_publishes: AtomicU32,
         /// Every delayed publish (job, delay), kept instead of delivered.
@@ -1267,9 +1278,15 @@ mod tests {
             to: &NodeRecord,
             writes: &Map<String, Value>,
         ) -> StoreResult<crate::store::Transition> {
+            self.faults.statements.lock().unwrap().push("transition");
+            let competing = self.faults.competing_transition.lock().unwrap().take();
+            if let Some(first) = competing {
+                self.inner.transition(run_id, from, &first, &Map::new()).await?;
+            }
             self.inner.transition(run_id, from, to, writes).await
         }
         async fn set_awaiting(&self, run_id: &str, seen: crate::store::RecordTally) -> StoreResult<bool> {
+            self.faults.statements.lock().unwrap().push("set_awaiting");
             self.inner.set_awaiting(run_id, seen).await
         }
         async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<crate::store::FiredTimer>> {
@@ -1413,6 +1430,23 @@ mod tests {
         async fn forget(&self, run_id: &str, node_ids: &[&str]) -> StoreResult<()> {
             self.count("forget");
             self.inner.forget(run_id, node_ids).await
+        }
+        async fn note_awaited(&self, run_id: &str, seen: crate::store::RecordTally) -> StoreResult<()> {
+            self.count("note_awaited");
+            self.inner.note_awaited(run_id, seen).await
+        }
+        async fn awaited_epoch(&self, run_id: &str) -> StoreResult<Option<String>> {
+            self.count("awaited_epoch");
+            self.inner.awaited_epoch(run_id).await
+        }
+        async fn count_quiet(
+            &self,
+            run_id: &str,
+            epoch: &str,
+            member: &str,
+        ) -> StoreResult<Option<crate::store::RecordTally>> {
+            self.count("count_quiet");
+            self.inner.count_quiet(run_id, epoch, member).await
         }
         async fn ping(&self) -> StoreResult<()> {
             self.inner.ping().await
@@ -1652,66 +1686,165 @@ mod tests {
         assert_eq!(store.list_runs(&RunFilter::default()).await.unwrap().len(), 1, "no child run");
     }
 
+    /// A fixture whose blueprint scatters `n` items over `wait` (no chunks) to the gather `ga`, plus `extra`
+    /// nodes and edges; `gen` and `sc` have run, so the `n` item jobs are queued.
+    async fn batch_of_waits(n: u64, extra_nodes: &[Value], extra_edges: &[Value]) -> Fixture {
+        let mut nodes = vec![
+            json!({"id": "gen", "uses": "transform", "params": {"expr": format!("lists.range({n})")}}),
+            json!({"id": "sc", "uses": "batch-scatter", "inputs": "gen",
+                   "params": {"workerUsesKey": "wait", "gatherNodeId": "ga"}}),
+            json!({"id": "ga", "uses": "batch-gather"}),
+        ];
+        nodes.extend(extra_nodes.iter().cloned());
+        let mut edges = vec![json!({"source": "gen", "target": "sc"}), json!({"source": "sc", "target": "ga"})];
+        edges.extend(extra_edges.iter().cloned());
+        let f =
+            Fixture::of(json!({"id": "bp", "metadata": {"version": "2"}, "nodes": nodes, "edges": edges}), "2").await;
+        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
+        f
+    }
+
+    impl Fixture {
+        /// Resume `node` at `instance` with `output` (what a resumer commits: the timer service, a webhook).
+        async fn resume_at(&self, node: &str, instance: &str, output: Value) {
+            let record = NodeRecord { status: NodeStatus::Resumed, output, ..NodeRecord::skipped(node) };
+            let won = self.store.transition("r", NodeStatus::Waiting, &record.at(instance), &Map::new()).await;
+            assert!(matches!(won.unwrap(), crate::store::Transition::Won), "{node}{instance}");
+        }
+
+        /// Process the job of item `i` of `sc`.
+        async fn process_item(&self, i: u64) -> Settle {
+            self.process(&job("sc").at(instance::item("", i))).await.unwrap()
+        }
+
+        /// The statements made since the last call.
+        fn take_statements(&self) -> Vec<&'static str> {
+            std::mem::take(&mut *self.faults.statements.lock().unwrap())
+        }
+    }
+
+    fn replays(statements: &[&str]) -> usize {
+        statements.iter().filter(|s| **s == "records").count()
+    }
+
     /// N items waiting (`wait` as the worker of a batch without chunks) replay the run once, not once per item:
     /// only the last item to settle checks whether the run can only wait (O(N) in all, not O(N²)).
     #[tokio::test]
     async fn waiting_batch_items_replay_the_run_once_not_once_per_item() {
         const N: u64 = 20;
-        let f = Fixture::of(
-            json!({
-                "id": "bp",
-                "metadata": {"version": "2"},
-                "nodes": [
-                    {"id": "gen", "uses": "transform", "params": {"expr": format!("lists.range({N})")}},
-                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
-                     "params": {"workerUsesKey": "wait", "gatherNodeId": "ga"}},
-                    {"id": "ga", "uses": "batch-gather"}
-                ],
-                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
-            }),
-            "2",
-        )
-        .await;
-        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
-        f.faults.statements.lock().unwrap().clear();
+        let f = batch_of_waits(N, &[], &[]).await;
+        f.take_statements();
         for i in 0..N {
-            let item = job("sc").at(instance::item("", i));
-            assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"), "item {i}");
+            assert_eq!(f.process_item(i).await, Settle::Ack("waiting"), "item {i}");
             let status = f.status().await;
             assert_eq!(status == RunStatus::Awaiting, i == N - 1, "item {i}: {status:?}");
         }
-        let statements = f.faults.statements.lock().unwrap().clone();
-        let replays = statements.iter().filter(|s| **s == "records").count();
-        assert_eq!(replays, 1, "one replay of the run for {N} waiting items: {statements:?}");
-        // Resumed together (timers falling due at once): while a sibling is still resumed its job checks, so only
-        // the last of a group replays; the last of all fires the gather and replays nothing.
-        let resume = |i: u64| {
-            let record = NodeRecord { status: NodeStatus::Resumed, output: json!(i), ..NodeRecord::skipped("sc") };
-            let f = &f;
-            async move {
-                let record = record.at(instance::item("", i));
-                let won = f.store.transition("r", NodeStatus::Waiting, &record, &Map::new()).await.unwrap();
-                assert!(matches!(won, crate::store::Transition::Won), "item {i}");
-            }
-        };
+        let statements = f.take_statements();
+        assert_eq!(replays(&statements), 1, "one replay of the run for {N} waiting items: {statements:?}");
+        // Resumed together (timers falling due at once): while a sibling is still resumed its job does not check;
+        // the last of a group finds the awaited tally (of the replay above) holds, less the group, and replays
+        // nothing; the last of all fires the gather.
         for group in [0..5, 5..N] {
-            f.faults.statements.lock().unwrap().clear();
             for i in group.clone() {
-                resume(i).await;
+                f.resume_at("sc", &instance::item("", i), json!(i)).await;
             }
             for i in group.clone() {
-                let item = job("sc").at(instance::item("", i));
-                assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("resumed"), "item {i}");
+                assert_eq!(f.process_item(i).await, Settle::Ack("resumed"), "item {i}");
             }
-            let statements = f.faults.statements.lock().unwrap().clone();
-            let replays = statements.iter().filter(|s| **s == "records").count();
-            let last_group = group.end == N;
-            assert_eq!(replays, usize::from(!last_group), "items {group:?} resumed together: {statements:?}");
-            let expected = if last_group { RunStatus::Running } else { RunStatus::Awaiting };
+            let statements = f.take_statements();
+            assert_eq!(replays(&statements), 0, "items {group:?} resumed together: {statements:?}");
+            let expected = if group.end == N { RunStatus::Running } else { RunStatus::Awaiting };
             assert_eq!(f.status().await, expected, "after items {group:?}");
         }
         assert!(f.queue.depth() >= 1, "the gather's job");
+    }
+
+    /// N items resumed one at a time, each routed before the next is resumed (timers spread over time, requests
+    /// far apart): each job finds the run's awaited tally holds, less the items resumed since, and sets the run
+    /// awaiting again without replaying it — O(1) statements per resume, not a replay of N records each (O(N²)).
+    #[tokio::test]
+    async fn batch_items_resumed_one_at_a_time_do_not_replay_the_run() {
+        const N: u64 = 30;
+        let f = batch_of_waits(N, &[], &[]).await;
+        for i in 0..N {
+            assert_eq!(f.process_item(i).await, Settle::Ack("waiting"), "item {i}");
+        }
+        assert_eq!(f.status().await, RunStatus::Awaiting);
+        f.take_statements();
+        let mut per_resume = None;
+        for i in 0..N - 1 {
+            f.resume_at("sc", &instance::item("", i), json!(i)).await;
+            assert_eq!(f.status().await, RunStatus::Running, "a resume sets the run running");
+            assert_eq!(f.process_item(i).await, Settle::Ack("resumed"), "item {i}");
+            assert_eq!(f.status().await, RunStatus::Awaiting, "item {i}: only the others wait");
+            let statements = f.take_statements();
+            assert_eq!(replays(&statements), 0, "item {i}: {statements:?}");
+            assert_eq!(*per_resume.get_or_insert_with(|| statements.clone()), statements, "item {i}: same cost");
+        }
+        assert_eq!(per_resume.unwrap(), ["job_view_for", "transition", "has_resumed", "set_awaiting"]);
+        // The last item fires the gather, which completes the run.
+        f.resume_at("sc", &instance::item("", N - 1), json!(N - 1)).await;
+        assert_eq!(f.process_item(N - 1).await, Settle::Ack("resumed"));
+        assert_eq!(f.process(&job("ga")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.status().await, RunStatus::Completed);
+        let gathered = f.record("ga").await.unwrap().output;
+        assert_eq!(gathered, json!((0..N).collect::<Vec<_>>()));
+    }
+
+    /// The awaited tally is exact or unused: after anything but quiet item resumes (here another node resumed and
+    /// routed, its successor's job not run yet) the tally no longer holds and the item replays the run, which is
+    /// not awaiting (a job is in flight); a replay that sets it awaiting notes a new tally. A lost tally (Redis
+    /// flushed) only costs the next item a replay.
+    #[tokio::test]
+    async fn the_awaited_tally_is_used_only_while_it_holds() {
+        const N: u64 = 4;
+        let side = [json!({"id": "gate", "uses": "wait"}), json!({"id": "after", "uses": "noop"})];
+        let f = batch_of_waits(N, &side, &[json!({"source": "gate", "target": "after"})]).await;
+        assert_eq!(f.process(&job("gate")).await.unwrap(), Settle::Ack("waiting"));
+        for i in 0..N {
+            assert_eq!(f.process_item(i).await, Settle::Ack("waiting"), "item {i}");
+        }
+        assert_eq!(f.status().await, RunStatus::Awaiting);
+        f.resume_at("gate", "", json!("go")).await;
+        assert_eq!(f.process(&job("gate")).await.unwrap(), Settle::Ack("resumed"));
+        // `after` is published, not run yet. Item 0 resumed meanwhile: the tally does not hold; the replay sees
+        // `after` ready, so the run stays running.
+        f.resume_at("sc", &instance::item("", 0), json!(0)).await;
+        f.take_statements();
+        assert_eq!(f.process_item(0).await, Settle::Ack("resumed"));
+        assert_eq!(replays(&f.take_statements()), 1);
+        assert_eq!(f.status().await, RunStatus::Running, "after's job is in flight");
+        // `after` fires nothing: its replay sets the run awaiting and notes a new tally, which item 1 uses.
+        assert_eq!(f.process(&job("after")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.status().await, RunStatus::Awaiting);
+        f.resume_at("sc", &instance::item("", 1), json!(1)).await;
+        f.take_statements();
+        assert_eq!(f.process_item(1).await, Settle::Ack("resumed"));
+        assert_eq!((replays(&f.take_statements()), f.status().await), (0, RunStatus::Awaiting));
+        // Redis lost everything: item 2 replays (and notes the tally again).
+        f.coord.flush();
+        f.resume_at("sc", &instance::item("", 2), json!(2)).await;
+        assert_eq!(f.process_item(2).await, Settle::Ack("resumed"));
+        assert_eq!((replays(&f.take_statements()), f.status().await), (1, RunStatus::Awaiting));
+    }
+
+    /// The job of a resumed item that lost its transition (a copy of it routed the item first) does not count
+    /// as a quiet resume: the item may have been routed before the tally it would count against was replayed.
+    /// It replays the run.
+    #[tokio::test]
+    async fn a_resumed_item_that_lost_its_transition_replays() {
+        let f = batch_of_waits(3, &[], &[]).await;
+        for i in 0..3 {
+            assert_eq!(f.process_item(i).await, Settle::Ack("waiting"), "item {i}");
+        }
+        f.resume_at("sc", &instance::item("", 0), json!(0)).await;
+        let first = NodeRecord::done("sc", json!(0), None, vec![], 1).at(instance::item("", 0));
+        *f.faults.competing_transition.lock().unwrap() = Some(first);
+        f.take_statements();
+        assert_eq!(f.process_item(0).await, Settle::Ack("resumed"));
+        assert_eq!(replays(&f.take_statements()), 1);
+        assert_eq!(f.status().await, RunStatus::Awaiting);
     }
 
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on

@@ -878,3 +878,46 @@ async fn instances_are_paged_in_listing_order_and_waiting_ones_found_without_out
     assert!(s.waiting_instances("r1", "other", 4).await.unwrap().is_empty());
     s.drop_tables().await.unwrap();
 }
+
+/// The stranded-resume republish backs off per record (V10): a record still `resumed` is claimed after one grace,
+/// then only after 2, 4, ... graces since its last claim (at most `2^REPUBLISH_DOUBLINGS`), not once per grace.
+/// Time is moved by setting `finished_at` back, not by sleeping.
+#[tokio::test]
+async fn a_stranded_resume_is_republished_with_a_doubling_backoff() {
+    use flowcraft::store::{REPUBLISH_DOUBLINGS, republish_after};
+    let s = store("pg_backoff").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    s.record("r1", &waiting("gate", flowcraft::flow::WaitReason::ExternalEvent, None), &Map::new()).await.unwrap();
+    let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("gate") };
+    s.transition("r1", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
+    let client = s.pool().get().await.unwrap();
+    let results = s.table_names().results.clone();
+    let age = |seconds: f64| {
+        let client = &client;
+        let sql = format!(
+            "UPDATE \"{results}\" SET finished_at = now() - $1::float8 * interval '1 second' WHERE run_id = 'r1'"
+        );
+        async move { client.execute(&sql, &[&seconds]).await.unwrap() }
+    };
+    let grace = Duration::from_secs(60);
+    assert!(s.stranded_resumes(grace, 10).await.unwrap().is_empty(), "within the grace");
+    for republished in 0..REPUBLISH_DOUBLINGS + 3 {
+        let backoff = republish_after(grace, republished).as_secs_f64();
+        age(backoff - 5.0).await;
+        assert!(s.stranded_resumes(grace, 10).await.unwrap().is_empty(), "{republished} republishes: too soon");
+        age(backoff + 1.0).await;
+        let found = s.stranded_resumes(grace, 10).await.unwrap();
+        assert_eq!(found.len(), 1, "{republished} republishes: due after {backoff} s");
+        assert_eq!((found[0].node_id.as_str(), found[0].blueprint_id.as_str()), ("gate", "bp"));
+        assert!(s.stranded_resumes(grace, 10).await.unwrap().is_empty(), "stamped with now");
+    }
+    let count: i32 = client
+        .query_one(&format!("SELECT republished FROM \"{results}\" WHERE run_id = 'r1'"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, i32::try_from(REPUBLISH_DOUBLINGS).unwrap() + 3);
+    assert_eq!(republish_after(grace, 100), grace * 32, "capped");
+    drop(client);
+    s.drop_tables().await.unwrap();
+}

@@ -400,3 +400,33 @@ async fn unreachable_redis_fails_clearly_after_retries() {
     assert!(message.contains("127.0.0.1:1"), "{message}");
     assert!(!message.contains("hunter2"), "the password is redacted: {message}");
 }
+
+/// The awaited tally (docs/architecture.md, "Waiting nodes"): a quiet resume counts once per member against the
+/// current epoch only; a new tally empties the set; the keys carry the TTL and are dropped with the run.
+#[tokio::test]
+async fn quiet_resumes_count_against_the_current_awaited_tally_only() {
+    use flowcraft::store::RecordTally;
+    let c = coordinator().await;
+    let prefix = c.config().prefix.clone();
+    let run = "r{1}";
+    assert_eq!(c.awaited_epoch(run).await.expect("epoch"), None);
+    assert_eq!(c.count_quiet(run, "e", "sc\u{1f}#0").await.expect("count"), None, "no tally noted");
+    c.note_awaited(run, RecordTally { records: 1003, waiting: 1000 }).await.expect("note");
+    let epoch = c.awaited_epoch(run).await.expect("epoch").expect("noted");
+    let tally = |waiting| Some(RecordTally { records: 1003, waiting });
+    assert_eq!(c.count_quiet(run, &epoch, "sc\u{1f}#0").await.expect("count"), tally(999));
+    assert_eq!(c.count_quiet(run, &epoch, "sc\u{1f}#0").await.expect("count"), tally(999), "counted once");
+    assert_eq!(c.count_quiet(run, &epoch, "sc\u{1f}#1").await.expect("count"), tally(998));
+    let all = keys(&format!("{prefix}:*")).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    for key in &all {
+        assert!(pttl(key).await > 0, "{key} expires");
+    }
+    c.note_awaited(run, RecordTally { records: 1003, waiting: 998 }).await.expect("note again");
+    assert_eq!(c.count_quiet(run, &epoch, "sc\u{1f}#2").await.expect("count"), None, "an older epoch");
+    let epoch = c.awaited_epoch(run).await.expect("epoch").expect("noted");
+    assert_eq!(c.count_quiet(run, &epoch, "sc\u{1f}#2").await.expect("count"), tally(997), "a new, empty set");
+    c.forget(run, &["sc"]).await.expect("forget");
+    assert!(keys(&format!("{prefix}:*")).await.is_empty());
+    assert_eq!(c.count_quiet(run, &epoch, "sc\u{1f}#3").await.expect("count"), None, "forgotten");
+}

@@ -382,3 +382,54 @@ async fn the_cli_shows_awaiting_runs_and_their_waiting_nodes() {
     assert!(waiting.iter().all(|id| text.contains(id.as_str())) && !text.contains(&done), "{text}");
     cluster.cleanup().await;
 }
+
+/// Batch items resumed one at a time, each routed before the next is resumed (requests far apart), on the real
+/// services with two workers: after each resume the run is `awaiting` again, and only the replay that first set it
+/// awaiting read the run's records — every later item found the awaited tally (Redis) still held under
+/// `set_awaiting`'s lock (PostgreSQL) and replayed nothing (docs/architecture.md, "Waiting nodes"). The last item
+/// fires the gather, whose output is every item's result in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_items_resumed_one_at_a_time_leave_the_run_awaiting_without_replays() {
+    const N: usize = 12;
+    let cluster = Cluster::new("spread");
+    let dir = tempfile::tempdir().unwrap();
+    let graph = write_blueprint(
+        dir.path(),
+        &json!({
+            "id": "spread",
+            "nodes": [
+                {"id": "gen", "uses": "transform", "params": {"expr": format!("lists.range({N})")}},
+                {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
+                 "params": {"workerUsesKey": "wait", "gatherNodeId": "ga"}},
+                {"id": "ga", "uses": "batch-gather"}
+            ],
+            "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
+        }),
+    );
+    let (store, queue) = (cluster.store().await, cluster.queue().await);
+    let w1 = cluster.spawn_worker("w1", dir.path(), &[]);
+    let w2 = cluster.spawn_worker("w2", dir.path(), &[]);
+    let id = format!("{}-run", cluster.name);
+    client::start_run(&*queue, &*store, &graph, &id, json!({})).await.unwrap();
+    all_reach(&store, std::slice::from_ref(&id), RunStatus::Awaiting, Duration::from_secs(60)).await;
+    let logs = || format!("{}\n{}", w1.log_text(), w2.log_text());
+    for i in 0..N {
+        let resume = Resume { result: json!(i * 10), action: None, instance: Some(format!("#{i}")) };
+        client::resume_node(&*queue, &*store, &id, "sc", resume).await.unwrap();
+        let want = if i + 1 < N { RunStatus::Awaiting } else { RunStatus::Completed };
+        let got = common::eventually(&format!("run {id} {want} after item {i}"), Duration::from_secs(60), || async {
+            status_of(&store, &id).await.filter(|s| *s == want || s.is_terminal())
+        })
+        .await;
+        assert_eq!(got, want, "after item {i}:\n{}", logs());
+    }
+    let logs = logs();
+    let replayed = logs.matches("Run awaiting.").count();
+    let quiet = logs.matches("Run awaiting (its awaited tally holds; no replay).").count();
+    assert_eq!((replayed, quiet), (1, N - 1), "one replay, then none:\n{logs}");
+    let result = client::run_result(&*store, &id, None).await.unwrap().unwrap();
+    let want: Vec<usize> = (0..N).map(|i| i * 10).collect();
+    assert_eq!(result.outputs.get("ga"), Some(&json!(want)), "{logs}");
+    drop((w1, w2));
+    cluster.cleanup().await;
+}

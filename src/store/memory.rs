@@ -187,6 +187,8 @@ struct RunEntry {
     /// Records by (node, instance), each with the order it was written in (the "latest" of `job_view_at`).
     records: BTreeMap<(String, String), (u64, NodeRecord)>,
     written: u64,
+    /// How many times `stranded_resumes` returned each record (the `republished` column, V10).
+    republished: HashMap<(String, String), u32>,
 }
 
 impl RunEntry {
@@ -356,6 +358,7 @@ impl RunStore for MemoryStore {
                 context: Arc::new(context),
                 records: BTreeMap::new(),
                 written: 0,
+                republished: HashMap::new(),
             },
         );
         Ok(true)
@@ -531,7 +534,10 @@ impl RunStore for MemoryStore {
 
     async fn stranded_resumes(&self, grace: std::time::Duration, limit: usize) -> StoreResult<Vec<FiredTimer>> {
         let now = Utc::now();
-        let before = chrono::Duration::from_std(grace).ok().and_then(|g| now.checked_sub_signed(g)).unwrap_or(now);
+        let due = |at: chrono::DateTime<Utc>, republished: u32| {
+            let after = super::republish_after(grace, republished);
+            chrono::Duration::from_std(after).ok().and_then(|a| now.checked_sub_signed(a)).is_some_and(|b| at <= b)
+        };
         let mut runs = lock(&self.runs);
         let mut stranded: Vec<(chrono::DateTime<Utc>, String, (String, String))> = runs
             .values()
@@ -539,7 +545,8 @@ impl RunStore for MemoryStore {
             .flat_map(|e| e.records.iter().map(move |(key, (_, r))| (e, key, r)))
             .filter(|(_, _, r)| r.status == NodeStatus::Resumed)
             .filter_map(|(e, key, r)| {
-                let at = r.finished_at.filter(|at| *at <= before)?;
+                let republished = e.republished.get(key).copied().unwrap_or(0);
+                let at = r.finished_at.filter(|at| due(*at, republished))?;
                 Some((at, e.info.run_id.clone(), key.clone()))
             })
             .collect();
@@ -550,6 +557,7 @@ impl RunStore for MemoryStore {
             let Some(e) = runs.get_mut(&run_id) else { continue };
             let Some((_, r)) = e.records.get_mut(&key) else { continue };
             r.finished_at = Some(now);
+            *e.republished.entry(key.clone()).or_default() += 1;
             let (node_id, instance) = key;
             found.push(FiredTimer { run_id, blueprint_id: e.info.blueprint_id.clone(), node_id, instance });
         }
@@ -671,6 +679,8 @@ struct CoordState {
     leases: HashMap<(String, String), (String, Instant)>,
     resolved: HashMap<String, HashSet<String>>,
     executions: HashMap<(String, String), u32>,
+    /// Per run: the awaited tally, its epoch and the quiet resumes counted since.
+    awaited: HashMap<String, (RecordTally, String, HashSet<String>)>,
 }
 
 /// In-process coordination: join arrivals, leases and resolved sets, with the same semantics as Redis.
@@ -789,7 +799,27 @@ impl Coordinator for MemoryCoordinator {
         s.leases.retain(|(r, _), _| r != run_id);
         s.executions.retain(|(r, _), _| r != run_id);
         s.resolved.remove(run_id);
+        s.awaited.remove(run_id);
         Ok(())
+    }
+
+    async fn note_awaited(&self, run_id: &str, seen: RecordTally) -> StoreResult<()> {
+        let epoch = uuid::Uuid::new_v4().simple().to_string();
+        lock(&self.state).awaited.insert(run_id.to_string(), (seen, epoch, HashSet::new()));
+        Ok(())
+    }
+
+    async fn awaited_epoch(&self, run_id: &str) -> StoreResult<Option<String>> {
+        Ok(lock(&self.state).awaited.get(run_id).map(|(_, epoch, _)| epoch.clone()))
+    }
+
+    async fn count_quiet(&self, run_id: &str, epoch: &str, member: &str) -> StoreResult<Option<RecordTally>> {
+        let mut s = lock(&self.state);
+        let Some((seen, _, quiet)) = s.awaited.get_mut(run_id).filter(|(_, e, _)| e == epoch) else {
+            return Ok(None);
+        };
+        quiet.insert(member.to_string());
+        Ok(seen.after_quiet(quiet.len()))
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -849,6 +879,67 @@ mod tests {
         let fresh = RecordTally::of(&s.records("r").await.unwrap());
         assert!(s.set_awaiting("r", fresh).await.unwrap());
         assert_eq!(s.run_info("r").await.unwrap().unwrap().status, RunStatus::Awaiting);
+    }
+
+    /// Under a backlog longer than the grace, a job only slow in the queue is republished after 1, 2, 4, ...
+    /// graces (at most `2^REPUBLISH_DOUBLINGS`), not once per grace.
+    #[tokio::test]
+    async fn a_stranded_resume_is_republished_with_a_doubling_backoff() {
+        let s = MemoryStore::new();
+        s.create_run(&new_run("r", Value::Null)).await.unwrap();
+        let wait = crate::flow::Wait {
+            reason: crate::flow::WaitReason::ExternalEvent,
+            wake_at: None,
+            url: None,
+            child_run_id: None,
+        };
+        s.record("r", &NodeRecord::waiting("g", Value::Null, wait, 1), &Map::new()).await.unwrap();
+        let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g") };
+        s.transition("r", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
+        let grace = Duration::from_secs(60);
+        // Set the record's last resume (or republish) `minutes` back.
+        let age = |minutes: i64| {
+            let mut runs = lock(&s.runs);
+            let (_, r) = runs.get_mut("r").unwrap().records.get_mut(&("g".into(), String::new())).unwrap();
+            r.finished_at = Some(Utc::now() - chrono::Duration::minutes(minutes));
+        };
+        assert!(s.stranded_resumes(grace, 10).await.unwrap().is_empty(), "within the grace");
+        for (republished, after) in [(0u32, 1i64), (1, 2), (2, 4), (3, 8), (4, 16), (5, 32), (6, 32), (9, 32)] {
+            age(after - 1);
+            assert!(s.stranded_resumes(grace, 10).await.unwrap().is_empty(), "{republished} republishes: too soon");
+            age(after);
+            let found = s.stranded_resumes(grace, 10).await.unwrap();
+            assert_eq!(found.len(), 1, "{republished} republishes: due after {after} minutes");
+            assert!(s.stranded_resumes(grace, 10).await.unwrap().is_empty(), "stamped with now");
+            // Jump the count to the next row's.
+            let next = match republished {
+                6 => 9,
+                n => n + 1,
+            };
+            lock(&s.runs).get_mut("r").unwrap().republished.insert(("g".into(), String::new()), next);
+        }
+    }
+
+    /// The awaited tally of a run: counted quiet resumes are members (a redelivery counts once), an old epoch or
+    /// a forgotten run counts nothing, and a new tally starts from no quiet resume.
+    #[tokio::test]
+    async fn quiet_resumes_count_against_the_current_awaited_tally_only() {
+        let c = MemoryCoordinator::new();
+        assert_eq!(c.awaited_epoch("r").await.unwrap(), None);
+        assert_eq!(c.count_quiet("r", "e", "sc\u{1f}#0").await.unwrap(), None);
+        c.note_awaited("r", RecordTally { records: 10, waiting: 5 }).await.unwrap();
+        let epoch = c.awaited_epoch("r").await.unwrap().unwrap();
+        let tally = |waiting| Some(RecordTally { records: 10, waiting });
+        assert_eq!(c.count_quiet("r", &epoch, "a").await.unwrap(), tally(4));
+        assert_eq!(c.count_quiet("r", &epoch, "a").await.unwrap(), tally(4), "a redelivery counts once");
+        assert_eq!(c.count_quiet("r", &epoch, "b").await.unwrap(), tally(3));
+        c.note_awaited("r", RecordTally { records: 10, waiting: 3 }).await.unwrap();
+        assert_eq!(c.count_quiet("r", &epoch, "c").await.unwrap(), None, "an older epoch");
+        let epoch = c.awaited_epoch("r").await.unwrap().unwrap();
+        assert_eq!(c.count_quiet("r", &epoch, "c").await.unwrap(), tally(2));
+        c.forget("r", &[]).await.unwrap();
+        assert_eq!(c.count_quiet("r", &epoch, "d").await.unwrap(), None);
+        assert_eq!(RecordTally { records: 1, waiting: 1 }.after_quiet(2), None, "more counted than waited");
     }
 
     #[tokio::test]

@@ -411,6 +411,13 @@ impl RecordTally {
         let waiting = records.iter().filter(|r| r.status == NodeStatus::Waiting).count();
         Self { records: records.len(), waiting }
     }
+
+    /// The tally of an awaited run after `quiet` of its waiting records were resumed and routed, each firing
+    /// nothing: the same records, `quiet` fewer waiting. `None` when more were counted than waited (a tally
+    /// the run cannot have).
+    pub fn after_quiet(self, quiet: usize) -> Option<Self> {
+        Some(Self { records: self.records, waiting: self.waiting.checked_sub(quiet)? })
+    }
 }
 
 /// The outcome of recording a node result.
@@ -420,6 +427,18 @@ pub enum RecordOutcome {
     Inserted,
     /// Another delivery recorded the node first; this is its record (route by it, discard ours).
     Existing(NodeRecord),
+}
+
+/// How many times the republish backoff of a stranded resume doubles ([`republish_after`]): at most
+/// `2^REPUBLISH_DOUBLINGS` graces between two republishes of one record (16 minutes for the default 30 s).
+pub const REPUBLISH_DOUBLINGS: u32 = 5;
+
+/// How long after its resume, or its last republish, the job of a record still `resumed` is republished, when it
+/// has been republished `republished` times already ([`RunStore::stranded_resumes`]): the grace, doubled per
+/// republish up to `2^REPUBLISH_DOUBLINGS` graces. A job only slow in a backlog longer than the grace is thus
+/// republished a logarithmic number of times, not once per grace; a lost one is republished after one grace.
+pub fn republish_after(grace: Duration, republished: u32) -> Duration {
+    grace.saturating_mul(1 << republished.min(REPUBLISH_DOUBLINGS))
 }
 
 /// A `resumed` node instance that needs its job: a due timer the run store fired, or a record whose job may have
@@ -661,10 +680,11 @@ pub trait RunStore: Send + Sync + 'static {
     /// `wait` past its timeout resumes with an error; their runs are set `running`. One transaction.
     async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<FiredTimer>>;
 
-    /// Up to `limit` records of `running` or `awaiting` runs that were resumed more than `grace` ago and are
-    /// still `resumed`, oldest first: their job may have been lost (a crash between a resume's commit and its
-    /// publish). Each is claimed with `FOR UPDATE SKIP LOCKED` and its resume time set to now, so concurrent
-    /// callers share them and a record is returned again only after another `grace`. Publishing their jobs is
+    /// Up to `limit` records of `running` or `awaiting` runs that were resumed (or last returned here) longer ago
+    /// than their backoff ([`republish_after`]: `grace`, doubled per return) and are still `resumed`, oldest
+    /// first: their job may have been lost (a crash between a resume's commit and its publish). Each is claimed
+    /// with `FOR UPDATE SKIP LOCKED`, its resume time set to now and its republish count incremented, so
+    /// concurrent callers share them and a record is returned again only after its next backoff. Publishing their jobs is
     /// safe: the job of a resumed node is idempotent (its guarded transition routes it once).
     async fn stranded_resumes(&self, grace: std::time::Duration, limit: usize) -> StoreResult<Vec<FiredTimer>>;
 
@@ -838,6 +858,27 @@ pub trait Coordinator: Send + Sync + 'static {
 
     /// Drop every key of a finished run whose nodes are `node_ids` (the blueprint's nodes).
     async fn forget(&self, run_id: &str, node_ids: &[&str]) -> StoreResult<()>;
+
+    /// Remember the tally of a replay that set the run `awaiting` (docs/architecture.md, "Waiting nodes": the
+    /// awaited tally) under a new epoch, and empty its set of quiet resumes. The default remembers nothing (every
+    /// resumed item then replays the run).
+    async fn note_awaited(&self, _run_id: &str, _seen: RecordTally) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// The epoch of the run's awaited tally, if one is remembered. A resumed item's job reads it before its
+    /// transition from `resumed`.
+    async fn awaited_epoch(&self, _run_id: &str) -> StoreResult<Option<String>> {
+        Ok(None)
+    }
+
+    /// Count `member` (a batch item routed from `resumed`, firing nothing) as a quiet resume of the awaited tally
+    /// whose epoch is `epoch` (idempotent: a set), and return the tally the run has if nothing else changed since:
+    /// the awaited records, and its waiting records less the quiet resumes. `None` when the epoch is no longer
+    /// the run's (or none is remembered).
+    async fn count_quiet(&self, _run_id: &str, _epoch: &str, _member: &str) -> StoreResult<Option<RecordTally>> {
+        Ok(None)
+    }
 
     /// Whether the coordinator is reachable (readiness).
     async fn ping(&self) -> StoreResult<()>;

@@ -277,6 +277,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration { version: 7, name: "subflows", sql: include_str!("../../migrations/V7__subflows.sql") },
     Migration { version: 8, name: "resumed", sql: include_str!("../../migrations/V8__resumed.sql") },
     Migration { version: 9, name: "resumed_by_run", sql: include_str!("../../migrations/V9__resumed_by_run.sql") },
+    Migration {
+        version: 10,
+        name: "republish_backoff",
+        sql: include_str!("../../migrations/V10__republish_backoff.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows (the last embedded migration).
@@ -497,19 +502,22 @@ const FIRE_DUE_TIMERS: &str = "WITH due AS (
 )
 SELECT fired.run_id, fired.node_id, fired.instance, runs.blueprint_id FROM fired JOIN runs ON runs.run_id = fired.run_id";
 
-// Resumed records of live runs resumed more than $2 seconds ago (their job may have been lost: a crash between
-// the resume's commit and its publish), oldest first, claimed with SKIP LOCKED (a transition routing one meanwhile
-// wins or is waited for) and stamped with now, so each is handed out at most once per grace (partial index V8).
+// Resumed records of live runs resumed (or last republished) more than $2 seconds ago, doubled per republish up to
+// 2^$3 (`store::republish_after`, V10): their job may have been lost (a crash between the resume's commit and its
+// publish). Oldest first, claimed with SKIP LOCKED (a transition routing one meanwhile wins or is waited for),
+// stamped with now and counted, so each is handed out at most once per backoff (partial index V8: the first
+// condition is its range).
 const STRANDED_RESUMES: &str = "WITH stranded AS (
     SELECT r.run_id, r.node_id, r.instance, s.blueprint_id
       FROM {results} r JOIN {statuses} s ON s.run_id = r.run_id
      WHERE r.status = 'resumed' AND r.finished_at <= now() - $2::float8 * interval '1 second'
+       AND r.finished_at <= now() - $2::float8 * power(2::float8, LEAST(r.republished, $3::int)) * interval '1 second'
        AND s.status IN ('running', 'awaiting')
      ORDER BY r.finished_at
      LIMIT $1::bigint
        FOR UPDATE OF r SKIP LOCKED
 )
-UPDATE {results} r SET finished_at = now()
+UPDATE {results} r SET finished_at = now(), republished = r.republished + 1
   FROM stranded
  WHERE r.run_id = stranded.run_id AND r.node_id = stranded.node_id AND r.instance = stranded.instance
 RETURNING r.run_id, r.node_id, r.instance, stranded.blueprint_id";
@@ -1640,7 +1648,8 @@ impl RunStore for PostgresStore {
         let (limit, grace) = (clamp_i64(limit as u64), grace.as_secs_f64());
         let client = self.client(op).await?;
         let stmt = client.prepare_cached(&self.sql.stranded_resumes).await.map_err(|e| db_error(op, table, e))?;
-        let rows = client.query(&stmt, &[&limit, &grace]).await.map_err(|e| db_error(op, table, e))?;
+        let doublings = i32::try_from(super::REPUBLISH_DOUBLINGS).unwrap_or(i32::MAX);
+        let rows = client.query(&stmt, &[&limit, &grace, &doublings]).await.map_err(|e| db_error(op, table, e))?;
         rows.iter().map(fired_timer).collect()
     }
 

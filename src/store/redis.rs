@@ -11,11 +11,14 @@
 //! | `<prefix>:{<run>}:lease:<node>` | string | the execution lease token (own TTL) |
 //! | `<prefix>:{<run>}:resolved` | set | the run's resolved node ids |
 //! | `<prefix>:{<run>}:exec:<node>` | integer | executions of a suspect job that may have killed their worker |
+//! | `<prefix>:{<run>}:awaited` | hash | the awaited tally: `records`, `waiting` and its `epoch` |
+//! | `<prefix>:{<run>}:quiet` | set | items resumed and routed quietly since the awaited tally's epoch |
 //!
 //! In the run segment, `%`, `{` and `}` are percent-encoded, so the hash tag always spans exactly the run id and
 //! two different runs never share a key. Every write refreshes the written keys' TTL (`key_ttl`); leases use
 //! their own TTL. Redis is a cache: everything here can be rebuilt from the run store ([`Coordinator::repair`]),
-//! except the execution counts, whose loss only gives a job that kills its worker a few more executions.
+//! except the execution counts, whose loss only gives a job that kills its worker a few more executions, and the
+//! awaited tally, whose loss only costs the next resumed item a replay of its run (which notes it again).
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,7 +32,9 @@ use tracing::{debug, info, warn};
 use crate::config::DEFAULT_REDIS_PREFIX;
 use crate::flow::JoinStrategy;
 use crate::redact::redact_text;
-use crate::store::{Coordinator, JoinArrival, JoinDecision, JoinState, LeaseToken, StoreError, StoreResult};
+use crate::store::{
+    Coordinator, JoinArrival, JoinDecision, JoinState, LeaseToken, RecordTally, StoreError, StoreResult,
+};
 use crate::tls::TlsSettings;
 
 /// How many times [`RedisCoordinator::connect`] tries to reach Redis before giving up.
@@ -105,7 +110,23 @@ struct Scripts {
     arrive: Script,
     extend: Script,
     release: Script,
+    quiet: Script,
 }
+
+/// Count a quiet resume of the awaited tally of a given epoch (`Coordinator::count_quiet`).
+///
+/// KEYS: awaited tally, quiet set. ARGV: epoch, member, key TTL ms. Returns nil when the epoch is not the
+/// tally's, else `{records, waiting, quiet}`.
+const QUIET_LUA: &str = r#"
+local tally = redis.call('HMGET', KEYS[1], 'epoch', 'records', 'waiting')
+if not tally[1] or tally[1] ~= ARGV[1] then
+  return false
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {tonumber(tally[2]), tonumber(tally[3]), redis.call('SCARD', KEYS[2])}
+"#;
 
 /// Register an arrival and decide by the join rule, atomically (the protocol of `flow::join::Join`).
 ///
@@ -228,6 +249,7 @@ impl RedisCoordinator {
                 arrive: Script::new(ARRIVE_LUA),
                 extend: Script::new(EXTEND_LUA),
                 release: Script::new(RELEASE_LUA),
+                quiet: Script::new(QUIET_LUA),
             }),
         };
         this.load_scripts().await.map_err(|e| {
@@ -259,9 +281,13 @@ impl RedisCoordinator {
     /// Preload the scripts so the first calls use `EVALSHA` directly.
     async fn load_scripts(&self) -> StoreResult<()> {
         let mut conn = self.conn.clone();
-        for (name, script) in
-            [("arrive", &self.scripts.arrive), ("extend", &self.scripts.extend), ("release", &self.scripts.release)]
-        {
+        let scripts = [
+            ("arrive", &self.scripts.arrive),
+            ("extend", &self.scripts.extend),
+            ("release", &self.scripts.release),
+            ("quiet", &self.scripts.quiet),
+        ];
+        for (name, script) in scripts {
             script
                 .prepare_invoke()
                 .load_async(&mut conn)
@@ -314,6 +340,12 @@ impl RedisCoordinator {
     /// `<prefix>:{<run>}:resolved`.
     fn resolved_key(&self, run_id: &str) -> String {
         format!("{}:resolved", self.run_base(run_id))
+    }
+
+    /// `<prefix>:{<run>}:awaited` and `<prefix>:{<run>}:quiet`.
+    fn awaited_keys(&self, run_id: &str) -> [String; 2] {
+        let base = self.run_base(run_id);
+        [format!("{base}:awaited"), format!("{base}:quiet")]
     }
 
     /// The key TTL in milliseconds.
@@ -513,8 +545,9 @@ impl Coordinator for RedisCoordinator {
     async fn forget(&self, run_id: &str, node_ids: &[&str]) -> StoreResult<()> {
         // Every key of the run is known from its node ids: one UNLINK, no keyspace scan (all keys share the
         // run's hash slot).
-        let mut keys = Vec::with_capacity(node_ids.len() * 5 + 1);
+        let mut keys = Vec::with_capacity(node_ids.len() * 5 + 3);
         keys.push(self.resolved_key(run_id));
+        keys.extend(self.awaited_keys(run_id));
         for node in node_ids {
             for kind in ["arr", "tak", "dec", "lease", "exec"] {
                 keys.push(self.node_key(run_id, kind, node));
@@ -528,6 +561,68 @@ impl Coordinator for RedisCoordinator {
             .map_err(|e| coordination(&format!("forgetting run {run_id}"), e))?;
         debug!(run_id, deleted, "forgot run");
         Ok(())
+    }
+
+    async fn note_awaited(&self, run_id: &str, seen: RecordTally) -> StoreResult<()> {
+        let [tally, quiet] = self.awaited_keys(run_id);
+        // A random epoch: a tally noted again after Redis lost the key never reuses an epoch an item read before.
+        let epoch = uuid::Uuid::new_v4().simple().to_string();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&tally)
+            .arg("epoch")
+            .arg(&epoch)
+            .arg("records")
+            .arg(seen.records)
+            .arg("waiting")
+            .arg(seen.waiting)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&tally)
+            .arg(self.key_ttl_ms())
+            .ignore()
+            .cmd("UNLINK")
+            .arg(&quiet)
+            .ignore();
+        let mut conn = self.conn.clone();
+        pipe.exec_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("noting the awaited tally of run {run_id}"), e))?;
+        debug!(run_id, records = seen.records, waiting = seen.waiting, epoch, "awaited tally noted");
+        Ok(())
+    }
+
+    async fn awaited_epoch(&self, run_id: &str) -> StoreResult<Option<String>> {
+        let [tally, _] = self.awaited_keys(run_id);
+        let mut conn = self.conn.clone();
+        redis::cmd("HGET")
+            .arg(&tally)
+            .arg("epoch")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("reading the awaited epoch of run {run_id}"), e))
+    }
+
+    async fn count_quiet(&self, run_id: &str, epoch: &str, member: &str) -> StoreResult<Option<RecordTally>> {
+        let [tally, quiet] = self.awaited_keys(run_id);
+        let mut conn = self.conn.clone();
+        let reply: Option<(u64, u64, u64)> = self
+            .scripts
+            .quiet
+            .key(&tally)
+            .key(&quiet)
+            .arg(epoch)
+            .arg(member)
+            .arg(self.key_ttl_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| coordination(&format!("counting quiet resume {member} of run {run_id}"), e))?;
+        let Some((records, waiting, counted)) = reply else { return Ok(None) };
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let awaited = RecordTally { records: size(records), waiting: size(waiting) };
+        debug!(run_id, member, counted, "quiet resume counted");
+        Ok(awaited.after_quiet(size(counted)))
     }
 
     async fn ping(&self) -> StoreResult<()> {

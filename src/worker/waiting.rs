@@ -3,7 +3,7 @@
 //! `awaiting` when it can only wait.
 
 use chrono::{DateTime, Utc};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Executed, Worker, routed, what_runs};
 use crate::flow::builtin::subflow;
@@ -48,6 +48,14 @@ fn resumed_outcome(graph: &Graph, job: &Job, view: &JobView, resumed: NodeRecord
     routed(graph, job, &input, out, &ContextHandle::shared(view.context.clone()), resumed.attempts, limits)
 }
 
+/// A resumed node's job after its transition from `resumed`: the terminal record it routes by and, for a batch
+/// item whose transition this job won, the epoch of its run's awaited tally as read before that transition
+/// ([`Worker::resumed_item_settled`]).
+pub(super) struct Finished {
+    pub(super) record: NodeRecord,
+    pub(super) epoch: Option<String>,
+}
+
 impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// The job of a resumed node: route its delivered result and make it terminal (the guarded transition from
     /// `resumed`: one delivery wins, the others route by the winner's record). `None` when the run has ended.
@@ -57,15 +65,74 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         job: &Job,
         view: &JobView,
         resumed: NodeRecord,
-    ) -> Result<Option<NodeRecord>, StoreError> {
+    ) -> Result<Option<Finished>, StoreError> {
         let executed = resumed_outcome(graph, job, view, resumed, self.registry.limits());
+        // Read before the transition: an item this job moves out of `resumed` was then `waiting` when any tally
+        // of this epoch was replayed (a `resumed` record keeps a run from being set awaiting).
+        let epoch = self.awaited_epoch(job).await;
         match self.store.transition(&job.run_id, NodeStatus::Resumed, &executed.record, &executed.writes).await? {
             Transition::Won => {
                 info!(run_id = %job.run_id, node = %job.node_id, status = executed.record.status.as_str(), "Resumed node recorded.");
-                Ok(Some(executed.record))
+                Ok(Some(Finished { record: executed.record, epoch }))
             }
-            Transition::Lost(Some(first)) if first.status.is_terminal() => Ok(Some(first)),
+            Transition::Lost(Some(first)) if first.status.is_terminal() => {
+                Ok(Some(Finished { record: first, epoch: None }))
+            }
             Transition::Lost(_) => Ok(None),
+        }
+    }
+
+    /// For a batch item's job: the epoch of its run's awaited tally (`None` for other nodes, when none is noted,
+    /// or when the coordinator cannot say: the item then replays its run, as without a tally).
+    async fn awaited_epoch(&self, job: &Job) -> Option<String> {
+        instance::split_item(&job.instance).1?;
+        match self.coord.awaited_epoch(&job.run_id).await {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                warn!(run_id = %job.run_id, error = %crate::report::Chain(&error), "Cannot read the awaited tally; the item will replay its run.");
+                None
+            }
+        }
+    }
+
+    /// A resumed batch item was routed and fired nothing: check whether its run can only wait again (its
+    /// siblings may still wait). Without a replay when the run's awaited tally accounts for it: the tally of the
+    /// replay that last set the run awaiting, less the items resumed since whose routing fired nothing (this one
+    /// included, `epoch` read before its transition), is the run's tally under `set_awaiting`'s lock only if no
+    /// record was added and no other record left `waiting` since — the replay then still holds, less those
+    /// items (docs/architecture.md, "Waiting nodes"). Else, or without a tally, the run is replayed.
+    pub(super) async fn resumed_item_settled(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        epoch: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if let Some(epoch) = epoch
+            && let Some(expected) = self.quiet_tally(job, epoch).await
+        {
+            if self.store.has_resumed(&job.run_id).await? {
+                debug!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, "A resumed node's job checks the run; no replay here.");
+                return Ok(());
+            }
+            if self.store.set_awaiting(&job.run_id, expected).await? {
+                info!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, "Run awaiting (its awaited tally holds; no replay).");
+                return Ok(());
+            }
+            debug!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, "The awaited tally no longer holds; replaying the run.");
+        }
+        self.maybe_await(graph, &job.run_id).await
+    }
+
+    /// Count the item of `job` as a quiet resume of the awaited tally of `epoch`: the tally its run has if nothing
+    /// else changed (`None`: another epoch, or the coordinator cannot say).
+    async fn quiet_tally(&self, job: &Job, epoch: &str) -> Option<RecordTally> {
+        let member = instance::scoped(&job.node_id, &job.instance);
+        match self.coord.count_quiet(&job.run_id, epoch, &member).await {
+            Ok(tally) => tally,
+            Err(error) => {
+                warn!(run_id = %job.run_id, error = %crate::report::Chain(&error), "Cannot count a quiet resume; replaying the run.");
+                None
+            }
         }
     }
 
@@ -156,6 +223,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         Ok(())
     }
 
+    /// Remember the tally of the replay that set the run awaiting, so that its resumed items need not replay it
+    /// (a failure only costs them the replay).
+    pub(super) async fn note_awaited(&self, run_id: &str, seen: RecordTally) {
+        if let Err(error) = self.coord.note_awaited(run_id, seen).await {
+            warn!(run_id, error = %crate::report::Chain(&error), "Cannot note the awaited tally; resumed items will replay the run.");
+        }
+    }
+
     /// After a job that fired nothing in a run that may wait: replay the run from its records (exact) and set it
     /// `awaiting` when a node waits and nothing is ready, unless its records changed since they were read (a
     /// resume routed meanwhile may have made a successor runnable). While another node is resumed its own job
@@ -169,8 +244,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         if !plan(graph, &records).only_waits() {
             return Ok(());
         }
-        if self.store.set_awaiting(run_id, RecordTally::of(&records)).await? {
+        let seen = RecordTally::of(&records);
+        if self.store.set_awaiting(run_id, seen).await? {
             info!(run_id, "Run awaiting.");
+            self.note_awaited(run_id, seen).await;
         } else {
             debug!(run_id, "Run not set awaiting (resumed meanwhile, or no longer running).");
         }
