@@ -281,6 +281,46 @@ async fn job_view_for_narrows_the_predecessors_taken_to_the_targets() {
     s.drop_tables().await.unwrap();
 }
 
+/// The job view is the statement of every job: PostgreSQL's plan cache must settle on its generic plan (planned
+/// once per connection) instead of planning it again on every execution, which cost more than half of its CPU;
+/// and that plan must stay a primary-key lookup per key. Two views of a chain node (a record, context keys and an
+/// output) are read ten times on one pooled connection and the session's statistics of the statement are read.
+#[tokio::test]
+async fn the_job_view_is_planned_once_per_connection() {
+    let cfg = PgConfig { pool_size: 1, ..PgConfig::with_prefix(common::database_url(), &common::unique("pg_plan")) };
+    let s = PostgresStore::connect(cfg).await.expect("connect to PostgreSQL");
+    s.migrate().await.expect("migrate");
+    s.create_run(&new_run("r1", "bp", json!({"k": 1}))).await.unwrap();
+    s.record("r1", &done("n0", None, json!(1), &["n1"]), &writes(json!({"x": 2}))).await.unwrap();
+    let exact = [InstanceKey::new("n1", ""), InstanceKey::new("n0", "")];
+    let needs = ContextNeeds::keys(["k", "x", "_outputs.n0"]);
+    for _ in 0..10 {
+        let view = s.job_view_for("r1", (&exact, &[]), &["n1"], &needs).await.unwrap().unwrap();
+        assert_eq!(view.record("n0").map(|r| r.taken.clone()), Some(vec!["n1".to_string()]));
+        assert_eq!((view.context.get("k"), view.context.get("x")), (Some(&json!(1)), Some(&json!(2))));
+        assert_eq!(view.context.get("_outputs.n0"), Some(&json!(1)));
+    }
+    let client = s.pool().get().await.unwrap();
+    // (This query is a prepared statement of the session too: it is told apart by its own text.)
+    let this = "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements
+                 WHERE statement LIKE '%AS records,%' AND statement NOT LIKE '%pg_prepared_statements%'";
+    let row = client.query_one(this, &[]).await.unwrap();
+    let (name, generic, custom): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!(generic >= 5 && custom <= 5, "generic plans {generic}, custom plans {custom}: planned on every job");
+    // The generic plan reads each key by primary key: no hash join over the run's records, no filter over its
+    // context keys.
+    client.batch_execute("SET plan_cache_mode = force_generic_plan").await.unwrap();
+    let explain = format!(
+        "EXPLAIN EXECUTE {name}('r1', '{{n1,n0}}', '{{\"\",\"\"}}', '{{}}', '{{}}', '{{n1}}', '{{k,x}}', '{{n0}}')"
+    );
+    let plan: Vec<String> = client.query(&explain, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    client.batch_execute("RESET plan_cache_mode").await.unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Hash") && !plan.contains("Seq Scan") && !plan.contains("ANY"), "{plan}");
+    drop(client);
+    s.drop_tables().await.unwrap();
+}
+
 /// `status` and FlowRun mirroring read a run's node states as aggregates. A run of 10 000 nodes with 2 KiB outputs,
 /// a split with 10 000 targets, a batch of 10 000 items and a loop node with two iterations: the read returns one
 /// record per node without output or targets, and counts for the instances, a few dozen bytes per node whatever

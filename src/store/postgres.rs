@@ -332,6 +332,14 @@ SELECT count(*) AS created FROM s";
 /// The status row and the records of the nodes `$2` (by primary key), shared by both job views. With targets
 /// `$6` (not NULL), every record but the first key's carries in `taken` only those of `$6` it took: a job reads
 /// whether its predecessors took the edge to it, not their whole target lists (`RunStore::job_view_for`).
+///
+/// Every key list is read as `(SELECT * FROM unnest($n) LIMIT cardinality($n)) CROSS JOIN LATERAL (one primary-key
+/// lookup … LIMIT 1)`: the lateral subquery with its `LIMIT` (a primary key matches one row) cannot be flattened
+/// into a join, so the plan stays a primary-key lookup per key whatever the statistics say (a hash join would read
+/// every record of the run), and the `LIMIT` of the list, which returns every element, makes the generic plan's
+/// row estimate (1) no larger than a custom plan's, so PostgreSQL's plan cache settles on the generic plan after
+/// five executions instead of planning the statement again on every job: planning was more than half of this
+/// statement's CPU (docs/architecture.md, "The cost of a job").
 const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_version, s.status, s.status_data, s.input,
        s.created_at, s.updated_at, s.parent_run_id, s.parent_node_id, s.parent_instance,
        (SELECT COALESCE(jsonb_agg(jsonb_build_object(
@@ -344,11 +352,14 @@ const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_versio
                     'attempts', r.attempts, 'error', r.error, 'wait', r.wait,
                     'finished_us', (extract(epoch FROM r.finished_at) * 1000000)::bigint)
                 ORDER BY r.finished_at, r.node_id, r.instance), '[]'::jsonb)
-          FROM (SELECT e.* FROM {results} e
-                  JOIN unnest($2::text[], $3::text[]) AS k (node, inst) ON e.node_id = k.node AND e.instance = k.inst
-                 WHERE e.run_id = s.run_id
+          FROM (SELECT e.* FROM (SELECT * FROM unnest($2::text[], $3::text[]) LIMIT cardinality($2::text[]))
+                                AS k (node, inst)
+                 CROSS JOIN LATERAL (SELECT * FROM {results} x
+                                      WHERE x.run_id = s.run_id AND x.node_id = k.node AND x.instance = k.inst
+                                      LIMIT 1) AS e
                 UNION ALL
-                SELECT l.* FROM unnest($4::text[], $5::text[]) AS p (node, prefix)
+                SELECT l.* FROM (SELECT * FROM unnest($4::text[], $5::text[]) LIMIT cardinality($4::text[]))
+                                AS p (node, prefix)
                  CROSS JOIN LATERAL (SELECT * FROM {results} x
                                       WHERE x.run_id = s.run_id AND x.node_id = p.node
                                         AND starts_with(x.instance, p.prefix)
@@ -358,9 +369,11 @@ const JOB_VIEW_HEAD: &str = "SELECT s.run_id, s.blueprint_id, s.blueprint_versio
 /// not batch items: an item is an instance of its scatter node), each by primary key.
 const JOB_VIEW_KEYS: &str = "
        (SELECT COALESCE(jsonb_object_agg(c.key, c.value), '{}'::jsonb)
-          FROM {contexts} c WHERE c.run_id = s.run_id AND c.key = ANY($7::text[])) AS context,
+          FROM (SELECT * FROM unnest($7::text[]) LIMIT cardinality($7::text[])) AS w (key)
+         CROSS JOIN LATERAL (SELECT c.key, c.value FROM {contexts} c
+                              WHERE c.run_id = s.run_id AND c.key = w.key LIMIT 1) AS c) AS context,
        (SELECT COALESCE(jsonb_object_agg(o.node_id, o.output), '{}'::jsonb)
-          FROM unnest($8::text[]) AS n (node)
+          FROM (SELECT * FROM unnest($8::text[]) LIMIT cardinality($8::text[])) AS n (node)
          CROSS JOIN LATERAL (SELECT x.node_id, x.output FROM {results} x
                               WHERE x.run_id = s.run_id AND x.node_id = n.node AND x.status = 'done'
                                 AND strpos(x.instance, '#') = 0
