@@ -280,6 +280,15 @@ fn free_port() -> Result<u16, String> {
     l.local_addr().map(|a| a.port()).map_err(|e| format!("local address: {e}"))
 }
 
+/// A worker process' memory in MiB.
+#[derive(Clone, Copy)]
+struct Memory {
+    rss: f64,
+    hwm: f64,
+    anon: f64,
+    file: f64,
+}
+
 /// A `flowcraft worker` process, SIGKILLed when dropped.
 struct WorkerProcess {
     child: Option<Child>,
@@ -310,14 +319,15 @@ impl WorkerProcess {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// `VmRSS` and `VmHWM` in MiB from `/proc/<pid>/status`.
-    fn memory(&self) -> Option<(f64, f64)> {
+    /// `VmRSS`, `VmHWM`, `RssAnon` (heap, stacks) and `RssFile` (the binary's pages) in MiB from
+    /// `/proc/<pid>/status`.
+    fn memory(&self) -> Option<Memory> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let kib = |key: &str| -> Option<f64> {
+        let mib = |key: &str| -> Option<f64> {
             let line = status.lines().find(|l| l.starts_with(key))?;
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+            Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
         };
-        Some((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
+        Some(Memory { rss: mib("VmRSS:")?, hwm: mib("VmHWM:")?, anon: mib("RssAnon:")?, file: mib("RssFile:")? })
     }
 
     /// SIGTERM and wait (at most 20 s, then SIGKILL). Returns whether it exited by itself.
@@ -371,8 +381,8 @@ struct Measured {
     wall_db: Duration,
     /// First `start_run` call -> this process saw the last run end (includes polling delay).
     wall_obs: Duration,
-    /// Per worker: (VmRSS, VmHWM) MiB after the workload.
-    memory: Vec<Option<(f64, f64)>>,
+    /// Per worker: its memory after the workload.
+    memory: Vec<Option<Memory>>,
     clean_exits: usize,
     /// CPU use during the measured part.
     cpu: CpuSnapshot,
@@ -847,10 +857,10 @@ type RawLimit = (u16, Result<f64, String>, Result<f64, String>);
 // Main
 // ------------------------------------------------------------------------------------------------
 
-fn mib(m: &[Option<(f64, f64)>]) -> String {
+fn mib(m: &[Option<Memory>]) -> String {
     m.iter()
         .map(|x| match x {
-            Some((rss, hwm)) => format!("{rss:.1}/{hwm:.1}"),
+            Some(m) => format!("{:.1}/{:.1} ({:.1}+{:.1})", m.rss, m.hwm, m.anon, m.file),
             None => "?".into(),
         })
         .collect::<Vec<_>>()
@@ -1035,10 +1045,11 @@ async fn main() {
             .join(" ")
     );
     // The worker processes inherit this environment: the allocator and runtime settings they ran with.
-    let tuning: Vec<String> = ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "TOKIO_WORKER_THREADS"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
-        .collect();
+    let tuning: Vec<String> =
+        ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "TOKIO_WORKER_THREADS", "LD_PRELOAD", "MALLOC_CONF"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+            .collect();
     println!(
         "worker allocator and runtime settings: {}",
         if tuning.is_empty() {
@@ -1075,7 +1086,7 @@ async fn main() {
     }
     println!();
     println!(
-        "{:<26} {:>7} {:>5} {:>6} {:>9} {:>9} {:>11} {:>9}  worker MiB VmRSS/VmHWM",
+        "{:<26} {:>7} {:>5} {:>6} {:>9} {:>9} {:>11} {:>9}  worker MiB VmRSS/VmHWM (anon+file)",
         "workload", "workers", "runs", "nodes", "wall(db)", "wall(obs)", "node exec/s", "hop ms",
     );
     let mut w1_rates: Vec<(usize, f64)> = Vec::new();
@@ -1207,7 +1218,9 @@ async fn main() {
     println!(
         "  cpu          share of all cores' time during the measured part, from /proc/<pid>/stat and /proc/stat (10 ms ticks: coarse for short runs); 'other' is everything else busy (other processes, kernel threads); irq = irq + softirq (loopback traffic included), steal = taken by the hypervisor."
     );
-    println!("  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, from /proc/<pid>/status.");
+    println!(
+        "  worker MiB   VmRSS / VmHWM (peak) of each worker process after its workload, and VmRSS split into RssAnon (heap, stacks) + RssFile (the binary's pages), from /proc/<pid>/status."
+    );
     println!(
         "  no group     W1 again with the workers' group commit off (FLOWCRAFT_PG_GROUP_COMMIT=false: each record its own round trip and commit); W1 / no group is the gain of group commit."
     );

@@ -140,6 +140,19 @@ async fn dead_letter_keeps_the_body_and_reason() {
     cleanup(queue).await;
 }
 
+/// Workers propose a 16 KiB `frame_max` (`rabbitmq::DEFAULT_FRAME_MAX`, for memory): a body of many frames goes
+/// through whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_larger_than_a_frame_goes_through_whole() {
+    let queue = connect(config("mq", QueueType::Quorum, 4)).await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    queue.dead_letter(&body, "big").await.expect("dead letter");
+    let (got, reason) = queue.get_dead_letter().await.expect("get").expect("a dead letter");
+    assert!(got == body, "the body came back with {} bytes", got.len());
+    assert_eq!(reason.as_deref(), Some("big"));
+    cleanup(queue).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_job_returns_to_the_work_queue_after_its_delay() {
     let queue = connect(config("mq", QueueType::Quorum, 4)).await;

@@ -71,6 +71,12 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// The header carrying the reason of a dead-lettered message.
 pub const REASON_HEADER: &str = "x-flowcraft-reason";
+/// The largest frame this client proposes unless the URL sets `frame_max` (the smaller of the client's and the
+/// server's wins). lapin keeps a receive and a send ring buffer of 32 frames each per connection, written through,
+/// so at RabbitMQ's default of 128 KiB they were 8 MiB of every worker's resident memory; job messages are a few
+/// hundred bytes, and a larger body is split into more frames (docs/architecture.md, "Memory").
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 /// Delivery limit of quorum work queues: a message delivered this often is dead-lettered (poison backstop).
 pub const DELIVERY_LIMIT: i32 = 50;
 /// Longest queue name accepted (RabbitMQ allows 255 bytes, minus the longest suffix, `.delay`).
@@ -252,7 +258,8 @@ fn parse_url(url: &str, queue: &str, settings: &TlsSettings) -> StoreResult<Endp
     let invalid = |error: String| {
         StoreError::config(format!("invalid AMQP URL {} for queue {queue}: {}", redact(url), redact_text(&error)))
     };
-    let uri = url.parse::<AMQPUri>().map_err(invalid)?;
+    let mut uri = url.parse::<AMQPUri>().map_err(invalid)?;
+    uri.query.frame_max = Some(uri.query.frame_max.unwrap_or(DEFAULT_FRAME_MAX));
     let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
     let host = match parsed.host() {
         Some(url::Host::Ipv6(ip)) => ip.to_string(),
@@ -1391,6 +1398,13 @@ mod tests {
         assert_eq!(cfg.queue, "flowcraft-jobs");
         assert_eq!(cfg.prefetch, 16);
         assert_eq!(cfg.queue_type, QueueType::Quorum);
+    }
+
+    #[test]
+    fn the_frame_max_is_small_unless_the_url_sets_it() {
+        let frame_max = |url: &str| parse_url(url, "q", &TlsSettings::none()).map(|e| e.uri.query.frame_max);
+        assert_eq!(frame_max("amqp://guest:guest@127.0.0.1:5672/%2f").ok(), Some(Some(DEFAULT_FRAME_MAX)));
+        assert_eq!(frame_max("amqp://127.0.0.1:5672/%2f?frame_max=131072").ok(), Some(Some(131_072)));
     }
 
     #[test]
