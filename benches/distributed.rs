@@ -111,6 +111,10 @@ struct Workload {
     ends: Option<usize>,
     /// The workers commit records in groups (`FLOWCRAFT_PG_GROUP_COMMIT`, on by default).
     group_commit: bool,
+    /// The workers' blueprint directory: the warm-up's 5-node chain and this workload's blueprint only, so that a
+    /// worker's memory is that of its workload (parsing W4's and W5's 10 000-node blueprints at start-up left a
+    /// W1 worker at 76 MiB instead of ≈ 40: glibc keeps the start-up peak's heap).
+    blueprints: PathBuf,
 }
 
 /// Write the blueprint to `dir` (for the workers) and build its graph (for `start_run`).
@@ -502,7 +506,6 @@ impl CpuSnapshot {
 }
 
 struct Ctx {
-    blueprints: PathBuf,
     logs: PathBuf,
     prefetch: u16,
     log: Option<String>,
@@ -541,7 +544,7 @@ async fn measure_on(
     let store = slice.store().await?;
     let queue = slice.queue().await?;
     for i in 0..workers {
-        procs.push(slice.spawn_worker(&format!("w{i}"), &ctx.blueprints, &ctx.logs, ctx.log.as_deref())?);
+        procs.push(slice.spawn_worker(&format!("w{i}"), &wl.blueprints, &ctx.logs, ctx.log.as_deref())?);
     }
     // Ready: every worker answers /readyz (connected, consuming).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -885,8 +888,17 @@ async fn main() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
 
     let dir = tempfile::tempdir().expect("temp dir for blueprints");
+    // One directory per workload: the 5-node chain (warm-up, W1) and the workload's own blueprint.
+    let dir_of = |name: &str| -> PathBuf {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).expect("create a blueprint directory");
+        blueprint(&d, chain("chain5", 5));
+        d
+    };
     let logs = tempfile::tempdir().expect("temp dir for worker logs");
-    let w1 = blueprint(dir.path(), chain("chain5", 5));
+    let w1_dir = dir_of("w1");
+    let w1 = blueprint(&w1_dir, chain("chain5", 5));
+    let (w2_dir, w3_dir, w4_dir, w5_dir) = (dir_of("w2"), dir_of("w3"), dir_of("w4"), dir_of("w5"));
     let workloads = vec![
         Workload {
             tag: "w1",
@@ -897,6 +909,7 @@ async fn main() {
             via: Via::Direct,
             ends: None,
             group_commit: true,
+            blueprints: w1_dir.clone(),
         },
         Workload {
             tag: "w1nogc",
@@ -907,6 +920,7 @@ async fn main() {
             via: Via::Direct,
             ends: None,
             group_commit: false,
+            blueprints: w1_dir.clone(),
         },
         Workload {
             tag: "w1proxy",
@@ -917,6 +931,7 @@ async fn main() {
             via: Via::Proxies,
             ends: None,
             group_commit: true,
+            blueprints: w1_dir.clone(),
         },
         Workload {
             tag: "w1tls",
@@ -927,46 +942,51 @@ async fn main() {
             via: Via::Tls,
             ends: None,
             group_commit: true,
+            blueprints: w1_dir.clone(),
         },
         Workload {
             tag: "w2",
             label: format!("W2 {w2_runs} x 1->50->1"),
-            graph: blueprint(dir.path(), fan("fan50", 50)),
+            graph: blueprint(&w2_dir, fan("fan50", 50)),
             runs: w2_runs,
             hops: None,
             via: Via::Direct,
             ends: None,
             group_commit: true,
+            blueprints: w2_dir.clone(),
         },
         Workload {
             tag: "w3",
             label: "W3 1 x 50-node chain".into(),
-            graph: blueprint(dir.path(), chain("chain50", 50)),
+            graph: blueprint(&w3_dir, chain("chain50", 50)),
             runs: 1,
             hops: Some(49),
             via: Via::Direct,
             ends: None,
             group_commit: true,
+            blueprints: w3_dir.clone(),
         },
         Workload {
             tag: "w4",
             label: format!("W4 1 x {big}-node chain"),
-            graph: blueprint(dir.path(), chain("chainbig", big)),
+            graph: blueprint(&w4_dir, chain("chainbig", big)),
             runs: 1,
             hops: None,
             via: Via::Direct,
             ends: Some(ends),
             group_commit: true,
+            blueprints: w4_dir.clone(),
         },
         Workload {
             tag: "w5",
             label: format!("W5 1 x 1->{big}->1"),
-            graph: blueprint(dir.path(), fan("fanbig", big)),
+            graph: blueprint(&w5_dir, fan("fanbig", big)),
             runs: 1,
             hops: None,
             via: Via::Direct,
             ends: Some(ends),
             group_commit: true,
+            blueprints: w5_dir.clone(),
         },
     ];
     let with_tls = !flag("--no-tls");
@@ -1021,15 +1041,7 @@ async fn main() {
     } else {
         (None, None, None)
     };
-    let ctx = Ctx {
-        blueprints: dir.path().to_path_buf(),
-        logs: logs.path().to_path_buf(),
-        prefetch,
-        log,
-        warmup_graph: w1,
-        tls,
-        proxied,
-    };
+    let ctx = Ctx { logs: logs.path().to_path_buf(), prefetch, log, warmup_graph: w1, tls, proxied };
 
     println!(
         "distributed benchmark: {cores} cores, prefetch {prefetch}, quorum queue, services on this machine{}",
