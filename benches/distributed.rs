@@ -1096,6 +1096,19 @@ async fn main() {
         }
         raw.push((level, mq, pg));
     }
+    if workloads.iter().any(|w| w.hops.is_some()) {
+        // W3's floor: one job at a time pays a confirmed publish and a committed record in sequence.
+        let n = raw_n / 10;
+        let (mq, pg) = (raw_rabbitmq(n, 1, "quorum").await, raw_postgres(n, 1).await);
+        let ms = |r: &Result<f64, String>| r.as_ref().map(|v| 1000.0 / v.max(1e-9)).ok();
+        match (ms(&mq), ms(&pg)) {
+            (Some(a), Some(b)) => println!(
+                "  hop floor at 1 in flight ({n} each): relay {a:.2} ms + record {b:.2} ms = {:.2} ms per hop",
+                a + b
+            ),
+            _ => println!("  hop floor at 1 in flight: failed ({:?}, {:?})", mq.err(), pg.err()),
+        }
+    }
     println!();
     println!(
         "{:<26} {:>7} {:>5} {:>6} {:>9} {:>9} {:>11} {:>9}  worker MiB VmRSS/VmHWM (anon+file)",
@@ -1226,6 +1239,9 @@ async fn main() {
     );
     println!(
         "  hop ms       W3 only: wall(db) / 49 hops of the 50-node chain (one job latency end to end, the next job's queue trip included)."
+    );
+    println!(
+        "  hop floor    (a) and (b) at 1 in flight, as latencies: a job's confirmed publish and its committed record, which a hop pays one after the other (each waits for a disk flush)."
     );
     println!(
         "  cpu          share of all cores' time during the measured part, from /proc/<pid>/stat and /proc/stat (10 ms ticks: coarse for short runs); 'other' is everything else busy (other processes, kernel threads); irq = irq + softirq (loopback traffic included), steal = taken by the hypervisor."
