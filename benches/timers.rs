@@ -218,7 +218,7 @@ async fn arm(store: &Arc<PostgresStore>, prefix: &str, n: usize) -> Result<(), S
                 let e = |e: flowcraft::store::StoreError| format!("arm {run_id}: {e}");
                 store.create_run(&run).await.map_err(e)?;
                 let wake_at = Some(Utc::now() + chrono::Duration::hours(1));
-                let wait = Wait { reason: WaitReason::Timer, wake_at, url: None, child_run_id: None };
+                let wait = Wait { reason: WaitReason::Timer, wake_at, url: None, child_run_id: None, item: None };
                 let record = NodeRecord::waiting("nap", json!({"i": i}), wait, 1);
                 store.record(&run_id, &record, &Map::new()).await.map_err(e)?;
                 let seen = flowcraft::store::RecordTally { records: 1, waiting: 1 };

@@ -102,8 +102,8 @@ pub struct NodeSummary {
 }
 
 /// The state of a run, as `flowcraft run --output json` and `flowcraft status --output json` print it:
-/// `{"runId", "status", "outputs", "nodes", "error"?, "parentRunId"?, "parentNodeId"?}` (the other fields are not
-/// serialized).
+/// `{"runId", "status", "outputs", "nodes", "error"?, "parentRunId"?, "parentNodeId"?, "parentInstance"?}` (the
+/// other fields are not serialized).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunResult {
@@ -124,6 +124,9 @@ pub struct RunResult {
     /// For a child run: the `subflow` node of the parent run that waits for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_node_id: Option<String>,
+    /// For the child run of a batch item (a scatter whose worker is `subflow`): the item instance (`#i`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_instance: Option<String>,
     /// The blueprint.
     #[serde(skip)]
     pub blueprint_id: String,
@@ -446,7 +449,7 @@ pub async fn instance_page<S: RunStore + ?Sized>(
             status: r.status,
             attempts: r.attempts,
             error: r.error,
-            wait: r.wait.filter(|_| r.status == NodeStatus::Waiting).map(|w| *w),
+            wait: r.wait.filter(|_| r.status == NodeStatus::Waiting).map(|w| w.shown()),
         })
         .collect();
     Ok(Some(InstancePage { run_id: run_id.to_string(), node_id: node_id.to_string(), instances, next }))
@@ -486,7 +489,7 @@ fn build_result(info: RunInfo, records: Vec<crate::store::NodeRecord>, graph: Op
 fn summarize(info: RunInfo, states: NodeStates, outputs: BTreeMap<String, Value>, graph: Option<&Graph>) -> RunResult {
     let mut nodes = BTreeMap::new();
     for r in states.latest {
-        let wait = if r.status == NodeStatus::Waiting { r.wait.as_deref().cloned() } else { None };
+        let wait = if r.status == NodeStatus::Waiting { r.wait.map(|w| w.shown()) } else { None };
         let summary = NodeSummary { status: r.status, attempts: r.attempts, error: r.error, instances: None, wait };
         nodes.insert(r.node_id, summary);
     }
@@ -500,6 +503,7 @@ fn summarize(info: RunInfo, states: NodeStates, outputs: BTreeMap<String, Value>
     RunResult {
         parent_run_id: info.parent.as_ref().map(|p| p.run_id.clone()),
         parent_node_id: info.parent.as_ref().map(|p| p.node_id.clone()),
+        parent_instance: info.parent.as_ref().map(|p| p.instance.clone()).filter(|i| !i.is_empty()),
         run_id: info.run_id,
         status: info.status,
         outputs,
@@ -816,6 +820,7 @@ mod tests {
             wake_at: None,
             url: Some("https://hooks.example.com/webhooks/t1".into()),
             child_run_id: None,
+            item: None,
         };
         let waiting = NodeRecord::waiting("a", json!(20), wait, 1).at("#2");
         store.record("r-page", &waiting, &serde_json::Map::new()).await.unwrap();

@@ -372,6 +372,14 @@ pub fn plan(graph: &Graph, records: &[NodeRecord]) -> Plan {
         joins.push(JoinState { node_id: gather.scoped().into_owned(), taken: arrived.clone(), arrived });
     }
     decided.extend(batches.decided.iter().map(|g| g.scoped().into_owned()));
+    // The settled joins of batches whose items all start at once (`Worker::item_settled_last`): lost with Redis,
+    // the last item to settle would never check whether its run can only wait.
+    for (key, settled, all) in batches.settled {
+        if all {
+            decided.push(key.clone());
+        }
+        joins.push(JoinState { node_id: key, taken: settled.clone(), arrived: settled });
+    }
     let mut units = HashSet::new();
     let resolved = records
         .iter()
@@ -468,6 +476,7 @@ mod tests {
             wake_at: None,
             url: None,
             child_run_id: None,
+            item: None,
         };
         let gate = NodeRecord::waiting("gate", Value::Null, wait, 1);
         let p = plan(&g, &[done("s", &["gate", "side"], None), gate.clone()]);
@@ -631,6 +640,7 @@ mod tests {
             wake_at: None,
             url: None,
             child_run_id: None,
+            item: None,
         };
         let item = |i: u64, status: NodeStatus| NodeRecord {
             status,

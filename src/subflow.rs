@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
 use crate::flow::builtin::subflow::{blueprint_id, default_output, mapped_outputs, output_keys};
-use crate::flow::{BlueprintSet, NodeRecord, WaitReason};
+use crate::flow::{BlueprintSet, NodeRecord, WaitReason, batch};
 use crate::store::{Job, JobQueue, NodeStatus, ParentRef, RunInfo, RunStatus, RunStore, StoreError, Transition};
 
 /// The child run a record waits for, if it is a `subflow` node's waiting record.
@@ -36,9 +36,11 @@ where
     let Some(child_id) = child_of(record) else { return Ok(()) };
     let parent =
         ParentRef { run_id: parent_run.into(), node_id: record.node_id.clone(), instance: record.instance.clone() };
-    let child_blueprint = blueprints
-        .get(parent_blueprint)
-        .and_then(|g| g.node(&record.node_id).and_then(|d| blueprint_id(&d.params).map(str::to_string)));
+    let fallback = record.wait.as_ref().and_then(|w| w.item.as_ref()?.fallback.as_deref());
+    let child_blueprint = blueprints.get(parent_blueprint).and_then(|g| {
+        let (_, params) = batch::effective(&g, &record.node_id, &record.instance, fallback)?;
+        blueprint_id(params).map(str::to_string)
+    });
     let Some(graph) = child_blueprint.as_deref().and_then(|id| blueprints.get(id)) else {
         let why = format!(
             "subflow: blueprint '{}' is not served by this worker (it serves: {})",
@@ -91,9 +93,10 @@ where
     let Some((parent, parent_blueprint)) = live_parent(store, child).await? else { return Ok(false) };
     let resumed = match child.status {
         RunStatus::Completed => {
+            // A `subflow` item waits only as its scatter's worker (validation keeps `subflow` out of fallback chains).
             let params = blueprints
                 .get(&parent_blueprint)
-                .and_then(|g| g.node(&parent.node_id).map(|d| d.params.clone()))
+                .and_then(|g| batch::effective(&g, &parent.node_id, &parent.instance, None).map(|(_, p)| p.clone()))
                 .unwrap_or(Value::Null);
             child_result(store, blueprints, child, &params).await?
         }
@@ -257,6 +260,7 @@ mod tests {
             wake_at: None,
             url: None,
             child_run_id: child.map(str::to_string),
+            item: None,
         };
         let sub = NodeRecord::waiting("s", json!({}), wait(WaitReason::Subflow, Some("c1")), 1);
         assert_eq!(child_of(&sub), Some("c1"));

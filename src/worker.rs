@@ -30,7 +30,7 @@ use crate::flow::join::decide;
 use crate::flow::limits;
 use crate::flow::{
     BlueprintError, BlueprintSet, ContextHandle, Graph, InstanceKey, Node, NodeCtx, NodeError, NodeOutput, Registry,
-    WaitRequest, batch, instance, loops,
+    Wait, WaitRequest, batch, instance, loops,
 };
 use crate::metrics::WorkerMetrics;
 use crate::reconciler::plan;
@@ -301,7 +301,9 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         #[cfg(any(debug_assertions, feature = "failpoints"))]
         failpoint("after-record");
         if record.status == NodeStatus::Waiting {
-            self.began_waiting(&graph, &job, &record, batch_count).await.map_err(store_err)?;
+            // An item waiting again in its fallback chain after a failed wait settled before: it checks at once.
+            let count = if outcome == "resumed" { None } else { batch_count };
+            self.began_waiting(&graph, &job, &record, count).await.map_err(store_err)?;
             return Ok(Settle::Ack(outcome));
         }
         // 6–7. Send the arrivals, fire joins, publish, finish the run.
@@ -446,7 +448,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             self.fail_run(&job.run_id, &reason, Some(&job.node_id)).await?;
             return Ok(Ran::GaveUp(reason));
         }
-        let gathered = match self.gathered_input(graph, job).await {
+        let gathered = match self.gathered_input(graph, job, &view).await {
             Ok(gathered) => gathered,
             Err(error) => {
                 let _ = self.coord.release_lease(&job.run_id, &key, &token).await;
@@ -454,7 +456,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             }
         };
         let executed = self.execute_with_lease(graph, job, &view, gathered, &token).await;
-        let executed = self.child_known(graph, job, executed);
+        let executed = self.child_known(graph, job, &view, executed).await;
         // Release the context snapshot first: the in-memory store then updates it without a copy.
         drop(view);
         // The lease is kept after a successful record (it expires by itself): a duplicate job that read its view
@@ -651,12 +653,17 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         Ok(jobs.is_empty())
     }
 
-    /// A gather's input: its batch's item outputs in item order, read in one query (`None` for other nodes).
-    async fn gathered_input(&self, graph: &Graph, job: &Job) -> Result<Option<Value>, StoreError> {
+    /// A gather's input: its batch's item outputs in item order, read in one query (`None` for other nodes, and
+    /// for a gather whose scatter failed: its fallback took over, and the gather takes the fallback's output as
+    /// any successor of a fallback does).
+    async fn gathered_input(&self, graph: &Graph, job: &Job, view: &JobView) -> Result<Option<Value>, StoreError> {
         if graph.node(&job.node_id).is_none_or(|d| d.uses != batch::GATHER) {
             return Ok(None);
         }
         let Some(scatter) = batch::scatter_of(graph, &job.node_id) else { return Ok(None) };
+        if view.record_at(scatter, &job.instance).is_some_and(|r| r.status == NodeStatus::Failed) {
+            return Ok(None);
+        }
         let items = self.store.records_under(&job.run_id, scatter, &instance::item_prefix(&job.instance)).await?;
         Ok(Some(batch::gathered(items)))
     }
@@ -852,7 +859,7 @@ impl Executed {
 }
 
 /// Step 5: compute the input, run the attempts (timeout, retries with backoff, panics caught), route. A batch
-/// item whose worker still fails runs its scatter's fallback chain (`item_fallback`).
+/// item whose worker still fails runs its scatter's fallback chain (`item_failed`).
 async fn execute(
     graph: &Graph,
     registry: &Registry,
@@ -872,11 +879,13 @@ async fn execute(
     let policy = graph.policy(node_id).cloned().unwrap_or_default();
     let runs = Runs { uses: &uses, params, input, policy };
     let exec = Execution { registry, metrics, job, view };
+    let is_item = instance::split_item(&job.instance).1.is_some();
     match exec.attempts(&runs).await {
-        Ok((out, context, attempt)) => routed(graph, job, &runs.input, out, &context, attempt, registry.limits()),
-        Err(failure) if instance::split_item(&job.instance).1.is_some() => {
-            item_fallback(graph, &exec, &runs.input, failure).await
+        Ok((out, context, attempt)) => {
+            let executed = routed(graph, job, &runs.input, out, &context, attempt, registry.limits());
+            if is_item { item_waits(graph, executed, node_id, &runs.input) } else { executed }
         }
+        Err(failure) if is_item => item_failed(graph, &exec, &runs.input, node_id, failure).await,
         Err(failure) => Executed::failed(graph, job, failure.attempts, &failure.message),
     }
 }
@@ -949,14 +958,17 @@ impl Execution<'_> {
     }
 }
 
-/// A batch item whose worker failed after its retries (docs/architecture.md, "Batches"): its scatter's
-/// `config.fallback` runs for it, as the item's own instance — that node's implementation, params and retry
-/// policy, on the item's input — and then that node's fallback, and so on; the first success is the item's
-/// result (gathered at its index). Attempts add up over the chain. When the chain fails too, the item fails.
-async fn item_fallback(graph: &Graph, exec: &Execution<'_>, input: &Value, failure: Failure) -> Executed {
+/// The one rule for a batch item that failed (docs/architecture.md, "Item fallback"), whether its worker failed
+/// after its retries (`at` is the scatter) or a wait of the item failed (its timeout passed, or its resume
+/// delivered an error — a `subflow` worker's child failed; `at` is the node of the chain it waited in): the rest
+/// of its scatter's `config.fallback` chain after `at` runs for it, as the item's own instance — each node's
+/// implementation, params and retry policy, on the item's input — and the first success is the item's result
+/// (gathered at its index; a `wait` of the chain makes the item wait again, in that node). Attempts add up over
+/// the chain. When the chain fails too (or there is none), the item fails.
+async fn item_failed(graph: &Graph, exec: &Execution<'_>, input: &Value, at: &str, failure: Failure) -> Executed {
     let job = exec.job;
     let Failure { mut message, attempts: mut made } = failure;
-    let mut current = job.node_id.as_str();
+    let mut current = at;
     // Validation rejects fallback cycles; the bound only keeps a bug from looping.
     for _ in 0..graph.node_count() {
         let Some(fallback) = graph.fallback(current).and_then(|f| graph.node(f)) else { break };
@@ -966,7 +978,8 @@ async fn item_fallback(graph: &Graph, exec: &Execution<'_>, input: &Value, failu
         match exec.attempts(&runs).await {
             Ok((out, context, n)) => {
                 let limits = exec.registry.limits();
-                return routed(graph, job, input, out, &context, made.saturating_add(n), limits);
+                let executed = routed(graph, job, input, out, &context, made.saturating_add(n), limits);
+                return item_waits(graph, executed, &fallback.id, input);
             }
             Err(failed) => {
                 made = made.saturating_add(failed.attempts);
@@ -976,6 +989,31 @@ async fn item_fallback(graph: &Graph, exec: &Execution<'_>, input: &Value, failu
         current = fallback.id.as_str();
     }
     Executed::failed(graph, job, made, &message)
+}
+
+/// A batch item whose wait failed (`wait`, the wait it recorded: its timeout passed, its resume delivered an
+/// error, its child run cannot start): [`item_failed`] from the chain node it waited in, on the input its wait kept.
+async fn item_wait_failed(graph: &Graph, exec: &Execution<'_>, wait: Option<&Wait>, failure: Failure) -> Executed {
+    let item = wait.and_then(|w| w.item.as_ref());
+    let at = item.and_then(|i| i.fallback.as_deref()).unwrap_or(&exec.job.node_id);
+    let input = item.and_then(|i| i.input.clone()).unwrap_or(Value::Null);
+    item_failed(graph, exec, &input, at, failure).await
+}
+
+/// A batch item that ends waiting in `at` (its scatter for the worker, else a node of the scatter's fallback
+/// chain) keeps in its wait what a failure of that wait needs ([`item_failed`]): `at` when it is a fallback, and
+/// the item's input when the chain goes on after `at` (its record's output is the waiting node's, not the input).
+fn item_waits(graph: &Graph, mut executed: Executed, at: &str, input: &Value) -> Executed {
+    let record = &mut executed.record;
+    if record.status != NodeStatus::Waiting {
+        return executed;
+    }
+    if let Some(wait) = record.wait.as_mut() {
+        let fallback = (at != record.node_id).then(|| at.to_string());
+        let input = graph.fallback(at).is_some().then(|| input.clone());
+        wait.item = (fallback.is_some() || input.is_some()).then_some(crate::flow::ItemWait { fallback, input });
+    }
+    executed
 }
 
 /// At most this many characters of a job's body go into a log line.
@@ -1093,10 +1131,10 @@ fn what_runs(
 ) -> Result<(String, Value, Value), String> {
     let node_id = job.node_id.as_str();
     if instance::split_item(&job.instance).1.is_some() {
-        let p = batch::ScatterParams::read(&def.params)
+        let (uses, params) = batch::effective(graph, node_id, &job.instance, None)
             .ok_or_else(|| format!("node '{node_id}' has item instances but is not a batch-scatter"))?;
         let input = view.record_at(node_id, &job.instance).map(|r| r.output.clone()).unwrap_or(Value::Null);
-        return Ok((p.worker, p.worker_params, input));
+        return Ok((uses.to_string(), params.clone(), input));
     }
     let records: HashMap<&str, &NodeRecord> = view.records.iter().map(|r| (r.node_id.as_str(), r)).collect();
     let input = match (gathered, loops::continued_from(graph, node_id, &job.instance)) {
@@ -1667,6 +1705,7 @@ mod tests {
             wake_at: None,
             url: None,
             child_run_id: Some(child.clone()),
+            item: None,
         };
         let waiting = NodeRecord::waiting("sub", json!({"n": 2}), wait, 1);
         store.record("p", &waiting, &Map::new()).await.unwrap();
@@ -1845,6 +1884,48 @@ mod tests {
         assert_eq!(f.process_item(0).await, Settle::Ack("resumed"));
         assert_eq!(replays(&f.take_statements()), 1);
         assert_eq!(f.status().await, RunStatus::Awaiting);
+    }
+
+    /// A batch item whose wait fails follows its scatter's fallback chain (docs/architecture.md, "Item fallback"):
+    /// its wait keeps the item's input; its timeout makes it wait again in the chain's `wait`, whose timeout hands
+    /// it to the chain's last node, which runs on that input.
+    #[tokio::test]
+    async fn a_batch_item_whose_wait_times_out_follows_its_scatters_fallback_chain() {
+        let f = Fixture::of(
+            json!({
+                "id": "bp",
+                "metadata": {"version": "2"},
+                "nodes": [
+                    {"id": "gen", "uses": "transform", "params": {"expr": "[10]"}},
+                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen", "config": {"fallback": "again"},
+                     "params": {"workerUsesKey": "wait", "workerParams": {"timeout": 0}, "gatherNodeId": "ga"}},
+                    {"id": "again", "uses": "wait", "params": {"timeout": 0}, "config": {"fallback": "last"}},
+                    {"id": "last", "uses": "transform", "params": {"expr": "input + 1"}},
+                    {"id": "ga", "uses": "batch-gather"}
+                ],
+                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
+            }),
+            "2",
+        )
+        .await;
+        let item = job("sc").at(instance::item("", 0));
+        let item_record = || async { f.store.records("r").await.unwrap().into_iter().find(|r| r.instance == "#0") };
+        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"));
+        let waits = item_record().await.unwrap().wait.unwrap();
+        assert_eq!(waits.item, Some(crate::flow::ItemWait { fallback: None, input: Some(json!(10)) }));
+        assert_eq!(f.store.fire_due_timers(10).await.unwrap().len(), 1, "the worker's timeout");
+        assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("resumed"));
+        let again = item_record().await.unwrap();
+        assert_eq!(again.status, NodeStatus::Waiting, "waiting again, in the chain's wait: {again:?}");
+        let item_wait = again.wait.unwrap().item.unwrap();
+        assert_eq!((item_wait.fallback.as_deref(), item_wait.input), (Some("again"), Some(json!(10))));
+        assert_eq!(f.store.fire_due_timers(10).await.unwrap().len(), 1, "the chain wait's timeout");
+        assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("resumed"));
+        let done = item_record().await.unwrap();
+        assert_eq!((done.status, &done.output, done.attempts), (NodeStatus::Done, &json!(11), 3), "{done:?}");
+        assert!(f.queue.depth() >= 1, "the gather's job");
     }
 
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on

@@ -460,6 +460,7 @@ async fn a_lost_subflow_resume_is_healed_once() {
             wake_at: None,
             url: None,
             child_run_id: Some(child_id.clone()),
+            item: None,
         };
         let waiting = NodeRecord::waiting("sub", json!({"n": 4}), wait, 1);
         f.store.record(p, &waiting, &Default::default()).await.unwrap();
@@ -567,6 +568,58 @@ async fn a_batch_whose_queue_was_purged_is_re_driven_slot_by_slot() {
     assert_eq!(runs.len(), ITEMS as usize);
     assert!(runs.values().all(|&n| n == 1), "every item executed once: {runs:?}");
     assert_eq!(gathers.load(Ordering::SeqCst), 1, "the gather fired once");
+    stop.cancel();
+    task.await.unwrap();
+    f.cluster.cleanup().await;
+}
+
+/// A batch of `wait` items that all start at once, whose settled join (docs/architecture.md, "Waiting nodes":
+/// the last item to settle checks whether the run can only wait) was lost with Redis mid-way: two items were
+/// waiting, two never ran. The reconciler's re-drive rebuilds the join from the items that settled and publishes
+/// the other two; when they wait, the last of them completes the join and sets the run `awaiting`. Without the
+/// repair the join would count two of four and the run would stay `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_settled_join_was_lost_is_repaired_by_the_re_drive() {
+    let bp = json!({
+        "id": "waits",
+        "nodes": [
+            {"id": "sc", "uses": "batch-scatter", "inputs": "items",
+             "params": {"workerUsesKey": "wait", "outputKey": "out", "gatherNodeId": "ga"}},
+            {"id": "ga", "uses": "batch-gather", "params": {"outputKey": "out", "gatherNodeId": "ga"}}
+        ],
+        "edges": [{"source": "sc", "target": "ga"}]
+    });
+    let f = Fixture::new("settled", vec![bp], Registry::with_builtins()).await;
+    let id = format!("{}-run", f.cluster.name);
+    f.create(&id, "waits").await;
+    let items = vec![json!("a"), json!("b"), json!("c"), json!("d")];
+    let scatter = NodeRecord::done("sc", json!({"count": items.len()}), None, Vec::new(), 1);
+    f.store.record_with_items(&id, &scatter, &Default::default(), &items).await.unwrap();
+    for i in ["#0", "#1"] {
+        let wait = flowcraft::flow::Wait {
+            reason: flowcraft::flow::WaitReason::ExternalEvent,
+            wake_at: None,
+            url: None,
+            child_run_id: None,
+            item: None,
+        };
+        let waiting = NodeRecord::waiting("sc", Value::Null, wait, 1).at(i);
+        f.store.record(&id, &waiting, &Default::default()).await.unwrap();
+    }
+    f.coord.flush_prefix().await.unwrap();
+    f.age(std::slice::from_ref(&id)).await;
+    assert_eq!(f.reconcile(100).await, ReconcileStats { stalled_runs: 1, reconciled_runs: 1, failed_runs: 0 });
+    assert_eq!(f.queue.queue_depth().await.unwrap(), 2, "the two items that never ran");
+    assert_eq!(f.store.run_info(&id).await.unwrap().unwrap().status, RunStatus::Running);
+    let (_m, stop, task) = f.worker(4).await;
+    common::eventually("the run to be awaiting", Duration::from_secs(30), || async {
+        let info = f.store.run_info(&id).await.ok().flatten()?;
+        (info.status == RunStatus::Awaiting).then_some(())
+    })
+    .await;
+    let records = f.store.records(&id).await.unwrap();
+    let waiting = records.iter().filter(|r| r.status == NodeStatus::Waiting).count();
+    assert_eq!(waiting, 4, "every item waits: {records:?}");
     stop.cancel();
     task.await.unwrap();
     f.cluster.cleanup().await;

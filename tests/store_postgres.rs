@@ -785,7 +785,7 @@ async fn reconcile_stats_round_trip() {
 
 fn waiting(node_id: &str, reason: flowcraft::flow::WaitReason, wake_in_ms: Option<i64>) -> NodeRecord {
     let wake_at = wake_in_ms.map(|ms| Utc::now() + chrono::Duration::milliseconds(ms));
-    let wait = flowcraft::flow::Wait { reason, wake_at, url: None, child_run_id: None };
+    let wait = flowcraft::flow::Wait { reason, wake_at, url: None, child_run_id: None, item: None };
     NodeRecord::waiting(node_id, json!("kept"), wait, 1)
 }
 

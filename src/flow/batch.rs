@@ -9,6 +9,7 @@
 use serde_json::{Value, json};
 
 use super::InstanceKey;
+use super::blueprint::NodeDef;
 use super::graph::Graph;
 use super::instance;
 use super::record::{NodeRecord, NodeStatus};
@@ -57,6 +58,39 @@ impl ScatterParams {
         let next = index.checked_add(self.chunk_size?)?;
         (next < count).then_some(next)
     }
+}
+
+/// What a node instance runs, its implementation and params (docs/architecture.md, "Batches"): a batch item of a
+/// scatter runs its `workerUsesKey` with `workerParams` (`null` when absent) — or, when it waits in a node of
+/// its scatter's fallback chain (`fallback`, from its record's [`crate::flow::ItemWait`]), that node's `uses` and
+/// `params`; any other instance its node's own. `None` when the node (or that fallback) is not in the graph.
+/// Everything that asks what an instance runs (the job, a `subflow` child's start and end, validation of a set)
+/// asks this.
+pub fn effective<'g>(
+    graph: &'g Graph,
+    node: &str,
+    instance: &str,
+    fallback: Option<&str>,
+) -> Option<(&'g str, &'g Value)> {
+    let def = graph.node(node)?;
+    if instance::split_item(instance).1.is_none() {
+        return Some((def.uses.as_str(), &def.params));
+    }
+    if let Some(f) = fallback {
+        return graph.node(f).map(|d| (d.uses.as_str(), &d.params));
+    }
+    worker_of(def)
+}
+
+/// The worker a scatter node's items run: its `workerUsesKey` and `workerParams` (`null` when absent); `None` for
+/// a node that is not a scatter.
+pub fn worker_of(def: &NodeDef) -> Option<(&str, &Value)> {
+    static NULL: Value = Value::Null;
+    if def.uses != SCATTER {
+        return None;
+    }
+    let worker = def.params.get("workerUsesKey").and_then(Value::as_str)?;
+    Some((worker, def.params.get("workerParams").unwrap_or(&NULL)))
 }
 
 /// Whether every item of a batch of `count` starts at once (no `chunkSize`, or one as large as the batch).
@@ -189,6 +223,11 @@ pub struct Frontier {
     pub arrivals: Vec<(InstanceKey, Vec<String>)>,
     /// Gather instances whose join has fired (every item resolved).
     pub decided: Vec<InstanceKey>,
+    /// Per batch whose items all start at once, in a run that may wait (the workers use the join only then): its
+    /// settled join ([`settled_key`]), the items that settled
+    /// (waiting, resumed or resolved: each arrived when it began waiting or resolved, `#<index>`), and whether
+    /// every item has (the join fired).
+    pub settled: Vec<(String, Vec<String>, bool)>,
 }
 
 /// The batch frontier of a run from its records (pure, linear in the records).
@@ -209,6 +248,14 @@ pub fn frontier(graph: &Graph, records: &[NodeRecord]) -> Frontier {
         mine.sort_by_key(|(i, _)| *i);
         for i in slot_heads(params.first_wave(n), &mine) {
             out.ready.push(InstanceKey::new(&scatter.node_id, instance::item(&scatter.instance, i)));
+        }
+        if graph.may_wait() && starts_all_at_once(&params, n) {
+            let settled: Vec<String> =
+                mine.iter().filter(|(_, r)| r.status != NodeStatus::Pending).map(|(i, _)| format!("#{i}")).collect();
+            if !settled.is_empty() {
+                let all = settled.len() as u64 >= n;
+                out.settled.push((settled_key(&scatter.node_id, &scatter.instance), settled, all));
+            }
         }
         let done: Vec<u64> = mine.iter().filter(|(_, r)| r.is_terminal()).map(|(i, _)| *i).collect();
         let gather = InstanceKey::new(&params.gather, &scatter.instance);
@@ -299,6 +346,30 @@ mod tests {
         assert_eq!(slot_heads(2, &items), vec![3]);
         // Without a chunk every pending item is its own slot.
         assert_eq!(slot_heads(5, &items), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn the_settled_join_of_a_batch_started_at_once_is_rebuilt_from_its_items() {
+        let batch = |chunk: Value| {
+            let bp = json!({"id": "b", "nodes": [
+                {"id": "sc", "uses": "batch-scatter",
+                 "params": {"workerUsesKey": "wait", "gatherNodeId": "ga", "chunkSize": chunk}},
+                {"id": "ga", "uses": "batch-gather"}], "edges": [{"source": "sc", "target": "ga"}]});
+            Graph::build(serde_json::from_value(bp).unwrap(), None).unwrap()
+        };
+        let item = |i: u64, status: NodeStatus| NodeRecord {
+            status,
+            ..NodeRecord::done("sc", Value::Null, None, vec![], 1).at(instance::item("", i))
+        };
+        use NodeStatus::{Done, Pending, Resumed, Waiting};
+        let scatter = NodeRecord::done("sc", scatter_output(4), None, vec![], 1);
+        let mut records = vec![scatter, item(0, Waiting), item(1, Done), item(2, Pending), item(3, Resumed)];
+        let f = frontier(&batch(Value::Null), &records);
+        assert_eq!(f.settled, [(settled_key("sc", ""), vec!["#0".into(), "#1".into(), "#3".into()], false)]);
+        records[3] = item(2, Waiting);
+        assert!(frontier(&batch(Value::Null), &records).settled[0].2, "every item settled: the join fired");
+        assert!(frontier(&batch(json!(2)), &records).settled.is_empty(), "a chunked batch has no settled join");
+        assert_eq!(frontier(&batch(json!(4)), &records).settled.len(), 1, "a chunk as large as the batch");
     }
 
     #[test]

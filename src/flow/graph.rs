@@ -325,9 +325,10 @@ impl Graph {
         self.may_wait
     }
 
-    /// Whether a node is a `subflow` (its runs may have child runs).
+    /// Whether a node, or a batch's items, run `subflow` (its runs may have child runs).
     pub fn starts_subflows(&self) -> bool {
-        self.nodes.iter().any(|n| n.def.uses == crate::flow::builtin::subflow::SUBFLOW)
+        let subflow = |uses: &str| uses == crate::flow::builtin::subflow::SUBFLOW;
+        self.nodes.iter().any(|n| subflow(&n.def.uses) || batch::worker_of(&n.def).is_some_and(|(w, _)| subflow(w)))
     }
 
     /// Whether conditions or transforms read `context` (so a job must load the context for routing).
@@ -991,24 +992,14 @@ fn check_batches(
                 format!("batch-scatter '{id}': params.workerUsesKey '{}' is not a registered node", p.worker),
             ));
         }
-        if p.worker == "subflow" {
-            // `wait`, `sleep` and `webhook` items wait at their own instance; a child run per item is not
-            // supported (docs/architecture.md, "Waiting nodes").
-            problems.push(Problem::new(
-                "bad-batch",
-                format!(
-                    "batch-scatter '{id}': params.workerUsesKey 'subflow' is not supported: batch items cannot start \
-                     child runs (items may wait with `wait`, `sleep` or `webhook`)"
-                ),
-            ));
-        }
         problems.extend(waiting_item_fallback(nodes, n));
     }
     if problems.is_empty() { Ok(()) } else { Err(problems) }
 }
 
-/// A failed batch item runs its scatter's fallback chain (docs/architecture.md, "Batches"): like the worker, a
-/// node of that chain may wait only with `wait`.
+/// A failed batch item runs its scatter's fallback chain (docs/architecture.md, "Item fallback"): a node of that
+/// chain may wait only with `wait` (a `subflow` there would derive the child run id of the item's own `subflow`
+/// worker, which is the item instance's; `sleep` and `webhook` are not chain kinds).
 fn waiting_item_fallback(nodes: &[GNode], scatter: &GNode) -> Option<Problem> {
     let mut current = scatter.fallback;
     // Fallback cycles are rejected before; the bound only keeps this loop finite.
@@ -1156,7 +1147,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_items_wait_except_as_subflows() {
+    fn batch_items_may_wait_and_start_subflows() {
         let batch = |worker: &str| {
             json!({
                 "id": "b",
@@ -1168,13 +1159,10 @@ mod tests {
                 "edges": [{"source": "sc", "target": "ga"}]
             })
         };
-        let p = problems(batch("subflow"));
-        assert!(
-            p.iter().any(|p| p.code == "bad-batch" && p.to_string().contains("'subflow' is not supported")),
-            "{p:?}"
-        );
-        for worker in ["delay", "wait", "sleep", "webhook"] {
-            assert!(graph(batch(worker)).may_wait() == (worker != "delay"), "{worker}");
+        for worker in ["delay", "wait", "sleep", "webhook", "subflow"] {
+            let g = graph(batch(worker));
+            assert!(g.may_wait() == (worker != "delay"), "{worker}");
+            assert!(g.starts_subflows() == (worker == "subflow"), "{worker}");
         }
     }
 

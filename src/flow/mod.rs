@@ -29,7 +29,7 @@ pub use join::JoinDecision;
 pub use limits::{HttpLimits, Limits, TooLarge};
 pub use needs::ContextNeeds;
 pub use node::{ContextHandle, Node, NodeCtx, NodeError, NodeOutput, Registry, WaitRequest};
-pub use record::{NodeRecord, NodeStatus, Wait, WaitReason};
+pub use record::{ItemWait, NodeRecord, NodeStatus, Wait, WaitReason};
 pub use retry::RetryPolicy;
 pub use set::{BlueprintSet, BlueprintSource};
 

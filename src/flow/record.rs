@@ -101,12 +101,33 @@ pub struct Wait {
     /// The child run of a `subflow` node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_run_id: Option<String>,
+    /// For a batch item: where in its scatter's fallback chain it waits, and what the rest of the chain needs if
+    /// the wait fails (docs/architecture.md, "Item fallback"). Not shown by `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<ItemWait>,
+}
+
+/// A waiting batch item's place in its scatter's fallback chain (docs/architecture.md, "Item fallback").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemWait {
+    /// The node of the chain the item waits in; `None`: the worker (`workerUsesKey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// The item's input, kept when the chain goes on after that node (its failure runs the rest on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
 }
 
 impl Wait {
     /// Whether the node fails when its timer falls due (a `wait` timeout) rather than resuming with its output.
     pub fn times_out(&self) -> bool {
         self.reason != WaitReason::Timer
+    }
+
+    /// The wait as `status` and the console show it: without a batch item's chain state (its input may be large).
+    pub fn shown(self) -> Self {
+        Self { item: None, ..self }
     }
 }
 
@@ -273,7 +294,7 @@ mod tests {
             assert_eq!(NodeStatus::parse(s.as_str()), Some(s));
             assert_eq!(s.is_terminal(), !matches!(s, NodeStatus::Pending | NodeStatus::Waiting | NodeStatus::Resumed));
         }
-        let wait = Wait { reason: WaitReason::Timer, wake_at: None, url: None, child_run_id: None };
+        let wait = Wait { reason: WaitReason::Timer, wake_at: None, url: None, child_run_id: None, item: None };
         assert_eq!(serde_json::to_value(&wait).unwrap(), json!({"reason": "timer"}));
         assert!(!wait.times_out());
         let waiting = NodeRecord::waiting("w", json!(1), wait, 1);

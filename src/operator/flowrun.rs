@@ -449,6 +449,7 @@ mod tests {
             error: error.map(str::to_string),
             parent_run_id: None,
             parent_node_id: None,
+            parent_instance: None,
             blueprint_id: "order".into(),
             total_nodes: None,
             created_at: Some(t(1_700_000_000)),
@@ -499,6 +500,7 @@ mod tests {
             wake_at: Some(wake),
             url: url.map(str::to_string),
             child_run_id: None,
+            item: None,
         };
         r.nodes.get_mut("approve").unwrap().wait = Some(wait(WaitReason::ExternalEvent, None));
         r.nodes.get_mut("hook").unwrap().wait = Some(wait(WaitReason::Webhook, Some("https://x/webhooks/SECRET")));

@@ -865,6 +865,7 @@ mod tests {
             wake_at: None,
             url: None,
             child_run_id: None,
+            item: None,
         };
         for node in ["g1", "g2"] {
             s.record("r", &NodeRecord::waiting(node, Value::Null, wait.clone(), 1), &Map::new()).await.unwrap();

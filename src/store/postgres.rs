@@ -463,7 +463,8 @@ const FINISH_RUN: &str = "UPDATE {statuses} SET status = $2::text, status_data =
 // record, like FIRE_DUE_TIMERS, so `SET_AWAITING`, which locks the run row first, sees it or is undone by it).
 const TRANSITION: &str = "WITH upd AS (
     UPDATE {results} SET status = $3::text, action = $4::text, output = $5::jsonb, taken = $6::jsonb,
-           attempts = GREATEST(attempts, $7::int), error = $8::text, finished_at = now(), wake_at = NULL
+           attempts = GREATEST(attempts, $7::int), error = $8::text, finished_at = now(), wake_at = $13::timestamptz,
+           wait = COALESCE($12::jsonb, wait), token = CASE WHEN $12::jsonb IS NULL THEN token ELSE $14::text END
      WHERE run_id = $1::text AND node_id = $2::text AND instance = $11::text AND status = $10::text
        AND EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text AND status IN ('running', 'awaiting'))
     RETURNING node_id
@@ -1604,7 +1605,12 @@ impl RunStore for PostgresStore {
         let attempts = i32::try_from(to.attempts).unwrap_or(i32::MAX);
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.transition).await.map_err(|e| db_error(&op, table, e))?;
-        let params: [&(dyn ToSql + Sync); 11] = [
+        // A record that waits again (a batch item's `wait` of its fallback chain after a failed wait) brings its
+        // new wait, timer and token; any other keeps the wait it had.
+        let wait = to.wait.as_deref().map(Json);
+        let wake_at = to.wait.as_ref().and_then(|w| w.wake_at);
+        let token = to.wait.as_deref().and_then(crate::flow::builtin::stored_token);
+        let params: [&(dyn ToSql + Sync); 14] = [
             &run_id,
             &node_id,
             &to.status.as_str(),
@@ -1616,6 +1622,9 @@ impl RunStore for PostgresStore {
             &merge,
             &from.as_str(),
             &instance,
+            &wait,
+            &wake_at,
+            &token,
         ];
         let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
         let changed: bool = column(&row, "changed", run_id)?;

@@ -224,7 +224,7 @@ mod tests {
         };
         store.create_run(&run).await.unwrap();
         let wake_at = Some(chrono::Utc::now() + chrono::Duration::seconds(seconds));
-        let wait = Wait { reason, wake_at, url: None, child_run_id: None };
+        let wait = Wait { reason, wake_at, url: None, child_run_id: None, item: None };
         let record = NodeRecord::waiting(node, json!("in"), wait, 1);
         store.record(run_id, &record, &serde_json::Map::new()).await.unwrap();
     }

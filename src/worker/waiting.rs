@@ -5,11 +5,11 @@
 use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
-use super::{Executed, Worker, routed, what_runs};
+use super::{Executed, Execution, Failure, Worker, item_wait_failed, routed, what_runs};
 use crate::flow::builtin::subflow;
 use crate::flow::{
-    ContextHandle, Graph, JoinStrategy, Limits, NodeOutput, NodeRecord, NodeStatus, Wait, WaitReason, WaitRequest,
-    batch, instance,
+    ContextHandle, Graph, JoinStrategy, NodeOutput, NodeRecord, NodeStatus, Wait, WaitReason, WaitRequest, batch,
+    instance,
 };
 use crate::reconciler::plan;
 use crate::store::{
@@ -23,14 +23,20 @@ pub(super) fn recorded_wait(request: &WaitRequest, now: DateTime<Utc>, job: &Job
         request.after.and_then(|d| chrono::Duration::from_std(d).ok()).and_then(|d| now.checked_add_signed(d));
     let child_run_id = (request.reason == WaitReason::Subflow)
         .then(|| subflow::child_run_id(&job.run_id, &job.node_id, &job.instance));
-    Wait { reason: request.reason, wake_at, url: request.url.clone(), child_run_id }
+    Wait { reason: request.reason, wake_at, url: request.url.clone(), child_run_id, item: None }
 }
 
-/// How a resumed record is routed: its error fails the node (a timeout: no retry, its fallback takes over), else
-/// its output and action are routed as a returned result would be.
-fn resumed_outcome(graph: &Graph, job: &Job, view: &JobView, resumed: NodeRecord, limits: &Limits) -> Executed {
+/// How a resumed record is routed: its error fails the node (a timeout: no retry, its fallback takes over; a batch
+/// item follows the rest of its scatter's fallback chain, [`item_failed`]), else its output and action are
+/// routed as a returned result would be.
+async fn resumed_outcome(graph: &Graph, exec: &Execution<'_>, resumed: NodeRecord) -> Executed {
+    let (job, view, limits) = (exec.job, exec.view, exec.registry.limits());
     if let Some(error) = &resumed.error {
-        return Executed::failed(graph, job, resumed.attempts, error);
+        if instance::split_item(&job.instance).1.is_none() {
+            return Executed::failed(graph, job, resumed.attempts, error);
+        }
+        let failure = Failure { message: error.clone(), attempts: resumed.attempts };
+        return item_wait_failed(graph, exec, resumed.wait.as_deref(), failure).await;
     }
     let Some(def) = graph.node(&job.node_id) else {
         return Executed::failed(
@@ -66,7 +72,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         view: &JobView,
         resumed: NodeRecord,
     ) -> Result<Option<Finished>, StoreError> {
-        let executed = resumed_outcome(graph, job, view, resumed, self.registry.limits());
+        let exec = Execution { registry: &self.registry, metrics: &self.metrics, job, view };
+        let executed = resumed_outcome(graph, &exec, resumed).await;
         // Read before the transition: an item this job moves out of `resumed` was then `waiting` when any tally
         // of this epoch was replayed (a `resumed` record keeps a run from being set awaiting).
         let epoch = self.awaited_epoch(job).await;
@@ -200,19 +207,26 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         crate::subflow::start_child(&*self.queue, &*self.store, &self.blueprints, parent, record, max_input).await
     }
 
-    /// A `subflow` node that asks to wait for a blueprint this worker does not serve fails instead (a clear error;
-    /// its fallback applies). Other results pass unchanged.
-    pub(super) fn child_known(&self, graph: &Graph, job: &Job, executed: Executed) -> Executed {
-        if executed.record.wait.as_ref().is_none_or(|w| w.reason != WaitReason::Subflow) {
+    /// A `subflow` node (or batch item) that asks to wait for a blueprint this worker does not serve fails instead
+    /// (a clear error; its fallback applies, an item's as for any failed wait). Other results pass unchanged.
+    pub(super) async fn child_known(&self, graph: &Graph, job: &Job, view: &JobView, executed: Executed) -> Executed {
+        let Some(wait) = executed.record.wait.as_deref().filter(|w| w.reason == WaitReason::Subflow) else {
             return executed;
-        }
-        let child = graph.node(&job.node_id).and_then(|d| subflow::blueprint_id(&d.params)).unwrap_or_default();
+        };
+        let fallback = wait.item.as_ref().and_then(|i| i.fallback.as_deref());
+        let runs = batch::effective(graph, &job.node_id, &job.instance, fallback);
+        let child = runs.and_then(|(_, params)| subflow::blueprint_id(params)).unwrap_or_default();
         if self.blueprints.get(child).is_some() {
             return executed;
         }
         let error =
             format!("subflow: unknown blueprint '{child}' (this worker serves: {})", self.blueprints.ids().join(", "));
-        Executed::failed(graph, job, executed.record.attempts, &error)
+        if instance::split_item(&job.instance).1.is_none() {
+            return Executed::failed(graph, job, executed.record.attempts, &error);
+        }
+        let exec = Execution { registry: &self.registry, metrics: &self.metrics, job, view };
+        let failure = Failure { message: error, attempts: executed.record.attempts };
+        item_wait_failed(graph, &exec, Some(wait), failure).await
     }
 
     /// A job ended its run, a child run: resume the parent node (docs/architecture.md, "Subflows").

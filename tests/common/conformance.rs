@@ -68,6 +68,10 @@ pub struct ResumeStep {
     /// Which instance (`--instance`); without it, the only waiting one.
     #[serde(default)]
     pub instance: Option<String>,
+    /// Resume only once the instance waits in this node of its scatter's fallback chain (a batch item whose wait
+    /// failed and that waits again in a `wait` of the chain).
+    #[serde(default)]
+    pub in_fallback: Option<String>,
     /// The resume must fail with an error containing this (`flowcraft resume` exits 1); tried without waiting
     /// for the run to be `awaiting`.
     #[serde(default)]
@@ -126,6 +130,36 @@ async fn awaiting<S: RunStore + ?Sized>(store: &S, case: &Case, run_id: &str) ->
     Ok(())
 }
 
+/// Wait until the step's node instance waits in `fallback`, a node of its scatter's fallback chain (a deadline, no
+/// fixed sleep).
+async fn until_waiting_in<S: RunStore + ?Sized>(
+    store: &S,
+    case: &Case,
+    run_id: &str,
+    step: &ResumeStep,
+    fallback: &str,
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let instance = step.instance.as_deref().unwrap_or("");
+    loop {
+        let records = store.records(run_id).await.map_err(|e| e.to_string())?;
+        let record = records.iter().find(|r| r.node_id == step.node && r.instance == instance);
+        let waits_in = record
+            .filter(|r| r.status == flowcraft::flow::NodeStatus::Waiting)
+            .and_then(|r| r.wait.as_ref()?.item.as_ref()?.fallback.clone());
+        if waits_in.as_deref() == Some(fallback) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "case '{}': {}[{instance}] never waited in {fallback}: {record:?}",
+                case.name, step.node
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Delivers a webhook step to the node's URL (the records have its waiting entry), as the mode under test serves it.
 pub trait Webhooks: AsyncFn(&ResumeStep, &[NodeRecord]) -> Result<(), String> {}
 impl<F: AsyncFn(&ResumeStep, &[NodeRecord]) -> Result<(), String>> Webhooks for F {}
@@ -150,6 +184,9 @@ where
         for child in runs.iter().skip(1) {
             until_awaiting(store, case, child).await?;
         }
+    }
+    if let Some(fallback) = &step.in_fallback {
+        until_waiting_in(store, case, run, step, fallback).await?;
     }
     if step.webhook {
         let records = store.records(run).await.map_err(|e| e.to_string())?;
@@ -200,12 +237,17 @@ where
 }
 
 /// The runs leading to a child run: the case's run, then the child run of each `subflow` node of `within` in
-/// turn (their ids are derived from the parent run and node).
+/// turn (their ids are derived from the parent run, node and instance: `node`, or `node[#i]` for the child of a
+/// batch item whose worker is `subflow`).
 pub fn runs_within(top: &str, within: &[String]) -> Vec<String> {
     let mut runs = vec![top.to_string()];
-    for node in within {
+    for step in within {
+        let (node, instance) = match step.strip_suffix(']').and_then(|s| s.split_once('[')) {
+            Some((node, instance)) => (node, instance),
+            None => (step.as_str(), ""),
+        };
         let parent = runs.last().cloned().unwrap_or_default();
-        runs.push(flowcraft::flow::builtin::subflow::child_run_id(&parent, node, ""));
+        runs.push(flowcraft::flow::builtin::subflow::child_run_id(&parent, node, instance));
     }
     runs
 }

@@ -172,13 +172,15 @@ pub fn mapped_outputs(params: &Value, child_context: &Map<String, Value>) -> Map
         .collect()
 }
 
-/// The `(node id, child blueprint id)` of every `subflow` node of a graph.
+/// The `(node id, child blueprint id)` of every `subflow` node of a graph, and of every batch scatter whose items
+/// run `subflow` (its `workerParams` name the child blueprint).
 pub fn subflows(graph: &Graph) -> Vec<(String, String)> {
     graph
         .node_ids()
         .filter_map(|n| {
             let def = graph.node(n)?;
-            (def.uses == SUBFLOW).then(|| blueprint_id(&def.params).map(|b| (n.to_string(), b.to_string())))?
+            let (uses, params) = crate::flow::batch::worker_of(def).unwrap_or((&def.uses, &def.params));
+            (uses == SUBFLOW).then(|| blueprint_id(params).map(|b| (n.to_string(), b.to_string())))?
         })
         .collect()
 }
@@ -314,6 +316,28 @@ mod tests {
         let keys = output_keys(&params).unwrap();
         assert!(keys.contains("sum") && keys.contains("_outputs.memo"));
         assert_eq!(output_keys(&json!({"blueprintId": "c"})), None);
+    }
+
+    #[test]
+    fn subflows_are_found_in_nodes_and_in_batch_workers() {
+        let g = graph(json!({"id": "p", "nodes": [
+            {"id": "sub", "uses": "subflow", "params": {"blueprintId": "one"}},
+            {"id": "sc", "uses": "batch-scatter",
+             "params": {"workerUsesKey": "subflow", "workerParams": {"blueprintId": "two"}, "gatherNodeId": "ga"}},
+            {"id": "ga", "uses": "batch-gather"},
+            {"id": "other", "uses": "batch-scatter",
+             "params": {"workerUsesKey": "transform", "workerParams": {"expr": "1"}, "gatherNodeId": "og"}},
+            {"id": "og", "uses": "batch-gather"}],
+            "edges": [{"source": "sc", "target": "ga"}, {"source": "other", "target": "og"}]}));
+        let found = subflows(&g);
+        assert_eq!(found, [("sub".to_string(), "one".to_string()), ("sc".to_string(), "two".to_string())]);
+        assert!(g.starts_subflows());
+        // An item of `sc` runs the worker with its params; the scatter itself runs `batch-scatter`.
+        let (uses, params) = crate::flow::batch::effective(&g, "sc", "#4", None).unwrap();
+        assert_eq!((uses, blueprint_id(params)), ("subflow", Some("two")));
+        assert_eq!(crate::flow::batch::effective(&g, "sc", "", None).unwrap().0, "batch-scatter");
+        let (uses, _) = crate::flow::batch::effective(&g, "sc", "#4", Some("sub")).unwrap();
+        assert_eq!(uses, "subflow", "waiting in a node of the fallback chain: that node's");
     }
 
     #[test]

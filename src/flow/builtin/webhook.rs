@@ -117,7 +117,7 @@ mod tests {
     fn the_store_keeps_the_hash_of_a_webhook_token_only() {
         let url = webhook_url("http://h:1/", "abc");
         assert_eq!(url, "http://h:1/webhooks/abc");
-        let wait = Wait { reason: WaitReason::Webhook, wake_at: None, url: Some(url), child_run_id: None };
+        let wait = Wait { reason: WaitReason::Webhook, wake_at: None, url: Some(url), child_run_id: None, item: None };
         let stored = stored_token(&wait).unwrap();
         assert_eq!(stored, token_hash("abc"));
         assert_eq!(stored, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
