@@ -259,11 +259,16 @@ pub async fn check_children<S: flowcraft::store::RunStore>(case: &Case, store: &
         let within: Vec<String> = path.split('/').map(str::to_string).collect();
         let runs = runs_within(top, &within);
         let (parent, child) = (&runs[runs.len() - 2], &runs[runs.len() - 1]);
+        // The child of a batch item (`node[#i]`) names the item instance too.
+        let instance = path.rsplit('/').next().and_then(|s| s.strip_suffix(']')?.split_once('[')).map(|(_, i)| i);
         match flowcraft::client::run_result(store, child, None).await {
-            Ok(Some(r)) if r.status.as_str() == want && r.parent_run_id.as_deref() == Some(parent.as_str()) => {}
+            Ok(Some(r))
+                if r.status.as_str() == want
+                    && r.parent_run_id.as_deref() == Some(parent.as_str())
+                    && r.parent_instance.as_deref() == instance => {}
             Ok(Some(r)) => errors.push(format!(
-                "child {path}: {} of parent {:?}, expected {want} of {parent}",
-                r.status, r.parent_run_id
+                "child {path}: {} of parent {:?} at {:?}, expected {want} of {parent} at {instance:?}",
+                r.status, r.parent_run_id, r.parent_instance
             )),
             other => errors.push(format!("child {path} ({child}): {other:?}")),
         }
