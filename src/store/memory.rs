@@ -893,6 +893,7 @@ mod tests {
             wake_at: None,
             url: None,
             child_run_id: None,
+            item: None,
         };
         s.record("r", &NodeRecord::waiting("g", Value::Null, wait, 1), &Map::new()).await.unwrap();
         let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g") };
