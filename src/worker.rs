@@ -1351,6 +1351,10 @@ mod tests {
             self.faults.statements.lock().unwrap().push("has_resumed");
             self.inner.has_resumed(run_id).await
         }
+        async fn has_unresolved_items(&self, run_id: &str, node_id: &str, scatter: &str) -> StoreResult<bool> {
+            self.faults.statements.lock().unwrap().push("has_unresolved_items");
+            self.inner.has_unresolved_items(run_id, node_id, scatter).await
+        }
         async fn records(&self, run_id: &str) -> StoreResult<Vec<NodeRecord>> {
             self.faults.statements.lock().unwrap().push("records");
             self.inner.records(run_id).await
@@ -1821,7 +1825,8 @@ mod tests {
             assert_eq!(replays(&statements), 0, "item {i}: {statements:?}");
             assert_eq!(*per_resume.get_or_insert_with(|| statements.clone()), statements, "item {i}: same cost");
         }
-        assert_eq!(per_resume.unwrap(), ["job_view_for", "transition", "has_resumed", "set_awaiting"]);
+        let cost = ["job_view_for", "transition", "has_unresolved_items", "has_resumed", "set_awaiting"];
+        assert_eq!(per_resume.unwrap(), cost);
         // The last item fires the gather, which completes the run.
         f.resume_at("sc", &instance::item("", N - 1), json!(N - 1)).await;
         assert_eq!(f.process_item(N - 1).await, Settle::Ack("resumed"));
@@ -1866,6 +1871,38 @@ mod tests {
         f.resume_at("sc", &instance::item("", 2), json!(2)).await;
         assert_eq!(f.process_item(2).await, Settle::Ack("resumed"));
         assert_eq!((replays(&f.take_statements()), f.status().await), (1, RunStatus::Awaiting));
+    }
+
+    /// The awaited tally cannot see a gather made ready behind a lost arrival set (Redis lost its keys while
+    /// items were resolved): the last item's arrival finds the set incomplete and fires nothing, and the tally
+    /// still matches (another node, `gate`, waits). With every item resolved the item replays the run from its
+    /// records instead, which finds the gather ready: the run stays running (the reconciler re-drives it), never
+    /// `awaiting` with a ready node nobody publishes.
+    #[tokio::test]
+    async fn the_last_item_behind_a_lost_arrival_set_does_not_set_the_run_awaiting() {
+        const N: u64 = 4;
+        let f = batch_of_waits(N, &[json!({"id": "gate", "uses": "wait"})], &[]).await;
+        assert_eq!(f.process(&job("gate")).await.unwrap(), Settle::Ack("waiting"));
+        for i in 0..N {
+            assert_eq!(f.process_item(i).await, Settle::Ack("waiting"), "item {i}");
+        }
+        assert_eq!(f.status().await, RunStatus::Awaiting);
+        f.resume_at("sc", &instance::item("", 0), json!(0)).await;
+        assert_eq!(f.process_item(0).await, Settle::Ack("resumed"));
+        // Redis loses everything (item 0's arrival at the gather with it); item 1 replays and notes a new tally.
+        f.coord.flush();
+        f.resume_at("sc", &instance::item("", 1), json!(1)).await;
+        assert_eq!(f.process_item(1).await, Settle::Ack("resumed"));
+        assert_eq!(f.status().await, RunStatus::Awaiting);
+        f.take_statements();
+        f.resume_at("sc", &instance::item("", 2), json!(2)).await;
+        assert_eq!(f.process_item(2).await, Settle::Ack("resumed"));
+        assert_eq!((replays(&f.take_statements()), f.status().await), (0, RunStatus::Awaiting), "item 2: quiet");
+        // The last item: its arrival completes no set (item 0's is gone), but every item is resolved.
+        f.resume_at("sc", &instance::item("", 3), json!(3)).await;
+        assert_eq!(f.process_item(3).await, Settle::Ack("resumed"));
+        assert_eq!(replays(&f.take_statements()), 1, "the last item replays the run");
+        assert_eq!(f.status().await, RunStatus::Running, "the gather is ready: the run must not be awaiting");
     }
 
     /// The job of a resumed item that lost its transition (a copy of it routed the item first) does not count

@@ -14,7 +14,7 @@ use common::cluster::Cluster;
 use flowcraft::client::{self, ClientError, Resume};
 use flowcraft::flow::{BlueprintSet, Graph};
 use flowcraft::store::postgres::PostgresStore;
-use flowcraft::store::{NodeStatus, RunStatus, RunStore};
+use flowcraft::store::{Coordinator, NodeStatus, RunStatus, RunStore};
 use serde_json::{Value, json};
 
 fn write_blueprint(dir: &Path, bp: &Value) -> Graph {
@@ -412,6 +412,12 @@ async fn batch_items_resumed_one_at_a_time_leave_the_run_awaiting_without_replay
     let id = format!("{}-run", cluster.name);
     client::start_run(&*queue, &*store, &graph, &id, json!({})).await.unwrap();
     all_reach(&store, std::slice::from_ref(&id), RunStatus::Awaiting, Duration::from_secs(60)).await;
+    // The replay notes its tally right after it sets the run awaiting: a resume in between would replay.
+    let coord = cluster.coord().await;
+    common::eventually(&format!("run {id}'s awaited tally"), Duration::from_secs(60), || async {
+        coord.awaited_epoch(&id).await.ok().flatten()
+    })
+    .await;
     let logs = || format!("{}\n{}", w1.log_text(), w2.log_text());
     for i in 0..N {
         let resume = Resume { result: json!(i * 10), action: None, instance: Some(format!("#{i}")) };

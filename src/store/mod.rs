@@ -730,6 +730,15 @@ pub trait RunStore: Send + Sync + 'static {
         Ok(self.records(run_id).await?.iter().any(|r| r.status == NodeStatus::Resumed))
     }
 
+    /// Whether an item of the batch of `node_id` scattered at `scatter_instance` is not resolved yet (`pending`,
+    /// `waiting` or `resumed`): then its gather cannot be ready, whatever the coordinator says (a resumed item's
+    /// quiet check relies on it, docs/architecture.md, "Waiting nodes"). Stores override the default with one
+    /// `EXISTS` over the batch's items.
+    async fn has_unresolved_items(&self, run_id: &str, node_id: &str, scatter_instance: &str) -> StoreResult<bool> {
+        let prefix = crate::flow::instance::item_prefix(scatter_instance);
+        Ok(self.records_under(run_id, node_id, &prefix).await?.iter().any(|r| !r.status.is_terminal()))
+    }
+
     /// Up to `limit` instances of `node_id` that are `waiting`, in instance order: what a resume that names no
     /// instance chooses from. Stores override the default with a query that reads no output.
     async fn waiting_instances(&self, run_id: &str, node_id: &str, limit: usize) -> StoreResult<Vec<String>> {

@@ -566,6 +566,10 @@ const NODE_STATES: &str = "SELECT node_id, instance, status, action, NULL::jsonb
 const INSTANCE_COUNTS: &str = "SELECT node_id, status, count(*) AS n FROM {results}
  WHERE run_id = $1::text AND instance <> '' GROUP BY node_id, status";
 
+const HAS_UNRESOLVED_ITEMS: &str = "SELECT EXISTS (SELECT 1 FROM {results}
+ WHERE run_id = $1::text AND node_id = $2::text AND starts_with(instance, $3::text)
+   AND status IN ('pending', 'waiting', 'resumed')) AS found";
+
 const HAS_RESUMED: &str =
     "SELECT EXISTS (SELECT 1 FROM {results} WHERE run_id = $1::text AND status = 'resumed') AS found";
 
@@ -687,6 +691,7 @@ struct Sql {
     record_count: String,
     waiting_instances: String,
     has_resumed: String,
+    has_unresolved_items: String,
     instances_page: String,
     record_states: String,
     node_states: String,
@@ -733,6 +738,7 @@ impl Sql {
             record_count: names.render(RECORD_COUNT),
             waiting_instances: names.render(WAITING_INSTANCES),
             has_resumed: names.render(HAS_RESUMED),
+            has_unresolved_items: names.render(HAS_UNRESOLVED_ITEMS),
             instances_page: names.render(INSTANCES_PAGE),
             record_states: names.render(RECORD_STATES),
             node_states: names.render(&NODE_STATES.replace("{taken}", "'[]'::jsonb AS taken")),
@@ -1742,6 +1748,16 @@ impl RunStore for PostgresStore {
         let client = self.client(&op).await?;
         let stmt = client.prepare_cached(&self.sql.has_resumed).await.map_err(|e| db_error(&op, table, e))?;
         let row = client.query_one(&stmt, &[&run_id]).await.map_err(|e| db_error(&op, table, e))?;
+        column(&row, "found", run_id)
+    }
+
+    async fn has_unresolved_items(&self, run_id: &str, node_id: &str, scatter_instance: &str) -> StoreResult<bool> {
+        let op = format!("look for unresolved items of node {node_id} of run {run_id}");
+        let table = self.names.results.as_str();
+        let client = self.client(&op).await?;
+        let stmt = client.prepare_cached(&self.sql.has_unresolved_items).await.map_err(|e| db_error(&op, table, e))?;
+        let prefix = crate::flow::instance::item_prefix(scatter_instance);
+        let row = client.query_one(&stmt, &[&run_id, &node_id, &prefix]).await.map_err(|e| db_error(&op, table, e))?;
         column(&row, "found", run_id)
     }
 
