@@ -114,15 +114,14 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         job: &Job,
         epoch: Option<&str>,
     ) -> Result<(), StoreError> {
-        if let Some(epoch) = epoch
-            && let Some(expected) = self.quiet_tally(job, epoch).await
-        {
-            // The tally cannot see a gather made ready behind a lost arrival set: with every item resolved, the
-            // run is replayed from its records.
-            let scatter_instance = instance::split_item(&job.instance).0;
-            if !self.store.has_unresolved_items(&job.run_id, &job.node_id, scatter_instance).await? {
-                return self.maybe_await(graph, &job.run_id).await;
-            }
+        let Some(epoch) = epoch else { return self.maybe_await(graph, &job.run_id).await };
+        // The tally cannot see a gather made ready behind a lost arrival set: with every item resolved the run is
+        // replayed from its records, and the item is not counted quiet (a later item's tally would then hide it).
+        let scatter_instance = instance::split_item(&job.instance).0;
+        if !self.store.has_unresolved_items(&job.run_id, &job.node_id, scatter_instance).await? {
+            return self.maybe_await(graph, &job.run_id).await;
+        }
+        if let Some(expected) = self.quiet_tally(job, epoch).await {
             if self.store.has_resumed(&job.run_id).await? {
                 debug!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, "A resumed node's job checks the run; no replay here.");
                 return Ok(());
