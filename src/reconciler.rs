@@ -471,13 +471,7 @@ mod tests {
             "edges": [{"source": "s", "target": "gate"}, {"source": "s", "target": "side"},
                       {"source": "gate", "target": "end"}, {"source": "side", "target": "end"}]
         }));
-        let wait = crate::flow::Wait {
-            reason: crate::flow::WaitReason::ExternalEvent,
-            wake_at: None,
-            url: None,
-            child_run_id: None,
-            item: None,
-        };
+        let wait = crate::flow::Wait::new(crate::flow::WaitReason::ExternalEvent);
         let gate = NodeRecord::waiting("gate", Value::Null, wait, 1);
         let p = plan(&g, &[done("s", &["gate", "side"], None), gate.clone()]);
         let key = |n: &str| crate::flow::InstanceKey::new(n, "");
@@ -635,13 +629,7 @@ mod tests {
             ],
             "edges": [{"source": "s", "target": "g"}]
         }));
-        let wait = crate::flow::Wait {
-            reason: crate::flow::WaitReason::ExternalEvent,
-            wake_at: None,
-            url: None,
-            child_run_id: None,
-            item: None,
-        };
+        let wait = crate::flow::Wait::new(crate::flow::WaitReason::ExternalEvent);
         let item = |i: u64, status: NodeStatus| NodeRecord {
             status,
             ..NodeRecord::waiting("s", json!(i), wait.clone(), 1).at(format!("#{i}"))

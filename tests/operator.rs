@@ -1143,7 +1143,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
     // node it waits on (no event: waiting is not a finished phase).
     let fetched = NodeRecord::done("fetch", json!({"ok": true}), None, vec![], 1);
     store.record(&run_id, &fetched, &Default::default()).await.unwrap();
-    let wait = Wait { reason: WaitReason::ExternalEvent, wake_at: None, url: None, child_run_id: None, item: None };
+    let wait = Wait::new(WaitReason::ExternalEvent);
     let waiting = NodeRecord::waiting("notify", json!({"ok": true}), wait, 1);
     store.record(&run_id, &waiting, &Default::default()).await.unwrap();
     let seen = flowcraft::store::RecordTally::of(&store.records(&run_id).await.unwrap());
@@ -1271,7 +1271,7 @@ async fn flowrun_progress_counts_batch_instances() {
     let scatter = NodeRecord::done("sc", json!({"count": 4}), None, vec!["ga".into()], 1);
     let items = [json!(1), json!(2), json!(3), json!(4)];
     store.record_with_items(&run_id, &scatter, &Default::default(), &items).await.unwrap();
-    let wait = Wait { reason: WaitReason::ExternalEvent, wake_at: None, url: None, child_run_id: None, item: None };
+    let wait = Wait::new(WaitReason::ExternalEvent);
     for item in [
         NodeRecord::done("sc", json!(10), None, vec![], 1).at("#0"),
         NodeRecord::failed("sc", "boom", vec![], 2).at("#1"),

@@ -596,13 +596,7 @@ async fn a_batch_whose_settled_join_was_lost_is_repaired_by_the_re_drive() {
     let scatter = NodeRecord::done("sc", json!({"count": items.len()}), None, Vec::new(), 1);
     f.store.record_with_items(&id, &scatter, &Default::default(), &items).await.unwrap();
     for i in ["#0", "#1"] {
-        let wait = flowcraft::flow::Wait {
-            reason: flowcraft::flow::WaitReason::ExternalEvent,
-            wake_at: None,
-            url: None,
-            child_run_id: None,
-            item: None,
-        };
+        let wait = flowcraft::flow::Wait::new(flowcraft::flow::WaitReason::ExternalEvent);
         let waiting = NodeRecord::waiting("sc", Value::Null, wait, 1).at(i);
         f.store.record(&id, &waiting, &Default::default()).await.unwrap();
     }

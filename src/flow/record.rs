@@ -120,6 +120,11 @@ pub struct ItemWait {
 }
 
 impl Wait {
+    /// A wait for `reason` alone: no timer, URL, child run or chain state.
+    pub fn new(reason: WaitReason) -> Self {
+        Self { reason, wake_at: None, url: None, child_run_id: None, item: None }
+    }
+
     /// Whether the node fails when its timer falls due (a `wait` timeout) rather than resuming with its output.
     pub fn times_out(&self) -> bool {
         self.reason != WaitReason::Timer

@@ -860,13 +860,7 @@ mod tests {
         let s = MemoryStore::new();
         let run = new_run("r", Value::Null);
         s.create_run(&run).await.unwrap();
-        let wait = crate::flow::Wait {
-            reason: crate::flow::WaitReason::ExternalEvent,
-            wake_at: None,
-            url: None,
-            child_run_id: None,
-            item: None,
-        };
+        let wait = crate::flow::Wait::new(crate::flow::WaitReason::ExternalEvent);
         for node in ["g1", "g2"] {
             s.record("r", &NodeRecord::waiting(node, Value::Null, wait.clone(), 1), &Map::new()).await.unwrap();
         }
@@ -888,13 +882,7 @@ mod tests {
     async fn a_stranded_resume_is_republished_with_a_doubling_backoff() {
         let s = MemoryStore::new();
         s.create_run(&new_run("r", Value::Null)).await.unwrap();
-        let wait = crate::flow::Wait {
-            reason: crate::flow::WaitReason::ExternalEvent,
-            wake_at: None,
-            url: None,
-            child_run_id: None,
-            item: None,
-        };
+        let wait = crate::flow::Wait::new(crate::flow::WaitReason::ExternalEvent);
         s.record("r", &NodeRecord::waiting("g", Value::Null, wait, 1), &Map::new()).await.unwrap();
         let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g") };
         s.transition("r", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
