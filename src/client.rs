@@ -12,8 +12,8 @@ use crate::flow::limits::{DEFAULT_MAX_PAYLOAD_BYTES, json_size_within};
 use crate::flow::{Graph, NodeRecord, Wait};
 use crate::run_id::{RunIdError, validate_run_id};
 use crate::store::{
-    Job, JobQueue, NewRun, NodeStates, NodeStatus, ParentRef, RunCursor, RunFilter, RunInfo, RunStatus, RunStore,
-    StoreError, StoredBlueprint, Targets, Transition,
+    Expected, Job, JobQueue, NewRun, NodeStates, NodeStatus, ParentRef, RunCursor, RunFilter, RunInfo, RunStatus,
+    RunStore, StoreError, StoredBlueprint, Targets, Transition,
 };
 use crate::text::{format_bytes, shorten};
 
@@ -639,7 +639,7 @@ where
         output: resume.result,
         ..NodeRecord::skipped(&key.node_id).at(&key.instance)
     };
-    let won = store.transition(run_id, NodeStatus::Waiting, &resumed, &serde_json::Map::new()).await;
+    let won = store.transition(run_id, Expected::status(NodeStatus::Waiting), &resumed, &serde_json::Map::new()).await;
     let shown = key.to_string();
     match won.map_err(store_err(run_id))? {
         Transition::Won => {}

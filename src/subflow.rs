@@ -9,7 +9,9 @@ use tracing::{debug, info, warn};
 
 use crate::flow::builtin::subflow::{blueprint_id, default_output, mapped_outputs, output_keys};
 use crate::flow::{BlueprintSet, NodeRecord, WaitReason, batch};
-use crate::store::{Job, JobQueue, NodeStatus, ParentRef, RunInfo, RunStatus, RunStore, StoreError, Transition};
+use crate::store::{
+    Expected, Job, JobQueue, NodeStatus, ParentRef, RunInfo, RunStatus, RunStore, StoreError, Transition,
+};
 
 /// The child run a record waits for, if it is a `subflow` node's waiting record.
 pub fn child_of(record: &NodeRecord) -> Option<&str> {
@@ -36,7 +38,7 @@ where
     let Some(child_id) = child_of(record) else { return Ok(()) };
     let parent =
         ParentRef { run_id: parent_run.into(), node_id: record.node_id.clone(), instance: record.instance.clone() };
-    let fallback = record.wait.as_ref().and_then(|w| w.item.as_ref()?.fallback.as_deref());
+    let fallback = record.wait.as_deref().and_then(crate::flow::Wait::waits_in);
     let child_blueprint = blueprints.get(parent_blueprint).and_then(|g| {
         let (_, params) = batch::effective(&g, &record.node_id, &record.instance, fallback)?;
         blueprint_id(params).map(str::to_string)
@@ -53,7 +55,7 @@ where
     match crate::client::start_child_run(queue, store, &graph, child_id, input, parent.clone(), max_input_bytes).await {
         Ok(created) => {
             info!(run_id = parent_run, node = %record.node_id, child_run_id = child_id, created, "Child run started.");
-            Ok(())
+            cancel_if_parent_ended(store, parent_run, child_id).await
         }
         Err(crate::client::ClientError::Store { source, .. }) => Err(source),
         Err(refused) => {
@@ -61,6 +63,26 @@ where
             resume_with(Some(queue), store, &parent, parent_blueprint, Resumed::failed(why)).await.map(drop)
         }
     }
+}
+
+/// Cancel a child run just started if its parent has ended meanwhile: a cancel or failure of the parent that read
+/// its records before the child existed ([`cancel_children`]) could not cancel it. The parent's end is read after
+/// the child was created, so either this read sees it or `cancel_children` sees the child.
+async fn cancel_if_parent_ended<S: RunStore + ?Sized>(
+    store: &S,
+    parent_run: &str,
+    child_id: &str,
+) -> Result<(), StoreError> {
+    let Some(parent) = store.run_info(parent_run).await? else { return Ok(()) };
+    if !parent.status.is_terminal() {
+        return Ok(());
+    }
+    let why = format!("parent run {parent_run} {}", parent.status);
+    if store.finish_run(child_id, RunStatus::Cancelled, &serde_json::json!({ "reason": why })).await? {
+        info!(run_id = child_id, parent_run_id = parent_run, "Child run cancelled: its parent ended while it started.");
+        crate::store::trace_run_end(store, child_id).await;
+    }
+    cancel_children(store, child_id, &why).await.map(drop)
 }
 
 /// What a parent node resumes with.
@@ -154,7 +176,7 @@ where
         ..NodeRecord::skipped(&parent.node_id)
     }
     .at(&parent.instance);
-    match store.transition(&parent.run_id, NodeStatus::Waiting, &record, &resumed.writes).await? {
+    match store.transition(&parent.run_id, Expected::status(NodeStatus::Waiting), &record, &resumed.writes).await? {
         Transition::Won => {}
         Transition::Lost(now) => {
             debug!(run_id = %parent.run_id, node = %parent.node_id, status = ?now.map(|r| r.status), "Parent node not waiting; not resumed.");
@@ -266,5 +288,33 @@ mod tests {
         assert_eq!(child_of(&sub), Some("c1"));
         let gate = NodeRecord::waiting("g", json!({}), wait(WaitReason::ExternalEvent, Some("c1")), 1);
         assert_eq!(child_of(&gate), None);
+    }
+
+    /// A parent cancelled while its `subflow` node's job was between its record and the child's start (its cancel
+    /// read the records before the child existed) does not leave the child running: the start sees the parent's
+    /// end and cancels the child.
+    #[tokio::test]
+    async fn a_child_started_after_its_parent_ended_is_cancelled() {
+        use crate::flow::{Blueprint, Graph};
+        use crate::store::NewRun;
+        use crate::store::memory::{MemoryQueue, MemoryStore};
+        let bp = |v: Value| Graph::build(serde_json::from_value::<Blueprint>(v).unwrap(), None).unwrap();
+        let mut set = BlueprintSet::new();
+        let parent = set.insert(bp(json!({"id": "p", "nodes": [
+            {"id": "sub", "uses": "subflow", "params": {"blueprintId": "c"}}]})));
+        set.insert(bp(json!({"id": "c", "nodes": [{"id": "x", "uses": "noop"}]})));
+        let (queue, store) = (MemoryQueue::new(), MemoryStore::new());
+        store.create_run(&NewRun::of(&parent, "r", json!({}), None)).await.unwrap();
+        let child_id = crate::flow::builtin::subflow::child_run_id("r", "sub", "");
+        let wait =
+            crate::flow::Wait { child_run_id: Some(child_id.clone()), ..crate::flow::Wait::new(WaitReason::Subflow) };
+        let record = NodeRecord::waiting("sub", json!({}), wait, 1);
+        store.record("r", &record, &Map::new()).await.unwrap();
+        cancel_children(&store, "r", "by hand").await.unwrap();
+        assert!(store.finish_run("r", RunStatus::Cancelled, &json!({"reason": "by hand"})).await.unwrap());
+        start_child(&queue, &store, &set, ("r", "p"), &record, 1 << 20).await.unwrap();
+        let child = store.run_info(&child_id).await.unwrap().expect("the child was created");
+        assert_eq!(child.status, RunStatus::Cancelled, "{child:?}");
+        assert_eq!(child.status_data["reason"], json!("parent run r cancelled"));
     }
 }

@@ -14,6 +14,8 @@ mod crash;
 pub mod timers;
 mod waiting;
 
+use waiting::Resumption;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -278,17 +280,22 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let (record, outcome) = match recorded {
             Some(record) if record.status == NodeStatus::Waiting => {
                 // A redelivery (the first delivery may have died between its record and the awaiting check):
-                // arm and check again, so the run does not stay `running` until the reconciler finds it.
-                self.began_waiting(&graph, &job, &record, batch_count).await.map_err(store_err)?;
+                // arm and check again, so the run does not stay `running` until the reconciler finds it. An item
+                // waiting in its fallback chain may wait there again after a resume, when its batch's settled join
+                // has long fired: it checks at once.
+                let in_chain = record.wait.as_deref().and_then(Wait::waits_in).is_some();
+                let count = batch_count.filter(|_| !in_chain);
+                self.began_waiting(&graph, &job, &record, count).await.map_err(store_err)?;
                 return Ok(Settle::Ack("waiting"));
             }
             Some(record) if record.status == NodeStatus::Resumed => {
                 match self.finish_resumed(&graph, &job, &view, record).await.map_err(store_err)? {
-                    Some(finished) => {
+                    Resumption::Finished(finished) => {
                         awaited_epoch = finished.epoch;
                         (finished.record, "resumed")
                     }
-                    None => return Ok(Settle::Ack("skipped")),
+                    Resumption::Dropped => return Ok(Settle::Ack("skipped")),
+                    Resumption::LeaseConflict => return Ok(Settle::Ack("lease_conflict")),
                 }
             }
             Some(record) => (record, "duplicate"),
@@ -434,11 +441,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let turn = self.crashes.turn(redelivered || job.attempt > 0).await;
         let key = job.scoped();
         let Some(token) = self.coord.acquire_lease(&job.run_id, &key, self.config.lease_ttl).await? else {
-            // Another worker runs this node: come back later (growing delay, at most one lease TTL).
-            let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
-            let delay =
-                self.config.lease_retry_delay.saturating_mul(1 << job.attempt.min(5)).min(self.config.lease_ttl);
-            self.queue.publish_delayed(&again, delay).await?;
+            self.send_back_for_lease(job).await?;
             return Ok(Ran::LeaseConflict);
         };
         let given_up = turn.count(&*self.coord, &job.run_id, &key).await;
@@ -455,8 +458,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 return Err(error);
             }
         };
-        let executed = self.execute_with_lease(graph, job, &view, gathered, &token).await;
-        let executed = self.child_known(graph, job, &view, executed).await;
+        let executing = async {
+            let executed = execute(graph, &self.registry, &self.metrics, job, &view, gathered).await;
+            self.child_known(graph, job, &view, executed).await
+        };
+        let executed = self.with_lease_kept(&job.run_id, &key, &token, executing).await;
         // Release the context snapshot first: the in-memory store then updates it without a copy.
         drop(view);
         // The lease is kept after a successful record (it expires by itself): a duplicate job that read its view
@@ -513,29 +519,37 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         }
     }
 
-    /// Execute the node while a keeper task extends its lease and touches the run (a long node is progress).
-    async fn execute_with_lease(
+    /// Another worker runs this node (its lease is held): send the job back to come again later (growing delay,
+    /// at most one lease TTL).
+    async fn send_back_for_lease(&self, job: &Job) -> Result<(), StoreError> {
+        let again = Job { attempt: job.attempt.saturating_add(1), ..job.clone() };
+        let delay = self.config.lease_retry_delay.saturating_mul(1 << job.attempt.min(5)).min(self.config.lease_ttl);
+        self.queue.publish_delayed(&again, delay).await
+    }
+
+    /// Run `work` (executing a node) while a keeper task extends the lease `key` of the run and touches the run
+    /// (a long node is progress).
+    async fn with_lease_kept<T>(
         &self,
-        graph: &Graph,
-        job: &Job,
-        view: &JobView,
-        gathered: Option<Value>,
+        run_id: &str,
+        key: &str,
         token: &LeaseToken,
-    ) -> Executed {
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
         let stop = CancellationToken::new();
         let keeper = tokio::spawn(keep_lease(
             self.coord.clone(),
             self.store.clone(),
-            (job.run_id.clone(), job.scoped().into_owned(), token.clone()),
+            (run_id.to_string(), key.to_string(), token.clone()),
             self.config.lease_ttl,
             stop.clone(),
         ));
         // Stops the keeper even if execution unwinds (a panic in engine code is contained by `handle`).
         let guard = stop.drop_guard();
-        let executed = execute(graph, &self.registry, &self.metrics, job, view, gathered).await;
+        let done = work.await;
         drop(guard);
         let _ = keeper.await;
-        executed
+        done
     }
 
     /// Steps 6–7: fail the run for a node that failed without fallback; else send the record's arrivals (skips
@@ -994,9 +1008,8 @@ async fn item_failed(graph: &Graph, exec: &Execution<'_>, input: &Value, at: &st
 /// A batch item whose wait failed (`wait`, the wait it recorded: its timeout passed, its resume delivered an
 /// error, its child run cannot start): [`item_failed`] from the chain node it waited in, on the input its wait kept.
 async fn item_wait_failed(graph: &Graph, exec: &Execution<'_>, wait: Option<&Wait>, failure: Failure) -> Executed {
-    let item = wait.and_then(|w| w.item.as_ref());
-    let at = item.and_then(|i| i.fallback.as_deref()).unwrap_or(&exec.job.node_id);
-    let input = item.and_then(|i| i.input.clone()).unwrap_or(Value::Null);
+    let at = wait.and_then(Wait::waits_in).unwrap_or(&exec.job.node_id);
+    let input = wait.and_then(|w| w.item.as_ref()?.input.clone()).unwrap_or(Value::Null);
     item_failed(graph, exec, &input, at, failure).await
 }
 
@@ -1230,6 +1243,8 @@ mod tests {
         competing_transition: Mutex<Option<NodeRecord>>,
         /// Fail this many `publish` calls.
         fail_publishes: AtomicU32,
+        /// Fail this many `set_awaiting` calls (a worker dying between a record and its awaiting check).
+        fail_set_awaiting: AtomicU32,
         /// Every delayed publish (job, delay), kept instead of delivered.
         delayed: Mutex<Vec<(Job, Duration)>>,
         /// Run store calls made: each is one PostgreSQL statement (round trip) in `PostgresStore`.
@@ -1312,7 +1327,7 @@ mod tests {
         async fn transition(
             &self,
             run_id: &str,
-            from: NodeStatus,
+            from: crate::store::Expected<'_>,
             to: &NodeRecord,
             writes: &Map<String, Value>,
         ) -> StoreResult<crate::store::Transition> {
@@ -1325,6 +1340,9 @@ mod tests {
         }
         async fn set_awaiting(&self, run_id: &str, seen: crate::store::RecordTally) -> StoreResult<bool> {
             self.faults.statements.lock().unwrap().push("set_awaiting");
+            if take_one(&self.faults.fail_set_awaiting) {
+                return Err(StoreError::queue("setting the run awaiting: the database went away"));
+            }
             self.inner.set_awaiting(run_id, seen).await
         }
         async fn fire_due_timers(&self, limit: usize) -> StoreResult<Vec<crate::store::FiredTimer>> {
@@ -1752,7 +1770,7 @@ mod tests {
         /// Resume `node` at `instance` with `output` (what a resumer commits: the timer service, a webhook).
         async fn resume_at(&self, node: &str, instance: &str, output: Value) {
             let record = NodeRecord { status: NodeStatus::Resumed, output, ..NodeRecord::skipped(node) };
-            let won = self.store.transition("r", NodeStatus::Waiting, &record.at(instance), &Map::new()).await;
+            let won = self.store.transition("r", NodeStatus::Waiting.into(), &record.at(instance), &Map::new()).await;
             assert!(matches!(won.unwrap(), crate::store::Transition::Won), "{node}{instance}");
         }
 
@@ -2005,6 +2023,75 @@ mod tests {
         assert_eq!((done.status, &done.output, done.attempts), (NodeStatus::Done, &json!(11), 3), "{done:?}");
         assert_eq!(f.process(&job("ga")).await.unwrap(), Settle::Ack("done"), "the gather fired");
         assert_eq!(f.record("ga").await.unwrap().output, json!([11]));
+    }
+
+    /// A batch of two items whose worker `wait` times out at once into its fallback chain: `again`, a `wait` for a
+    /// resume, then `last`. Both items' jobs have run (item 1 settled last); item 0's timer has fired, item 1's
+    /// not yet.
+    async fn item_resumed_into_its_chain() -> (Fixture, Job) {
+        let f = Fixture::of(
+            json!({
+                "id": "bp",
+                "metadata": {"version": "2"},
+                "nodes": [
+                    {"id": "gen", "uses": "transform", "params": {"expr": "[10, 20]"}},
+                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen", "config": {"fallback": "again"},
+                     "params": {"workerUsesKey": "wait", "workerParams": {"timeout": 0}, "gatherNodeId": "ga"}},
+                    {"id": "again", "uses": "wait", "config": {"fallback": "last"}},
+                    {"id": "last", "uses": "transform", "params": {"expr": "input + 1"}},
+                    {"id": "ga", "uses": "batch-gather"}
+                ],
+                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
+            }),
+            "2",
+        )
+        .await;
+        let item = job("sc").at(instance::item("", 0));
+        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"));
+        assert_eq!(f.store.fire_due_timers(10).await.unwrap().len(), 1, "item 0's timeout");
+        assert_eq!(f.process_item(1).await, Settle::Ack("waiting"));
+        (f, item)
+    }
+
+    impl Fixture {
+        async fn item_record(&self) -> NodeRecord {
+            self.store.records("r").await.unwrap().into_iter().find(|r| r.instance == "#0").unwrap()
+        }
+    }
+
+    /// The job of a resumed item that runs its fallback chain holds a lease of its own while the chain runs: a
+    /// copy of the job (the stranded-resume republish, a redelivery) meeting it is sent back and runs nothing.
+    #[tokio::test]
+    async fn a_resumed_items_chain_runs_under_a_lease() {
+        let (f, item) = item_resumed_into_its_chain().await;
+        let key = waiting::chain_lease_key(&item, None);
+        let token = f.coord.acquire_lease("r", &key, Duration::from_secs(60)).await.unwrap().unwrap();
+        assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("lease_conflict"));
+        assert_eq!(f.item_record().await.status, NodeStatus::Resumed, "the chain did not run");
+        assert_eq!(f.faults.delayed.lock().unwrap().len(), 1, "sent back");
+        f.coord.release_lease("r", &key, &token).await.unwrap();
+        assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("resumed"));
+        let again = f.item_record().await;
+        assert_eq!((again.status, again.wait.unwrap().waits_in()), (NodeStatus::Waiting, Some("again")));
+        assert!(f.coord.lease_held("r", &key).await.unwrap(), "kept after the transition, like a node's lease");
+        let next = waiting::chain_lease_key(&item, Some("again"));
+        assert!(!f.coord.lease_held("r", &next).await.unwrap(), "the next resume's lease is another");
+    }
+
+    /// An item waiting again in its chain whose job died before checking the run (here: the check failed) checks
+    /// at once when the job comes again: its arrival at its batch's settled join is a duplicate that completes
+    /// nothing (item 1 completed it).
+    #[tokio::test]
+    async fn a_redelivered_job_of_an_item_waiting_again_sets_the_run_awaiting() {
+        let (f, item) = item_resumed_into_its_chain().await;
+        f.faults.fail_set_awaiting.store(1, Ordering::SeqCst);
+        assert!(f.process(&item).await.is_err(), "the first delivery died before its check");
+        assert_eq!(f.item_record().await.status, NodeStatus::Waiting);
+        assert_eq!(f.status().await, RunStatus::Running);
+        assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"));
+        assert_eq!(f.status().await, RunStatus::Awaiting);
     }
 
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on

@@ -1175,7 +1175,7 @@ async fn flowrun_starts_once_and_mirrors_the_run() {
 
     // The workers finish it: the status mirrors Succeeded with an event.
     let resumed = NodeRecord::done("notify", json!({"ok": true}), None, vec![], 1);
-    let won = store.transition(&run_id, NodeStatus::Waiting, &resumed, &Default::default()).await.unwrap();
+    let won = store.transition(&run_id, NodeStatus::Waiting.into(), &resumed, &Default::default()).await.unwrap();
     assert_eq!(won, Transition::Won);
     assert!(store.finish_run(&run_id, RunStatus::Completed, &json!({})).await.unwrap());
     let running = run_with_status(&run, &status);
@@ -1296,7 +1296,7 @@ async fn flowrun_progress_counts_batch_instances() {
 
     // The waiting item is resumed and done, and item 3 is done: the counts move.
     let resumed = NodeRecord::done("sc", json!(30), None, vec![], 1).at("#2");
-    let won = store.transition(&run_id, NodeStatus::Waiting, &resumed, &Default::default()).await.unwrap();
+    let won = store.transition(&run_id, NodeStatus::Waiting.into(), &resumed, &Default::default()).await.unwrap();
     assert_eq!(won, Transition::Won);
     store
         .record(&run_id, &NodeRecord::done("sc", json!(40), None, vec![], 1).at("#3"), &Default::default())

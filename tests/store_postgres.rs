@@ -809,7 +809,7 @@ async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
         let s = s.clone();
         async move {
             let to = NodeRecord { status: NodeStatus::Resumed, output: json!(i), ..NodeRecord::skipped("gate") };
-            s.transition("r1", NodeStatus::Waiting, &to, &Map::new()).await.unwrap()
+            s.transition("r1", NodeStatus::Waiting.into(), &to, &Map::new()).await.unwrap()
         }
     });
     let outcomes = futures::future::join_all(resumes).await;
@@ -825,10 +825,10 @@ async fn racing_transitions_of_a_waiting_node_exactly_one_wins() {
     // Routing it: resumed → done, once, with the context write.
     let routed = done("gate", None, resumed.output.clone(), &[]);
     assert_eq!(
-        s.transition("r1", NodeStatus::Resumed, &routed, &writes(json!({"k": 1}))).await.unwrap(),
+        s.transition("r1", NodeStatus::Resumed.into(), &routed, &writes(json!({"k": 1}))).await.unwrap(),
         Transition::Won
     );
-    match s.transition("r1", NodeStatus::Resumed, &routed, &Map::new()).await.unwrap() {
+    match s.transition("r1", NodeStatus::Resumed.into(), &routed, &Map::new()).await.unwrap() {
         Transition::Lost(Some(r)) => assert_eq!(r.status, NodeStatus::Done),
         other => panic!("{other:?}"),
     }
@@ -852,8 +852,8 @@ async fn a_stale_replay_does_not_set_the_run_awaiting() {
     }
     let replayed = seen(&s, "r1").await;
     let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g1") };
-    s.transition("r1", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
-    s.transition("r1", NodeStatus::Resumed, &done("g1", None, json!(1), &[]), &Map::new()).await.unwrap();
+    s.transition("r1", NodeStatus::Waiting.into(), &resumed, &Map::new()).await.unwrap();
+    s.transition("r1", NodeStatus::Resumed.into(), &done("g1", None, json!(1), &[]), &Map::new()).await.unwrap();
     assert!(!s.set_awaiting("r1", replayed).await.unwrap(), "a node left waiting since the replay");
     let after_resume = seen(&s, "r1").await;
     s.record("r1", &done("next", None, json!(2), &[]), &Map::new()).await.unwrap();
@@ -929,7 +929,7 @@ async fn a_stranded_resume_is_republished_with_a_doubling_backoff() {
     s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
     s.record("r1", &waiting("gate", flowcraft::flow::WaitReason::ExternalEvent, None), &Map::new()).await.unwrap();
     let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("gate") };
-    s.transition("r1", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
+    s.transition("r1", NodeStatus::Waiting.into(), &resumed, &Map::new()).await.unwrap();
     let client = s.pool().get().await.unwrap();
     let results = s.table_names().results.clone();
     let age = |seconds: f64| {
@@ -958,6 +958,58 @@ async fn a_stranded_resume_is_republished_with_a_doubling_backoff() {
         .get(0);
     assert_eq!(count, i32::try_from(REPUBLISH_DOUBLINGS).unwrap() + 3);
     assert_eq!(republish_after(grace, 100), grace * 32, "capped");
+    drop(client);
+    s.drop_tables().await.unwrap();
+}
+
+/// A batch item can be resumed more than once (it waits again further down its scatter's fallback chain): a stale
+/// copy of its first resume's job cannot move the record out of the second resume (`Expected::resumed_from`, the
+/// chain node in `wait.item`), the second resume's job can; waiting again restarts the republish count (V10).
+#[tokio::test]
+async fn a_stale_copy_of_an_items_first_resume_cannot_move_its_second() {
+    use flowcraft::flow::{ItemWait, Wait, WaitReason};
+    use flowcraft::store::{Expected, Transition};
+    let s = store("pg_rewait").await;
+    s.create_run(&new_run("r1", "bp", json!({}))).await.unwrap();
+    let wait_in = |fallback: Option<&str>| Wait {
+        item: Some(ItemWait { fallback: fallback.map(str::to_string), input: Some(json!({"big": [1, 2.5, "x"]})) }),
+        ..Wait::new(WaitReason::ExternalEvent)
+    };
+    s.record("r1", &NodeRecord::waiting("sc", Value::Null, wait_in(None), 1).at("#0"), &Map::new()).await.unwrap();
+    let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("sc").at("#0") };
+    assert_eq!(s.transition("r1", NodeStatus::Waiting.into(), &resumed, &Map::new()).await.unwrap(), Transition::Won);
+    let client = s.pool().get().await.unwrap();
+    let results = s.table_names().results.clone();
+    let republished = || {
+        let (client, sql) = (&client, format!("SELECT republished FROM \"{results}\" WHERE run_id = 'r1'"));
+        async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i32>(0) }
+    };
+    client
+        .execute(&format!("UPDATE \"{results}\" SET finished_at = now() - interval '61 seconds'"), &[])
+        .await
+        .unwrap();
+    assert_eq!(s.stranded_resumes(Duration::from_secs(60), 10).await.unwrap().len(), 1);
+    assert_eq!(republished().await, 1);
+    // The first resume's job: the item waits again, in the chain's `again`.
+    let again = NodeRecord {
+        status: NodeStatus::Waiting,
+        wait: Some(Box::new(wait_in(Some("again")))),
+        ..NodeRecord::skipped("sc").at("#0")
+    };
+    assert_eq!(s.transition("r1", Expected::resumed_from(None), &again, &Map::new()).await.unwrap(), Transition::Won);
+    assert_eq!(republished().await, 0, "waiting again restarts the backoff");
+    assert_eq!(s.transition("r1", NodeStatus::Waiting.into(), &resumed, &Map::new()).await.unwrap(), Transition::Won);
+    let stale = NodeRecord { status: NodeStatus::Done, ..NodeRecord::skipped("sc").at("#0") };
+    match s.transition("r1", Expected::resumed_from(None), &stale, &Map::new()).await.unwrap() {
+        Transition::Lost(Some(now)) => assert_eq!(now.status, NodeStatus::Resumed),
+        lost => panic!("a stale copy moved the second resume: {lost:?}"),
+    }
+    let routed = NodeRecord { output: json!("x"), ..stale };
+    let won = s.transition("r1", Expected::resumed_from(Some("again")), &routed, &Map::new()).await.unwrap();
+    assert_eq!(won, Transition::Won);
+    let record = s.records("r1").await.unwrap().remove(0);
+    assert_eq!((record.status, record.output), (NodeStatus::Done, json!("x")));
+    assert_eq!(record.wait.unwrap().waits_in(), Some("again"), "the wait is kept");
     drop(client);
     s.drop_tables().await.unwrap();
 }

@@ -231,7 +231,7 @@ async fn a_node_left_resumed_without_its_job_completes_once_without_the_reconcil
     // The resume's commit, as `client::resume_node` makes it, and no publish: its resumer died.
     let resumed =
         NodeRecord { status: NodeStatus::Resumed, output: json!({"by": "lost"}), ..NodeRecord::skipped("gate") };
-    let won = store.transition(&id, NodeStatus::Waiting, &resumed, &serde_json::Map::new()).await.unwrap();
+    let won = store.transition(&id, NodeStatus::Waiting.into(), &resumed, &serde_json::Map::new()).await.unwrap();
     assert_eq!(won, Transition::Won);
 
     let result = common::eventually("the run to end", Duration::from_secs(60), || async {

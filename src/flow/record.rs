@@ -130,6 +130,12 @@ impl Wait {
         self.reason != WaitReason::Timer
     }
 
+    /// For a batch item: the node of its scatter's fallback chain it waits in (`None`: its worker, or not an item).
+    /// It only moves down the chain, so it tells one wait of an item from the next (see [`crate::store::Expected`]).
+    pub fn waits_in(&self) -> Option<&str> {
+        self.item.as_ref()?.fallback.as_deref()
+    }
+
     /// The wait as `status` and the console show it: without a batch item's chain state (its input may be large).
     pub fn shown(self) -> Self {
         Self { item: None, ..self }

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
 use super::{
-    Acker, Coordinator, Delivery, FiredTimer, InstanceKey, Job, JobQueue, JobView, JoinArrival, JoinDecision,
+    Acker, Coordinator, Delivery, Expected, FiredTimer, InstanceKey, Job, JobQueue, JobView, JoinArrival, JoinDecision,
     JoinState, LeaseToken, NewRun, NodeRecord, NodeStatus, RecordOutcome, RecordTally, RunFilter, RunInfo, RunStatus,
     RunStore, StoreError, StoreResult, StoredBlueprint, Transition,
 };
@@ -442,7 +442,8 @@ impl RunStore for MemoryStore {
     }
 
     async fn finish_run(&self, run_id: &str, status: RunStatus, status_data: &Value) -> StoreResult<bool> {
-        self.with_run(run_id, |e| {
+        // A run that does not exist (yet: a child about to be started) does not end, as in PostgreSQL.
+        let changed = lock(&self.runs).get_mut(run_id).is_some_and(|e| {
             if e.info.status.is_terminal() {
                 return false;
             }
@@ -450,18 +451,17 @@ impl RunStore for MemoryStore {
             e.info.status_data = status_data.clone();
             e.info.updated_at = Utc::now();
             true
-        })
-        .inspect(|changed| {
-            if *changed {
-                self.finished.notify_waiters();
-            }
-        })
+        });
+        if changed {
+            self.finished.notify_waiters();
+        }
+        Ok(changed)
     }
 
     async fn transition(
         &self,
         run_id: &str,
-        from: NodeStatus,
+        from: Expected<'_>,
         to: &NodeRecord,
         context_writes: &Map<String, Value>,
     ) -> StoreResult<Transition> {
@@ -469,7 +469,7 @@ impl RunStore for MemoryStore {
         let Some(e) = runs.get_mut(run_id) else { return Ok(Transition::Lost(None)) };
         let key = (to.node_id.clone(), to.instance.clone());
         let current = e.records.get(&key).map(|(_, r)| r);
-        if e.info.status.is_terminal() || current.is_none_or(|r| r.status != from) {
+        if e.info.status.is_terminal() || current.is_none_or(|r| !from.matches(r)) {
             return Ok(Transition::Lost(current.cloned()));
         }
         let mut r = to.clone();
@@ -477,6 +477,8 @@ impl RunStore for MemoryStore {
         r.attempts = r.attempts.max(current.map_or(0, |c| c.attempts));
         if r.wait.is_none() {
             r.wait = current.and_then(|c| c.wait.clone());
+        } else {
+            e.republished.remove(&key);
         }
         let context = Arc::make_mut(&mut e.context);
         for (k, v) in context_writes.iter().filter(|(k, _)| !k.starts_with(OUTPUTS_PREFIX)) {
@@ -867,13 +869,68 @@ mod tests {
         let replayed = RecordTally::of(&s.records("r").await.unwrap());
         assert_eq!(replayed, RecordTally { records: 2, waiting: 2 });
         let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g1") };
-        s.transition("r", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
+        s.transition("r", NodeStatus::Waiting.into(), &resumed, &Map::new()).await.unwrap();
         let routed = NodeRecord { status: NodeStatus::Done, ..NodeRecord::skipped("g1") };
-        s.transition("r", NodeStatus::Resumed, &routed, &Map::new()).await.unwrap();
+        s.transition("r", NodeStatus::Resumed.into(), &routed, &Map::new()).await.unwrap();
         assert!(!s.set_awaiting("r", replayed).await.unwrap(), "g1 left waiting since the replay");
         let fresh = RecordTally::of(&s.records("r").await.unwrap());
         assert!(s.set_awaiting("r", fresh).await.unwrap());
         assert_eq!(s.run_info("r").await.unwrap().unwrap().status, RunStatus::Awaiting);
+    }
+
+    /// A batch item can be resumed more than once (it waits again further down its fallback chain): the job of
+    /// its first resume, come again late (a republished or redelivered copy), cannot move the record out of the
+    /// second resume; the second resume's job can. Waiting again also starts the republish backoff again.
+    #[tokio::test]
+    async fn a_stale_copy_of_an_items_first_resume_cannot_move_its_second() {
+        let s = MemoryStore::new();
+        s.create_run(&new_run("r", Value::Null)).await.unwrap();
+        let wait_in = |fallback: Option<&str>| crate::flow::Wait {
+            item: Some(crate::flow::ItemWait { fallback: fallback.map(str::to_string), input: Some(Value::from(7)) }),
+            ..crate::flow::Wait::new(crate::flow::WaitReason::ExternalEvent)
+        };
+        let item = |status, wait: Option<&str>| NodeRecord {
+            status,
+            wait: wait.map(|w| Box::new(wait_in(Some(w)))),
+            ..NodeRecord::skipped("sc").at("#0")
+        };
+        let first = NodeRecord::waiting("sc", Value::Null, wait_in(None), 1).at("#0");
+        s.record("r", &first, &Map::new()).await.unwrap();
+        let resume = |s: &MemoryStore| {
+            let s = s.clone();
+            async move {
+                let resumed = item(NodeStatus::Resumed, None);
+                s.transition("r", NodeStatus::Waiting.into(), &resumed, &Map::new()).await.unwrap()
+            }
+        };
+        assert_eq!(resume(&s).await, Transition::Won);
+        let grace = Duration::from_secs(60);
+        let age = |minutes: i64| {
+            let mut runs = lock(&s.runs);
+            let (_, r) = runs.get_mut("r").unwrap().records.get_mut(&("sc".into(), "#0".into())).unwrap();
+            r.finished_at = Some(Utc::now() - chrono::Duration::minutes(minutes));
+        };
+        age(1);
+        assert_eq!(s.stranded_resumes(grace, 10).await.unwrap().len(), 1, "republished once");
+        // The first resume's job: the item waits again, in the chain's `again`.
+        let again = item(NodeStatus::Waiting, Some("again"));
+        assert_eq!(
+            s.transition("r", Expected::resumed_from(None), &again, &Map::new()).await.unwrap(),
+            Transition::Won
+        );
+        assert_eq!(resume(&s).await, Transition::Won, "the second resume");
+        let stale = NodeRecord { status: NodeStatus::Done, ..NodeRecord::skipped("sc").at("#0") };
+        match s.transition("r", Expected::resumed_from(None), &stale, &Map::new()).await.unwrap() {
+            Transition::Lost(Some(now)) => assert_eq!(now.status, NodeStatus::Resumed),
+            lost => panic!("a stale copy moved the second resume: {lost:?}"),
+        }
+        age(1);
+        assert_eq!(s.stranded_resumes(grace, 10).await.unwrap().len(), 1, "the backoff started again");
+        let routed = NodeRecord { output: Value::from("x"), ..stale };
+        let won = s.transition("r", Expected::resumed_from(Some("again")), &routed, &Map::new()).await.unwrap();
+        assert_eq!(won, Transition::Won);
+        let record = s.records("r").await.unwrap().into_iter().find(|r| r.instance == "#0").unwrap();
+        assert_eq!((record.status, record.output), (NodeStatus::Done, Value::from("x")));
     }
 
     /// Under a backlog longer than the grace, a job only slow in the queue is republished after 1, 2, 4, ...
@@ -885,7 +942,7 @@ mod tests {
         let wait = crate::flow::Wait::new(crate::flow::WaitReason::ExternalEvent);
         s.record("r", &NodeRecord::waiting("g", Value::Null, wait, 1), &Map::new()).await.unwrap();
         let resumed = NodeRecord { status: NodeStatus::Resumed, ..NodeRecord::skipped("g") };
-        s.transition("r", NodeStatus::Waiting, &resumed, &Map::new()).await.unwrap();
+        s.transition("r", NodeStatus::Waiting.into(), &resumed, &Map::new()).await.unwrap();
         let grace = Duration::from_secs(60);
         // Set the record's last resume (or republish) `minutes` back.
         let age = |minutes: i64| {

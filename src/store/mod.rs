@@ -385,6 +385,41 @@ pub fn instance_counts(records: &[NodeRecord]) -> BTreeMap<String, BTreeMap<Stri
     counts
 }
 
+/// The state a guarded [`RunStore::transition`] expects a record in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected<'a> {
+    /// Its status.
+    pub status: NodeStatus,
+    /// When `Some`: the fallback-chain node its wait names ([`crate::flow::Wait::waits_in`]) must be this one. A
+    /// batch item can be `resumed` more than once (it may wait again further down its chain), so the job of one
+    /// resume must not move the record out of a later one (docs/architecture.md, "Item fallback").
+    pub waits_in: Option<Option<&'a str>>,
+}
+
+impl<'a> Expected<'a> {
+    /// A record in `status`, whatever its wait.
+    pub fn status(status: NodeStatus) -> Self {
+        Self { status, waits_in: None }
+    }
+
+    /// A record `resumed` from a wait in `waits_in` (as the job routing it read it).
+    pub fn resumed_from(waits_in: Option<&'a str>) -> Self {
+        Self { status: NodeStatus::Resumed, waits_in: Some(waits_in) }
+    }
+
+    /// Whether `record` is in this state.
+    pub fn matches(&self, record: &NodeRecord) -> bool {
+        record.status == self.status
+            && self.waits_in.is_none_or(|at| record.wait.as_deref().and_then(|w| w.waits_in()) == at)
+    }
+}
+
+impl From<NodeStatus> for Expected<'_> {
+    fn from(status: NodeStatus) -> Self {
+        Self::status(status)
+    }
+}
+
 /// The outcome of [`RunStore::transition`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
@@ -655,16 +690,17 @@ pub trait RunStore: Send + Sync + 'static {
     /// nodes. Returns `false` when the run had already ended (the first terminal state wins).
     async fn finish_run(&self, run_id: &str, status: RunStatus, status_data: &Value) -> StoreResult<bool>;
 
-    /// Replace the record of a node whose status is `from` (a non-terminal one: `waiting`, `resumed`) by `to`,
+    /// Replace the record of a node in the state `from` (a non-terminal status: `waiting`, `resumed`) by `to`,
     /// only while the run is `running` or `awaiting`; when this write wins, also merge `context_writes` (and a
-    /// done node's `_outputs.<id>`), and set an `awaiting` run back to `running`. The record keeps its `wait` and
-    /// the larger of both attempt counts; its timer is disarmed. Exactly one of concurrent
-    /// transitions of a record wins (a guarded `UPDATE … WHERE status = from`); the others get `Lost` with the
-    /// record as it is (`None` when there is none). One statement.
+    /// done node's `_outputs.<id>`), and set an `awaiting` run back to `running`. The record keeps the larger of
+    /// both attempt counts and its `wait`, unless `to` brings one (a batch item waiting again in its chain: its
+    /// new wait, timer and token, and its republish count starts again); else its timer is disarmed. Exactly one
+    /// of concurrent transitions of a record wins (a guarded `UPDATE … WHERE status = from …`); the others get
+    /// `Lost` with the record as it is (`None` when there is none). One statement.
     async fn transition(
         &self,
         run_id: &str,
-        from: NodeStatus,
+        from: Expected<'_>,
         to: &NodeRecord,
         context_writes: &Map<String, Value>,
     ) -> StoreResult<Transition>;

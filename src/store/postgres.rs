@@ -20,7 +20,7 @@ use crate::flow::ContextNeeds;
 use crate::flow::needs::OUTPUTS_PREFIX;
 use crate::store::pg_tls::{PgConnector, is_tls_failure, split_tls_options};
 use crate::store::{
-    BackendError, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStates, NodeStatus, ParentRef,
+    BackendError, Expected, FiredTimer, InstanceKey, JobView, NewRun, NodeRecord, NodeStates, NodeStatus, ParentRef,
     ReconcilePass, ReconcileStats, RecordOutcome, RecordTally, RunFilter, RunInfo, RunPageQuery, RunStatus, RunStore,
     RunSummary, StoreError, StoreResult, StoredBlueprint, Targets, Transition,
 };
@@ -458,14 +458,17 @@ SELECT count(*) AS inserted FROM ins";
 const FINISH_RUN: &str = "UPDATE {statuses} SET status = $2::text, status_data = $3::jsonb, updated_at = now()
  WHERE run_id = $1::text AND status IN ('running', 'awaiting')";
 
-// The guarded transition of a non-terminal record ($10 = the expected status): exactly one concurrent writer
-// matches it. An `awaiting` run is set back to `running` in the same statement (it locks the run row after the
+// The guarded transition of a non-terminal record ($10 = the expected status; with $15, the fallback-chain node
+// $16 its wait names, `store::Expected`): exactly one concurrent writer matches it. A record that brings a wait
+// ($12, an item waiting again) starts its republish count again. An `awaiting` run is set back to `running` in the same statement (it locks the run row after the
 // record, like FIRE_DUE_TIMERS, so `SET_AWAITING`, which locks the run row first, sees it or is undone by it).
 const TRANSITION: &str = "WITH upd AS (
     UPDATE {results} SET status = $3::text, action = $4::text, output = $5::jsonb, taken = $6::jsonb,
            attempts = GREATEST(attempts, $7::int), error = $8::text, finished_at = now(), wake_at = $13::timestamptz,
-           wait = COALESCE($12::jsonb, wait), token = CASE WHEN $12::jsonb IS NULL THEN token ELSE $14::text END
+           wait = COALESCE($12::jsonb, wait), token = CASE WHEN $12::jsonb IS NULL THEN token ELSE $14::text END,
+           republished = CASE WHEN $12::jsonb IS NULL THEN republished ELSE 0 END
      WHERE run_id = $1::text AND node_id = $2::text AND instance = $11::text AND status = $10::text
+       AND (NOT $15::bool OR wait -> 'item' ->> 'fallback' IS NOT DISTINCT FROM $16::text)
        AND EXISTS (SELECT 1 FROM {statuses} WHERE run_id = $1::text AND status IN ('running', 'awaiting'))
     RETURNING node_id
 ), ctx AS (
@@ -1599,13 +1602,14 @@ impl RunStore for PostgresStore {
     async fn transition(
         &self,
         run_id: &str,
-        from: NodeStatus,
+        from: Expected<'_>,
         to: &NodeRecord,
         context_writes: &Map<String, Value>,
     ) -> StoreResult<Transition> {
         let (node_id, instance) = (to.node_id.as_str(), to.instance.as_str());
         let shown = crate::flow::instance::display(node_id, instance);
-        let op = format!("move node {shown} of run {run_id} from {} to {}", from.as_str(), to.status.as_str());
+        let op = format!("move node {shown} of run {run_id} from {} to {}", from.status.as_str(), to.status.as_str());
+        let (guarded, waits_in) = (from.waits_in.is_some(), from.waits_in.flatten());
         let table = self.names.results.as_str();
         let merge = stored_writes(context_writes);
         let attempts = i32::try_from(to.attempts).unwrap_or(i32::MAX);
@@ -1616,7 +1620,7 @@ impl RunStore for PostgresStore {
         let wait = to.wait.as_deref().map(Json);
         let wake_at = to.wait.as_ref().and_then(|w| w.wake_at);
         let token = to.wait.as_deref().and_then(crate::flow::builtin::stored_token);
-        let params: [&(dyn ToSql + Sync); 14] = [
+        let params: [&(dyn ToSql + Sync); 16] = [
             &run_id,
             &node_id,
             &to.status.as_str(),
@@ -1626,15 +1630,17 @@ impl RunStore for PostgresStore {
             &attempts,
             &to.error,
             &merge,
-            &from.as_str(),
+            &from.status.as_str(),
             &instance,
             &wait,
             &wake_at,
             &token,
+            &guarded,
+            &waits_in,
         ];
         let row = client.query_one(&stmt, &params).await.map_err(|e| db_error(&op, table, e))?;
         let changed: bool = column(&row, "changed", run_id)?;
-        tracing::debug!(run_id, node_id, from = from.as_str(), to = to.status.as_str(), changed, "transition");
+        tracing::debug!(run_id, node_id, from = from.status.as_str(), to = to.status.as_str(), changed, "transition");
         if changed {
             return Ok(Transition::Won);
         }

@@ -330,7 +330,7 @@ mod tests {
         // Say r1's job was lost (its publisher died after the commit) while r2's was routed.
         let done = NodeRecord::done("nap", json!("in"), None, vec![], 1);
         assert_eq!(
-            store.transition("r2", NodeStatus::Resumed, &done, &serde_json::Map::new()).await.unwrap(),
+            store.transition("r2", NodeStatus::Resumed.into(), &done, &serde_json::Map::new()).await.unwrap(),
             Transition::Won
         );
         // A service whose grace has passed (zero) republishes the job of the record still resumed, only that one.

@@ -8,12 +8,12 @@ use tracing::{debug, info, warn};
 use super::{Executed, Execution, Failure, Worker, item_wait_failed, routed, what_runs};
 use crate::flow::builtin::subflow;
 use crate::flow::{
-    ContextHandle, Graph, JoinStrategy, NodeOutput, NodeRecord, NodeStatus, Wait, WaitReason, WaitRequest, batch,
-    instance,
+    ContextHandle, Graph, JoinStrategy, NodeOutput, NodeRecord, Wait, WaitReason, WaitRequest, batch, instance,
 };
 use crate::reconciler::plan;
 use crate::store::{
-    Coordinator, Job, JobQueue, JobView, JoinArrival, JoinDecision, RecordTally, RunStore, StoreError, Transition,
+    Coordinator, Expected, Job, JobQueue, JobView, JoinArrival, JoinDecision, RecordTally, RunStore, StoreError,
+    Transition,
 };
 
 /// The wait a node of `job` asked for, as recorded at `now` (its timer becomes a due time; a `subflow` node gets
@@ -54,6 +54,22 @@ async fn resumed_outcome(graph: &Graph, exec: &Execution<'_>, resumed: NodeRecor
     routed(graph, job, &input, out, &ContextHandle::shared(view.context.clone()), resumed.attempts, limits)
 }
 
+/// The lease of a batch item's fallback chain run by the job of its resume from a wait in `waits_in` (`None`: its
+/// worker): one per wait of the item, so that its next resume is not held up by this one's lease.
+pub(super) fn chain_lease_key(job: &Job, waits_in: Option<&str>) -> String {
+    format!("{}!chain:{}", job.scoped(), waits_in.unwrap_or_default())
+}
+
+/// What the job of a resumed node came to.
+pub(super) enum Resumption {
+    /// Its record is terminal (this job's transition or another's).
+    Finished(Box<Finished>),
+    /// The run ended, or the record moved on (the item waits again, or a later resume): nothing to route.
+    Dropped,
+    /// Another job runs the item's fallback chain: this one was sent back.
+    LeaseConflict,
+}
+
 /// A resumed node's job after its transition from `resumed`: the terminal record it routes by and, for a batch
 /// item whose transition this job won, the epoch of its run's awaited tally as read before that transition
 /// ([`Worker::resumed_item_settled`]).
@@ -64,29 +80,63 @@ pub(super) struct Finished {
 
 impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// The job of a resumed node: route its delivered result and make it terminal (the guarded transition from
-    /// `resumed`: one delivery wins, the others route by the winner's record). `None` when the run has ended.
+    /// `resumed`, from this resume's wait: one delivery wins, the others route by the winner's record; a stale copy
+    /// of an earlier resume of a batch item is dropped).
     pub(super) async fn finish_resumed(
         &self,
         graph: &Graph,
         job: &Job,
         view: &JobView,
         resumed: NodeRecord,
-    ) -> Result<Option<Finished>, StoreError> {
-        let exec = Execution { registry: &self.registry, metrics: &self.metrics, job, view };
-        let executed = resumed_outcome(graph, &exec, resumed).await;
+    ) -> Result<Resumption, StoreError> {
+        let waits_in = resumed.wait.as_deref().and_then(Wait::waits_in).map(str::to_owned);
+        let Some(executed) = self.route_resumed(graph, job, view, resumed, waits_in.as_deref()).await? else {
+            self.send_back_for_lease(job).await?;
+            return Ok(Resumption::LeaseConflict);
+        };
         // Read before the transition: an item this job moves out of `resumed` was then `waiting` when any tally
         // of this epoch was replayed (a `resumed` record keeps a run from being set awaiting).
         let epoch = self.awaited_epoch(job).await;
-        match self.store.transition(&job.run_id, NodeStatus::Resumed, &executed.record, &executed.writes).await? {
+        let expected = Expected::resumed_from(waits_in.as_deref());
+        match self.store.transition(&job.run_id, expected, &executed.record, &executed.writes).await? {
             Transition::Won => {
                 info!(run_id = %job.run_id, node = %job.node_id, status = executed.record.status.as_str(), "Resumed node recorded.");
-                Ok(Some(Finished { record: executed.record, epoch }))
+                Ok(Resumption::Finished(Box::new(Finished { record: executed.record, epoch })))
             }
             Transition::Lost(Some(first)) if first.status.is_terminal() => {
-                Ok(Some(Finished { record: first, epoch: None }))
+                Ok(Resumption::Finished(Box::new(Finished { record: first, epoch: None })))
             }
-            Transition::Lost(_) => Ok(None),
+            Transition::Lost(now) => {
+                debug!(run_id = %job.run_id, node = %job.node_id, instance = %job.instance, status = ?now.map(|r| r.status), "Resumed record moved on (run ended, or the item waits or was resumed again); job dropped.");
+                Ok(Resumption::Dropped)
+            }
         }
+    }
+
+    /// Route a resumed record ([`resumed_outcome`]). A batch item whose resume failed runs the rest of its
+    /// fallback chain, which executes nodes: under a lease of its own for this wait (`waits_in`), kept while the
+    /// chain runs, so a copy of the job (the stranded-resume republish, a redelivery) does not run the chain again
+    /// meanwhile. `None`: another job holds that lease.
+    async fn route_resumed(
+        &self,
+        graph: &Graph,
+        job: &Job,
+        view: &JobView,
+        resumed: NodeRecord,
+        waits_in: Option<&str>,
+    ) -> Result<Option<Executed>, StoreError> {
+        let exec = Execution { registry: &self.registry, metrics: &self.metrics, job, view };
+        let runs_chain = resumed.error.is_some() && instance::split_item(&job.instance).1.is_some();
+        if !runs_chain {
+            return Ok(Some(resumed_outcome(graph, &exec, resumed).await));
+        }
+        let key = chain_lease_key(job, waits_in);
+        let Some(token) = self.coord.acquire_lease(&job.run_id, &key, self.config.lease_ttl).await? else {
+            return Ok(None);
+        };
+        // Like a node's lease, it is kept after the transition and expires by itself (a stale copy that read the
+        // record before the transition then cannot run the chain again).
+        Ok(Some(self.with_lease_kept(&job.run_id, &key, &token, resumed_outcome(graph, &exec, resumed)).await))
     }
 
     /// For a batch item's job: the epoch of its run's awaited tally (`None` for other nodes, when none is noted,
@@ -218,7 +268,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         let Some(wait) = executed.record.wait.as_deref().filter(|w| w.reason == WaitReason::Subflow) else {
             return executed;
         };
-        let fallback = wait.item.as_ref().and_then(|i| i.fallback.as_deref());
+        let fallback = wait.waits_in();
         let runs = batch::effective(graph, &job.node_id, &job.instance, fallback);
         let child = runs.and_then(|(_, params)| subflow::blueprint_id(params)).unwrap_or_default();
         if self.blueprints.get(child).is_some() {
