@@ -614,15 +614,18 @@ where
 {
     validate_run_id(run_id)?;
     let instance = instance_to_resume(store, run_id, node_id, resume.instance.as_deref()).await?;
-    resume_instance(queue, store, run_id, &crate::flow::InstanceKey::new(node_id, instance), resume).await
+    let key = crate::flow::InstanceKey::new(node_id, instance);
+    resume_instance(queue, store, run_id, &key, Expected::status(NodeStatus::Waiting), resume).await
 }
 
-/// [`resume_node`] for one instance of a node (a waiting node inside a loop): what a webhook request resumes.
+/// [`resume_node`] for one instance of a node (a waiting node inside a loop) in the state `from` (a webhook
+/// request resumes only the wait its token belongs to): what a webhook request resumes.
 pub async fn resume_instance<Q, S>(
     queue: &Q,
     store: &S,
     run_id: &str,
     key: &crate::flow::InstanceKey,
+    from: Expected<'_>,
     resume: Resume,
 ) -> Result<(), ClientError>
 where
@@ -639,7 +642,7 @@ where
         output: resume.result,
         ..NodeRecord::skipped(&key.node_id).at(&key.instance)
     };
-    let won = store.transition(run_id, Expected::status(NodeStatus::Waiting), &resumed, &serde_json::Map::new()).await;
+    let won = store.transition(run_id, from, &resumed, &serde_json::Map::new()).await;
     let shown = key.to_string();
     match won.map_err(store_err(run_id))? {
         Transition::Won => {}
@@ -829,6 +832,29 @@ mod tests {
         assert_eq!(listed["instances"][0]["reason"], "webhook", "{listed}");
         assert_eq!(listed["instances"][0]["url"], "https://hooks.example.com/webhooks/t1", "{listed}");
         assert!(listed["instances"][1].get("reason").is_none(), "a pending item waits for nothing: {listed}");
+    }
+
+    /// A resumer that knows which wait it ends (a webhook, a child run: `Expected::waiting_in(None)`) does not end
+    /// a later wait of the same batch item, in its fallback chain; a resume by hand (any wait) does.
+    #[tokio::test]
+    async fn a_webhooks_resume_does_not_end_a_later_wait_of_its_item() {
+        let (queue, store) = (MemoryQueue::new(), MemoryStore::new());
+        assert!(start_run(&queue, &store, &graph(), "r-chain", json!({})).await.unwrap());
+        let wait = Wait {
+            item: Some(crate::flow::ItemWait { fallback: Some("again".into()), input: None }),
+            ..Wait::new(crate::flow::WaitReason::ExternalEvent)
+        };
+        let waiting = NodeRecord::waiting("a", json!(1), wait, 1).at("#0");
+        store.record("r-chain", &waiting, &serde_json::Map::new()).await.unwrap();
+        let key = crate::flow::InstanceKey::new("a", "#0");
+        let resume = || Resume { result: json!("hook"), ..Resume::default() };
+        let late = resume_instance(&queue, &store, "r-chain", &key, Expected::waiting_in(None), resume()).await;
+        assert!(matches!(late, Err(ClientError::NotWaiting { .. })), "{late:?}");
+        resume_instance(&queue, &store, "r-chain", &key, Expected::status(NodeStatus::Waiting), resume())
+            .await
+            .unwrap();
+        let record = store.records("r-chain").await.unwrap().into_iter().find(|r| r.instance == "#0").unwrap();
+        assert_eq!((record.status, record.output), (NodeStatus::Resumed, json!("hook")));
     }
 
     #[tokio::test]

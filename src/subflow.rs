@@ -176,7 +176,9 @@ where
         ..NodeRecord::skipped(&parent.node_id)
     }
     .at(&parent.instance);
-    match store.transition(&parent.run_id, Expected::status(NodeStatus::Waiting), &record, &resumed.writes).await? {
+    // A `subflow` waits only as a node or a batch item's worker, never in an item's fallback chain (validation): a
+    // late resume for a child already handled does not end a later wait of the item.
+    match store.transition(&parent.run_id, Expected::waiting_in(None), &record, &resumed.writes).await? {
         Transition::Won => {}
         Transition::Lost(now) => {
             debug!(run_id = %parent.run_id, node = %parent.node_id, status = ?now.map(|r| r.status), "Parent node not waiting; not resumed.");

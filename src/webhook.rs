@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::client::{self, ClientError, Resume};
 use crate::flow::InstanceKey;
 use crate::flow::builtin::token_hash;
-use crate::store::{JobQueue, RunStore};
+use crate::store::{Expected, JobQueue, RunStore};
 
 /// Default address of the workers' webhook server (`--webhook-addr`, `FLOWCRAFT_WEBHOOK_ADDR`).
 pub const DEFAULT_WEBHOOK_ADDR: &str = "0.0.0.0:8081";
@@ -135,7 +135,10 @@ where
     let (run_id, node) = found
         .map_err(|source| ClientError::Store { run_id: "(webhook lookup)".into(), source })?
         .ok_or(WebhookError::UnknownToken)?;
-    client::resume_instance(queue, store, &run_id, &node, Resume { result, action, instance: None }).await?;
+    // A webhook waits only as a node or a batch item's worker, never in an item's fallback chain (validation): an
+    // item that has moved on to a wait of its chain since the token was looked up is not resumed by it.
+    let from = Expected::waiting_in(None);
+    client::resume_instance(queue, store, &run_id, &node, from, Resume { result, action, instance: None }).await?;
     info!(run_id = %run_id, node = %node, "Webhook delivered.");
     Ok(Delivered { run_id, node })
 }

@@ -281,11 +281,13 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             Some(record) if record.status == NodeStatus::Waiting => {
                 // A redelivery (the first delivery may have died between its record and the awaiting check):
                 // arm and check again, so the run does not stay `running` until the reconciler finds it. An item
-                // waiting in its fallback chain may wait there again after a resume, when its batch's settled join
-                // has long fired: it checks at once.
-                let in_chain = record.wait.as_deref().and_then(Wait::waits_in).is_some();
-                let count = batch_count.filter(|_| !in_chain);
-                self.began_waiting(&graph, &job, &record, count).await.map_err(store_err)?;
+                // waiting in its fallback chain may wait there again after a resume, when its arrival at its
+                // batch's settled join is a duplicate that completes nothing: it arrives (its first settle may be
+                // this one) and also checks at once.
+                self.began_waiting(&graph, &job, &record, batch_count).await.map_err(store_err)?;
+                if batch_count.is_some() && record.wait.as_deref().and_then(Wait::waits_in).is_some() {
+                    self.maybe_await(&graph, &job.run_id).await.map_err(store_err)?;
+                }
                 return Ok(Settle::Ack("waiting"));
             }
             Some(record) if record.status == NodeStatus::Resumed => {
@@ -361,7 +363,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// exist or cannot be read is dead-lettered (the unreadable run fails).
     async fn view_for(&self, job: &Job, graph: &Graph) -> Result<Result<JobView, Settle>, StoreError> {
         let (exact, latest) = loops::record_keys(graph, &job.node_id, &job.instance);
-        let context = graph.context_needs(&job.node_id);
+        let context = match instance::split_item(&job.instance).1 {
+            Some(_) => graph.item_context_needs(&job.node_id),
+            None => graph.context_needs(&job.node_id),
+        };
         let targets = graph.input_targets(&job.node_id);
         match self.store.job_view_for(&job.run_id, (&exact, &latest), &targets, &context).await {
             Ok(Some(view)) => Ok(Ok(view)),
@@ -427,6 +432,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 self.metrics.run_finished(RunStatus::Failed);
                 warn!(run_id, error = %reason, "Run failed.");
                 crate::store::trace_run_end(&*self.store, run_id).await;
+                // Its blueprint may be unknown here (one reason to fail it): its children are looked for anyway.
+                crate::subflow::cancel_children(&*self.store, run_id, "its parent run failed").await?;
                 let ended = RunInfo { status: RunStatus::Failed, status_data: data, ..info };
                 crate::subflow::resume_parent(&*self.queue, &*self.store, &self.blueprints, &ended).await?;
             }
@@ -1243,6 +1250,8 @@ mod tests {
         competing_transition: Mutex<Option<NodeRecord>>,
         /// Fail this many `publish` calls.
         fail_publishes: AtomicU32,
+        /// The context needs of every job view read.
+        view_needs: Mutex<Vec<ContextNeeds>>,
         /// Fail this many `set_awaiting` calls (a worker dying between a record and its awaiting check).
         fail_set_awaiting: AtomicU32,
         /// Every delayed publish (job, delay), kept instead of delivered.
@@ -1283,6 +1292,7 @@ mod tests {
             context: &ContextNeeds,
         ) -> StoreResult<Option<JobView>> {
             self.faults.statements.lock().unwrap().push("job_view_for");
+            self.faults.view_needs.lock().unwrap().push(context.clone());
             self.inner.job_view_for(run_id, keys, targets, context).await
         }
         async fn record(
@@ -1736,6 +1746,23 @@ mod tests {
         assert_eq!(store.run_info(&child).await.unwrap().unwrap().input, json!({"n": 2}));
     }
 
+    /// A run failed outside its nodes (here: a job it cannot serve, sent back until it gives up) cancels its
+    /// children like a node's failure does.
+    #[tokio::test]
+    async fn a_run_failed_by_a_job_it_cannot_serve_cancels_its_children() {
+        let (worker, _queue, store) = subflow_fixture().await;
+        let body = serde_json::to_vec(&Job::new("p", "parent", "sub")).unwrap();
+        assert_eq!(worker.process(&body, false).await.unwrap(), Settle::Ack("waiting"));
+        let child = crate::flow::builtin::subflow::child_run_id("p", "sub", "");
+        assert_eq!(store.run_info(&child).await.unwrap().unwrap().status, RunStatus::Running);
+        let hopeless =
+            Job { sent_back: WorkerConfig::default().max_version_requeues, ..Job::new("p", "parent", "gone") };
+        let settled = worker.process(&serde_json::to_vec(&hopeless).unwrap(), false).await.unwrap();
+        assert!(matches!(settled, Settle::DeadLetter(_)), "{settled:?}");
+        assert_eq!(store.run_info("p").await.unwrap().unwrap().status, RunStatus::Failed);
+        assert_eq!(store.run_info(&child).await.unwrap().unwrap().status, RunStatus::Cancelled);
+    }
+
     #[tokio::test]
     async fn a_subflow_of_an_unknown_blueprint_fails_its_node_clearly() {
         let (worker, _queue, store) = subflow_fixture().await;
@@ -2092,6 +2119,33 @@ mod tests {
         assert_eq!(f.status().await, RunStatus::Running);
         assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"));
         assert_eq!(f.status().await, RunStatus::Awaiting);
+    }
+
+    /// A batch item's job reads only the context keys its worker reads: a batch of N items costs O(N), not N
+    /// reads of a context that grows with its items (issue "Dynamic graphs", "Cost").
+    #[tokio::test]
+    async fn a_batch_items_job_reads_its_workers_context_keys_only() {
+        let f = Fixture::of(
+            json!({
+                "id": "bp",
+                "metadata": {"version": "2"},
+                "nodes": [
+                    {"id": "gen", "uses": "transform", "params": {"expr": "[1, 2]"}},
+                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
+                     "params": {"workerUsesKey": "transform", "workerParams": {"expr": "input + 1"},
+                                "gatherNodeId": "ga"}},
+                    {"id": "ga", "uses": "batch-gather"}
+                ],
+                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
+            }),
+            "2",
+        )
+        .await;
+        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
+        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
+        f.faults.view_needs.lock().unwrap().clear();
+        assert_eq!(f.process_item(0).await, Settle::Ack("done"));
+        assert_eq!(*f.faults.view_needs.lock().unwrap(), vec![ContextNeeds::none()]);
     }
 
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on

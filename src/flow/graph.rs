@@ -113,6 +113,9 @@ struct GNode {
     /// The context keys its input reads: its `inputs` mapping's, else the transformed inputs its sources'
     /// edges store (`_inputs.<node>.<source>`).
     input_needs: ContextNeeds,
+    /// For a scatter: the context keys the job of one of its items reads (its worker's, and those of the nodes of
+    /// its fallback chain, which run for a failed item: [`Graph::item_context_needs`]).
+    item_needs: Option<ContextNeeds>,
 }
 
 /// A validated blueprint, analysed for execution. Cheap to share (`Arc` it).
@@ -137,6 +140,8 @@ struct Checked {
     own: Vec<Vec<u32>>,
     /// Per node, the context keys its params read.
     params_needs: Vec<ContextNeeds>,
+    /// Per node, for a scatter: the context keys its worker (`workerUsesKey` with `workerParams`) reads.
+    worker_needs: Vec<Option<ContextNeeds>>,
 }
 
 impl Graph {
@@ -158,7 +163,7 @@ impl Graph {
             return Err(invalid(vec![Problem::new("bad-fallback", message)]));
         }
         let continues = continue_edges(&bp, &checked).map_err(invalid)?;
-        let params_needs = checked.params_needs;
+        let (params_needs, worker_needs) = (checked.params_needs, checked.worker_needs);
         let out = effective_edges(&fallback, checked.own, checked.edges.len())
             .map_err(|at| invalid(vec![too_many_edges(&bp.nodes[at].id)]))?;
         let mut nodes: Vec<GNode> = bp
@@ -179,8 +184,10 @@ impl Graph {
                 cont,
                 exec_needs,
                 input_needs: ContextNeeds::none(),
+                item_needs: None,
             })
             .collect();
+        add_item_needs(&mut nodes, worker_needs);
         let self_loops = link(&mut nodes, &checked.edges);
         add_context_needs(&mut nodes, &checked.edges);
         check_cycles(&nodes, &self_loops).map_err(invalid)?;
@@ -298,6 +305,16 @@ impl Graph {
             }
         }
         needs
+    }
+
+    /// The context keys the job of an item of the scatter `node` reads: its worker's and its fallback chain's,
+    /// not the scatter's own (an item neither computes the scatter's input nor routes); [`Graph::context_needs`]
+    /// for a node that is not a scatter.
+    pub fn item_context_needs(&self, node: &str) -> ContextNeeds {
+        match self.idx(node).and_then(|i| self.nodes[i].item_needs.as_ref()) {
+            Some(needs) => needs.clone(),
+            None => self.context_needs(node),
+        }
     }
 
     /// The nodes whose input a job of `node` computes: the node and the failed primaries whose input it takes
@@ -602,19 +619,26 @@ fn validate(bp: &Blueprint, registry: Option<&Registry>) -> Result<Checked, Vec<
     if bp.nodes.is_empty() {
         problems.push(Problem::new("no-nodes", "the blueprint has no nodes"));
     }
-    let mut params_needs = Vec::with_capacity(bp.nodes.len());
-    let index = check_nodes(bp, registry, &mut problems, &mut params_needs);
+    let mut needs = Needs { params: Vec::with_capacity(bp.nodes.len()), worker: Vec::with_capacity(bp.nodes.len()) };
+    let index = check_nodes(bp, registry, &mut problems, &mut needs);
+    let (params_needs, worker_needs) = (needs.params, needs.worker);
     let (edges, own) = check_edges(bp, &index, &mut problems);
-    if problems.is_empty() { Ok(Checked { index, edges, own, params_needs }) } else { Err(problems) }
+    if problems.is_empty() { Ok(Checked { index, edges, own, params_needs, worker_needs }) } else { Err(problems) }
 }
 
-/// Node ids, `uses`, params and config; returns the index of every node id. Pushes the context keys each
-/// node's params read onto `params_needs` (the whole context for a node this registry does not know).
+/// Per node, the context keys its params read, and a scatter's worker's (the whole context for a node this
+/// registry does not know).
+struct Needs {
+    params: Vec<ContextNeeds>,
+    worker: Vec<Option<ContextNeeds>>,
+}
+
+/// Node ids, `uses`, params and config; returns the index of every node id. Pushes each node's [`Needs`].
 fn check_nodes(
     bp: &Blueprint,
     registry: Option<&Registry>,
     problems: &mut Vec<Problem>,
-    params_needs: &mut Vec<ContextNeeds>,
+    needs: &mut Needs,
 ) -> HashMap<String, usize> {
     let mut index = HashMap::with_capacity(bp.nodes.len());
     for (i, n) in bp.nodes.iter().enumerate() {
@@ -640,7 +664,11 @@ fn check_nodes(
     };
     let mut known: Option<String> = None;
     for n in &bp.nodes {
-        params_needs.push(checker.get(&n.uses).map_or(ContextNeeds::Whole, |node| node.context_needs(&n.params)));
+        let needs_of = |uses: &str, params: &Value| {
+            checker.get(uses).map_or(ContextNeeds::Whole, |node| node.context_needs(params))
+        };
+        needs.params.push(needs_of(&n.uses, &n.params));
+        needs.worker.push(batch::worker_of(n).map(|(uses, params)| needs_of(uses, params)));
         match checker.get(&n.uses) {
             Some(node) => {
                 for p in node.check_params(&n.params) {
@@ -859,6 +887,22 @@ fn link(nodes: &mut [GNode], edges: &[Edge]) -> Vec<usize> {
         nodes[s].targets = targets;
     }
     self_loops
+}
+
+/// Step 3a of [`Graph::build`], while each node's execution needs are still its params' alone: a scatter's item
+/// needs, its worker's and those of every node of its fallback chain (validation rejects fallback cycles; the
+/// bound only keeps a bug from looping).
+fn add_item_needs(nodes: &mut [GNode], worker_needs: Vec<Option<ContextNeeds>>) {
+    for (i, worker) in worker_needs.into_iter().enumerate() {
+        let Some(mut needs) = worker else { continue };
+        let mut next = nodes[i].fallback;
+        for _ in 0..nodes.len() {
+            let Some(f) = next else { break };
+            needs.merge(&nodes[f].exec_needs);
+            next = nodes[f].fallback;
+        }
+        nodes[i].item_needs = Some(needs);
+    }
 }
 
 /// Step 3b of [`Graph::build`]: each node's context needs. Its effective edges' conditions and transforms
@@ -1463,5 +1507,38 @@ mod tests {
         assert_eq!(keys("b"), ContextNeeds::keys(["_inputs.b.a", "_inputs.b.f"]));
         assert_eq!(keys("c"), ContextNeeds::keys(["_outputs.b.v", "b.v", "_outputs.b"]));
         assert_eq!(keys("d"), ContextNeeds::Whole, "a node the registry does not know reads everything");
+    }
+
+    /// A batch item's job reads what its worker and its scatter's fallback chain read, not the whole context
+    /// (which holds every item's neighbours' writes) and not the scatter's own input or routing keys.
+    #[test]
+    fn an_items_job_reads_its_workers_and_fallback_chains_keys() {
+        let g = Graph::build(
+            bp(json!({
+                "id": "n",
+                "nodes": [
+                    {"id": "gen", "uses": "noop"},
+                    {"id": "sc", "uses": "batch-scatter", "inputs": "list", "config": {"fallback": "f1"},
+                     "params": {"workerUsesKey": "transform", "workerParams": {"expr": "input * context.k"},
+                                "gatherNodeId": "ga"}},
+                    {"id": "f1", "uses": "transform", "params": {"expr": "context.f"}, "config": {"fallback": "f2"}},
+                    {"id": "f2", "uses": "log", "params": {"message": "{{ context['m'] }}"}},
+                    {"id": "ga", "uses": "batch-gather"},
+                    {"id": "sc2", "uses": "batch-scatter", "params": {"workerUsesKey": "custom", "gatherNodeId": "ga2"}},
+                    {"id": "ga2", "uses": "batch-gather"}
+                ],
+                "edges": [
+                    {"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga", "condition": "context.go"},
+                    {"source": "gen", "target": "sc2"}, {"source": "sc2", "target": "ga2"}
+                ]
+            })),
+            None,
+        )
+        .unwrap();
+        assert_eq!(g.item_context_needs("sc"), ContextNeeds::keys(["k", "f", "m"]));
+        assert_eq!(g.context_needs("sc"), ContextNeeds::keys(["go", "list", "_outputs.list"]), "the scatter's own job");
+        assert_eq!(g.item_context_needs("sc2"), ContextNeeds::Whole, "a worker the registry does not know");
+        assert_eq!(g.item_context_needs("gen"), g.context_needs("gen"), "not a scatter");
+        assert_eq!(g.context_needs("ga"), ContextNeeds::none(), "a gather reads its items' records");
     }
 }

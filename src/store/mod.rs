@@ -402,6 +402,12 @@ impl<'a> Expected<'a> {
         Self { status, waits_in: None }
     }
 
+    /// A record `waiting` in `waits_in`: a resumer that knows which wait it ends (a webhook, a child run: neither
+    /// waits in a fallback chain, so `None`) does not end a later wait of the same batch item.
+    pub fn waiting_in(waits_in: Option<&'a str>) -> Self {
+        Self { status: NodeStatus::Waiting, waits_in: Some(waits_in) }
+    }
+
     /// A record `resumed` from a wait in `waits_in` (as the job routing it read it).
     pub fn resumed_from(waits_in: Option<&'a str>) -> Self {
         Self { status: NodeStatus::Resumed, waits_in: Some(waits_in) }

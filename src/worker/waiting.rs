@@ -12,8 +12,8 @@ use crate::flow::{
 };
 use crate::reconciler::plan;
 use crate::store::{
-    Coordinator, Expected, Job, JobQueue, JobView, JoinArrival, JoinDecision, RecordTally, RunStore, StoreError,
-    Transition,
+    Coordinator, Expected, Job, JobQueue, JobView, JoinArrival, JoinDecision, LeaseToken, RecordTally, RunStore,
+    StoreError, Transition,
 };
 
 /// The wait a node of `job` asked for, as recorded at `now` (its timer becomes a due time; a `subflow` node gets
@@ -90,7 +90,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         resumed: NodeRecord,
     ) -> Result<Resumption, StoreError> {
         let waits_in = resumed.wait.as_deref().and_then(Wait::waits_in).map(str::to_owned);
-        let Some(executed) = self.route_resumed(graph, job, view, resumed, waits_in.as_deref()).await? else {
+        let Some((executed, lease)) = self.route_resumed(graph, job, view, resumed, waits_in.as_deref()).await? else {
             self.send_back_for_lease(job).await?;
             return Ok(Resumption::LeaseConflict);
         };
@@ -98,7 +98,12 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         // of this epoch was replayed (a `resumed` record keeps a run from being set awaiting).
         let epoch = self.awaited_epoch(job).await;
         let expected = Expected::resumed_from(waits_in.as_deref());
-        match self.store.transition(&job.run_id, expected, &executed.record, &executed.writes).await? {
+        let moved = self.store.transition(&job.run_id, expected, &executed.record, &executed.writes).await;
+        if let (Err(_), Some((key, token))) = (&moved, &lease) {
+            // Not recorded: the redelivery may run the chain again at once, as a node's job whose record failed.
+            let _ = self.coord.release_lease(&job.run_id, key, token).await;
+        }
+        match moved? {
             Transition::Won => {
                 info!(run_id = %job.run_id, node = %job.node_id, status = executed.record.status.as_str(), "Resumed node recorded.");
                 Ok(Resumption::Finished(Box::new(Finished { record: executed.record, epoch })))
@@ -116,7 +121,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// Route a resumed record ([`resumed_outcome`]). A batch item whose resume failed runs the rest of its
     /// fallback chain, which executes nodes: under a lease of its own for this wait (`waits_in`), kept while the
     /// chain runs, so a copy of the job (the stranded-resume republish, a redelivery) does not run the chain again
-    /// meanwhile. `None`: another job holds that lease.
+    /// meanwhile. Returns the routed record and the lease it holds (its key and token); `None`: another job holds
+    /// that lease.
     async fn route_resumed(
         &self,
         graph: &Graph,
@@ -124,11 +130,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         view: &JobView,
         resumed: NodeRecord,
         waits_in: Option<&str>,
-    ) -> Result<Option<Executed>, StoreError> {
+    ) -> Result<Option<(Executed, Option<(String, LeaseToken)>)>, StoreError> {
         let exec = Execution { registry: &self.registry, metrics: &self.metrics, job, view };
         let runs_chain = resumed.error.is_some() && instance::split_item(&job.instance).1.is_some();
         if !runs_chain {
-            return Ok(Some(resumed_outcome(graph, &exec, resumed).await));
+            return Ok(Some((resumed_outcome(graph, &exec, resumed).await, None)));
         }
         let key = chain_lease_key(job, waits_in);
         let Some(token) = self.coord.acquire_lease(&job.run_id, &key, self.config.lease_ttl).await? else {
@@ -136,7 +142,8 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
         };
         // Like a node's lease, it is kept after the transition and expires by itself (a stale copy that read the
         // record before the transition then cannot run the chain again).
-        Ok(Some(self.with_lease_kept(&job.run_id, &key, &token, resumed_outcome(graph, &exec, resumed)).await))
+        let executed = self.with_lease_kept(&job.run_id, &key, &token, resumed_outcome(graph, &exec, resumed)).await;
+        Ok(Some((executed, Some((key, token)))))
     }
 
     /// For a batch item's job: the epoch of its run's awaited tally (`None` for other nodes, when none is noted,

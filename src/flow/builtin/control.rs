@@ -88,6 +88,12 @@ impl Node for BatchScatter {
         crate::flow::batch::check_scatter_params(params)
     }
 
+    /// None: its input is computed by the engine (its `inputs`), and its items' jobs read their worker's needs
+    /// ([`crate::flow::Graph::item_context_needs`]).
+    fn context_needs(&self, _params: &Value) -> crate::flow::ContextNeeds {
+        crate::flow::ContextNeeds::none()
+    }
+
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
         Ok(NodeOutput::new(ctx.input))
     }
@@ -104,6 +110,11 @@ impl Node for BatchGather {
             Some(Value::String(_)) | None => Vec::new(),
             Some(other) => vec![format!("batch-gather: params.outputKey must be a string, not {other}")],
         }
+    }
+
+    /// None: its input is the items' outputs, read from their records.
+    fn context_needs(&self, _params: &Value) -> crate::flow::ContextNeeds {
+        crate::flow::ContextNeeds::none()
     }
 
     async fn run(&self, ctx: NodeCtx) -> Result<NodeOutput, NodeError> {
