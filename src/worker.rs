@@ -2148,6 +2148,44 @@ mod tests {
         assert_eq!(*f.faults.view_needs.lock().unwrap(), vec![ContextNeeds::none()]);
     }
 
+    /// At most `chunkSize` items of a batch are in flight at run time: the scatter publishes items `0..chunkSize`,
+    /// and each item's job publishes the next of its slot; the gather still gets every item in order.
+    #[tokio::test]
+    async fn at_most_chunk_size_items_are_in_flight() {
+        let f = Fixture::of(
+            json!({
+                "id": "bp",
+                "metadata": {"version": "2"},
+                "nodes": [
+                    {"id": "gen", "uses": "transform", "params": {"expr": "lists.range(10)"}},
+                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
+                     "params": {"workerUsesKey": "transform", "workerParams": {"expr": "input * 3"},
+                                "gatherNodeId": "ga", "chunkSize": 3}},
+                    {"id": "ga", "uses": "batch-gather"}
+                ],
+                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
+            }),
+            "2",
+        )
+        .await;
+        let mut pending: VecDeque<Job> = VecDeque::from([job("gen")]);
+        let (mut most_items, mut items_run) = (0, 0);
+        while let Some(next) = pending.pop_front() {
+            f.process(&next).await.unwrap();
+            items_run += usize::from(next.node_id == "sc" && !next.instance.is_empty());
+            while f.queue.depth() > 0 {
+                let delivery = f.queue.next_delivery().await.unwrap();
+                pending.push_back(decode(&delivery.body).unwrap());
+                delivery.acker.ack().await.unwrap();
+            }
+            let in_flight = pending.iter().filter(|j| j.node_id == "sc" && !j.instance.is_empty()).count();
+            most_items = most_items.max(in_flight);
+        }
+        assert_eq!((most_items, items_run), (3, 10));
+        let expected: Vec<Value> = (0..10).map(|i| json!(i * 3)).collect();
+        assert_eq!(f.record("ga").await.unwrap().output, Value::Array(expected));
+    }
+
     /// The job path's cost cannot grow silently: a chain node's job is one read and one record statement on
     /// PostgreSQL (the last node adds the run's completion) and two Redis calls (its lease, its resolution); a
     /// join's predecessor adds one Redis call (its arrival), the join's own job is a chain node's; reads and
