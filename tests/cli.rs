@@ -208,3 +208,88 @@ async fn run_wait_stops_waiting_on_signals_and_timeout_leaving_the_run_running()
     assert!(text(&out).contains(&format!("flowcraft status {run_id}")), "{}", text(&out));
     cluster.cleanup().await;
 }
+
+/// `status --output json` of a run with a batch counts the scatter's items per status next to the scatter's own
+/// record, and `status --instances` pages through them; `run --max-batch-items` refuses a longer list with a
+/// clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_and_pages_a_batchs_items() {
+    use flowcraft::flow::NodeRecord;
+    let cluster = Cluster::new("clibatch");
+    let store = cluster.store().await;
+    let run = flowcraft::store::NewRun {
+        run_id: "b-1".into(),
+        blueprint_id: "bat".into(),
+        blueprint_version: None,
+        input: json!({}),
+        parent: None,
+    };
+    store.create_run(&run).await.unwrap();
+    let scatter = NodeRecord::done("sc", json!({"count": 5}), None, vec!["ga".into()], 1);
+    let items: Vec<serde_json::Value> = (0..5).map(|i| json!(i)).collect();
+    store.record_with_items("b-1", &scatter, &serde_json::Map::new(), &items).await.unwrap();
+    for i in 0..3 {
+        let done = NodeRecord::done("sc", json!(i * 10), None, vec![], 1).at(format!("#{i}"));
+        store.record("b-1", &done, &serde_json::Map::new()).await.unwrap();
+    }
+    let failed = NodeRecord::failed("sc", "boom", vec![], 2).at("#3");
+    store.record("b-1", &failed, &serde_json::Map::new()).await.unwrap();
+
+    let out = on_services(&cluster).args(["status", "b-1", "--output", "json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sc = &status["nodes"]["sc"];
+    assert_eq!((&sc["status"], &sc["attempts"]), (&json!("done"), &json!(1)), "{status}");
+    assert_eq!(sc["instances"], json!({"done": 3, "failed": 1, "pending": 1}), "{status}");
+
+    let page = |args: &[&str]| {
+        let out = on_services(&cluster)
+            .args(["status", "b-1", "--instances", "sc", "--output", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let first = page(&["--limit", "3", "--outputs"]);
+    let names: Vec<&str> =
+        first["instances"].as_array().unwrap().iter().map(|i| i["instance"].as_str().unwrap()).collect();
+    assert_eq!(names, ["", "#0", "#1"], "{first}");
+    assert_eq!(first["instances"][2]["output"], json!(10), "{first}");
+    assert_eq!(first["next"], json!("#1"), "{first}");
+    let second = page(&["--limit", "3", "--after", "#1"]);
+    let states: Vec<&str> =
+        second["instances"].as_array().unwrap().iter().map(|i| i["status"].as_str().unwrap()).collect();
+    assert_eq!(states, ["done", "failed", "pending"], "{second}");
+    assert_eq!(second["instances"][1]["error"], json!("boom"), "{second}");
+    assert!(second.get("next").is_none() && second["instances"][0].get("output").is_none(), "{second}");
+
+    // Embedded: a list longer than --max-batch-items fails the scatter, naming both numbers.
+    let dir = tempfile::tempdir().unwrap();
+    let bp = dir.path().join("bat.json");
+    let blueprint = json!({
+        "id": "bat",
+        "nodes": [
+            {"id": "sc", "uses": "batch-scatter", "inputs": "items",
+             "params": {"workerUsesKey": "transform", "workerParams": {"expr": "input + 1"}, "gatherNodeId": "ga"}},
+            {"id": "ga", "uses": "batch-gather"}
+        ],
+        "edges": [{"source": "sc", "target": "ga"}]
+    });
+    std::fs::write(&bp, blueprint.to_string()).unwrap();
+    let run = |items: serde_json::Value| {
+        let input = json!({ "items": items }).to_string();
+        let out = flowcraft()
+            .args(["run", bp.to_str().unwrap(), "--max-batch-items", "3", "--output", "json", "--input", &input])
+            .output()
+            .unwrap();
+        (out.status.code(), serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default(), text(&out))
+    };
+    let (code, ok, all) = run(json!([1, 2, 3]));
+    assert_eq!((code, &ok["outputs"]["ga"]), (Some(0), &json!([2, 3, 4])), "{all}");
+    let (code, over, all) = run(json!([1, 2, 3, 4]));
+    assert_eq!((code, &over["status"]), (Some(1), &json!("failed")), "{all}");
+    let error = over["error"].as_str().unwrap_or_default();
+    assert!(error.contains("4 items") && error.contains("limit of 3"), "{all}");
+    cluster.cleanup().await;
+}

@@ -1509,6 +1509,40 @@ mod tests {
         assert_eq!(keys("d"), ContextNeeds::Whole, "a node the registry does not know reads everything");
     }
 
+    /// A scatter must name a `batch-gather` node it has an edge to, and a worker the registry knows; each
+    /// mistake is reported, naming the scatter.
+    #[test]
+    fn bad_batches_are_reported() {
+        let batch = |gather: &str, gather_uses: &str, edge: bool, worker: &str| {
+            let edges = if edge { json!([{"source": "sc", "target": "ga"}]) } else { json!([]) };
+            json!({
+                "id": "b",
+                "nodes": [
+                    {"id": "sc", "uses": "batch-scatter", "params": {"workerUsesKey": worker, "gatherNodeId": gather}},
+                    {"id": "ga", "uses": gather_uses}
+                ],
+                "edges": edges
+            })
+        };
+        let said = |v: Value| problems(v).iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            said(batch("nope", "batch-gather", true, "transform")),
+            ["[bad-batch] batch-scatter 'sc': params.gatherNodeId 'nope' is not a node of the blueprint"]
+        );
+        let wrong = said(batch("ga", "noop", true, "transform"));
+        assert!(wrong.iter().any(|p| p.contains("gather node 'ga' uses 'noop', not 'batch-gather'")), "{wrong:?}");
+        assert_eq!(
+            said(batch("ga", "batch-gather", false, "transform")),
+            ["[bad-batch] batch-scatter 'sc' has no edge to its gather node 'ga'"]
+        );
+        let unknown = said(batch("ga", "batch-gather", true, "ghost"));
+        assert!(
+            unknown.iter().any(|p| p.contains("params.workerUsesKey 'ghost' is not a registered node")),
+            "{unknown:?}"
+        );
+        graph(batch("ga", "batch-gather", true, "transform"));
+    }
+
     /// A batch item's job reads what its worker and its scatter's fallback chain read, not the whole context
     /// (which holds every item's neighbours' writes) and not the scatter's own input or routing keys.
     #[test]
