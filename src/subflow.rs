@@ -67,8 +67,9 @@ where
 
 /// Cancel a child run just started if its parent has ended meanwhile: a cancel or failure of the parent that read
 /// its records before the child existed ([`cancel_children`]) could not cancel it. The parent's end is read after
-/// the child was created, so either this read sees it or `cancel_children` sees the child.
-async fn cancel_if_parent_ended<S: RunStore + ?Sized>(
+/// the child was created, so either this read sees it or `cancel_children` sees the child. A job of the ended parent
+/// that finds its node waiting for a child calls it too (the check may have failed before).
+pub async fn cancel_if_parent_ended<S: RunStore + ?Sized>(
     store: &S,
     parent_run: &str,
     child_id: &str,

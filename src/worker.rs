@@ -391,6 +391,12 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     async fn admit(&self, job: &Job, graph: &Graph, view: &JobView) -> Result<Option<Settle>, StoreError> {
         // An `awaiting` run still takes the job of a node resumed while it became awaiting (its job sets it running).
         if !matches!(view.run.status, RunStatus::Running | RunStatus::Awaiting) {
+            // A `subflow` job that died between starting its child and checking its ended parent (its check failed)
+            // comes again: the child it may have started ends with its parent.
+            let waiting = view.record_at(&job.node_id, &job.instance).filter(|r| r.status == NodeStatus::Waiting);
+            if let Some(child) = waiting.and_then(crate::subflow::child_of) {
+                crate::subflow::cancel_if_parent_ended(&*self.store, &job.run_id, child).await?;
+            }
             return Ok(Some(Settle::Ack("skipped")));
         }
         if view.run.blueprint_id != job.blueprint_id {
@@ -1760,6 +1766,26 @@ mod tests {
         let settled = worker.process(&serde_json::to_vec(&hopeless).unwrap(), false).await.unwrap();
         assert!(matches!(settled, Settle::DeadLetter(_)), "{settled:?}");
         assert_eq!(store.run_info("p").await.unwrap().unwrap().status, RunStatus::Failed);
+        assert_eq!(store.run_info(&child).await.unwrap().unwrap().status, RunStatus::Cancelled);
+    }
+
+    /// A `subflow` job that started its child and died before seeing its parent cancelled (its check failed) comes
+    /// again: the run has ended, and the job cancels the child its node waits for before it is skipped.
+    #[tokio::test]
+    async fn a_subflow_job_of_an_ended_parent_cancels_the_child_it_started() {
+        let (worker, queue, store) = subflow_fixture().await;
+        let child = crate::flow::builtin::subflow::child_run_id("p", "sub", "");
+        let wait = crate::flow::Wait {
+            child_run_id: Some(child.clone()),
+            ..crate::flow::Wait::new(crate::flow::WaitReason::Subflow)
+        };
+        store.record("p", &NodeRecord::waiting("sub", json!({"n": 2}), wait, 1), &Map::new()).await.unwrap();
+        let graph = worker.blueprints.get("child").unwrap();
+        let parent = crate::store::ParentRef { run_id: "p".into(), node_id: "sub".into(), instance: String::new() };
+        crate::client::start_child_run(&queue, &store, &graph, &child, json!({}), parent, 1 << 20).await.unwrap();
+        assert!(store.finish_run("p", RunStatus::Cancelled, &json!({"reason": "by hand"})).await.unwrap());
+        let body = serde_json::to_vec(&Job::new("p", "parent", "sub")).unwrap();
+        assert_eq!(worker.process(&body, true).await.unwrap(), Settle::Ack("skipped"));
         assert_eq!(store.run_info(&child).await.unwrap().unwrap().status, RunStatus::Cancelled);
     }
 
