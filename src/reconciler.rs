@@ -222,12 +222,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Reconciler<Q, S, C> {
             if self.store.finish_run(run_id, RunStatus::Failed, &data).await.map_err(store_err)? {
                 repair.finished = Some(RunStatus::Failed);
                 crate::store::trace_run_end(&*self.store, run_id).await;
-                if graph.starts_subflows() {
-                    crate::subflow::cancel_children(&*self.store, run_id, "its parent run failed")
-                        .await
-                        .map_err(store_err)?;
-                }
                 self.ended(run, RunStatus::Failed, data).await.map_err(store_err)?;
+                if graph.starts_subflows() {
+                    crate::subflow::cancel_children_of_failed(&*self.store, run_id).await;
+                }
             }
             return Ok(repair);
         }

@@ -225,6 +225,15 @@ fn child_failure(child: &RunInfo) -> String {
     format!("child run {} {}: {}", child.run_id, child.status, why.unwrap_or("no reason given"))
 }
 
+/// [`cancel_children`] for a run that failed, after its own end and its parent's resume are done: a failure here
+/// (its records cannot be read or decoded, which may be why it failed) is logged, not returned, so that it does
+/// not send the job that failed the run back for a retry that finds the run ended and does nothing.
+pub async fn cancel_children_of_failed<S: RunStore + ?Sized>(store: &S, run_id: &str) {
+    if let Err(error) = cancel_children(store, run_id, "its parent run failed").await {
+        warn!(run_id, error = %crate::report::Chain(&error), "Cannot cancel the children of a failed run; they run on.");
+    }
+}
+
 /// Cancel the children of an ended run (`why`: the reason they get), and theirs in turn: every child run its
 /// waiting `subflow` nodes wait for. Returns the runs cancelled.
 pub async fn cancel_children<S: RunStore + ?Sized>(
@@ -319,5 +328,38 @@ mod tests {
         let child = store.run_info(&child_id).await.unwrap().expect("the child was created");
         assert_eq!(child.status, RunStatus::Cancelled, "{child:?}");
         assert_eq!(child.status_data["reason"], json!("parent run r cancelled"));
+    }
+
+    /// A late resume for a child already handled (its item failed into its scatter's fallback chain and waits in
+    /// the chain's `wait` now) does not end that later wait with the child's result.
+    #[tokio::test]
+    async fn a_late_child_end_does_not_resume_a_later_wait_of_its_item() {
+        use crate::flow::{Blueprint, Graph, ItemWait, Wait};
+        use crate::store::NewRun;
+        use crate::store::memory::{MemoryQueue, MemoryStore};
+        let mut set = BlueprintSet::new();
+        let bp: Blueprint = serde_json::from_value(json!({"id": "p", "nodes": [
+            {"id": "sc", "uses": "batch-scatter", "config": {"fallback": "again"},
+             "params": {"workerUsesKey": "subflow", "workerParams": {"blueprintId": "c"}, "gatherNodeId": "ga"}},
+            {"id": "again", "uses": "wait"},
+            {"id": "ga", "uses": "batch-gather"}],
+            "edges": [{"source": "sc", "target": "ga"}]}))
+        .unwrap();
+        let parent = set.insert(Graph::build(bp, None).unwrap());
+        let (queue, store) = (MemoryQueue::new(), MemoryStore::new());
+        store.create_run(&NewRun::of(&parent, "r", json!({}), None)).await.unwrap();
+        let in_chain = Wait {
+            item: Some(ItemWait { fallback: Some("again".into()), input: Some(json!(1)) }),
+            ..Wait::new(WaitReason::ExternalEvent)
+        };
+        store.record("r", &NodeRecord::waiting("sc", json!(1), in_chain, 1).at("#0"), &Map::new()).await.unwrap();
+        let child = RunInfo {
+            parent: Some(ParentRef { run_id: "r".into(), node_id: "sc".into(), instance: "#0".into() }),
+            ..child(RunStatus::Failed, json!({"error": "late"}))
+        };
+        assert!(!resume_parent(&queue, &store, &set, &child).await.unwrap(), "not resumed");
+        let item = store.records("r").await.unwrap().into_iter().find(|r| r.instance == "#0").unwrap();
+        assert_eq!(item.status, NodeStatus::Waiting);
+        assert_eq!(queue.depth(), 0, "no job published");
     }
 }

@@ -438,10 +438,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 self.metrics.run_finished(RunStatus::Failed);
                 warn!(run_id, error = %reason, "Run failed.");
                 crate::store::trace_run_end(&*self.store, run_id).await;
-                // Its blueprint may be unknown here (one reason to fail it): its children are looked for anyway.
-                crate::subflow::cancel_children(&*self.store, run_id, "its parent run failed").await?;
                 let ended = RunInfo { status: RunStatus::Failed, status_data: data, ..info };
                 crate::subflow::resume_parent(&*self.queue, &*self.store, &self.blueprints, &ended).await?;
+                // Its blueprint may be unknown here (one reason to fail it): its children are looked for anyway.
+                crate::subflow::cancel_children_of_failed(&*self.store, run_id).await;
             }
         }
         Ok(())
@@ -715,11 +715,11 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
             warn!(run_id, node = %record.node_id, error = %reason, "Run failed.");
             crate::store::trace_run_end(&*self.store, run_id).await;
             self.forget(graph, run_id).await;
-            if graph.starts_subflows() {
-                crate::subflow::cancel_children(&*self.store, run_id, "its parent run failed").await?;
-            }
             if is_child {
                 self.child_ended(run_id).await?;
+            }
+            if graph.starts_subflows() {
+                crate::subflow::cancel_children_of_failed(&*self.store, run_id).await;
             }
         }
         Ok(())
