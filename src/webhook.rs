@@ -316,6 +316,41 @@ mod tests {
         assert_eq!(WebhookError::from(store).status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
+    /// A webhook request resumes only the wait its token was made for, a node's or a batch item's worker's: a
+    /// record found by the token whose wait is further down an item's fallback chain (the item moved on between
+    /// the lookup and the resume) is not resumed by it (409).
+    #[tokio::test]
+    async fn a_webhook_resumes_only_the_wait_of_an_items_worker() {
+        use crate::flow::{ItemWait, NodeRecord, Wait, WaitReason};
+        use crate::store::memory::{MemoryQueue, MemoryStore};
+        let (queue, store) = (MemoryQueue::new(), MemoryStore::new());
+        let run = crate::store::NewRun {
+            run_id: "r".into(),
+            blueprint_id: "b".into(),
+            blueprint_version: None,
+            input: json!({}),
+            parent: None,
+        };
+        store.create_run(&run).await.unwrap();
+        let wait = |token: &str, fallback: Option<&str>| Wait {
+            url: Some(format!("http://h/webhooks/{token}")),
+            item: fallback.map(|f| ItemWait { fallback: Some(f.into()), input: None }),
+            ..Wait::new(WaitReason::Webhook)
+        };
+        let moved_on = NodeRecord::waiting("sc", json!(1), wait("t0", Some("again")), 1).at("#0");
+        let worker = NodeRecord::waiting("sc", json!(2), wait("t1", None), 1).at("#1");
+        for record in [&moved_on, &worker] {
+            store.record("r", record, &serde_json::Map::new()).await.unwrap();
+        }
+        let refused = deliver(&queue, &store, "t0", b"{}", None, 1024).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::CONFLICT, "{refused}");
+        let delivered = deliver(&queue, &store, "t1", b"{\"ok\": 1}", None, 1024).await.unwrap();
+        assert_eq!(delivered.node.to_string(), crate::flow::InstanceKey::new("sc", "#1").to_string());
+        let statuses: Vec<_> = store.records("r").await.unwrap().into_iter().map(|r| (r.instance, r.status)).collect();
+        assert!(statuses.contains(&("#0".into(), crate::flow::NodeStatus::Waiting)), "{statuses:?}");
+        assert!(statuses.contains(&("#1".into(), crate::flow::NodeStatus::Resumed)), "{statuses:?}");
+    }
+
     /// Read what the server sends until it closes the connection; `None` when it is still open after 10 s.
     async fn answer(stream: &mut tokio::net::TcpStream) -> Option<String> {
         use tokio::io::AsyncReadExt;
