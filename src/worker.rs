@@ -363,10 +363,7 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
     /// exist or cannot be read is dead-lettered (the unreadable run fails).
     async fn view_for(&self, job: &Job, graph: &Graph) -> Result<Result<JobView, Settle>, StoreError> {
         let (exact, latest) = loops::record_keys(graph, &job.node_id, &job.instance);
-        let context = match instance::split_item(&job.instance).1 {
-            Some(_) => graph.item_context_needs(&job.node_id),
-            None => graph.context_needs(&job.node_id),
-        };
+        let context = graph.job_context_needs(&job.node_id, &job.instance);
         let targets = graph.input_targets(&job.node_id);
         match self.store.job_view_for(&job.run_id, (&exact, &latest), &targets, &context).await {
             Ok(Some(view)) => Ok(Ok(view)),
@@ -440,8 +437,10 @@ impl<Q: JobQueue, S: RunStore, C: Coordinator> Worker<Q, S, C> {
                 crate::store::trace_run_end(&*self.store, run_id).await;
                 let ended = RunInfo { status: RunStatus::Failed, status_data: data, ..info };
                 crate::subflow::resume_parent(&*self.queue, &*self.store, &self.blueprints, &ended).await?;
-                // Its blueprint may be unknown here (one reason to fail it): its children are looked for anyway.
-                crate::subflow::cancel_children_of_failed(&*self.store, run_id).await;
+                // Its blueprint may be unknown here (one reason to fail it): then its children are looked for anyway.
+                if self.blueprints.get(&ended.blueprint_id).is_none_or(|g| g.starts_subflows()) {
+                    crate::subflow::cancel_children_of_failed(&*self.store, run_id).await;
+                }
             }
         }
         Ok(())
@@ -1800,23 +1799,46 @@ mod tests {
         assert_eq!(store.list_runs(&RunFilter::default()).await.unwrap().len(), 1, "no child run");
     }
 
-    /// A fixture whose blueprint scatters `n` items over `wait` (no chunks) to the gather `ga`, plus `extra`
-    /// nodes and edges; `gen` and `sc` have run, so the `n` item jobs are queued.
-    async fn batch_of_waits(n: u64, extra_nodes: &[Value], extra_edges: &[Value]) -> Fixture {
+    /// A blueprint (version 2) where `gen` makes the list `list` (a CEL expression), the scatter `sc` (with the
+    /// fields of `scatter`: its `params`, `config`) scatters it to the gather `ga`, plus `extra` nodes and edges.
+    fn batch_blueprint(list: &str, scatter: Value, extra_nodes: &[Value], extra_edges: &[Value]) -> Value {
+        let mut sc = json!({"id": "sc", "uses": "batch-scatter", "inputs": "gen"});
+        if let (Some(sc), Some(fields)) = (sc.as_object_mut(), scatter.as_object()) {
+            sc.extend(fields.clone());
+        }
+        sc["params"]["gatherNodeId"] = json!("ga");
         let mut nodes = vec![
-            json!({"id": "gen", "uses": "transform", "params": {"expr": format!("lists.range({n})")}}),
-            json!({"id": "sc", "uses": "batch-scatter", "inputs": "gen",
-                   "params": {"workerUsesKey": "wait", "gatherNodeId": "ga"}}),
+            json!({"id": "gen", "uses": "transform", "params": {"expr": list}}),
+            sc,
             json!({"id": "ga", "uses": "batch-gather"}),
         ];
         nodes.extend(extra_nodes.iter().cloned());
         let mut edges = vec![json!({"source": "gen", "target": "sc"}), json!({"source": "sc", "target": "ga"})];
         edges.extend(extra_edges.iter().cloned());
-        let f =
-            Fixture::of(json!({"id": "bp", "metadata": {"version": "2"}, "nodes": nodes, "edges": edges}), "2").await;
+        json!({"id": "bp", "metadata": {"version": "2"}, "nodes": nodes, "edges": edges})
+    }
+
+    /// A fixture of `blueprint` (a [`batch_blueprint`]) whose `gen` and `sc` have run: the item jobs are queued.
+    async fn scattered(blueprint: Value) -> Fixture {
+        let f = Fixture::of(blueprint, "2").await;
         assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
         assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
         f
+    }
+
+    /// A fixture whose blueprint scatters `n` items over `wait` (no chunks) to the gather `ga`, plus `extra`
+    /// nodes and edges; `gen` and `sc` have run, so the `n` item jobs are queued.
+    async fn batch_of_waits(n: u64, extra_nodes: &[Value], extra_edges: &[Value]) -> Fixture {
+        let scatter = json!({"params": {"workerUsesKey": "wait"}});
+        scattered(batch_blueprint(&format!("lists.range({n})"), scatter, extra_nodes, extra_edges)).await
+    }
+
+    /// The scatter of a batch whose `wait` worker times out at once into its fallback chain, `again` then `last`.
+    fn timing_out_into(again: Value) -> (Value, [Value; 2]) {
+        let scatter = json!({"config": {"fallback": "again"},
+                             "params": {"workerUsesKey": "wait", "workerParams": {"timeout": 0}}});
+        let last = json!({"id": "last", "uses": "transform", "params": {"expr": "input + 1"}});
+        (scatter, [again, last])
     }
 
     impl Fixture {
@@ -2040,27 +2062,11 @@ mod tests {
     /// it to the chain's last node, which runs on that input.
     #[tokio::test]
     async fn a_batch_item_whose_wait_times_out_follows_its_scatters_fallback_chain() {
-        let f = Fixture::of(
-            json!({
-                "id": "bp",
-                "metadata": {"version": "2"},
-                "nodes": [
-                    {"id": "gen", "uses": "transform", "params": {"expr": "[10]"}},
-                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen", "config": {"fallback": "again"},
-                     "params": {"workerUsesKey": "wait", "workerParams": {"timeout": 0}, "gatherNodeId": "ga"}},
-                    {"id": "again", "uses": "wait", "params": {"timeout": 0}, "config": {"fallback": "last"}},
-                    {"id": "last", "uses": "transform", "params": {"expr": "input + 1"}},
-                    {"id": "ga", "uses": "batch-gather"}
-                ],
-                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
-            }),
-            "2",
-        )
-        .await;
+        let again = json!({"id": "again", "uses": "wait", "params": {"timeout": 0}, "config": {"fallback": "last"}});
+        let (scatter, chain) = timing_out_into(again);
+        let f = scattered(batch_blueprint("[10]", scatter, &chain, &[])).await;
         let item = job("sc").at(instance::item("", 0));
         let item_record = || async { f.store.records("r").await.unwrap().into_iter().find(|r| r.instance == "#0") };
-        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
         assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"));
         let waits = item_record().await.unwrap().wait.unwrap();
         assert_eq!(waits.item, Some(crate::flow::ItemWait { fallback: None, input: Some(json!(10)) }));
@@ -2082,26 +2088,9 @@ mod tests {
     /// resume, then `last`. Both items' jobs have run (item 1 settled last); item 0's timer has fired, item 1's
     /// not yet.
     async fn item_resumed_into_its_chain() -> (Fixture, Job) {
-        let f = Fixture::of(
-            json!({
-                "id": "bp",
-                "metadata": {"version": "2"},
-                "nodes": [
-                    {"id": "gen", "uses": "transform", "params": {"expr": "[10, 20]"}},
-                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen", "config": {"fallback": "again"},
-                     "params": {"workerUsesKey": "wait", "workerParams": {"timeout": 0}, "gatherNodeId": "ga"}},
-                    {"id": "again", "uses": "wait", "config": {"fallback": "last"}},
-                    {"id": "last", "uses": "transform", "params": {"expr": "input + 1"}},
-                    {"id": "ga", "uses": "batch-gather"}
-                ],
-                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
-            }),
-            "2",
-        )
-        .await;
+        let (scatter, chain) = timing_out_into(json!({"id": "again", "uses": "wait", "config": {"fallback": "last"}}));
+        let f = scattered(batch_blueprint("[10, 20]", scatter, &chain, &[])).await;
         let item = job("sc").at(instance::item("", 0));
-        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
         assert_eq!(f.process(&item).await.unwrap(), Settle::Ack("waiting"));
         assert_eq!(f.store.fire_due_timers(10).await.unwrap().len(), 1, "item 0's timeout");
         assert_eq!(f.process_item(1).await, Settle::Ack("waiting"));
@@ -2151,24 +2140,8 @@ mod tests {
     /// reads of a context that grows with its items (issue "Dynamic graphs", "Cost").
     #[tokio::test]
     async fn a_batch_items_job_reads_its_workers_context_keys_only() {
-        let f = Fixture::of(
-            json!({
-                "id": "bp",
-                "metadata": {"version": "2"},
-                "nodes": [
-                    {"id": "gen", "uses": "transform", "params": {"expr": "[1, 2]"}},
-                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
-                     "params": {"workerUsesKey": "transform", "workerParams": {"expr": "input + 1"},
-                                "gatherNodeId": "ga"}},
-                    {"id": "ga", "uses": "batch-gather"}
-                ],
-                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
-            }),
-            "2",
-        )
-        .await;
-        assert_eq!(f.process(&job("gen")).await.unwrap(), Settle::Ack("done"));
-        assert_eq!(f.process(&job("sc")).await.unwrap(), Settle::Ack("done"));
+        let scatter = json!({"params": {"workerUsesKey": "transform", "workerParams": {"expr": "input + 1"}}});
+        let f = scattered(batch_blueprint("[1, 2]", scatter, &[], &[])).await;
         f.faults.view_needs.lock().unwrap().clear();
         assert_eq!(f.process_item(0).await, Settle::Ack("done"));
         assert_eq!(*f.faults.view_needs.lock().unwrap(), vec![ContextNeeds::none()]);
@@ -2178,22 +2151,9 @@ mod tests {
     /// and each item's job publishes the next of its slot; the gather still gets every item in order.
     #[tokio::test]
     async fn at_most_chunk_size_items_are_in_flight() {
-        let f = Fixture::of(
-            json!({
-                "id": "bp",
-                "metadata": {"version": "2"},
-                "nodes": [
-                    {"id": "gen", "uses": "transform", "params": {"expr": "lists.range(10)"}},
-                    {"id": "sc", "uses": "batch-scatter", "inputs": "gen",
-                     "params": {"workerUsesKey": "transform", "workerParams": {"expr": "input * 3"},
-                                "gatherNodeId": "ga", "chunkSize": 3}},
-                    {"id": "ga", "uses": "batch-gather"}
-                ],
-                "edges": [{"source": "gen", "target": "sc"}, {"source": "sc", "target": "ga"}]
-            }),
-            "2",
-        )
-        .await;
+        let scatter =
+            json!({"params": {"workerUsesKey": "transform", "workerParams": {"expr": "input * 3"}, "chunkSize": 3}});
+        let f = Fixture::of(batch_blueprint("lists.range(10)", scatter, &[], &[]), "2").await;
         let mut pending: VecDeque<Job> = VecDeque::from([job("gen")]);
         let (mut most_items, mut items_run) = (0, 0);
         while let Some(next) = pending.pop_front() {

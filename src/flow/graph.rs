@@ -307,6 +307,15 @@ impl Graph {
         needs
     }
 
+    /// The context keys a job of `node` at `instance` reads: a batch item's ([`Graph::item_context_needs`]), else
+    /// the node's ([`Graph::context_needs`]).
+    pub fn job_context_needs(&self, node: &str, instance: &str) -> ContextNeeds {
+        match super::instance::split_item(instance).1 {
+            Some(_) => self.item_context_needs(node),
+            None => self.context_needs(node),
+        }
+    }
+
     /// The context keys the job of an item of the scatter `node` reads: its worker's and its fallback chain's,
     /// not the scatter's own (an item neither computes the scatter's input nor routes); [`Graph::context_needs`]
     /// for a node that is not a scatter.
